@@ -1,0 +1,35 @@
+# pkmlm — the two set-up commands are `make setup` and `make train`; tests are `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch: a CPU build on a machine without an NVIDIA GPU (2.13.0 is on local disk here, seconds to
+# install), the default (CUDA) PyPI build where nvidia-smi answers. Override either way, e.g.
+#   make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX=https://download.pytorch.org/whl/cu128
+HAS_GPU     := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+TORCH_INDEX ?=
+PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: setup train test bench clean help
+help:
+	@echo "make setup   create $(VENV) and install pkmlm (+dev) and torch"
+	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
+	@echo "make test    run the test suite on CPU"
+
+setup: $(BIN)/pkmlm-train
+$(BIN)/pkmlm-train: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' $(PIP_TORCH_INDEX)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+	@$(BIN)/python -c "import torch, pkmlm; print('pkmlm ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+
+train: setup
+	$(BIN)/pkmlm-train
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

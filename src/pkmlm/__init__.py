@@ -1,0 +1,1 @@
+"""pkmlm: language models with product-key memory layers."""
