@@ -1,0 +1,122 @@
+"""`pkmlm-eval checkpoint=RUN_DIR [data.files=[PATH,...]]`: perplexity, bits per byte and memory
+usage of a trained run on any text, printed as one JSON object. Writes nothing into RUN_DIR.
+
+With `data.files` the whole of every given file is evaluated; without, the run's own held-out
+validation split (the same documents its training never saw).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pkmlm.cli._common import precheck_overrides, user_errors_exit_2
+from pkmlm.config import PathsConfig, config_dir, register_configs
+
+
+@dataclass
+class EvalDataConfig:
+    files: List[str] = field(default_factory=list)  # [] = the run's validation split
+    text_field: Optional[str] = None  # None = the run's
+    seq_len: Optional[int] = None  # None = the run's
+    strict: bool = False
+
+
+@dataclass
+class EvalAppConfig:
+    checkpoint: str = "???"  # a run directory (newest valid checkpoint) or a checkpoint file
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    batch_size: int = 16
+    max_batches: Optional[int] = None
+    device: str = "auto"
+    precision: str = "auto"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()
+    ConfigStore.instance().store(name="eval_config", node=EvalAppConfig)
+
+
+_register()
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    """UTF-8 bytes of each token id. Byte-level BPE tokens are strings over a 256-symbol alphabet,
+    one symbol per byte (GPT-2's bytes_to_unicode), so a token's length is its byte count; special
+    tokens (end-of-text) count as one byte, the separator they stand for."""
+    lengths = [1] * tokenizer.get_vocab_size()
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for token, idx in tokenizer.get_vocab().items():
+        lengths[idx] = 1 if token in specials else len(token)
+    return lengths
+
+
+def evaluate_run(cfg: EvalAppConfig) -> dict:
+    import torch
+
+    from pkmlm.data.config import DataConfig
+    from pkmlm.data.loader import validation_batches
+    from pkmlm.data.sources import expand_files
+    from pkmlm.metrics.evaluate import evaluate
+    from pkmlm.run import load_run
+    from pkmlm.train.loop import autocast_dtype, pick_device
+
+    device = pick_device(cfg.device)
+    run = load_run(cfg.checkpoint, device=device)
+    saved = run.config["data"]
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    data_cfg = DataConfig(**{k: v for k, v in saved.items() if k in data_fields})
+    if cfg.data.files:
+        files = expand_files(cfg.data.files)
+        # All of every given file: no held-out split, nothing skipped.
+        data_cfg = dataclasses.replace(data_cfg, files=list(files), val_docs=10**18)
+    else:
+        files = expand_files(data_cfg.files)
+    if cfg.data.text_field is not None:
+        data_cfg = dataclasses.replace(data_cfg, text_field=cfg.data.text_field)
+    if cfg.data.seq_len is not None:
+        data_cfg = dataclasses.replace(data_cfg, seq_len=cfg.data.seq_len)
+    data_cfg = dataclasses.replace(data_cfg, strict=cfg.data.strict)
+
+    batches = validation_batches(data_cfg, files, run.tokenizer, batch_size=cfg.batch_size)
+    if cfg.max_batches is not None:
+        batches = batches[: cfg.max_batches]
+    result = evaluate(run.model, batches, device, autocast_dtype=autocast_dtype(cfg.precision, device))
+    byte_len = torch.tensor(token_byte_lengths(run.tokenizer), dtype=torch.float64)
+    n_bytes = sum(float(byte_len[b[:, 1:].reshape(-1)].sum()) for b in batches)
+    out = {
+        "checkpoint": str(run.checkpoint), "step": run.step, "files": files, "tokens": result["tokens"],
+        "loss": result["loss"], "ppl": result["ppl"],
+        "bpb": result["loss"] * result["tokens"] / (math.log(2) * n_bytes) if n_bytes else float("nan"),
+    }
+    out.update({k: v for k, v in result.items() if k.startswith("memory/")})
+    return out
+
+
+@user_errors_exit_2
+def _run(cfg: DictConfig) -> None:
+    typed: EvalAppConfig = OmegaConf.to_object(cfg)
+    print(json.dumps(evaluate_run(typed), indent=None), flush=True)
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    _run(cfg)
+
+
+def main() -> None:
+    precheck_overrides(config_dir(), "eval")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

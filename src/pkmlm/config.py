@@ -1,0 +1,197 @@
+"""The root config: one typed dataclass per concern, composed here, registered with Hydra.
+
+Defaults live in these dataclasses, presets in `configs/` (YAML deltas), and the command line
+overrides both (`key=value`). The dataclasses are registered in Hydra's ConfigStore as the schema
+`base_config`, so a misspelt key or a value of the wrong type is refused at start-up.
+
+Importing this module needs omegaconf only; `register_configs()` imports Hydra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+
+from pkmlm.data.config import DataConfig
+from pkmlm.errors import ConfigError
+from pkmlm.model.transformer import ModelConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/pkmlm/config.py -> project root
+
+
+def default_sample_dir() -> str:
+    """`PKMLM_SAMPLE_DIR` when set, else `../shared/data` beside the project root."""
+    env = os.environ.get("PKMLM_SAMPLE_DIR")
+    return env if env else str((PROJECT_ROOT / ".." / "shared" / "data").resolve())
+
+
+def default_cache_dir() -> str:
+    """`PKMLM_CACHE_DIR` when set, else `~/.cache/pkmlm` (tokenizers trained from a stream)."""
+    return os.environ.get("PKMLM_CACHE_DIR") or str(Path.home() / ".cache" / "pkmlm")
+
+
+def config_dir() -> str:
+    """Where the YAML presets live: `PKMLM_CONFIG_DIR`, else `configs/` at the project root."""
+    return os.environ.get("PKMLM_CONFIG_DIR") or str(PROJECT_ROOT / "configs")
+
+
+@dataclass
+class PathsConfig:
+    sample_dir: str = "${pkmlm_sample_dir:}"
+    cache_dir: str = "${pkmlm_cache_dir:}"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    # Memory values: their own LR and no weight decay. 1e-3 is the paper's (Lample et al. 2019,
+    # section 4.2: values trained with a learning rate of 1e-3, sparse Adam).
+    values_lr: float = 1e-3
+    weight_decay: float = 0.1  # on matrices only; norms, biases, embeddings and keys get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | inv_sqrt | constant (all after a linear warmup)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400  # optimizer steps; also the LR schedule's length
+    stop_at_step: Optional[int] = None  # stop after this step with a checkpoint, schedule unchanged
+    batch_size: int = 16  # sequences per optimizer step (across all ranks)
+    micro_batch_size: Optional[int] = None  # per forward/backward; None = batch_size (no accumulation)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    max_consecutive_nonfinite: int = 5  # non-finite steps are skipped; this many in a row stop the run
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 200  # steps between validations (and one at the end)
+    max_batches: Optional[int] = None  # cap on validation batches; None = the whole split
+    batch_size: Optional[int] = None  # None = train.micro_batch_size or train.batch_size
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200  # steps between checkpoints (and one at the end / at stop_at_step)
+    keep_last: int = 2
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "pkmlm"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between training rows (loss averaged over the interval)
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 1337
+    resume: str = "auto"  # auto | never | PATH (a checkpoint file or a run directory)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_resolvers() -> None:
+    for name, fn in (("pkmlm_sample_dir", default_sample_dir), ("pkmlm_cache_dir", default_cache_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def register_configs() -> None:
+    """Register resolvers and the schema `base_config` with Hydra (groups merge into it, typed)."""
+    from hydra.core.config_store import ConfigStore
+
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def validate(cfg: Config) -> None:
+    """Check every value that would otherwise fail late; raise ConfigError on the first problem."""
+    model = cfg.model
+    _check(model.vocab_size >= 0, "model.vocab_size", model.vocab_size, "0 (from the tokenizer) or a positive size")
+    # The model's vocabulary comes from the tokenizer when 0; validate the rest with a placeholder.
+    dataclasses.replace(model, vocab_size=model.vocab_size or 1).validate()
+
+    d = cfg.data
+    _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "a positive number of tokens")
+    _check(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len,
+           f"at most model.max_seq_len={model.max_seq_len}")
+    _check(len(d.files) > 0, "data.files", list(d.files), "at least one path or glob")
+    _check(d.vocab_size >= 258, "data.vocab_size", d.vocab_size, "at least 258 (256 bytes + special tokens)")
+    _check(d.tokenizer_docs >= 1, "data.tokenizer_docs", d.tokenizer_docs, "a positive number of documents")
+    _check(d.val_docs >= 0, "data.val_docs", d.val_docs, ">= 0")
+    _check(d.encode_batch_docs >= 1, "data.encode_batch_docs", d.encode_batch_docs, ">= 1")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, ">= 0 (0 disables shuffling)")
+
+    o = cfg.optim
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive finite number")
+    _check(o.values_lr >= 0 and math.isfinite(o.values_lr), "optim.values_lr", o.values_lr, ">= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "in [0, 1)")
+    _check(o.schedule in ("cosine", "inv_sqrt", "constant"), "optim.schedule", o.schedule,
+           "one of cosine, inv_sqrt, constant")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
+
+    t = cfg.train
+    _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
+    _check(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step", t.stop_at_step,
+           f"null or in [1, train.max_steps={t.max_steps}]")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    mb = t.micro_batch_size
+    _check(mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0), "train.micro_batch_size", mb,
+           f"null or a divisor of train.batch_size={t.batch_size}")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+           "auto, cpu, cuda or cuda:N")
+    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
+    _check(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")
+
+    _check(cfg.eval.interval >= 1, "eval.interval", cfg.eval.interval, ">= 1")
+    _check(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches", cfg.eval.max_batches,
+           "null or >= 1")
+    _check(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size,
+           "null or >= 1")
+    _check(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
+    _check(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
+           cfg.logging.wandb.mode, "one of online, offline, disabled")
+    _check(cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume,
+           "auto, never or a checkpoint path")

@@ -1,0 +1,303 @@
+"""A decoder-only, pre-norm transformer language model whose FFNs may be product-key memories.
+
+Layer i's mixer (after attention) is an FFN, a `ProductKeyMemory` instead of the FFN
+(`memory.placement=replace`, as in Lample et al. 2019), or both summed
+(`memory.placement=parallel`). Everything else is GPT-2 as nanoGPT writes it, with rotary
+position embeddings (Su et al. 2021, RoFormer) as the default. The model knows nothing of
+distribution, compilation, precision policy or logging.
+
+Shape legend (suffixes on tensor names):
+  B  batch            T  sequence length      D  model dim       V  vocabulary size
+  nh attention heads  hd head dim (D // nh)   F  FFN hidden dim
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pkmlm.errors import ConfigError
+from pkmlm.model.memory import MemoryConfig, ProductKeyMemory
+
+POS_EMBS = ("rope", "learned")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    n_layers: int = 4
+    dim: int = 256
+    n_heads: int = 4
+    ffn_mult: float = 4.0  # FFN hidden = int(ffn_mult * dim); 4 as in GPT-2 / the paper's baseline
+    max_seq_len: int = 1024  # rope: cache length; learned: table size
+    pos_emb: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0  # RoFormer's base
+    tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2; saves V*D params)
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def validate(self) -> None:
+        """Raise `ConfigError` on the first bad value; nothing is allocated before it passes."""
+
+        def positive_int(key: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(key, value, "a positive integer")
+
+        def positive_float(key: str, value: object) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(key, value, "a positive number")
+
+        positive_int("model.vocab_size", self.vocab_size)
+        positive_int("model.n_layers", self.n_layers)
+        positive_int("model.dim", self.dim)
+        positive_int("model.n_heads", self.n_heads)
+        if self.dim % self.n_heads:
+            raise ConfigError("model.n_heads", self.n_heads, f"must divide model.dim={self.dim}")
+        if self.pos_emb not in POS_EMBS:
+            raise ConfigError("model.pos_emb", self.pos_emb, f"one of {'|'.join(POS_EMBS)}")
+        if self.pos_emb == "rope" and (self.dim // self.n_heads) % 2:
+            raise ConfigError(
+                "model.n_heads",
+                self.n_heads,
+                f"rope needs an even head dim, but model.dim={self.dim} / model.n_heads={self.n_heads} "
+                f"= {self.dim // self.n_heads}",
+            )
+        positive_float("model.ffn_mult", self.ffn_mult)
+        if int(self.ffn_mult * self.dim) < 1:
+            raise ConfigError("model.ffn_mult", self.ffn_mult, f"int(ffn_mult * model.dim={self.dim}) >= 1")
+        positive_int("model.max_seq_len", self.max_seq_len)
+        positive_float("model.rope_theta", self.rope_theta)
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ConfigError("model.dropout", self.dropout, "a probability in [0, 1)")
+        positive_float("model.norm_eps", self.norm_eps)
+        # Called through the class so that a duck-typed config (an OmegaConf DictConfig) works too.
+        MemoryConfig.validate(self.memory, prefix="model.memory", n_layers=self.n_layers)
+
+
+# --- rotary position embedding (RoFormer, section 3.4.2) ------------------------------------------
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> Tuple[Tensor, Tensor]:
+    """cos and sin, each `(max_seq_len, head_dim // 2)`: angle t * theta^(-2i/hd) for pair i."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BhTd: Tensor, cos_Tp: Tensor, sin_Tp: Tensor) -> Tensor:
+    """Rotate feature pairs (i, i + hd/2) of `(B, nh, T, hd)` by position-dependent angles.
+
+    The "rotate half" pairing (GPT-NeoX): equivalent to RoFormer's interleaved pairs up to a fixed
+    permutation of the head features, which the q/k projections absorb. Computed in fp32.
+    """
+    half = x_BhTd.shape[-1] // 2
+    x1, x2 = x_BhTd.float()[..., :half], x_BhTd.float()[..., half:]
+    out = torch.cat((x1 * cos_Tp - x2 * sin_Tp, x1 * sin_Tp + x2 * cos_Tp), dim=-1)
+    return out.type_as(x_BhTd)
+
+
+# --- the blocks -------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)  # a residual projection (scaled init)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+        B, T, D = x_BTD.shape
+        q_BTD, k_BTD, v_BTD = self.qkv(x_BTD).split(D, dim=-1)
+        # (B, T, D) -> (B, nh, T, hd): one attention per head
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q_BTD, k_BTD, v_BTD))
+        if rope is not None:
+            cos_Tp, sin_Tp = rope
+            q, k = apply_rope(q, cos_Tp, sin_Tp), apply_rope(k, cos_Tp, sin_Tp)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hd)
+        y_BTD = y.transpose(1, 2).reshape(B, T, D)  # re-assemble the heads side by side
+        return F.dropout(self.out(y_BTD), p=self.dropout, training=self.training)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.ffn_mult * cfg.dim)
+        self.up = nn.Linear(cfg.dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)  # a residual projection (scaled init)
+        self.dropout = cfg.dropout
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        h_BTF = F.gelu(self.up(x_BTD))
+        return F.dropout(self.down(h_BTF), p=self.dropout, training=self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm block: `x += attn(ln1(x)); x += mixer(ln2(x))`, the mixer being FFN, memory or both."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        mem = cfg.memory
+        has_memory = layer in mem.layers
+        self.ln1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn: Optional[FeedForward] = None
+        if not has_memory or mem.placement == "parallel":
+            self.ffn = FeedForward(cfg)
+        self.memory: Optional[ProductKeyMemory] = None
+        if has_memory:
+            self.memory = ProductKeyMemory.from_config(cfg.dim, mem)
+        # A memory whose values are not D wide needs a projection back to the residual stream.
+        self.memory_proj: Optional[nn.Linear] = None
+        if self.memory is not None and self.memory.v_dim != cfg.dim:
+            self.memory_proj = nn.Linear(self.memory.v_dim, cfg.dim, bias=False)  # residual projection
+
+    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), rope)
+        h_BTD = self.ln2(x_BTD)
+        mixed_BTD = self.ffn(h_BTD) if self.ffn is not None else None
+        if self.memory is not None:
+            read = self.memory(h_BTD)  # (B, T, v_dim)
+            if self.memory_proj is not None:
+                read = self.memory_proj(read)
+            mixed_BTD = read if mixed_BTD is None else mixed_BTD + read
+        return x_BTD + mixed_BTD
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # Before any tensor exists. Through the class: `cfg` may also be an OmegaConf DictConfig
+        # of this schema, which has the fields but not the methods.
+        ModelConfig.validate(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one tensor, two uses (GPT-2)
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_cache(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            # Not persistent: derived from the config, so checkpoints need not carry them.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) for linears and embeddings, 0.02/sqrt(2 * n_layers) for the
+        projections that write into the residual stream (Radford et al. 2019, section 2.3: scale
+        residual weights by 1/sqrt(N) for N residual layers; two per block). Memory layers keep
+        their own init (uniform keys, N(0, 1/v_dim) values, PyTorch's default query network)."""
+        memory_modules = {id(m) for memory in self.memory_layers().values() for m in memory.modules()}
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if id(module) in memory_modules:
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.endswith(("attn.out", "ffn.down", "memory_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if residual else 0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+
+    def forward(self, idx_BT: Tensor, targets_BT: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Token ids `(B, T)` -> logits `(B, T, V)` and, given targets, the mean cross entropy
+        (fp32, positions with target -100 ignored)."""
+        B, T = idx_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "feed shorter sequences or build the model with a larger max_seq_len"
+            )
+        x_BTD = self.tok_emb(idx_BT)
+        rope = None
+        if self.pos_emb is not None:
+            x_BTD = x_BTD + self.pos_emb(torch.arange(T, device=idx_BT.device))  # (T, D) broadcast over B
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x_BTD = self.drop(x_BTD)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, rope)
+        logits_BTV = self.lm_head(self.ln_f(x_BTD))
+        loss = None
+        if targets_BT is not None:
+            # Flatten (B, T) into one batch of B*T predictions; fp32 for the log-softmax.
+            loss = F.cross_entropy(
+                logits_BTV.float().view(B * T, -1), targets_BT.reshape(B * T), ignore_index=-100
+            )
+        return logits_BTV, loss
+
+    def memory_layers(self) -> Dict[int, ProductKeyMemory]:
+        """Transformer layer index -> its memory, in layer order."""
+        return {i: block.memory for i, block in enumerate(self.blocks) if block.memory is not None}
+
+    def count_parameters(self) -> Dict[str, int]:
+        """Parameter counts.
+
+        total          unique parameters (a tied embedding counts once)
+        memory_values  all memory value tables
+        active         what one token touches: total - memory_values + H * K * v_dim per memory
+                       layer (the value rows one token reads)
+        embedding      token + learned position embeddings
+        """
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        memories = self.memory_layers().values()
+        memory_values = sum(m.values.weight.numel() for m in memories)
+        read_rows = sum(m.heads * m.knn * m.v_dim for m in memories)
+        embedding = self.tok_emb.weight.numel()
+        if self.pos_emb is not None:
+            embedding += self.pos_emb.weight.numel()
+        return {
+            "total": total,
+            "memory_values": memory_values,
+            "active": total - memory_values + read_rows,
+            "embedding": embedding,
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Active training FLOPs per token: 6 * N + 12 * n_layers * dim * seq_len.
+
+        The 6 * N term (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B; nanoGPT
+        `estimate_mfu`): every weight that a token multiplies costs 2 FLOPs forward (multiply, add)
+        and 4 backward (gradients of its input and of itself). N is the active non-embedding
+        parameter count, i.e. what the token really multiplies:
+          - attention q, k, v, out projections: 4 * D^2 per layer; FFN: 2 * D * F per layer;
+          - memory query network: D * H * Q (+ bias and norm, negligible);
+          - memory key scores: each token scores every sub-key of every half and head once,
+            H * 2 * S * (Q/2) = H * S * Q multiply-adds, exactly the key parameter count
+            (2 * H * S * Q FLOPs forward; the backward gives q and the keys their gradients);
+          - memory value read: H * K * v_dim multiply-adds (the selected rows only, never the
+            whole table); the backward gives the rows and the weights their gradients;
+          - the lm_head: D * V (the tied embedding's only matmul; a lookup costs nothing).
+          Not counted: the top-K selections and K*K candidate sums (no multiplies, O(H*K^2)),
+          softmaxes, norms and residual adds, as in the references.
+        The attention term: QK^T and AV each cost 2 * T * D FLOPs forward per token and layer,
+        times 3 for forward + backward: 12 * n_layers * D * T (PaLM appendix B; the causal mask's
+        skipped half is counted, as in the references).
+        """
+        counts = self.count_parameters()
+        non_embedding = counts["active"] - counts["embedding"]
+        if self.cfg.tie_embeddings:
+            non_embedding += self.lm_head.weight.numel()  # the tied table is also the lm_head matmul
+        attention = 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+        return float(6 * non_embedding + attention)

@@ -1,0 +1,1 @@
+"""Training: optimizer groups and schedules, checkpoints, the loop."""

@@ -1,0 +1,74 @@
+"""AdamW with parameter groups, and the learning-rate schedules.
+
+Three groups:
+- `decay`: weight matrices of attention, FFN and the memory's query network (weight decay);
+- `no_decay`: norms, biases, embeddings and the memory's product keys (no decay, as in GPT-2 /
+  nanoGPT practice for 1-D parameters and embeddings);
+- `memory_values`: every memory value table, with `optim.values_lr` (the paper's 1e-3) and no
+  weight decay: a row is only touched when selected, and decay would shrink rarely-read rows.
+The schedule multiplies each group's own peak LR by the same factor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pkmlm.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    from pkmlm.model.memory import ProductKeyMemory
+
+    value_params = {id(m.values.weight) for m in model.modules() if isinstance(m, ProductKeyMemory)}
+    decay, no_decay, values, seen = [], [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in value_params:
+            values.append(p)
+        elif p.ndim >= 2 and not isinstance(_owner(model, name), nn.Embedding) and not name.endswith("keys"):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"name": "decay", "params": decay, "lr": cfg.lr, "peak_lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": cfg.lr, "peak_lr": cfg.lr, "weight_decay": 0.0},
+        {"name": "memory_values", "params": values, "lr": cfg.values_lr, "peak_lr": cfg.values_lr,
+         "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
+    module_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+    return model.get_submodule(module_name)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused CUDA kernel updates every tensor of a group in one launch (matters for the values table).
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based: the update about to happen)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "inv_sqrt":
+        # Transformer-style decay, continuous at the end of warmup (Vaswani et al. 2017, eq. 3).
+        return math.sqrt(max(cfg.warmup_steps, 1) / (step + 1))
+    # cosine from 1 at the end of warmup to min_lr_ratio at max_steps
+    span = max(max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor

@@ -1,0 +1,102 @@
+"""Config composition: every preset composes into the typed schema and validates; bad values and
+misspelt keys are refused with messages that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from pkmlm.config import Config, config_dir, register_configs, validate
+from pkmlm.errors import ConfigError
+
+register_configs()
+CONFIGS = Path(config_dir())
+
+
+def _compose(overrides: list[str]) -> Config:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_default_is_tiny_with_memory_on_wiki():
+    cfg = _compose([])
+    validate(cfg)
+    assert cfg.model.dim == 256 and cfg.model.n_layers == 4
+    assert cfg.model.memory.layers == [2]
+    assert cfg.data.files[0].endswith("wiki-en-2015/enwiki2015_AA.jsonl.gz")
+    assert cfg.logging.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("group", ["model", "memory", "data", "optim", "train", "logging"])
+def test_every_group_preset_composes_and_validates(group):
+    for name in _presets(group):
+        overrides = [f"{group}={name}"]
+        if group == "memory" and name in ("small", "paper"):
+            overrides.append("model=base12")  # their memory sits at layer 6 of 12
+        validate(_compose(overrides))
+
+
+@pytest.mark.parametrize("name", _presets("experiment"))
+def test_every_experiment_composes_and_validates(name):
+    cfg = _compose([f"experiment={name}"])
+    validate(cfg)
+    assert cfg.name == name
+
+
+def test_paper_presets():
+    mem12 = _compose(["experiment=mem12"])
+    assert (mem12.model.n_layers, mem12.model.dim, mem12.model.n_heads) == (12, 1024, 16)
+    m = mem12.model.memory
+    assert (m.n_keys, m.heads, m.knn, m.k_dim, m.query_norm, m.placement) == (512, 4, 32, 512, "batchnorm", "replace")
+    assert 0 < m.layers[0] < 11  # an intermediate layer
+    dense24 = _compose(["experiment=dense24"])
+    assert dense24.model.n_layers == 24 and dense24.model.memory.layers == []
+
+
+def test_sample_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PKMLM_SAMPLE_DIR", str(tmp_path))
+    cfg = _compose([])
+    assert cfg.paths.sample_dir == str(tmp_path)
+    assert cfg.data.files[0].startswith(str(tmp_path))
+
+
+def test_misspelt_key_and_wrong_type_are_refused():
+    with pytest.raises(Exception, match="no_such_key"):
+        _compose(["model.no_such_key=1"])
+    with pytest.raises(Exception, match="dim"):
+        _compose(["model.dim=wide"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.memory.layers=[4]", "model.memory.layers"),
+        ("model.memory.layers=[-1]", "model.memory.layers"),
+        ("model.memory.knn=1000", "model.memory.knn"),
+        ("model.memory.k_dim=127", "model.memory.k_dim"),
+        ("model.n_heads=3", "model.n_heads"),
+        ("model.memory.placement=sideways", "model.memory.placement"),
+        ("data.seq_len=4096", "data.seq_len"),
+        ("train.micro_batch_size=5", "train.micro_batch_size"),
+        ("train.stop_at_step=100000", "train.stop_at_step"),
+        ("optim.schedule=linearish", "optim.schedule"),
+        ("logging.wandb.mode=sometimes", "logging.wandb.mode"),
+        ("optim.lr=-1", "optim.lr"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_key(override, key):
+    cfg = _compose([override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
