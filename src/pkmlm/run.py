@@ -37,8 +37,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """The newest valid checkpoint of run directory `path` (or the checkpoint file `path`), as an
     eval-mode model on `device` with its tokenizer and config."""
-    from tokenizers import Tokenizer
-
+    from pkmlm.data.tokenizer import tokenizer_from_str
     from pkmlm.train.checkpoint import latest_valid_checkpoint, load_checkpoint
 
     path = Path(path).expanduser()
@@ -57,7 +56,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     model = Transformer(model_config_from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    tokenizer = Tokenizer.from_str(state["tokenizer"])
+    tokenizer = tokenizer_from_str(state["tokenizer"])
     return Run(model=model, tokenizer=tokenizer, config=state["config"], step=state["step"],
                tokens=state["tokens"], checkpoint=ckpt_path)
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from pkmlm.config import Config, validate
 from pkmlm.data.loader import TokenBatches, validation_batches
 from pkmlm.data.sources import expand_files
-from pkmlm.data.tokenizer import load_or_train_tokenizer
+from pkmlm.data.tokenizer import load_or_train_tokenizer, tokenizer_from_str
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.metrics.evaluate import evaluate
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, WandbSink, format_summary
@@ -112,16 +112,15 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: list[str], 
 
     # Tokenizer: a resumed run keeps its own, whatever the cache holds now.
     if resumed is not None:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(resumed[1]["tokenizer"])
+        tokenizer = tokenizer_from_str(resumed[1]["tokenizer"])
         tok_info = {"source": "checkpoint"}
     else:
         tokenizer, tok_info = load_or_train_tokenizer(cfg.data, files, cfg.paths.cache_dir)
     tokenizer.save(str(run_dir / "tokenizer.json"))
     model_cfg = model_config_for(cfg.model, tokenizer.get_vocab_size())
-    resolved = {**resolved, "model": {**resolved["model"], "vocab_size": model_cfg.vocab_size}}
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    # config.yaml shows the vocabulary actually built; checkpoints keep the config as given.
+    written = {**resolved, "model": {**resolved["model"], "vocab_size": model_cfg.vocab_size}}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(written)))
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
@@ -259,7 +258,7 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: list[str], 
         metrics.close()
 
     wall = time.perf_counter() - start_time
-    summary = {"step": step, "tokens": tokens, "wall_s": wall, "run_dir": str(run_dir),
+    summary = {"step": step, "tokens": tokens, "wall_time_s": wall, "run_dir": str(run_dir),
                "params_total": counts["total"], "params_active": counts["active"],
                "stopped_by": signals.received, **last_val}
     wandb.summary(summary)

@@ -1,0 +1,310 @@
+"""How a product-key memory spreads its reads over its value slots (Lample et al. 2019, §4.4).
+
+Over an evaluation set, for each memory layer and each value slot i of the N = n_keys² slots:
+
+- ``count_i``  = times slot i was among the selected knn (summed over heads and tokens);
+- ``weight_i`` = sum of the softmax weights slot i received.
+
+From these (ARCHITECTURE.md, "Memory usage metrics"):
+
+- **usage**     = fraction of slots with count_i > 0 (the paper's "fraction of accessed values");
+- **KL to uniform** = Σ p_i log(p_i · N) = log N + Σ p_i log p_i with p = weight / Σweight
+  (``kl_weight``) or count / Σcount (``kl_count``): 0 when reads are perfectly spread, log N when
+  one slot takes everything. Natural log (nats).
+
+Extras reported beside the contract keys, to read the shape of the distribution at a glance:
+``gini`` (Gini coefficient of the weights: 0 uniform, (N-1)/N one slot) and ``top50``/``top90``/
+``top99`` (the fewest slots that together hold 50/90/99 % of the weight).
+
+Accumulation happens on the memory's device with no host synchronisation per update (no
+``.item()``, no branching on tensor values), so a tracker can sit in the forward pass of every
+evaluation batch; :meth:`MemoryUsage.compute` does the one device->host copy at the end.
+
+Shape legend: N tokens (all leading dims flattened), H heads, K knn, S value slots (n_keys²).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MemoryUsage",
+    "usage_fraction",
+    "kl_to_uniform",
+    "gini",
+    "slots_for_mass",
+    "attach_usage_trackers",
+    "detach_usage_trackers",
+    "track_memory_usage",
+    "memory_metrics",
+]
+
+# Fractions of the weight mass reported as top50/top90/top99.
+TOP_FRACTIONS = (0.5, 0.9, 0.99)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions on a 1-D mass vector (counts or weights over the S slots)
+# --------------------------------------------------------------------------------------------
+
+
+def usage_fraction(count_S: Tensor) -> float:
+    """Fraction of slots read at least once: ``(count > 0).mean()``; 0.0 for an empty vector."""
+    if count_S.numel() == 0:
+        return 0.0
+    return float((count_S > 0).sum().item()) / count_S.numel()
+
+
+def kl_to_uniform(mass_S: Tensor) -> float:
+    """KL(p || uniform) in nats, p = mass / Σmass over the S slots (0·log 0 = 0).
+
+    ``mass_S`` holds non-negative counts or weights; it is normalised here. Equals
+    ``log S + Σ p log p``: 0 for a uniform mass, ``log S`` when one slot holds it all. Returns NaN
+    when the total mass is 0 (no reads: the distribution is undefined).
+    """
+    mass_S = mass_S.detach().to(torch.float64).flatten()
+    total = mass_S.sum()
+    if mass_S.numel() == 0 or total.item() <= 0:
+        return math.nan
+    p_S = mass_S / total
+    # xlogy(0, 0) = 0, which is the 0·log 0 = 0 convention.
+    kl = math.log(mass_S.numel()) + torch.special.xlogy(p_S, p_S).sum().item()
+    # Mathematically >= 0; rounding can leave about -1e-16 for a uniform mass.
+    return max(kl, 0.0)
+
+
+def gini(mass_S: Tensor) -> float:
+    """Gini coefficient of the mass over the S slots: 0 uniform, (S-1)/S when one slot holds all.
+
+    With x sorted ascending and i = 1..S: G = Σ (2i - S - 1) x_i / (S Σx). NaN for zero mass.
+    """
+    x_S = mass_S.detach().to(torch.float64).flatten().sort().values
+    n = x_S.numel()
+    total = x_S.sum().item()
+    if n == 0 or total <= 0:
+        return math.nan
+    rank_S = torch.arange(1, n + 1, dtype=torch.float64, device=x_S.device)
+    return ((2 * rank_S - n - 1) * x_S).sum().item() / (n * total)
+
+
+def slots_for_mass(mass_S: Tensor, fraction: float) -> int:
+    """Fewest slots that together hold at least ``fraction`` of the total mass.
+
+    Slots are taken heaviest first. A relative tolerance of 1e-12 on the target absorbs float
+    rounding in the running sum (4 equal slots hold 0.5 with exactly 2). Returns 0 for zero mass
+    (the empty set already holds every fraction of nothing).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    x_S = mass_S.detach().to(torch.float64).flatten()
+    total = x_S.sum().item()
+    if x_S.numel() == 0 or total <= 0:
+        return 0
+    cumulative_S = x_S.sort(descending=True).values.cumsum(0)
+    target = fraction * total * (1 - 1e-12)
+    # First position whose running sum reaches the target; +1 turns the index into a count.
+    k = int(torch.searchsorted(cumulative_S, torch.tensor([target], dtype=torch.float64,
+                                                          device=x_S.device)).item()) + 1
+    return min(k, x_S.numel())
+
+
+def _distribution_stats(count_S: Tensor, weight_S: Tensor, with_shape: bool) -> dict[str, float]:
+    """usage / kl_weight / kl_count (+ gini, top50/90/99 when ``with_shape``) of one slot vector."""
+    stats = {
+        "usage": usage_fraction(count_S),
+        "kl_weight": kl_to_uniform(weight_S),
+        "kl_count": kl_to_uniform(count_S),
+    }
+    if with_shape:
+        empty = weight_S.sum().item() <= 0
+        stats["gini"] = gini(weight_S)
+        for fraction in TOP_FRACTIONS:
+            name = f"top{round(fraction * 100)}"
+            stats[name] = math.nan if empty else float(slots_for_mass(weight_S, fraction))
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# On-device accumulator
+# --------------------------------------------------------------------------------------------
+
+
+class MemoryUsage:
+    """Accumulates per-slot read counts and weights of one memory layer, on its device.
+
+    Use it directly as the memory's observer (``memory.observer = tracker``): the memory calls
+    ``tracker(indices_NHK, weights_NHK)`` with detached tensors on every forward.
+
+    State (all on ``device``; the totals are sums over heads, derived on access):
+
+    - ``count_per_head``  (H, S) int64   times slot s was selected by head h;
+    - ``weight_per_head`` (H, S) float64 sum of the softmax weights head h gave slot s (float64 so
+      that millions of ~1e-2 additions stay exact to well below the reported precision);
+    - ``count`` (S,) int64 and ``weight`` (S,) float64: the same summed over heads.
+
+    :meth:`compute` with no update returns usage 0.0 and NaN for every KL, gini and top-k value
+    (the distribution of zero reads is undefined).
+    """
+
+    def __init__(self, n_slots: int, heads: int, device: torch.device | str | None = None):
+        if n_slots <= 0 or heads <= 0:
+            raise ValueError(f"n_slots and heads must be positive, got {n_slots}, {heads}")
+        self.n_slots = int(n_slots)
+        self.heads = int(heads)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.count_per_head = torch.zeros(heads, n_slots, dtype=torch.int64, device=self.device)
+        self.weight_per_head = torch.zeros(heads, n_slots, dtype=torch.float64, device=self.device)
+        # Offset of head h's row in the flattened (H*S,) view: lets one index_add_ cover all heads.
+        self._head_offset_H1 = (torch.arange(heads, device=self.device) * n_slots).view(heads, 1)
+
+    @property
+    def count(self) -> Tensor:
+        """(S,) int64: times each slot was selected, summed over heads."""
+        return self.count_per_head.sum(0)
+
+    @property
+    def weight(self) -> Tensor:
+        """(S,) float64: softmax weight each slot received, summed over heads."""
+        return self.weight_per_head.sum(0)
+
+    def reset(self) -> None:
+        self.count_per_head.zero_()
+        self.weight_per_head.zero_()
+
+    @torch.no_grad()
+    def update(self, indices_NHK: Tensor, weights_NHK: Tensor) -> None:
+        """Add one batch of reads: slot ids and their softmax weights, both (N, heads, knn).
+
+        Leading dims beyond one are accepted and flattened into N. Only shapes are checked, so
+        this never waits for the device (ids out of [0, S) fail inside index_add_ instead).
+        """
+        if indices_NHK.shape != weights_NHK.shape:
+            raise ValueError(f"indices {tuple(indices_NHK.shape)} and weights "
+                             f"{tuple(weights_NHK.shape)} differ in shape")
+        if indices_NHK.dim() < 2 or indices_NHK.shape[-2] != self.heads:
+            raise ValueError(f"expected (..., heads={self.heads}, knn), got "
+                             f"{tuple(indices_NHK.shape)}")
+        knn = indices_NHK.shape[-1]
+        indices_NHK = indices_NHK.reshape(-1, self.heads, knn).to(self.device, torch.int64)
+        weights_NHK = weights_NHK.reshape(-1, self.heads, knn).to(self.device, torch.float64)
+        # (N, H, K) -> (H, N*K): head-major, then offset each head into its row of (H*S,).
+        flat_ids = (indices_NHK.permute(1, 0, 2).reshape(self.heads, -1)
+                    + self._head_offset_H1).reshape(-1)
+        flat_weights = weights_NHK.permute(1, 0, 2).reshape(-1)
+        # index_add_ rather than bincount: bincount sizes its output from max(ids), a host sync.
+        self.count_per_head.view(-1).index_add_(0, flat_ids, torch.ones_like(flat_ids))
+        self.weight_per_head.view(-1).index_add_(0, flat_ids, flat_weights)
+
+    __call__ = update
+
+    def all_reduce_(self, group=None) -> None:
+        """Sum the counts and weights over the ranks of ``group`` (no-op outside torch.distributed).
+
+        For a validation set split across ranks: call on every rank before :meth:`compute`.
+        """
+        import torch.distributed as dist  # only needed by distributed callers
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.count_per_head, group=group)
+            dist.all_reduce(self.weight_per_head, group=group)
+
+    def compute(self) -> dict[str, float]:
+        """Statistics as plain floats (one device->host copy).
+
+        Keys: ``usage``, ``kl_weight``, ``kl_count``, ``gini``, ``top50``, ``top90``, ``top99``
+        for all heads together, and ``head{h}/usage``, ``head{h}/kl_weight``, ``head{h}/kl_count``
+        per head (each head reads the same S slots, so its KL is also against uniform over S).
+        """
+        # One transfer: counts fit float64 exactly up to 2**53.
+        both_2HS = torch.stack([self.count_per_head.to(torch.float64),
+                                self.weight_per_head]).cpu()
+        count_HS, weight_HS = both_2HS[0], both_2HS[1]
+        stats = _distribution_stats(count_HS.sum(0), weight_HS.sum(0), with_shape=True)
+        for h in range(self.heads):
+            head_stats = _distribution_stats(count_HS[h], weight_HS[h], with_shape=False)
+            stats.update({f"head{h}/{key}": value for key, value in head_stats.items()})
+        return stats
+
+    def __repr__(self) -> str:
+        return f"MemoryUsage(n_slots={self.n_slots}, heads={self.heads}, device={self.device})"
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring trackers into a model
+# --------------------------------------------------------------------------------------------
+
+
+def _memory_layers(model: torch.nn.Module) -> dict:
+    """``model.memory_layers()``, looking through DDP (``.module``) and compile (``._orig_mod``)."""
+    inner = model
+    for _ in range(4):  # DDP(compile(model)) and the like nest a few levels at most
+        if hasattr(inner, "memory_layers"):
+            return dict(inner.memory_layers())
+        wrapped = getattr(inner, "module", None)
+        if wrapped is None:
+            wrapped = getattr(inner, "_orig_mod", None)
+        if wrapped is None:
+            break
+        inner = wrapped
+    raise TypeError(f"{type(model).__name__} has no memory_layers() method")
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def attach_usage_trackers(model: torch.nn.Module) -> dict[int, MemoryUsage]:
+    """Give every memory layer a fresh tracker as its observer; returns {layer index: tracker}.
+
+    Raises RuntimeError if a layer already has an observer (a tracker left attached, or nesting),
+    rather than silently replacing it.
+    """
+    layers = _memory_layers(model)
+    busy = [i for i, memory in layers.items() if getattr(memory, "observer", None) is not None]
+    if busy:
+        raise RuntimeError(f"memory layers {busy} already have an observer; detach it first")
+    trackers = {}
+    for i, memory in sorted(layers.items()):
+        trackers[i] = MemoryUsage(memory.n_keys ** 2, memory.heads, _module_device(memory))
+        memory.observer = trackers[i]
+    return trackers
+
+
+def detach_usage_trackers(model: torch.nn.Module) -> None:
+    """Set every memory layer's observer back to None."""
+    for memory in _memory_layers(model).values():
+        memory.observer = None
+
+
+@contextlib.contextmanager
+def track_memory_usage(model: torch.nn.Module) -> Iterator[dict[int, MemoryUsage]]:
+    """``with track_memory_usage(model) as trackers:`` attach, and always detach on the way out."""
+    trackers = attach_usage_trackers(model)
+    try:
+        yield trackers
+    finally:
+        detach_usage_trackers(model)
+
+
+def memory_metrics(trackers: Mapping[int, MemoryUsage]) -> dict[str, float]:
+    """Flatten the trackers' statistics into ``memory/layer{i}/{stat}`` keys.
+
+    Contract keys (ARCHITECTURE.md): ``memory/layer{i}/usage``, ``.../kl_weight``,
+    ``.../kl_count`` with i the transformer layer index; extras: ``.../gini``, ``.../top50``,
+    ``.../top90``, ``.../top99``, ``.../head{h}/usage``, ``.../head{h}/kl_weight``,
+    ``.../head{h}/kl_count``.
+    """
+    metrics: dict[str, float] = {}
+    for i in sorted(trackers):
+        for key, value in trackers[i].compute().items():
+            metrics[f"memory/layer{i}/{key}"] = value
+    return metrics

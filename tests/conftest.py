@@ -1,0 +1,26 @@
+"""Shared test set-up: a private cache directory, quiet wandb, and paths to the sample corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = Path(os.environ.get("PKMLM_SAMPLE_DIR", PROJECT_ROOT.parent / "shared" / "data"))
+WIKI = SAMPLE_DIR / "wiki-en-2015" / "enwiki2015_AA.jsonl.gz"
+C4 = SAMPLE_DIR / "c4-en-sample" / "c4_en_train_first1000.jsonl.gz"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("pkmlm-cache")
+    old = {k: os.environ.get(k) for k in ("PKMLM_CACHE_DIR", "WANDB_SILENT", "HF_HUB_OFFLINE")}
+    os.environ.update({"PKMLM_CACHE_DIR": str(cache), "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"})
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
