@@ -65,7 +65,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 400  # optimizer steps; also the LR schedule's length
+    max_steps: int = 600  # optimizer steps; also the LR schedule's length
     stop_at_step: Optional[int] = None  # stop after this step with a checkpoint, schedule unchanged
     batch_size: int = 16  # sequences per optimizer step (across all ranks)
     micro_batch_size: Optional[int] = None  # per forward/backward; None = batch_size (no accumulation)

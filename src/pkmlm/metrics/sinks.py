@@ -235,6 +235,7 @@ class ConsoleProgress:
         self._start = time.monotonic()
         self._last_line = -math.inf
         self._bar = None
+        self._fields: dict[str, str] = {}  # the latest loss / lr / tok/s, shown until replaced
         if enabled and tty:
             self._bar = tqdm(total=self.total_steps, initial=self.step, file=self.file,
                              unit="step", dynamic_ncols=True, smoothing=0.1, leave=True)
@@ -253,15 +254,16 @@ class ConsoleProgress:
             fields["tok/s"] = _si(tokens_per_s)
         advance = step - self.step
         self.step = step
+        self._fields.update(fields)
         if self._bar is not None:
             if fields:
-                self._bar.set_postfix(fields, refresh=False)
+                self._bar.set_postfix(self._fields, refresh=False)
             self._bar.update(advance)
             return
         now = time.monotonic()
         if now - self._last_line >= self.log_interval_s or step >= self.total_steps:
             self._last_line = now
-            self._print(self._plain_line(fields, now - self._start))
+            self._print(self._plain_line(self._fields, now - self._start))
 
     def _plain_line(self, fields: dict[str, str], elapsed: float) -> str:
         percent = 100.0 * self.step / self.total_steps if self.total_steps else 100.0
