@@ -27,11 +27,18 @@ Override any key on the command line: `pkmlm-train optim.lr=1e-3 model.memory.la
 
 
 def _comments(cls) -> dict[str, str]:
-    out = {}
+    """Each field's inline comment, else the comment lines right above it."""
+    out, above = {}, []
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):\s*[^=]+=.*?#\s*(.*)$", line)
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"\s+(\w+):\s*[^=]+=(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2).strip()
+            inline = re.search(r"#\s*(.*)$", m.group(2))
+            out[m.group(1)] = inline.group(1).strip() if inline else " ".join(above)
+        above = []
     return out
 
 
@@ -43,6 +50,19 @@ def _default(f: dataclasses.Field):
     return "???"
 
 
+def _type_name(t) -> str:
+    """`Optional[int]` -> `int or null`, `List[str]` -> `list of str` (annotations are strings here)."""
+    text = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    text = text.replace("typing.", "")
+    m = re.fullmatch(r"Optional\[(.+)\]", text)
+    if m:
+        return f"{_type_name(m.group(1))} or null"
+    m = re.fullmatch(r"List\[(.+)\]", text)
+    if m:
+        return f"list of {_type_name(m.group(1))}"
+    return text
+
+
 def rows(cls, prefix: str = "") -> list[str]:
     comments = _comments(cls)
     out = []
@@ -51,8 +71,7 @@ def rows(cls, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(value):
             out += rows(type(value), f"{prefix}{f.name}.")
             continue
-        type_name = str(f.type).replace("typing.", "").replace("Optional[", "").replace("]", "") if not isinstance(
-            f.type, type) else f.type.__name__
+        type_name = _type_name(f.type)
         text = comments.get(f.name, "").replace("|", "\\|")
         out.append(f"| `{prefix}{f.name}` | {type_name} | `{value!r}` | {text} |")
     return out

@@ -43,8 +43,8 @@ def config_dir() -> str:
 
 @dataclass
 class PathsConfig:
-    sample_dir: str = "${pkmlm_sample_dir:}"
-    cache_dir: str = "${pkmlm_cache_dir:}"
+    sample_dir: str = "${pkmlm_sample_dir:}"  # $PKMLM_SAMPLE_DIR, else ../shared/data beside the project
+    cache_dir: str = "${pkmlm_cache_dir:}"  # $PKMLM_CACHE_DIR, else ~/.cache/pkmlm (tokenizer cache)
 
 
 @dataclass
@@ -54,9 +54,9 @@ class OptimConfig:
     # section 4.2: values trained with a learning rate of 1e-3, sparse Adam).
     values_lr: float = 1e-3
     weight_decay: float = 0.1  # on matrices only; norms, biases, embeddings and keys get none
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # 0.95 rather than 0.999: steadier LM training (GPT-3, nanoGPT)
+    eps: float = 1e-8  # AdamW denominator epsilon
     schedule: str = "cosine"  # cosine | inv_sqrt | constant (all after a linear warmup)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
@@ -71,7 +71,7 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None  # per forward/backward; None = batch_size (no accumulation)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
+    compile: bool = False  # torch.compile the model for the training steps
     max_consecutive_nonfinite: int = 5  # non-finite steps are skipped; this many in a row stop the run
 
 
@@ -90,25 +90,25 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
-    project: str = "pkmlm"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    mode: str = "offline"  # online | offline (files in the run dir, `wandb sync` later) | disabled
+    project: str = "pkmlm"  # wandb project
+    entity: Optional[str] = None  # wandb team or user; None = your default
+    group: Optional[str] = None  # wandb group; None = the run name
+    name: Optional[str] = None  # wandb run name; None = <name>/<run dir name>
+    tags: List[str] = field(default_factory=list)  # wandb tags
 
 
 @dataclass
 class LoggingConfig:
     interval: int = 10  # steps between training rows (loss averaged over the interval)
-    progress: bool = True
+    progress: bool = True  # console progress bar (a plain line every 30 s when not a terminal)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class Config:
-    name: str = "default"
-    seed: int = 1337
+    name: str = "default"  # experiment name: outputs/<name>/<timestamp>/
+    seed: int = 1337  # model init, data shuffle and dropout
     resume: str = "auto"  # auto | never | PATH (a checkpoint file or a run directory)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

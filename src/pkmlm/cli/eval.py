@@ -105,7 +105,10 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
 @user_errors_exit_2
 def _run(cfg: DictConfig) -> None:
     typed: EvalAppConfig = OmegaConf.to_object(cfg)
-    print(json.dumps(evaluate_run(typed), indent=None), flush=True)
+    result = evaluate_run(typed)
+    # Strict JSON: a non-finite value (e.g. NaN loss from a diverged model) is written as null.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+    print(json.dumps(clean, allow_nan=False), flush=True)
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
