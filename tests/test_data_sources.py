@@ -82,8 +82,9 @@ def test_expand_files_zst_needs_zstandard(tmp_path):
 
 
 def test_file_kind():
-    assert [file_kind(p) for p in ["a.jsonl", "a.json.gz", "a.JSONL.zst", "a.parquet", "a.txt.gz", "a.md", "a"]] == [
-        "json", "json", "json", "parquet", "text", "text", "text"]
+    assert [file_kind(p) for p in ["a.jsonl", "a.json.gz", "a.JSONL.zst", "a.parquet", "a.txt.gz", "a.md", "a",
+                                   "x.warc.wet.gz", "x.warc.wet", "x.wet", "x.warc.gz"]] == [
+        "json", "json", "json", "parquet", "text", "text", "text", "wet", "wet", "wet", "wet"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def test_missing_and_non_string_records_skipped_and_counted(tmp_path):
 
 def test_strict_raises_naming_the_file(tmp_path):
     path = write_jsonl(tmp_path / "bad_record.jsonl", [{"text": "a"}, {"text": None}])
-    with pytest.raises(DataError, match=r"bad_record\.jsonl: record 1 .*data\.strict"):
+    with pytest.raises(DataError, match=r"bad_record\.jsonl, line 2: the record has no field 'text'.*data\.strict"):
         list(DocumentStream([path], strict=True))
 
 
@@ -143,17 +144,20 @@ def test_unknown_text_field_names_field_and_choices(tmp_path):
         list(DocumentStream([pq_path], text_field="content"))
 
 
-def test_malformed_json_line_is_a_data_error_naming_the_file(tmp_path):
-    # Documented limitation: HF's JSON builder cannot skip one bad line, the file fails.
+def test_malformed_json_line_is_skipped_not_the_file(tmp_path):
+    # Our line-level reader: one broken line is one skipped record (HF's builder fails the file).
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "a"}\n{"text": oops\n{"text": "b"}\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl cannot be read as json"):
-        list(DocumentStream([str(path)]))
+    stream = DocumentStream([str(path)])
+    assert list(stream) == ["a", "b"] and stream.stats == {"malformed_json": 1}
+    with pytest.raises(DataError, match=r"broken\.jsonl, line 2: the record is not a JSON object"):
+        list(DocumentStream([str(path)], strict=True))
 
 
 def test_empty_files_yield_nothing(tmp_path):
     files = [touch(tmp_path / "e.jsonl", ""), touch(tmp_path / "e.txt", "\n\n"), touch(tmp_path / "x.txt", "x")]
-    assert list(DocumentStream(files)) == ["x"]
+    stream = DocumentStream(files)
+    assert list(stream) == ["x"] and stream.stats == {"empty_file": 2}
 
 
 def test_names_with_glob_characters_are_literal(tmp_path):

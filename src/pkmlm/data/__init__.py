@@ -1,18 +1,32 @@
-"""Data pipeline: sources -> tokenizer -> packing -> loader.
+"""Data pipeline: sources -> cleaning -> mixing -> tokenizer -> packing -> loader (or prepared shards).
 
-    files = expand_files(cfg.files)                       # checked up front
-    tok, info = load_or_train_tokenizer(cfg, files, cache_dir)
-    train, val = build_data(cfg, tok, batch_size, seed, files=files)
-    batch = next(train)                                   # (batch_size, seq_len + 1) int64
-    state = train.state_dict()                            # plain JSON-able; load_state_dict resumes exactly
+    plan = resolve_data(cfg)                                # checked up front: globs, values, prepared index
+    tok, info = load_or_train_tokenizer(cfg, plan, cache_dir)
+    train = build_train_batches(cfg, plan, tok, batch_size, seed, rank, world_size)
+    val = validation_batches(cfg, plan, tok, batch_size)
+    batch = next(train)                                     # (batch_size, seq_len + 1) int64
+    state = train.state_dict()                              # plain JSON-able; load_state_dict resumes exactly
 
 Everything that advances has `state_dict()` / `load_state_dict()` of plain lists, ints and dicts.
+See docs/data.md.
 """
 
-from pkmlm.data.config import DataConfig
-from pkmlm.data.loader import TokenBatches, build_data, check_data_config, validation_batches
+from pkmlm.data.cleaning import Cleaner
+from pkmlm.data.config import DataConfig, SourceConfig
+from pkmlm.data.loader import (
+    TokenBatches,
+    WorkerBatches,
+    build_data,
+    build_train_batches,
+    check_data_config,
+    resolve_data,
+    stats_row,
+    validation_batches,
+)
+from pkmlm.data.mixing import DataPlan, MixedDocuments, Source, SourceStream, resolve_sources
 from pkmlm.data.packing import Packer, ShuffleBuffer
-from pkmlm.data.sources import DocumentStream, expand_files, file_kind, read_records
+from pkmlm.data.prepared import PreparedBatches, prepare
+from pkmlm.data.sources import BAD_KINDS, Document, DocumentStream, HubSpec, expand_files, file_kind, read_records
 from pkmlm.data.tokenizer import (
     EOS_TOKEN,
     default_cache_dir,
@@ -24,22 +38,9 @@ from pkmlm.data.tokenizer import (
 )
 
 __all__ = [
-    "DataConfig",
-    "DocumentStream",
-    "EOS_TOKEN",
-    "Packer",
-    "ShuffleBuffer",
-    "TokenBatches",
-    "build_data",
-    "check_data_config",
-    "default_cache_dir",
-    "encode_documents",
-    "eos_id",
-    "expand_files",
-    "file_kind",
-    "load_or_train_tokenizer",
-    "load_tokenizer",
-    "read_records",
-    "train_bpe",
-    "validation_batches",
+    "BAD_KINDS", "Cleaner", "DataConfig", "DataPlan", "Document", "DocumentStream", "EOS_TOKEN", "HubSpec",
+    "MixedDocuments", "Packer", "PreparedBatches", "ShuffleBuffer", "Source", "SourceConfig", "SourceStream",
+    "TokenBatches", "WorkerBatches", "build_data", "build_train_batches", "check_data_config", "default_cache_dir",
+    "encode_documents", "eos_id", "expand_files", "file_kind", "load_or_train_tokenizer", "load_tokenizer",
+    "prepare", "read_records", "resolve_data", "resolve_sources", "stats_row", "train_bpe", "validation_batches",
 ]

@@ -1,38 +1,54 @@
-"""Batches of token windows for training and validation.
+"""Batches of token windows for training and validation, in one process or across DataLoader workers.
 
-Splits (deterministic, by position in the stream of documents over `data.files` in order):
-- validation: the first `data.val_docs` documents;
-- training: every later document, read again each epoch, forever. With several ranks, rank r
-  takes the training documents whose index (counted from the first training document) is r mod
-  world_size, so the ranks read disjoint documents; each rank reads (and skips) the others'.
+Readers: with `world_size` ranks and `data.num_workers` DataLoader workers per rank (0 = read in
+the training process, which counts as one reader), reader `slot = rank * W + worker` of
+`n_slots = world_size * W` (W = max(1, num_workers)) reads the training records whose index is
+`slot` mod `n_slots` in every source (see `mixing.py`), so every document is read by exactly one
+(rank, worker) per epoch.
 
-Training pipeline, per rank: documents -> `encode_documents` (`data.encode_batch_docs` per call)
--> `Packer` -> `ShuffleBuffer` (`data.shuffle_buffer` windows, seeded by `seed` and rank) ->
-`(batch_size, seq_len + 1)` int64 tensors. Inputs are `batch[:, :-1]`, targets `batch[:, 1:]`.
-The packer and shuffle buffer carry over epoch boundaries (no partial window is dropped, no
-buffer drained) and the shuffle RNG keeps advancing, so epoch 2 is ordered differently.
+One reader's pipeline (`TokenBatches`): documents (`MixedDocuments`: sources, cleaning, mixing)
+-> `encode_documents` (`data.encode_batch_docs` per call, which the Rust tokenizer spreads over
+the cores) -> `Packer` -> `ShuffleBuffer` (`data.shuffle_buffer` windows, seeded by `seed`, rank
+and worker) -> `(batch_size, seq_len + 1)` int64 tensors. Inputs are `batch[:, :-1]`, targets
+`batch[:, 1:]`. The packer and shuffle buffer carry over epoch boundaries (no partial window is
+dropped, no buffer drained) and the shuffle RNG keeps advancing, so epoch 2 is ordered differently.
 
-`TokenBatches.state_dict()` holds the whole pipeline (stream position, epoch, packed windows not
-yet shuffled, packer leftover, shuffle buffer and RNG) as plain lists and ints: restoring it gives
-batches bit-identical to an uninterrupted run.
+With workers (`WorkerBatches`), each worker runs one reader and builds whole batches; the
+DataLoader hands them out round-robin in worker order (its `in_order` default), so the sequence is
+deterministic. Each worker yields (batch, its reader's state after that batch); the main process
+keeps, per worker, the state that came with the last batch it *consumed* (batches prefetched but
+not consumed do not count). Restoring hands every worker its saved state and starts the
+round-robin at the worker whose batch was next, so the batches continue bit-identically.
+
+`state_dict()` holds the whole pipeline (source positions, epochs, dedup windows, packer
+leftover, shuffle buffer and RNGs, per worker) as plain lists, ints and dicts: restoring it gives
+batches bit-identical to an uninterrupted run. Windows packed but not yet shuffled are not stored:
+the state keeps where their chunk of `encode_batch_docs` documents began and how many of its
+windows were used, and a restore reads and encodes that chunk again (deterministic).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections import deque
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+import os
+import signal
+import sys
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
 from pkmlm.data.config import DataConfig
-from pkmlm.data.packing import Packer, ShuffleBuffer, Window
-from pkmlm.data.sources import DocumentStream, expand_files
+from pkmlm.data.mixing import DataPlan, MixedDocuments, as_plan, merge_counts, validation_documents
+from pkmlm.data.packing import TOKEN_DTYPE, Packer, ShuffleBuffer, Window, to_plain
+from pkmlm.data.sources import BAD_KINDS
 from pkmlm.data.tokenizer import encode_documents, eos_id
-from pkmlm.errors import ConfigError, DataError
+from pkmlm.errors import ConfigError, DataError, UserError
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+FIRST_CHUNK_DOCS = 4  # documents in the first encode chunk (then 8, 16, ... up to data.encode_batch_docs)
 
 
 def check_data_config(cfg: DataConfig) -> None:
@@ -47,39 +63,65 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ConfigError("data.val_docs", cfg.val_docs, "an integer >= 0 (0: no validation split)")
     if not cfg.text_field:
         raise ConfigError("data.text_field", cfg.text_field, "the name of the records' text field, e.g. text")
+    if cfg.min_chars < 0:
+        raise ConfigError("data.min_chars", cfg.min_chars, "an integer >= 0 (0 keeps every document)")
+    if cfg.dedup_window < 0:
+        raise ConfigError("data.dedup_window", cfg.dedup_window, "an integer >= 0 (0 turns deduplication off)")
+    if cfg.num_workers < 0:
+        raise ConfigError("data.num_workers", cfg.num_workers, "an integer >= 0 (0 reads in the training process)")
+    if cfg.prepared_order not in ("random", "sequential"):
+        raise ConfigError("data.prepared_order", cfg.prepared_order, "random or sequential")
+
+
+def stats_row(stats: Dict[str, int]) -> Dict[str, int]:
+    """Counters as metrics keys: `data/skipped/<kind>` for bad input and cleaning drops (every
+    kind of BAD_KINDS always present), `data/nfc_normalized`."""
+    row = {f"data/skipped/{k}": 0 for k in BAD_KINDS}
+    for k, v in stats.items():
+        row[f"data/{k}" if k == "nfc_normalized" else f"data/skipped/{k}"] = int(v)
+    return row
 
 
 class TokenBatches:
-    """Endless training batches: `next()` gives an int64 tensor `(batch_size, seq_len + 1)`.
+    """One reader's endless training batches: `next()` gives an int64 tensor `(batch_size, seq_len + 1)`.
 
-    Counters: `epoch` (completed passes over the training split), `documents` (training documents
-    this rank has read), `tokens` (target tokens yielded: batch_size * seq_len per batch),
-    `batches`; `stats` counts the current epoch's skipped records by kind.
+    Counters: `epoch` (completed passes over the training split; for a mixture, of the source
+    with the fewest), `documents` (training documents this reader has read), `tokens` (target
+    tokens yielded: batch_size * seq_len per batch), `batches`; `stats` counts skipped records by
+    kind and the cleaning hooks' work, over the whole run.
     """
 
-    def __init__(self, cfg: DataConfig, files: Sequence[str], tokenizer: Tokenizer, batch_size: int,
-                 seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1):
         check_data_config(cfg)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"need 0 <= worker < num_workers, got worker={worker}, num_workers={num_workers}")
+        plan = as_plan(cfg, files)
         self.cfg = cfg
-        self.files = list(files)
+        self.sources = plan.sources
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
+        self.rank, self.world_size = rank, world_size
+        self.worker, self.num_workers = worker, num_workers
+        self.slot, self.n_slots = rank * num_workers + worker, world_size * num_workers
+        self._docs = MixedDocuments(self.sources, cfg, seed, self.slot, self.n_slots)
         self._packer = Packer(cfg.seq_len, eos_id(tokenizer))
-        self._shuffle = ShuffleBuffer(cfg.shuffle_buffer, seed=f"pkmlm-shuffle/seed={seed}/rank={rank}")
-        self._windows: Deque[Window] = deque()  # packed, not yet through the shuffle buffer
-        self.epoch = 0
-        self._doc_index = 0  # documents of this epoch's stream read so far (all splits, all ranks)
-        self._epoch_docs = 0  # of which this rank's training documents
-        self._stream = self._new_stream()
-        self._docs: Optional[Iterator[str]] = None  # live iterator over self._stream
-        self.documents = 0
+        where = f"rank={rank}" + (f"/worker={worker}" if num_workers > 1 else "")
+        self._shuffle = ShuffleBuffer(cfg.shuffle_buffer, seed=f"pkmlm-shuffle/seed={seed}/{where}")
+        self._pending = np.empty((0, cfg.seq_len + 1), dtype=TOKEN_DTYPE)  # packed, not yet shuffled
+        self._pending_pos = 0
+        # Where the chunk behind _pending began (documents' and packer's state): the state records
+        # this and _pending_pos rather than the pending windows themselves, which would be up to
+        # encode_batch_docs documents of tokens to copy with every batch a worker sends.
+        self._chunk_start: Optional[Dict[str, Any]] = None
+        # Chunks start small and double up to encode_batch_docs: the first batch (and the shuffle
+        # buffer's fill) then waits for a few documents, not for a whole chunk of long ones.
+        self._chunk_docs = min(FIRST_CHUNK_DOCS, cfg.encode_batch_docs)
         self.tokens = 0
         self.batches = 0
 
@@ -89,62 +131,42 @@ class TokenBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        rows: List[Window] = []
+        rows: List[np.ndarray] = []
+        shuffle = self._shuffle
         while len(rows) < self.batch_size:
-            while not self._windows:
+            if self._pending_pos >= len(self._pending):
                 self._pack_more()
-            out = self._shuffle.push(self._windows.popleft())
+                continue
+            out = shuffle.push(self._pending[self._pending_pos].copy())  # a copy: the buffer keeps no parent
+            self._pending_pos += 1
             if out is not None:
                 rows.append(out)
-        batch_BT = torch.tensor(rows, dtype=torch.long)  # (B, seq_len + 1)
+        batch_BT = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, seq_len + 1)
         self.batches += 1
         self.tokens += self.batch_size * self.cfg.seq_len
         return batch_BT
 
+    def _pack_more(self, n_docs: Optional[int] = None) -> None:
+        if n_docs is None:
+            n_docs = self._chunk_docs
+            self._chunk_docs = min(2 * self._chunk_docs, self.cfg.encode_batch_docs)
+        self._chunk_start = {"docs": self._docs.state_dict(), "packer": self._packer.state_dict(),
+                             "n_docs": n_docs}
+        texts = [self._docs.next_document() for _ in range(n_docs)]
+        self._pending = self._packer.push_many(encode_documents(self.tokenizer, texts))
+        self._pending_pos = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._docs.epoch
+
+    @property
+    def documents(self) -> int:
+        return self._docs.documents
+
     @property
     def stats(self) -> Dict[str, int]:
-        return dict(self._stream.stats)
-
-    def _new_stream(self) -> DocumentStream:
-        return DocumentStream(self.files, text_field=self.cfg.text_field, strict=self.cfg.strict)
-
-    def _next_training_text(self) -> str:
-        val_docs, world_size = self.cfg.val_docs, self.world_size
-        while True:
-            if self._docs is None:
-                self._docs = iter(self._stream)
-            text = next(self._docs, None)
-            if text is None:
-                self._start_next_epoch()
-                continue
-            index = self._doc_index
-            self._doc_index += 1
-            if index >= val_docs and (index - val_docs) % world_size == self.rank:
-                self._epoch_docs += 1
-                self.documents += 1
-                return text
-
-    def _start_next_epoch(self) -> None:
-        if self._epoch_docs == 0:
-            n, v = self._doc_index, self.cfg.val_docs
-            if n > v:
-                who = f"rank {self.rank} of {self.world_size} gets none of its {n - v} training documents"
-            else:
-                who = f"all {n} documents are held out for validation by data.val_docs={v}"
-            raise DataError(
-                f"the training split of data.files ({len(self.files)} files) is empty: {who}; "
-                "lower data.val_docs or add files to data.files"
-            )
-        self.epoch += 1
-        self._doc_index = 0
-        self._epoch_docs = 0
-        self._stream = self._new_stream()
-        self._docs = None
-
-    def _pack_more(self) -> None:
-        texts = [self._next_training_text() for _ in range(self.cfg.encode_batch_docs)]
-        for ids in encode_documents(self.tokenizer, texts):
-            self._windows.extend(self._packer.push(ids))
+        return self._docs.stats
 
     # -- state -------------------------------------------------------------------------------
 
@@ -153,87 +175,302 @@ class TokenBatches:
         cfg = self.cfg
         return {"seq_len": cfg.seq_len, "val_docs": cfg.val_docs, "shuffle_buffer": cfg.shuffle_buffer,
                 "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "n_files": len(self.files), "seed": self.seed}
+                "num_workers": self.num_workers, "n_files": sum(len(s.files) for s in self.sources),
+                "sources": [s.name for s in self.sources], "seed": self.seed}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def raw_state(self) -> Dict[str, Any]:
+        """The state with numpy arrays (cheap to copy and pickle): `to_plain` makes it JSON."""
         return {
             "version": STATE_VERSION,
             "layout": self._layout(),
-            "epoch": self.epoch,
-            "doc_index": self._doc_index,
-            "epoch_docs": self._epoch_docs,
-            "stream": self._stream.state_dict(),
-            "windows": [list(w) for w in self._windows],
-            "packer": self._packer.state_dict(),
-            "shuffle": self._shuffle.state_dict(),
-            "documents": self.documents,
+            "chunk_start": self._chunk_start,  # not copied: never changed once taken
+            "pending_pos": self._pending_pos,
+            "chunk_docs": self._chunk_docs,
+            "shuffle": self._shuffle.raw_state(),
             "tokens": self.tokens,
             "batches": self.batches,
+            "worker": self.worker,
+            # Read-only summaries for the main process (WorkerBatches): not used by a restore.
+            "epoch": self.epoch, "documents": self.documents, "stats": self.stats,
         }
 
+    def state_dict(self) -> Dict[str, Any]:
+        return to_plain(self.raw_state())
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"cannot resume the data pipeline: state version {state.get('version')!r}, "
-                            f"this code reads version {STATE_VERSION}")
-        saved, now = state["layout"], self._layout()
-        changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
-        if changed:
-            raise DataError("cannot resume the data pipeline with a different layout: " + "; ".join(changed)
-                            + "; resume with the run's saved data settings")
-        self.epoch = int(state["epoch"])
-        self._doc_index = int(state["doc_index"])
-        self._epoch_docs = int(state["epoch_docs"])
-        self._stream = self._new_stream()
-        self._stream.load_state_dict(state["stream"])
-        self._docs = None
-        self._windows = deque(list(w) for w in state["windows"])
-        self._packer.load_state_dict(state["packer"])
-        self._shuffle.load_state_dict(state["shuffle"])
-        self.documents = int(state["documents"])
+        check_state_version(state)
+        check_layout(state["layout"], self._layout())
+        chunk = state["chunk_start"]
+        if chunk is not None:  # re-read and re-encode the current chunk, then skip its windows used
+            self._docs.load_state_dict(chunk["docs"])
+            self._packer.load_state_dict(chunk["packer"])
+            self._pack_more(int(chunk["n_docs"]))
+        self._chunk_docs = int(state["chunk_docs"])
+        self._pending_pos = int(state["pending_pos"])
+        self._shuffle.load_state_dict(state["shuffle"], as_array=True)
         self.tokens = int(state["tokens"])
         self.batches = int(state["batches"])
 
 
-def validation_windows(cfg: DataConfig, files: Sequence[str], tokenizer: Tokenizer) -> List[Window]:
-    """All windows of the validation split (the first `cfg.val_docs` documents), in order; the
-    last may be shorter than `seq_len + 1` (at least 2 tokens)."""
+def check_state_version(state: Dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise DataError(f"cannot resume the data pipeline: state version {state.get('version')!r}, "
+                        f"this code reads version {STATE_VERSION}; start a new run (resume=never)")
+
+
+def check_layout(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
+    changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        raise DataError("cannot resume the data pipeline with a different layout: " + "; ".join(changed)
+                        + "; resume with the run's saved data settings")
+
+
+# ----------------------------------------------------------------------------------------------
+# DataLoader workers
+# ----------------------------------------------------------------------------------------------
+
+
+class _ReaderDataset(torch.utils.data.IterableDataset):
+    """The IterableDataset each DataLoader worker runs: one reader's TokenBatches, yielding
+    (batch, reader's worker index, raw state after the batch)."""
+
+    def __init__(self, cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, seed: int,
+                 rank: int, world_size: int, num_workers: int, states: List[Optional[Dict[str, Any]]],
+                 first_worker: int):
+        super().__init__()
+        self.args = (cfg, plan, tokenizer, batch_size, seed, rank, world_size)
+        self.num_workers = num_workers
+        self.states = states
+        self.first_worker = first_worker
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, int, Dict[str, Any]]]:
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers != self.num_workers:
+            raise RuntimeError("_ReaderDataset runs inside a DataLoader with data.num_workers workers")
+        # The DataLoader's worker i runs reader (first_worker + i) mod W, so that its round-robin,
+        # which always starts at worker 0, starts at the reader whose batch is next.
+        worker = (self.first_worker + info.id) % self.num_workers
+        cfg, plan, tokenizer, batch_size, seed, rank, world_size = self.args
+        try:
+            batches = TokenBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size,
+                                   worker=worker, num_workers=self.num_workers)
+            if self.states[worker] is not None:
+                batches.load_state_dict(self.states[worker])
+            while True:
+                batch = next(batches)
+                yield batch, worker, batches.raw_state()
+        except UserError as e:
+            # Sent as data: raised here, the DataLoader would re-raise it in the training process
+            # with this worker's traceback in its message, and a user error is one line.
+            yield None, worker, {"user_error": str(e)}
+
+
+def _as_is(item: Any) -> Any:
+    """The DataLoader's collate function: keep the worker's (batch, worker, state) as it is (the
+    default would turn the state's numpy arrays into tensors)."""
+    return item
+
+
+def _die_with_parent(parent_pid: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: the kernel kills this worker when the training process dies.
+
+    Without it, a trainer killed by SIGKILL (OOM killer, scheduler, kill -9) leaves its workers
+    blocked for ever on a full result pipe, each holding its memory (found by
+    scripts/fault_inject.py). Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class WorkerBatches:
+    """Training batches from `num_workers` DataLoader worker processes; same interface as TokenBatches."""
+
+    def __init__(self, cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
+        check_data_config(cfg)
+        if cfg.num_workers < 1:
+            raise ValueError("WorkerBatches needs data.num_workers >= 1")
+        self.cfg = cfg
+        self.plan = as_plan(cfg, files)
+        self.tokenizer = tokenizer
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = cfg.num_workers
+        self.prefetch_factor = prefetch_factor
+        self._states: List[Optional[Dict[str, Any]]] = [None] * self.num_workers
+        self._next_worker = 0
+        self._loader_iter: Optional[Iterator] = None
+        self.tokens = 0
+        self.batches = 0
+
+    def _start(self) -> Iterator:
+        dataset = _ReaderDataset(self.cfg, self.plan, self.tokenizer, self.batch_size, self.seed, self.rank,
+                                 self.world_size, self.num_workers, list(self._states), self._next_worker)
+        # generator: without one, each iter(loader) draws the workers' base seed from the global
+        # torch RNG, so a resumed run (which starts its loader at another step) would shift every
+        # later dropout mask; a private generator leaves the global RNG to the model.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                             collate_fn=_as_is, prefetch_factor=self.prefetch_factor,
+                                             persistent_workers=False,
+                                             generator=torch.Generator().manual_seed(self.seed),
+                                             worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
+        # Each worker is a reader of its own: the Rust tokenizer's threads would only oversubscribe
+        # the cores. Setting the variable before the fork also keeps tokenizers from warning that
+        # it disables them after a fork.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            return iter(loader)  # forks the workers
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+    def __iter__(self) -> "WorkerBatches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._loader_iter is None:
+            self._loader_iter = self._start()
+        batch, worker, state = next(self._loader_iter)
+        if batch is None:  # a bad file or record met by the worker (see _ReaderDataset)
+            raise UserError(state["user_error"])
+        if worker != self._next_worker:  # the DataLoader's in-order round-robin is what makes resume exact
+            raise RuntimeError(f"expected a batch of worker {self._next_worker}, got worker {worker}")
+        self._states[worker] = state
+        self._next_worker = (worker + 1) % self.num_workers
+        self.batches += 1
+        self.tokens += self.batch_size * self.cfg.seq_len
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when this object is garbage-collected)."""
+        self._loader_iter = None
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        return merge_counts(*(s["stats"] for s in self._states if s is not None))
+
+    @property
+    def epoch(self) -> int:
+        epochs = [s["epoch"] for s in self._states if s is not None]
+        return min(epochs) if len(epochs) == self.num_workers else 0
+
+    @property
+    def documents(self) -> int:
+        return sum(s["documents"] for s in self._states if s is not None)
+
+    def _layout(self) -> Dict[str, Any]:
+        return {"seq_len": self.cfg.seq_len, "batch_size": self.batch_size, "rank": self.rank,
+                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"version": STATE_VERSION, "layout": self._layout(), "kind": "workers",
+                "workers": to_plain(self._states), "next_worker": self._next_worker,
+                "tokens": self.tokens, "batches": self.batches}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        check_state_version(state)
+        if state.get("kind") != "workers":
+            raise DataError("cannot resume the data pipeline: the checkpoint was read without DataLoader workers "
+                            f"(data.num_workers=0), the config asks for {self.num_workers}; resume with the same "
+                            "data.num_workers")
+        check_layout(state["layout"], self._layout())
+        self._states = list(state["workers"])
+        self._next_worker = int(state["next_worker"])
+        self.tokens, self.batches = int(state["tokens"]), int(state["batches"])
+        self._loader_iter = None  # restart the workers from the restored states
+
+
+# ----------------------------------------------------------------------------------------------
+# Factories and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_data(cfg: DataConfig) -> DataPlan:
+    """Check the data config and find its inputs (expand globs, open the prepared index) before
+    anything expensive: a bad path or value fails here, in a second."""
     check_data_config(cfg)
+    if cfg.prepared:
+        from pkmlm.data.prepared import load_index
+
+        load_index(cfg.prepared)
+        return DataPlan(sources=[], prepared=cfg.prepared)
+    return as_plan(cfg)
+
+
+def build_train_batches(cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int, seed: int,
+                        rank: int = 0, world_size: int = 1):
+    """The training batches for this rank: pre-tokenized shards (`data.prepared`), DataLoader
+    workers (`data.num_workers > 0`) or in-process reading. `files`: a DataPlan (`resolve_data`),
+    or the expanded `data.files`. All share `next()`, `state_dict()`, `load_state_dict()`,
+    `stats`, `epoch`, `tokens`."""
+    plan = as_plan(cfg, files)
+    if plan.prepared:
+        from pkmlm.data.prepared import PreparedBatches
+
+        return PreparedBatches(cfg, plan.prepared, batch_size, seed, rank=rank, world_size=world_size)
+    if cfg.num_workers > 0:
+        return WorkerBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
+    return TokenBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
+
+
+def validation_windows(cfg: DataConfig, files: Any, tokenizer: Tokenizer,
+                       max_windows: Optional[int] = None) -> List[Window]:
+    """All windows of the validation split (the first `cfg.val_docs` documents of each source, the
+    sources in order), packed as one stream; the last may be shorter than `seq_len + 1` (at least
+    2 tokens). `max_windows` stops reading once that many full windows are packed."""
+    check_data_config(cfg)
+    plan = as_plan(cfg, files)
+    if plan.prepared:
+        from pkmlm.data.prepared import prepared_validation_windows
+
+        return prepared_validation_windows(plan.prepared, cfg.seq_len, max_windows)
     packer = Packer(cfg.seq_len, eos_id(tokenizer))
-    stream = DocumentStream(files, text_field=cfg.text_field, strict=cfg.strict)
-    texts = itertools.islice(stream, cfg.val_docs)
+    texts = itertools.chain.from_iterable(validation_documents(s, cfg) for s in plan.sources)
     windows: List[Window] = []
     while chunk := list(itertools.islice(texts, cfg.encode_batch_docs)):
         for ids in encode_documents(tokenizer, chunk):
             windows.extend(packer.push(ids))
+        if max_windows is not None and len(windows) >= max_windows:
+            return windows[:max_windows]
     tail = packer.flush()
     if tail is not None:
         windows.append(tail)
     return windows
 
 
-def validation_batches(cfg: DataConfig, files: Sequence[str], tokenizer: Tokenizer,
-                       batch_size: int) -> List[torch.Tensor]:
+def validation_batches(cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int,
+                       max_batches: Optional[int] = None) -> List[torch.Tensor]:
     """The validation split as int64 tensors `(b, seq_len + 1)`, b <= batch_size, in stream order,
     unshuffled, every window kept. The final partial window, when there is one, is a batch of its
     own of shape `(1, L)` with 2 <= L <= seq_len (tensors cannot be ragged, and padding would need
-    the loss to know about it). `[]` when `cfg.val_docs == 0`."""
+    the loss to know about it). `[]` when `cfg.val_docs == 0`. `max_batches` reads only as many
+    documents as that many batches need."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if cfg.val_docs == 0:
+    if cfg.val_docs == 0 and not cfg.prepared:
         return []
-    windows = validation_windows(cfg, files, tokenizer)
+    limit = None if max_batches is None else max_batches * batch_size
+    windows = validation_windows(cfg, files, tokenizer, max_windows=limit)
     width = cfg.seq_len + 1
     full = [w for w in windows if len(w) == width]
     batches = [torch.tensor(full[i : i + batch_size], dtype=torch.long) for i in range(0, len(full), batch_size)]
     if len(full) < len(windows):
         batches.append(torch.tensor([windows[-1]], dtype=torch.long))  # (1, L)
-    return batches
+    return batches if max_batches is None else batches[:max_batches]
 
 
-def build_data(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seed: int,
-               files: Optional[Sequence[str]] = None, rank: int = 0,
-               world_size: int = 1) -> Tuple[TokenBatches, List[torch.Tensor]]:
-    """Training batches and the validation batch list; `files` defaults to `expand_files(cfg.files)`."""
-    files = expand_files(cfg.files) if files is None else list(files)
-    train = TokenBatches(cfg, files, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
-    return train, validation_batches(cfg, files, tokenizer, batch_size)
+def build_data(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seed: int, files: Any = None,
+               rank: int = 0, world_size: int = 1) -> Tuple[Any, List[torch.Tensor]]:
+    """Training batches and the validation batch list; `files` defaults to resolving `cfg`."""
+    plan = resolve_data(cfg) if files is None else as_plan(cfg, files)
+    train = build_train_batches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
+    return train, validation_batches(cfg, plan, tokenizer, batch_size)

@@ -13,7 +13,25 @@ from __future__ import annotations
 import random
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
+
 Window = List[int]
+TOKEN_DTYPE = np.int32  # token ids inside the pipeline; batches leave as int64 tensors
+
+
+def to_plain(value: Any) -> Any:
+    """A state with numpy arrays and tuples as plain JSON values (lists, ints, dicts)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if value and all(type(x) is int for x in value):
+            return list(value)
+        return [to_plain(x) for x in value]
+    return value
 
 
 class Packer:
@@ -41,6 +59,25 @@ class Packer:
         starts = range(0, len(buffer) - width + 1, stride)
         windows = [buffer[s : s + width] for s in starts]
         del buffer[: starts[-1] + stride]  # keep the last window's final token onwards
+        return windows
+
+    def push_many(self, docs: Sequence[Sequence[int]]) -> np.ndarray:
+        """`push` for several documents at once: the windows completed, as an int32 array
+        `(n_windows, seq_len + 1)` (the same windows `push` would give, one by one)."""
+        buffer = self._buffer
+        eos = self.eos_id
+        for ids in docs:
+            buffer.extend(ids)
+            buffer.append(eos)
+        width, stride = self.seq_len + 1, self.seq_len
+        n = (len(buffer) - 1) // stride if len(buffer) >= width else 0
+        if n == 0:
+            return np.empty((0, width), dtype=TOKEN_DTYPE)
+        flat = np.array(buffer[: (n - 1) * stride + width], dtype=TOKEN_DTYPE)
+        # Window k is flat[k*stride : k*stride + width]: a strided view, copied into its own rows.
+        windows = np.lib.stride_tricks.as_strided(
+            flat, shape=(n, width), strides=(stride * flat.itemsize, flat.itemsize), writeable=False).copy()
+        del buffer[: n * stride]  # keep the last window's final token onwards
         return windows
 
     def flush(self) -> Optional[Window]:
@@ -86,11 +123,25 @@ class ShuffleBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def raw_state(self) -> Dict[str, Any]:
+        """The state as cheap copies (numpy rows stacked into one array): for per-batch snapshots."""
+        items = self._items
+        if items and isinstance(items[0], np.ndarray):
+            stacked: Any = np.stack(items)
+        else:
+            stacked = [list(x) for x in items]
         version, internal, gauss_next = self._rng.getstate()
-        return {"items": [list(x) for x in self._items], "rng": [version, list(internal), gauss_next]}
+        return {"items": stacked, "rng": [version, internal, gauss_next]}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._items = [list(x) for x in state["items"]]
+    def state_dict(self) -> Dict[str, Any]:
+        return to_plain(self.raw_state())
+
+    def load_state_dict(self, state: Dict[str, Any], as_array: bool = False) -> None:
+        """`as_array`: hold the items as int32 numpy rows (the training pipeline's form)."""
+        items = state["items"]
+        if as_array:
+            self._items = list(np.asarray(items, dtype=TOKEN_DTYPE)) if len(items) else []
+        else:
+            self._items = [list(x) for x in items]
         version, internal, gauss_next = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss_next))

@@ -13,14 +13,13 @@ this module encode a literal "<|endoftext|>" in a document as ordinary bytes
 from __future__ import annotations
 
 import hashlib
-import itertools
+import json
 import os
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pkmlm.data.config import DataConfig
-from pkmlm.data.sources import DocumentStream
 from pkmlm.errors import ConfigError, DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -43,9 +42,9 @@ def eos_id(tok: Tokenizer) -> int:
     return token_id
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> Tokenizer:
     """A byte-level BPE of at most `vocab_size` tokens (fewer when the text has too few pairs to
-    merge) trained on `texts`; EOS_TOKEN has id 0."""
+    merge) trained on `texts`; EOS_TOKEN has id 0, then `special_tokens` ids 1, 2, ..."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError("data.vocab_size", vocab_size, f"an integer >= {MIN_VOCAB_SIZE} (256 bytes + EOS)")
     tok = Tokenizer(models.BPE())
@@ -53,7 +52,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN],  # first special token -> id 0
+        special_tokens=[EOS_TOKEN, *[t for t in special_tokens if t != EOS_TOKEN]],  # in order: ids 0, 1, ...
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -84,9 +83,13 @@ def tokenizer_from_str(text: str) -> Tokenizer:
     return tok
 
 
-def _texts_hash(texts: Iterable[str], vocab_size: int) -> Tuple[str, int]:
-    """sha256 over the recipe version, vocab size and the length-prefixed UTF-8 of each text."""
-    h = hashlib.sha256(f"pkmlm-bpe/v{TOKENIZER_FORMAT}/vocab_size={vocab_size}\n".encode())
+def _texts_hash(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> Tuple[str, int]:
+    """sha256 over the recipe version, vocab size, special tokens (when any) and the
+    length-prefixed UTF-8 of each text."""
+    header = f"pkmlm-bpe/v{TOKENIZER_FORMAT}/vocab_size={vocab_size}\n"
+    if special_tokens:
+        header += f"special_tokens={json.dumps(list(special_tokens))}\n"
+    h = hashlib.sha256(header.encode())
     count = 0
     for text in texts:
         data = text.encode("utf-8", "surrogatepass")
@@ -96,32 +99,49 @@ def _texts_hash(texts: Iterable[str], vocab_size: int) -> Tuple[str, int]:
     return h.hexdigest(), count
 
 
-def load_or_train_tokenizer(cfg: DataConfig, files: List[str], cache_dir: str) -> Tuple[Tokenizer, Dict[str, Any]]:
-    """`cfg.tokenizer` when set, else a BPE trained on the first `cfg.tokenizer_docs` documents of
-    `files`, cached in `{cache_dir}/tokenizers/{hash[:16]}.json`.
+def load_or_train_tokenizer(cfg: DataConfig, files: Any, cache_dir: str) -> Tuple[Tokenizer, Dict[str, Any]]:
+    """The tokenizer of the prepared shards (`cfg.prepared`), else `cfg.tokenizer` when set, else a
+    BPE trained on a sample of the stream: its first `cfg.tokenizer_docs` documents (after
+    cleaning; from a mixture, interleaved by weight), cached in `{cache_dir}/tokenizers/{hash[:16]}.json`
+    by a hash of that text, the vocab size and the special tokens. `files`: what `as_plan` takes.
 
-    Returns the tokenizer and {"source": "file"|"cache"|"trained", "path", "hash", "vocab_size"}
-    (`hash` is None for a given file). The vocab size is the tokenizer's own, which for a given
-    file or a small corpus may differ from `cfg.vocab_size`: size the model from this one.
+    Returns the tokenizer and {"source": "prepared"|"file"|"cache"|"trained", "path", "hash",
+    "vocab_size"} (`hash` is None for a given file). The vocab size is the tokenizer's own, which
+    for a given file or a small corpus may differ from `cfg.vocab_size`: size the model from this
+    one (the loop pads it to a multiple of 64).
     """
+    from pkmlm.data.mixing import as_plan, sample_documents
+
+    if cfg.prepared:
+        from pkmlm.data.prepared import load_index
+
+        index = load_index(cfg.prepared)
+        path = os.path.join(os.path.abspath(os.path.expanduser(cfg.prepared)), index["tokenizer"])
+        tok = load_tokenizer(path, key="data.prepared")
+        return tok, {"source": "prepared", "path": path, "hash": index.get("tokenizer_hash"),
+                     "vocab_size": tok.get_vocab_size()}
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
         path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
         return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
 
-    if cfg.vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError("data.vocab_size", cfg.vocab_size, f"an integer >= {MIN_VOCAB_SIZE} (256 bytes + EOS)")
+    if cfg.vocab_size < MIN_VOCAB_SIZE + len(cfg.special_tokens):
+        raise ConfigError("data.vocab_size", cfg.vocab_size,
+                          f"an integer >= {MIN_VOCAB_SIZE + len(cfg.special_tokens)} (256 bytes + special tokens)")
     if cfg.tokenizer_docs < 1:
         raise ConfigError("data.tokenizer_docs", cfg.tokenizer_docs, "an integer >= 1 (documents to train on)")
+    plan = as_plan(cfg, files)
+    specials = [t for t in cfg.special_tokens if t != EOS_TOKEN]
 
     def training_texts() -> Iterable[str]:
-        stream = DocumentStream(files, text_field=cfg.text_field, strict=cfg.strict)
-        return itertools.islice(stream, cfg.tokenizer_docs)
+        return sample_documents(plan.sources, cfg, cfg.tokenizer_docs)
 
     # Two passes (hash, then train on a miss) keep memory bounded for any data.tokenizer_docs.
-    digest, count = _texts_hash(training_texts(), cfg.vocab_size)
+    digest, count = _texts_hash(training_texts(), cfg.vocab_size, specials)
     if count == 0:
-        raise DataError(f"data.files {files} hold no document to train the tokenizer on; check data.text_field")
+        names = [s.name for s in plan.sources]
+        raise DataError(f"the data sources {names} hold no document to train the tokenizer on; check "
+                        "data.text_field and the cleaning settings (data.min_chars)")
     cache_path = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "tokenizers", f"{digest[:16]}.json")
     info = {"path": cache_path, "hash": digest}
     if os.path.isfile(cache_path):
@@ -131,7 +151,7 @@ def load_or_train_tokenizer(cfg: DataConfig, files: List[str], cache_dir: str) -
         except DataError:
             pass  # a damaged cache entry: train again and overwrite it
 
-    tok = train_bpe(training_texts(), cfg.vocab_size)
+    tok = train_bpe(training_texts(), cfg.vocab_size, specials)
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     tmp_path = f"{cache_path}.{os.getpid()}.tmp"  # per process: concurrent ranks never share one
     try:
