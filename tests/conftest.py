@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, triton kernels run through triton's interpreter on CPU tensors (tests/test_kernels.py).
+# It must be set before triton is first imported (it decides then, for its own library too), so
+# here, for the whole session; model.memory.kernel=auto still takes the torch path on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("PKMLM_SAMPLE_DIR", PROJECT_ROOT.parent / "shared" / "data"))

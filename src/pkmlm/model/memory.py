@@ -12,7 +12,8 @@ O(n_keys**2) thanks to product keys. The file follows the paper:
 
 Reference implementation: facebookresearch/XLM `xlm/model/memory/memory.py` (HashingMemory with
 the "pq_fast" product-quantised lookup). Differences on purpose: no class-level shared value table
-(each instance owns its values), and evaluation statistics go through an `observer` callback that
+(each instance owns its values, or reads a table handed to it by an explicit owner: the
+Transformer's, for `share_values`), and evaluation statistics go through an `observer` callback that
 receives device tensors instead of copying indices to the host on every step.
 
 Shape legend (suffixes on tensor names):
@@ -29,6 +30,7 @@ Shape legend (suffixes on tensor names):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -38,10 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.errors import ConfigError
+from pkmlm.model import kernels
+from pkmlm.model.kernels import KERNELS  # auto | torch | triton (see pkmlm/model/kernels)
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 PLACEMENTS = ("replace", "parallel")
-KERNELS = ("auto", "torch")  # a triton path will join; "auto" picks the fastest available
+# Storage dtype of the value table. bfloat16 halves the bytes every read and update moves; the
+# table's AdamW moments then are bfloat16 too (updates below half a bf16 step of a value are lost).
+VALUES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -60,7 +66,14 @@ class MemoryConfig:
     input_dropout: float = 0.0  # XLM's memory dropouts
     query_dropout: float = 0.0
     value_dropout: float = 0.0
-    kernel: str = "auto"  # auto | torch  (a triton path comes later; auto = torch for now)
+    kernel: str = "auto"  # auto (triton on CUDA when installed, else torch) | torch | triton
+    values_dtype: str = "float32"  # float32 | bfloat16: storage of the value table
+    # One value table read by every memory layer, owned by the Transformer (PEER/"shared memory"
+    # style: more layers query the same n_keys**2 values; each layer keeps its own query and keys).
+    share_values: bool = False
+    # Split each value table by columns across the processes of a distributed run (layout and
+    # communication cost: pkmlm/model/sharded_values.py). Ignored with one process.
+    shard_values: bool = False
 
     def validate(self, prefix: str = "model.memory", n_layers: Optional[int] = None) -> None:
         """Raise `ConfigError` on the first bad value; `n_layers` bounds the layer indices."""
@@ -75,6 +88,9 @@ class MemoryConfig:
                     )
             if len(set(layers)) != len(layers):
                 raise ConfigError(f"{prefix}.layers", layers, "indices must be distinct (no duplicates)")
+        for name in ("share_values", "shard_values"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), "true or false")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"{prefix}.placement", self.placement, f"one of {'|'.join(PLACEMENTS)}")
         check_memory_args(
@@ -89,6 +105,7 @@ class MemoryConfig:
             query_dropout=self.query_dropout,
             value_dropout=self.value_dropout,
             kernel=self.kernel,
+            values_dtype=self.values_dtype,
         )
 
 
@@ -105,6 +122,7 @@ def check_memory_args(
     query_dropout: float,
     value_dropout: float,
     kernel: str,
+    values_dtype: str = "float32",
 ) -> None:
     """The memory's own argument checks, shared by `MemoryConfig` and `ProductKeyMemory`."""
 
@@ -126,8 +144,26 @@ def check_memory_args(
     for name, p in dropouts.items():
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError(f"{prefix}.{name}", p, "a probability in [0, 1)")
-    if kernel not in KERNELS:
-        raise ConfigError(f"{prefix}.kernel", kernel, f"one of {'|'.join(KERNELS)}")
+    kernels.check_kernel(kernel, f"{prefix}.kernel")  # also refuses triton where it does not import
+    if values_dtype not in VALUES_DTYPES:
+        raise ConfigError(f"{prefix}.values_dtype", values_dtype, f"one of {'|'.join(VALUES_DTYPES)}")
+
+
+def eligible_rank_pairs(knn: int) -> Tuple[Tensor, Tensor]:
+    """Rank pairs `(a, b)` (0-based, row-major) with `(a + 1) * (b + 1) <= knn`: int64 `(C,)` each.
+
+    With both per-half top-K lists sorted by descending score, the pairs (a', b') with a' <= a and
+    b' <= b all score at least as high as (a, b): (a + 1) * (b + 1) of them, itself included. So a
+    pair beyond the bound has K others at least as good and is never needed: the pairs of score
+    >= the K-th best form a set closed under that dominance, and any such set of at least K pairs
+    holds one of exactly K, all within the bound. With ties at the K-th score, which of the tied
+    slots are chosen may differ from a search over all K*K pairs; the K scores never do.
+    C = sum over a of floor(K / (a + 1)) ~ K (ln K + 0.58): 130 pairs instead of 1,024 for K = 32.
+    """
+    pairs = [(a, b) for a in range(knn) for b in range(knn) if (a + 1) * (b + 1) <= knn]
+    pair_a_C = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
+    pair_b_C = torch.tensor([b for _, b in pairs], dtype=torch.int64)
+    return pair_a_C, pair_b_C
 
 
 class ProductKeyMemory(nn.Module):
@@ -157,6 +193,8 @@ class ProductKeyMemory(nn.Module):
         query_dropout: float = 0.0,
         value_dropout: float = 0.0,
         kernel: str = "auto",
+        values_dtype: str = "float32",
+        values: Optional[nn.Module] = None,
     ):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -173,6 +211,7 @@ class ProductKeyMemory(nn.Module):
             query_dropout=query_dropout,
             value_dropout=value_dropout,
             kernel=kernel,
+            values_dtype=values_dtype,
         )
         self.dim, self.n_keys, self.heads, self.knn, self.k_dim = dim, n_keys, heads, knn, k_dim
         self.v_dim = dim if v_dim is None else v_dim
@@ -180,7 +219,10 @@ class ProductKeyMemory(nn.Module):
         self.input_dropout = input_dropout  # XLM's three memory dropouts (see `query` and `forward`)
         self.query_dropout = query_dropout
         self.value_dropout = value_dropout
-        self.kernel = "torch" if kernel == "auto" else kernel  # the only path for now
+        # The read's path, resolved per call from the device: `kernels.resolve_kernel`.
+        self.kernel = kernel
+        # Sparse COO gradients for the value table (set by the optimizer for optim.sparse_values).
+        self.sparse_grad = False
 
         # Section 3.1, query network: a linear map to H queries of Q dims (XLM's QueryMLP with
         # mem_query_layer_sizes "0,0": one layer, with bias), then the query norm.
@@ -199,14 +241,24 @@ class ProductKeyMemory(nn.Module):
         # full keys are the S*S concatenations (sub-key i of half 0, sub-key j of half 1).
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
         # Section 3.1, values: one row per slot, slot id = i * S + j. An EmbeddingBag so that a
-        # token's H*K weighted rows are gathered and summed in one kernel.
-        self.values = nn.EmbeddingBag(n_keys**2, self.v_dim, mode="sum")
+        # token's H*K weighted rows are gathered and summed in one kernel (the torch path).
+        self.values_dtype = values_dtype
+        if values is None:
+            self.values = nn.EmbeddingBag(n_keys**2, self.v_dim, mode="sum", dtype=VALUES_DTYPES[values_dtype])
+            self.owns_values = True
+        else:  # a table owned elsewhere: the Transformer's, read by all its memory layers (share_values)
+            self.use_values(values, owned=False)
+        # The only (a, b) rank pairs of the two per-half top-K lists that can reach the top-K
+        # (see `_product_topk`): derived from K, so not saved in checkpoints.
+        pair_a_C, pair_b_C = eligible_rank_pairs(knn)
+        self.register_buffer("pair_a", pair_a_C, persistent=False)
+        self.register_buffer("pair_b", pair_b_C, persistent=False)
 
         self.observer: Optional[Callable[[Tensor, Tensor], None]] = None
         self.reset_parameters()
 
     @classmethod
-    def from_config(cls, dim: int, cfg: MemoryConfig) -> "ProductKeyMemory":
+    def from_config(cls, dim: int, cfg: MemoryConfig, values: Optional[nn.Module] = None) -> "ProductKeyMemory":
         return cls(
             dim,
             n_keys=cfg.n_keys,
@@ -219,7 +271,29 @@ class ProductKeyMemory(nn.Module):
             query_dropout=cfg.query_dropout,
             value_dropout=cfg.value_dropout,
             kernel=cfg.kernel,
+            values_dtype=cfg.values_dtype,
+            values=values,
         )
+
+    @staticmethod
+    def new_values(n_keys: int, v_dim: int, values_dtype: str = "float32") -> nn.EmbeddingBag:
+        """A value table `(n_keys**2, v_dim)` initialised as a layer initialises its own (for a
+        table that several layers share, created by its owner)."""
+        table = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", dtype=VALUES_DTYPES[values_dtype])
+        nn.init.normal_(table.weight, mean=0.0, std=v_dim**-0.5)  # as in reset_parameters
+        return table
+
+    def use_values(self, table: nn.Module, owned: bool) -> None:
+        """Read `table` from now on. `owned`: it is this layer's, registered here (in parameters()
+        and state_dict()). Otherwise this layer keeps a plain reference to a table that its owner
+        registers (the Transformer's shared table), so that the table is held, saved and
+        optimised once; never through class-level state."""
+        if owned:
+            self.values = table
+        else:
+            self._modules.pop("values", None)
+            object.__setattr__(self, "values", table)
+        self.owns_values = owned
 
     def reset_parameters(self) -> None:
         """The memory owns its init (the transformer's global init leaves it alone)."""
@@ -230,12 +304,14 @@ class ProductKeyMemory(nn.Module):
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         nn.init.uniform_(self.keys, -bound, bound)
         # Values ~ N(0, 1/V) (XLM), so a read of unit-sum weights has roughly unit-norm output.
-        nn.init.normal_(self.values.weight, mean=0.0, std=self.v_dim**-0.5)
+        if self.owns_values:  # a shared table is initialised by its owner, once
+            nn.init.normal_(self.values.weight, mean=0.0, std=self.v_dim**-0.5)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, n_keys={self.n_keys} ({self.n_keys**2} slots), heads={self.heads}, "
-            f"knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm}"
+            f"knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm}, "
+            f"kernel={self.kernel}, values_dtype={self.values_dtype}"
         )
 
     # --- section 3.1: query network -------------------------------------------------------------
@@ -280,17 +356,25 @@ class ProductKeyMemory(nn.Module):
         s2_NHS = torch.einsum("nhp,hsp->nhs", q2_NHP, self.keys[:, 1])
         top1_NHK, i_NHK = s1_NHS.topk(K, dim=-1)  # best K sub-keys of half 0 (sorted)
         top2_NHK, j_NHK = s2_NHS.topk(K, dim=-1)  # best K sub-keys of half 1
-        # K*K candidate sums, added in fp32 so the final ranking is not made in bf16.
-        # [a, b] = top1[a] + top2[b] via broadcasting (N, H, K, 1) + (N, H, 1, K)
-        cand_NHKK = top1_NHK.float().unsqueeze(-1) + top2_NHK.float().unsqueeze(-2)
-        cand_NHC = cand_NHKK.flatten(-2)  # c = a * K + b
-        scores_NHK, best_NHK = cand_NHC.topk(K, dim=-1)  # sorted descending
-        # Map candidate c back to the sub-key ids of its two halves, then to the slot id.
-        i_NHK = i_NHK.gather(-1, best_NHK // K)
-        j_NHK = j_NHK.gather(-1, best_NHK % K)
+        # Candidate sums top1[a] + top2[b], in fp32 so the final ranking is not made in bf16, over
+        # the C ~ K ln K rank pairs that can win (`eligible_rank_pairs`) instead of all K*K. The
+        # ranking needs no gradient; the K winners' scores are re-added below, the same fp32 sums.
+        top1_NHK, top2_NHK = top1_NHK.float(), top2_NHK.float()
+        with torch.no_grad():
+            cand_NHC = top1_NHK[..., self.pair_a] + top2_NHK[..., self.pair_b]
+            best_NHK = cand_NHC.topk(K, dim=-1).indices  # sorted by descending score
+        a_NHK, b_NHK = self.pair_a[best_NHK], self.pair_b[best_NHK]  # ranks in the two half lists
+        scores_NHK = top1_NHK.gather(-1, a_NHK) + top2_NHK.gather(-1, b_NHK)
+        # Map the ranks back to the sub-key ids of the two halves, then to the slot id.
+        i_NHK = i_NHK.gather(-1, a_NHK)
+        j_NHK = j_NHK.gather(-1, b_NHK)
         return scores_NHK, i_NHK * S + j_NHK
 
     # --- section 3.1 / 3.3: weighted read of the values, summed over heads -----------------------
+
+    def read_kernel(self, device: torch.device) -> str:
+        """The read's path on `device`, `torch` or `triton` (`kernels.resolve_kernel`)."""
+        return kernels.resolve_kernel(self.kernel, device)
 
     def forward(self, x: Tensor) -> Tensor:
         """`(..., D)` -> `(..., V)`: sum over heads and the K slots of weight * value."""
@@ -302,11 +386,14 @@ class ProductKeyMemory(nn.Module):
             self.observer(indices_NHK.detach(), weights_NHK.detach())
         # One bag per token over all its H*K slots: heads are summed as in section 3.3.
         weight = self.values.weight
-        out_NV = F.embedding_bag(
+        # A table that reads itself (`ShardedValues`: its columns live on several ranks) takes the
+        # same call; a plain table is read by the kernel.
+        read = getattr(self.values, "read", None) or functools.partial(kernels.read, weight)
+        out_NV = read(
             indices_NHK.flatten(1),  # (N, H*K)
-            weight,
-            per_sample_weights=weights_NHK.flatten(1).to(weight.dtype),  # (N, H*K), must match the table
-            mode="sum",
+            weights_NHK.flatten(1),  # (N, H*K), fp32
+            kernel=self.read_kernel(weight.device),
+            sparse_grad=self.sparse_grad,
         )
         out_NV = F.dropout(out_NV, p=self.value_dropout, training=self.training)
         return out_NV.view(*lead_shape, self.v_dim)  # restore leading dims

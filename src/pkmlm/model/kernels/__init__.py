@@ -1,0 +1,114 @@
+"""Fast paths for the product-key memory, each with a torch reference beside it.
+
+`read(values, indices, weights, kernel=...)` is the memory's weighted value read
+`out[n] = sum_r weights[n, r] * values[indices[n, r]]` by one of two paths:
+
+- `torch`: `embedding_bag` (`reference.read_torch`), the reference and the CPU path;
+- `triton`: the kernels of `gather.py` behind the operator `torch.ops.pkmlm.memory_read`
+  (`ops.py`): one bandwidth-bound pass forward, one sort and one atomic-free pass backward.
+
+`row_adam.py` holds the fused triton step of the lazy Adam for `optim.sparse_values` (its torch
+reference: `pkmlm.train.sparse_values.LazyAdam`'s torch path).
+
+`model.memory.kernel=auto` takes triton on CUDA when triton is installed, torch otherwise. The triton
+kernels also run on CPU tensors under `TRITON_INTERPRET=1` (how the tests check them without a GPU).
+Everything here imports with torch alone (neither triton nor torch._dynamo); triton is imported
+when its kernels first run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pkmlm.errors import ConfigError
+from pkmlm.model.kernels import ops  # registers torch.ops.pkmlm.memory_read (torch only)
+from pkmlm.model.kernels.reference import read_torch
+
+KERNELS = ("auto", "torch", "triton")
+
+
+# Both answers are cached in plain globals, found once when a memory layer is built (by
+# `check_kernel`): under torch.compile the traced forward then only reads them, and `import pkmlm`
+# imports neither triton nor torch._dynamo.
+_triton_available: Optional[bool] = None
+_triton_interpreted: Optional[bool] = None
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (a CPU-only torch may have it too, for the interpreter). Found on
+    the import path without importing it; the kernels import it when they first run."""
+    global _triton_available
+    if _triton_available is None:
+        _triton_available = importlib.util.find_spec("triton") is not None
+    return _triton_available
+
+
+def triton_interpreted() -> bool:
+    """Whether the triton kernels run under the interpreter (`TRITON_INTERPRET=1` when first imported)."""
+    global _triton_interpreted
+    if _triton_interpreted is None:
+        from pkmlm.model.kernels import gather
+
+        _triton_interpreted = gather.is_interpreted()
+    return _triton_interpreted
+
+
+def check_kernel(kernel: str, key: str = "model.memory.kernel") -> None:
+    """Raise `ConfigError` for an unknown kernel, or `triton` where triton cannot be imported."""
+    if kernel not in KERNELS:
+        raise ConfigError(key, kernel, f"one of {'|'.join(KERNELS)}")
+    if not triton_available():
+        if kernel == "triton":
+            raise ConfigError(key, kernel, "needs the triton package (pip install triton); or use auto or torch")
+    elif kernel == "triton" and not torch.cuda.is_available():
+        triton_interpreted()  # imports the kernels now (explicitly asked for), not in a traced forward
+
+
+def resolve_kernel(kernel: str, device: torch.device, key: str = "model.memory.kernel") -> str:
+    """The path a read on `device` takes: `torch` or `triton`.
+
+    `auto` is triton on CUDA when triton is installed, else torch. An explicit `triton` on a non-CUDA
+    device works only under the interpreter; otherwise it is refused with a `ConfigError`.
+    """
+    check_kernel(kernel, key)
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if kernel == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ConfigError(
+            key, kernel,
+            f"the triton kernels need a CUDA device (got {device.type}); use auto or torch, or set "
+            "TRITON_INTERPRET=1 to run them (slowly) through triton's interpreter",
+        )
+    return kernel
+
+
+def read(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False) -> Tensor:
+    """`(N, V)` in the values' dtype: the weighted read by the resolved `kernel` (`torch|triton`).
+
+    `sparse_grad=True` gives the table a sparse COO gradient (for `optim.sparse_values`).
+    """
+    if kernel not in ("torch", "triton"):
+        raise ValueError(f"read(): kernel must be resolved to torch or triton, got {kernel!r}")
+    if sparse_grad:
+        if torch.compiler.is_compiling():
+            # Compiled graphs cannot produce sparse gradients (inductor fails on them), so under
+            # torch.compile this read runs eagerly between two compiled pieces (a graph break).
+            return torch.compiler.disable(_read_sparse_grad)(values_MV, indices_NR, weights_NR, kernel)
+        return _read_sparse_grad(values_MV, indices_NR, weights_NR, kernel)
+    if kernel == "torch":
+        return read_torch(values_MV, indices_NR, weights_NR)
+    # fp32 weights: their gradient accumulates in fp32 whatever the table's dtype
+    return ops.memory_read(values_MV, indices_NR, weights_NR.float())
+
+
+def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, kernel: str) -> Tensor:
+    if kernel == "torch":
+        return read_torch(values_MV, indices_NR, weights_NR, sparse_grad=True)
+    return ops.SparseGradRead.apply(values_MV, indices_NR, weights_NR.float())
+
+
+__all__ = ["KERNELS", "check_kernel", "read", "resolve_kernel", "triton_available", "triton_interpreted"]
