@@ -145,7 +145,7 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: `x += attn(ln1(x)); x += mixer(ln2(x))`, the mixer being FFN, memory or both."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shared_values: Optional[nn.Module] = None):
         super().__init__()
         mem = cfg.memory
         has_memory = layer in mem.layers
@@ -157,7 +157,7 @@ class Block(nn.Module):
             self.ffn = FeedForward(cfg)
         self.memory: Optional[ProductKeyMemory] = None
         if has_memory:
-            self.memory = ProductKeyMemory.from_config(cfg.dim, mem)
+            self.memory = ProductKeyMemory.from_config(cfg.dim, mem, values=shared_values)
         # A memory whose values are not D wide needs a projection back to the residual stream.
         self.memory_proj: Optional[nn.Linear] = None
         if self.memory is not None and self.memory.v_dim != cfg.dim:
@@ -188,7 +188,14 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # model.memory.share_values: one value table, owned here and read by every memory layer
+        # (each layer keeps its own query network and keys); registered once, so it is saved,
+        # counted and optimised once.
+        self.shared_values: Optional[nn.Module] = None
+        if cfg.memory.share_values and len(cfg.memory.layers) > 0:
+            v_dim = cfg.memory.v_dim or cfg.dim
+            self.shared_values = ProductKeyMemory.new_values(cfg.memory.n_keys, v_dim, cfg.memory.values_dtype)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.shared_values) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -262,7 +269,8 @@ class Transformer(nn.Module):
         """
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         memories = self.memory_layers().values()
-        memory_values = sum(m.values.weight.numel() for m in memories)
+        # A shared table counts once (keyed by identity); a DTensor's numel is the whole table's.
+        memory_values = sum({id(m.values.weight): m.values.weight.numel() for m in memories}.values())
         read_rows = sum(m.heads * m.knn * m.v_dim for m in memories)
         embedding = self.tok_emb.weight.numel()
         if self.pos_emb is not None:
