@@ -1,14 +1,28 @@
 """Checkpoints: complete, written atomically, verified on load, the last K kept.
 
 A checkpoint is `checkpoints/step_{step:08d}.pt` (a `torch.save` of one dict) with a sidecar
-`step_{step:08d}.pt.sha256`. Writing goes to a temporary file in the same directory, is fsynced,
-then renamed over the final name (rename is atomic on POSIX), and the directory is fsynced; the
-checksum is written after the payload, so a checkpoint without a matching checksum is incomplete
-and is skipped on resume with a warning.
+`step_{step:08d}.pt.sha256` (the hex SHA-256 of the payload, as `sha256sum` prints it). Writing
+goes to a temporary file in the same directory, is fsynced, then renamed over the final name
+(rename is atomic on POSIX), and the directory is fsynced; the checksum is written the same way
+after the payload, so a checkpoint without a matching checksum is incomplete (or was damaged
+later) and is skipped on resume with a warning.
+
+Rules that keep the directory one consistent timeline (docs/reliability.md):
+- a valid checkpoint is never overwritten: writing a step whose checkpoint already verifies keeps
+  the existing one (the state at a step is reproducible from it; replacing it would open a window
+  in which that step has no valid checkpoint);
+- saving step s removes checkpoints of steps > s: after a resume from s they are either corrupt
+  (that is why s was chosen) or from a timeline the user rewound with `resume=PATH`, and
+  `resume=auto` must never jump back onto them;
+- temporary files left by a killed writer (`.step_*.pt.tmp.<pid>`) are removed at the next save
+  (the run directory's lock guarantees no other writer is alive);
+- a failed write (full disk, quota, file-size limit, I/O error) raises `CheckpointWriteError`, a
+  one-line user error naming the file, the OS error and the intact previous checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -24,9 +38,22 @@ import torch
 from pkmlm.errors import UserError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+_TMP = re.compile(r"^\.step_\d{8}\.pt(\.sha256)?\.tmp\.(\d+)$")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (the OS refused: full disk, quota, size limit, I/O)."""
+
+
+def seed_all(seed: int) -> None:
+    """Seed python's, numpy's and torch's global RNGs (torch's covers every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes seeds in [0, 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
+    """Every RNG the loop draws from: python, numpy, torch CPU, and all CUDA devices when present."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -53,13 +80,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_fully(fd: int, data: bytes) -> None:
+    """os.write until every byte is out: a regular file may take a write in parts."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # a regular file only does this when it cannot grow
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` holds either its old content or all of `data`, never a
+    part: temporary file in the same directory, fsync, rename, fsync of the directory."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_fully(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -67,23 +109,89 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step_XXXXXXXX.pt)")
+    return int(match.group(1))
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None when `path` matches its checksum; otherwise why not (one line). Reads, does not unpickle."""
+    path = Path(path)
+    checksum = _sidecar(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror or e})"
+    if not checksum.exists():
+        return f"{path}: no checksum file (the write did not finish)"
+    if hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
+        return f"{path}: checksum mismatch (truncated or corrupt)"
+    return None
+
+
+def _remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Temporary files of writers that no longer run (killed mid-write); ours are kept."""
+    stale = [p for p in directory.iterdir() if (m := _TMP.match(p.name)) and int(m.group(2)) != os.getpid()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
-    """Write `payload` as the checkpoint of `step`; then delete all but the newest `keep_last`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    path = directory / f"step_{step:08d}.pt"
-    _atomic_write(path, data)
-    _atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    """Write `payload` as the checkpoint of `step`; then delete all but the newest `keep_last`.
+
+    Raises `CheckpointWriteError` (a `UserError`) when the OS refuses the write; the checkpoints
+    already on disk are untouched then.
+    """
+    directory = Path(directory)
+    path = checkpoint_path(directory, step)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(directory)
+        if not (path.exists() and verify_checkpoint(path) is None):  # never replace a valid one
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            data = buffer.getvalue()
+            # The payload first, then its checksum: a crash between the two leaves a payload whose
+            # checksum is missing (or stale), which loading refuses.
+            atomic_write(path, data)
+            atomic_write(_sidecar(path), hashlib.sha256(data).hexdigest().encode())
+    except OSError as e:
+        previous = [p for p in list_checkpoints(directory) if checkpoint_step(p) < step and verify_checkpoint(p) is None]
+        intact = (f"the previous checkpoint {previous[-1].name} is intact" if previous
+                  else "there is no earlier valid checkpoint")
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {e.strerror or e} (errno {errno.errorcode.get(e.errno, e.errno)}); "
+            f"{intact}; free space (or fix the file system) under {directory} and resume with resume=auto"
+        ) from None
+    for stale in list_checkpoints(directory):
+        if checkpoint_step(stale) > step:
+            warnings.warn(f"removing checkpoint {stale.name}: newer than step {step}, which this run continued "
+                          "from (it was unusable, or the run was rewound with resume=PATH)", stacklevel=2)
+            _delete(stale)
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        _delete(old)
     return path
+
+
+def _delete(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    _sidecar(path).unlink(missing_ok=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint files in `directory`, oldest first (by step)."""
+    directory = Path(directory)
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
@@ -91,12 +199,15 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and verify one checkpoint; raise ValueError when it is truncated or corrupt."""
+    path = Path(path)
     data = path.read_bytes()
-    checksum = path.with_name(path.name + ".sha256")
+    checksum = _sidecar(path)
     if not checksum.exists():
         raise ValueError(f"{path}: no checksum file (the write did not finish)")
     if hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
         raise ValueError(f"{path}: checksum mismatch (truncated or corrupt)")
+    # weights_only=False: the payload holds numpy RNG state and plain containers, written by us and
+    # verified by its checksum just above.
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
 
 
@@ -116,7 +227,18 @@ def resolve_resume(resume: str, run_dir: Path, map_location="cpu") -> Optional[t
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_valid_checkpoint(run_dir / "checkpoints", map_location)
+        directory = Path(run_dir) / "checkpoints"
+        found = latest_valid_checkpoint(directory, map_location)
+        # None valid: a fresh start, unless one of them was complete once (it has its checksum) and
+        # was damaged since; starting over silently would throw that training away.
+        damaged = [p.name for p in list_checkpoints(directory) if _sidecar(p).exists()] if found is None else []
+        if damaged:
+            raise UserError(
+                f"resume=auto: no checkpoint in {directory} verifies, though {', '.join(damaged[-3:])} "
+                "was written completely and has been damaged since; restore it from a copy, give another with "
+                "resume=PATH, or start over with resume=never"
+            )
+        return found
     path = Path(resume).expanduser()
     if path.is_dir():
         found = latest_valid_checkpoint(path / "checkpoints", map_location) or latest_valid_checkpoint(
@@ -130,4 +252,6 @@ def resolve_resume(resume: str, run_dir: Path, map_location="cpu") -> Optional[t
     try:
         return path, load_checkpoint(path, map_location)
     except ValueError as e:
-        raise UserError(f"resume={resume!r}: {e}") from None
+        raise UserError(f"resume={resume!r}: {e}; give another checkpoint or resume=auto") from None
+    except Exception as e:  # verified bytes that do not unpickle: written by something else
+        raise UserError(f"resume={resume!r} is not a pkmlm checkpoint ({type(e).__name__}: {str(e)[:200]})") from None

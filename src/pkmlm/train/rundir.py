@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from pkmlm.config import PROJECT_ROOT
 from pkmlm.errors import UserError
@@ -60,6 +62,67 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             diffs.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")
     return diffs
+
+
+def resume_conflicts(saved: dict, saved_step: int, current: dict) -> list[str]:
+    """Why a run saved with config `saved` at step `saved_step` may not resume under `current`:
+    the keys of `config_differences`, plus `train.max_steps`, which the contract lets change only
+    to extend a finished run (it sets the LR schedule, so changing it mid-run breaks exactness)."""
+    diffs = config_differences(saved, current)
+    before, now = saved.get("train", {}).get("max_steps"), current.get("train", {}).get("max_steps")
+    if before is not None and now is not None and before != now:
+        if saved_step < before:
+            diffs.append(f"train.max_steps: {before!r} -> {now!r} (the run stopped at step {saved_step} of {before}; "
+                         "max_steps sets the LR schedule and may change only once the run has finished)")
+        elif now < saved_step:
+            diffs.append(f"train.max_steps: {before!r} -> {now!r} (below the checkpoint's step {saved_step})")
+    return diffs
+
+
+# errno values that mean "the file system is full or refuses to grow the file".
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full_error(error: OSError, run_dir: Path) -> Optional[UserError]:
+    """A one-line user error for a write refused for lack of space, else None (a bug or I/O fault)."""
+    if error.errno not in DISK_FULL_ERRNOS:
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    return UserError(
+        f"run directory {run_dir}: {error.strerror or error}{where}; the last checkpoint under "
+        f"{run_dir / 'checkpoints'} is intact: free space and resume with resume=auto"
+    )
+
+
+def unusable_dir_reason(path: Path) -> Optional[str]:
+    """Why the directory `path` (existing or to be created) cannot receive a run, or None."""
+    path = Path(path).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"no part of {path} exists"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def check_input_paths(cfg: Any) -> None:
+    """The paths a run reads, checked before any expensive work: `data.tokenizer` (when given) is a
+    file, `resume` (when a path) is a checkpoint file or a directory. `data.files` is checked by
+    `expand_files`; the run directory by the CLI before Hydra creates it."""
+    tok = cfg.data.tokenizer
+    if tok:
+        path = Path(tok).expanduser()
+        if not path.is_file():
+            what = "a directory" if path.is_dir() else "no such file"
+            raise UserError(f"data.tokenizer={tok!r}: {what} ({path.absolute()}); give a tokenizer.json path, "
+                            "or null to train one")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).expanduser().exists():
+        raise UserError(f"resume={cfg.resume!r}: no such checkpoint file or run directory "
+                        f"({Path(cfg.resume).expanduser().absolute()}); use auto, never or an existing path")
 
 
 def code_version() -> dict[str, Any]:

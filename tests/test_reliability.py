@@ -1,0 +1,485 @@
+"""Reliability (issue 5): checkpoint integrity and failed writes, resume rules, numerical faults,
+memory-layer faults in the metrics, the run-directory lock, and input validation that answers in
+one line before any expensive work. The kill -9 / signal / full-disk runs are in
+test_fault_injection.py."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conftest import C4
+from helpers import TINY, overrides, read_rows, run_cli
+from pkmlm.config import config_dir, register_configs, validate
+from pkmlm.errors import ConfigError, UserError
+from pkmlm.metrics.evaluate import evaluate
+from pkmlm.metrics.sinks import MetricsFile, read_metrics
+from pkmlm.model.memory import MemoryConfig
+from pkmlm.model.transformer import ModelConfig, Transformer
+from pkmlm.train.checkpoint import (
+    CheckpointWriteError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from pkmlm.train.loop import pick_device, train
+from pkmlm.train.rundir import RunLock
+
+register_configs()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning on busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(*extra: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides(*extra))
+
+
+def _train(run_dir: Path, *extra: str) -> dict:
+    cfg = _cfg(*extra)
+    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+
+
+def _payload(step: int) -> dict:
+    return {"step": step, "weights": torch.arange(4096, dtype=torch.float32) * step}
+
+
+# --- checkpoint files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "no_checksum", "empty", "garbage_with_checksum"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, _payload(step), keep_last=3)
+    newest = tmp_path / "step_00000003.pt"
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "bitflip":  # one bit in the middle of the tensor data
+        i = len(data) // 2
+        newest.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+    elif damage == "no_checksum":
+        (tmp_path / "step_00000003.pt.sha256").unlink()
+    elif damage == "empty":
+        newest.write_bytes(b"")
+    else:  # bytes that match their checksum but are no checkpoint: caught when unpickling
+        import hashlib
+
+        newest.write_bytes(b"not a checkpoint")
+        (tmp_path / "step_00000003.pt.sha256").write_text(hashlib.sha256(b"not a checkpoint").hexdigest())
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint .*step_00000003"):
+        path, state = latest_valid_checkpoint(tmp_path)
+    assert path.name == "step_00000002.pt" and torch.equal(state["weights"], _payload(2)["weights"])
+
+
+def test_auto_resume_refuses_when_every_checkpoint_is_damaged(tmp_path):
+    from pkmlm.train.checkpoint import resolve_resume
+
+    ckpt = tmp_path / "checkpoints"
+    save_checkpoint(ckpt, 1, _payload(1), keep_last=2)
+    (ckpt / "step_00000001.pt.sha256").unlink()  # killed before its checksum: a fresh start
+    with pytest.warns(UserWarning, match="no checksum file"):
+        assert resolve_resume("auto", tmp_path) is None
+    save_checkpoint(ckpt, 1, _payload(1), keep_last=2)
+    (ckpt / "step_00000001.pt").write_bytes(b"\0" * 100)  # complete once, damaged since
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="step_00000001.pt was written completely"):
+        resolve_resume("auto", tmp_path)
+
+
+def _fail_writes_under(monkeypatch, directory: Path, code: int, only: str = "") -> None:
+    """A full disk under `directory`: os.write to any file there (whose name contains `only`)
+    raises OSError(code); every other write goes through."""
+    real_write = os.write
+    directory = str(directory.resolve())
+
+    def write(fd, data):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.startswith(directory) and only in os.path.basename(target):
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("failing", ["payload", "checksum"])
+def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, failing):
+    save_checkpoint(tmp_path, 1, _payload(1), keep_last=1)
+    before = (tmp_path / "step_00000001.pt").read_bytes()
+    _fail_writes_under(monkeypatch, tmp_path, errno.ENOSPC, only=".sha256" if failing == "checksum" else "")
+    with pytest.raises(CheckpointWriteError) as err:
+        save_checkpoint(tmp_path, 2, _payload(2), keep_last=1)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert "\n" not in message and "No space left on device" in message and "ENOSPC" in message
+    assert "step_00000002.pt" in message and "step_00000001.pt is intact" in message
+    # keep_last=1 did not delete the only good checkpoint; no temporary file is left behind.
+    assert (tmp_path / "step_00000001.pt").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a payload without its checksum is skipped with a warning
+        path, state = latest_valid_checkpoint(tmp_path)
+    assert path.name == "step_00000001.pt" and state["step"] == 1
+
+
+def test_full_disk_under_metrics_is_one_line(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    _fail_writes_under(monkeypatch, tmp_path, errno.ENOSPC, only="metrics.jsonl")
+    with pytest.raises(UserError) as err:
+        _train(run_dir, "train.max_steps=2")
+    monkeypatch.undo()
+    assert str(err.value) == (f"run directory {run_dir}: No space left on device; the last checkpoint under "
+                              f"{run_dir / 'checkpoints'} is intact: free space and resume with resume=auto")
+
+
+def test_stale_temporaries_and_newer_checkpoints_are_cleared(tmp_path):
+    for step in (1, 2, 5):
+        save_checkpoint(tmp_path, step, _payload(step), keep_last=5)
+    (tmp_path / "step_00000005.pt").write_bytes(b"corrupt")  # so a resume went back to step 2
+    stale = tmp_path / ".step_00000003.pt.tmp.999999"  # a writer killed mid-write
+    stale.write_bytes(b"half a checkpoint")
+    with pytest.warns(UserWarning, match="removing checkpoint step_00000005"):
+        save_checkpoint(tmp_path, 3, _payload(3), keep_last=5)
+    assert not stale.exists()
+    save_checkpoint(tmp_path, 4, _payload(4), keep_last=2)
+    # resume=auto can never jump onto the abandoned step 5; keep_last counts from the new newest.
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
+
+
+def test_valid_checkpoint_is_never_overwritten(tmp_path):
+    save_checkpoint(tmp_path, 3, _payload(3), keep_last=2)
+    before = (tmp_path / "step_00000003.pt").read_bytes()
+    save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)  # e.g. a stop signal right after resuming
+    assert (tmp_path / "step_00000003.pt").read_bytes() == before
+    (tmp_path / "step_00000003.pt.sha256").unlink()  # an incomplete one is replaced
+    save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)
+    assert verify_checkpoint(tmp_path / "step_00000003.pt") is None
+    assert torch.equal(load_checkpoint(tmp_path / "step_00000003.pt")["weights"], _payload(30)["weights"])
+
+
+# --- what a checkpoint holds, and the resume rules ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A 4-step run with a checkpoint at every step (kept: the last 4)."""
+    run_dir = tmp_path_factory.mktemp("short") / "run"
+    _train(run_dir, "train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4", "eval.interval=4")
+    return run_dir
+
+
+def test_checkpoint_holds_the_complete_state(short_run):
+    state = load_checkpoint(short_run / "checkpoints" / "step_00000004.pt")
+    assert state["step"] == 4 and state["tokens"] == 4 * 4 * 32
+    assert set(state["rng"]) >= {"python", "numpy", "torch"}
+    assert state["config"]["model"]["dim"] == 64 and "<|endoftext|>" in state["tokenizer"]
+    assert set(state["code_version"]) == {"commit", "dirty"}
+    assert state["data"]["version"] >= 1
+    # The optimizer state covers the memory values (their own group, Adam moments included).
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    (values_id,) = groups["memory_values"]["params"]
+    assert state["optimizer"]["state"][values_id]["exp_avg"].shape == (16 * 16, 64)
+
+
+def test_resume_from_a_given_checkpoint_into_a_new_directory(short_run, tmp_path):
+    _train(tmp_path / "branch", "train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4",
+           "eval.interval=4", f"resume={short_run / 'checkpoints' / 'step_00000002.pt'}")
+    rows = [r for r in read_rows(tmp_path / "branch") if "train/loss" in r]
+    original = {r["step"]: r["train/loss"] for r in read_rows(short_run) if "train/loss" in r}
+    assert [r["step"] for r in rows] == [3, 4]
+    assert all(r["train/loss"] == original[r["step"]] for r in rows)  # bitwise, from step 2 on
+
+
+def test_resume_from_a_damaged_checkpoint_path_is_a_user_error(short_run, tmp_path):
+    bad = tmp_path / "step_00000001.pt"
+    bad.write_bytes((short_run / "checkpoints" / "step_00000001.pt").read_bytes()[:1000])
+    (tmp_path / "step_00000001.pt.sha256").write_text((short_run / "checkpoints" / "step_00000001.pt.sha256").read_text())
+    with pytest.raises(UserError, match="checksum mismatch"):
+        _train(tmp_path / "run", "train.max_steps=4", f"resume={bad}")
+
+
+def test_max_steps_may_change_only_to_extend_a_finished_run(tmp_path):
+    _train(tmp_path / "run", "train.max_steps=6", "train.stop_at_step=2", "eval.interval=100")
+    with pytest.raises(UserError, match=r"train\.max_steps: 6 -> 8 \(the run stopped at step 2 of 6"):
+        _train(tmp_path / "run", "train.max_steps=8", "eval.interval=100")
+    _train(tmp_path / "run", "train.max_steps=6", "eval.interval=100")  # finish it
+    summary = _train(tmp_path / "run", "train.max_steps=8", "eval.interval=100")  # then extend it
+    assert summary["step"] == 8
+
+
+def test_torn_metrics_line_survives_a_resume(tmp_path):
+    steps = ["train.max_steps=5", "eval.interval=100", "checkpoint.interval=1"]
+    _train(tmp_path / "run", *steps, "train.stop_at_step=3")
+    with open(tmp_path / "run" / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 4, "tokens": 51')  # a crash in the middle of a row
+    _train(tmp_path / "run", *steps)
+    with pytest.warns(UserWarning, match="metrics.jsonl"):
+        rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5]
+
+
+# --- numerical faults -----------------------------------------------------------------------------
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    steps = ["train.max_steps=8", "eval.interval=100", "checkpoint.interval=1", "train.max_consecutive_nonfinite=3"]
+    _train(run_dir, *steps, "train.stop_at_step=2")
+    # Poison the memory values of the newest checkpoint (re-saved with a valid checksum).
+    path = run_dir / "checkpoints" / "step_00000002.pt"
+    state = load_checkpoint(path)
+    key = next(k for k in state["model"] if k.endswith("values.weight"))
+    state["model"][key].fill_(float("nan"))
+    path.unlink()
+    save_checkpoint(run_dir / "checkpoints", 2, state, keep_last=2)
+    poisoned = path.read_bytes()
+    with pytest.raises(UserError) as err:
+        _train(run_dir, *steps)
+    assert "3 non-finite steps in a row" in str(err.value) and "\n" not in str(err.value)
+    # The last good checkpoint is untouched and nothing newer was written.
+    assert path.read_bytes() == poisoned and [p.name for p in list_checkpoints(run_dir / "checkpoints")][-1] == path.name
+
+
+def test_one_non_finite_gradient_is_skipped_and_counted(tmp_path, monkeypatch):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_with_one_fault(*args, **kwargs):
+        calls["n"] += 1
+        norm = real_clip(*args, **kwargs)
+        return torch.full_like(norm, float("inf")) if calls["n"] == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_one_fault)
+    summary = _train(tmp_path / "run", "train.max_steps=5", "eval.interval=100")
+    rows = [r for r in read_rows(tmp_path / "run") if "train/loss" in r]
+    assert summary["step"] == 5 and [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["train/nonfinite_skipped"] for r in rows] == [0, 0, 1, 1, 1]  # the third try was skipped
+    state = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[1]
+    assert state["nonfinite_skipped"] == 1 and state["data"]["batches"] == 6  # its batch was consumed
+
+
+# --- memory-layer faults show up in the metrics ---------------------------------------------------
+
+
+def _memory_model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, n_layers=2, dim=32, n_heads=2, max_seq_len=32,
+                      memory=MemoryConfig(layers=[1], n_keys=16, heads=2, knn=4, k_dim=16, query_norm="none"))
+    return Transformer(cfg).eval()
+
+
+def _val_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 128, (4, 17), generator=g) for _ in range(3)]
+
+
+def test_nan_in_memory_values_shows_as_nan_loss(tmp_path):
+    model, batches = _memory_model(), _val_batches()
+    healthy = evaluate(model, batches, "cpu")
+    model.memory_layers()[1].values.weight.data[:] = float("nan")
+    sick = evaluate(model, batches, "cpu")
+    assert math.isnan(sick["loss"]) and math.isnan(sick["ppl"])
+    # Usage and KL describe the lookup, which the values do not feed: unchanged and finite.
+    for k in ("usage", "kl_weight", "kl_count"):
+        assert sick[f"memory/layer1/{k}"] == healthy[f"memory/layer1/{k}"]
+    # In metrics.jsonl a NaN is written as null (strict JSON), which readers see as "no finite value".
+    with MetricsFile(tmp_path / "metrics.jsonl") as f:
+        f.write({"step": 1, "tokens": 1, "val/loss": sick["loss"], "memory/layer1/usage": sick["memory/layer1/usage"]})
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert row["val/loss"] is None and row["memory/layer1/usage"] > 0
+
+
+def test_nan_in_memory_keys_shows_in_kl(tmp_path):
+    model, batches = _memory_model(), _val_batches()
+    model.memory_layers()[1].keys.data[:] = float("nan")
+    sick = evaluate(model, batches, "cpu")
+    assert math.isnan(sick["loss"]) and math.isnan(sick["memory/layer1/kl_weight"])
+
+
+def test_all_weight_on_one_slot_shows_as_tiny_usage_and_maximal_kl():
+    model, batches = _memory_model(), _val_batches()
+    healthy = evaluate(model, batches, "cpu")
+    mem = model.memory_layers()[1]
+    n_slots, big = mem.n_keys**2, 50.0
+    with torch.no_grad():
+        # The same query for every token, and sub-key 0 of each half pointing along it: slot 0
+        # scores 2*big, every other candidate at most big, so softmax puts ~all weight on slot 0.
+        mem.query_proj.weight.zero_()
+        mem.query_proj.bias.fill_(1.0)
+        mem.keys.zero_()
+        mem.keys[:, :, 0, :] = big / math.sqrt(mem.k_dim // 2)
+    collapsed = evaluate(model, batches, "cpu")
+    usage, kl_w, kl_c = (collapsed[f"memory/layer1/{k}"] for k in ("usage", "kl_weight", "kl_count"))
+    assert usage <= mem.heads * mem.knn / n_slots < healthy["memory/layer1/usage"]
+    assert kl_w == pytest.approx(math.log(n_slots), abs=1e-6)  # log N: one value takes everything
+    assert kl_c >= math.log(n_slots / (mem.heads * mem.knn)) - 1e-9
+    assert healthy["memory/layer1/kl_weight"] < 0.5 * kl_w
+
+
+# --- the run-directory lock -----------------------------------------------------------------------
+
+
+def test_second_process_on_a_locked_run_dir_exits_2_and_lock_dies_with_its_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pkmlm.train.rundir import RunLock; "
+         "lock = RunLock(Path(sys.argv[1])).__enter__(); print('locked', flush=True); time.sleep(600)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = run_cli("pkmlm.cli.train", [*TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "in use by another process" in lines[0] and str(run_dir) in lines[0]
+        assert not (run_dir / "config.yaml").exists() and not (run_dir / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up
+        holder.wait()
+    with RunLock(run_dir):  # the kernel released the lock with the process
+        pass
+
+
+# --- input validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.vocab_size=-1", "model.vocab_size"),
+        ("model.vocab_size=300", "model.vocab_size"),  # below data.vocab_size=512, the tokenizer to train
+        ("model.dim=0", "model.dim"),
+        ("model.n_layers=0", "model.n_layers"),
+        ("model.n_heads=0", "model.n_heads"),
+        ("model.n_heads=5", "model.n_heads"),  # does not divide model.dim=64
+        ("model.max_seq_len=0", "model.max_seq_len"),
+        ("model.pos_emb=alibi", "model.pos_emb"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("model.ffn_mult=0", "model.ffn_mult"),
+        ("model.memory.layers=[1,1]", "model.memory.layers"),
+        ("model.memory.layers=[2]", "model.memory.layers"),  # n_layers=2: indices 0..1
+        ("model.memory.n_keys=0", "model.memory.n_keys"),
+        ("model.memory.heads=0", "model.memory.heads"),
+        ("model.memory.knn=17", "model.memory.knn"),  # more than n_keys=16
+        ("model.memory.k_dim=15", "model.memory.k_dim"),  # odd: a query splits into two halves
+        ("model.memory.v_dim=0", "model.memory.v_dim"),
+        ("model.memory.query_norm=rms", "model.memory.query_norm"),
+        ("model.memory.value_dropout=1.5", "model.memory.value_dropout"),
+        ("data.seq_len=0", "data.seq_len"),
+        ("data.seq_len=65", "data.seq_len"),  # above model.max_seq_len=64
+        ("data.vocab_size=100", "data.vocab_size"),
+        ("data.val_docs=-1", "data.val_docs"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.beta1=1.0", "optim.beta1"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+        ("optim.grad_clip=-1", "optim.grad_clip"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.micro_batch_size=3", "train.micro_batch_size"),  # does not divide batch_size=4
+        ("train.precision=fp8", "train.precision"),
+        ("train.device=tpu", "train.device"),
+        ("train.max_consecutive_nonfinite=0", "train.max_consecutive_nonfinite"),
+        ("eval.interval=0", "eval.interval"),
+        ("eval.max_batches=0", "eval.max_batches"),
+        ("checkpoint.interval=0", "checkpoint.interval"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("logging.interval=0", "logging.interval"),
+    ],
+)
+def test_every_bad_value_is_named_with_its_key_and_value(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(OmegaConf.to_object(_cfg(override)))
+    message = str(err.value)
+    value = override.split("=", 1)[1]
+    assert key in message and value.strip("[]").split(",")[0] in message and "\n" not in message
+
+
+def test_device_strings_are_checked():
+    with pytest.raises(ConfigError, match="train.device"):
+        pick_device("cuda:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cuda needs a CUDA build"):
+            pick_device("cuda")
+    else:
+        with pytest.raises(ConfigError, match=r"cuda:N with N <"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_unusable_run_dir_is_one_line_through_the_cli(tmp_path):
+    # Hydra creates hydra.run.dir before any pkmlm code runs: checked by the entry point first.
+    (tmp_path / "a_file").write_text("")
+    proc = run_cli("pkmlm.cli.train", [*TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], cwd=tmp_path,
+                   timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0] == (f"error: hydra.run.dir='{tmp_path / 'a_file' / 'run'}' cannot hold the run: "
+                        f"{tmp_path / 'a_file'} is a file, not a directory; choose another hydra.run.dir")
+
+
+@pytest.mark.parametrize(
+    "case", ["missing_tokenizer", "missing_resume", "vocab_too_small", "accumulation", "corrupt_data_strict"])
+def test_user_errors_are_one_line_before_any_work(tmp_path, case):
+    # A UserError is what the entry points print as one line with exit status 2 (test_cli.py).
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(C4.read_bytes()[:5000])  # a gzip stream that breaks off
+    extra, needle = {
+        "missing_tokenizer": (["data.tokenizer=no/such/tokenizer.json"], "data.tokenizer='no/such/tokenizer.json'"),
+        "missing_resume": (["resume=no/such/step_00000010.pt"], "resume='no/such/step_00000010.pt'"),
+        "vocab_too_small": (["model.vocab_size=300"], "model.vocab_size=300"),
+        "accumulation": (["train.micro_batch_size=3"], "train.micro_batch_size=3"),
+        "corrupt_data_strict": ([f"data.files=[{corrupt}]", "data.strict=true"], str(corrupt)),
+    }[case]
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        _train(run_dir, *extra)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    # Nothing expensive happened: no tokenizer, model or checkpoint reached the run directory.
+    assert not (run_dir / "tokenizer.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+def _with_bad_records(tmp_path: Path, *bad: str) -> Path:
+    """The first 30 C4 documents with `bad` lines right after the 3 validation documents."""
+    import gzip
+
+    docs = gzip.decompress(C4.read_bytes()).decode().splitlines()[:30]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(docs[:3] + list(bad) + docs[3:]) + "\n")
+    return path
+
+
+def test_bad_record_met_in_a_dataloader_worker_is_one_line(short_run, tmp_path):
+    bad = _with_bad_records(tmp_path, '{"text": "broken')  # line 4: the first training record
+    with pytest.raises(UserError) as err:  # an existing tokenizer: the record is met by a worker
+        _train(tmp_path / "run", f"data.files=[{bad}]", "data.strict=true", "data.num_workers=2",
+               f"data.tokenizer={short_run / 'tokenizer.json'}")
+    assert str(err.value).startswith(f"data file {bad}, line 4:") and "\n" not in str(err.value)
+
+
+def test_corrupt_data_records_are_skipped_and_counted(tmp_path):
+    bad = _with_bad_records(tmp_path, '{"text": "broken', '{"no_text": 1}')
+    _train(tmp_path / "run", f"data.files=[{bad}]", "train.max_steps=3", "eval.interval=100")
+    row = [r for r in read_rows(tmp_path / "run") if "train/loss" in r][-1]
+    assert row["data/skipped/malformed_json"] >= 1 and row["data/skipped/missing_field"] >= 1
