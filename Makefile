@@ -10,11 +10,14 @@ TORCH_SPEC  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: setup train test bench clean help
+.PHONY: setup train test bench bench-data faults clean help
 help:
 	@echo "make setup   create $(VENV) and install pkmlm (+dev) and torch"
 	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
 	@echo "make test    run the test suite on CPU"
+	@echo "make bench   memory layer and model speed tables (paper sizes on CUDA, CPU-sized otherwise)"
+	@echo "make bench-data  data pipeline tokens/s: bare encoding vs streaming vs prepared shards"
+	@echo "make faults  the long fault-injection run: 100 kill -9s, stop signals, a full disk (docs/reliability.md)"
 
 setup: $(BIN)/pkmlm-train
 $(BIN)/pkmlm-train: pyproject.toml
@@ -30,6 +33,16 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+bench: setup   # memory layer vs FFN, then dense vs memory models: tables for docs/benchmarks.md (CPU ~3 min)
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_model.py
+
+bench-data: setup   # data pipeline tokens/s: bare encode_batch vs streaming vs prepared shards (~2 min)
+	$(BIN)/python scripts/bench_data.py
+
+faults: setup   # kill -9 / signals / full disk / damaged checkpoints, each resumed and compared (~2 min)
+	$(BIN)/python scripts/fault_inject.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -143,7 +143,8 @@ def test_update_matches_python_reference_per_head_and_accumulates():
         assert stats[f"head{h}/kl_weight"] == pytest.approx(kl_to_uniform(expected_weight_HS[h]))
     assert set(stats) == {"usage", "kl_weight", "kl_count", "gini", "top50", "top90", "top99",
                           *(f"head{h}/{k}" for h in range(heads)
-                            for k in ("usage", "kl_weight", "kl_count"))}
+                            for k in ("usage", "kl_weight", "kl_count", "gini", "top50", "top90",
+                                      "top99"))}
 
 
 def test_heads_are_kept_apart():

@@ -61,6 +61,9 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Memory values get row-sparse gradients and a lazy Adam step that touches only the rows read
+    # this step (moments of unread rows are not decayed; see pkmlm/train/sparse_values.py). False: AdamW.
+    sparse_values: bool = False
 
 
 @dataclass
@@ -73,6 +76,18 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model for the training steps
     max_consecutive_nonfinite: int = 5  # non-finite steps are skipped; this many in a row stop the run
+    # Budgets for fair comparisons: after the first step that reaches one, evaluate, checkpoint and
+    # stop; the LR schedule is still train.max_steps long.
+    max_tokens: Optional[int] = None  # training tokens; None = no token budget
+    max_time: Optional[float] = None  # seconds of training time (evaluation and checkpoints excluded, summed over resumes); None = no time budget
+    peak_flops: Optional[float] = None  # device peak FLOP/s for train/mfu; None = from the GPU's name
+    # Several processes (torchrun): ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per
+    # block: parameters, gradients and optimizer state split over the ranks). train/distributed.py
+    parallel: str = "ddp"
+    # Logical data streams making up the global batch, fixed for the run's life (saved in its
+    # checkpoints) so that it resumes on any process count dividing it; None = the process count
+    # at the start. train/data_shards.py
+    data_shards: Optional[int] = None
 
 
 @dataclass
@@ -86,6 +101,9 @@ class EvalConfig:
 class CheckpointConfig:
     interval: int = 200  # steps between checkpoints (and one at the end / at stop_at_step)
     keep_last: int = 2
+    # auto: torch.save file with one process and one data shard, else distributed checkpoint (DCP,
+    # loads on any process count) | torch | dcp. train/dcp.py
+    format: str = "auto"
 
 
 @dataclass
@@ -120,10 +138,25 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def run_start_time(pattern: str) -> str:
+    """`${pkmlm_now:%Y-...}`, Hydra's `${now:...}` except that all processes of a torchrun job get
+    rank 0's start time (`PKMLM_RUN_TIME`, set by pkmlm-train), so they share one run directory."""
+    import datetime
+
+    shared = os.environ.get("PKMLM_RUN_TIME")
+    moment = datetime.datetime.fromisoformat(shared) if shared else datetime.datetime.now()
+    return moment.strftime(pattern)
+
+
 def register_resolvers() -> None:
     for name, fn in (("pkmlm_sample_dir", default_sample_dir), ("pkmlm_cache_dir", default_cache_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("pkmlm_now"):
+        OmegaConf.register_new_resolver("pkmlm_now", run_start_time, use_cache=True)  # cached like `now`
+    from pkmlm.experiments.sweep import register_sweep_resolver  # hydra.sweep.dir: one dir per sweep
+
+    register_sweep_resolver()
 
 
 def register_configs() -> None:
@@ -151,9 +184,16 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "a positive number of tokens")
     _check(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len,
            f"at most model.max_seq_len={model.max_seq_len}")
-    _check(len(d.files) > 0, "data.files", list(d.files), "at least one path or glob")
+    if not d.files and not d.sources:  # data=prepared sets files: [] and needs data.prepared=DIR
+        _check(bool(d.prepared), "data.prepared" if d.prepared is not None or not d.files else "data.files",
+               d.prepared, "a directory written by pkmlm-prepare (data=prepared needs data.prepared=DIR); "
+               "or give data.files=[PATH,...] or data.sources")
     _check(d.vocab_size >= 258, "data.vocab_size", d.vocab_size, "at least 258 (256 bytes + special tokens)")
     _check(d.tokenizer_docs >= 1, "data.tokenizer_docs", d.tokenizer_docs, "a positive number of documents")
+    # A tokenizer trained here has up to data.vocab_size ids; a fixed model vocabulary must hold them
+    # all (checked again against the actual tokenizer once it is loaded).
+    _check(model.vocab_size == 0 or d.tokenizer is not None or model.vocab_size >= d.vocab_size, "model.vocab_size",
+           model.vocab_size, f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's")
     _check(d.val_docs >= 0, "data.val_docs", d.val_docs, ">= 0")
     _check(d.encode_batch_docs >= 1, "data.encode_batch_docs", d.encode_batch_docs, ">= 1")
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, ">= 0 (0 disables shuffling)")
@@ -164,6 +204,7 @@ def validate(cfg: Config) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "in [0, 1)")
     _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "in [0, 1)")
+    _check(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "a positive finite number (AdamW's denominator)")
     _check(o.schedule in ("cosine", "inv_sqrt", "constant"), "optim.schedule", o.schedule,
            "one of cosine, inv_sqrt, constant")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
@@ -182,6 +223,17 @@ def validate(cfg: Config) -> None:
            "auto, cpu, cuda or cuda:N")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
     _check(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")
+    _check(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens", t.max_tokens,
+           "null (no token budget) or a positive number of training tokens")
+    _check(t.max_time is None or (t.max_time > 0 and math.isfinite(t.max_time)), "train.max_time", t.max_time,
+           "null (no time budget) or a positive number of seconds")
+    _check(t.peak_flops is None or (t.peak_flops > 0 and math.isfinite(t.peak_flops)), "train.peak_flops",
+           t.peak_flops, "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12")
+    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "one of ddp, fsdp")
+    _check(t.data_shards is None or (t.data_shards >= 1 and t.batch_size % t.data_shards == 0), "train.data_shards",
+           t.data_shards, f"null (the process count) or a divisor of train.batch_size={t.batch_size}")
+    _check(not (model.memory.shard_values and getattr(cfg.optim, "sparse_values", False)), "model.memory.shard_values",
+           model.memory.shard_values, "false with optim.sparse_values=true (a sharded table takes dense gradients)")
 
     _check(cfg.eval.interval >= 1, "eval.interval", cfg.eval.interval, ">= 1")
     _check(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches", cfg.eval.max_batches,
@@ -190,6 +242,8 @@ def validate(cfg: Config) -> None:
            "null or >= 1")
     _check(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    _check(cfg.checkpoint.format in ("auto", "torch", "dcp"), "checkpoint.format", cfg.checkpoint.format,
+           "one of auto, torch, dcp")
     _check(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
     _check(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
            cfg.logging.wandb.mode, "one of online, offline, disabled")

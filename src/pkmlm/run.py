@@ -38,23 +38,27 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """The newest valid checkpoint of run directory `path` (or the checkpoint file `path`), as an
     eval-mode model on `device` with its tokenizer and config."""
     from pkmlm.data.tokenizer import tokenizer_from_str
-    from pkmlm.train.checkpoint import latest_valid_checkpoint, load_checkpoint
+    from pkmlm.train.checkpoint import load_checkpoint
+    from pkmlm.train.dcp import load_dcp_model, newest_checkpoint
 
     path = Path(path).expanduser()
-    if path.is_file():
+    if path.is_dir():  # a run directory (newest checkpoint of either format) or a DCP checkpoint
+        found = newest_checkpoint(path)
+        if found is None:
+            raise UserError(f"checkpoint={str(path)!r}: no valid checkpoint under {path / 'checkpoints'}")
+    elif path.is_file():
         try:
             found = (path, load_checkpoint(path))
         except ValueError as e:
             raise UserError(f"checkpoint={str(path)!r}: {e}") from None
-    elif path.is_dir():
-        found = latest_valid_checkpoint(path / "checkpoints")
-        if found is None:
-            raise UserError(f"checkpoint={str(path)!r}: no valid checkpoint under {path / 'checkpoints'}")
     else:
         raise UserError(f"checkpoint={str(path)!r}: no such run directory or checkpoint file")
     ckpt_path, state = found
     model = Transformer(model_config_from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    if state.get("format") == "dcp":  # saved by several processes (or checkpoint.format=dcp)
+        load_dcp_model(ckpt_path, model)
+    else:
+        model.load_state_dict(state["model"])
     model.to(device).eval()
     tokenizer = tokenizer_from_str(state["tokenizer"])
     return Run(model=model, tokenizer=tokenizer, config=state["config"], step=state["step"],

@@ -45,6 +45,32 @@ def user_errors_exit_2(fn: Callable) -> Callable:
     return wrapper
 
 
+def check_run_dir(config_dir: str, config_name: str) -> None:
+    """`hydra.run.dir` must be a directory this user can create and write: Hydra creates it before
+    the task runs and fails with a traceback, so it is checked here first (single runs; the jobs of
+    a sweep fail in their own directories)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pkmlm.train.rundir import unusable_dir_reason
+
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    if flags:
+        return  # sweeps, help, info: nothing is written to hydra.run.dir here
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=sys.argv[1:], return_hydra_config=True)
+            run_dir = str(cfg.hydra.run.dir)
+    except Exception:  # a sweep override or anything Hydra reports itself
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    reason = unusable_dir_reason(run_dir)
+    if reason is not None:
+        fail(f"hydra.run.dir={run_dir!r} cannot hold the run: {reason}; choose another hydra.run.dir")
+
+
 def precheck_overrides(config_dir: str, config_name: str) -> None:
     """Compose the config from sys.argv's overrides; a failure is a user error (one line, exit 2)."""
     from hydra import compose, initialize_config_dir

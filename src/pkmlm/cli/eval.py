@@ -18,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from pkmlm.cli._common import precheck_overrides, user_errors_exit_2
 from pkmlm.config import PathsConfig, config_dir, register_configs
+from pkmlm.data.config import SourceConfig
 
 
 @dataclass
 class EvalDataConfig:
     files: List[str] = field(default_factory=list)  # [] = the run's validation split
+    sources: List[SourceConfig] = field(default_factory=list)  # or a mixture / Hub datasets, as data.sources
     text_field: Optional[str] = None  # None = the run's
     seq_len: Optional[int] = None  # None = the run's
     strict: bool = False
@@ -64,8 +66,7 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     import torch
 
     from pkmlm.data.config import DataConfig
-    from pkmlm.data.loader import validation_batches
-    from pkmlm.data.sources import expand_files
+    from pkmlm.data.loader import resolve_data, validation_batches
     from pkmlm.metrics.evaluate import evaluate
     from pkmlm.run import load_run
     from pkmlm.train.loop import autocast_dtype, pick_device
@@ -75,21 +76,20 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     saved = run.config["data"]
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data_cfg = DataConfig(**{k: v for k, v in saved.items() if k in data_fields})
-    if cfg.data.files:
-        files = expand_files(cfg.data.files)
-        # All of every given file: no held-out split, nothing skipped.
-        data_cfg = dataclasses.replace(data_cfg, files=list(files), val_docs=10**18)
-    else:
-        files = expand_files(data_cfg.files)
+    if cfg.data.files or cfg.data.sources:
+        # All of every given file or source: no held-out split, nothing skipped.
+        data_cfg = dataclasses.replace(data_cfg, files=list(cfg.data.files), sources=list(cfg.data.sources),
+                                       prepared=None, val_docs=10**18)
     if cfg.data.text_field is not None:
         data_cfg = dataclasses.replace(data_cfg, text_field=cfg.data.text_field)
     if cfg.data.seq_len is not None:
         data_cfg = dataclasses.replace(data_cfg, seq_len=cfg.data.seq_len)
     data_cfg = dataclasses.replace(data_cfg, strict=cfg.data.strict)
+    plan = resolve_data(data_cfg)  # the same sources as training: files, mixtures, Hub, prepared shards
+    files = [plan.prepared] if plan.prepared else [f for s in plan.sources for f in (s.files or [s.name])]
 
-    batches = validation_batches(data_cfg, files, run.tokenizer, batch_size=cfg.batch_size)
-    if cfg.max_batches is not None:
-        batches = batches[: cfg.max_batches]
+    batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size,
+                                 max_batches=cfg.max_batches)
     result = evaluate(run.model, batches, device, autocast_dtype=autocast_dtype(cfg.precision, device))
     byte_len = torch.tensor(token_byte_lengths(run.tokenizer), dtype=torch.float64)
     n_bytes = sum(float(byte_len[b[:, 1:].reshape(-1)].sum()) for b in batches)

@@ -6,14 +6,19 @@ Wikipedia sample, on CPU in a few minutes.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pkmlm.cli._common import precheck_overrides, user_errors_exit_2
+from pkmlm.cli._common import check_run_dir, fail, precheck_overrides, user_errors_exit_2
 from pkmlm.config import config_dir, register_configs
+from pkmlm.experiments.sweep import sweep_group
 
 register_configs()
 
@@ -22,10 +27,18 @@ register_configs()
 def _run(cfg: DictConfig) -> float:
     from pkmlm.train.loop import train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.logging.wandb.group is None:
+        cfg.logging.wandb.group = sweep_group(hydra_cfg.sweep.dir)  # one wandb group per sweep
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed = OmegaConf.to_object(cfg)
     summary = train(typed, run_dir, resolved)
+    stopped = summary.get("stopped_by")
+    if hydra_cfg.mode == RunMode.MULTIRUN and stopped in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        # The job has checkpointed; a stop signal ends the sweep too, rather than starting its next
+        # job (relaunch with the same hydra.sweep.dir to resume every job).
+        raise SystemExit(128 + signal.Signals[stopped].value)
     # Returned to Hydra (e.g. for sweepers that optimise a value): final validation loss.
     return float(summary.get("val/loss", float("nan")))
 
@@ -36,8 +49,27 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    # SLURM sweeps (hydra/launcher=slurm): submitit asks SLURM for this signal before the time
+    # limit; USR1 is one the loop handles (finish the step, checkpoint, exit). Read by submitit
+    # at import, here and (inherited) in each job.
+    os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
     precheck_overrides(config_dir(), "config")
-    _hydra_main()
+    check_run_dir(config_dir(), "config")
+    # torchrun (several processes): no multirun, one process group, one shared run directory.
+    from pkmlm.errors import UserError
+    from pkmlm.train.distributed import finish_distributed_run, prepare_cli, shutdown_distributed
+
+    try:
+        info = prepare_cli(sys.argv)
+    except UserError as e:
+        fail(str(e))
+    try:
+        _hydra_main()
+    except BaseException:  # a user error (exit 2) or a bug: leave the group, keep the exit status
+        shutdown_distributed()
+        raise
+    if info is not None:
+        finish_distributed_run()  # all ranks together, then os._exit(0) (see its docstring)
 
 
 if __name__ == "__main__":

@@ -217,8 +217,8 @@ class MemoryUsage:
         """Statistics as plain floats (one device->host copy).
 
         Keys: ``usage``, ``kl_weight``, ``kl_count``, ``gini``, ``top50``, ``top90``, ``top99``
-        for all heads together, and ``head{h}/usage``, ``head{h}/kl_weight``, ``head{h}/kl_count``
-        per head (each head reads the same S slots, so its KL is also against uniform over S).
+        for all heads together, and the same seven as ``head{h}/...`` per head (each head reads
+        the same S slots, so its KL is also against uniform over S).
         """
         # One transfer: counts fit float64 exactly up to 2**53.
         both_2HS = torch.stack([self.count_per_head.to(torch.float64),
@@ -226,7 +226,7 @@ class MemoryUsage:
         count_HS, weight_HS = both_2HS[0], both_2HS[1]
         stats = _distribution_stats(count_HS.sum(0), weight_HS.sum(0), with_shape=True)
         for h in range(self.heads):
-            head_stats = _distribution_stats(count_HS[h], weight_HS[h], with_shape=False)
+            head_stats = _distribution_stats(count_HS[h], weight_HS[h], with_shape=True)
             stats.update({f"head{h}/{key}": value for key, value in head_stats.items()})
         return stats
 
@@ -300,8 +300,7 @@ def memory_metrics(trackers: Mapping[int, MemoryUsage]) -> dict[str, float]:
 
     Contract keys (ARCHITECTURE.md): ``memory/layer{i}/usage``, ``.../kl_weight``,
     ``.../kl_count`` with i the transformer layer index; extras: ``.../gini``, ``.../top50``,
-    ``.../top90``, ``.../top99``, ``.../head{h}/usage``, ``.../head{h}/kl_weight``,
-    ``.../head{h}/kl_count``.
+    ``.../top90``, ``.../top99``, and all seven per head as ``.../head{h}/{stat}``.
     """
     metrics: dict[str, float] = {}
     for i in sorted(trackers):

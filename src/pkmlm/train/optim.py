@@ -6,7 +6,8 @@ Three groups:
   nanoGPT practice for 1-D parameters and embeddings);
 - `memory_values`: every memory value table, with `optim.values_lr` (the paper's 1e-3) and no
   weight decay: a row is only touched when selected, and decay would shrink rarely-read rows.
-The schedule multiplies each group's own peak LR by the same factor.
+The schedule multiplies each group's own peak LR by the same factor. With `optim.sparse_values=true`
+the values take row-sparse gradients and a lazy Adam step instead (pkmlm/train/sparse_values.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from pkmlm.config import OptimConfig
+from pkmlm.train.sparse_values import SparseValuesAdamW, clip_grad_norm_  # noqa: F401  (clip: the loop's)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -48,9 +50,19 @@ def _owner(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(module_name)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    """torch AdamW over the three groups; with `optim.sparse_values=true`, a `SparseValuesAdamW`
+    (AdamW + lazy row-sparse Adam for the values) after switching every memory layer to sparse
+    value gradients (`ProductKeyMemory.sparse_grad`; see pkmlm/train/sparse_values.py)."""
+    from pkmlm.model.memory import ProductKeyMemory
+
     # The fused CUDA kernel updates every tensor of a group in one launch (matters for the values table).
     fused = device.type == "cuda"
+    if cfg.sparse_values:
+        for module in model.modules():
+            if isinstance(module, ProductKeyMemory):
+                module.sparse_grad = True
+        return SparseValuesAdamW(param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
     return torch.optim.AdamW(param_groups(model, cfg), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 

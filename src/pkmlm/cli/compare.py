@@ -1,0 +1,65 @@
+"""`pkmlm-compare DIR [DIR ...] [--out OUT] [--baseline RUN]`: compare runs in one table.
+
+Each DIR is a run directory or a sweep directory (every run below it is taken). Writes into OUT
+(default `./compare/`): `table.md` (the table and whether the runs were matched), `table.csv`
+(every number, full precision), `ppl_vs_tokens.png`, `ppl_vs_time.png` and, for a memory-position
+sweep, `by_layer.png`; prints the markdown. A plain CLI (argparse), not a Hydra app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pkmlm.cli._common import fail
+from pkmlm.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        # The contract for user errors: one line on stderr, exit status 2 (argparse prints two).
+        fail(f"{message}; usage: pkmlm-compare DIR [DIR ...] [--out OUT] [--baseline RUN]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pkmlm-compare",
+        description="Compare pkmlm runs: parameters, tokens, time, speed, MFU, perplexity and memory usage.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or sweep directories")
+    parser.add_argument("--out", default="compare", help="where to write table.md, table.csv and the "
+                        "plots (default: ./compare/)")
+    parser.add_argument("--baseline", default="0", help="the run the ratio columns divide by: its "
+                        "label as shown in the table, or its 0-based row number (default: 0, the first)")
+    return parser
+
+
+def _baseline_index(value: str, labels: list[str]) -> int:
+    if value.isdigit() and int(value) < len(labels):
+        return int(value)
+    if value in labels:
+        return labels.index(value)
+    raise UserError(f"--baseline={value!r} is neither a row number below {len(labels)} nor a run label "
+                    f"({', '.join(repr(label) for label in labels)})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        from pkmlm.experiments.report import write_report
+        from pkmlm.experiments.runs import load_runs
+
+        runs = load_runs(args.dirs)
+        baseline = _baseline_index(args.baseline, [r.label for r in runs])
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out={args.out!r} is a file; give a directory")
+        result = write_report(runs, out, baseline)
+    except UserError as error:
+        fail(str(error))
+    print(result["markdown"], end="")
+    print("wrote " + ", ".join(str(p) for p in result["files"]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The comparison report: a markdown table, a CSV and PNG plots from summarised runs.
+
+Ratios are against a baseline run (the first, unless chosen): `speed x` = the run's training
+tokens/s / the baseline's (above 1: faster), `ppl x` = its final validation perplexity / the
+baseline's (below 1: better). Training tokens/s = tokens / training time (evaluation and
+checkpoints excluded); wall time is the whole run from its first step.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from pkmlm.experiments.runs import RunSummary, matching_report
+
+__all__ = ["write_report", "table_rows", "markdown_table"]
+
+
+def _si(value: Optional[float], digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}f}{unit}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    if value is None or base is None or base == 0:
+        return None
+    return value / base
+
+
+def _memory_text(run: RunSummary) -> str:
+    if not run.memory_layers:
+        return "none"
+    size = f"{int(math.isqrt(run.memory_values))}²" if run.memory_values else "?"
+    return ", ".join(f"L{i}" for i in run.memory_layers) + f" ({size})"
+
+
+def _usage_text(run: RunSummary) -> str:
+    if not run.memory:
+        return "—" if not run.memory_layers else "n/a"
+    parts = []
+    for layer in sorted(run.memory):
+        m = run.memory[layer]
+        usage = "n/a" if m.get("usage") is None else f"{m['usage']:.1%}"
+        parts.append(f"L{layer}: {usage}, KL {_num(m.get('kl_weight'), '.2f')}/{_num(m.get('kl_count'), '.2f')}")
+    return "; ".join(parts)
+
+
+def table_rows(runs: list[RunSummary], baseline: int) -> list[dict[str, Any]]:
+    """One dict per run with every number of the table (machine-readable: the CSV's rows)."""
+    base = runs[baseline]
+    layers = sorted({layer for r in runs for layer in r.memory})
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "run": r.label, "run_dir": str(r.path), "name": r.name, "n_layers": r.n_layers, "dim": r.dim,
+            "memory_layers": " ".join(str(i) for i in r.memory_layers), "memory_values": r.memory_values,
+            "params_total": r.params_total, "params_active": r.params_active,
+            "flops_per_token": r.flops_per_token, "tokens": r.tokens, "steps": r.steps,
+            "wall_time_s": r.wall_time_s, "train_time_s": r.train_time_s, "tokens_per_s": r.tokens_per_s,
+            "step_time_s": r.step_time_s, "data_time_s": r.data_time_s, "compute_time_s": r.compute_time_s,
+            "flops_per_s": r.flops_per_s, "mfu": r.mfu, "peak_memory_gb": r.peak_memory_gb,
+            "best_val_ppl": r.best_ppl, "final_val_ppl": r.final_ppl, "final_val_step": r.final_ppl_step,
+            "speed_vs_baseline": _ratio(r.tokens_per_s, base.tokens_per_s),
+            "ppl_vs_baseline": _ratio(r.final_ppl, base.final_ppl),
+            "stopped_by": r.stopped_by, "baseline": r is base,
+        }
+        for layer in layers:
+            for stat in ("usage", "kl_weight", "kl_count"):
+                row[f"memory/layer{layer}/{stat}"] = r.memory.get(layer, {}).get(stat)
+        rows.append(row)
+    return rows
+
+
+HEADERS = ("run", "layers", "memory", "params total / active", "tokens", "steps", "wall time",
+           "train tok/s", "step ms (data + compute)", "MFU", "peak mem GB", "best ppl", "final ppl",
+           "memory usage, KL weight/count", "speed ×", "ppl ×")
+
+
+def markdown_table(runs: list[RunSummary], baseline: int) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
+    for row, r in zip(table_rows(runs, baseline), runs):
+        step_ms = "n/a" if r.step_time_s is None else (
+            f"{r.step_time_s * 1e3:.0f} ({_num(None if r.data_time_s is None else r.data_time_s * 1e3, '.0f')}"
+            f" + {_num(None if r.compute_time_s is None else r.compute_time_s * 1e3, '.0f')})")
+        cells = [
+            f"**{r.label}** (baseline)" if row["baseline"] else r.label,
+            str(r.n_layers) if r.n_layers is not None else "n/a",
+            _memory_text(r),
+            f"{_si(r.params_total)} / {_si(r.params_active)}",
+            _si(r.tokens), str(r.steps) if r.steps is not None else "n/a",
+            _duration(r.wall_time_s), _si(r.tokens_per_s, 1), step_ms,
+            "n/a" if r.mfu is None else f"{r.mfu:.1%}",
+            _num(r.peak_memory_gb, ".2f"),
+            _num(r.best_ppl, ".2f"), _num(r.final_ppl, ".2f"),
+            _usage_text(r),
+            _num(row["speed_vs_baseline"], ".2f"), _num(row["ppl_vs_baseline"], ".3f"),
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+
+def _val_curve(run: RunSummary, x_key: str) -> tuple[list, list]:
+    xs, ys = [], []
+    for row in run.rows:
+        x, y = row.get(x_key), row.get("val/ppl")
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(y):
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def _curves_plot(runs: list[RunSummary], x_key: str, xlabel: str, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for run in runs:
+        xs, ys = _val_curve(run, x_key)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=run.label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation perplexity (log scale)")
+    ax.set_yscale("log")
+    plain = plt.FuncFormatter(lambda v, _: f"{v:g}")  # 400, not 4x10^2
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def position_sweep(runs: list[RunSummary]) -> list[RunSummary]:
+    """The runs of a memory-position sweep: one memory layer each, at two or more positions."""
+    single = [r for r in runs if len(r.memory_layers) == 1]
+    return single if len({r.memory_layers[0] for r in single}) >= 2 else []
+
+
+def _by_layer_plot(runs: list[RunSummary], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    sweep = position_sweep(runs)
+    if not sweep:
+        return False
+    fig, (ax_ppl, ax_use) = plt.subplots(1, 2, figsize=(10, 4))
+    layers = sorted({r.memory_layers[0] for r in sweep})
+    for ax, value, ylabel in ((ax_ppl, lambda r: r.final_ppl, "final validation perplexity"),
+                              (ax_use, lambda r: None if not r.memory else
+                               r.memory.get(r.memory_layers[0], {}).get("usage"), "memory usage")):
+        points = [(r.memory_layers[0], value(r)) for r in sweep if value(r) is not None]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=16, alpha=0.6)
+        means = [(layer, [v for i, v in points if i == layer]) for layer in layers]
+        means = [(layer, sum(vs) / len(vs)) for layer, vs in means if vs]
+        ax.plot([m[0] for m in means], [m[1] for m in means], marker="o")
+        ax.set_xlabel("memory layer index (0-based)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(layers)
+        ax.grid(True, alpha=0.3)
+    for r in runs:  # dense runs in the same comparison, for reference
+        if not r.memory_layers and r.final_ppl is not None:
+            ax_ppl.axhline(r.final_ppl, linestyle="--", linewidth=1, color="gray")
+            ax_ppl.annotate(r.label, (layers[0], r.final_ppl), fontsize=7, color="gray",
+                            xytext=(2, 2), textcoords="offset points")
+    ax_use.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    fig.suptitle("memory position sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs: list[RunSummary], out: Path, baseline: int = 0) -> dict[str, Any]:
+    """Write table.md, table.csv and the plots into `out`; returns the markdown and the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(runs, baseline)
+    notes = matching_report(runs)
+    markdown = table + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+    (out / "table.md").write_text(markdown)
+    _write_csv(out / "table.csv", table_rows(runs, baseline))
+    files = [out / "table.md", out / "table.csv"]
+    plots = [(_curves_plot, ("tokens", "training tokens"), "ppl_vs_tokens.png"),
+             (_curves_plot, ("train_time_s", "training time, s (evaluation excluded)"), "ppl_vs_time.png")]
+    for fn, args, name in plots:
+        if fn(runs, *args, out / name):
+            files.append(out / name)
+    if _by_layer_plot(runs, out / "by_layer.png"):
+        files.append(out / "by_layer.png")
+    return {"markdown": markdown, "files": files}
