@@ -92,11 +92,68 @@ def test_misspelt_key_and_wrong_type_are_refused():
         ("optim.schedule=linearish", "optim.schedule"),
         ("logging.wandb.mode=sometimes", "logging.wandb.mode"),
         ("optim.lr=-1", "optim.lr"),
+        # every value of the model group
+        ("model.vocab_size=-1", "model.vocab_size"),
+        ("model.n_layers=0", "model.n_layers"),
+        ("model.dim=0", "model.dim"),
+        ("model.n_heads=0", "model.n_heads"),
+        ("model.ffn_mult=0", "model.ffn_mult"),
+        ("model.max_seq_len=0", "model.max_seq_len"),
+        ("model.pos_emb=alibi", "model.pos_emb"),
+        ("model.rope_theta=0", "model.rope_theta"),
+        ("model.dropout=1.0", "model.dropout"),
+        ("model.norm_eps=0", "model.norm_eps"),
+        ("model.memory.layers=[2,2]", "model.memory.layers"),
+        ("model.memory.n_keys=0", "model.memory.n_keys"),
+        ("model.memory.heads=0", "model.memory.heads"),
+        ("model.memory.knn=0", "model.memory.knn"),
+        ("model.memory.k_dim=0", "model.memory.k_dim"),
+        ("model.memory.v_dim=0", "model.memory.v_dim"),
+        ("model.memory.query_norm=rms", "model.memory.query_norm"),
+        ("model.memory.input_dropout=-0.1", "model.memory.input_dropout"),
+        ("model.memory.query_dropout=1", "model.memory.query_dropout"),
+        ("model.memory.value_dropout=2", "model.memory.value_dropout"),
+        ("model.memory.kernel=cuda", "model.memory.kernel"),
+        ("model.memory.values_dtype=float16", "model.memory.values_dtype"),
+        # every value of the data group that needs no file (paths: test_data_sources.py)
+        ("data.seq_len=0", "data.seq_len"),
+        ("data.text_field=''", "data.text_field"),
+        ("data.vocab_size=256", "data.vocab_size"),
+        ("data.vocab_size=258 data.special_tokens=['<|pad|>','<|sep|>']", "data.vocab_size"),
+        ("data.special_tokens=['']", "data.special_tokens"),
+        ("data.special_tokens=['<|pad|>','<|pad|>']", "data.special_tokens"),
+        ("data.tokenizer_docs=0", "data.tokenizer_docs"),
+        ("data.val_docs=-1", "data.val_docs"),
+        ("data.encode_batch_docs=0", "data.encode_batch_docs"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+        ("data.min_chars=-1", "data.min_chars"),
+        ("data.dedup_window=-1", "data.dedup_window"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.prepared_order=shuffled", "data.prepared_order"),
+        ("data=prepared data.prepared=null", "data.prepared"),
+        # every value of the train group
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.stop_at_step=0", "train.stop_at_step"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.device=cudax", "train.device"),
+        ("train.device=gpu", "train.device"),
+        ("train.precision=fp16", "train.precision"),
+        ("train.max_consecutive_nonfinite=0", "train.max_consecutive_nonfinite"),
+        ("train.max_tokens=0", "train.max_tokens"),
+        ("train.max_time=0", "train.max_time"),
+        ("train.peak_flops=-1", "train.peak_flops"),
+        ("train.parallel=zero3", "train.parallel"),
+        ("train.data_shards=3", "train.data_shards"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_key(override, key):
-    cfg = _compose([override])
+    cfg = _compose(override.split(" "))
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert key in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_smallest_vocabulary_is_bytes_eos_and_special_tokens():
+    validate(_compose(["data.vocab_size=257"]))  # 256 bytes + <|endoftext|>
+    validate(_compose(["data.vocab_size=259", "data.special_tokens=['<|pad|>','<|endoftext|>','<|sep|>']"]))

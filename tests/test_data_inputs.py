@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -137,8 +138,41 @@ def test_file_gone_between_expansion_and_reading_is_unreadable(tmp_path):
     keep = write_texts_jsonl(tmp_path / "keep.jsonl", ["kept"])
     gone = write_texts_jsonl(tmp_path / "gone.jsonl", ["never read"])
     stream = DocumentStream([gone, keep])
+    strict = DocumentStream([gone, keep], strict=True)
     os.remove(gone)
     assert list(stream) == ["kept"] and stream.stats == {"unreadable": 1}
+    with pytest.raises(DataError, match=r"gone\.jsonl, at its start: it cannot be read \(FileNotFoundError"):
+        list(strict)
+
+
+# Paths and globs are checked up front, the same in both modes: a training run never starts on them.
+
+
+def test_unreadable_path_fails_before_reading_in_both_modes(tmp_path):
+    # A Unix socket exists and is no directory, but open() fails even for root (chmod 0 would not).
+    path = tmp_path / "corpus.jsonl"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        for strict in (False, True):
+            with pytest.raises(DataError, match=r"data file .*corpus\.jsonl cannot be read"):
+                resolve_sources(DataConfig(files=[str(path)], strict=strict))
+        with pytest.raises(DataError, match=r"data\.sources\[0\]\.files pattern '.*\*\.jsonl'\) cannot be read"):
+            resolve_sources(DataConfig(files=[], sources=[SourceConfig(files=[str(tmp_path / "*.jsonl")])]))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_glob_matching_nothing_fails_before_reading_in_both_modes(tmp_path, strict):
+    with pytest.raises(DataError, match=r"data\.files pattern .*nothing/\*\.jsonl.* matches no file"):
+        resolve_sources(DataConfig(files=[str(tmp_path / "nothing" / "*.jsonl")], strict=strict))
+
+
+@pytest.mark.parametrize("name", ["c.parquet.gz", "c.parquet.zst"])
+def test_compressed_parquet_is_refused_up_front(tmp_path, name):
+    plain = write_parquet(tmp_path / "c.parquet", ["one", "two"])
+    data = open(plain, "rb").read()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else zstandard.compress(data))
+    with pytest.raises(DataError, match=rf"{name}.* compressed Parquet file: give the \.parquet file itself"):
+        resolve_sources(DataConfig(files=[str(tmp_path / name)]))
 
 
 def test_each_kind_counted_over_a_mixed_corpus_and_resume_keeps_counts(tmp_path):

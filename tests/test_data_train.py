@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from data_fixtures import make_docs, write_parquet, write_texts_jsonl, write_wet
 from helpers import overrides, read_rows, run_cli
 from pkmlm.config import config_dir, register_configs
+from pkmlm.errors import ConfigError, DataError
 from pkmlm.train.loop import train
 
 register_configs()
@@ -97,3 +98,83 @@ def test_loop_resume_with_two_workers_is_bitwise(tmp_path):
     straight = {r["step"]: r["train/loss"] for r in read_rows(tmp_path / "straight") if "train/loss" in r}
     split = {r["step"]: r["train/loss"] for r in read_rows(tmp_path / "split") if "train/loss" in r}
     assert list(straight) == [1, 2, 3, 4, 5] and straight == split
+
+
+# ------------------------------------------------------------------------------------------------
+# pkmlm-eval reads every source type training reads (and prepared shards)
+
+
+def _eval_cfg(*extra: str):
+    from pkmlm.cli.eval import EvalAppConfig  # noqa: F401  (registers eval_config)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=list(extra))
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory):
+    """A 2-step run, and pkmlm-eval's result on its training corpus (60 documents) as a JSON lines file."""
+    from pkmlm.cli.eval import evaluate_run
+
+    tmp = tmp_path_factory.mktemp("evalrun")
+    corpus = _corpus(tmp, "jsonl.gz")
+    _train(tmp / "run", *corpus)
+    reference = evaluate_run(_eval_cfg(f"checkpoint={tmp / 'run'}", *corpus))
+    assert reference["tokens"] > 0
+    return tmp / "run", reference
+
+
+@pytest.mark.parametrize("kind", ["txt", "parquet", "wet", "mix", "hub"])
+def test_eval_reads_each_source_type(eval_run, tmp_path, kind):
+    from pkmlm.cli.eval import evaluate_run
+
+    run_dir, reference = eval_run
+    # The same 60 documents in another format (or split over a mixture's sources, read in order):
+    # the same token stream, so exactly the same loss.
+    out = evaluate_run(_eval_cfg(f"checkpoint={run_dir}", *_corpus(tmp_path, kind)))
+    assert out["tokens"] == reference["tokens"]
+    assert out["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    assert out["memory/layer1/usage"] == pytest.approx(reference["memory/layer1/usage"])
+
+
+def test_eval_reads_prepared_shards_of_the_runs_tokenizer_only(eval_run, tmp_path):
+    from pkmlm.cli.eval import evaluate_run
+    from pkmlm.data.config import DataConfig
+    from pkmlm.data.mixing import resolve_sources
+    from pkmlm.data.prepared import prepare
+    from pkmlm.data.tokenizer import load_tokenizer, train_bpe
+
+    run_dir, reference = eval_run
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(60))]
+    cfg = DataConfig(files=files, val_docs=60)  # every document in the validation split
+    prepare(cfg, resolve_sources(cfg), load_tokenizer(str(run_dir / "tokenizer.json")), str(tmp_path / "prep"))
+    out = evaluate_run(_eval_cfg(f"checkpoint={run_dir}", f"data.prepared={tmp_path / 'prep'}"))
+    assert out["tokens"] == reference["tokens"] and out["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+
+    other = train_bpe(make_docs(50, seed=7), vocab_size=280)
+    prepare(cfg, resolve_sources(cfg), other, str(tmp_path / "other"))
+    with pytest.raises(DataError, match=r"data\.prepared=.*other.* another tokenizer than the run's"):
+        evaluate_run(_eval_cfg(f"checkpoint={run_dir}", f"data.prepared={tmp_path / 'other'}"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("batch_size=0", "batch_size"), ("max_batches=0", "max_batches"), ("device=tpu", "device"),
+    ("precision=fp16", "precision"), ("data.seq_len=0", "data.seq_len"), ("data.seq_len=4096", "data.seq_len"),
+])
+def test_eval_values_are_range_checked(eval_run, tmp_path, override, key):
+    from pkmlm.cli.eval import evaluate_run
+
+    run_dir, _ = eval_run
+    with pytest.raises(ConfigError) as err:
+        evaluate_run(_eval_cfg(f"checkpoint={run_dir}", override))
+    assert err.value.key == key and "\n" not in str(err.value)
+
+
+def test_eval_cli_bad_value_is_one_line_exit_2(eval_run, tmp_path):
+    run_dir, _ = eval_run
+    result = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", "batch_size=0"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: config error: batch_size=0 is invalid: an integer >= 1 "
+                                                  "(validation windows per batch)"]

@@ -1,7 +1,10 @@
 """`pkmlm-eval checkpoint=RUN_DIR [data.files=[PATH,...]]`: perplexity, bits per byte and memory
 usage of a trained run on any text, printed as one JSON object. Writes nothing into RUN_DIR.
 
-With `data.files` the whole of every given file is evaluated; without, the run's own held-out
+With `data.files` (any format training reads: JSON lines, Parquet, WET, plain text, each file
+whole) or `data.sources` (a mixture or Hub datasets: every document of every source, in order, the
+weights unused) that text is evaluated; with `data.prepared=DIR`, the validation split of a
+pkmlm-prepare directory tokenized with the run's tokenizer; without any, the run's own held-out
 validation split (the same documents its training never saw).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -19,12 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from pkmlm.cli._common import precheck_overrides, user_errors_exit_2
 from pkmlm.config import PathsConfig, config_dir, register_configs
 from pkmlm.data.config import SourceConfig
+from pkmlm.errors import ConfigError, DataError
 
 
 @dataclass
 class EvalDataConfig:
     files: List[str] = field(default_factory=list)  # [] = the run's validation split
     sources: List[SourceConfig] = field(default_factory=list)  # or a mixture / Hub datasets, as data.sources
+    prepared: Optional[str] = None  # or a pkmlm-prepare directory: its validation split
     text_field: Optional[str] = None  # None = the run's
     seq_len: Optional[int] = None  # None = the run's
     strict: bool = False
@@ -62,6 +68,40 @@ def token_byte_lengths(tokenizer) -> list[int]:
     return lengths
 
 
+def check_eval_config(cfg: EvalAppConfig) -> None:
+    """Range checks of pkmlm-eval's own values, before the run is loaded."""
+    if cfg.batch_size < 1:
+        raise ConfigError("batch_size", cfg.batch_size, "an integer >= 1 (validation windows per batch)")
+    if cfg.max_batches is not None and cfg.max_batches < 1:
+        raise ConfigError("max_batches", cfg.max_batches, "null (every batch) or an integer >= 1")
+    if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg.device) is None:
+        raise ConfigError("device", cfg.device, "auto, cpu, cuda or cuda:N")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError("precision", cfg.precision, "one of auto, fp32, bf16")
+    if cfg.data.seq_len is not None and cfg.data.seq_len < 1:
+        raise ConfigError("data.seq_len", cfg.data.seq_len, "null (the run's) or an integer >= 1")
+    given = [k for k in ("files", "sources", "prepared") if getattr(cfg.data, k)]
+    if len(given) > 1:
+        value = getattr(cfg.data, given[1])
+        raise ConfigError(f"data.{given[1]}", f"{len(value)} sources" if given[1] == "sources" else value,
+                          f"unset when data.{given[0]} is given: evaluate files, sources or a prepared directory")
+
+
+def _check_same_tokenizer(directory: str, tokenizer) -> None:
+    """Prepared token ids mean something only under the tokenizer that wrote them."""
+    import os
+
+    from pkmlm.data.prepared import load_index
+    from pkmlm.data.tokenizer import load_tokenizer
+
+    index = load_index(directory)
+    theirs = load_tokenizer(os.path.join(os.path.abspath(os.path.expanduser(directory)), index["tokenizer"]),
+                            key="data.prepared")
+    if theirs.get_vocab() != tokenizer.get_vocab():
+        raise DataError(f"data.prepared={directory!r} was tokenized with another tokenizer than the run's; "
+                        "prepare it with the run's (pkmlm-prepare data.tokenizer=RUN_DIR/tokenizer.json out=DIR)")
+
+
 def evaluate_run(cfg: EvalAppConfig) -> dict:
     import torch
 
@@ -71,7 +111,11 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     from pkmlm.run import load_run
     from pkmlm.train.loop import autocast_dtype, pick_device
 
-    device = pick_device(cfg.device)
+    check_eval_config(cfg)
+    try:
+        device = pick_device(cfg.device)
+    except ConfigError as e:  # the same checks as train.device, under this tool's own key
+        raise ConfigError("device", cfg.device, e.allowed) from None
     run = load_run(cfg.checkpoint, device=device)
     saved = run.config["data"]
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
@@ -80,12 +124,19 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
         # All of every given file or source: no held-out split, nothing skipped.
         data_cfg = dataclasses.replace(data_cfg, files=list(cfg.data.files), sources=list(cfg.data.sources),
                                        prepared=None, val_docs=10**18)
+    elif cfg.data.prepared:
+        data_cfg = dataclasses.replace(data_cfg, files=[], sources=[], prepared=cfg.data.prepared)
     if cfg.data.text_field is not None:
         data_cfg = dataclasses.replace(data_cfg, text_field=cfg.data.text_field)
     if cfg.data.seq_len is not None:
         data_cfg = dataclasses.replace(data_cfg, seq_len=cfg.data.seq_len)
     data_cfg = dataclasses.replace(data_cfg, strict=cfg.data.strict)
+    if data_cfg.seq_len > run.model.cfg.max_seq_len:
+        raise ConfigError("data.seq_len", data_cfg.seq_len, f"at most the run's model.max_seq_len="
+                          f"{run.model.cfg.max_seq_len} (null: the run's data.seq_len)")
     plan = resolve_data(data_cfg)  # the same sources as training: files, mixtures, Hub, prepared shards
+    if plan.prepared:
+        _check_same_tokenizer(plan.prepared, run.tokenizer)
     files = [plan.prepared] if plan.prepared else [f for s in plan.sources for f in (s.files or [s.name])]
 
     batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size,

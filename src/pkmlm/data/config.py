@@ -54,3 +54,46 @@ class DataConfig:
     # of training windows: random (a seeded permutation per epoch) | sequential.
     prepared: Optional[str] = None
     prepared_order: str = "random"
+
+
+# 256 byte tokens + <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
+MIN_VOCAB_SIZE = 257
+EOS_TOKEN = "<|endoftext|>"
+
+
+def extra_special_tokens(cfg: DataConfig) -> List[str]:
+    """`data.special_tokens` without <|endoftext|> (always present, id 0): the ids 1, 2, ... they take."""
+    return [t for t in cfg.special_tokens if t != EOS_TOKEN]
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Range checks of every `data.*` value that needs no file (the schema checks the types); a
+    `ConfigError` naming the first bad key. Paths and sources are checked by `resolve_data`."""
+    from pkmlm.errors import ConfigError
+
+    def at_least(key: str, value: int, low: int, allowed: str) -> None:
+        if value < low:
+            raise ConfigError(key, value, allowed)
+
+    at_least("data.seq_len", cfg.seq_len, 1, "an integer >= 1 (tokens per training sequence)")
+    if not cfg.text_field:
+        raise ConfigError("data.text_field", cfg.text_field, "the name of the records' text field, e.g. text")
+    specials = list(cfg.special_tokens)
+    for token in specials:
+        if not isinstance(token, str) or not token:
+            raise ConfigError("data.special_tokens", specials, "non-empty strings, e.g. ['<|pad|>']")
+    if len(set(specials)) != len(specials):
+        raise ConfigError("data.special_tokens", specials, "distinct tokens (each listed once)")
+    n_special = len(extra_special_tokens(cfg))
+    at_least("data.vocab_size", cfg.vocab_size, MIN_VOCAB_SIZE + n_special,
+             f"an integer >= {MIN_VOCAB_SIZE + n_special} (256 bytes + {EOS_TOKEN}"
+             + (f" + {n_special} data.special_tokens)" if n_special else ")"))
+    at_least("data.tokenizer_docs", cfg.tokenizer_docs, 1, "an integer >= 1 (documents to train the tokenizer on)")
+    at_least("data.val_docs", cfg.val_docs, 0, "an integer >= 0 (0: no validation split)")
+    at_least("data.encode_batch_docs", cfg.encode_batch_docs, 1, "an integer >= 1")
+    at_least("data.shuffle_buffer", cfg.shuffle_buffer, 0, "an integer >= 0 (0 turns shuffling off)")
+    at_least("data.min_chars", cfg.min_chars, 0, "an integer >= 0 (0 keeps every document)")
+    at_least("data.dedup_window", cfg.dedup_window, 0, "an integer >= 0 (0 turns deduplication off)")
+    at_least("data.num_workers", cfg.num_workers, 0, "an integer >= 0 (0 reads in the training process)")
+    if cfg.prepared_order not in ("random", "sequential"):
+        raise ConfigError("data.prepared_order", cfg.prepared_order, "random or sequential")

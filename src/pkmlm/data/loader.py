@@ -40,37 +40,15 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from pkmlm.data.config import DataConfig
+from pkmlm.data.config import DataConfig, check_data_config
 from pkmlm.data.mixing import DataPlan, MixedDocuments, as_plan, merge_counts, validation_documents
 from pkmlm.data.packing import TOKEN_DTYPE, Packer, ShuffleBuffer, Window, to_plain
 from pkmlm.data.sources import BAD_KINDS
 from pkmlm.data.tokenizer import encode_documents, eos_id
-from pkmlm.errors import ConfigError, DataError, UserError
+from pkmlm.errors import DataError, UserError
 
 STATE_VERSION = 2
 FIRST_CHUNK_DOCS = 4  # documents in the first encode chunk (then 8, 16, ... up to data.encode_batch_docs)
-
-
-def check_data_config(cfg: DataConfig) -> None:
-    """Range checks of the values the loader uses (the schema checks the types)."""
-    if cfg.seq_len < 1:
-        raise ConfigError("data.seq_len", cfg.seq_len, "an integer >= 1 (tokens per training sequence)")
-    if cfg.encode_batch_docs < 1:
-        raise ConfigError("data.encode_batch_docs", cfg.encode_batch_docs, "an integer >= 1")
-    if cfg.shuffle_buffer < 0:
-        raise ConfigError("data.shuffle_buffer", cfg.shuffle_buffer, "an integer >= 0 (0 turns shuffling off)")
-    if cfg.val_docs < 0:
-        raise ConfigError("data.val_docs", cfg.val_docs, "an integer >= 0 (0: no validation split)")
-    if not cfg.text_field:
-        raise ConfigError("data.text_field", cfg.text_field, "the name of the records' text field, e.g. text")
-    if cfg.min_chars < 0:
-        raise ConfigError("data.min_chars", cfg.min_chars, "an integer >= 0 (0 keeps every document)")
-    if cfg.dedup_window < 0:
-        raise ConfigError("data.dedup_window", cfg.dedup_window, "an integer >= 0 (0 turns deduplication off)")
-    if cfg.num_workers < 0:
-        raise ConfigError("data.num_workers", cfg.num_workers, "an integer >= 0 (0 reads in the training process)")
-    if cfg.prepared_order not in ("random", "sequential"):
-        raise ConfigError("data.prepared_order", cfg.prepared_order, "random or sequential")
 
 
 def stats_row(stats: Dict[str, int]) -> Dict[str, int]:
@@ -277,7 +255,15 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
     Without it, a trainer killed by SIGKILL (OOM killer, scheduler, kill -9) leaves its workers
     blocked for ever on a full result pipe, each holding its memory (found by
     scripts/fault_inject.py). Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+
+    It also ignores the stop signals (SIGTERM, SIGINT, SIGUSR1): SLURM at its time limit and a
+    terminal's Ctrl-C signal the whole process group, and a worker killed by them (torch's worker
+    SIGTERM handler dies unless its parent sent it) crashed the trainer before it could finish its
+    step and checkpoint. The trainer decides (train/loop.py, StopSignals), then shuts its workers
+    down; those that outlive it die with it (above).
     """
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
     if not sys.platform.startswith("linux"):
         return
     import ctypes

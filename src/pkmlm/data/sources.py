@@ -11,8 +11,8 @@ The reader is chosen by extension, after stripping a compression suffix (`.gz`, 
   first character is `[` holds one JSON array and is read whole). The document is the record's
   `text_field`; a `url` field, when present, is kept. HF's JSON builder fails a whole chunk on one
   malformed line, which is why this reader is our own: a bad line is one skipped record.
-- `.parquet`: HF `datasets`' Parquet builder in streaming mode, reading only the `text_field`
-  column.
+- `.parquet` (never compressed as a whole: Parquet compresses its columns itself): pyarrow's
+  batch reader, reading only the `text_field` column (see `ParquetReader` for why not HF's).
 - `.warc.wet` / `.wet` / `.warc` (optionally `.gz`, one gzip member per record as Common Crawl
   ships them): `conversion` records read with FastWARC; the document is the record's body, its
   URL the `WARC-Target-URI` header.
@@ -90,6 +90,11 @@ def _check_readable(path: str, pattern: str, key: str = "data.files") -> None:
             pass
     except OSError as e:
         raise DataError(f"data file {where} cannot be read ({e.strerror or e}); check its permissions") from None
+    if file_kind(path) == "parquet" and path.lower().endswith(_COMPRESSIONS):
+        # Parquet is read by seeking to its footer, which a gzip/zstd stream cannot do; its columns
+        # are compressed inside the file anyway.
+        raise DataError(f"data file {where} is a compressed Parquet file: give the .parquet file itself "
+                        "(Parquet compresses its columns internally)")
     if path.endswith(".zst") and importlib.util.find_spec("zstandard") is None:
         raise DataError(f"data file {where} is zstd-compressed: reading it needs `pip install zstandard`")
     if file_kind(path) == "wet" and importlib.util.find_spec("fastwarc") is None:

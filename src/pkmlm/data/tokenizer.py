@@ -19,14 +19,11 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pkmlm.data.config import DataConfig
+from pkmlm.data.config import EOS_TOKEN, MIN_VOCAB_SIZE, DataConfig, check_data_config, extra_special_tokens
 from pkmlm.errors import ConfigError, DataError
 
-EOS_TOKEN = "<|endoftext|>"
 # Bump when train_bpe's recipe changes: it is part of the cache key, so old cached files are unused.
 TOKENIZER_FORMAT = 1
-# 256 byte tokens + EOS: the smallest vocabulary a byte-level BPE can have.
-MIN_VOCAB_SIZE = 257
 
 
 def default_cache_dir() -> str:
@@ -125,13 +122,9 @@ def load_or_train_tokenizer(cfg: DataConfig, files: Any, cache_dir: str) -> Tupl
         path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
         return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
 
-    if cfg.vocab_size < MIN_VOCAB_SIZE + len(cfg.special_tokens):
-        raise ConfigError("data.vocab_size", cfg.vocab_size,
-                          f"an integer >= {MIN_VOCAB_SIZE + len(cfg.special_tokens)} (256 bytes + special tokens)")
-    if cfg.tokenizer_docs < 1:
-        raise ConfigError("data.tokenizer_docs", cfg.tokenizer_docs, "an integer >= 1 (documents to train on)")
+    check_data_config(cfg)  # vocab size (special tokens included), tokenizer_docs, ...
     plan = as_plan(cfg, files)
-    specials = [t for t in cfg.special_tokens if t != EOS_TOKEN]
+    specials = extra_special_tokens(cfg)
 
     def training_texts() -> Iterable[str]:
         return sample_documents(plan.sources, cfg, cfg.tokenizer_docs)
