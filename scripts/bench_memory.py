@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import statistics
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchlib import add_common_args, default, device_name, interleaved_ms, setup, sync  # first: finds src/
 from pkmlm.model import ProductKeyMemory
 from pkmlm.model import kernels
 from pkmlm.model.kernels import reference
@@ -62,41 +59,6 @@ PRESETS = {
     # the CPU default run's memory (configs/memory/tiny.yaml) on one batch of 16 x 128 tokens
     "tiny": Preset(2048, 256, 128, 4, 16, 128, "the default CPU run's layer (configs/memory/tiny.yaml)"),
 }
-
-
-# --- timing -------------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def interleaved_ms(fns: List[Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> List[float]:
-    """Median milliseconds of each function, timed in turns (A, B, C, A, B, C, ...) so that a change
-    in what else the machine runs hits every contender alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, t in zip(fns, times):
-            t.append(time_once_ms(fn, device))
-    return [statistics.median(t) for t in times]
 
 
 # --- the straightforward formulation (XLM), for comparison -------------------------------------------
@@ -177,35 +139,24 @@ def copy_gbps(device: torch.device, nbytes: int, warmup: int, repeats: int) -> f
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_common_args(parser, "repetitions")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: paper on CUDA, tiny on CPU")
     parser.add_argument("--tokens", type=int, default=None, help="override the preset's token count")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 20 CUDA, 5 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions first (default 5 CUDA, 2 CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 20 CUDA, 7 CPU)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.getloadavg()[0] > os.cpu_count() and not torch.cuda.is_available():
-        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete, and "
-              "multi-threaded CPU timings suffer most; --threads 1 gives steadier comparisons", file=sys.stderr)
-
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_memory: --device cuda needs a CUDA build of torch and a GPU")
+    device = setup(args, "bench_memory")
     preset = PRESETS[args.preset or ("paper" if device.type == "cuda" else "tiny")]
     N = args.tokens or preset.tokens
-    repeats = args.repeats or (20 if device.type == "cuda" else 7)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
+    repeats = default(args.repeats, device, 20, 7)
+    warmup = default(args.warmup, device, 5, 2)
     amp = torch.bfloat16 if device.type == "cuda" else None
     triton_ok = device.type == "cuda" and kernels.triton_available()
     H, K, V, M = preset.heads, preset.knn, preset.dim, preset.n_keys**2
     R = H * K
     torch.manual_seed(0)
 
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
-    print(f"# bench_memory | {datetime.date.today()} | device {device.type}: {name} | torch {torch.__version__}"
+    print(f"# bench_memory | {datetime.date.today()} | device {device.type}: {device_name(device)} | "
+          f"torch {torch.__version__}"
           + (f" | triton {__import__('triton').__version__}" if triton_ok else " | triton path: needs CUDA"))
     print(f"preset {args.preset or ('paper' if device.type == 'cuda' else 'tiny')} ({preset.note}): {N:,} tokens, "
           f"d={V}, {preset.n_keys}^2 = {M:,} values, {H} heads, knn {K}, k_dim {preset.k_dim} -> {R} rows per token; "

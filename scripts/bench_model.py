@@ -26,19 +26,16 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import os
-import statistics
-import sys
 import time
 from typing import List, Optional
 
 import torch
 
-from pkmlm.config import OptimConfig
+from benchlib import add_common_args, default, device_name, interleaved_ms, setup, sync  # first: finds src/
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.model import ModelConfig, Transformer
 from pkmlm.model.memory import MemoryConfig
-from pkmlm.train.optim import build_optimizer, clip_grad_norm_
+from pkmlm.train.optim import OptimConfig, build_optimizer, clip_grad_norm_
 
 FAMILIES = {
     # configs/model/base12.yaml + configs/memory/paper.yaml + configs/experiment/paper/common.yaml
@@ -54,11 +51,6 @@ FAMILIES = {
         depths=(4, 8), batch=16, seq=128,
     ),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -107,25 +99,14 @@ class Contender:
 
 
 def interleaved_s(fns, device, warmup: int, steps: int) -> List[float]:
-    """Median seconds per call of each function, timed in turns (A, B, C, A, B, C, ...) so that a
-    change in what else the machine runs hits every model alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times: List[List[float]] = [[] for _ in fns]
-    for _ in range(steps):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    """Median seconds per call of each function, timed in turns (wall clock up to the device's
+    synchronisation: a step's host overhead counts, as it does in training)."""
+    return [ms / 1e3 for ms in interleaved_ms(fns, device, warmup, steps, events=False)]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_common_args(parser, "steps")
     parser.add_argument("--family", default=None, choices=sorted(FAMILIES), help="default: paper on CUDA, tiny on CPU")
     parser.add_argument("--compile", default=None, choices=["off", "on", "both"],
                         help="torch.compile the models (default: both on CUDA, off on CPU)")
@@ -135,24 +116,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--sparse-values", action="store_true", help="optim.sparse_values=true for the memory models")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: the family's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 5 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 2 CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.getloadavg()[0] > os.cpu_count() and not torch.cuda.is_available():
-        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete, and "
-              "multi-threaded CPU timings suffer most; --threads 1 gives steadier comparisons", file=sys.stderr)
-
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_model: --device cuda needs a CUDA build of torch and a GPU")
+    device = setup(args, "bench_model")
     cuda = device.type == "cuda"
     family_name = args.family or ("paper" if cuda else "tiny")
     family = FAMILIES[family_name]
     batch, seq = args.batch or family["batch"], family["seq"]
-    steps = args.steps or (20 if cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    steps = default(args.steps, device, 20, 5)
+    warmup = default(args.warmup, device, 5, 2)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile or ("both" if cuda else "off")]
     variants = [v.split(":") for v in (args.kernels or (
         "torch:float32,triton:float32,triton:bfloat16" if cuda else "torch:float32")).split(",")]
@@ -163,9 +134,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         peak = measured_matmul_flops(device, torch.float32)
         peak_note = f"fp32 matmul measured in this run, {peak / 1e9:,.0f} GFLOP/s"
 
-    name = (torch.cuda.get_device_name(device) if cuda else
-            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start")
-    print(f"# bench_model | {datetime.date.today()} | device {device.type}: {name} | torch {torch.__version__}")
+    print(f"# bench_model | {datetime.date.today()} | device {device.type}: {device_name(device)} | "
+          f"torch {torch.__version__}")
     print(f"family {family_name}: d={family['model'].dim}, {family['model'].n_heads} heads, vocab "
           f"{family['model'].vocab_size:,}, {batch} x {seq} tokens per step; {'bf16 autocast' if amp else 'fp32'}; "
           f"{warmup} warm-up + {steps} timed steps; MFU against {peak_note}\n")

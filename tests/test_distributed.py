@@ -128,15 +128,42 @@ def test_two_processes_equal_one_then_resume_on_one_and_on_two(tmp_path):
                                                                          / "step_00000006.dcp"))
 
 
-def test_fsdp_dense_two_processes_equal_one(tmp_path):
+def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
+    """Dense model, 2 processes with DDP (the default) and with FSDP2 = 1 process, same global batch."""
     steps = ("train.max_steps=4", "eval.interval=4", "checkpoint.interval=4", "model.memory.layers=[]")
     _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
-    _torchrun(tmp_path / "fsdp", *steps, "train.parallel=fsdp")
     ref = _by_step(tmp_path / "one", "train/loss")
-    _assert_close(_by_step(tmp_path / "fsdp", "train/loss"), ref, [1, 2, 3, 4])
-    _assert_close(_by_step(tmp_path / "fsdp", "val/loss"), _by_step(tmp_path / "one", "val/loss"), [4])
-    grad = _by_step(tmp_path / "fsdp", "train/grad_norm")  # clipped over FSDP's shards: the global norm
-    _assert_close(grad, _by_step(tmp_path / "one", "train/grad_norm"), [1, 2, 3, 4])
+    for parallel in ("ddp", "fsdp"):
+        _torchrun(tmp_path / parallel, *steps, f"train.parallel={parallel}")
+        _assert_close(_by_step(tmp_path / parallel, "train/loss"), ref, [1, 2, 3, 4])
+        _assert_close(_by_step(tmp_path / parallel, "val/loss"), _by_step(tmp_path / "one", "val/loss"), [4])
+        grad = _by_step(tmp_path / parallel, "train/grad_norm")  # FSDP: clipped over its shards, the global norm
+        _assert_close(grad, _by_step(tmp_path / "one", "train/grad_norm"), [1, 2, 3, 4])
+
+
+def test_memory_model_with_replicated_values_two_processes_equal_one(tmp_path):
+    """Memory model with its value tables replicated (no shard_values: DDP averages their gradients
+    like every other parameter), one table per layer, 2 processes = 1 process."""
+    steps = ("train.max_steps=3", "eval.interval=3", "checkpoint.interval=3", "model.memory.layers=[0,1]",
+             "model.memory.query_norm=layernorm")
+    _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
+    _torchrun(tmp_path / "two", *steps)
+    for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3]), ("train/grad_norm", [1, 2, 3])):
+        _assert_close(_by_step(tmp_path / "two", key), _by_step(tmp_path / "one", key), at)
+    _assert_states_close(_checkpoint_state(tmp_path / "two" / "checkpoints" / "step_00000003.dcp"),
+                         _checkpoint_state(tmp_path / "one" / "checkpoints" / "step_00000003.dcp"))
+
+
+def test_compiled_two_processes_equal_one(tmp_path):
+    """`train.compile=true` with DDP + sharded values and with FSDP2 (the wrapped model is compiled;
+    the sharded read is a collective inside the graph's caller): same losses as 1 eager process."""
+    steps = ("train.max_steps=3", "eval.interval=3", "checkpoint.interval=3", "model.memory.layers=[0,1]",
+             "model.memory.query_norm=layernorm")
+    _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
+    for name, extra in (("ddp", ("model.memory.shard_values=true",)), ("fsdp", ("train.parallel=fsdp",))):
+        _torchrun(tmp_path / name, *steps, "train.compile=true", *extra)
+        for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3])):
+            _assert_close(_by_step(tmp_path / name, key), _by_step(tmp_path / "one", key), at)
 
 
 # --- sharded values, unit level: 2 spawned processes -----------------------------------------------
@@ -218,11 +245,12 @@ def test_refusals_name_the_key_and_what_to_do(tmp_path):
         check_batch_split(8, 3, two)
     # Hydra multirun inside torchrun: one line on stderr, exit status 2, before any process group.
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    proc = subprocess.run([sys.executable, "-m", "pkmlm.cli.train", "-m", "seed=1,2"], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "multirun" in lines[0] and "one torchrun job per configuration" in lines[0]
+    for sweep in (["-m"], ["--multirun"], ["hydra.mode=MULTIRUN"]):
+        proc = subprocess.run([sys.executable, "-m", "pkmlm.cli.train", *sweep, "seed=1,2"], capture_output=True,
+                              text=True, timeout=120, env=env, cwd=tmp_path)
+        assert proc.returncode == 2, (sweep, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "multirun" in lines[0] and "one torchrun job per configuration" in lines[0]
 
 
 

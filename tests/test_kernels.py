@@ -32,6 +32,9 @@ def _runnable():
 # (N tokens, R slots per token, M value rows, V width): 1s everywhere; R below / above BLOCK_ROWS;
 # V above one fp32 (256) or bf16 (512) column block; M smaller than R (repeated slots in a bag).
 SHAPES = [(1, 1, 1, 1), (7, 5, 13, 40), (33, 37, 300, 130), (4, 128, 64, 257), (3, 20, 5, 600)]
+# ... and random ones (seeded, so a failure repeats): any size, mostly not multiples of the blocks.
+_g = torch.Generator().manual_seed(7)
+RANDOM_SHAPES = [tuple(int(torch.randint(1, hi, (), generator=_g)) for hi in (24, 70, 400, 700)) for _ in range(3)]
 
 
 def _inputs(N, R, M, V, dtype, seed=0):
@@ -49,7 +52,7 @@ def _tolerance(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + RANDOM_SHAPES)
 def test_forward_matches_reference(shape, dtype):
     values, indices, weights, _ = _inputs(*shape, dtype)
     out = gather.read_forward(values, indices, weights)
@@ -60,7 +63,7 @@ def test_forward_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + RANDOM_SHAPES)
 def test_backward_matches_reference(shape, dtype):
     values, indices, weights, grad_out = _inputs(*shape, dtype, seed=1)
     grad_values, grad_weights = gather.read_backward(grad_out, values, indices, weights)
@@ -201,6 +204,35 @@ def test_memory_config_checks_kernel_and_values_dtype():
         MemoryConfig(values_dtype="float16").validate()
     with pytest.raises(ConfigError, match=r"model\.memory\.kernel"):
         ProductKeyMemory(8, n_keys=4, knn=2, k_dim=4, kernel="cuda")
+
+
+# --- the lazy Adam row kernel (optim.sparse_values) --------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_kernel_matches_torch_formulation(dtype):
+    """The lazy Adam of `optim.sparse_values` (pkmlm/train/sparse_values.py): the triton row kernel
+    against the torch formulation, values and both moments."""
+    from pkmlm.train.sparse_values import LazyAdam
+
+    device = DEVICE
+    torch.manual_seed(2)
+    M, V = 37, 1100  # V above the kernel's 1024-column block; 20 of the 37 rows read per step
+    init = torch.randn(M, V).to(dtype)
+    params = [torch.nn.Parameter(init.clone().to(device)) for _ in range(2)]
+    opts = [LazyAdam([p], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, use_triton=flag)
+            for p, flag in zip(params, (False, True))]
+    for _ in range(3):
+        rows = torch.randperm(M)[:20].sort().values
+        grad = torch.randn(20, V).to(dtype)
+        for p, opt in zip(params, opts):
+            p.grad = torch.sparse_coo_tensor(rows[None].to(device), grad.to(device), (M, V),
+                                             check_invariants=True).coalesce()
+            opt.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(params[1].float(), params[0].float(), **tol)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opts[1].state[params[1]][key].float(), opts[0].state[params[0]][key].float(), **tol)
 
 
 # --- retrieval: the eligible candidate pairs ---------------------------------------------------------

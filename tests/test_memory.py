@@ -237,3 +237,47 @@ def test_bf16_autocast_runs_and_matches_fp32_closely():
     # bf16 query scores may swap near-ties, so compare loosely with the fp32 read.
     ref = memory(x)
     assert (out.float() - ref).norm() < 0.2 * ref.norm()
+
+
+@pytest.mark.parametrize(
+    "n_keys,knn,heads,levels",
+    [
+        (10, 6, 2, 5),  # integer sub-key scores: many ties, also at the K-th score
+        (8, 8, 1, 3),  # knn == n_keys, sub-key entries in {-1, 0, 1}
+        (7, 1, 3, 3),  # knn == 1
+        (12, 5, 2, 1),  # every key zero: all n_keys**2 slots tie
+        (16, 16, 2, 3),  # knn == n_keys with ties across the two halves
+    ],
+)
+def test_lookup_with_ties_matches_brute_force(n_keys, knn, heads, levels):
+    """Ties (at the K-th score too) against the search over all n_keys**2 slots: the same K scores in
+    the same descending order, K distinct valid slots whose true scores are those, and the same
+    weights. Which of several slots tied at the K-th score is taken may differ (as in XLM's search
+    over all K*K candidate pairs); that is the one freedom."""
+    torch.manual_seed(n_keys * 100 + knn)
+    memory = make_memory(n_keys=n_keys, knn=knn, heads=heads, k_dim=4, query_norm="none").eval()
+    with torch.no_grad():
+        half = (levels - 1) // 2  # sub-key entries in {-half, ..., half}: exact integer dot products
+        memory.keys.copy_(torch.randint(-half, half + 1, memory.keys.shape).float())
+        memory.query_proj.weight.copy_(torch.randint(-1, 2, memory.query_proj.weight.shape).float())
+        memory.query_proj.bias.zero_()
+        x = torch.randint(-2, 3, (64, DIM)).float()
+        weights, indices = memory.lookup(x)
+        ref_weights, ref_indices = brute_force(memory, x)
+        q = memory.query(x)
+        s1 = torch.einsum("nhp,hsp->nhs", q[..., :2], memory.keys[:, 0])
+        s2 = torch.einsum("nhp,hsp->nhs", q[..., 2:], memory.keys[:, 1])
+        full = (s1[..., :, None] + s2[..., None, :]).flatten(-2)  # (N, H, S*S): every slot's true score
+    assert ((indices >= 0) & (indices < n_keys**2)).all()
+    distinct = indices.sort(-1).values
+    assert (distinct[..., 1:] != distinct[..., :-1]).all()  # K distinct slots per token and head
+    ref_scores = full.gather(-1, ref_indices)
+    assert torch.equal(full.gather(-1, indices), ref_scores)  # the true top-K scores, descending
+    ties = (full.unsqueeze(-1) == ref_scores[..., -1:].unsqueeze(-2)).sum(-2).squeeze(-1)
+    assert (ties > 1).any(), "the case must tie at the K-th score somewhere"
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    # Slots scoring strictly above the K-th score are the same set in both.
+    kth = ref_scores[..., -1:]
+    above_ours = torch.where(full.gather(-1, indices) > kth, indices, -1).sort(-1).values
+    above_ref = torch.where(ref_scores > kth, ref_indices, -1).sort(-1).values
+    assert torch.equal(above_ours, above_ref)

@@ -12,15 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from pkmlm.data.config import DataConfig
+from pkmlm.data.config import DataConfig, check_data_config
 from pkmlm.errors import ConfigError
 from pkmlm.model.transformer import ModelConfig
+from pkmlm.train.optim import OptimConfig  # beside the optimizer: torch-only for the benchmarks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/pkmlm/config.py -> project root
 
@@ -45,25 +47,6 @@ def config_dir() -> str:
 class PathsConfig:
     sample_dir: str = "${pkmlm_sample_dir:}"  # $PKMLM_SAMPLE_DIR, else ../shared/data beside the project
     cache_dir: str = "${pkmlm_cache_dir:}"  # $PKMLM_CACHE_DIR, else ~/.cache/pkmlm (tokenizer cache)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-3
-    # Memory values: their own LR and no weight decay. 1e-3 is the paper's (Lample et al. 2019,
-    # section 4.2: values trained with a learning rate of 1e-3, sparse Adam).
-    values_lr: float = 1e-3
-    weight_decay: float = 0.1  # on matrices only; norms, biases, embeddings and keys get none
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.95  # 0.95 rather than 0.999: steadier LM training (GPT-3, nanoGPT)
-    eps: float = 1e-8  # AdamW denominator epsilon
-    schedule: str = "cosine"  # cosine | inv_sqrt | constant (all after a linear warmup)
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    # Memory values get row-sparse gradients and a lazy Adam step that touches only the rows read
-    # this step (moments of unread rows are not decayed; see pkmlm/train/sparse_values.py). False: AdamW.
-    sparse_values: bool = False
 
 
 @dataclass
@@ -181,22 +164,17 @@ def validate(cfg: Config) -> None:
     dataclasses.replace(model, vocab_size=model.vocab_size or 1).validate()
 
     d = cfg.data
-    _check(d.seq_len >= 1, "data.seq_len", d.seq_len, "a positive number of tokens")
+    check_data_config(d)  # every data.* value that needs no file; paths are checked by resolve_data
     _check(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len,
            f"at most model.max_seq_len={model.max_seq_len}")
     if not d.files and not d.sources:  # data=prepared sets files: [] and needs data.prepared=DIR
         _check(bool(d.prepared), "data.prepared" if d.prepared is not None or not d.files else "data.files",
                d.prepared, "a directory written by pkmlm-prepare (data=prepared needs data.prepared=DIR); "
                "or give data.files=[PATH,...] or data.sources")
-    _check(d.vocab_size >= 258, "data.vocab_size", d.vocab_size, "at least 258 (256 bytes + special tokens)")
-    _check(d.tokenizer_docs >= 1, "data.tokenizer_docs", d.tokenizer_docs, "a positive number of documents")
     # A tokenizer trained here has up to data.vocab_size ids; a fixed model vocabulary must hold them
     # all (checked again against the actual tokenizer once it is loaded).
     _check(model.vocab_size == 0 or d.tokenizer is not None or model.vocab_size >= d.vocab_size, "model.vocab_size",
            model.vocab_size, f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's")
-    _check(d.val_docs >= 0, "data.val_docs", d.val_docs, ">= 0")
-    _check(d.encode_batch_docs >= 1, "data.encode_batch_docs", d.encode_batch_docs, ">= 1")
-    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, ">= 0 (0 disables shuffling)")
 
     o = cfg.optim
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive finite number")
@@ -219,7 +197,7 @@ def validate(cfg: Config) -> None:
     mb = t.micro_batch_size
     _check(mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0), "train.micro_batch_size", mb,
            f"null or a divisor of train.batch_size={t.batch_size}")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device", t.device,
+    _check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None, "train.device", t.device,
            "auto, cpu, cuda or cuda:N")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
     _check(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")

@@ -118,7 +118,7 @@ def _export_submitit_environment() -> None:
 def prepare_cli(argv: List[str]) -> Optional[DistInfo]:
     """What `pkmlm-train` does under torchrun before Hydra starts (None with one process):
 
-    - refuses Hydra multirun (`-m`): sweeps launch one torchrun job per configuration, never a
+    - refuses Hydra multirun (`-m`, `--multirun`, `hydra.mode=MULTIRUN`): sweeps launch one torchrun job per configuration, never a
       sweep inside each rank;
     - joins the process group and sets `PKMLM_RUN_TIME` to rank 0's clock, so the default run
       directory `outputs/<name>/<time>` (config.yaml, `${pkmlm_now:...}`) is the same on all ranks;
@@ -127,7 +127,8 @@ def prepare_cli(argv: List[str]) -> Optional[DistInfo]:
     """
     if not launched_with_several_processes():
         return None
-    if any(a in ("-m", "--multirun") for a in argv[1:]):
+    if any(a in ("-m", "--multirun") or a.replace(" ", "").lower() in ("hydra.mode=multirun", "+hydra.mode=multirun")
+           for a in argv[1:]):
         raise UserError("Hydra multirun (-m) inside torchrun: launch one torchrun job per configuration instead "
                         "(a shell loop, or pkmlm-train -m hydra/launcher=slurm with tasks_per_node; README, "
                         "'Distributed training')")
