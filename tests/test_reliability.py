@@ -218,6 +218,122 @@ def test_resume_from_a_damaged_checkpoint_path_is_a_user_error(short_run, tmp_pa
         _train(tmp_path / "run", "train.max_steps=4", f"resume={bad}")
 
 
+# --- distributed-format checkpoints (checkpoint.format=dcp, one process) --------------------------
+
+DCP_STEPS = ("train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4", "eval.interval=100",
+             "checkpoint.format=dcp")
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory):
+    """A 4-step run stopped after step 3, a DCP checkpoint directory at every step."""
+    run_dir = tmp_path_factory.mktemp("dcp") / "run"
+    _train(run_dir, *DCP_STEPS, "train.stop_at_step=3")
+    return run_dir
+
+
+def _damage_dcp(ckpt: Path, damage: str) -> None:
+    shard = next(ckpt.glob("__0_*.distcp"))  # the model and optimizer tensors
+    data = shard.read_bytes()
+    if damage == "bitflip":  # one bit in the middle of the tensor data
+        i = len(data) // 2
+        shard.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+    elif damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "missing_file":
+        (ckpt / "data" / "shard_00000.json").unlink()
+    elif damage == "no_manifest":  # as if the write had stopped before its last file
+        (ckpt / "checksums.sha256").unlink()
+    else:
+        raise ValueError(damage)
+
+
+def test_dcp_checkpoint_has_a_sha256sum_manifest(dcp_run):
+    from pkmlm.train.dcp import list_dcp_checkpoints, verify_dcp
+
+    ckpts = list_dcp_checkpoints(dcp_run / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000001.dcp", "step_00000002.dcp", "step_00000003.dcp"]
+    newest = ckpts[-1]
+    listed = sorted(line.split("  ", 1)[1] for line in (newest / "checksums.sha256").read_text().splitlines())
+    on_disk = sorted(p.relative_to(newest).as_posix() for p in newest.rglob("*")
+                     if p.is_file() and p.name != "checksums.sha256")
+    assert listed == on_disk and {".metadata", "meta.pt", "data/shard_00000.json", "rng/rank_00000.pt"} <= set(listed)
+    assert all(verify_dcp(p) is None for p in ckpts)
+    check = subprocess.run(["sha256sum", "--quiet", "-c", "checksums.sha256"], cwd=newest, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr  # checkable by hand, as documented
+    assert not [p for p in (dcp_run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+@pytest.mark.parametrize("damage,reason", [("bitflip", "checksum mismatch"), ("truncate", "checksum mismatch"),
+                                           ("missing_file", "missing"), ("no_manifest", "no checksums.sha256")])
+def test_damaged_newest_dcp_checkpoint_falls_back_to_previous(dcp_run, tmp_path, damage, reason):
+    """A damaged newest DCP checkpoint is skipped by resume=auto with a warning, exactly like a
+    damaged .pt file; the run continues from the previous one, bitwise as it ran the first time."""
+    import shutil
+
+    from pkmlm.train.dcp import verify_dcp
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(dcp_run, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000003.dcp"
+    _damage_dcp(newest, damage)
+    assert reason in verify_dcp(newest)
+    with pytest.warns(UserWarning, match=f"skipping unusable checkpoint .*step_00000003.dcp.*{reason}"):
+        _train(run_dir, *DCP_STEPS)
+    first = {r["step"]: r["train/loss"] for r in read_rows(dcp_run) if "train/loss" in r}
+    rows = [r for r in read_rows(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]  # step 3 re-run from the step-2 checkpoint
+    assert rows[3]["train/loss"] == first[3]  # bitwise: the state of step 2 was restored whole
+    # The damaged directory was replaced by a valid one of the same step.
+    assert verify_dcp(newest) is None and verify_dcp(run_dir / "checkpoints" / "step_00000004.dcp") is None
+
+
+def test_dcp_resume_refuses_damaged_checkpoints(dcp_run, tmp_path):
+    """resume=PATH to a damaged DCP checkpoint is one line; resume=auto with every DCP checkpoint
+    damaged refuses to start over (they were complete once), as for .pt files; one that never got
+    its manifest (killed during the first checkpoint) is a fresh start."""
+    import shutil
+
+    from pkmlm.train.dcp import resolve_resume_any
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(dcp_run, run_dir)
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.dcp"))
+    _damage_dcp(ckpts[-1], "bitflip")
+    with pytest.raises(UserError, match="step_00000003.dcp.*checksum mismatch"):
+        resolve_resume_any(str(ckpts[-1]), run_dir)
+    for ckpt in ckpts[:-1]:
+        _damage_dcp(ckpt, "truncate")
+    with pytest.warns(UserWarning, match="skipping unusable"), \
+            pytest.raises(UserError, match="step_00000003.dcp was written completely and has been damaged since"):
+        resolve_resume_any("auto", run_dir)
+    for ckpt in ckpts:
+        (ckpt / "checksums.sha256").unlink()
+    with pytest.warns(UserWarning, match="no checksums.sha256"):
+        assert resolve_resume_any("auto", run_dir) is None
+
+
+def test_auto_refuses_a_run_dir_of_another_config_without_checkpoints(tmp_path):
+    """A run killed before its first checkpoint leaves config.yaml (and metrics) but nothing to resume:
+    resume=auto starts it afresh under the same config, and refuses one that differs (it would mix
+    two runs' rows in one metrics.jsonl) before any work; resume=never starts over on purpose."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.max_steps=1", "eval.interval=100")
+    shutil.rmtree(run_dir / "checkpoints")
+    before = (run_dir / "config.yaml").read_bytes()
+    with pytest.raises(UserError) as err:
+        _train(run_dir, "train.max_steps=1", "eval.interval=100", "model.dim=32")
+    message = str(err.value)
+    assert "\n" not in message and "holds a run made with another config (model.dim: 64 -> 32)" in message
+    assert "resume=never" in message and (run_dir / "config.yaml").read_bytes() == before  # nothing written
+    assert _train(run_dir, "train.max_steps=1", "eval.interval=100")["step"] == 1  # its own config: fresh start
+    shutil.rmtree(run_dir / "checkpoints")
+    _train(run_dir, "train.max_steps=1", "eval.interval=100", "model.dim=32", "resume=never")
+
+
 def test_max_steps_may_change_only_to_extend_a_finished_run(tmp_path):
     _train(tmp_path / "run", "train.max_steps=6", "train.stop_at_step=2", "eval.interval=100")
     with pytest.raises(UserError, match=r"train\.max_steps: 6 -> 8 \(the run stopped at step 2 of 6"):
@@ -276,6 +392,29 @@ def test_one_non_finite_gradient_is_skipped_and_counted(tmp_path, monkeypatch):
     assert [r["train/nonfinite_skipped"] for r in rows] == [0, 0, 1, 1, 1]  # the third try was skipped
     state = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[1]
     assert state["nonfinite_skipped"] == 1 and state["data"]["batches"] == 6  # its batch was consumed
+
+
+def test_stop_signal_during_non_finite_steps_is_answered_at_once(tmp_path, monkeypatch):
+    """A SIGTERM that arrives while steps are being skipped stops the run after that step with a
+    checkpoint, rather than after train.max_consecutive_nonfinite more of them."""
+    import signal
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip_failing_from_the_third(*args, **kwargs):
+        calls["n"] += 1
+        norm = real_clip(*args, **kwargs)
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's StopSignals: a flag
+        return torch.full_like(norm, float("nan")) if calls["n"] >= 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_failing_from_the_third)
+    summary = _train(tmp_path / "run", "train.max_steps=50", "eval.interval=100", "checkpoint.interval=100",
+                     "train.max_consecutive_nonfinite=40")
+    assert calls["n"] == 3 and summary["stopped_by"] == "SIGTERM" and summary["step"] == 2
+    state = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[1]
+    assert state["step"] == 2 and state["nonfinite_skipped"] == 1
 
 
 # --- memory-layer faults show up in the metrics ---------------------------------------------------
@@ -358,6 +497,74 @@ def test_second_process_on_a_locked_run_dir_exits_2_and_lock_dies_with_its_holde
         holder.wait()
     with RunLock(run_dir):  # the kernel released the lock with the process
         pass
+
+
+# --- stop signals sent to the whole process group -------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stop_signal_to_the_process_group_with_workers_checkpoints_and_exits_0(tmp_path, sig):
+    """SLURM at its time limit and a terminal's Ctrl-C signal every process of the job, DataLoader
+    workers included; the trainer alone decides: it finishes its step, checkpoints and exits 0 (a
+    worker that died of the SIGTERM used to crash it with a traceback and no checkpoint)."""
+    import json
+    import signal
+    import time
+
+    from pkmlm.train.checkpoint import verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    args = overrides("train.max_steps=400", "data.num_workers=2", "checkpoint.interval=1000", "eval.interval=1000")
+    proc = subprocess.Popen([sys.executable, "-m", "pkmlm.cli.train", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count('"train/loss"') >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        os.killpg(proc.pid, getattr(signal, sig))  # the trainer and its 2 workers
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in out, out[-3000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert rows[-1]["stopped_by"] == sig  # the final row: stopped by the signal, not by a crash
+    reached = max(r["step"] for r in rows if "train/loss" in r)
+    ckpt = run_dir / "checkpoints" / f"step_{reached:08d}.pt"
+    assert verify_checkpoint(ckpt) is None
+
+
+def test_workers_ignore_foreign_sigterm_and_end_on_their_trainers():
+    """A DataLoader worker survives a SIGTERM that another process sent (SLURM signals every process
+    of the job; the trainer decides), and still ends when its trainer terminates it: at interpreter
+    exit multiprocessing terminates, then joins, its workers, which must not hang."""
+    script = """if True:
+        import functools, os, subprocess, sys, time, torch
+        from pkmlm.data.loader import _die_with_parent
+
+        class Zeros(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                while True:
+                    yield torch.zeros(1)
+
+        loader = torch.utils.data.DataLoader(Zeros(), batch_size=None, num_workers=1,
+                                             worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
+        batches = iter(loader)
+        next(batches)
+        worker = batches._workers[0]
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+        time.sleep(0.5)
+        next(batches)
+        print("alive" if worker.is_alive() else "dead", flush=True)
+        sys.exit(0)  # the iterator is still alive: multiprocessing terminates and joins the worker
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stdout + proc.stderr[-3000:]
 
 
 # --- input validation -----------------------------------------------------------------------------

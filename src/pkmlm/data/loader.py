@@ -249,6 +249,26 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _leave_stop_signals_to(parent_pid: int) -> None:
+    """In a worker: ignore SIGINT and SIGUSR1, and SIGTERM unless `parent_pid` sent it (above)."""
+    import threading
+
+    for stop in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not POSIX: torch's own handling stays
+        return
+    # Blocked here, in the worker's only thread, so in every thread started later too: a SIGTERM
+    # stays pending until the waiting thread takes it, with the sender's pid.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="pkmlm-sigterm", daemon=True).start()
+
+
 def _die_with_parent(parent_pid: int, worker_id: int) -> None:
     """DataLoader `worker_init_fn`: the kernel kills this worker when the training process dies.
 
@@ -256,14 +276,16 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
     blocked for ever on a full result pipe, each holding its memory (found by
     scripts/fault_inject.py). Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
 
-    It also ignores the stop signals (SIGTERM, SIGINT, SIGUSR1): SLURM at its time limit and a
-    terminal's Ctrl-C signal the whole process group, and a worker killed by them (torch's worker
-    SIGTERM handler dies unless its parent sent it) crashed the trainer before it could finish its
-    step and checkpoint. The trainer decides (train/loop.py, StopSignals), then shuts its workers
-    down; those that outlive it die with it (above).
+    It also leaves the stop signals to the trainer (train/loop.py, StopSignals): SLURM at its time
+    limit signals every process of the job and a terminal's Ctrl-C the whole process group, and a
+    worker killed by SIGTERM (torch's worker handler dies of any SIGTERM its parent did not send)
+    crashed the trainer before it could finish its step and checkpoint. So SIGINT and SIGUSR1 are
+    ignored, and SIGTERM is taken by a thread (`sigwaitinfo`) that ends the worker only when the
+    trainer sent it (`Process.terminate()` when the DataLoader or the interpreter shuts down), as
+    torch's handler does, and ignores it otherwise. The trainer finishes its step, checkpoints and
+    shuts its workers down; those that outlive it die with it (above).
     """
-    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(stop, signal.SIG_IGN)
+    _leave_stop_signals_to(parent_pid)
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -16,14 +16,23 @@ A checkpoint is the directory `checkpoints/step_XXXXXXXX.dcp/`:
                                    the rank that runs the shard
     rng/rank_XXXXX.pt              each rank's RNG states (restored when the rank count is unchanged)
     meta.pt                        step, tokens, config, model config, tokenizer, code version,
-                                   world size, data shards; written last, by rank 0
+                                   world size, data shards; written by rank 0 once every rank is done
+    checksums.sha256               the SHA-256 of every other file, as `sha256sum` prints it (so
+                                   `cd step_XXXXXXXX.dcp && sha256sum -c checksums.sha256` checks it
+                                   by hand); written last, by rank 0, atomically
 
-It is written under `.step_XXXXXXXX.dcp.tmp/` and renamed into place after `meta.pt`, so a
-directory with the final name is complete; an incomplete one (no `meta.pt` or no `.metadata`) is
-skipped on resume with a warning. As with the single-process files, a valid checkpoint of a step
-is never replaced, saving step s removes checkpoints of later steps (another timeline), and only
-the newest `checkpoint.keep_last` are kept. The run directory must be on a file system that every
-node sees.
+It is written under `.step_XXXXXXXX.dcp.tmp/` and renamed into place after `checksums.sha256`, so
+a directory with the final name is complete. Loading (resume, `pkmlm-eval`, `pkmlm.load_run`)
+verifies every file against the manifest first: a directory without it (a write that did not
+finish), with a file missing, truncated or bit-flipped, is skipped by `resume=auto` with a
+warning (`skipping unusable checkpoint ...: checksum mismatch (truncated or corrupt)`), as a
+damaged `.pt` file is; when none verifies and one of them was complete once (it has its
+manifest), `resume=auto` refuses rather than start over. As with the single-process files, a
+valid checkpoint of a step is never replaced, saving step s removes checkpoints of later steps
+(another timeline), and only the newest `checkpoint.keep_last` are kept (a directory is renamed to
+`.step_XXXXXXXX.dcp.del` before it is deleted, so a kill mid-deletion never leaves a half-deleted
+directory under a checkpoint's name). The run directory must be on a file system that every node
+sees.
 
 Model and optimizer state go through `torch.distributed.checkpoint.state_dict`
 (`get_state_dict` / `set_state_dict`), which names parameters the same way with and without DDP or
@@ -33,25 +42,30 @@ FSDP2 wrappers and keeps DTensors sharded, so save and load never gather a whole
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 
 from pkmlm.errors import ConfigError, UserError
-from pkmlm.train.checkpoint import (atomic_write, checkpoint_step, list_checkpoints, resolve_resume, rng_state,
-                                    set_rng_state)
+from pkmlm.train.checkpoint import (CheckpointWriteError, atomic_write, checkpoint_step, list_checkpoints,
+                                    resolve_resume, rng_state, set_rng_state)
 from pkmlm.train.data_shards import DataShards, load_shard_states, shard_states
 from pkmlm.train.distributed import DistInfo, run_on_main
 
+T = TypeVar("T")
 FORMATS = ("auto", "torch", "dcp")
 META = "meta.pt"
+MANIFEST = "checksums.sha256"
 _NAME = re.compile(r"^step_(\d{8})\.dcp$")
 # What the single-process payload holds that this format stores per rank or in DCP instead.
 _PER_RANK_KEYS = ("model", "optimizer", "data", "rng")
@@ -87,8 +101,43 @@ def is_dcp_checkpoint(path: Path) -> bool:
     return path.is_dir() and (_NAME.match(path.name) is not None or (path / META).exists())
 
 
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_files(root: Path, names: List[str]) -> List[str]:
+    """SHA-256 of each `root/name`, several files at once (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        return list(pool.map(lambda name: _sha256_file(root / name), names))
+
+
+def write_manifest(root: Path) -> None:
+    """`root/checksums.sha256`: the SHA-256 of every other file under `root`, written atomically."""
+    root = Path(root)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.relative_to(root).as_posix() != MANIFEST)
+    lines = [f"{digest}  {name}\n" for name, digest in zip(names, _hash_files(root, names))]
+    atomic_write(root / MANIFEST, "".join(lines).encode())
+
+
+def _read_manifest(path: Path) -> Dict[str, str]:
+    entries: Dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not name or name.startswith("/") \
+                or ".." in name.split("/"):
+            raise ValueError(f"line {number} is not '<sha256>  <file>'")
+        entries[name] = digest
+    return entries
+
+
 def verify_dcp(path: Path) -> Optional[str]:
-    """None when the directory is a complete checkpoint; otherwise why not (one line)."""
+    """None when the directory is a complete checkpoint whose every file matches its manifest;
+    otherwise why not (one line). Reads every file; deserializes nothing."""
     path = Path(path)
     if not path.is_dir():
         return f"{path}: no such checkpoint directory"
@@ -96,6 +145,26 @@ def verify_dcp(path: Path) -> Optional[str]:
         return f"{path}: no .metadata (the distributed write did not finish)"
     if not (path / META).is_file():
         return f"{path}: no {META} (the write did not finish)"
+    if not (path / MANIFEST).is_file():
+        return f"{path}: no {MANIFEST} (the write did not finish)"
+    try:
+        entries = _read_manifest(path / MANIFEST)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{path / MANIFEST}: unreadable ({e}; truncated or corrupt)"
+    for name in (".metadata", META):
+        if name not in entries:
+            return f"{path / MANIFEST}: does not list {name} (truncated or corrupt)"
+    names = sorted(entries)
+    for name in names:
+        if not (path / name).is_file():
+            return f"{path / name}: missing (the checkpoint was damaged)"
+    try:
+        digests = _hash_files(path, names)
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror or e})"
+    for name, digest in zip(names, digests):
+        if digest != entries[name]:
+            return f"{path / name}: checksum mismatch (truncated or corrupt)"
     return None
 
 
@@ -153,7 +222,18 @@ def resolve_resume_any(resume: str, run_dir: Path) -> Optional[Tuple[Path, Dict[
         if found is not None:
             break
     if found is None:
-        return resolve_resume(resume, run_dir)  # no distributed checkpoint: the single-process rules
+        # No distributed checkpoint verifies: the single-process rules (and their refusal when every
+        # .pt file was damaged after it was complete) decide, unless a DCP directory was complete once
+        # (it has its manifest) and was damaged since: then, as for a damaged .pt, refuse to start over.
+        single = resolve_resume(resume, run_dir)
+        damaged = [p.name for d in directories for p in list_dcp_checkpoints(d) if (p / MANIFEST).is_file()]
+        if single is None and resume == "auto" and damaged:
+            raise UserError(
+                f"resume=auto: no checkpoint in {directories[0]} verifies, though {', '.join(damaged[-3:])} "
+                "was written completely and has been damaged since; restore it from a copy, give another with "
+                "resume=PATH, or start over with resume=never"
+            )
+        return single
     # Both formats in one directory (a run that changed checkpoint.format): the newer step wins.
     newer_files = [p for p in list_checkpoints(found[0].parent) if checkpoint_step(p) > _step_of(found[0])]
     if newer_files:
@@ -222,6 +302,33 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tu
     return get_state_dict(model, optimizer)
 
 
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory: renamed away first (atomic), so a kill mid-deletion leaves
+    `.step_XXXXXXXX.dcp.del`, removed at the next save, never a half-deleted checkpoint."""
+    doomed = path.with_name(f".{path.name}.del")
+    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        os.replace(path, doomed)
+    except OSError:  # e.g. a leftover `.del` that could not be removed: delete in place
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _refusals_as_user_errors(fn: Callable[[], T], final: Path) -> Callable[[], T]:
+    """`fn` (rank 0's part of a save) with an OS refusal (full disk, quota, size limit, I/O) turned
+    into a one-line `CheckpointWriteError`, which `run_on_main` raises on every rank (a bare OSError
+    on rank 0 would leave the others waiting for it)."""
+    def guarded() -> T:
+        try:
+            return fn()
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {final}: {e.strerror or e} (errno {errno.errorcode.get(e.errno, e.errno)}"
+                f"{', ' + str(e.filename) if e.filename else ''}); the earlier checkpoints under {final.parent} are "
+                "untouched; free space (or fix the file system) there and resume with resume=auto") from None
+    return guarded
+
+
 def save_dcp(directory: Path, step: int, payload: Dict[str, Any], *, model: torch.nn.Module,
              optimizer: torch.optim.Optimizer, batches: Any, info: DistInfo, keep_last: int) -> Path:
     """Write the checkpoint of `step` from every rank (a collective: all ranks call it).
@@ -237,15 +344,16 @@ def save_dcp(directory: Path, step: int, payload: Dict[str, Any], *, model: torc
 
     def prepare() -> bool:
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(".step_*.dcp.tmp"):  # left by a killed writer (the run's lock is ours)
-            shutil.rmtree(stale, ignore_errors=True)
+        for pattern in (".step_*.dcp.tmp", ".step_*.dcp.del"):  # left by a killed writer (the lock is ours)
+            for stale in directory.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
         if verify_dcp(final) is None:
             return False  # never replace a valid checkpoint of this step
         (tmp / "data").mkdir(parents=True)
         (tmp / "rng").mkdir()
         return True
 
-    if not run_on_main(prepare, info):
+    if not run_on_main(_refusals_as_user_errors(prepare, final), info):
         return final
     for shard, state in shard_states(batches).items():
         atomic_write(tmp / "data" / f"shard_{shard:05d}.json", json.dumps(state).encode())
@@ -257,14 +365,20 @@ def save_dcp(directory: Path, step: int, payload: Dict[str, Any], *, model: torc
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not info.distributed)
 
+    if info.distributed:  # every rank's files are on disk before rank 0 hashes them
+        import torch.distributed as dist
+
+        dist.barrier()
+
     def finish() -> None:
         meta = {k: v for k, v in payload.items() if k not in _PER_RANK_KEYS}
         meta.update(world_size=info.world_size, data_shards=_data_shards_of(batches))
         buffer = io.BytesIO()
         torch.save(meta, buffer)
         atomic_write(tmp / META, buffer.getvalue())
-        if final.exists():  # an incomplete directory of this step
-            shutil.rmtree(final)
+        write_manifest(tmp)  # last: a directory with its manifest is complete
+        if final.exists():  # an incomplete or damaged directory of this step
+            _remove_dir(final)
         os.replace(tmp, final)
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -275,11 +389,12 @@ def save_dcp(directory: Path, step: int, payload: Dict[str, Any], *, model: torc
             if _step_of(other) > step:
                 warnings.warn(f"removing checkpoint {other.name}: newer than step {step}, which this run continued "
                               "from (it was unusable, or the run was rewound with resume=PATH)", stacklevel=2)
-                shutil.rmtree(other, ignore_errors=True)
+                _remove_dir(other)
         for old in list_dcp_checkpoints(directory)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
 
-    run_on_main(finish, info)  # every rank waits for it: the checkpoint exists when save_dcp returns
+    # Every rank waits for it: the checkpoint exists when save_dcp returns.
+    run_on_main(_refusals_as_user_errors(finish, final), info)
     return final
 
 

@@ -31,13 +31,14 @@ from pkmlm.model.transformer import ModelConfig, Transformer
 from pkmlm.train.checkpoint import atomic_write, resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state
 from pkmlm.train.data_shards import build_batches, plan_data_shards, saved_data_shards
 from pkmlm.train.dcp import checkpoint_format, load_dcp, resolve_resume_shared, save_dcp
-from pkmlm.train.distributed import (DistInfo, NoMetrics, agree_on_stop, all_reduce_mean, check_batch_split,
+from pkmlm.train.distributed import (DistInfo, NoMetrics, agree_on_stop, all_reduce_mean, any_rank, check_batch_split,
                                      check_parallel_config, check_same_run_dir, init_distributed, main_rank_holds,
-                                     parallelize, rank_device, shared_tokenizer)
+                                     parallelize, rank_device, run_on_main, shared_tokenizer)
 from pkmlm.train.distributed import clip_grad_norm_ as clip_all_grad_norms_
 from pkmlm.train.optim import build_optimizer, clip_grad_norm_, lr_factor, set_lr
 from pkmlm.train.throughput import RunClock, budget_reached, stop_reason
-from pkmlm.train.rundir import RunLock, check_input_paths, code_version, disk_full_error, resume_conflicts
+from pkmlm.train.rundir import (RunLock, check_input_paths, code_version, disk_full_error, fresh_start_conflicts,
+                                resume_conflicts)
 
 VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64: tensor-core friendly (nanoGPT: 50257 -> 50304)
 
@@ -134,6 +135,14 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
             raise UserError(
                 f"cannot resume from {resumed[0]}: the run was made with another config ({'; '.join(diffs[:3])}"
                 f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never"
+            )
+    elif cfg.resume == "auto":  # no checkpoint: a fresh start, unless the directory is another run's
+        diffs = run_on_main(lambda: fresh_start_conflicts(run_dir, resolved), info)
+        if diffs:
+            raise UserError(
+                f"run directory {run_dir} holds a run made with another config ({'; '.join(diffs[:3])}"
+                f"{'; ...' if len(diffs) > 3 else ''}) and no checkpoint of it; use a new run directory, "
+                "or resume=never to start over in this one"
             )
 
     # Tokenizer: a resumed run keeps its own, whatever the cache holds now.
@@ -275,8 +284,11 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             # torch's, or with sparse value grads, or over shards (FSDP, sharded values) on every rank
             grad_norm = clip_all_grad_norms_(model.parameters(), clip)
-            # One host sync per step: a non-finite loss or gradient must not reach the weights.
-            if not (torch.isfinite(grad_norm) & torch.isfinite(step_loss)).item():
+            # One host sync per step: a non-finite loss or gradient must not reach the weights. The
+            # norm is over all ranks' gradients, the loss is this rank's: the ranks agree on skipping
+            # (a no-op with one process), so that all of them run the same collectives next.
+            finite = bool((torch.isfinite(grad_norm) & torch.isfinite(step_loss)).item())
+            if any_rank(not finite, info):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_run += 1
                 nonfinite_total += 1
@@ -287,6 +299,8 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
                         f"{nonfinite_run} non-finite steps in a row (train.max_consecutive_nonfinite="
                         f"{cfg.train.max_consecutive_nonfinite}); the last good checkpoint is in "
                         f"{run_dir / 'checkpoints'}; lower optim.lr or raise optim.warmup_steps")
+                # A stop signal during a run of skipped steps is answered now, not after a good step.
+                stop_signal, budget = agree_on_stop(signals.received, budget, info)
                 continue
             nonfinite_run = 0
             optimizer.step()

@@ -79,6 +79,28 @@ def resume_conflicts(saved: dict, saved_step: int, current: dict) -> list[str]:
     return diffs
 
 
+def fresh_start_conflicts(run_dir: Path, current: dict) -> list[str]:
+    """Why a fresh start in `run_dir` (no usable checkpoint there) would mix two runs: the keys of
+    `config_differences` between the `config.yaml` another run left there and `current`. Empty when
+    there is none, or when it is this run's own (a run killed before its first checkpoint)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # noqa: BLE001 - a config.yaml we cannot read is not a run's config
+        return [f"its config.yaml is unreadable ({type(e).__name__})"]
+    if not isinstance(saved, dict):
+        return ["its config.yaml is not a mapping"]
+    # config.yaml shows the vocabulary the run built; model.vocab_size=0 means "the tokenizer's".
+    model = current.get("model")
+    if isinstance(model, dict) and model.get("vocab_size") == 0 and isinstance(saved.get("model"), dict):
+        current = {**current, "model": {**model, "vocab_size": saved["model"].get("vocab_size", 0)}}
+    return config_differences(saved, current)
+
+
 # errno values that mean "the file system is full or refuses to grow the file".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
