@@ -19,6 +19,20 @@ def make_docs(n, seed=0, prefix="doc"):
     return [f"{prefix}{i:04d} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for i in range(n)]
 
 
+def stitch(windows):
+    """The token stream back from windows that overlap by one token."""
+    stream = list(windows[0])
+    for w in windows[1:]:
+        assert w[0] == stream[-1]
+        stream.extend(w[1:])
+    return stream
+
+
+def roundtrip(state):
+    """What a checkpoint would give back; also proves the state is plain JSON."""
+    return json.loads(json.dumps(state))
+
+
 def write_jsonl(path, records, compress=False):
     data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
     with (gzip.open if compress else open)(path, "wb") as f:

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from data_fixtures import make_docs, write_jsonl, write_parquet, write_texts_jsonl, write_wet
+from data_fixtures import make_docs, roundtrip, stitch, write_jsonl, write_parquet, write_texts_jsonl, write_wet
 from pkmlm.data.cleaning import Cleaner
 from pkmlm.data.config import DataConfig, SourceConfig
 from pkmlm.data.loader import TokenBatches, WorkerBatches, build_train_batches, stats_row, validation_batches
@@ -20,18 +20,6 @@ from pkmlm.errors import ConfigError, DataError
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe(make_docs(300, seed=99) + ["val", "VAL", "wet", "pq"], vocab_size=320)
-
-
-def stitch(windows):
-    stream = list(windows[0])
-    for w in windows[1:]:
-        assert w[0] == stream[-1]
-        stream.extend(w[1:])
-    return stream
-
-
-def roundtrip(state):
-    return json.loads(json.dumps(state))
 
 
 def cfg_for(files=(), **kw):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 from collections import Counter
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_fixtures import make_docs, roundtrip, stitch, write_texts_jsonl
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import TokenBatches, build_data, validation_batches
 from pkmlm.data.packing import Packer, ShuffleBuffer
@@ -21,36 +21,11 @@ from pkmlm.errors import DataError
 
 SAMPLE_DIR = os.environ.get("PKMLM_SAMPLE_DIR") or str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
 WIKI = os.path.join(SAMPLE_DIR, "wiki-en-2015", "enwiki2015_AA.jsonl.gz")
-WORDS = "alpha beta gamma delta memory key value layer token river".split()
-
-
-def stitch(windows):
-    """The token stream back from windows that overlap by one token."""
-    stream = list(windows[0])
-    for w in windows[1:]:
-        assert w[0] == stream[-1]
-        stream.extend(w[1:])
-    return stream
-
-
-def make_docs(n, seed=0, prefix="doc"):
-    rng = random.Random(seed)
-    return [f"{prefix}{i:04d} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for i in range(n)]
-
-
-def write_jsonl(path, texts):
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def tok():
     return train_bpe(make_docs(300, seed=99) + ["val", "VAL"], vocab_size=300)
-
-
-def roundtrip_state(state):
-    """What a checkpoint would give back; also proves the state is plain JSON."""
-    return json.loads(json.dumps(state))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,7 +60,7 @@ def test_packer_state_resume():
     first = Packer(5, 0)
     got = [w for d in docs[:3] for w in first.push(d)]
     second = Packer(5, 0)
-    second.load_state_dict(roundtrip_state(first.state_dict()))
+    second.load_state_dict(roundtrip(first.state_dict()))
     got += [w for d in docs[3:] for w in second.push(d)]
     assert got == expected
 
@@ -117,7 +92,7 @@ def test_shuffle_buffer_state_resume():
     first = ShuffleBuffer(16, seed="s")
     got = [first.push(x) for x in items[:77]]
     second = ShuffleBuffer(16, seed="other seed: the state overrides it")
-    second.load_state_dict(roundtrip_state(first.state_dict()))
+    second.load_state_dict(roundtrip(first.state_dict()))
     got += [second.push(x) for x in items[77:]]
     assert got == expected
 
@@ -133,7 +108,7 @@ def make_cfg(files, **overrides):
 
 
 def test_batches_shape_dtype_counters(tmp_path, tok):
-    files = [write_jsonl(tmp_path / "c.jsonl", make_docs(30))]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(30))]
     batches = TokenBatches(make_cfg(files), files, tok, batch_size=4, seed=0)
     for _ in range(3):
         batch = next(batches)
@@ -151,7 +126,7 @@ def test_batches_shape_dtype_counters(tmp_path, tok):
     ],
 )
 def test_resume_is_bit_identical(tmp_path, tok, n_docs, shuffle_buffer, stops, epochs):
-    files = [write_jsonl(tmp_path / "a.jsonl", make_docs(n_docs // 2)),
+    files = [write_texts_jsonl(tmp_path / "a.jsonl", make_docs(n_docs // 2)),
              str(tmp_path / "b.txt")]
     (tmp_path / "b.txt").write_text("\n\n".join(make_docs(n_docs - n_docs // 2, seed=1, prefix="txt")))
     cfg = make_cfg(files, shuffle_buffer=shuffle_buffer)
@@ -166,7 +141,7 @@ def test_resume_is_bit_identical(tmp_path, tok, n_docs, shuffle_buffer, stops, e
     for stop in stops + [total]:
         got += [next(run) for _ in range(stop - done)]
         done = stop
-        state = roundtrip_state(run.state_dict())
+        state = roundtrip(run.state_dict())
         run = TokenBatches(cfg, files, tok, batch_size=3, seed=7)  # a fresh process, in effect
         run.load_state_dict(state)
     assert len(got) == total
@@ -175,7 +150,7 @@ def test_resume_is_bit_identical(tmp_path, tok, n_docs, shuffle_buffer, stops, e
 
 
 def test_shuffle_changes_order_between_epochs(tmp_path, tok):
-    files = [write_jsonl(tmp_path / "c.jsonl", make_docs(12))]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(12))]
     cfg = make_cfg(files, val_docs=0, shuffle_buffer=6)
     batches = TokenBatches(cfg, files, tok, batch_size=1, seed=0)
     rows = [next(batches)[0].tolist() for _ in range(120)]
@@ -195,7 +170,7 @@ def read_training_text(batches, tok, n_windows):
 def test_validation_docs_never_in_training(tmp_path, tok):
     val = [f"VAL{i} val val" for i in range(4)]
     train = make_docs(20)
-    files = [write_jsonl(tmp_path / "c.jsonl", val + train)]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", val + train)]
     cfg = make_cfg(files, val_docs=4)
     batches = TokenBatches(cfg, files, tok, batch_size=2, seed=0)
     text = read_training_text(batches, tok, 120)
@@ -205,7 +180,7 @@ def test_validation_docs_never_in_training(tmp_path, tok):
 
 
 def test_ranks_read_disjoint_documents(tmp_path, tok):
-    files = [write_jsonl(tmp_path / "c.jsonl", make_docs(23))]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(23))]
     cfg = make_cfg(files, val_docs=2)
     seen = []
     for rank in range(3):
@@ -218,13 +193,13 @@ def test_ranks_read_disjoint_documents(tmp_path, tok):
 
 
 def test_empty_training_split_is_a_data_error(tmp_path, tok):
-    files = [write_jsonl(tmp_path / "c.jsonl", make_docs(3))]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(3))]
     with pytest.raises(DataError, match=r"training split.*data\.val_docs=3.*lower data\.val_docs"):
         next(TokenBatches(make_cfg(files, val_docs=3), files, tok, batch_size=2, seed=0))
 
 
 def test_resume_with_another_layout_is_refused(tmp_path, tok):
-    files = [write_jsonl(tmp_path / "c.jsonl", make_docs(10))]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(10))]
     batches = TokenBatches(make_cfg(files), files, tok, batch_size=2, seed=0)
     next(batches)
     other = TokenBatches(make_cfg(files, seq_len=8), files, tok, batch_size=2, seed=0)
@@ -238,7 +213,7 @@ def test_resume_with_another_layout_is_refused(tmp_path, tok):
 
 def test_validation_batches_complete_and_deterministic(tmp_path, tok):
     val = make_docs(5, seed=3, prefix="val")
-    files = [write_jsonl(tmp_path / "c.jsonl", val + make_docs(10))]
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", val + make_docs(10))]
     cfg = make_cfg(files, val_docs=5, seq_len=8)
     batches = validation_batches(cfg, files, tok, batch_size=3)
     again = validation_batches(cfg, files, tok, batch_size=3)

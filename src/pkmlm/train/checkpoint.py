@@ -174,14 +174,23 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
             f"cannot write checkpoint {path}: {e.strerror or e} (errno {errno.errorcode.get(e.errno, e.errno)}); "
             f"{intact}; free space (or fix the file system) under {directory} and resume with resume=auto"
         ) from None
-    for stale in list_checkpoints(directory):
-        if checkpoint_step(stale) > step:
-            warnings.warn(f"removing checkpoint {stale.name}: newer than step {step}, which this run continued "
-                          "from (it was unusable, or the run was rewound with resume=PATH)", stacklevel=2)
-            _delete(stale)
-    for old in list_checkpoints(directory)[:-keep_last]:
-        _delete(old)
+    prune_checkpoints(list_checkpoints(directory), step, keep_last, checkpoint_step, _delete)
     return path
+
+
+def prune_checkpoints(checkpoints: list, step: int, keep_last: int, step_of, delete) -> None:
+    """The retention rule of both formats, after writing `step`: checkpoints (oldest first) newer
+    than `step` go (the run continued from an older one), then all but the last `keep_last`."""
+    kept = []
+    for path in checkpoints:
+        if step_of(path) > step:
+            warnings.warn(f"removing checkpoint {path.name}: newer than step {step}, which this run continued "
+                          "from (it was unusable, or the run was rewound with resume=PATH)", stacklevel=3)
+            delete(path)
+        else:
+            kept.append(path)
+    for old in kept[:-keep_last]:
+        delete(old)
 
 
 def _delete(path: Path) -> None:

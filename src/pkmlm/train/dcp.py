@@ -58,7 +58,7 @@ import torch
 
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.train.checkpoint import (CheckpointWriteError, atomic_write, checkpoint_step, list_checkpoints,
-                                    resolve_resume, rng_state, set_rng_state)
+                                    prune_checkpoints, resolve_resume, rng_state, set_rng_state)
 from pkmlm.train.data_shards import DataShards, load_shard_states, shard_states
 from pkmlm.train.distributed import DistInfo, run_on_main
 
@@ -385,13 +385,7 @@ def save_dcp(directory: Path, step: int, payload: Dict[str, Any], *, model: torc
             os.fsync(fd)
         finally:
             os.close(fd)
-        for other in list_dcp_checkpoints(directory):
-            if _step_of(other) > step:
-                warnings.warn(f"removing checkpoint {other.name}: newer than step {step}, which this run continued "
-                              "from (it was unusable, or the run was rewound with resume=PATH)", stacklevel=2)
-                _remove_dir(other)
-        for old in list_dcp_checkpoints(directory)[:-keep_last]:
-            _remove_dir(old)
+        prune_checkpoints(list_dcp_checkpoints(directory), step, keep_last, _step_of, _remove_dir)
 
     # Every rank waits for it: the checkpoint exists when save_dcp returns.
     run_on_main(_refusals_as_user_errors(finish, final), info)
