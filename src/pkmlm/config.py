@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from pkmlm.data.config import DataConfig, check_data_config
+from pkmlm.data.config import DataConfig, check_data_config, default_cache_dir
 from pkmlm.errors import ConfigError
 from pkmlm.model.transformer import ModelConfig
 from pkmlm.train.optim import OptimConfig  # beside the optimizer: torch-only for the benchmarks
@@ -31,11 +31,6 @@ def default_sample_dir() -> str:
     """`PKMLM_SAMPLE_DIR` when set, else `../shared/data` beside the project root."""
     env = os.environ.get("PKMLM_SAMPLE_DIR")
     return env if env else str((PROJECT_ROOT / ".." / "shared" / "data").resolve())
-
-
-def default_cache_dir() -> str:
-    """`PKMLM_CACHE_DIR` when set, else `~/.cache/pkmlm` (tokenizers trained from a stream)."""
-    return os.environ.get("PKMLM_CACHE_DIR") or str(Path.home() / ".cache" / "pkmlm")
 
 
 def config_dir() -> str:

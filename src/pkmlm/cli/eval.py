@@ -89,14 +89,9 @@ def check_eval_config(cfg: EvalAppConfig) -> None:
 
 def _check_same_tokenizer(directory: str, tokenizer) -> None:
     """Prepared token ids mean something only under the tokenizer that wrote them."""
-    import os
+    from pkmlm.data.prepared import load_prepared_tokenizer
 
-    from pkmlm.data.prepared import load_index
-    from pkmlm.data.tokenizer import load_tokenizer
-
-    index = load_index(directory)
-    theirs = load_tokenizer(os.path.join(os.path.abspath(os.path.expanduser(directory)), index["tokenizer"]),
-                            key="data.prepared")
+    theirs, _ = load_prepared_tokenizer(directory)
     if theirs.get_vocab() != tokenizer.get_vocab():
         raise DataError(f"data.prepared={directory!r} was tokenized with another tokenizer than the run's; "
                         "prepare it with the run's (pkmlm-prepare data.tokenizer=RUN_DIR/tokenizer.json out=DIR)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -59,6 +60,11 @@ class DataConfig:
 # 256 byte tokens + <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
 MIN_VOCAB_SIZE = 257
 EOS_TOKEN = "<|endoftext|>"
+
+
+def default_cache_dir() -> str:
+    """`$PKMLM_CACHE_DIR`, else `~/.cache/pkmlm` (tokenizers trained from a stream)."""
+    return os.environ.get("PKMLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pkmlm")
 
 
 def extra_special_tokens(cfg: DataConfig) -> List[str]:

@@ -306,21 +306,31 @@ class MixedDocuments:
         self._rng.setstate((version, tuple(internal), gauss))
 
 
+def interleave(iterators: Sequence[Iterator[Any]], weights: Sequence[float], seed: str) -> Iterator[Any]:
+    """The items of `iterators`, each next one from an iterator drawn by weight (seeded); an
+    iterator that ends drops out, and the rest go on until every one has ended."""
+    rng = random.Random(seed)
+    live = list(zip(weights, iterators))
+    while live:
+        i = rng.choices(range(len(live)), weights=[w for w, _ in live])[0] if len(live) > 1 else 0
+        item = next(live[i][1], _END)
+        if item is _END:
+            del live[i]
+            continue
+        yield item
+
+
+_END = object()
+
+
 def sample_documents(sources: Sequence[Source], cfg: DataConfig, n: int) -> Iterator[str]:
     """The tokenizer's training sample: `n` cleaned documents from the start of the sources,
     interleaved by weight (seeded, independent of the run's seed); a source that ends drops out."""
-    streams = [(s.weight, (make_cleaner(cfg), s.stream(cfg.strict).documents_iter())) for s in sources]
-    rng = random.Random("pkmlm-tokenizer-sample")
-    taken = 0
-    while streams and taken < n:
-        weights = [w for w, _ in streams]
-        i = rng.choices(range(len(streams)), weights=weights)[0] if len(streams) > 1 else 0
-        cleaner, docs = streams[i][1]
-        doc = next(docs, None)
-        if doc is None:
-            del streams[i]
-            continue
-        text = cleaner(doc.text)
-        if text is not None:
-            taken += 1
-            yield text
+
+    def cleaned(source: Source) -> Iterator[Optional[str]]:
+        # None for a document cleaning drops: it still takes its draw, as a document does.
+        cleaner = make_cleaner(cfg)
+        return (cleaner(doc.text) for doc in source.stream(cfg.strict).documents_iter())
+
+    texts = interleave([cleaned(s) for s in sources], [s.weight for s in sources], seed="pkmlm-tokenizer-sample")
+    return itertools.islice((t for t in texts if t is not None), n)

@@ -26,18 +26,21 @@ The state is (epoch, position): plain ints, exact on resume.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import shutil
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from pkmlm.data.config import DataConfig
-from pkmlm.data.mixing import Source, make_cleaner, merge_counts, validation_documents
+from pkmlm.data.mixing import Source, interleave, make_cleaner, merge_counts, validation_documents
+from pkmlm.data.tokenizer import encode_documents, eos_id, load_tokenizer
 from pkmlm.errors import DataError
 
 FORMAT = "pkmlm-prepared/1"
@@ -72,6 +75,13 @@ def load_index(directory: str) -> Dict[str, Any]:
                 raise DataError(f"data.prepared={directory!r}: shard {shard['file']} is missing or not "
                                 f"{expected} bytes; prepare the directory again")
     return index
+
+
+def load_prepared_tokenizer(directory: str, index: Optional[Dict[str, Any]] = None) -> Tuple[Tokenizer, str]:
+    """The tokenizer the directory's token ids belong to, and its path."""
+    index = index or load_index(directory)
+    path = os.path.join(os.path.abspath(os.path.expanduser(directory)), index["tokenizer"])
+    return load_tokenizer(path, key="data.prepared"), path
 
 
 def open_shards(directory: str, split: str, index: Optional[Dict[str, Any]] = None) -> List[np.memmap]:
@@ -137,24 +147,10 @@ def _one_pass(source: Source, cfg: DataConfig, counts: Dict[str, Dict[str, int]]
     counts[source.name] = merge_counts(stream.stats, cleaner.stats)
 
 
-def _interleave(iterators: List[Iterator[str]], weights: List[float], seed: str) -> Iterator[str]:
-    rng = random.Random(seed)
-    live = list(zip(weights, iterators))
-    while live:
-        i = rng.choices(range(len(live)), weights=[w for w, _ in live])[0] if len(live) > 1 else 0
-        text = next(live[i][1], None)
-        if text is None:
-            del live[i]
-            continue
-        yield text
-
-
 def prepare(cfg: DataConfig, sources: List[Source], tokenizer, out_dir: str, shard_tokens: int = 100_000_000,
             tokenizer_hash: Optional[str] = None, progress=None) -> Dict[str, Any]:
     """Tokenize the validation and training splits of `sources` into shards under `out_dir`
     (written under a temporary name, renamed when complete). Returns the index."""
-    from pkmlm.data.tokenizer import encode_documents, eos_id
-
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise DataError(f"out={out_dir!r} exists and is not an empty directory; remove it or choose another out")
@@ -171,12 +167,9 @@ def prepare(cfg: DataConfig, sources: List[Source], tokenizer, out_dir: str, sha
             if split == "val":
                 texts: Iterator[str] = (t for s in sources for t in validation_documents(s, cfg))
             else:
-                texts = _interleave([_one_pass(s, cfg, counts) for s in sources], [s.weight for s in sources],
-                                    seed="pkmlm-prepare")
-            while True:
-                chunk = [t for _, t in zip(range(cfg.encode_batch_docs), texts)]
-                if not chunk:
-                    break
+                texts = interleave([_one_pass(s, cfg, counts) for s in sources], [s.weight for s in sources],
+                                   seed="pkmlm-prepare")
+            while chunk := list(itertools.islice(texts, cfg.encode_batch_docs)):
                 writer.add(encode_documents(tokenizer, chunk))
                 if progress is not None:
                     progress(split, sum(s["tokens"] for s in writer.shards))
@@ -189,7 +182,7 @@ def prepare(cfg: DataConfig, sources: List[Source], tokenizer, out_dir: str, sha
             "tokens": {split: sum(s["tokens"] for s in w.shards) for split, w in writers.items()},
             "documents": {split: sum(s["documents"] for s in w.shards) for split, w in writers.items()},
             "skipped": counts, "sources": [{"name": s.name, "weight": s.weight} for s in sources],
-            "data_config": {k: v for k, v in _config_dict(cfg).items()},
+            "data_config": _config_dict(cfg),
         }
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, INDEX), "w") as f:
@@ -250,8 +243,9 @@ class PreparedBatches:
         self.batches = 0
         self.stats: Dict[str, int] = {}
         self._epoch_cache: Optional[tuple] = None
-        if self._windows_of(0)[0] < world_size:
-            raise DataError(f"data.prepared={directory!r} holds {self._windows_of(0)[0]} training windows of "
+        n_windows = self._windows_of(0)[0]
+        if n_windows < world_size:
+            raise DataError(f"data.prepared={directory!r} holds {n_windows} training windows of "
                             f"data.seq_len={self.seq_len} + 1 tokens, fewer than the {world_size} ranks; prepare more "
                             "data or lower data.seq_len")
 
@@ -271,6 +265,8 @@ class PreparedBatches:
         return int(counts.sum()), np.cumsum(counts), offset
 
     def _epoch(self, epoch: int):
+        """(epoch, this rank's window numbers in order, cumulative windows per shard, each shard's
+        first window number, offset), computed once per epoch."""
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             total, cumulative, offset = self._windows_of(epoch)
             if self.order == "random":
@@ -278,7 +274,8 @@ class PreparedBatches:
             else:
                 order = np.arange(total)
             mine = order[self.rank :: self.world_size]  # this rank's windows, in order
-            self._epoch_cache = (epoch, mine, cumulative, offset)
+            first_window = np.concatenate([[0], cumulative[:-1]])
+            self._epoch_cache = (epoch, mine, cumulative, first_window, offset)
         return self._epoch_cache
 
     def __iter__(self) -> "PreparedBatches":
@@ -289,15 +286,14 @@ class PreparedBatches:
         out = np.empty((self.batch_size, width), dtype=np.int64)
         filled = 0
         while filled < self.batch_size:
-            _, mine, cumulative, offset = self._epoch(self.epoch)
+            _, mine, cumulative, first_window, offset = self._epoch(self.epoch)
             take = mine[self.position : self.position + self.batch_size - filled]
             if len(take) == 0:
                 self.epoch += 1
                 self.position = 0
                 continue
             shard_of = np.searchsorted(cumulative, take, side="right")  # (n,)
-            first_window = np.concatenate([[0], cumulative[:-1]])[shard_of]
-            starts = offset + (take - first_window) * self.seq_len
+            starts = offset + (take - first_window[shard_of]) * self.seq_len
             for shard in np.unique(shard_of):
                 rows = np.nonzero(shard_of == shard)[0]
                 data = self.shards[shard]

@@ -591,15 +591,13 @@ class DocumentStream:
                         self._count(bad, path, reader.where(index))
             except DataError:
                 raise
-            except (OSError, EOFError, ValueError, zlib.error) as e:  # broken compression, Arrow errors
+            except Exception as e:  # broken compression (zlib, zstd, EOF), Arrow errors, OS errors
+                kind = _broken_kind(e)
+                if kind == "unreadable" and not isinstance(e, (OSError, ValueError)):
+                    raise  # not bad input: a bug
                 detail = " ".join(str(e).split())[:200] or type(e).__name__
-                self._count_file(_broken_kind(e), path, f"after {reader.where(self.record_index - 1)}"
+                self._count_file(kind, path, f"after {reader.where(self.record_index - 1)}"
                                  if self.record_index else "at its start", f"{type(e).__name__}: {detail}")
-            except Exception as e:  # zstandard.ZstdError and other codec errors
-                if _broken_kind(e) != "truncated":
-                    raise
-                self._count_file("truncated", path, f"after {reader.where(self.record_index - 1)}",
-                                 f"{type(e).__name__}: {str(e)[:200]}")
             else:
                 if self.record_index == 0 and self.hub is None:
                     self._count_file("empty_file", path, "at its start", "no records")

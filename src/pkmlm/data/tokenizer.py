@@ -19,16 +19,18 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pkmlm.data.config import EOS_TOKEN, MIN_VOCAB_SIZE, DataConfig, check_data_config, extra_special_tokens
+from pkmlm.data.config import (  # noqa: F401 (default_cache_dir: re-exported)
+    EOS_TOKEN,
+    MIN_VOCAB_SIZE,
+    DataConfig,
+    check_data_config,
+    default_cache_dir,
+    extra_special_tokens,
+)
 from pkmlm.errors import ConfigError, DataError
 
 # Bump when train_bpe's recipe changes: it is part of the cache key, so old cached files are unused.
 TOKENIZER_FORMAT = 1
-
-
-def default_cache_dir() -> str:
-    """`$PKMLM_CACHE_DIR`, else `~/.cache/pkmlm`."""
-    return os.environ.get("PKMLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pkmlm")
 
 
 def eos_id(tok: Tokenizer) -> int:
@@ -110,11 +112,10 @@ def load_or_train_tokenizer(cfg: DataConfig, files: Any, cache_dir: str) -> Tupl
     from pkmlm.data.mixing import as_plan, sample_documents
 
     if cfg.prepared:
-        from pkmlm.data.prepared import load_index
+        from pkmlm.data.prepared import load_index, load_prepared_tokenizer
 
         index = load_index(cfg.prepared)
-        path = os.path.join(os.path.abspath(os.path.expanduser(cfg.prepared)), index["tokenizer"])
-        tok = load_tokenizer(path, key="data.prepared")
+        tok, path = load_prepared_tokenizer(cfg.prepared, index)
         return tok, {"source": "prepared", "path": path, "hash": index.get("tokenizer_hash"),
                      "vocab_size": tok.get_vocab_size()}
     if cfg.tokenizer:
