@@ -14,30 +14,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pkmlm.experiments.runs import RunSummary, matching_report
+# The console's number formats; `_num` prints "n/a" for None and non-finite values.
+from pkmlm.metrics.sinks import _duration as _clock, _number as _num, _si as _si_units
 
 __all__ = ["write_report", "table_rows", "markdown_table"]
 
 
 def _si(value: Optional[float], digits: int = 2) -> str:
-    if value is None:
-        return "n/a"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}f}{unit}"
-    return f"{value:.0f}"
+    return "n/a" if value is None else _si_units(value, digits)
 
 
 def _duration(seconds: Optional[float]) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "n/a"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def _num(value: Optional[float], fmt: str) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
+    return "n/a" if seconds is None or not math.isfinite(seconds) else _clock(seconds)
 
 
 def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:

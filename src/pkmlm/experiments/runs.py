@@ -189,10 +189,12 @@ def _model_counts(config: dict) -> tuple[Optional[dict], Optional[float]]:
         return None, None
 
 
-def summarise(run_dir: Path, label: str) -> RunSummary:
+def summarise(run_dir: Path, label: str, config: Optional[dict] = None) -> RunSummary:
+    """The run in `run_dir`; `config` is its config.yaml when already read."""
     from pkmlm.metrics.sinks import read_metrics
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    if config is None:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a torn line is normal for a run that was killed
         rows = read_metrics(run_dir / "metrics.jsonl")
@@ -266,7 +268,7 @@ def load_runs(paths: list[str]) -> list[RunSummary]:
         except yaml.YAMLError as error:
             raise UserError(f"{run_dir / 'config.yaml'}: not readable YAML ({error.__class__.__name__})") from None
     labels = _labels(run_dirs, [str(c.get("name") or d.name) for c, d in zip(configs, run_dirs)])
-    return [summarise(run_dir, label) for run_dir, label in zip(run_dirs, labels)]
+    return [summarise(run_dir, label, config) for run_dir, label, config in zip(run_dirs, labels, configs)]
 
 
 def _flatten(config: dict, prefix: str) -> dict:

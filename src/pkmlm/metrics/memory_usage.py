@@ -113,19 +113,17 @@ def slots_for_mass(mass_S: Tensor, fraction: float) -> int:
     return min(k, x_S.numel())
 
 
-def _distribution_stats(count_S: Tensor, weight_S: Tensor, with_shape: bool) -> dict[str, float]:
-    """usage / kl_weight / kl_count (+ gini, top50/90/99 when ``with_shape``) of one slot vector."""
+def _distribution_stats(count_S: Tensor, weight_S: Tensor) -> dict[str, float]:
+    """usage / kl_weight / kl_count, gini and top50/90/99 of one slot vector."""
     stats = {
         "usage": usage_fraction(count_S),
         "kl_weight": kl_to_uniform(weight_S),
         "kl_count": kl_to_uniform(count_S),
+        "gini": gini(weight_S),
     }
-    if with_shape:
-        empty = weight_S.sum().item() <= 0
-        stats["gini"] = gini(weight_S)
-        for fraction in TOP_FRACTIONS:
-            name = f"top{round(fraction * 100)}"
-            stats[name] = math.nan if empty else float(slots_for_mass(weight_S, fraction))
+    empty = weight_S.sum().item() <= 0
+    for fraction in TOP_FRACTIONS:
+        stats[f"top{round(fraction * 100)}"] = math.nan if empty else float(slots_for_mass(weight_S, fraction))
     return stats
 
 
@@ -224,9 +222,9 @@ class MemoryUsage:
         both_2HS = torch.stack([self.count_per_head.to(torch.float64),
                                 self.weight_per_head]).cpu()
         count_HS, weight_HS = both_2HS[0], both_2HS[1]
-        stats = _distribution_stats(count_HS.sum(0), weight_HS.sum(0), with_shape=True)
+        stats = _distribution_stats(count_HS.sum(0), weight_HS.sum(0))
         for h in range(self.heads):
-            head_stats = _distribution_stats(count_HS[h], weight_HS[h], with_shape=True)
+            head_stats = _distribution_stats(count_HS[h], weight_HS[h])
             stats.update({f"head{h}/{key}": value for key, value in head_stats.items()})
         return stats
 

@@ -191,11 +191,11 @@ def latest_by_step(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _si(value: float) -> str:
+def _si(value: float, digits: int = 1) -> str:
     """12345678 -> '12.3M' (token counts and rates)."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
+            return f"{value / scale:.{digits}f}{unit}"
     return f"{value:.0f}"
 
 

@@ -41,7 +41,6 @@ from torch import Tensor, nn
 
 from pkmlm.errors import ConfigError
 from pkmlm.model import kernels
-from pkmlm.model.kernels import KERNELS  # auto | torch | triton (see pkmlm/model/kernels)
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 PLACEMENTS = ("replace", "parallel")
@@ -93,20 +92,14 @@ class MemoryConfig:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "true or false")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"{prefix}.placement", self.placement, f"one of {'|'.join(PLACEMENTS)}")
-        check_memory_args(
-            prefix,
-            n_keys=self.n_keys,
-            heads=self.heads,
-            knn=self.knn,
-            k_dim=self.k_dim,
-            v_dim=self.v_dim,
-            query_norm=self.query_norm,
-            input_dropout=self.input_dropout,
-            query_dropout=self.query_dropout,
-            value_dropout=self.value_dropout,
-            kernel=self.kernel,
-            values_dtype=self.values_dtype,
-        )
+        check_memory_args(prefix, **_layer_args(self))
+
+
+def _layer_args(cfg: MemoryConfig) -> dict:
+    """The fields of `cfg` that are `ProductKeyMemory` arguments (the rest place the layers)."""
+    names = ("n_keys", "heads", "knn", "k_dim", "v_dim", "query_norm", "input_dropout", "query_dropout",
+             "value_dropout", "kernel", "values_dtype")
+    return {name: getattr(cfg, name) for name in names}
 
 
 def check_memory_args(
@@ -259,21 +252,7 @@ class ProductKeyMemory(nn.Module):
 
     @classmethod
     def from_config(cls, dim: int, cfg: MemoryConfig, values: Optional[nn.Module] = None) -> "ProductKeyMemory":
-        return cls(
-            dim,
-            n_keys=cfg.n_keys,
-            heads=cfg.heads,
-            knn=cfg.knn,
-            k_dim=cfg.k_dim,
-            v_dim=cfg.v_dim,
-            query_norm=cfg.query_norm,
-            input_dropout=cfg.input_dropout,
-            query_dropout=cfg.query_dropout,
-            value_dropout=cfg.value_dropout,
-            kernel=cfg.kernel,
-            values_dtype=cfg.values_dtype,
-            values=values,
-        )
+        return cls(dim, **_layer_args(cfg), values=values)
 
     @staticmethod
     def new_values(n_keys: int, v_dim: int, values_dtype: str = "float32") -> nn.EmbeddingBag:

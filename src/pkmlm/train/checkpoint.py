@@ -72,7 +72,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or deletion in directory `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -124,19 +125,24 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def verify_checkpoint(path: Path) -> Optional[str]:
-    """None when `path` matches its checksum; otherwise why not (one line). Reads, does not unpickle."""
-    path = Path(path)
+def _checksum_problem(path: Path, data: bytes) -> Optional[str]:
+    """None when `data` (the bytes of `path`) matches the sidecar checksum; otherwise why not."""
     checksum = _sidecar(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return f"{path}: cannot be read ({e.strerror or e})"
     if not checksum.exists():
         return f"{path}: no checksum file (the write did not finish)"
     if hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
         return f"{path}: checksum mismatch (truncated or corrupt)"
     return None
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None when `path` matches its checksum; otherwise why not (one line). Reads, does not unpickle."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror or e})"
+    return _checksum_problem(path, data)
 
 
 def _remove_stale_temporaries(directory: Path) -> list[Path]:
@@ -210,11 +216,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     """Load and verify one checkpoint; raise ValueError when it is truncated or corrupt."""
     path = Path(path)
     data = path.read_bytes()
-    checksum = _sidecar(path)
-    if not checksum.exists():
-        raise ValueError(f"{path}: no checksum file (the write did not finish)")
-    if hashlib.sha256(data).hexdigest() != checksum.read_text().strip():
-        raise ValueError(f"{path}: checksum mismatch (truncated or corrupt)")
+    problem = _checksum_problem(path, data)
+    if problem is not None:
+        raise ValueError(problem)
     # weights_only=False: the payload holds numpy RNG state and plain containers, written by us and
     # verified by its checksum just above.
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
@@ -230,6 +234,15 @@ def latest_valid_checkpoint(directory: Path, map_location="cpu") -> Optional[tup
     return None
 
 
+def damaged_checkpoints_error(directory: Path, damaged: list[str]) -> UserError:
+    """`resume=auto` found no valid checkpoint, but the `damaged` ones were complete once (both formats)."""
+    return UserError(
+        f"resume=auto: no checkpoint in {directory} verifies, though {', '.join(damaged[-3:])} "
+        "was written completely and has been damaged since; restore it from a copy, give another with "
+        "resume=PATH, or start over with resume=never"
+    )
+
+
 def resolve_resume(resume: str, run_dir: Path, map_location="cpu") -> Optional[tuple[Path, dict]]:
     """`auto`: newest valid checkpoint in run_dir (None when there is none); `never`: None;
     a path: that checkpoint file, or the newest valid one in that run directory."""
@@ -242,11 +255,7 @@ def resolve_resume(resume: str, run_dir: Path, map_location="cpu") -> Optional[t
         # was damaged since; starting over silently would throw that training away.
         damaged = [p.name for p in list_checkpoints(directory) if _sidecar(p).exists()] if found is None else []
         if damaged:
-            raise UserError(
-                f"resume=auto: no checkpoint in {directory} verifies, though {', '.join(damaged[-3:])} "
-                "was written completely and has been damaged since; restore it from a copy, give another with "
-                "resume=PATH, or start over with resume=never"
-            )
+            raise damaged_checkpoints_error(directory, damaged)
         return found
     path = Path(resume).expanduser()
     if path.is_dir():

@@ -57,8 +57,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 import torch
 
 from pkmlm.errors import ConfigError, UserError
-from pkmlm.train.checkpoint import (CheckpointWriteError, atomic_write, checkpoint_step, list_checkpoints,
-                                    prune_checkpoints, resolve_resume, rng_state, set_rng_state)
+from pkmlm.train.checkpoint import (CheckpointWriteError, atomic_write, checkpoint_step, damaged_checkpoints_error,
+                                    fsync_dir, latest_valid_checkpoint, list_checkpoints, prune_checkpoints,
+                                    resolve_resume, rng_state, set_rng_state)
 from pkmlm.train.data_shards import DataShards, load_shard_states, shard_states
 from pkmlm.train.distributed import DistInfo, run_on_main
 
@@ -228,11 +229,7 @@ def resolve_resume_any(resume: str, run_dir: Path) -> Optional[Tuple[Path, Dict[
         single = resolve_resume(resume, run_dir)
         damaged = [p.name for d in directories for p in list_dcp_checkpoints(d) if (p / MANIFEST).is_file()]
         if single is None and resume == "auto" and damaged:
-            raise UserError(
-                f"resume=auto: no checkpoint in {directories[0]} verifies, though {', '.join(damaged[-3:])} "
-                "was written completely and has been damaged since; restore it from a copy, give another with "
-                "resume=PATH, or start over with resume=never"
-            )
+            raise damaged_checkpoints_error(directories[0], damaged)
         return single
     # Both formats in one directory (a run that changed checkpoint.format): the newer step wins.
     newer_files = [p for p in list_checkpoints(found[0].parent) if checkpoint_step(p) > _step_of(found[0])]
@@ -271,8 +268,6 @@ def newest_checkpoint(path: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
         if reason is not None:
             raise UserError(f"checkpoint={str(path)!r}: {reason}")
         return path, load_meta(path)
-    from pkmlm.train.checkpoint import latest_valid_checkpoint
-
     found = latest_valid_dcp(path / "checkpoints")
     if found is None or any(checkpoint_step(p) > _step_of(found[0]) for p in list_checkpoints(path / "checkpoints")):
         single = latest_valid_checkpoint(path / "checkpoints")
@@ -380,11 +375,7 @@ def save_dcp(directory: Path, step: int, payload: Dict[str, Any], *, model: torc
         if final.exists():  # an incomplete or damaged directory of this step
             _remove_dir(final)
         os.replace(tmp, final)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(directory)
         prune_checkpoints(list_dcp_checkpoints(directory), step, keep_last, _step_of, _remove_dir)
 
     # Every rank waits for it: the checkpoint exists when save_dcp returns.
