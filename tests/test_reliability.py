@@ -357,7 +357,12 @@ def test_torn_metrics_line_survives_a_resume(tmp_path):
 # --- numerical faults -----------------------------------------------------------------------------
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    from pkmlm.metrics.sinks import WandbSink
+
+    closed = []  # exit codes the run's wandb sink was closed with (spied, the sink still closes)
+    real_close = WandbSink.close
+    monkeypatch.setattr(WandbSink, "close", lambda self, exit_code=0: (closed.append(exit_code), real_close(self, exit_code)))
     run_dir = tmp_path / "run"
     steps = ["train.max_steps=8", "eval.interval=100", "checkpoint.interval=1", "train.max_consecutive_nonfinite=3"]
     _train(run_dir, *steps, "train.stop_at_step=2")
@@ -372,6 +377,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     with pytest.raises(UserError) as err:
         _train(run_dir, *steps)
     assert "3 non-finite steps in a row" in str(err.value) and "\n" not in str(err.value)
+    assert closed == [0, 1]  # the first run finished, the failed one is marked failed, not left open
     # The last good checkpoint is untouched and nothing newer was written.
     assert path.read_bytes() == poisoned and [p.name for p in list_checkpoints(run_dir / "checkpoints")][-1] == path.name
 

@@ -25,17 +25,17 @@ from pkmlm.data.tokenizer import load_or_train_tokenizer, tokenizer_from_str
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.metrics.evaluate import evaluate
 from pkmlm.metrics.flops import peak_flops
-from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, WandbSink, format_summary
+from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink, format_summary
 from pkmlm.model.kernels import resolve_kernel
 from pkmlm.model.transformer import ModelConfig, Transformer
-from pkmlm.train.checkpoint import atomic_write, resolve_resume, rng_state, save_checkpoint, seed_all, set_rng_state
+from pkmlm.train.checkpoint import atomic_write, rng_state, save_checkpoint, seed_all, set_rng_state
 from pkmlm.train.data_shards import build_batches, plan_data_shards, saved_data_shards
 from pkmlm.train.dcp import checkpoint_format, load_dcp, resolve_resume_shared, save_dcp
 from pkmlm.train.distributed import (DistInfo, NoMetrics, agree_on_stop, all_reduce_mean, any_rank, check_batch_split,
                                      check_parallel_config, check_same_run_dir, init_distributed, main_rank_holds,
                                      parallelize, rank_device, run_on_main, shared_tokenizer)
 from pkmlm.train.distributed import clip_grad_norm_ as clip_all_grad_norms_
-from pkmlm.train.optim import build_optimizer, clip_grad_norm_, lr_factor, set_lr
+from pkmlm.train.optim import build_optimizer, lr_factor, set_lr
 from pkmlm.train.throughput import RunClock, budget_reached, stop_reason
 from pkmlm.train.rundir import (RunLock, check_input_paths, code_version, disk_full_error, fresh_start_conflicts,
                                 resume_conflicts)
@@ -210,10 +210,7 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
         name=cfg.logging.wandb.name or f"{cfg.name}/{run_dir.name}", group=cfg.logging.wandb.group or cfg.name,
         tags=list(cfg.logging.wandb.tags), config=resolved, dir=str(run_dir),
     )
-
-    def log(row: dict) -> None:
-        metrics.write(row)
-        wandb.log(row, step=row["step"])
+    log = Sinks(metrics, progress, wandb).log  # metrics.jsonl and wandb, each row plotted at its step
 
     def run_eval() -> dict:
         with clock.paused():
@@ -263,6 +260,7 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
     loss_sum = torch.zeros((), device=device)
     nonfinite_run = 0
     seq_tokens = cfg.data.seq_len
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # 0: no clipping
     model.train()
     try:
         while step < stop_at and stop_signal is None and budget is None:
@@ -281,7 +279,6 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
                     loss = loss * (micro_batch.shape[0] / batch.shape[0])  # mean over the whole batch
                     loss.backward()
                 step_loss += loss.detach()
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             # torch's, or with sparse value grads, or over shards (FSDP, sharded values) on every rank
             grad_norm = clip_all_grad_norms_(model.parameters(), clip)
             # One host sync per step: a non-finite loss or gradient must not reach the weights. The
@@ -351,6 +348,10 @@ def _train_locked(cfg: Config, run_dir: Path, resolved: dict, files: Any, signal
                  "params_total": counts["total"], "params_active": counts["active"],
                  "flops_per_token": clock.flops_per_token}
         metrics.write(final)
+    except BaseException:  # a failed or killed run is marked failed in wandb, never left open
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            wandb.close(exit_code=1)
+        raise
     finally:
         progress.close()
         metrics.close()
