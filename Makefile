@@ -9,6 +9,10 @@ HAS_GPU     := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/
 TORCH_SPEC  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 TORCH_INDEX ?=
 PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# triton: with a CUDA torch, the one torch pins (its kernels run natively); with the CPU torch, one
+# for the kernel tests, which run under triton's interpreter (3.7.1, 3.8.0 and 3.9.0 pass with
+# torch 2.13 CPU; 3.5.1 and 3.6.0 fail two interpreter tests). Empty: none.
+TRITON_SPEC ?= $(if $(HAS_GPU),,triton>=3.7)
 
 .PHONY: setup train test bench bench-data faults clean help
 help:
@@ -24,7 +28,7 @@ $(BIN)/pkmlm-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' $(PIP_TORCH_INDEX)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' $(if $(TRITON_SPEC),'$(TRITON_SPEC)',)
 	@touch $@
 	@$(BIN)/python -c "import torch, pkmlm; print('pkmlm ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 
