@@ -18,6 +18,7 @@ import torch
 
 from pkmlm.model import ProductKeyMemory
 
+NO_TRITON = "no triton: a CUDA torch brings it, make setup adds it beside a CPU torch (TRITON_SPEC)"
 
 
 def _assert_same_grads(eager: torch.nn.Module, compiled_owner: torch.nn.Module, rtol=1e-4, atol=1e-5):
@@ -45,7 +46,7 @@ def test_compiled_memory_layer_on_the_torch_path_equals_eager():
 
 
 def test_compiled_memory_on_the_triton_operator_equals_eager():
-    pytest.importorskip("triton", reason="triton (the dev extra, Linux) runs the kernels, or their interpreter")
+    pytest.importorskip("triton", reason=NO_TRITON)
     from pkmlm.model.kernels import gather
 
     if not (torch.cuda.is_available() or gather.is_interpreted()):

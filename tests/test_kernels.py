@@ -16,7 +16,8 @@ from pkmlm.model import kernels
 from pkmlm.model.kernels import reference
 from pkmlm.model.memory import eligible_rank_pairs
 
-pytest.importorskip("triton", reason="triton (the dev extra, Linux) runs the kernels, or their interpreter")
+NO_TRITON = "no triton: a CUDA torch brings it, make setup adds it beside a CPU torch (TRITON_SPEC)"
+pytest.importorskip("triton", reason=NO_TRITON)
 from pkmlm.model.kernels import gather  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
