@@ -11,13 +11,20 @@ import torch
 from torch import nn
 
 from pkmlm.metrics.memory_usage import (
+    NEVER_READ,
     MemoryUsage,
+    StaleSlots,
+    add_observer,
+    advance_stale_trackers,
+    attach_stale_trackers,
     attach_usage_trackers,
     detach_usage_trackers,
     gini,
     kl_to_uniform,
     memory_metrics,
+    remove_observer,
     slots_for_mass,
+    stale_metrics,
     track_memory_usage,
     usage_fraction,
 )
@@ -280,10 +287,9 @@ def test_attach_detach_and_metric_keys():
 
 def test_track_memory_usage_detaches_on_exception():
     model = FakeModel()
-    with pytest.raises(KeyError):
-        with track_memory_usage(model) as trackers:
-            model(torch.zeros(1, 5))
-            raise KeyError("boom")
+    with pytest.raises(KeyError), track_memory_usage(model) as trackers:
+        model(torch.zeros(1, 5))
+        raise KeyError("boom")
     assert all(m.observer is None for m in model.memory_layers().values())
     assert trackers[1].count.sum() == 6
 
@@ -291,3 +297,114 @@ def test_track_memory_usage_detaches_on_exception():
 def test_model_without_memory_layers_is_refused():
     with pytest.raises(TypeError, match="memory_layers"):
         attach_usage_trackers(nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- staleness during training
+
+
+def brute_stale(reads_by_step: list[list[int]], n_slots: int, window: int) -> float:
+    """Stale fraction after len(reads_by_step) steps, from the definition: not read in the last
+    `window` steps (or never)."""
+    done = len(reads_by_step)
+    recent = {s for step in range(max(0, done - window), done) for s in reads_by_step[step]}
+    return sum(1 for s in range(n_slots) if s not in recent) / n_slots
+
+
+def test_stale_fraction_on_a_hand_built_sequence():
+    # 10 slots, window 3; each step's reads, several forwards (micro-batches) per step.
+    steps = [[[0, 1], [1, 2]], [[3]], [[0]], [[4, 4, 4]], [], [[9], [8]], [[0, 9]]]
+    # By hand, after each step (stale = not read in the last 3 steps, or never):
+    # 1: read {0,1,2}        -> 7/10     2: {0,1,2,3} -> 6/10    3: {0,1,2,3} -> 6/10
+    # 4: steps 2-4 {3,0,4}   -> 7/10     5: steps 3-5 {0,4} -> 8/10
+    # 6: steps 4-6 {4,9,8}   -> 7/10     7: steps 5-7 {9,8,0} -> 7/10
+    by_hand = [0.7, 0.6, 0.6, 0.7, 0.8, 0.7, 0.7]
+    tracker = StaleSlots(10, window=3)
+    flat = []
+    for step, forwards in enumerate(steps):
+        for ids in forwards:
+            indices_NHK = torch.tensor(ids, dtype=torch.int64).view(-1, 1, 1)
+            tracker(indices_NHK, torch.ones(indices_NHK.shape))
+        tracker.advance()
+        flat.append([i for ids in forwards for i in ids])
+        assert tracker.stale_fraction().item() == pytest.approx(by_hand[step], abs=1e-7)
+        assert by_hand[step] == pytest.approx(brute_stale(flat, 10, 3))
+    assert tracker.last_read.tolist() == [6, 0, 0, 1, 3, NEVER_READ, NEVER_READ, NEVER_READ, 5, 6]
+
+
+def test_stale_matches_brute_force_on_random_reads():
+    gen = torch.Generator().manual_seed(3)
+    n_slots, window = 50, 4
+    tracker = StaleSlots(n_slots, window)
+    reads = []
+    for _ in range(20):
+        ids_NHK = torch.randint(0, n_slots, (int(torch.randint(0, 6, (), generator=gen)), 2, 3), generator=gen)
+        tracker(ids_NHK)
+        tracker.advance()
+        reads.append(ids_NHK.flatten().tolist())
+        assert tracker.stale_fraction().item() == pytest.approx(brute_stale(reads, n_slots, window), abs=1e-6)
+
+
+def test_stale_update_has_no_host_sync_by_construction():
+    """fullgraph=True refuses anything that needs a value on the host (.item(), branching on a
+    tensor, data-dependent output shapes): the update and the fraction trace into one graph."""
+    tracker = StaleSlots(16, window=2)
+
+    def one_step(indices_NHK):
+        tracker.update(indices_NHK)
+        tracker.advance()
+        return tracker.stale_fraction()
+
+    compiled = torch.compile(one_step, fullgraph=True, backend="eager")
+    ids = torch.tensor([[[1, 2]], [[2, 5]]])
+    assert compiled(ids).item() == pytest.approx(13 / 16)
+    assert compiled(torch.tensor([[[7, 1]]])).item() == pytest.approx(12 / 16)  # 1, 7 read; 2, 5 still recent
+    assert compiled(torch.tensor([[[7, 7]]])).item() == pytest.approx(14 / 16)  # 2, 5 out of the window
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the sync detector")
+def test_stale_update_on_cuda_never_waits_for_the_device():
+    tracker = StaleSlots(1024, window=3, device="cuda")
+    ids = torch.randint(0, 1024, (64, 4, 8), device="cuda")
+    tracker(ids)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tracker(ids)
+        tracker.advance()
+        fraction = tracker.stale_fraction()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert 0 <= fraction.item() < 1
+
+
+def test_stale_trackers_sit_beside_other_observers_and_evaluation_sets_them_aside():
+    model = FakeModel()
+    seen = []
+    add_observer(model.layers[1], lambda indices, weights: seen.append(indices.shape))
+    stale = attach_stale_trackers(Wrapper(model), window=2)
+    model(torch.zeros(2, 5))  # a training forward: both observers of layer 1 see it
+    assert len(seen) == 1 and stale[1].last_read.max().item() == 0
+    advance_stale_trackers(stale)
+    with track_memory_usage(model) as trackers:
+        model(torch.zeros(3, 5))  # evaluation reads: only the usage trackers count them
+    assert len(seen) == 1 and trackers[1].count.sum() == 3 * 2 * 3
+    assert stale[1].last_read.max().item() == 0  # not refreshed by evaluation
+    model(torch.zeros(1, 5))  # training again: the set-aside observers are back
+    assert len(seen) == 2 and stale[1].last_read.max().item() == 1
+    advance_stale_trackers(stale)
+    # layer 1: 16 slots, reads of a forward with n tokens are ids 0..(n*6-1) % 16; layer 3: 9 slots
+    metrics = stale_metrics(stale)
+    assert set(metrics) == {"memory/layer1/stale", "memory/layer3/stale"}
+    assert metrics["memory/layer1/stale"] == pytest.approx(4 / 16)  # ids 0..11 read at step 0 or 1
+    assert metrics["memory/layer3/stale"] == pytest.approx(5 / 9)  # ids 0..3
+    remove_observer(model.layers[1], stale[1])
+    remove_observer(model.layers[3], stale[3])
+    assert model.layers[3].observer is None and callable(model.layers[1].observer)
+
+
+def test_stale_state_round_trips():
+    a = StaleSlots(8, window=2)
+    a(torch.tensor([1, 3]))
+    a.advance()
+    b = StaleSlots(8, window=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.last_read, b.last_read) and b.step.item() == 1

@@ -20,6 +20,13 @@ Accumulation happens on the memory's device with no host synchronisation per upd
 ``.item()``, no branching on tensor values), so a tracker can sit in the forward pass of every
 evaluation batch; :meth:`MemoryUsage.compute` does the one device->host copy at the end.
 
+During training, :class:`StaleSlots` tracks **staleness** (``memory/layer{i}/stale``): the fraction
+of slots not read in the last ``metrics.stale_window`` optimizer steps, the "dead"/"outdated" slots
+of Kim & Jung 2020, from a last-read step per slot updated on device in the forward pass.
+Training-time observers share a layer through :func:`add_observer`; an evaluation pass
+(:func:`track_memory_usage`) sets them aside and restores them, so evaluation reads never count
+as training reads.
+
 Shape legend: N tokens (all leading dims flattened), H heads, K knn, S value slots (n_keys²).
 """
 
@@ -27,21 +34,30 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "MemoryUsage",
-    "usage_fraction",
-    "kl_to_uniform",
-    "gini",
-    "slots_for_mass",
+    "MetricsConfig",
+    "Observers",
+    "StaleSlots",
+    "add_observer",
+    "advance_stale_trackers",
+    "attach_stale_trackers",
     "attach_usage_trackers",
     "detach_usage_trackers",
-    "track_memory_usage",
+    "gini",
+    "kl_to_uniform",
     "memory_metrics",
+    "remove_observer",
+    "slots_for_mass",
+    "stale_metrics",
+    "track_memory_usage",
+    "usage_fraction",
 ]
 
 # Fractions of the weight mass reported as top50/top90/top99.
@@ -285,12 +301,25 @@ def detach_usage_trackers(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def track_memory_usage(model: torch.nn.Module) -> Iterator[dict[int, MemoryUsage]]:
-    """``with track_memory_usage(model) as trackers:`` attach, and always detach on the way out."""
-    trackers = attach_usage_trackers(model)
+    """``with track_memory_usage(model) as trackers:`` attach, and always detach on the way out.
+
+    Observers already attached (training-time ones: :class:`StaleSlots`, sparse finetuning's batch
+    counts) are set aside for the pass and put back afterwards, also on an exception: evaluation
+    reads are not training reads.
+    """
+    layers = _memory_layers(model)
+    saved = {i: memory.observer for i, memory in layers.items()}
+    for memory in layers.values():
+        memory.observer = None
     try:
-        yield trackers
+        trackers = attach_usage_trackers(model)
+        try:
+            yield trackers
+        finally:
+            detach_usage_trackers(model)
     finally:
-        detach_usage_trackers(model)
+        for i, memory in layers.items():
+            memory.observer = saved[i]
 
 
 def memory_metrics(trackers: Mapping[int, MemoryUsage]) -> dict[str, float]:
@@ -305,3 +334,150 @@ def memory_metrics(trackers: Mapping[int, MemoryUsage]) -> dict[str, float]:
         for key, value in trackers[i].compute().items():
             metrics[f"memory/layer{i}/{key}"] = value
     return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Several observers on one layer
+# --------------------------------------------------------------------------------------------
+
+Observer = Callable[[Tensor, Tensor], None]
+
+
+class Observers:
+    """Several observers of one memory layer, called in the order they were added.
+
+    A memory layer has one ``observer`` slot; training can need more than one (staleness and
+    sparse finetuning's batch counts), so :func:`add_observer` puts them in one of these.
+    """
+
+    def __init__(self, observers: list[Observer]):
+        self.observers = list(observers)
+
+    def __call__(self, indices_NHK: Tensor, weights_NHK: Tensor) -> None:
+        for observer in self.observers:
+            observer(indices_NHK, weights_NHK)
+
+
+def add_observer(memory: torch.nn.Module, observer: Observer) -> None:
+    """Make ``observer`` see every forward of ``memory``, beside any observer already there."""
+    current = getattr(memory, "observer", None)
+    if current is None:
+        memory.observer = observer
+    elif isinstance(current, Observers):
+        current.observers.append(observer)
+    else:
+        memory.observer = Observers([current, observer])
+
+
+def remove_observer(memory: torch.nn.Module, observer: Observer) -> None:
+    """Undo :func:`add_observer` for ``observer`` (no-op when it is not attached)."""
+    current = getattr(memory, "observer", None)
+    if current is observer:
+        memory.observer = None
+    elif isinstance(current, Observers):
+        current.observers = [o for o in current.observers if o is not observer]
+        if len(current.observers) == 1:
+            memory.observer = current.observers[0]
+        elif not current.observers:
+            memory.observer = None
+
+
+# --------------------------------------------------------------------------------------------
+# Staleness during training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetricsConfig:
+    """`metrics.*` of the root config: training-time metrics."""
+
+    # memory/layer{i}/stale: fraction of slots not read in this many most recent optimizer steps.
+    # 100 steps of the default run (16 x 128 tokens, 4 heads x 32 reads each) are ~26M reads into
+    # 262k slots: a slot unread for that long is not being used (Kim & Jung 2020's dead keys).
+    stale_window: int = 100
+
+
+# Last-read step of a slot never read: far below any step minus any window, and no overflow when
+# a window is subtracted from a step.
+NEVER_READ = -(2**62)
+
+
+class StaleSlots:
+    """Fraction of one memory layer's slots not read in the last ``window`` optimizer steps.
+
+    State, on ``device``: ``last_read`` (S,) int64, the step in which each slot was last read
+    (``NEVER_READ`` before its first read), and ``step``, a 0-dim int64 counter of the steps done.
+    Use it as an observer (``add_observer(memory, tracker)``): each forward writes the current step
+    into ``last_read`` at the slots it read (``index_put_``, so no host sync, and re-running a
+    forward, e.g. under activation checkpointing, changes nothing); call :meth:`advance` after each
+    optimizer step. After k steps, a slot is stale when it was not read in steps k-window .. k-1:
+    ``last_read < k - window``. Before ``window`` steps have passed that is "never read so far".
+    """
+
+    def __init__(self, n_slots: int, window: int, device: torch.device | str | None = None):
+        if n_slots <= 0 or window <= 0:
+            raise ValueError(f"n_slots and window must be positive, got {n_slots}, {window}")
+        self.n_slots, self.window = int(n_slots), int(window)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.last_read = torch.full((n_slots,), NEVER_READ, dtype=torch.int64, device=self.device)
+        self.step = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, indices_NHK: Tensor, weights_NHK: Tensor | None = None) -> None:
+        """Mark the slots in ``indices_NHK`` (any shape) as read in the current step."""
+        ids_R = indices_NHK.reshape(-1).to(self.device, torch.int64)
+        # Duplicate ids write the same value, so the order of the writes does not matter.
+        self.last_read.index_put_((ids_R,), self.step.expand(ids_R.shape))
+
+    __call__ = update
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """One optimizer step done (an in-place add on the device: no sync)."""
+        self.step.add_(1)
+
+    def stale_fraction(self) -> Tensor:
+        """0-dim float32 tensor on the device: the stale fraction, not yet copied to the host."""
+        return (self.last_read < self.step - self.window).float().mean()
+
+    def all_reduce_(self, group=None) -> None:
+        """Latest read over the ranks of ``group`` (no-op outside torch.distributed): each rank
+        reads other slots, and a slot is fresh when any rank read it."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.last_read, op=dist.ReduceOp.MAX, group=group)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"last_read": self.last_read.clone(), "step": self.step.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.last_read.copy_(state["last_read"])
+        self.step.copy_(state["step"])
+
+    def __repr__(self) -> str:
+        return f"StaleSlots(n_slots={self.n_slots}, window={self.window}, device={self.device})"
+
+
+def attach_stale_trackers(model: torch.nn.Module, window: int) -> dict[int, StaleSlots]:
+    """A :class:`StaleSlots` on every memory layer (beside other observers); {layer index: tracker}."""
+    trackers = {}
+    for i, memory in sorted(_memory_layers(model).items()):
+        trackers[i] = StaleSlots(memory.n_keys ** 2, window, _module_device(memory))
+        add_observer(memory, trackers[i])
+    return trackers
+
+
+def advance_stale_trackers(trackers: Mapping[int, StaleSlots]) -> None:
+    """Call after every optimizer step (no host sync)."""
+    for tracker in trackers.values():
+        tracker.advance()
+
+
+def stale_metrics(trackers: Mapping[int, StaleSlots]) -> dict[str, float]:
+    """``{"memory/layer{i}/stale": fraction}``: one device->host copy for all layers."""
+    if not trackers:
+        return {}
+    layers = sorted(trackers)
+    values = torch.stack([trackers[i].stale_fraction() for i in layers]).tolist()
+    return {f"memory/layer{i}/stale": value for i, value in zip(layers, values)}
