@@ -39,7 +39,7 @@ from pkmlm.data.tokenizer import default_cache_dir, load_or_train_tokenizer  # n
 
 
 def sample_dir() -> str:
-    return os.environ.get("PKMLM_SAMPLE_DIR") or str(ROOT.parent / "shared" / "data")
+    return os.environ.get("PKMLM_SAMPLE_DIR") or str(ROOT / "data")
 
 
 def timed(fn, min_seconds: float = 0.0):
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
-    wiki = os.path.join(sample_dir(), "wiki-en-2015", "enwiki2015_AA.jsonl.gz")
+    wiki = os.path.join(sample_dir(), "wiki", "enwiki2015_first800.jsonl.gz")
     files = expand_files([wiki])
     base = DataConfig(files=files, vocab_size=args.vocab, tokenizer_docs=2000, seq_len=128, val_docs=0,
                       shuffle_buffer=256, encode_batch_docs=64)

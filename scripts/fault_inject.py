@@ -577,7 +577,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import pkmlm.train.loop  # noqa: F401
 
     steps = args.steps or 60 + 2 * args.kills
-    sample = Path(default_sample_dir()) / "c4-en-sample" / "c4_en_train_first1000.jsonl.gz"
+    sample = Path(default_sample_dir()) / "c4" / "c4_en_train_first1000.jsonl.gz"
     corpus = write_corpus(sample, work / "corpus.jsonl", args.corpus_docs)
     report = Report(steps=steps)
     replaced = {e.split("=", 1)[0] for e in args.extra}  # --extra wins over the tiny config (Hydra refuses duplicates)

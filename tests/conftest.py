@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = Path(os.environ.get("PKMLM_SAMPLE_DIR", PROJECT_ROOT.parent / "shared" / "data"))
-WIKI = SAMPLE_DIR / "wiki-en-2015" / "enwiki2015_AA.jsonl.gz"
-C4 = SAMPLE_DIR / "c4-en-sample" / "c4_en_train_first1000.jsonl.gz"
+SAMPLE_DIR = Path(os.environ.get("PKMLM_SAMPLE_DIR", PROJECT_ROOT / "data"))  # data/README.md
+WIKI = SAMPLE_DIR / "wiki" / "enwiki2015_first800.jsonl.gz"
+C4 = SAMPLE_DIR / "c4" / "c4_en_train_first1000.jsonl.gz"
 
 
 @pytest.fixture(autouse=True, scope="session")

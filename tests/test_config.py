@@ -33,7 +33,7 @@ def test_default_is_tiny_with_memory_on_wiki():
     validate(cfg)
     assert cfg.model.dim == 256 and cfg.model.n_layers == 4
     assert cfg.model.memory.layers == [2]
-    assert cfg.data.files[0].endswith("wiki-en-2015/enwiki2015_AA.jsonl.gz")
+    assert cfg.data.files[0].endswith("wiki/enwiki2015_first800.jsonl.gz")
     assert cfg.logging.wandb.mode == "offline"
 
 

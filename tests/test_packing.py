@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import WIKI as SAMPLE_WIKI
 from data_fixtures import make_docs, roundtrip, stitch, write_texts_jsonl
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import TokenBatches, build_data, validation_batches
@@ -19,8 +18,7 @@ from pkmlm.data.sources import expand_files
 from pkmlm.data.tokenizer import encode_documents, load_or_train_tokenizer, train_bpe
 from pkmlm.errors import DataError
 
-SAMPLE_DIR = os.environ.get("PKMLM_SAMPLE_DIR") or str(Path(__file__).resolve().parents[1].parent / "shared" / "data")
-WIKI = os.path.join(SAMPLE_DIR, "wiki-en-2015", "enwiki2015_AA.jsonl.gz")
+WIKI = str(SAMPLE_WIKI)  # the repository's data/ (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +231,6 @@ def test_validation_batches_complete_and_deterministic(tmp_path, tok):
 # real data
 
 
-@pytest.mark.skipif(not os.path.exists(WIKI), reason="sample data not found (set PKMLM_SAMPLE_DIR)")
 def test_wiki_smoke(tmp_path):
     files = expand_files([WIKI])
     cfg = DataConfig(files=files, vocab_size=1024, tokenizer_docs=50, seq_len=64, val_docs=1,

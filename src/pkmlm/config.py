@@ -28,9 +28,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/pkmlm/config.py -> pro
 
 
 def default_sample_dir() -> str:
-    """`PKMLM_SAMPLE_DIR` when set, else `../shared/data` beside the project root."""
+    """`PKMLM_SAMPLE_DIR` when set, else the repository's own `data/` (data/README.md)."""
     env = os.environ.get("PKMLM_SAMPLE_DIR")
-    return env if env else str((PROJECT_ROOT / ".." / "shared" / "data").resolve())
+    return env if env else str(PROJECT_ROOT / "data")
 
 
 def config_dir() -> str:
@@ -40,7 +40,7 @@ def config_dir() -> str:
 
 @dataclass
 class PathsConfig:
-    sample_dir: str = "${pkmlm_sample_dir:}"  # $PKMLM_SAMPLE_DIR, else ../shared/data beside the project
+    sample_dir: str = "${pkmlm_sample_dir:}"  # $PKMLM_SAMPLE_DIR, else the repository's data/
     cache_dir: str = "${pkmlm_cache_dir:}"  # $PKMLM_CACHE_DIR, else ~/.cache/pkmlm (tokenizer cache)
 
 

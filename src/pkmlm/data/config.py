@@ -23,7 +23,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     # Paths or globs, for training and evaluation alike; the reader is chosen by extension.
-    files: List[str] = field(default_factory=lambda: ["${paths.sample_dir}/wiki-en-2015/enwiki2015_AA.jsonl.gz"])
+    files: List[str] = field(default_factory=lambda: ["${paths.sample_dir}/wiki/enwiki2015_first800.jsonl.gz"])
     text_field: str = "text"
     # A weighted mixture instead of data.files (which must then be []): see SourceConfig.
     sources: List[SourceConfig] = field(default_factory=list)
