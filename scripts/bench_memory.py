@@ -54,7 +54,7 @@ class Preset:
 
 
 PRESETS = {
-    # docs/PERFORMANCE.md: 16,384 tokens (32 x 512), d=1024, 512^2 values, 4 heads, knn 32, k_dim 512
+    # H100 reference (docs/benchmarks.md): 16,384 tokens (32 x 512), d=1024, 512^2 values, 4 heads, knn 32, k_dim 512
     "paper": Preset(16384, 1024, 512, 4, 32, 512, "the paper's layer (Lample et al. 2019, section 4.2)"),
     # the CPU default run's memory (configs/memory/tiny.yaml) on one batch of 16 x 128 tokens
     "tiny": Preset(2048, 256, 128, 4, 16, 128, "the default CPU run's layer (configs/memory/tiny.yaml)"),

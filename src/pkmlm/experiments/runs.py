@@ -1,6 +1,6 @@
 """Finished (or running) runs read back from their directories, summarised for comparison.
 
-A run directory holds `config.yaml` and `metrics.jsonl` (ARCHITECTURE.md, "Run directory"); the
+A run directory holds `config.yaml` and `metrics.jsonl` (docs/architecture.md, "Run directory"); the
 jobs of a Hydra sweep sit in `<sweep dir>/<job number>/` beside the sweep's `multirun.yaml`, each
 with its overrides in `.hydra/overrides.yaml`. Parameter counts and FLOPs come from the run's own
 final row when it has one, else from its config: the model is built on the meta device (no

@@ -5,7 +5,7 @@ Over an evaluation set, for each memory layer and each value slot i of the N = n
 - ``count_i``  = times slot i was among the selected knn (summed over heads and tokens);
 - ``weight_i`` = sum of the softmax weights slot i received.
 
-From these (ARCHITECTURE.md, "Memory usage metrics"):
+From these (docs/architecture.md, "Memory usage metrics"):
 
 - **usage**     = fraction of slots with count_i > 0 (the paper's "fraction of accessed values");
 - **KL to uniform** = Σ p_i log(p_i · N) = log N + Σ p_i log p_i with p = weight / Σweight
@@ -325,7 +325,7 @@ def track_memory_usage(model: torch.nn.Module) -> Iterator[dict[int, MemoryUsage
 def memory_metrics(trackers: Mapping[int, MemoryUsage]) -> dict[str, float]:
     """Flatten the trackers' statistics into ``memory/layer{i}/{stat}`` keys.
 
-    Contract keys (ARCHITECTURE.md): ``memory/layer{i}/usage``, ``.../kl_weight``,
+    Contract keys (docs/architecture.md): ``memory/layer{i}/usage``, ``.../kl_weight``,
     ``.../kl_count`` with i the transformer layer index; extras: ``.../gini``, ``.../top50``,
     ``.../top90``, ``.../top99``, and all seven per head as ``.../head{h}/{stat}``.
     """

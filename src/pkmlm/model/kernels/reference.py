@@ -51,8 +51,9 @@ def read_torch(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, sparse
     """The torch path (CPU, and CUDA without triton): one `embedding_bag` over each token's R slots.
 
     On CUDA, `embedding_bag`'s backward to `per_sample_weights` is not implemented for bf16 (torch
-    2.11, docs/PERFORMANCE.md), so low-precision tables there take a gather + batched matmul
-    instead (which materialises the (N, R, V) rows: fine for a fallback, the triton path avoids it).
+    2.11; docs/benchmarks.md, "Reference measurements (H100)"), so low-precision tables there take a
+    gather + batched matmul instead (which materialises the (N, R, V) rows: fine for a fallback, the
+    triton path avoids it).
     `sparse_grad=True` gives the values a sparse COO gradient (one entry per (n, r), uncoalesced).
     Returns `(N, V)` in the values' dtype; the weights are cast to it, as `embedding_bag` requires.
     """
