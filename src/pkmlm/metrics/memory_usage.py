@@ -52,11 +52,13 @@ __all__ = [
     "detach_usage_trackers",
     "gini",
     "kl_to_uniform",
+    "memory_layers_of",
     "memory_metrics",
     "remove_observer",
     "slots_for_mass",
     "stale_metrics",
     "track_memory_usage",
+    "unwrap_model",
     "usage_fraction",
 ]
 
@@ -253,12 +255,13 @@ class MemoryUsage:
 # --------------------------------------------------------------------------------------------
 
 
-def _memory_layers(model: torch.nn.Module) -> dict:
-    """``model.memory_layers()``, looking through DDP (``.module``) and compile (``._orig_mod``)."""
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module with ``memory_layers()``, looking through DDP (``.module``) and compile
+    (``._orig_mod``); TypeError when there is none."""
     inner = model
     for _ in range(4):  # DDP(compile(model)) and the like nest a few levels at most
         if hasattr(inner, "memory_layers"):
-            return dict(inner.memory_layers())
+            return inner
         wrapped = getattr(inner, "module", None)
         if wrapped is None:
             wrapped = getattr(inner, "_orig_mod", None)
@@ -266,6 +269,12 @@ def _memory_layers(model: torch.nn.Module) -> dict:
             break
         inner = wrapped
     raise TypeError(f"{type(model).__name__} has no memory_layers() method")
+
+
+def memory_layers_of(model: torch.nn.Module) -> dict:
+    """``model.memory_layers()`` as a dict {layer index: memory}, through DDP and compile wrappers."""
+    return dict(unwrap_model(model).memory_layers())
+
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -282,7 +291,7 @@ def attach_usage_trackers(model: torch.nn.Module) -> dict[int, MemoryUsage]:
     Raises RuntimeError if a layer already has an observer (a tracker left attached, or nesting),
     rather than silently replacing it.
     """
-    layers = _memory_layers(model)
+    layers = memory_layers_of(model)
     busy = [i for i, memory in layers.items() if getattr(memory, "observer", None) is not None]
     if busy:
         raise RuntimeError(f"memory layers {busy} already have an observer; detach it first")
@@ -295,7 +304,7 @@ def attach_usage_trackers(model: torch.nn.Module) -> dict[int, MemoryUsage]:
 
 def detach_usage_trackers(model: torch.nn.Module) -> None:
     """Set every memory layer's observer back to None."""
-    for memory in _memory_layers(model).values():
+    for memory in memory_layers_of(model).values():
         memory.observer = None
 
 
@@ -307,7 +316,7 @@ def track_memory_usage(model: torch.nn.Module) -> Iterator[dict[int, MemoryUsage
     counts) are set aside for the pass and put back afterwards, also on an exception: evaluation
     reads are not training reads.
     """
-    layers = _memory_layers(model)
+    layers = memory_layers_of(model)
     saved = {i: memory.observer for i, memory in layers.items()}
     for memory in layers.values():
         memory.observer = None
@@ -462,7 +471,7 @@ class StaleSlots:
 def attach_stale_trackers(model: torch.nn.Module, window: int) -> dict[int, StaleSlots]:
     """A :class:`StaleSlots` on every memory layer (beside other observers); {layer index: tracker}."""
     trackers = {}
-    for i, memory in sorted(_memory_layers(model).items()):
+    for i, memory in sorted(memory_layers_of(model).items()):
         trackers[i] = StaleSlots(memory.n_keys ** 2, window, _module_device(memory))
         add_observer(memory, trackers[i])
     return trackers

@@ -1,0 +1,116 @@
+"""Typed config of finetuning (`train.finetune`, `finetune.*`) and the `init_from` model check.
+
+Three modes, all started from another run's weights (`init_from=RUN_OR_CHECKPOINT`):
+
+- `full`: every parameter trains, with the run's own `optim.*` (ordinary training from those weights);
+- `memory`: only the memory value tables train, every row a batch reads (`finetune.optimizer`);
+- `sparse_memory`: only the `finetune.top_t` value rows that the batch reads most relative to a
+  background sample of the pretraining data (TF-IDF), Lin et al. 2025, "Continual Learning via
+  Sparse Memory Finetuning" (arXiv 2510.15103).
+
+Checks follow the project's one style (`pkmlm.errors.require`, at the config boundary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pkmlm.errors import ConfigError, require
+
+FINETUNE_MODES = ("full", "memory", "sparse_memory")
+FINETUNE_OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class FinetuneConfig:
+    """`finetune.*`: the memory modes' settings (ignored by `train.finetune=full`).
+
+    Defaults are Lin et al. 2025's TriviaQA setting: IDF from 1,000 background batches of the
+    pretraining data, the top 500 slots per batch, plain SGD at learning rate 2 on the values
+    (their finding: sparse updates need no adaptive optimizer; Adam is offered for comparison, as a
+    lazy Adam that never touches an unselected row). The IDF depends on what a "batch" is: count
+    the background with the finetuning batch size.
+    """
+
+    background_batches: int = 1000  # batches of the init_from run's training data, counted once
+    top_t: int = 500  # value rows trained per batch and table (sparse_memory)
+    optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: torch.optim.SparseAdam)
+    lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
+
+
+def check_finetune_config(mode: str, cfg: FinetuneConfig, *, init_from: str | None, memory_layers: list,
+                          shard_values: bool) -> None:
+    """`train.finetune` and `finetune.*` against each other and the model (`model.memory.*`)."""
+    require(mode in FINETUNE_MODES, "train.finetune", mode, f"one of {', '.join(FINETUNE_MODES)}")
+    require(isinstance(cfg.background_batches, int) and cfg.background_batches >= 1, "finetune.background_batches",
+            cfg.background_batches, ">= 1 (batches of pretraining data for the slots' document frequencies)")
+    require(isinstance(cfg.top_t, int) and cfg.top_t >= 1, "finetune.top_t", cfg.top_t,
+            ">= 1 (value rows trained per batch)")
+    require(cfg.optimizer in FINETUNE_OPTIMIZERS, "finetune.optimizer", cfg.optimizer,
+            f"one of {', '.join(FINETUNE_OPTIMIZERS)}")
+    require(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), "finetune.lr", cfg.lr,
+            "a positive finite number")
+    if mode == "full":
+        return
+    require(init_from is not None, "train.finetune", mode,
+            "full, or set init_from=RUN_OR_CHECKPOINT: the memory modes finetune a trained model")
+    require(len(memory_layers) > 0, "train.finetune", mode,
+            "full for a model without memory layers (model.memory.layers=[])")
+    require(not shard_values, "model.memory.shard_values", shard_values,
+            f"false with train.finetune={mode} (row-selected updates need whole rows on each process)")
+
+
+# --- init_from: the same model --------------------------------------------------------------------
+
+# Keys that may differ between the run a finetune starts from and the finetune: they change how the
+# forward is computed or regularised, never what the weights mean.
+MAY_DIFFER = frozenset({"dropout", "memory.input_dropout", "memory.query_dropout", "memory.value_dropout",
+                        "memory.kernel", "memory.shard_values"})
+
+_MISSING = object()
+
+
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dataclasses / mappings as {dotted key: leaf value}."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def model_config_diff(a: Any, b: Any) -> list[str]:
+    """Keys (dotted, relative to `model.`) whose values differ between two model configs, sorted.
+
+    `a` and `b` are `ModelConfig`s or their dicts (a checkpoint's `model_config`); a key present in
+    one only counts as different; keys in `MAY_DIFFER` are ignored. Compare resolved configs (the
+    vocabulary size from the tokenizer, not `model.vocab_size=0`).
+    """
+    flat_a, flat_b = _flat(a), _flat(b)
+    keys = (set(flat_a) | set(flat_b)) - MAY_DIFFER
+    return sorted(k for k in keys if flat_a.get(k, _MISSING) != flat_b.get(k, _MISSING))
+
+
+def init_from_mismatch(init_from: str, ours: Any, theirs: Any) -> ConfigError | None:
+    """The one-line error for a model that differs from the `init_from` run's, or None.
+
+    `ours`: this run's resolved model config; `theirs`: the checkpoint's `model_config`.
+    """
+    diff = model_config_diff(ours, theirs)
+    if not diff:
+        return None
+    flat_ours, flat_theirs = _flat(ours), _flat(theirs)
+
+    def shown(flat: dict, key: str) -> str:
+        return repr(flat[key]) if key in flat else "absent"
+
+    parts = ", ".join(f"model.{k} ({shown(flat_ours, k)} here, {shown(flat_theirs, k)} there)" for k in diff)
+    return ConfigError("init_from", init_from, f"its model differs from this run's in {parts}; "
+                       "finetune with that run's model.* settings (or start without init_from)")
