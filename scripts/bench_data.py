@@ -31,11 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from pkmlm.data.config import DataConfig  # noqa: E402
-from pkmlm.data.loader import TokenBatches, WorkerBatches  # noqa: E402
-from pkmlm.data.mixing import as_plan  # noqa: E402
+from pkmlm.data.loader import TokenBatches, WorkerBatches, load_or_train_tokenizer, resolve_data  # noqa: E402
 from pkmlm.data.prepared import PreparedBatches, prepare  # noqa: E402
 from pkmlm.data.sources import DocumentStream, expand_files  # noqa: E402
-from pkmlm.data.tokenizer import default_cache_dir, load_or_train_tokenizer  # noqa: E402
+from pkmlm.data.tokenizer import default_cache_dir  # noqa: E402
 
 
 def sample_dir() -> str:
@@ -66,7 +65,8 @@ def main() -> None:
     files = expand_files([wiki])
     base = DataConfig(files=files, vocab_size=args.vocab, tokenizer_docs=2000, seq_len=128, val_docs=0,
                       shuffle_buffer=256, encode_batch_docs=64)
-    tok, info = load_or_train_tokenizer(base, files, default_cache_dir())
+    plan = resolve_data(base)
+    tok, info = load_or_train_tokenizer(base, plan, default_cache_dir())
     print(f"tokenizer: vocab {tok.get_vocab_size()} ({info['source']}), cores {os.cpu_count()}", flush=True)
     texts = list(itertools.islice(DocumentStream(files), args.docs))
     results = {"docs": len(texts), "vocab": tok.get_vocab_size(), "cpu_count": os.cpu_count()}
@@ -75,7 +75,6 @@ def main() -> None:
     # slows whichever runs at that moment; alternating and taking medians keeps the comparison fair.
     encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
     batch_size = 16
-    plan = as_plan(base, files)
     workers_cfg = DataConfig(**{**base.__dict__, "num_workers": 2})
 
     def bare():
@@ -126,7 +125,7 @@ def main() -> None:
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
         prep_cfg = DataConfig(**{**base.__dict__, "files": [small]})
         out = tmp + "/prepared"
-        (index, dt) = timed(lambda: prepare(prep_cfg, as_plan(prep_cfg, [small]).sources, tok, out))
+        (index, dt) = timed(lambda: prepare(prep_cfg, resolve_data(prep_cfg).sources, tok, out))
         results["prepare_tok_s"] = index["tokens"]["train"] / dt
         print(f"pkmlm-prepare (write):    {results['prepare_tok_s']:>12,.0f} tokens/s  ({index['dtype']})")
         for order in ("random", "sequential"):

@@ -67,16 +67,17 @@ def count(data_dir: Path) -> None:
     of the Wikipedia sample, as `make train` trains it), split as its preset splits it."""
     sys.path.insert(0, str(ROOT / "src"))
     from pkmlm.data.config import DataConfig, default_cache_dir
-    from pkmlm.data.sources import expand_files, read_records
-    from pkmlm.data.tokenizer import encode_documents, load_or_train_tokenizer
+    from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
+    from pkmlm.data.sources import DocumentStream
+    from pkmlm.data.tokenizer import encode_documents
 
-    wiki = expand_files([str(data_dir / CUTS[0][1])])
-    tok, info = load_or_train_tokenizer(DataConfig(files=wiki), wiki, default_cache_dir())
+    wiki_cfg = DataConfig(files=[str(data_dir / CUTS[0][1])])
+    tok, info = load_or_train_tokenizer(wiki_cfg, resolve_data(wiki_cfg), default_cache_dir())
     print(f"tokenizer: vocab {tok.get_vocab_size()} ({info['source']}, {info['path']})")
     # The held-out split of each preset: configs/data/wiki.yaml and the default take 20, c4.yaml 50.
     for (name, rel, _, _), val_docs in zip(CUTS, (20, 50)):
         path = data_dir / rel
-        texts = list(read_records(str(path)))
+        texts = list(DocumentStream([str(path)]))
         tokens = [len(ids) + 1 for i in range(0, len(texts), 64)  # + 1: the EOS after each document
                   for ids in encode_documents(tok, texts[i : i + 64])]
         train = sum(tokens[val_docs:])

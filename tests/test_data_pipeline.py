@@ -8,12 +8,13 @@ from collections import Counter
 import pytest
 import torch
 
-from data_fixtures import make_docs, roundtrip, stitch, write_jsonl, write_parquet, write_texts_jsonl, write_wet
+from data_fixtures import make_docs, roundtrip, stitch, write_parquet, write_texts_jsonl, write_wet
 from pkmlm.data.cleaning import Cleaner
 from pkmlm.data.config import DataConfig, SourceConfig
-from pkmlm.data.loader import TokenBatches, WorkerBatches, build_train_batches, stats_row, validation_batches
+from pkmlm.data.loader import (TokenBatches, WorkerBatches, build_train_batches, load_or_train_tokenizer, resolve_data,
+                               stats_row, validation_batches)
 from pkmlm.data.mixing import MixedDocuments, SourceStream, resolve_sources
-from pkmlm.data.tokenizer import encode_documents, load_or_train_tokenizer, train_bpe
+from pkmlm.data.tokenizer import encode_documents, train_bpe
 from pkmlm.errors import ConfigError, DataError
 
 
@@ -114,7 +115,7 @@ def test_rank_x_worker_sharding_is_disjoint_and_complete(tmp_path, tok):
     world_size, workers = 2, 2
     seen = {}
     for rank in range(world_size):
-        batches = build_train_batches(cfg, files, tok, batch_size=2, seed=0, rank=rank, world_size=world_size)
+        batches = build_train_batches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank, world_size=world_size)
         assert isinstance(batches, WorkerBatches)
         rows = {w: [] for w in range(workers)}
         for i in range(30):  # batch i comes from worker i mod 2 (the DataLoader's round-robin)
@@ -137,7 +138,7 @@ def test_in_process_ranks_match_worker_slots(tmp_path, tok):
     cfg = cfg_for(files, val_docs=1)
     slots = []
     for rank in range(3):
-        b = TokenBatches(cfg, files, tok, batch_size=2, seed=0, rank=rank, world_size=3)
+        b = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank, world_size=3)
         rows = [r for _ in range(12) for r in next(b).tolist()]
         slots.append(reader_doc_ids(rows, tok, 17))
     assert slots == [set(range(1 + r, 17, 3)) for r in range(3)]
@@ -162,16 +163,16 @@ def mixed_cfg(tmp_path, **kw):
 def test_resume_is_bit_identical_with_mixing_cleaning_and_bad_records(tmp_path, tok, stops):
     cfg = mixed_cfg(tmp_path)
     total = stops[-1] + 5
-    reference = TokenBatches(cfg, None, tok, batch_size=3, seed=5)
+    reference = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=3, seed=5)
     expected = [next(reference) for _ in range(total)]
     assert max(s["epoch"] for s in reference._docs.per_source().values()) >= 1  # crosses an epoch
     assert reference.stats.get("malformed_json", 0) >= 1  # bad records are part of what resumes
-    got, done, run = [], 0, TokenBatches(cfg, None, tok, batch_size=3, seed=5)
+    got, done, run = [], 0, TokenBatches(cfg, resolve_data(cfg), tok, batch_size=3, seed=5)
     for stop in stops + [total]:
         got += [next(run) for _ in range(stop - done)]
         done = stop
         state = roundtrip(run.state_dict())
-        run = TokenBatches(cfg, None, tok, batch_size=3, seed=5)
+        run = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=3, seed=5)
         run.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == total
     assert run.stats == reference.stats and run.documents == reference.documents
@@ -180,18 +181,18 @@ def test_resume_is_bit_identical_with_mixing_cleaning_and_bad_records(tmp_path, 
 def test_resume_with_two_workers_is_bit_identical(tmp_path, tok):
     cfg = mixed_cfg(tmp_path, num_workers=2)
     total = 16
-    reference = WorkerBatches(cfg, None, tok, batch_size=2, seed=3)
+    reference = WorkerBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=3)
     expected = [next(reference) for _ in range(total)]
     reference_stats = reference.stats
     reference.close()
     got, done = [], 0
-    run = WorkerBatches(cfg, None, tok, batch_size=2, seed=3)
+    run = WorkerBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=3)
     for stop in (5, 8, total):  # an odd stop: the next batch is worker 1's
         got += [next(run) for _ in range(stop - done)]
         done = stop
         state = roundtrip(run.state_dict())
         run.close()
-        run = WorkerBatches(cfg, None, tok, batch_size=2, seed=3)
+        run = WorkerBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=3)
         run.load_state_dict(state)
     run.close()
     assert len(got) == total and all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -201,9 +202,10 @@ def test_resume_with_two_workers_is_bit_identical(tmp_path, tok):
 
 def test_resume_refuses_another_worker_count(tmp_path, tok):
     cfg = mixed_cfg(tmp_path)
-    batches = TokenBatches(cfg, None, tok, batch_size=2, seed=0)
+    batches = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0)
     next(batches)
-    workers = WorkerBatches(mixed_cfg(tmp_path, num_workers=2), None, tok, batch_size=2, seed=0)
+    workers_cfg = mixed_cfg(tmp_path, num_workers=2)
+    workers = WorkerBatches(workers_cfg, resolve_data(workers_cfg), tok, batch_size=2, seed=0)
     with pytest.raises(DataError, match="data.num_workers"):
         workers.load_state_dict(batches.state_dict())
 
@@ -216,12 +218,12 @@ def test_validation_is_the_first_documents_of_each_source(tmp_path, tok):
     a = write_texts_jsonl(tmp_path / "a.jsonl", ["VAL a one", "VAL a two"] + make_docs(5))
     b = write_texts_jsonl(tmp_path / "b.jsonl", ["VAL b one", "VAL b two"] + make_docs(5, seed=1))
     cfg = cfg_for(sources=[SourceConfig(files=[a]), SourceConfig(files=[b])], val_docs=2, seq_len=8)
-    windows = [row for batch in validation_batches(cfg, None, tok, batch_size=4) for row in batch.tolist()]
+    windows = [row for batch in validation_batches(cfg, resolve_data(cfg), tok, batch_size=4) for row in batch.tolist()]
     expected = [0] + [t for ids in encode_documents(tok, ["VAL a one", "VAL a two", "VAL b one", "VAL b two"])
                       for t in ids + [0]]
     assert stitch(windows) == expected
-    assert len(validation_batches(cfg, None, tok, batch_size=1, max_batches=2)) == 2
-    train = TokenBatches(cfg, None, tok, batch_size=2, seed=0)
+    assert len(validation_batches(cfg, resolve_data(cfg), tok, batch_size=1, max_batches=2)) == 2
+    train = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0)
     text = tok.decode(stitch([r for _ in range(20) for r in next(train).tolist()]), skip_special_tokens=False)
     assert "VAL" not in text
 
@@ -229,10 +231,10 @@ def test_validation_is_the_first_documents_of_each_source(tmp_path, tok):
 def test_tokenizer_special_tokens_and_cache_key(tmp_path):
     files = [write_texts_jsonl(tmp_path / "a.jsonl", make_docs(40))]
     cfg = DataConfig(files=files, vocab_size=300, tokenizer_docs=40)
-    plain, info = load_or_train_tokenizer(cfg, files, str(tmp_path / "cache"))
+    plain, info = load_or_train_tokenizer(cfg, resolve_data(cfg), str(tmp_path / "cache"))
     special_cfg = DataConfig(files=files, vocab_size=300, tokenizer_docs=40, special_tokens=["<|pad|>", "<|sep|>"])
-    tok, special_info = load_or_train_tokenizer(special_cfg, files, str(tmp_path / "cache"))
+    tok, special_info = load_or_train_tokenizer(special_cfg, resolve_data(special_cfg), str(tmp_path / "cache"))
     assert info["source"] == special_info["source"] == "trained" and info["hash"] != special_info["hash"]
     assert [tok.token_to_id(t) for t in ["<|endoftext|>", "<|pad|>", "<|sep|>"]] == [0, 1, 2]
     assert plain.token_to_id("<|pad|>") is None
-    assert load_or_train_tokenizer(special_cfg, files, str(tmp_path / "cache"))[1]["source"] == "cache"
+    assert load_or_train_tokenizer(special_cfg, resolve_data(special_cfg), str(tmp_path / "cache"))[1]["source"] == "cache"

@@ -24,9 +24,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from helpers import overrides, read_rows
+from pkmlm.config import SWEEP_RESOLVER as RESOLVER
 from pkmlm.config import Config, config_dir, register_configs, validate
 from pkmlm.errors import ConfigError
-from pkmlm.experiments.sweep import RESOLVER
 from pkmlm.metrics.flops import _table_peak, mfu, peak_flops
 from pkmlm.metrics.memory_usage import MemoryUsage, memory_metrics
 from pkmlm.model.transformer import Transformer

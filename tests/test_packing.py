@@ -12,10 +12,10 @@ import torch
 from conftest import WIKI as SAMPLE_WIKI
 from data_fixtures import make_docs, roundtrip, stitch, write_texts_jsonl
 from pkmlm.data.config import DataConfig
-from pkmlm.data.loader import TokenBatches, build_data, validation_batches
+from pkmlm.data.loader import TokenBatches, load_or_train_tokenizer, resolve_data, validation_batches
 from pkmlm.data.packing import Packer, ShuffleBuffer
 from pkmlm.data.sources import expand_files
-from pkmlm.data.tokenizer import encode_documents, load_or_train_tokenizer, train_bpe
+from pkmlm.data.tokenizer import encode_documents, train_bpe
 from pkmlm.errors import DataError
 
 WIKI = str(SAMPLE_WIKI)  # the repository's data/ (tests/conftest.py)
@@ -107,7 +107,8 @@ def make_cfg(files, **overrides):
 
 def test_batches_shape_dtype_counters(tmp_path, tok):
     files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(30))]
-    batches = TokenBatches(make_cfg(files), files, tok, batch_size=4, seed=0)
+    cfg = make_cfg(files)
+    batches = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=4, seed=0)
     for _ in range(3):
         batch = next(batches)
         assert batch.shape == (4, 17) and batch.dtype == torch.long
@@ -130,17 +131,17 @@ def test_resume_is_bit_identical(tmp_path, tok, n_docs, shuffle_buffer, stops, e
     cfg = make_cfg(files, shuffle_buffer=shuffle_buffer)
     total = stops[-1] + 6
 
-    reference = TokenBatches(cfg, files, tok, batch_size=3, seed=7)
+    reference = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=3, seed=7)
     expected = [next(reference) for _ in range(total)]
     assert reference.epoch >= epochs  # the run crosses that many epoch boundaries
 
-    run = TokenBatches(cfg, files, tok, batch_size=3, seed=7)
+    run = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=3, seed=7)
     got, done = [], 0
     for stop in stops + [total]:
         got += [next(run) for _ in range(stop - done)]
         done = stop
         state = roundtrip(run.state_dict())
-        run = TokenBatches(cfg, files, tok, batch_size=3, seed=7)  # a fresh process, in effect
+        run = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=3, seed=7)  # a fresh process, in effect
         run.load_state_dict(state)
     assert len(got) == total
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
@@ -150,7 +151,7 @@ def test_resume_is_bit_identical(tmp_path, tok, n_docs, shuffle_buffer, stops, e
 def test_shuffle_changes_order_between_epochs(tmp_path, tok):
     files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(12))]
     cfg = make_cfg(files, val_docs=0, shuffle_buffer=6)
-    batches = TokenBatches(cfg, files, tok, batch_size=1, seed=0)
+    batches = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=1, seed=0)
     rows = [next(batches)[0].tolist() for _ in range(120)]
     assert batches.epoch >= 3
     assert len({tuple(r) for r in rows}) > 0.5 * len(rows)  # not one epoch repeated in the same order
@@ -170,7 +171,7 @@ def test_validation_docs_never_in_training(tmp_path, tok):
     train = make_docs(20)
     files = [write_texts_jsonl(tmp_path / "c.jsonl", val + train)]
     cfg = make_cfg(files, val_docs=4)
-    batches = TokenBatches(cfg, files, tok, batch_size=2, seed=0)
+    batches = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0)
     text = read_training_text(batches, tok, 120)
     assert batches.epoch >= 1
     assert "VAL" not in text
@@ -182,7 +183,7 @@ def test_ranks_read_disjoint_documents(tmp_path, tok):
     cfg = make_cfg(files, val_docs=2)
     seen = []
     for rank in range(3):
-        batches = TokenBatches(cfg, files, tok, batch_size=2, seed=0, rank=rank, world_size=3)
+        batches = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank, world_size=3)
         text = read_training_text(batches, tok, 40)
         seen.append({i for i in range(23) if f"doc{i:04d}" in text})
     assert seen[0] == {2, 5, 8, 11, 14, 17, 20}
@@ -193,14 +194,16 @@ def test_ranks_read_disjoint_documents(tmp_path, tok):
 def test_empty_training_split_is_a_data_error(tmp_path, tok):
     files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(3))]
     with pytest.raises(DataError, match=r"training split.*data\.val_docs=3.*lower data\.val_docs"):
-        next(TokenBatches(make_cfg(files, val_docs=3), files, tok, batch_size=2, seed=0))
+        cfg = make_cfg(files, val_docs=3)
+        next(TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0))
 
 
 def test_resume_with_another_layout_is_refused(tmp_path, tok):
     files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(10))]
-    batches = TokenBatches(make_cfg(files), files, tok, batch_size=2, seed=0)
+    cfg, cfg8 = make_cfg(files), make_cfg(files, seq_len=8)
+    batches = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0)
     next(batches)
-    other = TokenBatches(make_cfg(files, seq_len=8), files, tok, batch_size=2, seed=0)
+    other = TokenBatches(cfg8, resolve_data(cfg8), tok, batch_size=2, seed=0)
     with pytest.raises(DataError, match="seq_len was 16, now 8"):
         other.load_state_dict(batches.state_dict())
 
@@ -213,8 +216,8 @@ def test_validation_batches_complete_and_deterministic(tmp_path, tok):
     val = make_docs(5, seed=3, prefix="val")
     files = [write_texts_jsonl(tmp_path / "c.jsonl", val + make_docs(10))]
     cfg = make_cfg(files, val_docs=5, seq_len=8)
-    batches = validation_batches(cfg, files, tok, batch_size=3)
-    again = validation_batches(cfg, files, tok, batch_size=3)
+    batches = validation_batches(cfg, resolve_data(cfg), tok, batch_size=3)
+    again = validation_batches(cfg, resolve_data(cfg), tok, batch_size=3)
     assert len(batches) == len(again) and all(torch.equal(a, b) for a, b in zip(batches, again))
 
     assert all(b.dtype == torch.long for b in batches)
@@ -224,7 +227,8 @@ def test_validation_batches_complete_and_deterministic(tmp_path, tok):
     expected = [0] + [t for ids in encode_documents(tok, val) for t in ids + [0]]
     assert stitch(windows) == expected  # every validation token, in order, once
 
-    assert validation_batches(make_cfg(files, val_docs=0), files, tok, batch_size=3) == []
+    no_val = make_cfg(files, val_docs=0)
+    assert validation_batches(no_val, resolve_data(no_val), tok, batch_size=3) == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,9 +239,11 @@ def test_wiki_smoke(tmp_path):
     files = expand_files([WIKI])
     cfg = DataConfig(files=files, vocab_size=1024, tokenizer_docs=50, seq_len=64, val_docs=1,
                      shuffle_buffer=16)
-    tok, info = load_or_train_tokenizer(cfg, files, str(tmp_path))
+    plan = resolve_data(cfg)
+    tok, info = load_or_train_tokenizer(cfg, plan, str(tmp_path))
     assert info["source"] == "trained" and info["vocab_size"] == 1024
-    train, val = build_data(cfg, tok, batch_size=4, seed=0, files=files)
+    train = TokenBatches(cfg, plan, tok, batch_size=4, seed=0)
+    val = validation_batches(cfg, plan, tok, batch_size=4)
     batch = next(train)
     assert batch.shape == (4, 65) and int(batch.max()) < 1024
     assert len(val) >= 1 and val[0].shape[1] <= 65

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data_fixtures import make_docs, write_texts_jsonl
-from pkmlm.data.config import DataConfig
-from pkmlm.data.loader import validation_batches
+from data_fixtures import make_docs, write_parquet, write_texts_jsonl
+from pkmlm.cli.prepare import PrepareProgress
+from pkmlm.data.config import DataConfig, SourceConfig
+from pkmlm.data.loader import resolve_data, validation_batches
 from pkmlm.data.mixing import resolve_sources
-from pkmlm.data.prepared import PreparedBatches, load_index, open_shards, prepare, token_dtype
-from pkmlm.data.tokenizer import encode_documents, train_bpe
+from pkmlm.data.prepared import (PreparedBatches, estimate, load_index, open_shards, partial_dir, prepare,
+                                 token_dtype)
+from pkmlm.data.tokenizer import encode_documents, load_tokenizer, train_bpe
 from pkmlm.errors import DataError
 
 
@@ -46,8 +53,8 @@ def test_round_trip_is_exact(tmp_path, tok):
     assert index["documents"] == {"val": 3, "train": 60}
     # The validation split gives exactly the batches packed from the text.
     prepared_cfg = DataConfig(files=[], prepared=out, seq_len=8)
-    got = validation_batches(prepared_cfg, None, tok, batch_size=4)
-    want = validation_batches(cfg, None, tok, batch_size=4)
+    got = validation_batches(prepared_cfg, resolve_data(prepared_cfg), tok, batch_size=4)
+    want = validation_batches(cfg, resolve_data(cfg), tok, batch_size=4)
     assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
     saved = open(os.path.join(out, "tokenizer.json")).read()
     assert json.loads(saved)["model"]["vocab"] == json.loads(tok.to_str())["model"]["vocab"]
@@ -154,3 +161,250 @@ def test_cli_prepare_then_train_and_eval(tmp_path):
     out = json.loads(ev.stdout.strip().splitlines()[-1])
     val_row = [r for r in rows if "val/ppl" in r][-1]
     assert out["tokens"] == val_row["val/tokens"] and abs(out["ppl"] - val_row["val/ppl"]) < 1e-3 * val_row["val/ppl"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable writing (issue 11): an interrupted prepare continues from its last complete shard
+
+
+def mixed_cfg(tmp_path, **kw):
+    """Two JSON-lines sources mixed 2:1, with deduplication: the reading position is more than a count."""
+    a = write_texts_jsonl(tmp_path / "a.jsonl.gz", make_docs(150, seed=1, prefix="a") * 2, compress=True)
+    b = write_texts_jsonl(tmp_path / "b.jsonl", make_docs(90, seed=2, prefix="b"))
+    sources = [SourceConfig(name="a", files=[a], weight=2.0), SourceConfig(name="b", files=[b])]
+    return DataConfig(files=[], sources=sources, val_docs=3, seq_len=8, encode_batch_docs=5, dedup_window=500, **kw)
+
+
+def shard_bytes(directory):
+    return {name: open(os.path.join(directory, name), "rb").read()
+            for name in sorted(os.listdir(directory)) if name.endswith(".bin")}
+
+
+class Interrupt:
+    """A progress callback that stops the run (as Ctrl-C would) once `after` shards have closed
+    and the next shard is part-written."""
+
+    def __init__(self, after):
+        self.after, self.closed = after, 0
+
+    def __call__(self, split, tokens, shard):
+        if split == "train" and shard is not None:
+            self.closed += 1
+        elif self.closed >= self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_interrupted_prepare_continues_to_the_same_bytes(tmp_path, tok, after):
+    cfg = mixed_cfg(tmp_path)
+    whole = prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / "whole"), shard_tokens=1024)
+    assert whole["resumed_shards"] == 0 and len(whole["splits"]["train"]) > 4
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=1024, progress=Interrupt(after))
+    assert not os.path.exists(out) and os.path.isfile(os.path.join(partial_dir(out), "progress.json"))
+    again = prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=1024)
+    assert again["resumed_shards"] == after and not os.path.exists(partial_dir(out))
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+    assert again["splits"] == whole["splits"] and again["skipped"] == whole["skipped"]
+    assert again["skipped"]["a"]["duplicate"] == 147  # the repeats of a's 150 documents after its 3 held out
+    assert load_index(out)["tokens"] == whole["tokens"]
+
+
+def test_interrupted_prepare_refuses_other_settings(tmp_path, tok):
+    cfg = mixed_cfg(tmp_path)
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=1024, progress=Interrupt(1))
+    other = mixed_cfg(tmp_path, min_chars=5)
+    with pytest.raises(DataError, match=r"interrupted pkmlm-prepare with other settings \(data\.min_chars was 0, "
+                                        r"now 5\); rerun it with its settings"):
+        prepare(other, resolve_sources(other), tok, out, shard_tokens=1024)
+    with pytest.raises(DataError, match=r"shard_tokens was 1024, now 2048"):
+        prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=2048)
+    # A directory named like the partial one that is not ours is never removed.
+    foreign = tmp_path / "foreign"
+    (tmp_path / "foreign.partial").mkdir()
+    (tmp_path / "foreign.partial" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"foreign\.partial exists and was not written by pkmlm-prepare"):
+        prepare(cfg, resolve_sources(cfg), tok, str(foreign))
+    assert (tmp_path / "foreign.partial" / "keep.txt").read_text() == "mine"
+
+
+def test_hub_source_prepares_and_resumes_through_datasets_streaming(tmp_path, tok):
+    """A Hub source read by the same `datasets.load_dataset(..., streaming=True)` call, on a local
+    directory (the Hub is unreachable here): interrupted and continued from the dataset's own state."""
+    repo = tmp_path / "hub_dataset"
+    repo.mkdir()
+    texts = make_docs(240, seed=5)
+    write_texts_jsonl(repo / "part-0.jsonl", texts[:130])
+    write_texts_jsonl(repo / "part-1.jsonl", texts[130:])
+    cfg = DataConfig(files=[], sources=[SourceConfig(name="hub", hub=str(repo), split="train")], val_docs=3,
+                     seq_len=8, encode_batch_docs=5)
+    whole = prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / "whole"), shard_tokens=1024)
+    out = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=1024, progress=Interrupt(2))
+    again = prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=1024)
+    assert again["resumed_shards"] == 2 and again["documents"] == {"val": 3, "train": 237}
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+
+
+def test_max_tokens_stops_at_the_first_chunk_past_it(tmp_path, tok):
+    cfg = mixed_cfg(tmp_path)
+    index = prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / "out"), shard_tokens=1024, max_tokens=2000)
+    assert index["stopped_by"] == "max_tokens" and 2000 <= index["tokens"]["train"] < 2000 + 5 * 60
+    complete = prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / "all"), shard_tokens=1024)
+    assert complete["stopped_by"] == "end of sources"
+    # the same documents, in the same order, as far as it went
+    short, full = shard_bytes(tmp_path / "out"), shard_bytes(tmp_path / "all")
+    assert all(full[name] == data for name, data in short.items() if name != max(short))
+
+
+def test_estimate_is_stated_before_work_and_close(tmp_path, tok):
+    texts = make_docs(3000, seed=7)
+    for name, path in (("jsonl.gz", write_texts_jsonl(tmp_path / "c.jsonl.gz", texts, compress=True)),
+                       ("parquet", write_parquet(tmp_path / "c.parquet", texts, row_group_size=500))):
+        cfg = DataConfig(files=[path], val_docs=10, seq_len=8)
+        plan = estimate(cfg, resolve_sources(cfg), tok)
+        actual = prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / name))["tokens"]["train"]
+        assert abs(plan["train_tokens"] - actual) < 0.15 * actual, (name, plan, actual)
+        assert plan["disk_bytes"] == 2 * plan["train_tokens"]  # uint16
+    assert estimate(cfg, resolve_sources(cfg), tok, max_tokens=1000)["train_tokens"] == 1000
+
+
+def test_progress_lines_without_a_terminal():
+    out = io.StringIO()
+    progress = PrepareProgress(total=10_000, file=out, tty=False, interval_s=0)
+    progress("val", 50, None)
+    progress("train", 4_000, None)
+    progress("train", 5_000, {"file": "train_00000.bin"})
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("pkmlm-prepare: continuing an interrupted run: 4,000 training tokens")
+    assert "train 5.0k tokens (~50% of ~10.0k), 1 shards closed" in lines[-1] and "tok/s" in lines[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged shards and indexes (issue 13): one line, before any batch
+
+
+def rewrite_index(out, change):
+    path = os.path.join(out, "index.json")
+    index = json.load(open(path))
+    change(index)
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def test_in_range_corruption_is_refused_by_its_checksum(tmp_path, tok):
+    _, out, index, _ = write_prepared(tmp_path, tok)
+    shard = os.path.join(out, index["splits"]["train"][1]["file"])
+    data = bytearray(open(shard, "rb").read())
+    data[10] ^= 1  # a flipped bit: still a valid id below the vocabulary size
+    open(shard, "wb").write(bytes(data))
+    train_cfg = DataConfig(files=[], prepared=out, seq_len=8)
+    with pytest.raises(DataError, match=r"shard train_00001\.bin does not match its SHA-256 in index\.json "
+                                        r"\(the file is damaged\); prepare it again"):
+        PreparedBatches(train_cfg, out, batch_size=2, seed=0)
+    load_index(out)  # sizes are fine: only the checksum tells
+
+
+def test_out_of_range_ids_are_refused_up_front(tmp_path, tok):
+    """Originally an IndexError in the embedding at step 1; now one line when the shards are opened."""
+    _, out, index, _ = write_prepared(tmp_path, tok)
+    shard = os.path.join(out, index["splits"]["train"][0]["file"])
+    ids = np.fromfile(shard, dtype="<u2")
+    ids[7] = 65535
+    ids.tofile(shard)
+    digest = hashlib.sha256(open(shard, "rb").read()).hexdigest()
+    rewrite_index(out, lambda i: i["splits"]["train"][0].update(sha256=digest))  # a consistent-looking index
+    with pytest.raises(DataError, match=r"shard train_00000\.bin holds token id 65535, outside the vocabulary of "
+                                        rf"{tok.get_vocab_size()} tokens"):
+        PreparedBatches(DataConfig(files=[], prepared=out, seq_len=8), out, batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_text("[]"), r"not a valid pkmlm-prepare index \(a JSON list, not an object\)"),
+    (lambda p: p.write_text('{"format": "pkmlm-prepared/2"'), r"cannot be read \(Expecting"),
+    (lambda p: p.write_bytes(b"\xff\xfe"), r"cannot be read"),
+    (lambda p: rewrite_index(str(p.parent), lambda i: i.pop("splits")), r"splits=None: expected an object"),
+    (lambda p: rewrite_index(str(p.parent), lambda i: i.update(vocab_size="320")), r"vocab_size='320'"),
+    (lambda p: rewrite_index(str(p.parent), lambda i: i["splits"]["train"][0].update(file="../../etc/passwd")),
+     r"splits\.train\[0\]\.file='\.\./\.\./etc/passwd': expected train_NNNNN\.bin"),
+    (lambda p: rewrite_index(str(p.parent), lambda i: i["splits"]["val"][0].pop("sha256")),
+     r"splits\.val\[0\]\.sha256=None: expected 64 hex digits"),
+    (lambda p: rewrite_index(str(p.parent), lambda i: i.update(eos_id=10**6)), r"eos_id=1000000"),
+])
+def test_malformed_index_is_one_line(tmp_path, tok, damage, message):
+    _, out, _, _ = write_prepared(tmp_path, tok)
+    damage(Path(out) / "index.json")
+    with pytest.raises(DataError, match=message) as err:
+        load_index(out)
+    assert "\n" not in str(err.value) and "prepare it again" in str(err.value)
+
+
+def run_cli(module, args, tmp_path, **env):
+    env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true", **env}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+def one_line_exit_2(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_cli_damaged_shards_and_index_exit_2_before_step_1(tmp_path, tok):
+    _, out, index, _ = write_prepared(tmp_path, tok)
+    tiny = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32", "model.memory.layers=[]",
+            "data.seq_len=8", "train.batch_size=2", "train.max_steps=2", "logging.wandb.mode=disabled",
+            "logging.progress=false", "hydra.run.dir=run"]
+    shard = os.path.join(out, index["splits"]["train"][0]["file"])
+    ids = np.fromfile(shard, dtype="<u2")
+    ids[3] = 60000
+    ids.tofile(shard)
+    digest = hashlib.sha256(open(shard, "rb").read()).hexdigest()
+    rewrite_index(out, lambda i: i["splits"]["train"][0].update(sha256=digest))
+    line = one_line_exit_2(run_cli("pkmlm.cli.train", ["data=prepared", f"data.prepared={out}", *tiny], tmp_path))
+    assert "holds token id 60000, outside the vocabulary" in line and not (tmp_path / "run" / "metrics.jsonl").exists()
+    (Path(out) / "index.json").write_text('{"format": "pkmlm-prepared/2", "splits": []}')
+    line = one_line_exit_2(run_cli("pkmlm.cli.train", ["data=prepared", f"data.prepared={out}", *tiny], tmp_path))
+    assert "index.json is not a valid pkmlm-prepare index" in line
+
+
+def test_cli_prepare_user_errors_are_one_line(tmp_path):
+    assert "out='???'" in one_line_exit_2(run_cli("pkmlm.cli.prepare", [], tmp_path))
+    line = one_line_exit_2(run_cli("pkmlm.cli.prepare", ["data=fineweb_edu", "out=fw"], tmp_path, HF_HUB_OFFLINE="1"))
+    assert "cannot open Hub dataset 'HuggingFaceFW/fineweb-edu'" in line and "not reachable" in line
+    assert not (tmp_path / "fw").exists() and not (tmp_path / "fw.partial").exists()
+
+
+def test_cli_prepare_killed_then_rerun_continues(tmp_path, tok):
+    """kill -9 in the middle of writing, then the same command: it continues from the last closed
+    shard, and the shards equal an uninterrupted run's."""
+    corpus = write_texts_jsonl(tmp_path / "corpus.jsonl.gz", make_docs(12000, seed=3), compress=True)
+    args = [f"data.files=[{corpus}]", "data.vocab_size=300", "data.tokenizer_docs=200", "data.val_docs=4",
+            "shard_tokens=1024", "out=prep"]
+    env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "pkmlm.cli.prepare", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = tmp_path / "prep.partial" / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["train"]:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be interrupted: {err}"
+    result = run_cli("pkmlm.cli.prepare", args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["resumed_shards"] >= 1 and summary["tokenizer"] == "interrupted run"
+    assert "continuing an interrupted run" in result.stderr and "estimate: ~" in result.stderr
+    # an uninterrupted run of the same settings, in process, with the directory's own tokenizer
+    cfg = DataConfig(files=[corpus], vocab_size=300, tokenizer_docs=200, val_docs=4)
+    same_tok = load_tokenizer(str(tmp_path / "prep" / "tokenizer.json"))
+    prepare(cfg, resolve_sources(cfg), same_tok, str(tmp_path / "whole"), shard_tokens=1024)
+    assert shard_bytes(tmp_path / "prep") == shard_bytes(tmp_path / "whole")

@@ -8,13 +8,11 @@ import random
 import pytest
 
 from pkmlm.data.config import DataConfig
-from pkmlm.data.tokenizer import (
-    EOS_TOKEN,
-    encode_documents,
-    eos_id,
-    load_or_train_tokenizer,
-    train_bpe,
-)
+from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
+from pkmlm.data.mixing import DataPlan
+from pkmlm.data.tokenizer import EOS_TOKEN, encode_documents, eos_id, train_bpe
+
+GIVEN = DataPlan(sources=[])  # the plan does not matter when data.tokenizer names a file
 from pkmlm.errors import ConfigError, DataError
 
 WORDS = "the of and memory key value product layer model token north river city music naïve café".split()
@@ -72,55 +70,55 @@ def test_cache_miss_then_hit_and_vocab_size_in_key(tmp_path):
     cfg = DataConfig(files=files, vocab_size=350, tokenizer_docs=200)
     cache = str(tmp_path / "cache")
 
-    tok1, info1 = load_or_train_tokenizer(cfg, files, cache)
+    tok1, info1 = load_or_train_tokenizer(cfg, resolve_data(cfg), cache)
     assert info1["source"] == "trained"
     assert info1["path"] == f"{tmp_path}/cache/tokenizers/{info1['hash'][:16]}.json"
     assert info1["vocab_size"] == tok1.get_vocab_size()
 
-    tok2, info2 = load_or_train_tokenizer(cfg, files, cache)
+    tok2, info2 = load_or_train_tokenizer(cfg, resolve_data(cfg), cache)
     assert info2["source"] == "cache" and info2["path"] == info1["path"]
     assert tok2.get_vocab() == tok1.get_vocab()
     assert encode_documents(tok2, ROUND_TRIP) == encode_documents(tok1, ROUND_TRIP)
     assert 0 not in encode_documents(tok2, ["<|endoftext|>"])[0]  # runtime flag restored on load
 
-    _, info3 = load_or_train_tokenizer(DataConfig(files=files, vocab_size=360, tokenizer_docs=200), files, cache)
+    cfg360 = DataConfig(files=files, vocab_size=360, tokenizer_docs=200)
+    _, info3 = load_or_train_tokenizer(cfg360, resolve_data(cfg360), cache)
     assert info3["source"] == "trained" and info3["hash"] != info1["hash"]
 
     # Only the first tokenizer_docs documents count: appending documents keeps the cache hit.
-    more = [write_corpus(tmp_path / "c.jsonl", corpus() + ["new words entirely"] * 5)]
-    _, info4 = load_or_train_tokenizer(cfg, more, cache)
+    write_corpus(tmp_path / "c.jsonl", corpus() + ["new words entirely"] * 5)
+    _, info4 = load_or_train_tokenizer(cfg, resolve_data(cfg), cache)
     assert info4["source"] == "cache" and info4["hash"] == info1["hash"]
 
 
 def test_load_given_tokenizer_file(tmp_path, tok):
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
-    cfg = DataConfig(tokenizer=str(path))
-    loaded, info = load_or_train_tokenizer(cfg, [], str(tmp_path / "cache"))
+    loaded, info = load_or_train_tokenizer(DataConfig(tokenizer=str(path)), GIVEN, str(tmp_path / "cache"))
     assert info == {"source": "file", "path": str(path), "hash": None, "vocab_size": tok.get_vocab_size()}
     assert encode_documents(loaded, ROUND_TRIP) == encode_documents(tok, ROUND_TRIP)
 
 
 def test_bad_tokenizer_paths_name_the_key(tmp_path, tok):
     with pytest.raises(DataError, match=r"data\.tokenizer=.*nope\.json.*no such file"):
-        load_or_train_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope.json")), [], str(tmp_path))
+        load_or_train_tokenizer(DataConfig(tokenizer=str(tmp_path / "nope.json")), GIVEN, str(tmp_path))
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     with pytest.raises(DataError, match=r"data\.tokenizer=.*garbage\.json.*not a valid tokenizer\.json"):
-        load_or_train_tokenizer(DataConfig(tokenizer=str(garbage)), [], str(tmp_path))
+        load_or_train_tokenizer(DataConfig(tokenizer=str(garbage)), GIVEN, str(tmp_path))
     no_eos = json.loads(tok.to_str())
     no_eos["added_tokens"] = []
     no_eos["model"]["vocab"].pop(EOS_TOKEN)
     path = tmp_path / "no_eos.json"
     path.write_text(json.dumps(no_eos))
     with pytest.raises(DataError, match=r"data\.tokenizer=.*no_eos\.json.*<\|endoftext\|>"):
-        load_or_train_tokenizer(DataConfig(tokenizer=str(path)), [], str(tmp_path))
+        load_or_train_tokenizer(DataConfig(tokenizer=str(path)), GIVEN, str(tmp_path))
 
 
 def test_bad_training_settings(tmp_path):
     files = [write_corpus(tmp_path / "c.jsonl", corpus(10))]
     with pytest.raises(ConfigError, match=r"data\.vocab_size=100"):
-        load_or_train_tokenizer(DataConfig(files=files, vocab_size=100), files, str(tmp_path))
-    empty = [write_corpus(tmp_path / "empty.jsonl", [""])]
+        resolve_data(DataConfig(files=files, vocab_size=100))  # the data boundary checks every value
+    empty = DataConfig(files=[write_corpus(tmp_path / "empty.jsonl", [""])], vocab_size=300)
     with pytest.raises(DataError, match="no document to train the tokenizer"):
-        load_or_train_tokenizer(DataConfig(files=empty, vocab_size=300), empty, str(tmp_path))
+        load_or_train_tokenizer(empty, resolve_data(empty), str(tmp_path))

@@ -15,14 +15,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 
 from pkmlm.data.config import DataConfig, check_data_config, default_cache_dir
-from pkmlm.errors import ConfigError
+from pkmlm.errors import UserError, require
 from pkmlm.model.transformer import ModelConfig
-from pkmlm.train.optim import OptimConfig  # beside the optimizer: torch-only for the benchmarks
+from pkmlm.paths import dir_problem
+from pkmlm.optim.config import OptimConfig  # beside the optimizer: torch-only for the benchmarks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/pkmlm/config.py -> project root
 
@@ -78,10 +79,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 200  # steps between checkpoints (and one at the end / at stop_at_step)
-    keep_last: int = 2
-    # auto: torch.save file with one process and one data shard, else distributed checkpoint (DCP,
-    # loads on any process count) | torch | dcp. train/dcp.py
-    format: str = "auto"
+    keep_last: int = 2  # the newest checkpoints kept (one format: pkmlm/checkpoint/store.py)
 
 
 @dataclass
@@ -126,15 +124,33 @@ def run_start_time(pattern: str) -> str:
     return moment.strftime(pattern)
 
 
+# --- resolvers -------------------------------------------------------------------------------------
+
+SWEEP_RESOLVER = "pkmlm_sweep_name"
+
+
+def sweep_name(name: str, *, _root_: Any) -> str:
+    """`${pkmlm_sweep_name:${name}}` in `hydra.sweep.dir`: one sweep, one directory.
+
+    Hydra composes every job of a sweep anew with its own overrides, so a job that selects another
+    experiment (a compare group's arms, `-m experiment=tiny/mem4,tiny/dense8`) has another `name`,
+    and `multirun/${name}/...` would scatter one sweep over several directories. This returns the
+    name that the sweep's own (master) config resolved, for every job: the first value returned is
+    kept in the config's resolver cache, the same cache through which Hydra gives every job the
+    master's `${now:...}` (`ConfigLoader.load_sweep_config` copies it into each job's config, and
+    it travels with the config to joblib and SLURM workers)."""
+    memo = OmegaConf.get_cache(_root_)[SWEEP_RESOLVER]  # a dict per resolver name (omegaconf: defaultdict)
+    return memo.setdefault("first", name)
+
+
 def register_resolvers() -> None:
     for name, fn in (("pkmlm_sample_dir", default_sample_dir), ("pkmlm_cache_dir", default_cache_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("pkmlm_now"):
         OmegaConf.register_new_resolver("pkmlm_now", run_start_time, use_cache=True)  # cached like `now`
-    from pkmlm.experiments.sweep import register_sweep_resolver  # hydra.sweep.dir: one dir per sweep
-
-    register_sweep_resolver()
+    if not OmegaConf.has_resolver(SWEEP_RESOLVER):
+        OmegaConf.register_new_resolver(SWEEP_RESOLVER, sweep_name)
 
 
 def register_configs() -> None:
@@ -146,79 +162,188 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
-def _check(ok: bool, key: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
+# --- validation: every value, once, before any work (one style: pkmlm.errors.require) ---------------
+
+# Integers beyond 2**53 lose their value in JSON readers, wandb and float arithmetic (the LR
+# schedule divides by train.max_steps): no count in a config is meant to be that large.
+MAX_INT = 2**53
+# More optimizer steps than any run takes (1e10 steps at 1 ms each is 116 days); a typo like
+# train.max_steps=1e23 is refused instead of scheduling a learning rate nobody will see.
+MAX_STEPS = 10**10
+def _check_ints(node: Any, key: str = "") -> None:
+    """Every integer of the config tree (dataclasses, lists) within [-MAX_INT, MAX_INT]."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_ints(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _check_ints(item, f"{key}[{i}]")
+    elif isinstance(node, int) and not isinstance(node, bool):
+        require(-MAX_INT <= node <= MAX_INT, key, node, f"an integer of magnitude at most 2**53 ({MAX_INT:.1e})")
+
+
+def check_name(name: str) -> None:
+    """The run directory is outputs/<name>/<time> (a sweep's multirun/<name>/<time>): `name` is a
+    relative path whose parts are never `.` or `..`, so that no run lands outside them."""
+    parts = str(name).replace("\\", "/").split("/")
+    require(bool(name) and all(p not in ("", ".", "..") for p in parts) and "\0" not in name, "name", name,
+            "a relative name such as tiny/mem4 (no leading /, no '.' or '..' parts): runs are written to "
+            "outputs/<name>/ and multirun/<name>/")
 
 
 def validate(cfg: Config) -> None:
     """Check every value that would otherwise fail late; raise ConfigError on the first problem."""
+    check_name(cfg.name)
+    reason = dir_problem(cfg.paths.cache_dir)
+    require(reason is None, "paths.cache_dir", cfg.paths.cache_dir,
+            f"a directory this user can create or write ({reason}); set paths.cache_dir or PKMLM_CACHE_DIR")
+
     model = cfg.model
-    _check(model.vocab_size >= 0, "model.vocab_size", model.vocab_size, "0 (from the tokenizer) or a positive size")
+    require(model.vocab_size >= 0, "model.vocab_size", model.vocab_size, "0 (from the tokenizer) or a positive size")
     # The model's vocabulary comes from the tokenizer when 0; validate the rest with a placeholder.
     dataclasses.replace(model, vocab_size=model.vocab_size or 1).validate()
 
     d = cfg.data
     check_data_config(d)  # every data.* value that needs no file; paths are checked by resolve_data
-    _check(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len,
-           f"at most model.max_seq_len={model.max_seq_len}")
+    require(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len, f"at most model.max_seq_len={model.max_seq_len}")
     if not d.files and not d.sources:  # data=prepared sets files: [] and needs data.prepared=DIR
-        _check(bool(d.prepared), "data.prepared" if d.prepared is not None or not d.files else "data.files",
-               d.prepared, "a directory written by pkmlm-prepare (data=prepared needs data.prepared=DIR); "
-               "or give data.files=[PATH,...] or data.sources")
+        require(bool(d.prepared), "data.prepared" if d.prepared is not None or not d.files else "data.files",
+                d.prepared, "a directory written by pkmlm-prepare (data=prepared needs data.prepared=DIR); "
+                "or give data.files=[PATH,...] or data.sources")
     # A tokenizer trained here has up to data.vocab_size ids; a fixed model vocabulary must hold them
     # all (checked again against the actual tokenizer once it is loaded).
-    _check(model.vocab_size == 0 or d.tokenizer is not None or model.vocab_size >= d.vocab_size, "model.vocab_size",
-           model.vocab_size, f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's")
+    require(model.vocab_size == 0 or d.tokenizer is not None or model.vocab_size >= d.vocab_size, "model.vocab_size",
+            model.vocab_size, f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's")
 
     o = cfg.optim
-    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive finite number")
-    _check(o.values_lr >= 0 and math.isfinite(o.values_lr), "optim.values_lr", o.values_lr, ">= 0")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    _check(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "in [0, 1)")
-    _check(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "in [0, 1)")
-    _check(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "a positive finite number (AdamW's denominator)")
-    _check(o.schedule in ("cosine", "inv_sqrt", "constant"), "optim.schedule", o.schedule,
-           "one of cosine, inv_sqrt, constant")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
-    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
+    require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive finite number")
+    require(o.values_lr >= 0 and math.isfinite(o.values_lr), "optim.values_lr", o.values_lr, ">= 0")
+    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "in [0, 1)")
+    require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "in [0, 1)")
+    require(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "a positive finite number (AdamW's denominator)")
+    require(o.schedule in ("cosine", "inv_sqrt", "constant"), "optim.schedule", o.schedule,
+            "one of cosine, inv_sqrt, constant")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
+    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
+    require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
+    require(o.values_grad_clip >= 0 and math.isfinite(o.values_grad_clip), "optim.values_grad_clip",
+            o.values_grad_clip, ">= 0 (0: the values are clipped with the rest by optim.grad_clip)")
+    require(o.values_schedule in ("follow", "constant"), "optim.values_schedule", o.values_schedule,
+            "one of follow, constant")
 
     t = cfg.train
-    _check(t.max_steps >= 1, "train.max_steps", t.max_steps, ">= 1")
-    _check(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step", t.stop_at_step,
-           f"null or in [1, train.max_steps={t.max_steps}]")
-    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    require(1 <= t.max_steps <= MAX_STEPS, "train.max_steps", t.max_steps, f"an integer in [1, {MAX_STEPS:.0e}]")
+    require(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step", t.stop_at_step,
+            f"null or in [1, train.max_steps={t.max_steps}]")
+    require(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     mb = t.micro_batch_size
-    _check(mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0), "train.micro_batch_size", mb,
-           f"null or a divisor of train.batch_size={t.batch_size}")
-    _check(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None, "train.device", t.device,
-           "auto, cpu, cuda or cuda:N")
-    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
-    _check(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")
-    _check(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens", t.max_tokens,
-           "null (no token budget) or a positive number of training tokens")
-    _check(t.max_time is None or (t.max_time > 0 and math.isfinite(t.max_time)), "train.max_time", t.max_time,
-           "null (no time budget) or a positive number of seconds")
-    _check(t.peak_flops is None or (t.peak_flops > 0 and math.isfinite(t.peak_flops)), "train.peak_flops",
-           t.peak_flops, "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12")
-    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "one of ddp, fsdp")
-    _check(t.data_shards is None or (t.data_shards >= 1 and t.batch_size % t.data_shards == 0), "train.data_shards",
-           t.data_shards, f"null (the process count) or a divisor of train.batch_size={t.batch_size}")
-    _check(not (model.memory.shard_values and getattr(cfg.optim, "sparse_values", False)), "model.memory.shard_values",
-           model.memory.shard_values, "false with optim.sparse_values=true (a sharded table takes dense gradients)")
+    require(mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0), "train.micro_batch_size", mb,
+            f"null or a divisor of train.batch_size={t.batch_size}")
+    require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None, "train.device", t.device,
+            "auto, cpu, cuda or cuda:N")
+    require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
+    require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")
+    require(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens", t.max_tokens,
+            "null (no token budget) or a positive number of training tokens")
+    require(t.max_time is None or (t.max_time > 0 and math.isfinite(t.max_time)), "train.max_time", t.max_time,
+            "null (no time budget) or a positive number of seconds")
+    require(t.peak_flops is None or (t.peak_flops > 0 and math.isfinite(t.peak_flops)), "train.peak_flops",
+            t.peak_flops, "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12")
+    require(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "one of ddp, fsdp")
+    require(t.data_shards is None or (t.data_shards >= 1 and t.batch_size % t.data_shards == 0), "train.data_shards",
+            t.data_shards, f"null (the process count) or a divisor of train.batch_size={t.batch_size}")
+    require(not (model.memory.shard_values and getattr(cfg.optim, "sparse_values", False)),
+            "model.memory.shard_values", model.memory.shard_values,
+            "false with optim.sparse_values=true (a sharded table takes dense gradients)")
 
-    _check(cfg.eval.interval >= 1, "eval.interval", cfg.eval.interval, ">= 1")
-    _check(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches", cfg.eval.max_batches,
-           "null or >= 1")
-    _check(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size,
-           "null or >= 1")
-    _check(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
-    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
-    _check(cfg.checkpoint.format in ("auto", "torch", "dcp"), "checkpoint.format", cfg.checkpoint.format,
-           "one of auto, torch, dcp")
-    _check(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
-    _check(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
-           cfg.logging.wandb.mode, "one of online, offline, disabled")
-    _check(cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume,
-           "auto, never or a checkpoint path")
+    require(cfg.eval.interval >= 1, "eval.interval", cfg.eval.interval, ">= 1")
+    require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches", cfg.eval.max_batches,
+            "null or >= 1")
+    require(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size,
+            "null or >= 1")
+    require(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
+    require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    require(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
+    require(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
+            cfg.logging.wandb.mode, "one of online, offline, disabled")
+    require(cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume,
+            "auto, never or a checkpoint path")
+    _check_ints(cfg)  # the backstop for every other count: 2**53 at most
+
+
+# --- does the run fit the device? (checked before anything is allocated) ----------------------------
+
+GB = 1e9
+
+
+def estimate_train_memory(cfg: Config, world_size: int = 1) -> dict[str, float]:
+    """A rough lower bound of one process's training memory in bytes, from the config alone: the
+    parameters with their gradients and AdamW moments (4 copies; 3 for the values with
+    optim.sparse_values, whose gradients are row-sparse; split over the ranks with FSDP), and the
+    activations of one micro-batch kept for the backward pass. The model is built on the meta
+    device (counts only, nothing allocated).
+
+    Activations per token: each layer keeps about 8*dim + 2*ffn floats (qkv, attention output, two
+    norms, the residual, the FFN's hidden layer before and after its activation), a memory layer
+    its sub-key scores (heads * 2 * n_keys floats) and the logits V floats, all doubled for their
+    gradients. Attention scores are not counted (fused attention does not keep them)."""
+    import torch
+
+    from pkmlm.model.transformer import Transformer
+
+    m = cfg.model
+    vocab = m.vocab_size or -(-cfg.data.vocab_size // 64) * 64  # the loop pads the tokenizer's size to 64
+    model_cfg = dataclasses.replace(m, vocab_size=vocab)
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    counts = model.count_parameters()
+    values_bytes = 2 if m.memory.values_dtype == "bfloat16" else 4
+    copies_values = 3 if getattr(cfg.optim, "sparse_values", False) else 4
+    shards = world_size if cfg.train.parallel == "fsdp" else 1
+    params = (counts["memory_values"] * values_bytes * copies_values
+              + (counts["total"] - counts["memory_values"]) * 4 * 4) / shards
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    tokens = max(1, micro // max(1, world_size)) * cfg.data.seq_len
+    ffn = int(m.ffn_mult * m.dim)
+    per_token = m.n_layers * (8 * m.dim + 2 * ffn) + len(m.memory.layers) * m.memory.heads * 2 * m.memory.n_keys + vocab
+    activations = tokens * per_token * 4 * 2
+    return {"total": params + activations, "params": params, "activations": activations,
+            "n_params": float(counts["total"]), "n_values": float(counts["memory_values"])}
+
+
+def device_memory(device: Any) -> tuple[float, str]:
+    """Bytes a run on `device` can use, and how they were measured: free device memory on CUDA,
+    MemAvailable (/proc/meminfo) on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return float(free), f"{device} has {free / GB:.1f} GB free of {total / GB:.1f} GB"
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return float(available), f"this machine has {available / GB:.1f} GB of RAM available"
+
+
+def check_fits_device(cfg: Config, device: Any, world_size: int = 1) -> None:
+    """Refuse, with the estimate and the device's capacity, a run whose parameters and activations
+    (`estimate_train_memory`) exceed the memory `device` has: one line, before anything allocates,
+    instead of an allocator traceback minutes later."""
+    need = estimate_train_memory(cfg, world_size)
+    have, where = device_memory(device)
+    if need["total"] <= have:
+        return
+    m = cfg.model
+    if need["params"] >= need["activations"]:
+        key = "model.memory.n_keys" if need["n_values"] * 2 > need["n_params"] else "model.dim"
+        hint = f"lower {key} (now {m.memory.n_keys if key.endswith('n_keys') else m.dim})"
+    else:
+        hint = (f"lower train.micro_batch_size (now {cfg.train.micro_batch_size or cfg.train.batch_size} sequences "
+                f"per forward pass) or data.seq_len (now {cfg.data.seq_len})")
+    raise UserError(
+        f"the run does not fit {device.type}: training needs about {need['total'] / GB:,.1f} GB ({need['n_params']:.3g} "
+        f"parameters with gradients and AdamW state: {need['params'] / GB:,.1f} GB; activations: "
+        f"{need['activations'] / GB:,.1f} GB) but {where}; {hint}")

@@ -16,9 +16,9 @@ from pkmlm.data.config import DataConfig, SourceConfig
 from pkmlm.data.loader import (
     TokenBatches,
     WorkerBatches,
-    build_data,
     build_train_batches,
     check_data_config,
+    load_or_train_tokenizer,
     resolve_data,
     stats_row,
     validation_batches,
@@ -26,21 +26,21 @@ from pkmlm.data.loader import (
 from pkmlm.data.mixing import DataPlan, MixedDocuments, Source, SourceStream, resolve_sources
 from pkmlm.data.packing import Packer, ShuffleBuffer
 from pkmlm.data.prepared import PreparedBatches, prepare
-from pkmlm.data.sources import BAD_KINDS, Document, DocumentStream, HubSpec, expand_files, file_kind, read_records
+from pkmlm.data.sources import BAD_KINDS, Document, DocumentStream, HubSpec, expand_files, file_kind
 from pkmlm.data.tokenizer import (
     EOS_TOKEN,
     default_cache_dir,
     encode_documents,
     eos_id,
-    load_or_train_tokenizer,
     load_tokenizer,
+    split_document,
     train_bpe,
 )
 
 __all__ = [
     "BAD_KINDS", "Cleaner", "DataConfig", "DataPlan", "Document", "DocumentStream", "EOS_TOKEN", "HubSpec",
     "MixedDocuments", "Packer", "PreparedBatches", "ShuffleBuffer", "Source", "SourceConfig", "SourceStream",
-    "TokenBatches", "WorkerBatches", "build_data", "build_train_batches", "check_data_config", "default_cache_dir",
+    "TokenBatches", "WorkerBatches", "build_train_batches", "check_data_config", "default_cache_dir",
     "encode_documents", "eos_id", "expand_files", "file_kind", "load_or_train_tokenizer", "load_tokenizer",
-    "prepare", "read_records", "resolve_data", "resolve_sources", "stats_row", "train_bpe", "validation_batches",
+    "prepare", "resolve_data", "resolve_sources", "split_document", "stats_row", "train_bpe", "validation_batches",
 ]

@@ -3,7 +3,8 @@
 Each is optional (`data.nfc`, `data.min_chars`, `data.dedup_window`) and counted in `stats`:
 `nfc_normalized` (documents the normalisation changed), `too_short` and `duplicate` (documents
 dropped). Order: NFC first (so that two spellings of the same text compare equal), then length,
-then duplicates.
+then duplicates. Documents kept that are longer than `data.max_doc_chars` are counted as
+`split_docs`: the tokenizer takes them in pieces (`tokenizer.encode_documents`).
 
 Duplicates are exact: a document is dropped when a 64-bit BLAKE2b hash of its UTF-8 text equals
 that of one of the last `dedup_window` documents kept by this reader (a FIFO window; a collision
@@ -26,10 +27,12 @@ def text_hash(text: str) -> int:
 
 
 class Cleaner:
-    def __init__(self, min_chars: int = 0, nfc: bool = False, dedup_window: int = 0):
+    def __init__(self, min_chars: int = 0, nfc: bool = False, dedup_window: int = 0,
+                 max_doc_chars: Optional[int] = None):
         self.min_chars = min_chars
         self.nfc = nfc
         self.dedup_window = dedup_window
+        self.max_doc_chars = max_doc_chars
         self.stats: Dict[str, int] = {}
         self._recent: Deque[int] = deque()
         self._recent_set: Set[int] = set()
@@ -58,6 +61,8 @@ class Cleaner:
             self._recent_set.add(h)
             if len(self._recent) > self.dedup_window:
                 self._recent_set.discard(self._recent.popleft())
+        if self.max_doc_chars is not None and len(text) > self.max_doc_chars:
+            self._count("split_docs")
         return text
 
     def reset_window(self, recent: Optional[list] = None) -> None:

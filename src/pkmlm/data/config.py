@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from pkmlm.errors import require
+
 
 @dataclass
 class SourceConfig:
@@ -38,8 +40,17 @@ class DataConfig:
     val_docs: int = 20
     # Documents tokenized per `encode_batch` call (the Rust tokenizer parallelises within a call).
     encode_batch_docs: int = 64
-    # Shuffle buffer of packed windows (0 = no shuffle); seeded by the run's `seed`.
+    # Shuffle buffer of packed windows (0 = no shuffle); seeded by the run's `seed`. It is filled
+    # before the first batch and holds at most 2**26 tokens: shuffle_buffer * (seq_len + 1).
     shuffle_buffer: int = 256
+    # Size limits (docs/data.md, "Size limits"). A record (a JSON line, a paragraph of plain text, a
+    # WET record; for Parquet and Hub records: characters) longer than max_record_bytes is read no
+    # further and skipped, counted as too_long. A document longer than max_doc_chars characters is
+    # tokenized in pieces of at most that many (cut before whitespace, which gives the same ids as
+    # the whole text except where a piece has none), counted as split_docs: the Rust tokenizer
+    # needs about 170 bytes per character of one input.
+    max_record_bytes: int = 32 * 2**20
+    max_doc_chars: int = 100_000
     # Bad records (malformed JSON, non-UTF-8, missing field, truncated gzip...) are skipped and
     # counted; strict=true makes the first one an error naming the file and line.
     strict: bool = False
@@ -59,6 +70,12 @@ class DataConfig:
 
 # 256 byte tokens + <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
 MIN_VOCAB_SIZE = 257
+MAX_RECORD_BYTES = DataConfig.max_record_bytes
+MAX_DOC_CHARS = DataConfig.max_doc_chars
+# The shuffle buffer's bound: 2**26 int32 tokens (256 MiB), tokenized before the first batch.
+MAX_SHUFFLE_TOKENS = 2**26
+MAX_ENCODE_BATCH_DOCS = 4096  # documents per tokenizer call: each up to max_doc_chars characters
+MAX_NUM_WORKERS = 256
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -75,31 +92,32 @@ def extra_special_tokens(cfg: DataConfig) -> List[str]:
 def check_data_config(cfg: DataConfig) -> None:
     """Range checks of every `data.*` value that needs no file (the schema checks the types); a
     `ConfigError` naming the first bad key. Paths and sources are checked by `resolve_data`."""
-    from pkmlm.errors import ConfigError
-
-    def at_least(key: str, value: int, low: int, allowed: str) -> None:
-        if value < low:
-            raise ConfigError(key, value, allowed)
-
-    at_least("data.seq_len", cfg.seq_len, 1, "an integer >= 1 (tokens per training sequence)")
-    if not cfg.text_field:
-        raise ConfigError("data.text_field", cfg.text_field, "the name of the records' text field, e.g. text")
+    require(cfg.seq_len >= 1, "data.seq_len", cfg.seq_len, "an integer >= 1 (tokens per training sequence)")
+    require(bool(cfg.text_field), "data.text_field", cfg.text_field, "the name of the records' text field, e.g. text")
     specials = list(cfg.special_tokens)
-    for token in specials:
-        if not isinstance(token, str) or not token:
-            raise ConfigError("data.special_tokens", specials, "non-empty strings, e.g. ['<|pad|>']")
-    if len(set(specials)) != len(specials):
-        raise ConfigError("data.special_tokens", specials, "distinct tokens (each listed once)")
+    require(all(isinstance(t, str) and t for t in specials), "data.special_tokens", specials,
+            "non-empty strings, e.g. ['<|pad|>']")
+    require(len(set(specials)) == len(specials), "data.special_tokens", specials, "distinct tokens (each listed once)")
     n_special = len(extra_special_tokens(cfg))
-    at_least("data.vocab_size", cfg.vocab_size, MIN_VOCAB_SIZE + n_special,
-             f"an integer >= {MIN_VOCAB_SIZE + n_special} (256 bytes + {EOS_TOKEN}"
-             + (f" + {n_special} data.special_tokens)" if n_special else ")"))
-    at_least("data.tokenizer_docs", cfg.tokenizer_docs, 1, "an integer >= 1 (documents to train the tokenizer on)")
-    at_least("data.val_docs", cfg.val_docs, 0, "an integer >= 0 (0: no validation split)")
-    at_least("data.encode_batch_docs", cfg.encode_batch_docs, 1, "an integer >= 1")
-    at_least("data.shuffle_buffer", cfg.shuffle_buffer, 0, "an integer >= 0 (0 turns shuffling off)")
-    at_least("data.min_chars", cfg.min_chars, 0, "an integer >= 0 (0 keeps every document)")
-    at_least("data.dedup_window", cfg.dedup_window, 0, "an integer >= 0 (0 turns deduplication off)")
-    at_least("data.num_workers", cfg.num_workers, 0, "an integer >= 0 (0 reads in the training process)")
-    if cfg.prepared_order not in ("random", "sequential"):
-        raise ConfigError("data.prepared_order", cfg.prepared_order, "random or sequential")
+    require(cfg.vocab_size >= MIN_VOCAB_SIZE + n_special, "data.vocab_size", cfg.vocab_size,
+            f"an integer >= {MIN_VOCAB_SIZE + n_special} (256 bytes + {EOS_TOKEN}"
+            + (f" + {n_special} data.special_tokens)" if n_special else ")"))
+    require(cfg.tokenizer_docs >= 1, "data.tokenizer_docs", cfg.tokenizer_docs,
+            "an integer >= 1 (documents to train the tokenizer on)")
+    require(cfg.val_docs >= 0, "data.val_docs", cfg.val_docs, "an integer >= 0 (0: no validation split)")
+    require(1 <= cfg.encode_batch_docs <= MAX_ENCODE_BATCH_DOCS, "data.encode_batch_docs", cfg.encode_batch_docs,
+            f"an integer in [1, {MAX_ENCODE_BATCH_DOCS}]")
+    most = MAX_SHUFFLE_TOKENS // (cfg.seq_len + 1)
+    require(0 <= cfg.shuffle_buffer <= most, "data.shuffle_buffer", cfg.shuffle_buffer,
+            f"an integer in [0, {most}] (0 turns shuffling off; the buffer is filled before the first batch and "
+            f"holds at most 2**26 tokens: {most} windows of data.seq_len + 1 = {cfg.seq_len + 1})")
+    require(cfg.max_record_bytes >= 1024, "data.max_record_bytes", cfg.max_record_bytes,
+            "an integer >= 1024 (longer records are skipped and counted as too_long)")
+    require(cfg.max_doc_chars >= 64, "data.max_doc_chars", cfg.max_doc_chars,
+            "an integer >= 64 (longer documents are tokenized in pieces of this many characters)")
+    require(cfg.min_chars >= 0, "data.min_chars", cfg.min_chars, "an integer >= 0 (0 keeps every document)")
+    require(cfg.dedup_window >= 0, "data.dedup_window", cfg.dedup_window, "an integer >= 0 (0 turns deduplication off)")
+    require(0 <= cfg.num_workers <= MAX_NUM_WORKERS, "data.num_workers", cfg.num_workers,
+            f"an integer in [0, {MAX_NUM_WORKERS}] (0 reads in the training process)")
+    require(cfg.prepared_order in ("random", "sequential"), "data.prepared_order", cfg.prepared_order,
+            "random or sequential")

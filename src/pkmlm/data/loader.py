@@ -41,22 +41,28 @@ import torch
 from tokenizers import Tokenizer
 
 from pkmlm.data.config import DataConfig, check_data_config
-from pkmlm.data.mixing import DataPlan, MixedDocuments, as_plan, merge_counts, validation_documents
+from pkmlm.data.mixing import (DataPlan, MixedDocuments, merge_counts, resolve_sources, sample_documents,
+                               validation_documents)
 from pkmlm.data.packing import TOKEN_DTYPE, Packer, ShuffleBuffer, Window, to_plain
 from pkmlm.data.sources import BAD_KINDS
-from pkmlm.data.tokenizer import encode_documents, eos_id
+from pkmlm.data.tokenizer import cached_bpe, check_special_tokens, encode_documents, eos_id, load_tokenizer
 from pkmlm.errors import DataError, UserError
 
 STATE_VERSION = 2
 FIRST_CHUNK_DOCS = 4  # documents in the first encode chunk (then 8, 16, ... up to data.encode_batch_docs)
 
 
+# Counters of documents changed but kept (the rest count documents skipped).
+KEPT_KINDS = ("nfc_normalized", "split_docs")
+
+
 def stats_row(stats: Dict[str, int]) -> Dict[str, int]:
     """Counters as metrics keys: `data/skipped/<kind>` for bad input and cleaning drops (every
-    kind of BAD_KINDS always present), `data/nfc_normalized`."""
+    kind of BAD_KINDS always present), `data/nfc_normalized` and `data/split_docs` (documents
+    longer than data.max_doc_chars, tokenized in pieces)."""
     row = {f"data/skipped/{k}": 0 for k in BAD_KINDS}
     for k, v in stats.items():
-        row[f"data/{k}" if k == "nfc_normalized" else f"data/skipped/{k}"] = int(v)
+        row[f"data/{k}" if k in KEPT_KINDS else f"data/skipped/{k}"] = int(v)
     return row
 
 
@@ -69,16 +75,8 @@ class TokenBatches:
     kind and the cleaning hooks' work, over the whole run.
     """
 
-    def __init__(self, cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int,
+    def __init__(self, cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1):
-        check_data_config(cfg)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if not 0 <= worker < num_workers:
-            raise ValueError(f"need 0 <= worker < num_workers, got worker={worker}, num_workers={num_workers}")
-        plan = as_plan(cfg, files)
         self.cfg = cfg
         self.sources = plan.sources
         self.tokenizer = tokenizer
@@ -131,7 +129,7 @@ class TokenBatches:
         self._chunk_start = {"docs": self._docs.state_dict(), "packer": self._packer.state_dict(),
                              "n_docs": n_docs}
         texts = [self._docs.next_document() for _ in range(n_docs)]
-        self._pending = self._packer.push_many(encode_documents(self.tokenizer, texts))
+        self._pending = self._packer.push_many(encode_documents(self.tokenizer, texts, self.cfg.max_doc_chars))
         self._pending_pos = 0
 
     @property
@@ -299,13 +297,10 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
 class WorkerBatches:
     """Training batches from `num_workers` DataLoader worker processes; same interface as TokenBatches."""
 
-    def __init__(self, cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int, seed: int,
+    def __init__(self, cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
-        check_data_config(cfg)
-        if cfg.num_workers < 1:
-            raise ValueError("WorkerBatches needs data.num_workers >= 1")
         self.cfg = cfg
-        self.plan = as_plan(cfg, files)
+        self.plan = plan
         self.tokenizer = tokenizer
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -403,24 +398,52 @@ class WorkerBatches:
 
 
 def resolve_data(cfg: DataConfig) -> DataPlan:
-    """Check the data config and find its inputs (expand globs, open the prepared index) before
-    anything expensive: a bad path or value fails here, in a second."""
+    """The data plan, built once: check the data config and find its inputs (expand globs, stat
+    every file, open the prepared index) before anything expensive, so a bad path or value fails
+    here, in a second. Everything that reads the data takes this plan."""
     check_data_config(cfg)
     if cfg.prepared:
         from pkmlm.data.prepared import load_index
 
         load_index(cfg.prepared)
         return DataPlan(sources=[], prepared=cfg.prepared)
-    return as_plan(cfg)
+    return DataPlan(sources=resolve_sources(cfg))
 
 
-def build_train_batches(cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int, seed: int,
+def load_or_train_tokenizer(cfg: DataConfig, plan: DataPlan, cache_dir: str) -> Tuple[Tokenizer, Dict[str, Any]]:
+    """The tokenizer of the prepared shards (`plan.prepared`), else `cfg.tokenizer` when set (it
+    must define `cfg.special_tokens`), else a BPE trained on a sample of the stream: its first
+    `cfg.tokenizer_docs` documents (after cleaning; from a mixture, interleaved by weight), cached
+    by a hash of that text, the vocab size and the special tokens (`tokenizer.cached_bpe`).
+
+    Returns the tokenizer and {"source": "prepared"|"file"|"cache"|"trained", "path", "hash",
+    "vocab_size"} (`hash` is None for a given file). The vocab size is the tokenizer's own, which
+    for a given file or a small corpus may differ from `cfg.vocab_size`: size the model from this
+    one (the loop pads it to a multiple of 64).
+    """
+    if plan.prepared:
+        from pkmlm.data.prepared import load_index, load_prepared_tokenizer
+
+        index = load_index(plan.prepared)
+        tok, path = load_prepared_tokenizer(plan.prepared, index)
+        return tok, {"source": "prepared", "path": path, "hash": index.get("tokenizer_hash"),
+                     "vocab_size": tok.get_vocab_size()}
+    if cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+        check_special_tokens(tok, cfg)
+        path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
+        return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
+    names = [s.name for s in plan.sources]
+    return cached_bpe(lambda: sample_documents(plan.sources, cfg, cfg.tokenizer_docs), cfg, cache_dir,
+                      f"the data sources {names} hold no document to train the tokenizer on; check "
+                      "data.text_field and the cleaning settings (data.min_chars)")
+
+
+def build_train_batches(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, seed: int,
                         rank: int = 0, world_size: int = 1):
     """The training batches for this rank: pre-tokenized shards (`data.prepared`), DataLoader
-    workers (`data.num_workers > 0`) or in-process reading. `files`: a DataPlan (`resolve_data`),
-    or the expanded `data.files`. All share `next()`, `state_dict()`, `load_state_dict()`,
-    `stats`, `epoch`, `tokens`."""
-    plan = as_plan(cfg, files)
+    workers (`data.num_workers > 0`) or in-process reading, from the plan of `resolve_data`. All
+    share `next()`, `state_dict()`, `load_state_dict()`, `stats`, `epoch`, `tokens`."""
     if plan.prepared:
         from pkmlm.data.prepared import PreparedBatches
 
@@ -430,13 +453,11 @@ def build_train_batches(cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch
     return TokenBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
 
 
-def validation_windows(cfg: DataConfig, files: Any, tokenizer: Tokenizer,
+def validation_windows(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer,
                        max_windows: Optional[int] = None) -> List[Window]:
     """All windows of the validation split (the first `cfg.val_docs` documents of each source, the
     sources in order), packed as one stream; the last may be shorter than `seq_len + 1` (at least
     2 tokens). `max_windows` stops reading once that many full windows are packed."""
-    check_data_config(cfg)
-    plan = as_plan(cfg, files)
     if plan.prepared:
         from pkmlm.data.prepared import prepared_validation_windows
 
@@ -445,7 +466,7 @@ def validation_windows(cfg: DataConfig, files: Any, tokenizer: Tokenizer,
     texts = itertools.chain.from_iterable(validation_documents(s, cfg) for s in plan.sources)
     windows: List[Window] = []
     while chunk := list(itertools.islice(texts, cfg.encode_batch_docs)):
-        for ids in encode_documents(tokenizer, chunk):
+        for ids in encode_documents(tokenizer, chunk, cfg.max_doc_chars):
             windows.extend(packer.push(ids))
         if max_windows is not None and len(windows) >= max_windows:
             return windows[:max_windows]
@@ -455,30 +476,20 @@ def validation_windows(cfg: DataConfig, files: Any, tokenizer: Tokenizer,
     return windows
 
 
-def validation_batches(cfg: DataConfig, files: Any, tokenizer: Tokenizer, batch_size: int,
+def validation_batches(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int,
                        max_batches: Optional[int] = None) -> List[torch.Tensor]:
     """The validation split as int64 tensors `(b, seq_len + 1)`, b <= batch_size, in stream order,
     unshuffled, every window kept. The final partial window, when there is one, is a batch of its
     own of shape `(1, L)` with 2 <= L <= seq_len (tensors cannot be ragged, and padding would need
     the loss to know about it). `[]` when `cfg.val_docs == 0`. `max_batches` reads only as many
     documents as that many batches need."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if cfg.val_docs == 0 and not cfg.prepared:
+    if cfg.val_docs == 0 and not plan.prepared:
         return []
     limit = None if max_batches is None else max_batches * batch_size
-    windows = validation_windows(cfg, files, tokenizer, max_windows=limit)
+    windows = validation_windows(cfg, plan, tokenizer, max_windows=limit)
     width = cfg.seq_len + 1
     full = [w for w in windows if len(w) == width]
     batches = [torch.tensor(full[i : i + batch_size], dtype=torch.long) for i in range(0, len(full), batch_size)]
     if len(full) < len(windows):
         batches.append(torch.tensor([windows[-1]], dtype=torch.long))  # (1, L)
     return batches if max_batches is None else batches[:max_batches]
-
-
-def build_data(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seed: int, files: Any = None,
-               rank: int = 0, world_size: int = 1) -> Tuple[Any, List[torch.Tensor]]:
-    """Training batches and the validation batch list; `files` defaults to resolving `cfg`."""
-    plan = resolve_data(cfg) if files is None else as_plan(cfg, files)
-    train = build_train_batches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
-    return train, validation_batches(cfg, plan, tokenizer, batch_size)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from pkmlm.data.cleaning import Cleaner
-from pkmlm.data.config import DataConfig, SourceConfig
+from pkmlm.data.config import MAX_RECORD_BYTES, DataConfig, SourceConfig
 from pkmlm.data.sources import DocumentStream, HubSpec, expand_files
 from pkmlm.errors import ConfigError, DataError
 
@@ -42,15 +42,18 @@ class Source:
     hub: Optional[HubSpec] = None
     text_field: str = "text"
     weight: float = 1.0
+    max_record_bytes: int = MAX_RECORD_BYTES  # data.max_record_bytes
 
     def stream(self, strict: bool) -> DocumentStream:
-        return DocumentStream(self.files, text_field=self.text_field, strict=strict, hub=self.hub)
+        return DocumentStream(self.files, text_field=self.text_field, strict=strict, hub=self.hub,
+                              max_record_bytes=self.max_record_bytes)
 
 
 @dataclass
 class DataPlan:
     """What the data config resolves to, checked before any expensive work: the sources, or the
-    directory of pre-tokenized shards (`data.prepared`)."""
+    directory of pre-tokenized shards (`data.prepared`). Built once, by `loader.resolve_data`, and
+    handed to everything that reads the data."""
 
     sources: List[Source]
     prepared: Optional[str] = None
@@ -71,7 +74,8 @@ def _source_config(value: Union[SourceConfig, Dict[str, Any]], key: str) -> Sour
 def resolve_sources(cfg: DataConfig) -> List[Source]:
     """`data.sources` (or the single source `data.files`) with files expanded and values checked."""
     if not cfg.sources:
-        return [Source(name="data.files", files=expand_files(cfg.files), text_field=cfg.text_field)]
+        return [Source(name="data.files", files=expand_files(cfg.files), text_field=cfg.text_field,
+                       max_record_bytes=cfg.max_record_bytes)]
     if cfg.files:
         raise ConfigError("data.files", list(cfg.files),
                           "[] when data.sources is set (give the files as a source: data.sources=[{files: [...]}])")
@@ -86,35 +90,23 @@ def resolve_sources(cfg: DataConfig) -> List[Source]:
             if s.files:
                 raise ConfigError(f"{key}.files", list(s.files), "[] when hub is set: a source is files or a Hub dataset")
             spec = HubSpec(name=s.hub, config=s.hub_config, split=s.split)
-            sources.append(Source(name=s.name or str(spec), hub=spec, text_field=text_field, weight=s.weight))
+            sources.append(Source(name=s.name or str(spec), hub=spec, text_field=text_field, weight=s.weight,
+                                  max_record_bytes=cfg.max_record_bytes))
         else:
             if not s.files:
                 raise ConfigError(key, {"files": [], "hub": None}, "files (paths or globs) or hub (a Hub dataset name)")
             files = expand_files(list(s.files), key=f"{key}.files")
-            sources.append(Source(name=s.name or s.files[0], files=files, text_field=text_field, weight=s.weight))
+            sources.append(Source(name=s.name or s.files[0], files=files, text_field=text_field, weight=s.weight,
+                                  max_record_bytes=cfg.max_record_bytes))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError("data.sources", names, "sources with distinct names (set each source's name)")
     return sources
 
 
-def as_plan(cfg: DataConfig, files: Any = None) -> DataPlan:
-    """A DataPlan from what callers hold: a DataPlan, a list of Sources, a list of expanded
-    `data.files` paths (the single-source form), or None (resolve `cfg` now)."""
-    if isinstance(files, DataPlan):
-        return files
-    if cfg.prepared:
-        return DataPlan(sources=[], prepared=cfg.prepared)
-    if files is None or cfg.sources:
-        return DataPlan(sources=resolve_sources(cfg))
-    files = list(files)
-    if files and all(isinstance(f, Source) for f in files):
-        return DataPlan(sources=files)
-    return DataPlan(sources=[Source(name="data.files", files=[str(f) for f in files], text_field=cfg.text_field)])
-
-
 def make_cleaner(cfg: DataConfig) -> Cleaner:
-    return Cleaner(min_chars=cfg.min_chars, nfc=cfg.nfc, dedup_window=cfg.dedup_window)
+    return Cleaner(min_chars=cfg.min_chars, nfc=cfg.nfc, dedup_window=cfg.dedup_window,
+                   max_doc_chars=cfg.max_doc_chars)
 
 
 def merge_counts(*counts: Dict[str, int]) -> Dict[str, int]:
@@ -145,8 +137,6 @@ class SourceStream:
     """One source's training documents for reader `slot` of `n_slots`, epoch after epoch; resumable."""
 
     def __init__(self, source: Source, cfg: DataConfig, slot: int = 0, n_slots: int = 1):
-        if not 0 <= slot < n_slots:
-            raise ValueError(f"need 0 <= slot < n_slots, got slot={slot}, n_slots={n_slots}")
         self.source = source
         self.cfg = cfg
         self.slot = slot
@@ -263,8 +253,6 @@ class MixedDocuments:
 
     def __init__(self, sources: Sequence[Source], cfg: DataConfig, seed: Union[int, str], slot: int = 0,
                  n_slots: int = 1):
-        if not sources:
-            raise ValueError("MixedDocuments needs at least one source")
         self.streams = [SourceStream(s, cfg, slot, n_slots) for s in sources]
         total = sum(s.weight for s in sources)
         self._cumulative = list(itertools.accumulate(s.weight / total for s in sources))

@@ -42,8 +42,6 @@ class Packer:
     """
 
     def __init__(self, seq_len: int, eos_id: int):
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = seq_len
         self.eos_id = eos_id
         self._buffer: List[int] = [eos_id]
@@ -103,8 +101,6 @@ class ShuffleBuffer:
     """
 
     def __init__(self, size: int, seed: Union[int, str]):
-        if size < 0:
-            raise ValueError(f"shuffle buffer size must be >= 0, got {size}")
         self.size = size
         self._items: List[Window] = []
         self._rng = random.Random(seed)  # str seeds hash with SHA-512: same stream on every machine

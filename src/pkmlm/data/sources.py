@@ -51,16 +51,19 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+from pkmlm.data.config import MAX_RECORD_BYTES
 from pkmlm.errors import DataError
+from pkmlm.paths import file_problem
 
 # Kinds of bad input, counted in `DocumentStream.stats` (each a record skipped, or for the last
-# four a file broken off or left out).
+# three a file broken off or left out).
 BAD_KINDS = (
     "malformed_json",  # a JSON line that does not parse, or is not an object
     "non_utf8",  # bytes that are not UTF-8 (or a JSON string with a lone surrogate escape)
     "missing_field",  # no text field, or null
     "non_string",  # a text field that is not a string
     "empty",  # an empty text
+    "too_long",  # a record over data.max_record_bytes (read no further than that, then skipped)
     "truncated",  # compressed data that breaks off or is corrupt; a WARC record cut short
     "unreadable",  # a file that cannot be opened or parsed at all (e.g. a damaged Parquet footer)
     "empty_file",  # a file with no record at all (e.g. a 0-byte .gz)
@@ -80,16 +83,16 @@ def _has_glob(pattern: str) -> bool:
 
 
 def _check_readable(path: str, pattern: str, key: str = "data.files") -> None:
+    """A regular file this user may read, checked with stat() alone: opening a FIFO would block for
+    ever and a device such as /dev/zero never ends (pkmlm.paths)."""
     where = path if path == pattern else f"{path} (from {key} pattern {pattern!r})"
     if os.path.isdir(path):
         raise DataError(
             f"data file {where} is a directory; give files or a glob such as '{pattern.rstrip('/')}/*.jsonl'"
         )
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise DataError(f"data file {where} cannot be read ({e.strerror or e}); check its permissions") from None
+    problem = file_problem(path)
+    if problem is not None:
+        raise DataError(f"data file {where} cannot be read: {problem}; give regular files in {key}")
     if file_kind(path) == "parquet" and path.lower().endswith(_COMPRESSIONS):
         # Parquet is read by seeking to its footer, which a gzip/zstd stream cannot do; its columns
         # are compressed inside the file anyway.
@@ -231,6 +234,32 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb", buffering=1 << 20)
 
 
+class _TooLong:
+    """The raw record a reader gives for a record over its byte limit (read no further)."""
+
+    def __repr__(self) -> str:
+        return "TOO_LONG"
+
+
+TOO_LONG = _TooLong()
+
+
+def bounded_lines(f: io.BufferedIOBase, limit: int) -> Iterator[Any]:
+    """The lines of the binary file `f`, none read further than `limit` bytes: a longer line is
+    passed over in 1 MiB pieces and given as `TOO_LONG`, so that no line (a corrupt file without
+    newlines, a 200 MB JSON record) is ever held whole in memory."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+            yield TOO_LONG
+        else:
+            yield line
+
+
 def _text_value(value: Any, url: Any = None) -> Tuple[Optional[Document], Optional[str]]:
     """A record's text field value as a Document, or the kind of bad input it is."""
     if isinstance(value, str):
@@ -243,8 +272,9 @@ def _text_value(value: Any, url: Any = None) -> Tuple[Optional[Document], Option
 class Reader:
     unit = "record"
 
-    def __init__(self, text_field: str):
+    def __init__(self, text_field: str, max_bytes: int):
         self.text_field = text_field
+        self.max_bytes = max_bytes  # data.max_record_bytes: longer records are TOO_LONG
 
     def records(self, path: str) -> Iterator[Any]:
         raise NotImplementedError
@@ -260,8 +290,8 @@ class Reader:
 class JsonLinesReader(Reader):
     unit = "line"
 
-    def __init__(self, text_field: str):
-        super().__init__(text_field)
+    def __init__(self, text_field: str, max_bytes: int):
+        super().__init__(text_field, max_bytes)
         self.path = ""
         self.absent_from: Optional[List[str]] = None  # fields of the last record lacking text_field
 
@@ -271,14 +301,18 @@ class JsonLinesReader(Reader):
             head = f.peek(64)[:64] if hasattr(f, "peek") else b""
             if head.lstrip()[:1] == b"[":  # one JSON array: read whole (it cannot be streamed by line)
                 self.unit = "array item"
+                data = f.read(self.max_bytes + 1)
+                if len(data) > self.max_bytes:
+                    yield TOO_LONG  # the whole array is one record too long to read
+                    return
                 try:
-                    items = json.loads(f.read().decode("utf-8"))
+                    items = json.loads(data.decode("utf-8"))
                 except (UnicodeDecodeError, ValueError):
                     yield b"\x00not json"  # counted as one malformed record
                     return
                 yield from ((item,) for item in items)  # a 1-tuple: already parsed
                 return
-            yield from f
+            yield from bounded_lines(f, self.max_bytes)
 
     def decode(self, raw: Any) -> Tuple[Optional[Document], Optional[str]]:
         if isinstance(raw, tuple):
@@ -315,17 +349,23 @@ class TextReader(Reader):
     def records(self, path: str) -> Iterator[Any]:
         with _open_binary(path) as f:
             lines: List[bytes] = []
+            size = 0  # bytes in `lines`; a paragraph over max_bytes is dropped whole (TOO_LONG)
             start = 0
-            for number, line in enumerate(f):
-                if line.strip():
-                    if not lines:
-                        start = number
+            for number, line in enumerate(bounded_lines(f, self.max_bytes)):
+                if line is not TOO_LONG and not line.strip():  # a blank line ends the paragraph
+                    if size:
+                        yield (start, lines) if lines else TOO_LONG
+                    lines, size = [], 0
+                    continue
+                if not size:
+                    start = number
+                if line is TOO_LONG or size + len(line) > self.max_bytes:
+                    lines, size = [], self.max_bytes + 1  # passed over up to the next blank line
+                elif lines or not size:
                     lines.append(line)
-                elif lines:
-                    yield start, lines
-                    lines = []
-            if lines:
-                yield start, lines
+                    size += len(line)
+            if size:
+                yield (start, lines) if lines else TOO_LONG
 
     def decode(self, raw: Any) -> Tuple[Optional[Document], Optional[str]]:
         _, lines = raw
@@ -350,6 +390,9 @@ class WetReader(Reader):
 
         with open(path, "rb") as f:  # FastWARC detects gzip (one member per record) itself
             for record in ArchiveIterator(f, record_types=WarcRecordType.conversion, parse_http=False):
+                if record.content_length > self.max_bytes:
+                    yield TOO_LONG  # its body is not read
+                    continue
                 body = record.reader.read()
                 if record.headers.get("Content-Length") is None:  # mandatory in WARC: the headers broke off
                     raise EOFError("WARC record headers break off (no Content-Length)")
@@ -448,8 +491,8 @@ class HubReader(Reader):
 
     unit = "example"
 
-    def __init__(self, text_field: str, spec: HubSpec):
-        super().__init__(text_field)
+    def __init__(self, text_field: str, max_bytes: int, spec: HubSpec):
+        super().__init__(text_field, max_bytes)
         self.spec = spec
         self.dataset = None
 
@@ -498,6 +541,7 @@ def _message(kind: str, path: str, where: str, text_field: str) -> str:
         "missing_field": f"has no field {text_field!r} (data.text_field)",
         "non_string": f"has a field {text_field!r} (data.text_field) that is not a string",
         "empty": "is empty",
+        "too_long": "is longer than data.max_record_bytes (raise it, or clean the file)",
     }[kind]
     return (f"data file {path}, {where}: the record {what}; fix the file, or set data.strict=false to skip "
             "and count such records")
@@ -517,8 +561,9 @@ class DocumentStream:
     """
 
     def __init__(self, files: Sequence[str], text_field: str = "text", strict: bool = False,
-                 hub: Optional[HubSpec] = None):
+                 hub: Optional[HubSpec] = None, max_record_bytes: int = MAX_RECORD_BYTES):
         self.hub = hub
+        self.max_record_bytes = max_record_bytes
         self.files = [str(hub)] if hub is not None else list(files)
         self.text_field = text_field
         self.strict = strict
@@ -553,10 +598,10 @@ class DocumentStream:
     def _reader(self) -> Reader:
         if self.hub is not None:
             if self._hub_reader is None:
-                self._hub_reader = HubReader(self.text_field, self.hub)
+                self._hub_reader = HubReader(self.text_field, self.max_record_bytes, self.hub)
                 self._hub_reader.open(self._hub_resume)
             return self._hub_reader
-        return _READERS[file_kind(self.files[self.file_index])](self.text_field)
+        return _READERS[file_kind(self.files[self.file_index])](self.text_field, self.max_record_bytes)
 
     def __iter__(self) -> Iterator[str]:
         for doc in self.documents_iter():
@@ -577,7 +622,9 @@ class DocumentStream:
                         start, offset, n = self._stride
                         if (self.records - 1 - start) % n != offset:
                             continue
-                    doc, bad = reader.decode(raw)
+                    doc, bad = (None, "too_long") if raw is TOO_LONG else reader.decode(raw)
+                    if doc is not None and len(doc.text) > self.max_record_bytes:  # Parquet, Hub: read whole
+                        doc, bad = None, "too_long"
                     if doc is not None:
                         self.documents += 1
                         yield doc
@@ -635,8 +682,3 @@ class DocumentStream:
         self._stride = tuple(int(x) for x in stride) if stride is not None else None
         self._hub_reader = None
         self._hub_resume = state.get("hub") if self.record_index > 0 else None
-
-
-def read_records(path: str, text_field: str = "text", strict: bool = False) -> Iterator[Any]:
-    """Every document text of one file, in order (bad records skipped, or raised when strict)."""
-    return iter(DocumentStream([path], text_field=text_field, strict=strict))

@@ -15,19 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pkmlm.data.config import (  # noqa: F401 (default_cache_dir: re-exported)
     EOS_TOKEN,
-    MIN_VOCAB_SIZE,
+    MAX_DOC_CHARS,
     DataConfig,
-    check_data_config,
     default_cache_dir,
     extra_special_tokens,
 )
-from pkmlm.errors import ConfigError, DataError
+from pkmlm.errors import DataError
 
 # Bump when train_bpe's recipe changes: it is part of the cache key, so old cached files are unused.
 TOKENIZER_FORMAT = 1
@@ -42,10 +41,8 @@ def eos_id(tok: Tokenizer) -> int:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> Tokenizer:
-    """A byte-level BPE of at most `vocab_size` tokens (fewer when the text has too few pairs to
-    merge) trained on `texts`; EOS_TOKEN has id 0, then `special_tokens` ids 1, 2, ..."""
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError("data.vocab_size", vocab_size, f"an integer >= {MIN_VOCAB_SIZE} (256 bytes + EOS)")
+    """A byte-level BPE of at most `vocab_size` tokens (>= 257, MIN_VOCAB_SIZE; fewer when the text has
+    too few pairs to merge) trained on `texts`; EOS_TOKEN has id 0, then `special_tokens` ids 1, 2, ..."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -98,44 +95,17 @@ def _texts_hash(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[
     return h.hexdigest(), count
 
 
-def load_or_train_tokenizer(cfg: DataConfig, files: Any, cache_dir: str) -> Tuple[Tokenizer, Dict[str, Any]]:
-    """The tokenizer of the prepared shards (`cfg.prepared`), else `cfg.tokenizer` when set, else a
-    BPE trained on a sample of the stream: its first `cfg.tokenizer_docs` documents (after
-    cleaning; from a mixture, interleaved by weight), cached in `{cache_dir}/tokenizers/{hash[:16]}.json`
-    by a hash of that text, the vocab size and the special tokens. `files`: what `as_plan` takes.
-
-    Returns the tokenizer and {"source": "prepared"|"file"|"cache"|"trained", "path", "hash",
-    "vocab_size"} (`hash` is None for a given file). The vocab size is the tokenizer's own, which
-    for a given file or a small corpus may differ from `cfg.vocab_size`: size the model from this
-    one (the loop pads it to a multiple of 64).
-    """
-    from pkmlm.data.mixing import as_plan, sample_documents
-
-    if cfg.prepared:
-        from pkmlm.data.prepared import load_index, load_prepared_tokenizer
-
-        index = load_index(cfg.prepared)
-        tok, path = load_prepared_tokenizer(cfg.prepared, index)
-        return tok, {"source": "prepared", "path": path, "hash": index.get("tokenizer_hash"),
-                     "vocab_size": tok.get_vocab_size()}
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-        path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
-        return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
-
-    check_data_config(cfg)  # vocab size (special tokens included), tokenizer_docs, ...
-    plan = as_plan(cfg, files)
+def cached_bpe(texts: Callable[[], Iterable[str]], cfg: DataConfig, cache_dir: str,
+               empty_message: str) -> Tuple[Tokenizer, Dict[str, Any]]:
+    """A BPE trained on `texts()` per `cfg` (vocab size, special tokens), cached in
+    `{cache_dir}/tokenizers/{hash[:16]}.json` by a hash of that text, the vocab size and the special
+    tokens. `texts` is called once or twice (hash, then train on a miss: memory stays bounded for
+    any data.tokenizer_docs); DataError(`empty_message`) when it yields no text. Training reads
+    each text in pieces of at most `cfg.max_doc_chars` characters (see `split_document`)."""
     specials = extra_special_tokens(cfg)
-
-    def training_texts() -> Iterable[str]:
-        return sample_documents(plan.sources, cfg, cfg.tokenizer_docs)
-
-    # Two passes (hash, then train on a miss) keep memory bounded for any data.tokenizer_docs.
-    digest, count = _texts_hash(training_texts(), cfg.vocab_size, specials)
+    digest, count = _texts_hash(texts(), cfg.vocab_size, specials)
     if count == 0:
-        names = [s.name for s in plan.sources]
-        raise DataError(f"the data sources {names} hold no document to train the tokenizer on; check "
-                        "data.text_field and the cleaning settings (data.min_chars)")
+        raise DataError(empty_message)
     cache_path = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "tokenizers", f"{digest[:16]}.json")
     info = {"path": cache_path, "hash": digest}
     if os.path.isfile(cache_path):
@@ -145,7 +115,8 @@ def load_or_train_tokenizer(cfg: DataConfig, files: Any, cache_dir: str) -> Tupl
         except DataError:
             pass  # a damaged cache entry: train again and overwrite it
 
-    tok = train_bpe(training_texts(), cfg.vocab_size, specials)
+    pieces = (piece for text in texts() for piece in split_document(text, cfg.max_doc_chars))
+    tok = train_bpe(pieces, cfg.vocab_size, specials)
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
     tmp_path = f"{cache_path}.{os.getpid()}.tmp"  # per process: concurrent ranks never share one
     try:
@@ -157,9 +128,51 @@ def load_or_train_tokenizer(cfg: DataConfig, files: Any, cache_dir: str) -> Tupl
     return tok, {"source": "trained", **info, "vocab_size": tok.get_vocab_size()}
 
 
-def encode_documents(tok: Tokenizer, texts: List[str]) -> List[List[int]]:
+def check_special_tokens(tok: Tokenizer, cfg: DataConfig, key: str = "data.tokenizer") -> None:
+    """A given tokenizer must define every `data.special_tokens` entry: they are not added to it."""
+    missing = [t for t in extra_special_tokens(cfg) if tok.token_to_id(t) is None]
+    if missing:
+        raise DataError(f"{key}={cfg.tokenizer!r} lacks data.special_tokens {missing}; give a tokenizer.json that "
+                        "defines them, or drop them from data.special_tokens")
+
+
+def split_document(text: str, max_chars: int) -> List[str]:
+    """`text` in pieces of at most `max_chars` characters, each cut just before a run of
+    whitespace where the piece has one. Byte-level BPE pre-tokenization (the GPT-2 regex) already
+    splits the text there (a word takes the single space before it; a run of spaces ends before
+    the last one), so the pieces' ids, concatenated, are the whole text's; only a piece with no
+    whitespace at all is cut at `max_chars` exactly, which may split one pre-token in two."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(c, start + 1, end + 1) for c in " \n\t\r")  # a whitespace at text[cut]
+        while cut > start + 1 and text[cut - 1] in " \n\t\r":
+            cut -= 1  # to the start of its run
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(tok: Tokenizer, texts: List[str], max_chars: int = MAX_DOC_CHARS) -> List[List[int]]:
     """Token ids of each text, no special tokens added. One batch call, which the Rust side
     parallelises; `encode_batch_fast` (tokenizers >= 0.21) gives the same ids without computing
-    character offsets, about 30% faster."""
+    character offsets, about 30% faster. A text longer than `max_chars` (data.max_doc_chars) goes
+    in as pieces (`split_document`) whose ids are joined: the tokenizer needs about 170 bytes per
+    character of one input (a 200 MB document asked for 13.7 GB), so no input is longer."""
     encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
-    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    if all(len(t) <= max_chars for t in texts):
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    pieces = [split_document(t, max_chars) for t in texts]
+    flat = [p for doc in pieces for p in doc]
+    ids = [e.ids for e in encode(flat, add_special_tokens=False)]
+    out, i = [], 0
+    for doc in pieces:
+        out.append([t for piece_ids in ids[i:i + len(doc)] for t in piece_ids])
+        i += len(doc)
+    return out

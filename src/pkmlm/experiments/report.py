@@ -14,18 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pkmlm.experiments.runs import RunSummary, matching_report
-# The console's number formats; `_num` prints "n/a" for None and non-finite values.
-from pkmlm.metrics.sinks import _duration as _clock, _number as _num, _si as _si_units
+from pkmlm.metrics.formatting import duration as _duration, number as _num, si
 
 __all__ = ["write_report", "table_rows", "markdown_table"]
-
-
-def _si(value: Optional[float], digits: int = 2) -> str:
-    return "n/a" if value is None else _si_units(value, digits)
-
-
-def _duration(seconds: Optional[float]) -> str:
-    return "n/a" if seconds is None or not math.isfinite(seconds) else _clock(seconds)
 
 
 def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
@@ -93,9 +84,9 @@ def markdown_table(runs: list[RunSummary], baseline: int) -> str:
             f"**{r.label}** (baseline)" if row["baseline"] else r.label,
             str(r.n_layers) if r.n_layers is not None else "n/a",
             _memory_text(r),
-            f"{_si(r.params_total)} / {_si(r.params_active)}",
-            _si(r.tokens), str(r.steps) if r.steps is not None else "n/a",
-            _duration(r.wall_time_s), _si(r.tokens_per_s, 1), step_ms,
+            f"{si(r.params_total, 2)} / {si(r.params_active, 2)}",
+            si(r.tokens, 2), str(r.steps) if r.steps is not None else "n/a",
+            _duration(r.wall_time_s), si(r.tokens_per_s, 1), step_ms,
             "n/a" if r.mfu is None else f"{r.mfu:.1%}",
             _num(r.peak_memory_gb, ".2f"),
             _num(r.best_ppl, ".2f"), _num(r.final_ppl, ".2f"),

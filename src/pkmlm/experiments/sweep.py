@@ -1,37 +1,18 @@
 """One sweep, one directory, one wandb group.
 
-`hydra.sweep.dir` is `multirun/${pkmlm_sweep_name:${name}}/<time>`. Hydra composes every job of a
-sweep anew with its own overrides, so a job that selects another experiment (a compare group's
-arms, `-m experiment=tiny/mem4,tiny/dense8`) has another `name`, and `multirun/${name}/...` would
-scatter one sweep over several directories. `pkmlm_sweep_name` returns the name that the sweep's
-own (master) config resolved, for every job: the first value it returns is kept in the config's
-resolver cache, the same cache through which Hydra gives every job the master's `${now:...}`
-(`ConfigLoader.load_sweep_config` copies it into each job's config, and it travels with the
-config to joblib and SLURM workers).
+`hydra.sweep.dir` is `multirun/${pkmlm_sweep_name:${name}}/<time>`: every job of a sweep resolves
+the master config's name there (the resolver is registered with the others in `pkmlm.config`,
+`sweep_name`), so one sweep is one directory, and `sweep_group` makes that directory the wandb
+group of all its jobs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
-
-from omegaconf import OmegaConf
-
-RESOLVER = "pkmlm_sweep_name"
+from typing import Optional
 
 # wandb caps a group name at 128 characters.
 WANDB_GROUP_MAX = 128
-
-
-def sweep_name(name: str, *, _root_: Any) -> str:
-    """`name` the first time a config tree (and the copies Hydra makes of its cache) asks."""
-    memo = OmegaConf.get_cache(_root_)[RESOLVER]  # a dict per resolver name (omegaconf: defaultdict)
-    return memo.setdefault("first", name)
-
-
-def register_sweep_resolver() -> None:
-    if not OmegaConf.has_resolver(RESOLVER):
-        OmegaConf.register_new_resolver(RESOLVER, sweep_name)
 
 
 def sweep_group(sweep_dir: str | Path, cwd: Optional[Path] = None) -> str:

@@ -3,7 +3,7 @@
 Only rank 0 should create these (the caller decides). wandb is imported only when a
 :class:`WandbSink` with a mode other than ``disabled`` is created.
 
-``metrics.jsonl`` format (ARCHITECTURE.md, "Run directory"): one JSON object per line, each with
+``metrics.jsonl`` format (docs/architecture.md, "Run directory"): one JSON object per line, each with
 ``step`` and ``tokens``. Non-finite floats (NaN, ±inf) are written as ``null``: ``NaN`` and
 ``Infinity`` are not JSON and break strict readers (jq, pandas' ``lines=True`` reader is lenient,
 JavaScript is not). A reader sees ``null`` as "no finite value".
@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, TextIO
 from tqdm import tqdm
 
 from pkmlm.errors import ConfigError, UserError
+from pkmlm.metrics.formatting import duration as _duration, number as _number, si as _si
 
 __all__ = [
     "MetricsFile",
@@ -159,7 +160,7 @@ def latest_by_step(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
 
     A run logs non-decreasing steps. A resumed run restarts from its checkpoint, so its first row
     has a step at or below the last step already in the file; from there on the new rows are the
-    truth (ARCHITECTURE.md: "readers take the last row for a step"). Two rules, applied in file
+    truth (docs/architecture.md: "readers take the last row for a step"). Two rules, applied in file
     order:
 
     1. a row whose step is LOWER than the step of the row before it marks a restart at that
@@ -189,24 +190,6 @@ def latest_by_step(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Console
 # --------------------------------------------------------------------------------------------
-
-
-def _si(value: float, digits: int = 1) -> str:
-    """12345678 -> '12.3M' (token counts and rates)."""
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}f}{unit}"
-    return f"{value:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    """3723 -> '1h02m03s'."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 class ConsoleProgress:
@@ -375,17 +358,36 @@ class Sinks:
     """The run's sinks together: ``log(row)`` goes to metrics.jsonl and wandb.
 
     The console bar is driven by the training loop itself (``sinks.console.update(...)``), which
-    updates it more often than it writes rows.
+    updates it more often than it writes rows; ``console.write`` prints lines beside the bar (only
+    with ``logging.progress``), ``notice`` prints what the user must see whatever the console
+    settings (a stop signal's checkpoint line), on the main rank. Processes other than rank 0 get
+    ``metrics_file=None``, a disabled console and a disabled wandb sink.
+
+    As a context manager (how the training loop holds it): every sink is closed on exit, wandb with
+    exit code 1 when the block raised (the run is marked failed, never left open), and then a
+    failure to close never hides the block's own error.
     """
 
-    metrics_file: MetricsFile
+    metrics_file: MetricsFile | None
     console: ConsoleProgress
     wandb: WandbSink | None = None
+    main: bool = True
 
     def log(self, row: Mapping[str, Any]) -> None:
-        self.metrics_file.write(row)
+        self.write_row(row)
         if self.wandb is not None:
             self.wandb.log(row)
+
+    def write_row(self, row: Mapping[str, Any]) -> None:
+        """metrics.jsonl alone (the end-of-run accounting row, which wandb gets as its summary)."""
+        if self.metrics_file is not None:
+            self.metrics_file.write(row)
+
+    def notice(self, line: str) -> None:
+        if self.console.enabled:
+            self.console.write(line)
+        elif self.main:
+            print(line, file=sys.stderr, flush=True)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         if self.wandb is not None:
@@ -394,7 +396,9 @@ class Sinks:
     def close(self, exit_code: int = 0) -> None:
         """Close every sink, even if one of them fails (the first error is raised after)."""
         errors = []
-        closers = [self.console.close, self.metrics_file.close]
+        closers = [self.console.close]
+        if self.metrics_file is not None:
+            closers.append(self.metrics_file.close)
         if self.wandb is not None:
             closers.append(lambda: self.wandb.close(exit_code))
         for close in closers:
@@ -409,16 +413,16 @@ class Sinks:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(exit_code=0 if exc_type is None else 1)
+        if exc_type is None:
+            self.close(exit_code=0)
+            return
+        try:
+            self.close(exit_code=1)
+        except Exception:  # noqa: BLE001 - the block's own error is the one to report
+            pass
 
 
 _MEMORY_KEY = re.compile(r"^memory/layer(\d+)/usage$")
-
-
-def _number(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return format(value, fmt)
 
 
 def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike,
@@ -446,6 +450,9 @@ def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike,
     lines.append(f"  val loss       {_number(loss, '.4f')}   ppl {_number(ppl, '.2f')}")
     tokens_text = "n/a" if tokens is None else f"{_si(tokens)} ({int(tokens):,})"
     lines.append(f"  train tokens   {tokens_text}")
+    stopped = pick("stopped_by")
+    if stopped is not None:
+        lines.append(f"  stopped by     {stopped}")
     lines.append("  wall time      "
                  + ("n/a" if wall_time_s is None else _duration(float(wall_time_s))))
     layers = sorted(int(m.group(1)) for key in metrics if (m := _MEMORY_KEY.match(key)))
