@@ -100,8 +100,6 @@ def _check_same_tokenizer(directory: str, tokenizer) -> None:
 def evaluate_run(cfg: EvalAppConfig) -> dict:
     import torch
 
-    from pkmlm.data.config import DataConfig
-    from pkmlm.data.loader import resolve_data, validation_batches
     from pkmlm.metrics.evaluate import evaluate
     from pkmlm.run import load_run
     from pkmlm.train.loop import autocast_dtype, pick_device
@@ -112,6 +110,26 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     except ConfigError as e:  # the same checks as train.device, under this tool's own key
         raise ConfigError("device", cfg.device, e.allowed) from None
     run = load_run(cfg.checkpoint, device=device)
+    files, batches = evaluation_batches(cfg, run)
+    result = evaluate(run.model, batches, device, autocast_dtype=autocast_dtype(cfg.precision, device))
+    byte_len = torch.tensor(token_byte_lengths(run.tokenizer), dtype=torch.float64)
+    n_bytes = sum(float(byte_len[b[:, 1:].reshape(-1)].sum()) for b in batches)
+    out = {
+        "checkpoint": str(run.checkpoint), "step": run.step, "files": files, "tokens": result["tokens"],
+        "loss": result["loss"], "ppl": result["ppl"],
+        "bpb": result["loss"] * result["tokens"] / (math.log(2) * n_bytes) if n_bytes else float("nan"),
+    }
+    out.update({k: v for k, v in result.items() if k.startswith("memory/")})
+    return out
+
+
+def evaluation_batches(cfg: EvalAppConfig, run) -> tuple[list[str], list]:
+    """The `(B, T+1)` batches pkmlm-eval reads for `cfg.data` under `run`'s config and tokenizer
+    (files, sources, a prepared directory, or the run's validation split), and what they came
+    from. Shared with pkmlm-inspect, so that both read the same data the same way."""
+    from pkmlm.data.config import DataConfig
+    from pkmlm.data.loader import resolve_data, validation_batches
+
     saved = run.config["data"]
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data_cfg = DataConfig(**{k: v for k, v in saved.items() if k in data_fields})
@@ -136,16 +154,7 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
 
     batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size,
                                  max_batches=cfg.max_batches)
-    result = evaluate(run.model, batches, device, autocast_dtype=autocast_dtype(cfg.precision, device))
-    byte_len = torch.tensor(token_byte_lengths(run.tokenizer), dtype=torch.float64)
-    n_bytes = sum(float(byte_len[b[:, 1:].reshape(-1)].sum()) for b in batches)
-    out = {
-        "checkpoint": str(run.checkpoint), "step": run.step, "files": files, "tokens": result["tokens"],
-        "loss": result["loss"], "ppl": result["ppl"],
-        "bpb": result["loss"] * result["tokens"] / (math.log(2) * n_bytes) if n_bytes else float("nan"),
-    }
-    out.update({k: v for k, v in result.items() if k.startswith("memory/")})
-    return out
+    return files, batches
 
 
 @user_errors_exit_2
