@@ -212,9 +212,9 @@ def test_memory_config_checks_kernel_and_values_dtype():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_row_kernel_matches_torch_formulation(dtype):
-    """The lazy Adam of `optim.sparse_values` (pkmlm/train/sparse_values.py): the triton row kernel
+    """The lazy Adam of `optim.sparse_values` (pkmlm/optim/lazy_adam.py): the triton row kernel
     against the torch formulation, values and both moments."""
-    from pkmlm.train.sparse_values import LazyAdam
+    from pkmlm.optim.lazy_adam import LazyAdam
 
     device = DEVICE
     torch.manual_seed(2)

@@ -182,11 +182,22 @@ def test_dropouts_apply_in_training_only():
         (dict(v_dim=0), "model.memory.v_dim"),
         (dict(value_dropout=1.0), "model.memory.value_dropout"),
         (dict(kernel="cuda"), "model.memory.kernel"),
+        (dict(retrieval_precision="bf16"), "model.memory.retrieval_precision"),
+        (dict(gate="relu"), "model.memory.gate"),
+        (dict(qk_norm="yes"), "model.memory.qk_norm"),
+        (dict(values_kind="experts"), "model.memory.values_kind"),
+        (dict(peer_activation="tanh"), "model.memory.peer_activation"),
+        (dict(balance_loss=-0.1), "model.memory.balance_loss"),
+        (dict(balance_loss=float("nan")), "model.memory.balance_loss"),
+        (dict(balance_loss=True), "model.memory.balance_loss"),
     ],
 )
 def test_invalid_arguments_raise_config_error_naming_the_key(kwargs, key):
+    """Checked once, at the config boundary (`MemoryConfig.validate`): the layer trusts its arguments."""
+    args = dict(n_keys=16, heads=2, knn=4, k_dim=16)
+    args.update(kwargs)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
-        make_memory(**kwargs)
+        MemoryConfig(**args).validate()
     assert info.value.key == key
 
 
@@ -234,9 +245,32 @@ def test_bf16_autocast_runs_and_matches_fp32_closely():
     assert weights.dtype == torch.float32 and indices.dtype == torch.int64
     assert calls == [torch.float32]
     assert torch.isfinite(out).all() and out.shape == (4, 8, DIM)
-    # bf16 query scores may swap near-ties, so compare loosely with the fp32 read.
     ref = memory(x)
     assert (out.float() - ref).norm() < 0.2 * ref.norm()
+
+
+@pytest.mark.parametrize("query_norm,qk_norm", [("batchnorm", False), ("layernorm", False), ("none", True)])
+def test_bf16_autocast_selects_exactly_the_fp32_slots(query_norm, qk_norm):
+    """Issue 11: with `retrieval_precision=fp32` (the default) the query network and the half scores
+    run in fp32 under autocast, so bf16 and fp32 runs choose the same slots with the same weights,
+    on every (token, head) row; `autocast` lets them follow autocast, and then rows do differ."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, DIM)
+    results = {}
+    for precision in ("fp32", "autocast"):
+        memory = make_memory(5, n_keys=64, heads=4, knn=16, k_dim=32, query_norm=query_norm, qk_norm=qk_norm,
+                             retrieval_precision=precision).eval()
+        with torch.no_grad():
+            exact_w, exact_i = memory.lookup(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16_w, bf16_i = memory.lookup(x)
+        results[precision] = (exact_i, bf16_i)
+        if precision == "fp32":
+            assert torch.equal(bf16_i, exact_i)
+            assert torch.equal(bf16_w, exact_w)
+    exact_i, bf16_i = results["autocast"]
+    differ = (exact_i.sort(-1).values != bf16_i.sort(-1).values).any(-1).float().mean().item()
+    assert differ > 0.01, differ  # the option matters: bf16 scores change the slot sets of some rows
 
 
 @pytest.mark.parametrize(

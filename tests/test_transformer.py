@@ -81,7 +81,7 @@ def test_parallel_block_sums_ffn_and_memory():
     with torch.no_grad():
         h = x + block.attn(block.ln1(x), (model.rope_cos[:T], model.rope_sin[:T]))
         expected = h + block.ffn(block.ln2(h)) + block.memory(block.ln2(h))
-        torch.testing.assert_close(block(x, (model.rope_cos[:T], model.rope_sin[:T])), expected)
+        torch.testing.assert_close(block(x, (model.rope_cos[:T], model.rope_sin[:T]))[0], expected)
 
 
 def test_v_dim_other_than_dim_gets_a_projection():

@@ -35,13 +35,25 @@ loads the ranks unevenly (popular rows live on one rank); by columns every rank 
 row, V/W wide, so the work is balanced by construction. Keep V/W >= 64 elements (256 bytes in
 fp32) per row so that the local read stays bandwidth-efficient.
 
+PEER's down vectors (`values_kind=peer`) are a second table of the same layout, whose per-slot dot
+products `h[n, r] = x[n] . down[idx[n, r]]` (`dot`) split over the columns as sums of partial dots:
+
+    1. all-gather the slot ids of all ranks' tokens               (W*N, R)
+    2. all-to-all the inputs: every rank gets all tokens' entries
+       of its own columns                                         (W*N, D/W)
+    3. partial dots over the local columns                        (W*N, R)
+    4. reduce-scatter (sum) back to the tokens' owners            (N, R)
+
+with the same traffic as the read (the all-to-all of (W-1)/W * N * D inputs, and (W-1) * N * R
+partial dots), and the transposed collectives in the backward.
+
 The rows a rank reads in (2) are every rank's selections, so the per-rank read costs what an
 unsharded read of the local tokens costs (W*N tokens x V/W columns). Every rank of the group must
 call the layer the same number of times with the same token count N (the training loop
 guarantees it: equal per-rank batches, and evaluation runs the same batches on every rank).
 
 The gradient of the local columns is the SUM over the ranks' losses; data-parallel training
-averages gradients over ranks, so `pkmlm.train.distributed.parallelize` divides it by W with a
+averages gradients over ranks, so `pkmlm.parallel.parallelize` divides it by W with a
 hook (this module does not know how the loss is defined).
 
 Shape legend: N tokens of this rank, W ranks, R slots read per token, M value rows, V value dim,
@@ -84,6 +96,21 @@ class _AllGatherRows(torch.autograd.Function):
         return grad, None
 
 
+class _ReduceScatterRows(torch.autograd.Function):
+    """`(W*N, ...)` -> `(N, ...)`: block r summed over ranks lands on rank r; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+        _reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return _all_gather_rows(grad_out, ctx.group), None
+
+
 class _AllToAllRows(torch.autograd.Function):
     """`(W*N, ...)`: row block s goes to rank s, and block s of the output comes from rank s.
     Its own inverse, so the backward is the same exchange of the gradient."""
@@ -106,9 +133,9 @@ class ShardedValues(nn.Module):
     """A `(num_embeddings, embedding_dim)` value table whose columns are split over `mesh`.
 
     Built from the full table (identical on every rank: the same seed built it), of which each
-    rank keeps its columns; nothing is communicated to build it. `read` has the signature of
-    `pkmlm.model.kernels.read` minus the table, so `ProductKeyMemory` calls it in place of the
-    local read.
+    rank keeps its columns; nothing is communicated to build it. `read` (`dot`) has the signature
+    of `pkmlm.model.kernels.read` (`kernels.dot`) minus the table, so `ProductKeyMemory` calls it in
+    place of the local read.
     """
 
     def __init__(self, full_MV: Tensor, mesh, device: torch.device | str | None = None):
@@ -118,8 +145,9 @@ class ShardedValues(nn.Module):
         world, rank = mesh.size(), mesh.get_local_rank()
         M, V = full_MV.shape
         if V % world:
-            raise ValueError(f"the value dim {V} must divide into the {world} ranks of the group "
-                             "(model.memory.v_dim, or model.dim when v_dim is null)")
+            raise ValueError(f"the table's width {V} must divide into the {world} ranks of the group "
+                             "(values: model.memory.v_dim, or model.dim when v_dim is null; PEER's down "
+                             "vectors: model.dim)")
         C = V // world
         local_MC = full_MV.detach()[:, rank * C : (rank + 1) * C].to(device or full_MV.device).contiguous()
         self.weight = nn.Parameter(DTensor.from_local(local_MC, mesh, [Shard(1)], run_check=False))
@@ -147,6 +175,23 @@ class ShardedValues(nn.Module):
         mine_WNC = _AllToAllRows.apply(part_WNC, group)  # block s: my tokens, rank s's columns
         # (W*N, C) -> (W, N, C) -> (N, W, C) -> (N, V): columns in rank order, as in the full table
         return mine_WNC.view(world, N, C).permute(1, 0, 2).reshape(N, world * C)
+
+    def dot(self, indices_NR: Tensor, x_ND: Tensor, *, sparse_grad: bool = False) -> Tensor:
+        """`(N, R)` fp32: `x[n] . table[indices[n, r]]` for this rank's tokens (a collective; PEER's
+        down vectors). The signature of `pkmlm.model.kernels.dot` minus the table."""
+        if sparse_grad:
+            raise ValueError("sparse value gradients (optim.sparse_values) do not combine with sharded values "
+                             "(model.memory.shard_values); turn one of them off")
+        group = self.mesh.get_group()
+        world = self.mesh.size()
+        N, C = indices_NR.shape[0], self.embedding_dim // world
+        small = self.num_embeddings < 2**31
+        idx_all_WNR = _all_gather_rows(indices_NR.to(torch.int32) if small else indices_NR, group).long()
+        # (N, D) -> (N, W, C) -> (W, N, C): block s holds my tokens' entries of rank s's columns
+        mine_WNC = x_ND.view(N, world, C).transpose(0, 1).reshape(world * N, C)
+        x_all_WNC = _AllToAllRows.apply(mine_WNC, group)  # block s: rank s's tokens, my columns
+        part_WNR = kernels.dot(self.weight.to_local(), idx_all_WNR, x_all_WNC)  # dots over my columns
+        return _ReduceScatterRows.apply(part_WNR, group)  # summed over the ranks' columns, mine back
 
     def forward(self, indices_NR: Tensor, per_sample_weights: Tensor) -> Tensor:
         """`EmbeddingBag(mode="sum")`-style call: the weighted read with the torch kernel."""

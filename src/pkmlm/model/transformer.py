@@ -6,6 +6,15 @@ Layer i's mixer (after attention) is an FFN, a `ProductKeyMemory` instead of the
 position embeddings (Su et al. 2021, RoFormer) as the default. The model knows nothing of
 distribution, compilation, precision policy or logging.
 
+Contracts for the code around the model:
+  - `model(idx, targets)` -> `(logits, loss)`; `model(idx, targets, return_aux=True)` ->
+    `(logits, loss, aux_loss)`, `aux_loss` the 0-d fp32 sum over memory layers of their weighted
+    auxiliary losses for this forward (today the sub-key balance loss, `model.memory.balance_loss`;
+    zero when off). The training loss is `loss + aux_loss`; `loss` stays the cross entropy.
+  - `value_tables()`: every distinct memory value table by module name (PEER's down vectors
+    included), for the optimizer's value group and sparse updates, and for column sharding, which
+    swaps a table for its sharded twin with `model.set_submodule(name, sharded)`.
+
 Shape legend (suffixes on tensor names):
   B  batch            T  sequence length      D  model dim       V  vocabulary size
   nh attention heads  hd head dim (D // nh)   F  FFN hidden dim
@@ -15,14 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.errors import ConfigError
-from pkmlm.model.memory import MemoryConfig, ProductKeyMemory
+from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, new_value_tables
 
 POS_EMBS = ("rope", "learned")
 
@@ -145,7 +154,7 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: `x += attn(ln1(x)); x += mixer(ln2(x))`, the mixer being FFN, memory or both."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, shared_values: Optional[nn.Module] = None):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         mem = cfg.memory
         has_memory = layer in mem.layers
@@ -157,22 +166,31 @@ class Block(nn.Module):
             self.ffn = FeedForward(cfg)
         self.memory: Optional[ProductKeyMemory] = None
         if has_memory:
-            self.memory = ProductKeyMemory.from_config(cfg.dim, mem, values=shared_values)
-        # A memory whose values are not D wide needs a projection back to the residual stream.
+            # With share_values the layer owns no value tables: the Transformer passes its pool.
+            self.memory = ProductKeyMemory.from_config(cfg.dim, mem, owns_values=not mem.share_values)
+        # A memory whose output is not D wide (values of v_dim != D, no gate) needs a projection
+        # back to the residual stream.
         self.memory_proj: Optional[nn.Linear] = None
-        if self.memory is not None and self.memory.v_dim != cfg.dim:
-            self.memory_proj = nn.Linear(self.memory.v_dim, cfg.dim, bias=False)  # residual projection
+        if self.memory is not None and self.memory.out_dim != cfg.dim:
+            self.memory_proj = nn.Linear(self.memory.out_dim, cfg.dim, bias=False)  # residual projection
 
-    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]],
+                tables: Optional[ValueTables] = None, return_aux: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """`(x, aux)`: the block's output and, with `return_aux`, its memory's weighted auxiliary
+        loss (else, or without a memory, None). `tables`: the shared value pool its memory reads
+        (share_values), else None."""
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD), rope)
         h_BTD = self.ln2(x_BTD)
         mixed_BTD = self.ffn(h_BTD) if self.ffn is not None else None
+        aux = None
         if self.memory is not None:
-            read = self.memory(h_BTD)  # (B, T, v_dim)
+            read = self.memory(h_BTD, tables, return_aux=return_aux)  # (B, T, out_dim) [, 0-d aux]
+            if return_aux:
+                read, aux = read
             if self.memory_proj is not None:
                 read = self.memory_proj(read)
             mixed_BTD = read if mixed_BTD is None else mixed_BTD + read
-        return x_BTD + mixed_BTD
+        return x_BTD + mixed_BTD, aux
 
 
 # --- the model ----------------------------------------------------------------------------------------
@@ -188,14 +206,16 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        # model.memory.share_values: one value table, owned here and read by every memory layer
-        # (each layer keeps its own query network and keys); registered once, so it is saved,
-        # counted and optimised once.
+        # model.memory.share_values: one pool of value tables (PEER: values and down vectors),
+        # owned here and passed explicitly to every memory layer at each call (each layer keeps
+        # its own query network, keys and gate); registered once, so saved, counted and optimised once.
         self.shared_values: Optional[nn.Module] = None
-        if cfg.memory.share_values and len(cfg.memory.layers) > 0:
-            v_dim = cfg.memory.v_dim or cfg.dim
-            self.shared_values = ProductKeyMemory.new_values(cfg.memory.n_keys, v_dim, cfg.memory.values_dtype)
-        self.blocks = nn.ModuleList(Block(cfg, i, self.shared_values) for i in range(cfg.n_layers))
+        self.shared_down: Optional[nn.Module] = None
+        mem = cfg.memory
+        if mem.share_values and len(mem.layers) > 0:
+            self.shared_values, self.shared_down = new_value_tables(
+                mem.n_keys, cfg.dim, mem.v_dim or cfg.dim, mem.values_kind, mem.values_dtype)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -227,9 +247,13 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 
-    def forward(self, idx_BT: Tensor, targets_BT: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, idx_BT: Tensor, targets_BT: Optional[Tensor] = None, *, return_aux: bool = False
+                ) -> Union[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor], Tensor]]:
         """Token ids `(B, T)` -> logits `(B, T, V)` and, given targets, the mean cross entropy
-        (fp32, positions with target -100 ignored)."""
+        (fp32, positions with target -100 ignored). With `return_aux=True` a third element: the
+        auxiliary loss of this forward, a 0-d fp32 tensor, the sum over memory layers of
+        `model.memory.balance_loss` x their sub-key balance loss (zero without memory or with a
+        coefficient of 0). It is not in `loss`: the training loss is `loss + aux_loss`."""
         B, T = idx_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(
@@ -243,8 +267,12 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[:T], self.rope_sin[:T])
         x_BTD = self.drop(x_BTD)
+        shared = self.shared_tables()
+        aux_loss = torch.zeros((), dtype=torch.float32, device=idx_BT.device)
         for block in self.blocks:
-            x_BTD = block(x_BTD, rope)
+            x_BTD, aux = block(x_BTD, rope, shared if block.memory is not None else None, return_aux)
+            if aux is not None:
+                aux_loss = aux_loss + aux
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         loss = None
         if targets_BT is not None:
@@ -252,26 +280,52 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(
                 logits_BTV.float().view(B * T, -1), targets_BT.reshape(B * T), ignore_index=-100
             )
+        if return_aux:
+            return logits_BTV, loss, aux_loss
         return logits_BTV, loss
 
     def memory_layers(self) -> Dict[int, ProductKeyMemory]:
         """Transformer layer index -> its memory, in layer order."""
         return {i: block.memory for i, block in enumerate(self.blocks) if block.memory is not None}
 
+    def shared_tables(self) -> Optional[ValueTables]:
+        """The value pool every memory layer reads with `share_values`, else None."""
+        if self.shared_values is None:
+            return None
+        return ValueTables(self.shared_values, self.shared_down)
+
+    def tables_of(self, layer: int) -> ValueTables:
+        """The value tables the memory of transformer layer `layer` reads (its own or the pool)."""
+        memory = self.memory_layers()[layer]
+        return memory.own_tables() if memory.owns_values else self.shared_tables()
+
+    def value_tables(self) -> Dict[str, nn.Module]:
+        """Every distinct value table (values, and PEER's down vectors) by its module name, e.g.
+        `blocks.2.memory.values`, `blocks.2.memory.down`, or `shared_values` / `shared_down` for a
+        pool: the optimizer's value group and column sharding take them from here."""
+        tables: Dict[str, nn.Module] = {}
+        owners = [("", self.shared_tables())] if self.shared_values is not None else []
+        owners += [(f"blocks.{i}.memory.", m.own_tables()) for i, m in self.memory_layers().items() if m.owns_values]
+        for prefix, pool in owners:
+            for name, table in zip(("values", "down"), pool):
+                if table is not None:
+                    tables[(prefix or "shared_") + name] = table
+        return tables
+
     def count_parameters(self) -> Dict[str, int]:
         """Parameter counts.
 
         total          unique parameters (a tied embedding counts once)
-        memory_values  all memory value tables
-        active         what one token touches: total - memory_values + H * K * v_dim per memory
-                       layer (the value rows one token reads)
+        memory_values  all memory value tables (PEER: up and down vectors)
+        active         what one token touches: total - memory_values + the value rows one token
+                       reads, H * K * v_dim per memory layer (PEER: H * K * (v_dim + dim))
         embedding      token + learned position embeddings
         """
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
-        memories = self.memory_layers().values()
-        # A shared table counts once (keyed by identity); a DTensor's numel is the whole table's.
-        memory_values = sum({id(m.values.weight): m.values.weight.numel() for m in memories}.values())
-        read_rows = sum(m.heads * m.knn * m.v_dim for m in memories)
+        # Each table once (a pool counts once); a DTensor's numel is the whole table's.
+        memory_values = sum(t.weight.numel() for t in self.value_tables().values())
+        read_rows = sum(m.heads * m.knn * (m.v_dim + (m.dim if m.values_kind == "peer" else 0))
+                        for m in self.memory_layers().values())
         embedding = self.tok_emb.weight.numel()
         if self.pos_emb is not None:
             embedding += self.pos_emb.weight.numel()
@@ -290,12 +344,14 @@ class Transformer(nn.Module):
         and 4 backward (gradients of its input and of itself). N is the active non-embedding
         parameter count, i.e. what the token really multiplies:
           - attention q, k, v, out projections: 4 * D^2 per layer; FFN: 2 * D * F per layer;
-          - memory query network: D * H * Q (+ bias and norm, negligible);
+          - memory query network: D * H * Q (+ bias and norms, negligible);
+          - Memory+ gate: gate_proj D * v_dim and out_proj v_dim * D (dense weights);
           - memory key scores: each token scores every sub-key of every half and head once,
             H * 2 * S * (Q/2) = H * S * Q multiply-adds, exactly the key parameter count
             (2 * H * S * Q FLOPs forward; the backward gives q and the keys their gradients);
           - memory value read: H * K * v_dim multiply-adds (the selected rows only, never the
-            whole table); the backward gives the rows and the weights their gradients;
+            whole table); the backward gives the rows and the weights their gradients; PEER adds
+            the dot products with the H * K selected down vectors, H * K * D;
           - the lm_head: D * V (the tied embedding's only matmul; a lookup costs nothing).
           Not counted: the top-K selections and K*K candidate sums (no multiplies, O(H*K^2)),
           softmaxes, norms and residual adds, as in the references.

@@ -7,8 +7,9 @@
 - `triton`: the kernels of `gather.py` behind the operator `torch.ops.pkmlm.memory_read`
   (`ops.py`): one bandwidth-bound pass forward, one sort and one atomic-free pass backward.
 
-`row_adam.py` holds the fused triton step of the lazy Adam for `optim.sparse_values` (its torch
-reference: `pkmlm.train.sparse_values.LazyAdam`'s torch path).
+`dot(table, indices, x)` is PEER's per-slot dot product `h[n, r] = x[n] . table[indices[n, r]]`
+(the down vectors of its single-neuron experts), a gather and a batched matmul on the torch path
+for every device (it materialises the (N, R, D) rows; no triton kernel yet).
 
 `model.memory.kernel=auto` takes triton on CUDA when triton is installed, torch otherwise. The triton
 kernels also run on CPU tensors under `TRITON_INTERPRET=1` (how the tests check them without a GPU).
@@ -19,9 +20,10 @@ when its kernels first run.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pkmlm.errors import ConfigError
@@ -68,6 +70,19 @@ def check_kernel(kernel: str, key: str = "model.memory.kernel") -> None:
         triton_interpreted()  # imports the kernels now (explicitly asked for), not in a traced forward
 
 
+def resolve_kernels(kernel: str, key: str = "model.memory.kernel") -> Tuple[str, Optional[str]]:
+    """`(path on CUDA, path on any other device)` for a configured `kernel`, resolved once (when a
+    memory layer is built, before it knows where it will run). `auto`: triton on CUDA when triton
+    is installed, torch elsewhere. An explicit `triton` off CUDA runs only under the interpreter;
+    otherwise the second path is None and `resolve_kernel` gives the refusal."""
+    check_kernel(kernel, key)
+    if kernel == "auto":
+        return ("triton" if triton_available() else "torch"), "torch"
+    if kernel == "torch":
+        return "torch", "torch"
+    return "triton", ("triton" if triton_interpreted() else None)
+
+
 def resolve_kernel(kernel: str, device: torch.device, key: str = "model.memory.kernel") -> str:
     """The path a read on `device` takes: `torch` or `triton`.
 
@@ -105,10 +120,24 @@ def read(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: s
     return ops.memory_read(values_MV, indices_NR, weights_NR.float())
 
 
+def dot(table_MD: Tensor, indices_NR: Tensor, x_ND: Tensor, *, sparse_grad: bool = False) -> Tensor:
+    """`(N, R)` fp32: `x[n] . table[indices[n, r]]` (PEER's `x . u_i`), in the table's dtype with
+    fp32 output. `sparse_grad=True` gives the table a sparse COO gradient (uncoalesced)."""
+    if sparse_grad and torch.compiler.is_compiling():
+        return torch.compiler.disable(_dot)(table_MD, indices_NR, x_ND, True)  # as `read`: a graph break
+    return _dot(table_MD, indices_NR, x_ND, sparse_grad)
+
+
+def _dot(table_MD: Tensor, indices_NR: Tensor, x_ND: Tensor, sparse_grad: bool) -> Tensor:
+    rows_NRD = F.embedding(indices_NR, table_MD, sparse=sparse_grad)
+    return torch.bmm(rows_NRD, x_ND.to(rows_NRD.dtype).unsqueeze(-1)).squeeze(-1).float()  # (N, R, D) @ (N, D, 1)
+
+
 def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, kernel: str) -> Tensor:
     if kernel == "torch":
         return read_torch(values_MV, indices_NR, weights_NR, sparse_grad=True)
     return ops.SparseGradRead.apply(values_MV, indices_NR, weights_NR.float())
 
 
-__all__ = ["KERNELS", "check_kernel", "read", "resolve_kernel", "triton_available", "triton_interpreted"]
+__all__ = ["KERNELS", "check_kernel", "dot", "read", "resolve_kernel", "resolve_kernels", "triton_available",
+           "triton_interpreted"]
