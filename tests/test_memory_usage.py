@@ -408,3 +408,15 @@ def test_stale_state_round_trips():
     b = StaleSlots(8, window=2)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.last_read, b.last_read) and b.step.item() == 1
+
+
+def test_stale_window_is_checked_at_the_config_boundary():
+    from pkmlm.config import Config, validate
+    from pkmlm.errors import ConfigError
+
+    cfg = Config()
+    cfg.data.files = ["data/c4/c4_en_train_first1000.jsonl.gz"]
+    cfg.metrics.stale_window = 0
+    with pytest.raises(ConfigError, match=r"metrics\.stale_window=0") as info:
+        validate(cfg)
+    assert "\n" not in str(info.value)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from pkmlm.data.config import DataConfig, check_data_config, default_cache_dir
 from pkmlm.errors import UserError, require
+from pkmlm.metrics.memory_usage import MetricsConfig  # metrics.*: beside the trackers it configures
 from pkmlm.model.transformer import ModelConfig
 from pkmlm.paths import dir_problem
 from pkmlm.optim.config import OptimConfig  # beside the optimizer: torch-only for the benchmarks
@@ -112,6 +113,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def run_start_time(pattern: str) -> str:
@@ -265,6 +267,8 @@ def validate(cfg: Config) -> None:
     require(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     require(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
+    require(cfg.metrics.stale_window >= 1, "metrics.stale_window", cfg.metrics.stale_window,
+            ">= 1 (optimizer steps without a read before a slot counts as stale)")
     require(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
             cfg.logging.wandb.mode, "one of online, offline, disabled")
     require(cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume,
