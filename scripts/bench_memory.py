@@ -13,7 +13,10 @@ Prints markdown tables (all measured in this run, medians over --repeats):
 3. whole layer (query network, retrieval, read), forward and forward+backward, against the FFN
    d -> 4d -> d it replaces and a faithful straightforward formulation (XLM's HashingMemory: per-head
    sub-key top-k, k^2 candidate sums, `nn.EmbeddingBag` with per-sample weights);
-4. the value table's optimizer step: AdamW over the whole table (fused on CUDA) vs the lazy Adam of
+4. each memory variant's whole layer at the preset's sizes (configs/memory/*.yaml: pkm, Memory+,
+   PEER, UltraMem-style), with its multiply-adds per token (`pkmlm.metrics.flops.memory_layer_costs`),
+   forward and forward+backward (UltraMem-style: its balance loss included) against the FFN;
+5. the value table's optimizer step: AdamW over the whole table (fused on CUDA) vs the lazy Adam of
    `optim.sparse_values` over the rows one step reads.
 
 CUDA runs under bf16 autocast (as training does), CPU in fp32. The contenders of a table are timed
@@ -35,11 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchlib import add_common_args, default, device_name, interleaved_ms, setup, sync  # first: finds src/
+from pkmlm.metrics.flops import memory_layer_costs
 from pkmlm.model import ProductKeyMemory
 from pkmlm.model import kernels
 from pkmlm.model.kernels import reference
 from pkmlm.model.memory import eligible_rank_pairs
-from pkmlm.train.sparse_values import LazyAdam
+from pkmlm.optim import LazyAdam
 
 
 @dataclass
@@ -58,6 +62,16 @@ PRESETS = {
     "paper": Preset(16384, 1024, 512, 4, 32, 512, "the paper's layer (Lample et al. 2019, section 4.2)"),
     # the CPU default run's memory (configs/memory/tiny.yaml) on one batch of 16 x 128 tokens
     "tiny": Preset(2048, 256, 128, 4, 16, 128, "the default CPU run's layer (configs/memory/tiny.yaml)"),
+}
+
+
+# Each variant's layer as its preset configures it (configs/memory/<name>.yaml), at the bench's sizes.
+VARIANTS = {
+    "pkm (memory=tiny: the 2019 layer)": dict(query_norm="batchnorm"),
+    "Memory+ (memory=memory_plus: silu gate, qk_norm)": dict(query_norm="none", qk_norm=True, gate="silu"),
+    "PEER (memory=peer: gelu experts)": dict(query_norm="batchnorm", values_kind="peer"),
+    "UltraMem-style (memory=ultramem: qk_norm, PEER values, balance loss)":
+        dict(query_norm="none", qk_norm=True, values_kind="peer", balance_loss=0.01),
 }
 
 
@@ -291,7 +305,37 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"| {label} | {values} | {fwd:.2f} | {both:.2f} | {both / both_ms[0]:.1f}x |")
     del modules
 
-    # 4. the value table's update ------------------------------------------------------------------
+    # 4. the variants' layers ---------------------------------------------------------------------
+    print("\n## memory variants, whole layer (options as in configs/memory/<name>.yaml, sizes as above; kernel=torch; "
+          "fwd+bwd includes the balance loss where on)\n")
+    print("| variant | MFLOP/token fwd | params | fwd ms | fwd+bwd ms | fwd+bwd / FFN |")
+    print("|---|---|---|---|---|---|")
+    ffn = FFN(V).to(device)
+    variants = [ffn] + [ProductKeyMemory(V, n_keys=preset.n_keys, heads=H, knn=K, k_dim=preset.k_dim, kernel="torch",
+                                         **kwargs).to(device) for kwargs in VARIANTS.values()]
+
+    def variant_step(module):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with autocast():
+            if isinstance(module, ProductKeyMemory):
+                out, aux = module(x, return_aux=True)
+            else:
+                out, aux = module(x), 0.0
+        ((out * g.to(out.dtype)).sum() + aux).backward()
+
+    fwd_ms = interleaved_ms([lambda m=m: layer_forward(m) for m in variants], device, warmup, repeats)
+    both_ms = interleaved_ms([lambda m=m: variant_step(m) for m in variants], device, warmup, repeats)
+    labels = ["FFN d->4d->d", *VARIANTS]
+    for label, module, fwd, both in zip(labels, variants, fwd_ms, both_ms):
+        if isinstance(module, ProductKeyMemory):
+            macs, params = memory_layer_costs(module)["macs"], sum(p.numel() for p in module.parameters())
+        else:
+            macs = params = sum(p.numel() for p in module.parameters())  # a dense layer: one MAC per weight
+        print(f"| {label} | {2 * macs / 1e6:.2f} | {params:,} | {fwd:.2f} | {both:.2f} | {both / both_ms[0]:.1f}x |")
+    del variants
+
+    # 5. the value table's update ------------------------------------------------------------------
     print("\n## value table update (one optimizer step)\n")
     print("| optimizer | values | rows updated | ms |")
     print("|---|---|---|---|")

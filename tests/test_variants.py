@@ -345,3 +345,26 @@ def _sharded_worker(rank: int, world: int, init_file: str) -> None:
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
 def test_sharded_tables_equal_unsharded_for_memory_plus_and_peer(tmp_path):
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_memory_layer_costs_agree_with_the_models_flops_per_token(name):
+    """metrics/flops.py's per-part count of a layer is what the model's 6 * N accounting charges:
+    two models differing only in the memory layer differ by 6 * its multiply-adds per token."""
+    from pkmlm.metrics.flops import memory_layer_costs
+
+    args = {k: v for k, v in VARIANTS[name].items() if k != "v_dim"}
+    memory = dict(layers=[1], n_keys=8, heads=2, knn=5, k_dim=6, **args)
+    with_memory = Transformer(model_config(**memory))
+    costs = memory_layer_costs(with_memory.memory_layers()[1])
+    assert costs["macs"] == sum(costs[k] for k in ("query", "keys", "down", "read", "gate"))
+    assert (costs["down"] > 0) == (args.get("values_kind") == "peer") and (costs["gate"] > 0) == ("gate" in args)
+    dense = Transformer(model_config(layers=[], n_keys=8, heads=2, knn=5, k_dim=6))
+    ffn = 2 * 16 * 64  # the FFN the memory replaces: D * 4D up and 4D * D down
+    diff = with_memory.flops_per_token(8) - dense.flops_per_token(8)
+    query_bias = 2 * 6  # biases and norm gains are in N but not in the layer's multiply-adds
+    extra = query_bias + (16 if "gate" in args else 0) + sum(
+        p.numel() for n, p in with_memory.memory_layers()[1].named_parameters() if "norm" in n)
+    assert diff == 6 * (costs["macs"] + extra - ffn)
+    assert costs["active_params"] - costs["params"] + costs["value_params"] == 2 * 5 * (
+        16 + (16 if args.get("values_kind") == "peer" else 0))
