@@ -35,7 +35,7 @@ from benchlib import add_common_args, default, device_name, interleaved_ms, setu
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.model import ModelConfig, Transformer
 from pkmlm.model.memory import MemoryConfig
-from pkmlm.train.optim import OptimConfig, build_optimizer, clip_grad_norm_
+from pkmlm.optim import OptimConfig, build_optimizer, clip_grad_norm_, use_sparse_value_grads
 
 FAMILIES = {
     # configs/model/base12.yaml + configs/memory/paper.yaml + configs/experiment/paper/common.yaml
@@ -75,6 +75,8 @@ class Contender:
         torch.manual_seed(0)
         self.device, self.amp = device, amp
         self.model = Transformer(cfg).to(device)
+        if sparse_values:
+            use_sparse_value_grads(self.model)
         self.optimizer = build_optimizer(self.model, OptimConfig(sparse_values=sparse_values), device)
         self.step_fn = torch.compile(self.model) if compile_model else self.model
         data = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)

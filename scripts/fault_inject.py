@@ -155,27 +155,28 @@ def own_children() -> list[int]:
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    from pkmlm.train.checkpoint import list_checkpoints
+    from pkmlm.checkpoint.store import list_checkpoints
 
     return list_checkpoints(run_dir / "checkpoints")
 
 
 def newest_valid_step(run_dir: Path) -> int:
-    from pkmlm.train.checkpoint import checkpoint_step, verify_checkpoint
+    from pkmlm.checkpoint.store import step_of, verify
 
-    valid = [checkpoint_step(p) for p in checkpoint_files(run_dir) if verify_checkpoint(p) is None]
+    valid = [step_of(p) for p in checkpoint_files(run_dir) if verify(p) is None]
     return max(valid, default=0)
 
 
 def invalid_steps(run_dir: Path) -> list[int]:
-    from pkmlm.train.checkpoint import checkpoint_step, verify_checkpoint
+    from pkmlm.checkpoint.store import step_of, verify
 
-    return [checkpoint_step(p) for p in checkpoint_files(run_dir) if verify_checkpoint(p) is not None]
+    return [step_of(p) for p in checkpoint_files(run_dir) if verify(p) is not None]
 
 
 def temporaries(run_dir: Path) -> list[str]:
+    """Checkpoint directories being written or deleted (`.step_XXXXXXXX.dcp.tmp`, `.del`)."""
     ckpt = run_dir / "checkpoints"
-    return sorted(p.name for p in ckpt.iterdir() if ".tmp." in p.name) if ckpt.is_dir() else []
+    return sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".step_")) if ckpt.is_dir() else []
 
 
 def metrics_size(run_dir: Path) -> int:
@@ -206,16 +207,18 @@ def train_steps(rows: list[dict]) -> list[int]:
     return [r["step"] for r in rows if "train/loss" in r]
 
 
-def corrupt(path: Path, how: str, rng: random.Random) -> None:
-    """Damage a checkpoint the way disks and careless copies do."""
+def corrupt(checkpoint: Path, how: str, rng: random.Random) -> None:
+    """Damage a checkpoint the way disks and careless copies do (its tensor file, or its manifest)."""
+    if how == "no_checksum":
+        (checkpoint / "checksums.sha256").unlink()
+        return
+    path = next(checkpoint.glob("*.distcp"))
     data = path.read_bytes()
     if how == "truncate":
         path.write_bytes(data[: rng.randrange(1, len(data))])
     elif how == "bitflip":
         i = len(data) // 2 + rng.randrange(-len(data) // 4, len(data) // 4)
         path.write_bytes(data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:])
-    elif how == "no_checksum":
-        path.with_name(path.name + ".sha256").unlink()
     elif how == "empty":
         path.write_bytes(b"")
     else:
@@ -348,7 +351,7 @@ class Harness:
             logged += done
             out = child.output()
             r.resumed += "resumed from" in out
-            detected = re.findall(r"skipping unusable checkpoint \S*(step_\d{8}\.pt)", out)
+            detected = re.findall(r"skipping unusable checkpoint \S*(step_\d{8}\.dcp)", out)
             r.corruptions_detected += len(detected)
             if pending is not None and (done or child.status == 0 or "resumed from" in out):
                 r.check(pending in detected, f"run {self.n}: the damaged {pending} was not reported and skipped")
@@ -384,9 +387,9 @@ class Harness:
 
     def _corrupt_newest(self, run_dir: Path) -> Optional[str]:
         """Damage the newest checkpoint when an older valid one remains to fall back on."""
-        from pkmlm.train.checkpoint import verify_checkpoint
+        from pkmlm.checkpoint.store import verify
 
-        files = [p for p in checkpoint_files(run_dir) if verify_checkpoint(p) is None]
+        files = [p for p in checkpoint_files(run_dir) if verify(p) is None]
         if len(files) < 2 or files[-1] != checkpoint_files(run_dir)[-1]:
             return None
         how = CORRUPTIONS[len(self.report.corruptions_injected) % len(CORRUPTIONS)]
@@ -488,10 +491,8 @@ def compare(baseline: Path, other: Path) -> list[str]:
     import warnings
 
     from pkmlm.metrics.sinks import read_metrics
-    from pkmlm.train.checkpoint import latest_valid_checkpoint
 
-    a = latest_valid_checkpoint(baseline / "checkpoints")[1]
-    b = latest_valid_checkpoint(other / "checkpoints")[1]
+    a, b = final_state(baseline), final_state(other)
     diffs = [k for k in ("step", "tokens", "model", "optimizer", "data", "rng") if not _same(a[k], b[k])]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torn lines are counted elsewhere
@@ -505,6 +506,17 @@ def compare(baseline: Path, other: Path) -> list[str]:
     if va != vb:
         diffs.append("metrics val/loss")
     return diffs
+
+
+def final_state(run_dir: Path) -> dict:
+    """The newest valid checkpoint of `run_dir` as one dict: step, tokens, model, optimizer, data, RNG."""
+    from pkmlm.checkpoint import store
+
+    state = store.read(store.latest_valid(run_dir / "checkpoints"))
+    return {"step": state["meta"]["step"], "tokens": state["meta"]["tokens"], "model": state["model"],
+            "optimizer": state["optim"],
+            "data": {k: v for k, v in state.items() if k.startswith("data/")},
+            "rng": {k: v for k, v in state.items() if k.startswith("rng/")}}
 
 
 def max_key(state: Any, key: str) -> int:
@@ -599,9 +611,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     harness.reap_orphans()
     report.check(report.orphans_left == 0, f"{report.orphans_left} processes outlived their run (orphaned workers)")
     # Every child has exited: torch may run in this process now.
-    from pkmlm.train.checkpoint import latest_valid_checkpoint
-
-    report.epochs_crossed = max_key(latest_valid_checkpoint(baseline / "checkpoints")[1]["data"], "epoch")
+    report.epochs_crossed = max_key(final_state(baseline)["data"], "epoch")
     for name, run_dir in finished.items():
         report.equal[name] = compare(baseline, run_dir)
         report.check(not report.equal[name], f"{name}: final state differs from the baseline in {report.equal[name]}")

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from helpers import overrides, read_rows
 from pkmlm.config import config_dir, register_configs
-from pkmlm.train.checkpoint import latest_valid_checkpoint
+from pkmlm.checkpoint import store
 from pkmlm.train.loop import train
 
 register_configs()
@@ -56,8 +56,8 @@ def test_compiled_training_equals_eager_and_saves_plain_names(tmp_path):
         assert row["train/flops_per_s"] > 0
         assert row["train/mfu"] == pytest.approx(row["train/flops_per_s"] / PEAK)
 
-    _, state = latest_valid_checkpoint(tmp_path / "compiled" / "checkpoints")
-    _, ref_state = latest_valid_checkpoint(tmp_path / "eager" / "checkpoints")
+    state = store.read(store.latest_valid(tmp_path / "compiled" / "checkpoints"))
+    ref_state = store.read(store.latest_valid(tmp_path / "eager" / "checkpoints"))
     assert not [k for k in state["model"] if "_orig_mod" in k]
     assert state["model"].keys() == ref_state["model"].keys()
     # Same trained weights up to float noise, which Adam's first steps (update ~ lr * sign(grad))

@@ -70,11 +70,10 @@ def _assert_close(a: dict, b: dict, steps) -> None:
 
 def _checkpoint_state(path: Path) -> dict:
     """A DCP checkpoint as one plain dict (model and optimizer, tensors whole)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from pkmlm.checkpoint import store
 
-    out = path.parent / f"{path.name}.whole.pt"
-    dcp_to_torch_save(str(path), str(out))
-    return torch.load(out, weights_only=False)
+    state = store.read(path)
+    return {"model": state["model"], "optim": state["optim"]}
 
 
 def _assert_states_close(a: dict, b: dict) -> None:
@@ -110,7 +109,7 @@ def test_two_processes_equal_one_then_resume_on_one_and_on_two(tmp_path):
     _assert_close(_by_step(two, "train/loss"), ref_loss, [1, 2, 3])
     _assert_close(_by_step(two, "val/loss"), ref_val, [3])
     ckpt = two / "checkpoints" / "step_00000003.dcp"
-    assert {p.name for p in ckpt.iterdir()} >= {".metadata", "meta.pt", "data", "rng"}
+    assert {p.name for p in ckpt.iterdir()} >= {".metadata", "meta.json", "data", "rng"}
     assert sorted(p.name for p in (ckpt / "data").iterdir()) == ["shard_00000.json", "shard_00001.json"]
     assert isinstance(json.loads((ckpt / "data" / "shard_00001.json").read_text()), dict)  # plain JSON
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # both ranks wrote into one run dir
@@ -174,7 +173,7 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
     tokens; the local columns' gradient equals the same columns of the unsharded gradient of the
     summed losses; replicated parameters' gradients summed over ranks equal the unsharded ones."""
     from pkmlm import MemoryConfig, ModelConfig, Transformer
-    from pkmlm.train.distributed import shard_value_tables
+    from pkmlm.parallel.parallelize import shard_value_tables
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -213,7 +212,7 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
         raise
     # As pkmlm-train does under torchrun: interpreter teardown after gloo may abort a rank.
-    from pkmlm.train.distributed import finish_distributed_run
+    from pkmlm.parallel.launch import finish_distributed_run
 
     finish_distributed_run()
 
@@ -226,9 +225,10 @@ def test_sharded_values_equal_unsharded_in_forward_and_backward(tmp_path):
 
 
 def test_refusals_name_the_key_and_what_to_do(tmp_path):
-    from pkmlm.train.data_shards import plan_data_shards
-    from pkmlm.train.dcp import checkpoint_format
-    from pkmlm.train.distributed import DistInfo, check_batch_split, check_parallel_config
+    from pkmlm.parallel.agree import check_batch_split
+    from pkmlm.parallel.data_shards import plan_data_shards
+    from pkmlm.parallel.env import DistInfo
+    from pkmlm.parallel.parallelize import check_parallel_config
 
     two, three = DistInfo(rank=0, world_size=2, backend="gloo"), DistInfo(rank=0, world_size=3, backend="gloo")
     with pytest.raises(UserError, match="cannot split 2 data shards"):
@@ -236,9 +236,6 @@ def test_refusals_name_the_key_and_what_to_do(tmp_path):
     assert plan_data_shards(None, 12, DistInfo(), resumed=2) == 2  # ... on 1: it runs both shards
     with pytest.raises(ConfigError, match="train.batch_size=6"):
         plan_data_shards(4, 6, two)
-    with pytest.raises(ConfigError, match="checkpoint.format='torch'"):
-        checkpoint_format("torch", two, 2)
-    assert checkpoint_format("auto", DistInfo(), 1) == "torch" and checkpoint_format("auto", DistInfo(), 2) == "dcp"
     with pytest.raises(ConfigError, match="model.memory.shard_values"):
         check_parallel_config("ddp", True, 64, three)  # 64 columns do not split into 3
     with pytest.raises(ConfigError, match="train.micro_batch_size=3"):
@@ -258,7 +255,7 @@ def test_slurm_tasks_of_the_hydra_launcher_become_ranks():
     """`hydra/launcher=slurm hydra.launcher.tasks_per_node=N`: each task's SLURM variables become
     torchrun's (through submitit), so the task joins the job's process group as one rank."""
     pytest.importorskip("submitit")
-    from pkmlm.train.distributed import _export_submitit_environment
+    from pkmlm.parallel.env import _export_submitit_environment
 
     saved = dict(os.environ)  # the export writes os.environ: restore all of it, or later runs would join "gpu07"
     try:
@@ -280,16 +277,16 @@ def test_shared_values_are_one_table_owned_by_each_model():
     and optimised once); a second model has its own (no class-level state)."""
     from pkmlm import MemoryConfig, ModelConfig, Transformer
     from pkmlm.config import OptimConfig
-    from pkmlm.train.optim import param_groups
+    from pkmlm.optim import param_groups
 
     def build(share: bool) -> Transformer:
         memory = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, share_values=share)
         return Transformer(ModelConfig(vocab_size=64, n_layers=3, dim=32, n_heads=2, memory=memory))
 
     a, b, separate = build(True), build(True), build(False)
-    table = a.memory_layers()[0].values
-    assert a.memory_layers()[2].values is table is a.shared_values
-    assert b.memory_layers()[0].values is not table
+    table = a.tables_of(0).values  # what layer 0 reads: the model passes its pool explicitly
+    assert a.tables_of(2).values is table is a.shared_values
+    assert b.tables_of(0).values is not table
     assert [k for k in a.state_dict() if "values" in k] == ["shared_values.weight"]
     assert separate.count_parameters()["total"] - a.count_parameters()["total"] == table.weight.numel()
     assert a.count_parameters()["memory_values"] == table.weight.numel()

@@ -30,8 +30,9 @@ from pkmlm.errors import ConfigError
 from pkmlm.metrics.flops import _table_peak, mfu, peak_flops
 from pkmlm.metrics.memory_usage import MemoryUsage, memory_metrics
 from pkmlm.model.transformer import Transformer
-from pkmlm.train.loop import model_config_for, train
-from pkmlm.train.throughput import RunClock, budget_reached
+from pkmlm.train.clock import RunClock, budget_reached
+from pkmlm.train.loop import train
+from pkmlm.train.setup import model_config_for
 
 register_configs()
 EXPERIMENTS = Path(config_dir()) / "experiment"

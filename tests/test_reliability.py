@@ -15,28 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import C4
+from helpers import TINY, overrides, read_rows, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import C4
-from helpers import TINY, overrides, read_rows, run_cli
+from pkmlm.checkpoint import store
+from pkmlm.checkpoint.store import CheckpointWriteError, list_checkpoints
 from pkmlm.config import config_dir, register_configs, validate
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.metrics.evaluate import evaluate
 from pkmlm.metrics.sinks import MetricsFile, read_metrics
 from pkmlm.model.memory import MemoryConfig
 from pkmlm.model.transformer import ModelConfig, Transformer
-from pkmlm.train.checkpoint import (
-    CheckpointWriteError,
-    latest_valid_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from pkmlm.train.loop import pick_device, train
+from pkmlm.train.loop import train
 from pkmlm.train.rundir import RunLock
+from pkmlm.train.setup import pick_device
 
 register_configs()
 
@@ -62,7 +57,34 @@ def _train(run_dir: Path, *extra: str) -> dict:
 
 
 def _payload(step: int) -> dict:
-    return {"step": step, "weights": torch.arange(4096, dtype=torch.float32) * step}
+    return {"meta": {"tokens": 0}, "weights": torch.arange(4096, dtype=torch.float32) * step}
+
+
+def save_checkpoint(directory: Path, step: int, state: dict, keep_last: int) -> Path:
+    return store.write(directory, step, state, keep_last=keep_last)
+
+
+def _files(ckpt: Path) -> dict:
+    """A checkpoint directory's files and their bytes."""
+    return {p.relative_to(ckpt).as_posix(): p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()}
+
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    from pkmlm.checkpoint.files import write_manifest
+
+    (ckpt / "checksums.sha256").unlink()
+    write_manifest(ckpt)
+
+
+def _load(ckpt: Path) -> dict:
+    """A checkpoint as one dict: meta.json's entries, model, optimizer, data and RNG state."""
+    state = store.read(ckpt)
+    return {**state["meta"], "model": state["model"], "optimizer": state.get("optim"),
+            "data": state.get("data/shard_00000.json"), "rng": state.get("rng/rank_00000.json")}
+
+
+def _newest_state(directory: Path) -> dict:
+    return _load(store.latest_valid(directory))
 
 
 # --- checkpoint files -----------------------------------------------------------------------------
@@ -72,7 +94,8 @@ def _payload(step: int) -> dict:
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, _payload(step), keep_last=3)
-    newest = tmp_path / "step_00000003.pt"
+    ckpt = tmp_path / "step_00000003.dcp"
+    newest = next(ckpt.glob("*.distcp"))  # the tensors
     data = newest.read_bytes()
     if damage == "truncate":
         newest.write_bytes(data[: len(data) // 2])
@@ -80,31 +103,28 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
         i = len(data) // 2
         newest.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
     elif damage == "no_checksum":
-        (tmp_path / "step_00000003.pt.sha256").unlink()
+        (ckpt / "checksums.sha256").unlink()
     elif damage == "empty":
         newest.write_bytes(b"")
-    else:  # bytes that match their checksum but are no checkpoint: caught when unpickling
-        import hashlib
-
-        newest.write_bytes(b"not a checkpoint")
-        (tmp_path / "step_00000003.pt.sha256").write_text(hashlib.sha256(b"not a checkpoint").hexdigest())
+    else:  # bytes that match their checksum but are no checkpoint: caught before loading
+        (ckpt / ".metadata").write_bytes(b"not a checkpoint")
+        _rewrite_manifest(ckpt)
     with pytest.warns(UserWarning, match="skipping unusable checkpoint .*step_00000003"):
-        path, state = latest_valid_checkpoint(tmp_path)
-    assert path.name == "step_00000002.pt" and torch.equal(state["weights"], _payload(2)["weights"])
+        path = store.latest_valid(tmp_path)
+    assert path.name == "step_00000002.dcp" and torch.equal(store.read(path)["weights"], _payload(2)["weights"])
 
 
 def test_auto_resume_refuses_when_every_checkpoint_is_damaged(tmp_path):
-    from pkmlm.train.checkpoint import resolve_resume
-
     ckpt = tmp_path / "checkpoints"
     save_checkpoint(ckpt, 1, _payload(1), keep_last=2)
-    (ckpt / "step_00000001.pt.sha256").unlink()  # killed before its checksum: a fresh start
-    with pytest.warns(UserWarning, match="no checksum file"):
-        assert resolve_resume("auto", tmp_path) is None
+    (ckpt / "step_00000001.dcp" / "checksums.sha256").unlink()  # killed before its manifest: a fresh start
+    with pytest.warns(UserWarning, match="no checksums.sha256"):
+        assert store.resolve("auto", tmp_path) is None
     save_checkpoint(ckpt, 1, _payload(1), keep_last=2)
-    (ckpt / "step_00000001.pt").write_bytes(b"\0" * 100)  # complete once, damaged since
-    with pytest.warns(UserWarning), pytest.raises(UserError, match="step_00000001.pt was written completely"):
-        resolve_resume("auto", tmp_path)
+    shard = next((ckpt / "step_00000001.dcp").glob("*.distcp"))
+    shard.write_bytes(b"\0" * 100)  # complete once, damaged since
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="step_00000001.dcp was written completely"):
+        store.resolve("auto", tmp_path)
 
 
 def _fail_writes_under(monkeypatch, directory: Path, code: int, only: str = "") -> None:
@@ -125,21 +145,21 @@ def _fail_writes_under(monkeypatch, directory: Path, code: int, only: str = "") 
 @pytest.mark.parametrize("failing", ["payload", "checksum"])
 def test_full_disk_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, failing):
     save_checkpoint(tmp_path, 1, _payload(1), keep_last=1)
-    before = (tmp_path / "step_00000001.pt").read_bytes()
+    before = _files(tmp_path / "step_00000001.dcp")
     _fail_writes_under(monkeypatch, tmp_path, errno.ENOSPC, only=".sha256" if failing == "checksum" else "")
     with pytest.raises(CheckpointWriteError) as err:
         save_checkpoint(tmp_path, 2, _payload(2), keep_last=1)
     monkeypatch.undo()
     message = str(err.value)
     assert "\n" not in message and "No space left on device" in message and "ENOSPC" in message
-    assert "step_00000002.pt" in message and "step_00000001.pt is intact" in message
+    assert "step_00000002.dcp" in message and "step_00000001.dcp is intact" in message
     # keep_last=1 did not delete the only good checkpoint; no temporary file is left behind.
-    assert (tmp_path / "step_00000001.pt").read_bytes() == before
-    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
+    assert _files(tmp_path / "step_00000001.dcp") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.dcp"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a payload without its checksum is skipped with a warning
-        path, state = latest_valid_checkpoint(tmp_path)
-    assert path.name == "step_00000001.pt" and state["step"] == 1
+        path = store.latest_valid(tmp_path)
+    assert path.name == "step_00000001.dcp" and store.read_meta(path)["step"] == 1
 
 
 def test_full_disk_under_metrics_is_one_line(tmp_path, monkeypatch):
@@ -148,33 +168,36 @@ def test_full_disk_under_metrics_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         _train(run_dir, "train.max_steps=2")
     monkeypatch.undo()
-    assert str(err.value) == (f"run directory {run_dir}: No space left on device; the last checkpoint under "
-                              f"{run_dir / 'checkpoints'} is intact: free space and resume with resume=auto")
+    # No checkpoint exists yet (the first is due at step 3): the message must not promise one.
+    assert str(err.value) == (f"run directory {run_dir}: No space left on device; no checkpoint has been "
+                              "written yet: free space and start the run again")
 
 
 def test_stale_temporaries_and_newer_checkpoints_are_cleared(tmp_path):
     for step in (1, 2, 5):
         save_checkpoint(tmp_path, step, _payload(step), keep_last=5)
-    (tmp_path / "step_00000005.pt").write_bytes(b"corrupt")  # so a resume went back to step 2
-    stale = tmp_path / ".step_00000003.pt.tmp.999999"  # a writer killed mid-write
-    stale.write_bytes(b"half a checkpoint")
+    (tmp_path / "step_00000005.dcp" / "meta.json").write_bytes(b"corrupt")  # so a resume went back to step 2
+    stale = tmp_path / ".step_00000003.dcp.tmp"  # a writer killed mid-write
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"half a checkpoint")
     with pytest.warns(UserWarning, match="removing checkpoint step_00000005"):
         save_checkpoint(tmp_path, 3, _payload(3), keep_last=5)
     assert not stale.exists()
     save_checkpoint(tmp_path, 4, _payload(4), keep_last=2)
     # resume=auto can never jump onto the abandoned step 5; keep_last counts from the new newest.
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.dcp", "step_00000004.dcp"]
 
 
 def test_valid_checkpoint_is_never_overwritten(tmp_path):
     save_checkpoint(tmp_path, 3, _payload(3), keep_last=2)
-    before = (tmp_path / "step_00000003.pt").read_bytes()
+    ckpt = tmp_path / "step_00000003.dcp"
+    before = _files(ckpt)
     save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)  # e.g. a stop signal right after resuming
-    assert (tmp_path / "step_00000003.pt").read_bytes() == before
-    (tmp_path / "step_00000003.pt.sha256").unlink()  # an incomplete one is replaced
+    assert _files(ckpt) == before
+    (ckpt / "checksums.sha256").unlink()  # an incomplete one is replaced
     save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)
-    assert verify_checkpoint(tmp_path / "step_00000003.pt") is None
-    assert torch.equal(load_checkpoint(tmp_path / "step_00000003.pt")["weights"], _payload(30)["weights"])
+    assert store.verify(ckpt) is None
+    assert torch.equal(store.read(ckpt)["weights"], _payload(30)["weights"])
 
 
 # --- what a checkpoint holds, and the resume rules ----------------------------------------------
@@ -189,7 +212,7 @@ def short_run(tmp_path_factory):
 
 
 def test_checkpoint_holds_the_complete_state(short_run):
-    state = load_checkpoint(short_run / "checkpoints" / "step_00000004.pt")
+    state = _load(short_run / "checkpoints" / "step_00000004.dcp")
     assert state["step"] == 4 and state["tokens"] == 4 * 4 * 32
     assert set(state["rng"]) >= {"python", "numpy", "torch"}
     assert state["config"]["model"]["dim"] == 64 and "<|endoftext|>" in state["tokenizer"]
@@ -203,7 +226,7 @@ def test_checkpoint_holds_the_complete_state(short_run):
 
 def test_resume_from_a_given_checkpoint_into_a_new_directory(short_run, tmp_path):
     _train(tmp_path / "branch", "train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4",
-           "eval.interval=4", f"resume={short_run / 'checkpoints' / 'step_00000002.pt'}")
+           "eval.interval=4", f"resume={short_run / 'checkpoints' / 'step_00000002.dcp'}")
     rows = [r for r in read_rows(tmp_path / "branch") if "train/loss" in r]
     original = {r["step"]: r["train/loss"] for r in read_rows(short_run) if "train/loss" in r}
     assert [r["step"] for r in rows] == [3, 4]
@@ -211,17 +234,19 @@ def test_resume_from_a_given_checkpoint_into_a_new_directory(short_run, tmp_path
 
 
 def test_resume_from_a_damaged_checkpoint_path_is_a_user_error(short_run, tmp_path):
-    bad = tmp_path / "step_00000001.pt"
-    bad.write_bytes((short_run / "checkpoints" / "step_00000001.pt").read_bytes()[:1000])
-    (tmp_path / "step_00000001.pt.sha256").write_text((short_run / "checkpoints" / "step_00000001.pt.sha256").read_text())
+    import shutil
+
+    bad = tmp_path / "step_00000001.dcp"
+    shutil.copytree(short_run / "checkpoints" / "step_00000001.dcp", bad)
+    shard = next(bad.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(UserError, match="checksum mismatch"):
         _train(tmp_path / "run", "train.max_steps=4", f"resume={bad}")
 
 
 # --- distributed-format checkpoints (checkpoint.format=dcp, one process) --------------------------
 
-DCP_STEPS = ("train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4", "eval.interval=100",
-             "checkpoint.format=dcp")
+DCP_STEPS = ("train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4", "eval.interval=100")
 
 
 @pytest.fixture(scope="module")
@@ -249,15 +274,14 @@ def _damage_dcp(ckpt: Path, damage: str) -> None:
 
 
 def test_dcp_checkpoint_has_a_sha256sum_manifest(dcp_run):
-    from pkmlm.train.dcp import list_dcp_checkpoints, verify_dcp
-
-    ckpts = list_dcp_checkpoints(dcp_run / "checkpoints")
+    verify_dcp = store.verify
+    ckpts = list_checkpoints(dcp_run / "checkpoints")
     assert [p.name for p in ckpts] == ["step_00000001.dcp", "step_00000002.dcp", "step_00000003.dcp"]
     newest = ckpts[-1]
     listed = sorted(line.split("  ", 1)[1] for line in (newest / "checksums.sha256").read_text().splitlines())
     on_disk = sorted(p.relative_to(newest).as_posix() for p in newest.rglob("*")
                      if p.is_file() and p.name != "checksums.sha256")
-    assert listed == on_disk and {".metadata", "meta.pt", "data/shard_00000.json", "rng/rank_00000.pt"} <= set(listed)
+    assert listed == on_disk and {".metadata", "meta.json", "data/shard_00000.json", "rng/rank_00000.json"} <= set(listed)
     assert all(verify_dcp(p) is None for p in ckpts)
     check = subprocess.run(["sha256sum", "--quiet", "-c", "checksums.sha256"], cwd=newest, capture_output=True,
                            text=True)
@@ -272,8 +296,7 @@ def test_damaged_newest_dcp_checkpoint_falls_back_to_previous(dcp_run, tmp_path,
     damaged .pt file; the run continues from the previous one, bitwise as it ran the first time."""
     import shutil
 
-    from pkmlm.train.dcp import verify_dcp
-
+    verify_dcp = store.verify
     run_dir = tmp_path / "run"
     shutil.copytree(dcp_run, run_dir)
     newest = run_dir / "checkpoints" / "step_00000003.dcp"
@@ -295,8 +318,7 @@ def test_dcp_resume_refuses_damaged_checkpoints(dcp_run, tmp_path):
     its manifest (killed during the first checkpoint) is a fresh start."""
     import shutil
 
-    from pkmlm.train.dcp import resolve_resume_any
-
+    resolve_resume_any = store.resolve
     run_dir = tmp_path / "run"
     shutil.copytree(dcp_run, run_dir)
     ckpts = sorted((run_dir / "checkpoints").glob("step_*.dcp"))
@@ -367,19 +389,21 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     steps = ["train.max_steps=8", "eval.interval=100", "checkpoint.interval=1", "train.max_consecutive_nonfinite=3"]
     _train(run_dir, *steps, "train.stop_at_step=2")
     # Poison the memory values of the newest checkpoint (re-saved with a valid checksum).
-    path = run_dir / "checkpoints" / "step_00000002.pt"
-    state = load_checkpoint(path)
+    import shutil
+
+    path = run_dir / "checkpoints" / "step_00000002.dcp"
+    state = store.read(path)
     key = next(k for k in state["model"] if k.endswith("values.weight"))
     state["model"][key].fill_(float("nan"))
-    path.unlink()
+    shutil.rmtree(path)
     save_checkpoint(run_dir / "checkpoints", 2, state, keep_last=2)
-    poisoned = path.read_bytes()
+    poisoned = _files(path)
     with pytest.raises(UserError) as err:
         _train(run_dir, *steps)
     assert "3 non-finite steps in a row" in str(err.value) and "\n" not in str(err.value)
     assert closed == [0, 1]  # the first run finished, the failed one is marked failed, not left open
     # The last good checkpoint is untouched and nothing newer was written.
-    assert path.read_bytes() == poisoned and [p.name for p in list_checkpoints(run_dir / "checkpoints")][-1] == path.name
+    assert _files(path) == poisoned and [p.name for p in list_checkpoints(run_dir / "checkpoints")][-1] == path.name
 
 
 def test_one_non_finite_gradient_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -396,7 +420,7 @@ def test_one_non_finite_gradient_is_skipped_and_counted(tmp_path, monkeypatch):
     rows = [r for r in read_rows(tmp_path / "run") if "train/loss" in r]
     assert summary["step"] == 5 and [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert [r["train/nonfinite_skipped"] for r in rows] == [0, 0, 1, 1, 1]  # the third try was skipped
-    state = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[1]
+    state = _newest_state(tmp_path / "run" / "checkpoints")
     assert state["nonfinite_skipped"] == 1 and state["data"]["batches"] == 6  # its batch was consumed
 
 
@@ -419,7 +443,7 @@ def test_stop_signal_during_non_finite_steps_is_answered_at_once(tmp_path, monke
     summary = _train(tmp_path / "run", "train.max_steps=50", "eval.interval=100", "checkpoint.interval=100",
                      "train.max_consecutive_nonfinite=40")
     assert calls["n"] == 3 and summary["stopped_by"] == "SIGTERM" and summary["step"] == 2
-    state = latest_valid_checkpoint(tmp_path / "run" / "checkpoints")[1]
+    state = _newest_state(tmp_path / "run" / "checkpoints")
     assert state["step"] == 2 and state["nonfinite_skipped"] == 1
 
 
@@ -517,8 +541,6 @@ def test_stop_signal_to_the_process_group_with_workers_checkpoints_and_exits_0(t
     import signal
     import time
 
-    from pkmlm.train.checkpoint import verify_checkpoint
-
     run_dir = tmp_path / "run"
     args = overrides("train.max_steps=400", "data.num_workers=2", "checkpoint.interval=1000", "eval.interval=1000")
     proc = subprocess.Popen([sys.executable, "-m", "pkmlm.cli.train", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
@@ -541,8 +563,8 @@ def test_stop_signal_to_the_process_group_with_workers_checkpoints_and_exits_0(t
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert rows[-1]["stopped_by"] == sig  # the final row: stopped by the signal, not by a crash
     reached = max(r["step"] for r in rows if "train/loss" in r)
-    ckpt = run_dir / "checkpoints" / f"step_{reached:08d}.pt"
-    assert verify_checkpoint(ckpt) is None
+    ckpt = run_dir / "checkpoints" / f"step_{reached:08d}.dcp"
+    assert store.verify(ckpt) is None
 
 
 def test_workers_ignore_foreign_sigterm_and_end_on_their_trainers():

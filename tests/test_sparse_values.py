@@ -17,10 +17,10 @@ from helpers import overrides, read_rows
 from pkmlm.config import OptimConfig, config_dir, register_configs
 from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
 from pkmlm.model.memory import MemoryConfig
-from pkmlm.train.checkpoint import latest_valid_checkpoint
+from pkmlm.checkpoint import store
+from pkmlm.optim import LazyAdam, SparseValuesAdamW, clip_grad_norm_, use_sparse_value_grads
+from pkmlm.optim import build_optimizer as _build_optimizer
 from pkmlm.train.loop import train
-from pkmlm.train.optim import build_optimizer, set_lr
-from pkmlm.train.sparse_values import LazyAdam, SparseValuesAdamW, clip_grad_norm_
 
 register_configs()
 BETAS, EPS = (0.9, 0.95), 1e-8
@@ -97,6 +97,18 @@ def test_clip_grad_norm_with_sparse_gradients_equals_dense_clipping():
     assert b.grad.is_sparse and b.grad.is_coalesced()
 
 
+def build_optimizer(model, cfg: OptimConfig, device):
+    """As the training set-up does: sparse value gradients switched on beside the sparse optimizer."""
+    if cfg.sparse_values:
+        use_sparse_value_grads(model)
+    return _build_optimizer(model, cfg, device)
+
+
+def set_lr(optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+
+
 def _tiny_model(seed: int) -> Transformer:
     torch.manual_seed(seed)
     memory = MemoryConfig(layers=[1], n_keys=4, heads=2, knn=3, k_dim=8, query_norm="layernorm")
@@ -168,9 +180,11 @@ def test_training_with_sparse_values_resumes_bitwise(tmp_path):
     straight = {r["step"]: r["train/loss"] for r in read_rows(tmp_path / "straight") if "train/loss" in r}
     split = {r["step"]: r["train/loss"] for r in read_rows(tmp_path / "split") if "train/loss" in r}
     assert list(straight) == [1, 2, 3, 4, 5] and straight == split
-    a = latest_valid_checkpoint(tmp_path / "straight" / "checkpoints")[1]
-    b = latest_valid_checkpoint(tmp_path / "split" / "checkpoints")[1]
-    assert set(a["optimizer"]) == {"dense", "values"}
+    a = store.read(store.latest_valid(tmp_path / "straight" / "checkpoints"))
+    b = store.read(store.latest_valid(tmp_path / "split" / "checkpoints"))
+    # Both optimizers' state (AdamW's dense groups, lazy Adam's values) in the one checkpoint.
+    assert [g["name"] for g in a["optim"]["param_groups"]] == ["decay", "no_decay", "memory_values"]
+    assert {"exp_avg", "exp_avg_sq"} <= set(a["optim"]["state"]["blocks.1.memory.values.weight"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 

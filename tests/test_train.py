@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import overrides, read_rows
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from helpers import overrides, read_rows
+from pkmlm.checkpoint import store
 from pkmlm.config import OptimConfig, config_dir, register_configs
 from pkmlm.errors import UserError
-from pkmlm.train.checkpoint import latest_valid_checkpoint, list_checkpoints, save_checkpoint
+from pkmlm.optim import lr_factor
 from pkmlm.train.loop import train
-from pkmlm.train.optim import lr_factor
 
 register_configs()
 
@@ -30,7 +30,8 @@ def _train(run_dir: Path, *extra: str) -> dict:
 
 
 def _final_state(run_dir: Path) -> dict:
-    return latest_valid_checkpoint(run_dir / "checkpoints")[1]
+    state = store.read(store.latest_valid(run_dir / "checkpoints"))
+    return {**state["meta"], "model": state["model"]}
 
 
 def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
@@ -77,9 +78,9 @@ def test_lr_schedules():
 
 
 def test_optimizer_groups_give_values_their_own_lr_and_no_decay():
-    from pkmlm.model.transformer import ModelConfig, Transformer
     from pkmlm.model.memory import MemoryConfig
-    from pkmlm.train.optim import param_groups
+    from pkmlm.model.transformer import ModelConfig, Transformer
+    from pkmlm.optim import param_groups
 
     model = Transformer(ModelConfig(vocab_size=128, n_layers=2, dim=32, n_heads=2,
                                     memory=MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4, k_dim=8)))
@@ -95,10 +96,11 @@ def test_optimizer_groups_give_values_their_own_lr_and_no_decay():
 
 def test_checkpoint_corruption_is_detected_and_skipped(tmp_path):
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000003.pt"]
-    newest = tmp_path / "step_00000003.pt"
+        store.write(tmp_path, step, {"meta": {"tokens": 0}, "model": {"w": torch.full((64,), float(step))}},
+                    keep_last=2)
+    assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_00000002.dcp", "step_00000003.dcp"]
+    newest = next((tmp_path / "step_00000003.dcp").glob("*.distcp"))
     newest.write_bytes(newest.read_bytes()[:-7])  # truncated
     with pytest.warns(UserWarning, match="step_00000003"):
-        path, state = latest_valid_checkpoint(tmp_path)
-    assert state["step"] == 2
+        path = store.latest_valid(tmp_path)
+    assert store.read(path)["meta"]["step"] == 2

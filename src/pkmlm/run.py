@@ -1,20 +1,27 @@
-"""Load a finished (or running) run directory back into Python: `pkmlm.load_run(dir)`.
+"""A trained model back in Python: `pkmlm.load_run(path)` and `pkmlm.generate`.
 
-Needs torch and tokenizers only.
+`path` is a run directory (its newest valid checkpoint), one checkpoint directory
+(`RUN/checkpoints/step_XXXXXXXX.dcp`), or an export written by `pkmlm-export`
+(`model.safetensors` + `config.json` + `tokenizer.json`). Nothing read can run code: checkpoints go
+through `pkmlm.checkpoint` (JSON, DCP tensors without pickled objects, restricted metadata), exports
+are safetensors and JSON. Needs torch, tokenizers and (for exports) safetensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from pkmlm.errors import UserError
 from pkmlm.model.memory import MemoryConfig
 from pkmlm.model.transformer import ModelConfig, Transformer
+
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
 @dataclass
@@ -34,41 +41,84 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in d.items() if k in fields and k != "memory"}, memory=memory)
 
 
+def is_export(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "model.safetensors").is_file()
+
+
+def _load_export(path: Path) -> tuple[Transformer, dict, str]:
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    try:
+        info = json.loads((path / "config.json").read_text())
+        model = Transformer(model_config_from_dict(info["model_config"]))
+        weights = load_file(str(path / "model.safetensors"))
+        tokenizer = (path / "tokenizer.json").read_text()
+    except FileNotFoundError as e:
+        raise UserError(f"checkpoint={str(path)!r}: an export without {Path(e.filename).name}; "
+                        f"an export holds {', '.join(EXPORT_FILES)}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, SafetensorsError) as e:
+        raise UserError(f"checkpoint={str(path)!r}: not a pkmlm export ({type(e).__name__}: {e})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint={str(path)!r}: the weights do not fit the model of its config.json "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model, info, tokenizer
+
+
+def _load_checkpoint(path: Path) -> tuple[Transformer, dict, str, Path]:
+    from pkmlm.checkpoint import pieces, store
+
+    ckpt = store.find_for_reading(path)
+    meta = store.read_meta(ckpt)
+    try:
+        model = Transformer(model_config_from_dict(meta["model_config"]))
+        tokenizer = meta["tokenizer"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint={str(ckpt)!r}: its meta.json lacks the model config or tokenizer "
+                        f"({type(e).__name__}: {e})") from None
+    template = pieces.model_state_template(model)
+    store.load_tensors(ckpt, template)
+    pieces.load_model_state(model, template)
+    return model, meta, tokenizer, ckpt
+
+
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """The newest valid checkpoint of run directory `path` (or the checkpoint file `path`), as an
-    eval-mode model on `device` with its tokenizer and config."""
+    """An eval-mode model on `device` with its tokenizer and config, from a run directory, a
+    checkpoint or an export (see the module docstring)."""
     from pkmlm.data.tokenizer import tokenizer_from_str
-    from pkmlm.train.checkpoint import load_checkpoint
-    from pkmlm.train.dcp import load_dcp_model, newest_checkpoint
 
     path = Path(path).expanduser()
-    if path.is_dir():  # a run directory (newest checkpoint of either format) or a DCP checkpoint
-        found = newest_checkpoint(path)
-        if found is None:
-            raise UserError(f"checkpoint={str(path)!r}: no valid checkpoint under {path / 'checkpoints'}")
-    elif path.is_file():
-        try:
-            found = (path, load_checkpoint(path))
-        except ValueError as e:
-            raise UserError(f"checkpoint={str(path)!r}: {e}") from None
+    if is_export(path):
+        model, info, tokenizer_text = _load_export(path)
+        where = path
     else:
-        raise UserError(f"checkpoint={str(path)!r}: no such run directory or checkpoint file")
-    ckpt_path, state = found
-    model = Transformer(model_config_from_dict(state["model_config"]))
-    if state.get("format") == "dcp":  # saved by several processes (or checkpoint.format=dcp)
-        load_dcp_model(ckpt_path, model)
-    else:
-        model.load_state_dict(state["model"])
+        model, info, tokenizer_text, where = _load_checkpoint(path)
     model.to(device).eval()
-    tokenizer = tokenizer_from_str(state["tokenizer"])
-    return Run(model=model, tokenizer=tokenizer, config=state["config"], step=state["step"],
-               tokens=state["tokens"], checkpoint=ckpt_path)
+    return Run(model=model, tokenizer=tokenizer_from_str(tokenizer_text), config=info.get("config", {}),
+               step=info["step"], tokens=info["tokens"], checkpoint=where)
+
+
+def export_run(run: Run, out: Path) -> Path:
+    """Write `run` as `out/model.safetensors` (the weights, tied ones once), `out/config.json`
+    (model config, run config, step, tokens, source) and `out/tokenizer.json`."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(run.model, str(out / "model.safetensors"))  # shared tensors (tied embeddings) once
+    info = {"model_config": dataclasses.asdict(run.model.cfg), "config": run.config, "step": run.step,
+            "tokens": run.tokens, "source": str(run.checkpoint)}
+    (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "tokenizer.json").write_text(run.tokenizer.to_str())
+    return out
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> list[int]:
-    """Sample a continuation (no KV cache: the window is re-run each token; fine for short samples)."""
+             top_k: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """Sample a continuation (no KV cache: the window is re-run each token; fine for short samples).
+    `temperature <= 0` is greedy decoding."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     for _ in range(max_new_tokens):

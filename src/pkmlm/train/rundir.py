@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
+from pkmlm.checkpoint.store import latest_valid
 from pkmlm.config import PROJECT_ROOT
 from pkmlm.errors import UserError
 
@@ -29,7 +31,7 @@ class RunLock:
         self._lock = FileLock(str(run_dir / ".lock"))
         self.run_dir = run_dir
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         try:
             self._lock.acquire(timeout=0)
         except self._timeout:
@@ -105,18 +107,23 @@ def fresh_start_conflicts(run_dir: Path, current: dict) -> list[str]:
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def disk_full_error(error: OSError, run_dir: Path) -> Optional[UserError]:
-    """A one-line user error for a write refused for lack of space, else None (a bug or I/O fault)."""
+def disk_full_error(error: OSError, run_dir: Path) -> UserError | None:
+    """A one-line user error for a write refused for lack of space, else None (a bug or I/O fault).
+    It says whether a checkpoint is there to resume from."""
     if error.errno not in DISK_FULL_ERRNOS:
         return None
     where = f" writing {error.filename}" if error.filename else ""
-    return UserError(
-        f"run directory {run_dir}: {error.strerror or error}{where}; the last checkpoint under "
-        f"{run_dir / 'checkpoints'} is intact: free space and resume with resume=auto"
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damaged ones are reported when the run resumes
+        last = latest_valid(run_dir / "checkpoints")
+    if last is not None:
+        state = f"the last checkpoint {last} is intact: free space and resume with resume=auto"
+    else:
+        state = "no checkpoint has been written yet: free space and start the run again"
+    return UserError(f"run directory {run_dir}: {error.strerror or error}{where}; {state}")
 
 
-def unusable_dir_reason(path: Path) -> Optional[str]:
+def unusable_dir_reason(path: Path) -> str | None:
     """Why the directory `path` (existing or to be created) cannot receive a run, or None."""
     path = Path(path).expanduser().absolute()
     probe = path

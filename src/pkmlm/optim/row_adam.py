@@ -3,7 +3,7 @@
 For each of the U rows a sparse gradient holds, one program reads the row's gradient, value and
 two moments once and writes the value and moments once (7 row transfers), where a sequence of torch
 ops on gathered rows moves each row a dozen times or more. The arithmetic is torch.optim.AdamW's
-(see `pkmlm.train.sparse_values.LazyAdam`, whose torch path is the reference), in fp32 registers
+(see `pkmlm.optim.lazy_adam.LazyAdam`, whose torch path is the reference), in fp32 registers
 whatever the storage dtype. Importing this module needs triton.
 """
 

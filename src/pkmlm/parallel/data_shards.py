@@ -19,20 +19,21 @@ unchanged).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pkmlm.errors import ConfigError, DataError, UserError
-from pkmlm.train.distributed import DistInfo
+from pkmlm.parallel.env import DistInfo
 
 # make_shard(shard index, number of shards, sequences per shard and step) -> an endless iterator of
 # (b, seq_len + 1) int64 batches with state_dict() / load_state_dict() (a TokenBatches).
 ShardFactory = Callable[[int, int, int], Any]
 
 
-def plan_data_shards(configured: Optional[int], batch_size: int, info: DistInfo,
-                     resumed: Optional[int] = None) -> int:
+def plan_data_shards(configured: int | None, batch_size: int, info: DistInfo,
+                     resumed: int | None = None) -> int:
     """The run's number of data shards: the checkpoint's when resuming, else `train.data_shards`,
     else the number of processes; checked against the batch size and the process count."""
     n = resumed or configured or info.world_size
@@ -59,20 +60,20 @@ class DataShards:
     def __init__(self, make_shard: ShardFactory, batch_size: int, n_shards: int, info: DistInfo):
         self.n_shards = n_shards
         per_shard = batch_size // n_shards
-        self.shards: Dict[int, Any] = {
+        self.shards: dict[int, Any] = {
             s: make_shard(s, n_shards, per_shard) for s in range(info.rank, n_shards, info.world_size)
         }
 
-    def __iter__(self) -> "DataShards":
+    def __iter__(self) -> DataShards:
         return self
 
     def __next__(self) -> torch.Tensor:
         return torch.cat([next(self.shards[s]) for s in sorted(self.shards)])  # shard order
 
     @property
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """Skipped-record counts of this rank's shards, summed (rank 0's are the ones logged)."""
-        total: Dict[str, int] = {}
+        total: dict[str, int] = {}
         for shard in self.shards.values():
             for key, value in dict(shard.stats).items():
                 total[key] = total.get(key, 0) + value
@@ -88,20 +89,20 @@ class DataShards:
 
     # -- state: one entry per shard, keyed by shard index ---------------------------------------
 
-    def shard_states(self) -> Dict[int, Any]:
+    def shard_states(self) -> dict[int, Any]:
         return {s: shard.state_dict() for s, shard in self.shards.items()}
 
-    def load_shard_states(self, states: Dict[int, Any]) -> None:
+    def load_shard_states(self, states: dict[int, Any]) -> None:
         missing = sorted(set(self.shards) - set(states))
         if missing:
             raise DataError(f"cannot resume the data pipeline: the checkpoint has no state for data shards {missing}")
         for s, shard in self.shards.items():
             shard.load_state_dict(states[s])
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"data_shards": self.n_shards, "shards": {str(s): st for s, st in self.shard_states().items()}}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("data_shards") != self.n_shards:
             raise DataError(f"cannot resume the data pipeline: the checkpoint has {state.get('data_shards')} data "
                             f"shards, this run {self.n_shards}")
@@ -115,21 +116,21 @@ def build_batches(make_shard: ShardFactory, batch_size: int, n_shards: int, info
     return DataShards(make_shard, batch_size, n_shards, info)
 
 
-def shard_states(batches: Any) -> Dict[int, Any]:
+def shard_states(batches: Any) -> dict[int, Any]:
     """Shard index -> state, for `DataShards` and for a single plain pipeline (shard 0)."""
     if isinstance(batches, DataShards):
         return batches.shard_states()
     return {0: batches.state_dict()}
 
 
-def load_shard_states(batches: Any, states: Dict[int, Any]) -> None:
+def load_shard_states(batches: Any, states: dict[int, Any]) -> None:
     if isinstance(batches, DataShards):
         batches.load_shard_states(states)
     else:
         batches.load_state_dict(states[0])
 
 
-def saved_data_shards(state: Dict[str, Any]) -> int:
+def saved_data_shards(state: dict[str, Any]) -> int:
     """How many data shards a checkpoint's run has (1 for the single-process `data` format)."""
     if "data_shards" in state:
         return int(state["data_shards"])

@@ -6,7 +6,7 @@ Training time is wall time less the time spent in evaluation and checkpointing (
 clock readings: on CUDA a step's kernels may still run when its clock stops, but each step waits
 for the previous one (the loss check syncs), so sums over a logging window are right.
 
-Row keys (ARCHITECTURE.md `metrics.jsonl`, plus these):
+Row keys (docs/architecture.md `metrics.jsonl`, plus these):
   train/tokens_per_s     training tokens per second of training time over the row's window
   train/step_time_s      mean seconds per optimizer step = data_time_s + compute_time_s
   train/data_time_s      mean seconds per step spent waiting for the next batch
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -33,7 +33,7 @@ __all__ = ["RunClock", "budget_reached", "stop_reason"]
 
 
 class RunClock:
-    def __init__(self, device: torch.device, flops_per_token: float, peak_flops: Optional[float],
+    def __init__(self, device: torch.device, flops_per_token: float, peak_flops: float | None,
                  wall_before_s: float = 0.0, train_before_s: float = 0.0):
         self.device = device
         self.flops_per_token = flops_per_token
@@ -99,8 +99,8 @@ class RunClock:
         return row
 
 
-def budget_reached(max_tokens: Optional[int], max_time: Optional[float], tokens: int,
-                   train_s: float) -> Optional[str]:
+def budget_reached(max_tokens: int | None, max_time: float | None, tokens: int,
+                   train_s: float) -> str | None:
     """`"max_tokens"` or `"max_time"` once a budget is used up, else None. The time budget counts
     training time (`train_time_s`): how often a run evaluates does not change where it stops."""
     if max_tokens is not None and tokens >= max_tokens:
@@ -110,8 +110,8 @@ def budget_reached(max_tokens: Optional[int], max_time: Optional[float], tokens:
     return None
 
 
-def stop_reason(step: int, max_steps: int, stop_at_step: Optional[int], budget: Optional[str],
-                signal_name: Optional[str]) -> str:
+def stop_reason(step: int, max_steps: int, stop_at_step: int | None, budget: str | None,
+                signal_name: str | None) -> str:
     """Why the loop ended: a signal's name, a budget, `max_steps` or `stop_at_step`."""
     if signal_name is not None:
         return signal_name

@@ -1,4 +1,4 @@
-"""Row-sparse updates of memory value tables (`optim.sparse_values=true`).
+"""Lazy row-sparse Adam for memory value tables (`optim.sparse_values=true`).
 
 With `optim.sparse_values=true` every memory layer's value table gets a sparse COO gradient (the
 rows read this step and nothing else, `ProductKeyMemory.sparse_grad`), and `LazyAdam` updates those
@@ -17,14 +17,12 @@ most rows are read every step, so the saving there is the gradient's memory and 
 update; it grows as batches shrink or tables grow.
 
 `SparseValuesAdamW` is the one optimizer object the loop sees: torch AdamW over the dense groups,
-`LazyAdam` over the values, with one `param_groups` list and one `state_dict`. `clip_grad_norm_`
+`LazyAdam` over the values, with one `param_groups` list and one `state_dict`; `parts()` gives the
+two torch optimizers (checkpoints save them through torch.distributed.checkpoint). `clip.py`
 clips dense and sparse gradients together.
 """
 
 from __future__ import annotations
-
-import math
-from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -33,17 +31,31 @@ from torch import Tensor
 class LazyAdam(torch.optim.Optimizer):
     """Adam(W) for parameters with sparse COO gradients of whole rows, updating only those rows.
 
-    `use_triton`: None picks the fused triton kernel (`pkmlm.model.kernels.row_adam`) for CUDA
+    `use_triton`: None picks the fused triton kernel (`pkmlm.optim.row_adam`) for CUDA
     parameters when triton imports, the torch formulation otherwise; True/False force it (the
     tests run the kernel on CPU under TRITON_INTERPRET=1).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, use_triton: Optional[bool] = None):
+                 weight_decay: float = 0.0, use_triton: bool | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"LazyAdam: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.use_triton = use_triton
+        # State from the start (the moments would be allocated at the first step anyway): a
+        # checkpoint then loads into it directly, where torch.distributed.checkpoint would first
+        # initialise an empty state by a step with dense zero gradients, which this optimizer refuses.
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(p)
+
+    def _init_state(self, p: Tensor) -> None:
+        # As torch AdamW's non-fused state: a host step counter (no sync for the bias corrections)
+        # and moments shaped and typed like the parameter.
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _triton_for(self, p: Tensor) -> bool:
         if self.use_triton is not None:
@@ -67,23 +79,19 @@ class LazyAdam(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"LazyAdam updates parameters with sparse gradients; a {tuple(p.shape)} parameter got a "
                         "dense one (is ProductKeyMemory.sparse_grad set? build the optimizer with "
-                        "pkmlm.train.optim.build_optimizer)")
+                        "pkmlm.optim.use_sparse_value_grads)")
                 grad = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
                 rows_U, grad_UV = grad.indices()[0], grad.values()
                 state = self.state[p]
                 if not state:
-                    # As torch AdamW's non-fused state: a host step counter (no sync for the
-                    # bias corrections) and moments shaped and typed like the parameter.
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._init_state(p)
                 state["step"] += 1
                 step = state["step"].item()
                 bias_correction1 = 1 - beta1**step
                 bias_correction2_sqrt = (1 - beta2**step) ** 0.5
                 step_size = lr / bias_correction1
                 if self._triton_for(p):
-                    from pkmlm.model.kernels.row_adam import row_adam_step
+                    from pkmlm.optim.row_adam import row_adam_step
 
                     row_adam_step(p, state["exp_avg"], state["exp_avg_sq"], rows_U, grad_UV, beta1=beta1,
                                   beta2=beta2, eps=eps, decay_factor=1 - lr * wd, step_size=step_size,
@@ -117,19 +125,19 @@ class SparseValuesAdamW:
         self.dense = torch.optim.AdamW(dense, betas=betas, eps=eps, fused=fused) if dense else None
         self.values = LazyAdam(values, betas=betas, eps=eps) if values else None
 
-    def _parts(self) -> list[torch.optim.Optimizer]:
+    def parts(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.dense, self.values) if o is not None]
 
     @property
     def param_groups(self) -> list[dict]:
-        return [g for o in self._parts() for g in o.param_groups]
+        return [g for o in self.parts() for g in o.param_groups]
 
     def step(self) -> None:
-        for o in self._parts():
+        for o in self.parts():
             o.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self._parts():
+        for o in self.parts():
             o.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
@@ -146,28 +154,3 @@ class SparseValuesAdamW:
             if o is not None:
                 o.load_state_dict(state[name])
 
-
-@torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
-    """`torch.nn.utils.clip_grad_norm_` (2-norm) that also takes sparse COO gradients.
-
-    Without sparse gradients it is torch's own function. A sparse gradient is coalesced in place
-    first (duplicate rows summed; the optimizer would coalesce it anyway), then counted by its
-    values. Returns the total norm before clipping.
-    """
-    params = [p for p in parameters if p.grad is not None]
-    if not any(p.grad.is_sparse for p in params):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    for p in params:
-        if p.grad.is_sparse and not p.grad.is_coalesced():
-            p.grad = p.grad.coalesce()
-    norms = [torch.linalg.vector_norm(p.grad.values() if p.grad.is_sparse else p.grad, dtype=torch.float32)
-             for p in params]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    if math.isinf(max_norm):
-        return total
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_coef_clamped
-    for p in params:
-        grad = p.grad.values() if p.grad.is_sparse else p.grad
-        grad.mul_(coef.to(grad.dtype))
-    return total

@@ -1,0 +1,267 @@
+"""`setup()`: from a validated config and a locked run directory to everything the loop needs.
+
+Order (cheap checks first, so a bad config fails in a second, never after an hour): device and
+parallel checks -> the checkpoint to resume (rank 0 picks, all read it) -> tokenizer -> model ->
+parallelisation -> optimizer -> data -> state restored from the checkpoint -> sinks.
+
+Extension points (docs/architecture.md): `build_model` is where `init_from` weights and frozen
+parameters belong; `build_optimizer` (pkmlm.optim) skips frozen parameters already.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pkmlm.checkpoint import pieces, store
+from pkmlm.checkpoint.files import atomic_write
+from pkmlm.config import Config
+from pkmlm.data.loader import (
+    build_train_batches,
+    load_or_train_tokenizer,
+    validation_batches,
+)
+from pkmlm.data.tokenizer import tokenizer_from_str
+from pkmlm.errors import ConfigError, UserError
+from pkmlm.metrics.flops import peak_flops
+from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
+from pkmlm.model.kernels import resolve_kernel
+from pkmlm.model.transformer import ModelConfig, Transformer
+from pkmlm.optim import (
+    build_optimizer,
+    torch_optimizers,
+    use_sparse_value_grads,
+    value_parameters,
+)
+from pkmlm.optim.groups import Optimizer
+from pkmlm.parallel.agree import check_batch_split, run_on_main
+from pkmlm.parallel.data_shards import (
+    build_batches,
+    load_shard_states,
+    plan_data_shards,
+    shard_states,
+)
+from pkmlm.parallel.env import DistInfo, rank_device
+from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
+from pkmlm.train.clock import RunClock
+from pkmlm.train.rundir import code_version, fresh_start_conflicts, resume_conflicts
+from pkmlm.train.state import TrainState
+
+VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64: tensor-core friendly (nanoGPT: 50257 -> 50304)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("train.device", name, "auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", name, "cuda needs a CUDA build of torch and a GPU; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("train.device", name, f"cuda:N with N < {torch.cuda.device_count()} (the GPUs visible)")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless bf16 is asked for."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    if cfg.vocab_size == 0:
+        size = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return dataclasses.replace(cfg, vocab_size=size)
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError("model.vocab_size", cfg.vocab_size,
+                          f"at least the tokenizer's vocabulary ({tokenizer_vocab}), or 0 to take it from the tokenizer")
+    return cfg
+
+
+@dataclass
+class Trainer:
+    """What `setup` builds and the loop works with. `model` is the plain model (state dicts,
+    evaluation), `par.module` the wrapped one, `step_fn` what the training step calls (compiled
+    when `train.compile`)."""
+
+    cfg: Config
+    run_dir: Path
+    info: DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: Transformer
+    par: Parallelized
+    step_fn: nn.Module
+    optimizer: Optimizer
+    batches: Any  # endless (B, T+1) batches of this rank, with state: TokenBatches or DataShards
+    val: list
+    tokenizer: Any
+    sinks: Sinks
+    state: TrainState
+    clock: RunClock
+    resumed_from: Path | None
+    meta: dict  # what every checkpoint of this run records beside the state (config, tokenizer, ...)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.train.micro_batch_size or self.cfg.train.batch_size
+
+    @property
+    def stop_at(self) -> int:
+        t = self.cfg.train
+        return min(t.stop_at_step or t.max_steps, t.max_steps)
+
+    def stateful(self) -> pieces.ModelAndOptimizers:
+        return pieces.ModelAndOptimizers(self.model, torch_optimizers(self.optimizer))
+
+    def value_params(self) -> list:
+        return value_parameters(self.model)
+
+
+def shared_tokenizer(load: Callable[[], tuple[Any, dict]], info: DistInfo) -> tuple[Any, dict]:
+    """`load()` -> `(tokenizer, info)` run by rank 0 alone (one writer of the tokenizer cache, which
+    may be node-local), its result sent to the other ranks as JSON text."""
+    text, tok_info = run_on_main(lambda: (lambda t: (t[0].to_str(), t[1]))(load()), info)
+    return tokenizer_from_str(text), tok_info
+
+
+def _check_resume(cfg: Config, run_dir: Path, resolved: dict, resumed: Path | None,
+                  meta: dict | None, info: DistInfo) -> None:
+    """A resume must match the run's config; a fresh start must not mix with another run's files."""
+    if resumed is not None:
+        diffs = resume_conflicts(meta["config"], meta["step"], resolved)
+        if diffs:
+            raise UserError(
+                f"cannot resume from {resumed}: the run was made with another config ({'; '.join(diffs[:3])}"
+                f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never")
+    elif cfg.resume == "auto":  # no checkpoint: a fresh start, unless the directory is another run's
+        diffs = run_on_main(lambda: fresh_start_conflicts(run_dir, resolved), info)
+        if diffs:
+            raise UserError(
+                f"run directory {run_dir} holds a run made with another config ({'; '.join(diffs[:3])}"
+                f"{'; ...' if len(diffs) > 3 else ''}) and no checkpoint of it; use a new run directory, "
+                "or resume=never to start over in this one")
+
+
+def build_model(cfg: Config, model_cfg: ModelConfig) -> Transformer:
+    """The model as training starts it: seeded init. (`init_from` weights and frozen parameters of
+    the finetuning modes belong here.)"""
+    pieces.seed_all(cfg.seed)  # python, numpy and torch: a fresh run's every RNG starts from the seed
+    return Transformer(model_cfg)
+
+
+def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
+    device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
+    check_parallel_config(cfg.train.parallel, cfg.model.memory.shard_values,
+                          cfg.model.memory.v_dim or cfg.model.dim, info)
+    check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
+    if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
+        resolve_kernel(cfg.model.memory.kernel, device)
+    resumed = store.resolve_shared(cfg.resume, run_dir, info)  # rank 0 picks, all read it
+    meta = store.read_meta(resumed) if resumed is not None else None
+    _check_resume(cfg, run_dir, resolved, resumed, meta, info)
+
+    # Tokenizer: a resumed run keeps its own, whatever the cache holds now.
+    if meta is not None:
+        tokenizer, tok_source = tokenizer_from_str(meta["tokenizer"]), "checkpoint"
+    else:  # with several processes rank 0 loads or trains it and sends it to the others
+        tokenizer, tok_info = shared_tokenizer(lambda: load_or_train_tokenizer(cfg.data, files, cfg.paths.cache_dir),
+                                               info)
+        tok_source = tok_info["source"]
+    model_cfg = model_config_for(cfg.model, tokenizer.get_vocab_size())
+    if info.is_main:  # rank 0 writes the shared run directory's files, atomically
+        atomic_write(run_dir / "tokenizer.json", tokenizer.to_str().encode())
+        # config.yaml shows the vocabulary actually built; checkpoints keep the config as given.
+        written = {**resolved, "model": {**resolved["model"], "vocab_size": model_cfg.vocab_size}}
+        atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(written)).encode())
+
+    model = build_model(cfg, model_cfg)
+    # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
+    # process only the move. `model` stays the unwrapped model (state dicts, evaluation).
+    par = parallelize(model, cfg.train.parallel, info, device, shard_values=cfg.model.memory.shard_values,
+                      seed=cfg.seed)
+    if cfg.optim.sparse_values:
+        use_sparse_value_grads(model)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    # The global batch is `n_shards` data streams; each rank runs its share (pkmlm.parallel.data_shards).
+    n_shards = plan_data_shards(cfg.train.data_shards, cfg.train.batch_size, info,
+                                meta.get("data_shards") if meta is not None else None)
+    batches = build_batches(lambda shard, n, size: build_train_batches(
+        cfg.data, files, tokenizer, batch_size=size, seed=cfg.seed, rank=shard, world_size=n),
+        cfg.train.batch_size, n_shards, info)
+    val = validation_batches(cfg.data, files, tokenizer, batch_size=cfg.eval.batch_size or
+                             cfg.train.micro_batch_size or cfg.train.batch_size, max_batches=cfg.eval.max_batches)
+    trainer_state = TrainState()
+    if resumed is not None:
+        trainer_state = restore(resumed, meta, model, optimizer, batches, info)
+    step_fn = torch.compile(par.module) if cfg.train.compile else par.module
+
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    device_peak = peak_flops(device, amp_dtype, cfg.train.peak_flops)
+    clock = RunClock(device, model.flops_per_token(cfg.data.seq_len),
+                     # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
+                     device_peak * info.world_size if device_peak is not None else None,
+                     wall_before_s=trainer_state.wall_time_s, train_before_s=trainer_state.train_time_s)
+    sinks = make_sinks(cfg, run_dir, resolved, info, trainer_state)
+    trainer = Trainer(cfg=cfg, run_dir=run_dir, info=info, device=device, amp_dtype=amp_dtype, model=model, par=par,
+                      step_fn=step_fn, optimizer=optimizer, batches=batches, val=val, tokenizer=tokenizer, sinks=sinks,
+                      state=trainer_state, clock=clock, resumed_from=resumed,
+                      meta={"config": resolved, "model_config": dataclasses.asdict(model_cfg),
+                            "tokenizer": tokenizer.to_str(), "code_version": code_version(),
+                            "world_size": info.world_size, "data_shards": n_shards})
+    sinks.console.write(_start_line(trainer, tok_source, n_shards))
+    return trainer
+
+
+def restore(path: Path, meta: dict, model: nn.Module, optimizer: Optimizer, batches: Any,
+            info: DistInfo) -> TrainState:
+    """Model, optimizers, this rank's data shards and (same rank count) its RNG from checkpoint
+    `path`; returns the loop's counters."""
+    stateful = pieces.ModelAndOptimizers(model, torch_optimizers(optimizer))
+    tensors = stateful.state_dict()  # templates, sharded as this rank holds them
+    store.load_tensors(path, tensors, info)
+    stateful.load_state_dict(tensors)
+    mine = sorted(shard_states(batches))
+    load_shard_states(batches, {s: store.read_json(path, f"data/shard_{s:05d}.json") for s in mine})
+    if meta.get("world_size") == info.world_size:
+        # Dropout masks continue exactly; with another rank count each rank keeps its fresh seed.
+        pieces.set_rng_state(store.read_json(path, f"rng/rank_{info.rank:05d}.json"))
+    return TrainState.from_meta(meta)
+
+
+def make_sinks(cfg: Config, run_dir: Path, resolved: dict, info: DistInfo, state: TrainState) -> Sinks:
+    """Rank 0 alone writes metrics.jsonl and wandb (a resumed run continues its own wandb run);
+    rows hold values averaged (or summed) over ranks."""
+    w = cfg.logging.wandb
+    wandb = WandbSink(mode=w.mode if info.is_main else "disabled", project=w.project, entity=w.entity,
+                      name=w.name or f"{cfg.name}/{run_dir.name}", group=w.group or cfg.name, tags=list(w.tags),
+                      config=resolved, dir=str(run_dir), run_id=state.wandb_run_id)
+    state.wandb_run_id = wandb.run_id or state.wandb_run_id
+    progress = ConsoleProgress(total_steps=min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps),
+                               initial_step=state.step, enabled=cfg.logging.progress and info.is_main)
+    metrics = MetricsFile(run_dir / "metrics.jsonl") if info.is_main else None
+    return Sinks(metrics, progress, wandb, main=info.is_main)
+
+
+def _start_line(t: Trainer, tok_source: str, n_shards: int) -> str:
+    counts = t.model.count_parameters()
+    return (
+        f"pkmlm | run dir {t.run_dir} | device {t.device}{' bf16' if t.amp_dtype else ' fp32'} | params "
+        f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active | memory layers "
+        f"{list(t.model.memory_layers()) or 'none'} | tokenizer {tok_source} "
+        f"(vocab {t.tokenizer.get_vocab_size()}) | {len(t.val)} validation batches"
+        + (f" | resumed from {t.resumed_from.name} at step {t.state.step}" if t.resumed_from is not None else "")
+        + (f" | {t.info.world_size} processes ({t.par.mode}, {n_shards} data shards"
+           f"{', values sharded' if t.par.sharded_params else ''})" if t.info.distributed else "")
+    )
