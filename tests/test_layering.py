@@ -14,11 +14,11 @@ LAYERS = {
     "errors": 0, "paths": 0,
     "model": 1, "data": 1,
     "metrics": 2, "optim": 2,
-    "parallel": 3, "knowledge": 3, "analysis": 3,
+    "parallel": 3, "analysis": 3,
     "checkpoint": 4,
     "config": 5, "finetune": 5,
     "train": 6, "run": 6,
-    "experiments": 7,
+    "experiments": 7, "knowledge": 7,
     "cli": 8,
     "__init__": 9,
 }

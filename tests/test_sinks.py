@@ -305,3 +305,29 @@ def test_metrics_file_given_a_run_directory_writes_metrics_jsonl(tmp_path):
     with MetricsFile(tmp_path) as metrics:
         metrics.write({"step": 1, "tokens": 8})
     assert _read_strict(tmp_path / "metrics.jsonl") == [{"step": 1, "tokens": 8}]
+
+
+def test_sinks_as_the_loop_holds_them_mark_a_failed_run_and_keep_its_error(tmp_path):
+    """The loop's `with sinks:`: an error inside closes wandb with exit code 1, and a sink that
+    fails to close does not replace the run's own error."""
+    class Broken(RecordingWandb):
+        def close(self, exit_code=0):
+            super().close(exit_code)
+            raise OSError("wandb is gone")
+
+    broken = Broken()
+    with pytest.raises(RuntimeError, match="the run's own error"):
+        with Sinks(MetricsFile(tmp_path / "metrics.jsonl"), ConsoleProgress(10, enabled=False), broken):
+            raise RuntimeError("the run's own error")
+    assert broken.closed == 1
+
+
+def test_notice_reaches_stderr_without_the_progress_bar_on_the_main_rank_only(capsys):
+    for main in (True, False):
+        sinks = Sinks(None, ConsoleProgress(10, enabled=False), None, main=main)
+        sinks.notice("SIGTERM received: checkpoint written at step 3")
+        sinks.console.write("only with the progress bar")
+        sinks.log({"step": 1, "tokens": 1})  # no metrics file on other ranks: nothing written
+        sinks.close()
+        err = capsys.readouterr().err
+        assert err == ("SIGTERM received: checkpoint written at step 3\n" if main else "")
