@@ -62,11 +62,11 @@ class TrainConfig:
     max_time: Optional[float] = None  # seconds of training time (evaluation and checkpoints excluded, summed over resumes); None = no time budget
     peak_flops: Optional[float] = None  # device peak FLOP/s for train/mfu; None = from the GPU's name
     # Several processes (torchrun): ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per
-    # block: parameters, gradients and optimizer state split over the ranks). train/distributed.py
+    # block: parameters, gradients and optimizer state split over the ranks). pkmlm/parallel/parallelize.py
     parallel: str = "ddp"
     # Logical data streams making up the global batch, fixed for the run's life (saved in its
     # checkpoints) so that it resumes on any process count dividing it; None = the process count
-    # at the start. train/data_shards.py
+    # at the start. pkmlm/parallel/data_shards.py
     data_shards: Optional[int] = None
 
 
