@@ -17,6 +17,18 @@ from pkmlm.parallel.env import (
 )
 
 
+def refuse_multirun(argv: list[str]) -> None:
+    """Under torchrun, Hydra multirun (`-m`, `--multirun`, `hydra.mode=MULTIRUN`) is refused with one
+    line: sweeps launch one torchrun job per configuration, never a sweep inside each rank. Checked
+    before anything parses the overrides (a sweep's `a=1,2` is not a valid single-run value)."""
+    if launched_with_several_processes() and any(
+            a in ("-m", "--multirun") or a.replace(" ", "").lower() in ("hydra.mode=multirun", "+hydra.mode=multirun")
+            for a in argv[1:]):
+        raise UserError("Hydra multirun (-m) inside torchrun: launch one torchrun job per configuration instead "
+                        "(a shell loop, or pkmlm-train -m hydra/launcher=slurm with tasks_per_node; README, "
+                        "'Distributed training')")
+
+
 def prepare_cli(argv: list[str]) -> DistInfo | None:
     """What `pkmlm-train` does under torchrun before Hydra starts (None with one process):
 
@@ -29,11 +41,7 @@ def prepare_cli(argv: list[str]) -> DistInfo | None:
     """
     if not launched_with_several_processes():
         return None
-    if any(a in ("-m", "--multirun") or a.replace(" ", "").lower() in ("hydra.mode=multirun", "+hydra.mode=multirun")
-           for a in argv[1:]):
-        raise UserError("Hydra multirun (-m) inside torchrun: launch one torchrun job per configuration instead "
-                        "(a shell loop, or pkmlm-train -m hydra/launcher=slurm with tasks_per_node; README, "
-                        "'Distributed training')")
+    refuse_multirun(argv)
     info = init_distributed()
     os.environ["PKMLM_RUN_TIME"] = agreed_start_time(info)
     if not info.is_main:

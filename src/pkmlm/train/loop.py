@@ -155,7 +155,7 @@ def train_step(t: Trainer, batch: Tensor) -> StepOutput | None:
         for name, value in scaled.items():
             terms[name] = terms[name] + value.detach() if name in terms else value.detach()
     # torch's, or with sparse value grads, or over shards (FSDP, sharded values) on every rank
-    grad_norm, values_norm = clip_gradients_(list(t.model.parameters()), t.value_params(), t.cfg.optim)
+    grad_norm, values_norm = clip_gradients_(list(t.model.parameters()), t.value_params, t.cfg.optim)
     # One host sync per step: a non-finite loss or gradient must not reach the weights. The norm is
     # over all ranks' gradients, the loss is this rank's: the ranks agree on skipping (a no-op with
     # one process), so that all of them run the same collectives next.

@@ -11,6 +11,7 @@ parameters belong; `build_optimizer` (pkmlm.optim) skips frozen parameters alrea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,7 +126,9 @@ class Trainer:
     def stateful(self) -> pieces.ModelAndOptimizers:
         return pieces.ModelAndOptimizers(self.model, torch_optimizers(self.optimizer))
 
+    @functools.cached_property
     def value_params(self) -> list:
+        """The memory value tables' weights (after `parallelize`: sharded ones included)."""
         return value_parameters(self.model)
 
 
