@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from pkmlm.cli._common import fail
@@ -43,18 +44,28 @@ def _baseline_index(value: str, labels: list[str]) -> int:
                     f"({', '.join(repr(label) for label in labels)})")
 
 
+def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         from pkmlm.experiments.report import write_report
         from pkmlm.experiments.runs import load_runs
+        from pkmlm.paths import dir_problem
 
-        runs = load_runs(args.dirs)
-        baseline = _baseline_index(args.baseline, [r.label for r in runs])
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out={args.out!r} is a file; give a directory")
-        result = write_report(runs, out, baseline)
+        reason = dir_problem(out)
+        if reason is not None or (out.exists() and not out.is_dir()):
+            raise UserError(f"--out={args.out!r} cannot hold the report: {reason or 'it is a file'}; "
+                            "give a directory")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _warn_one_line  # one line each, naming the file
+            runs = load_runs(args.dirs)
+            baseline = _baseline_index(args.baseline, [r.label for r in runs])
+            result = write_report(runs, out, baseline)
     except UserError as error:
         fail(str(error))
     print(result["markdown"], end="")

@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pkmlm.cli._common import check_run_dir, fail, precheck_overrides, user_errors_exit_2
+from pkmlm.cli._common import (check_train_job, fail, hydra_files_kept_on_refusal, precheck_overrides,
+                               user_errors_exit_2)
 from pkmlm.config import config_dir, register_configs
 from pkmlm.experiments.sweep import sweep_group
 
@@ -53,18 +54,24 @@ def main() -> None:
     # limit; USR1 is one the loop handles (finish the step, checkpoint, exit). Read by submitit
     # at import, here and (inherited) in each job.
     os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
-    precheck_overrides(config_dir(), "config")
-    check_run_dir(config_dir(), "config")
-    # torchrun (several processes): no multirun, one process group, one shared run directory.
     from pkmlm.errors import UserError
-    from pkmlm.train.distributed import finish_distributed_run, prepare_cli, shutdown_distributed
+    from pkmlm.parallel.launch import finish_distributed_run, prepare_cli, refuse_multirun, shutdown_distributed
+
+    try:
+        refuse_multirun(sys.argv)  # under torchrun, before the overrides are parsed as one run's
+    except UserError as e:
+        fail(str(e))
+    # Every job's config, data paths and memory estimate, before Hydra writes anything (cli/_common.py).
+    planned = precheck_overrides(config_dir(), "config", check=check_train_job)
+    # torchrun (several processes): one process group, one shared run directory.
 
     try:
         info = prepare_cli(sys.argv)
     except UserError as e:
         fail(str(e))
     try:
-        _hydra_main()
+        with hydra_files_kept_on_refusal(planned):  # a run refused later leaves .hydra/ as it was
+            _hydra_main()
     except BaseException:  # a user error (exit 2) or a bug: leave the group, keep the exit status
         shutdown_distributed()
         raise

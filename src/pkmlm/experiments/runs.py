@@ -189,29 +189,66 @@ def _model_counts(config: dict) -> tuple[Optional[dict], Optional[float]]:
         return None, None
 
 
-def summarise(run_dir: Path, label: str, config: Optional[dict] = None) -> RunSummary:
-    """The run in `run_dir`; `config` is its config.yaml when already read."""
+def _int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# Keys whose values the table reads as numbers; a row holding anything else there (a hand-edited
+# or foreign metrics.jsonl) has that value dropped, with one warning per file.
+_NUMERIC = ("tokens", "wall_time_s", "train_time_s", "val/ppl", "train/tokens_per_s", "train/step_time_s",
+            "train/data_time_s", "train/compute_time_s", "train/mfu", "train/peak_memory_gb", "params_total",
+            "params_active", "flops_per_token")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The metrics rows of `path`, each value the table reads a number (or dropped), with one
+    warning naming the file for lines that are no rows (a torn last line excepted: normal for a
+    killed run) and one for values of the wrong type."""
     from pkmlm.metrics.sinks import read_metrics
 
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = read_metrics(path)
+    if caught:
+        warnings.warn(f"{path}: {len(caught)} line(s) are not metrics rows and were skipped "
+                      f"(first: {str(caught[0].message).split(': ', 1)[-1]})", stacklevel=2)
+    dropped = []
+    for row in rows:
+        for key in _NUMERIC:
+            if key in row and row[key] is not None and _finite(row[key]) is None and not (
+                    isinstance(row[key], float) and not math.isfinite(row[key])):
+                dropped.append(f"{key}={row.pop(key)!r}")
+        if "stopped_by" in row and not isinstance(row["stopped_by"], (str, type(None))):
+            dropped.append(f"stopped_by={row.pop('stopped_by')!r}")
+    if dropped:
+        warnings.warn(f"{path}: {len(dropped)} value(s) of the wrong type ignored (first: {dropped[0]})",
+                      stacklevel=2)
+    return rows
+
+
+def summarise(run_dir: Path, label: str, config: Optional[dict] = None,
+              rows: Optional[list[dict]] = None) -> RunSummary:
+    """The run in `run_dir`; `config` is its config.yaml and `rows` its metrics when already read."""
     if config is None:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a torn line is normal for a run that was killed
-        rows = read_metrics(run_dir / "metrics.jsonl")
+        config = read_config(run_dir)
+    if rows is None:
+        rows = read_rows(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "train/loss" in r]
     val_rows = [r for r in rows if _finite(r.get("val/ppl")) is not None]
     finals = [r for r in rows if "stopped_by" in r]
     final = finals[-1] if finals else {}
-    memory_cfg = _get(config, "model.memory") or {}
+    memory_cfg = _get(config, "model.memory")
+    memory_cfg = memory_cfg if isinstance(memory_cfg, dict) else {}
+    layers = memory_cfg.get("layers")
     s = RunSummary(path=run_dir, label=label, config=config, rows=rows, name=str(config.get("name", "")),
-                   n_layers=_get(config, "model.n_layers"), dim=_get(config, "model.dim"),
-                   memory_layers=list(memory_cfg.get("layers") or []))
-    if s.memory_layers and memory_cfg.get("n_keys"):
-        s.memory_values = int(memory_cfg["n_keys"]) ** 2
+                   n_layers=_int(_get(config, "model.n_layers")), dim=_int(_get(config, "model.dim")),
+                   memory_layers=[i for i in layers if _int(i) is not None] if isinstance(layers, list) else [])
+    if s.memory_layers and _int(memory_cfg.get("n_keys")):
+        s.memory_values = memory_cfg["n_keys"] ** 2
 
     counts, flops = (None, None)
-    if "params_total" in final and "flops_per_token" in final:
-        s.params_total, s.params_active = final["params_total"], final["params_active"]
+    if _int(final.get("params_total")) is not None and _finite(final.get("flops_per_token")) is not None:
+        s.params_total, s.params_active = final["params_total"], _int(final.get("params_active"))
         s.flops_per_token = final["flops_per_token"]
     else:
         counts, flops = _model_counts(config)
@@ -220,7 +257,7 @@ def summarise(run_dir: Path, label: str, config: Optional[dict] = None) -> RunSu
 
     if rows:
         s.steps = max(r["step"] for r in rows)
-        s.tokens = max((r.get("tokens") or 0) for r in rows)
+        s.tokens = max((_int(r.get("tokens")) or 0) for r in rows)
     s.wall_time_s = _finite(final.get("wall_time_s")) or max(
         (t for t in (_finite(r.get("wall_time_s")) for r in rows) if t is not None), default=None)
     s.train_time_s = _finite(final.get("train_time_s")) or max(
@@ -251,8 +288,23 @@ def summarise(run_dir: Path, label: str, config: Optional[dict] = None) -> RunSu
     return s
 
 
+def read_config(run_dir: Path) -> dict:
+    """The run's config.yaml, or a UserError naming it when it is no YAML mapping."""
+    path = run_dir / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_bytes()) or {}
+    except (yaml.YAMLError, OSError) as error:
+        raise UserError(f"{path}: not readable YAML ({error.__class__.__name__}); "
+                        "leave this run out or restore its config.yaml") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a run's config (a YAML {type(config).__name__}, not a mapping); "
+                        "leave this run out or restore its config.yaml")
+    return config
+
+
 def load_runs(paths: list[str]) -> list[RunSummary]:
-    """Every run under `paths` (run or sweep directories), each once, labelled."""
+    """Every run under `paths` (run or sweep directories), each once, labelled. A run without a
+    readable metrics row is left out with a warning naming its metrics.jsonl."""
     run_dirs: list[Path] = []
     seen = set()
     for path in paths:
@@ -261,14 +313,19 @@ def load_runs(paths: list[str]) -> list[RunSummary]:
             if key not in seen:
                 seen.add(key)
                 run_dirs.append(run_dir)
-    configs = []
-    for run_dir in run_dirs:
-        try:
-            configs.append(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-        except yaml.YAMLError as error:
-            raise UserError(f"{run_dir / 'config.yaml'}: not readable YAML ({error.__class__.__name__})") from None
+    configs = [read_config(run_dir) for run_dir in run_dirs]
+    rows = [read_rows(run_dir / "metrics.jsonl") for run_dir in run_dirs]
+    for run_dir, run_rows in zip(run_dirs, rows):
+        if not run_rows:
+            warnings.warn(f"{run_dir / 'metrics.jsonl'}: no readable metrics row; run left out", stacklevel=2)
+    kept = [i for i, run_rows in enumerate(rows) if run_rows]
+    if not kept:
+        raise UserError(f"no run under {', '.join(map(repr, paths))} has a readable metrics row "
+                        "(metrics.jsonl holds JSON objects, one per line); nothing to compare")
+    run_dirs, configs, rows = [run_dirs[i] for i in kept], [configs[i] for i in kept], [rows[i] for i in kept]
     labels = _labels(run_dirs, [str(c.get("name") or d.name) for c, d in zip(configs, run_dirs)])
-    return [summarise(run_dir, label, config) for run_dir, label, config in zip(run_dirs, labels, configs)]
+    return [summarise(run_dir, label, config, run_rows)
+            for run_dir, label, config, run_rows in zip(run_dirs, labels, configs, rows)]
 
 
 def _flatten(config: dict, prefix: str) -> dict:
