@@ -91,18 +91,20 @@ def plot_history(points: list[dict], layer: int, path: Path, title: str) -> None
 # --- text -----------------------------------------------------------------------------------------
 
 
-def _piece(tokenizer, token_id: int) -> str:
-    text = tokenizer.decode([token_id])
+def _text(tokenizer, token_ids: list[int]) -> str:
+    """Decoded in one piece (a character split over tokens stays whole), one line, safe in a
+    markdown code span and table."""
+    text = tokenizer.decode(token_ids) if token_ids else ""
     return text.replace("\n", "⏎").replace("`", "ˋ").replace("|", "¦")
 
 
 def context_text(tokenizer, batch_BT1: Tensor, row: int, position: int, window: int) -> str:
     """`…left ⟦trigger⟧ next…`: `window` tokens before the trigger, and the few after it."""
     seq = batch_BT1[row].tolist()
-    left = "".join(_piece(tokenizer, t) for t in seq[max(0, position - window):position])
-    right = "".join(_piece(tokenizer, t) for t in seq[position + 1:position + 1 + FOLLOWING_TOKENS])
+    left = _text(tokenizer, seq[max(0, position - window):position])
+    right = _text(tokenizer, seq[position + 1:position + 1 + FOLLOWING_TOKENS])
     start = "…" if position > window else ""
-    return f"{start}{left}⟦{_piece(tokenizer, seq[position])}⟧{right}…"
+    return f"{start}{left}⟦{_text(tokenizer, [seq[position]])}⟧{right}…"
 
 
 def _fmt(value: float, spec: str) -> str:
