@@ -56,7 +56,7 @@ def timed(fn, min_seconds: float = 0.0):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=800, help="Wikipedia articles to stream (about 3.5k tokens each)")
-    ap.add_argument("--vocab", type=int, default=16384, help="BPE vocabulary (trained on the sample's first 2,000 articles or all, cached)")
+    ap.add_argument("--vocab", type=int, default=16384, help="BPE vocabulary (trained on up to 2,000 sample articles, cached)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of bare / stream / workers")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
