@@ -383,6 +383,21 @@ def test_cli_prepare_user_errors_are_one_line(tmp_path):
     assert not (tmp_path / "fw").exists() and not (tmp_path / "fw.partial").exists()
 
 
+def test_cli_prepare_hub_source_offline_on_local_files(tmp_path):
+    """The CLI's Hub path (datasets streaming, the size look-up, the estimate) on a local directory."""
+    repo = tmp_path / "hub_dataset"
+    repo.mkdir()
+    write_texts_jsonl(repo / "part-0.jsonl", make_docs(300, seed=8))
+    result = run_cli("pkmlm.cli.prepare", ["data.files=[]", f"data.sources=[{{hub: '{repo}', split: train}}]",
+                                           "data.vocab_size=300", "data.tokenizer_docs=100", "shard_tokens=2048",
+                                           "out=prep"], tmp_path, HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["documents"] == {"val": 20, "train": 280} and summary["estimated_train_tokens"] is None
+    assert "is not stated up front, so tokens are counted as they come" in result.stderr
+    assert load_index(str(tmp_path / "prep"))["tokens"] == summary["tokens"]
+
+
 def test_cli_prepare_killed_then_rerun_continues(tmp_path, tok):
     """kill -9 in the middle of writing, then the same command: it continues from the last closed
     shard, and the shards equal an uninterrupted run's."""

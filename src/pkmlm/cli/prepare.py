@@ -152,7 +152,8 @@ def run_prepare(cfg: PrepareAppConfig) -> dict:
             open_hub_dataset(s.hub)  # no Hub (offline, a wrong name): one line now, before anything else
     for s in plan.sources:
         what = str(s.hub) if s.hub else f"{len(s.files)} files, {_bytes(sum(os.path.getsize(p) for p in s.files))}"
-        say(f"source {s.name}: {what}" + (f", weight {s.weight:g}" if len(plan.sources) > 1 else ""))
+        say(f"source {s.name}" + ("" if what == s.name else f": {what}")
+            + (f", weight {s.weight:g}" if len(plan.sources) > 1 else ""))
     t0 = time.perf_counter()
     tokenizer = partial_tokenizer(out)
     if tokenizer is not None:
