@@ -311,8 +311,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("| variant | MFLOP/token fwd | params | fwd ms | fwd+bwd ms | fwd+bwd / FFN |")
     print("|---|---|---|---|---|---|")
     ffn = FFN(V).to(device)
-    variants = [ffn] + [ProductKeyMemory(V, n_keys=preset.n_keys, heads=H, knn=K, k_dim=preset.k_dim, kernel="torch",
-                                         **kwargs).to(device) for kwargs in VARIANTS.values()]
+    variants = [ffn] + [ProductKeyMemory(V, n_keys=preset.n_keys, heads=H, knn=K, k_dim=preset.k_dim,
+                                         kernel="torch", **kwargs).to(device) for kwargs in VARIANTS.values()]
 
     def variant_step(module):
         module.zero_grad(set_to_none=True)

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pkmlm.model import MemoryConfig, ModelConfig, ProductKeyMemory, Transformer
@@ -198,7 +197,7 @@ def test_model_returns_the_sum_of_its_layers_weighted_balance_losses():
     model = Transformer(model_config(balance_loss=0.25, qk_norm=True, query_norm="none"))
     idx = torch.randint(0, 64, (2, 9))
     seen = []
-    for i, memory in model.memory_layers().items():
+    for memory in model.memory_layers().values():
         memory.register_forward_hook(lambda m, args, kwargs, out: seen.append(out[1]), with_kwargs=True)
     logits, loss, aux = model(idx, idx, return_aux=True)
     assert len(seen) == 2 and aux.shape == () and aux.item() > 0
@@ -282,7 +281,8 @@ def test_the_kernel_is_resolved_once_when_the_layer_is_built(monkeypatch):
 @pytest.mark.parametrize("preset", ["memory_plus", "peer", "ultramem", "pkm_parallel"])
 def test_presets_validate_and_build_the_tiny_model(preset):
 
-    mem = OmegaConf.merge(OmegaConf.structured(MemoryConfig), OmegaConf.load(ROOT / "configs/memory" / f"{preset}.yaml"))
+    preset_yaml = OmegaConf.load(ROOT / "configs/memory" / f"{preset}.yaml")
+    mem = OmegaConf.merge(OmegaConf.structured(MemoryConfig), preset_yaml)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                               OmegaConf.load(ROOT / "configs/model/tiny.yaml"), {"vocab_size": 64}))
     cfg.memory = OmegaConf.to_object(mem)

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import ConfigError, require
+from pkmlm.errors import require
 from pkmlm.model import kernels
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")

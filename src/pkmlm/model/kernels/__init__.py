@@ -130,7 +130,8 @@ def dot(table_MD: Tensor, indices_NR: Tensor, x_ND: Tensor, *, sparse_grad: bool
 
 def _dot(table_MD: Tensor, indices_NR: Tensor, x_ND: Tensor, sparse_grad: bool) -> Tensor:
     rows_NRD = F.embedding(indices_NR, table_MD, sparse=sparse_grad)
-    return torch.bmm(rows_NRD, x_ND.to(rows_NRD.dtype).unsqueeze(-1)).squeeze(-1).float()  # (N, R, D) @ (N, D, 1)
+    x_ND1 = x_ND.to(rows_NRD.dtype).unsqueeze(-1)
+    return torch.bmm(rows_NRD, x_ND1).squeeze(-1).float()  # (N, R, D) @ (N, D, 1) -> (N, R)
 
 
 def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, kernel: str) -> Tensor:
