@@ -37,6 +37,18 @@ def test_default_is_tiny_with_memory_on_wiki():
     assert cfg.logging.wandb.mode == "offline"
 
 
+def test_sample_data_is_in_the_repository(monkeypatch):
+    """The default run needs nothing beside the clone (issue 11): data/ is the default sample_dir."""
+    monkeypatch.delenv("PKMLM_SAMPLE_DIR", raising=False)
+    cfg = _compose([])
+    root = Path(__file__).resolve().parents[1]
+    assert cfg.paths.sample_dir == str(root / "data") and Path(cfg.data.files[0]).is_file()
+    for preset in ("wiki", "c4", "mix"):
+        data = _compose([f"data={preset}"]).data
+        files = list(data.files) + [f for s in data.sources for f in s.files]
+        assert files and all(Path(f).is_file() and Path(f).is_relative_to(root / "data") for f in files)
+
+
 @pytest.mark.parametrize("group", ["model", "memory", "data", "optim", "train", "logging"])
 def test_every_group_preset_composes_and_validates(group):
     for name in _presets(group):
