@@ -583,10 +583,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_SILENT", "true")
     sys.path.insert(0, str(PROJECT_ROOT / "src"))
-    from pkmlm.config import default_sample_dir
-
     import pkmlm.cli.train  # noqa: F401  (imported once here, shared by every forked run)
     import pkmlm.train.loop  # noqa: F401
+    from pkmlm.config import default_sample_dir
 
     steps = args.steps or 60 + 2 * args.kills
     sample = Path(default_sample_dir()) / "c4" / "c4_en_train_first1000.jsonl.gz"

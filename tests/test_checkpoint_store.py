@@ -113,7 +113,11 @@ def test_valid_checksums_but_no_checkpoint_is_one_line(run, tmp_path, file):
     if file == "meta.json":
         (ckpt / "meta.json").write_text('{"something": "else"}')
     else:
-        torch.save({"weights": torch.ones(3)}, ckpt / ".metadata")
+        import io
+
+        buffer = io.BytesIO()
+        torch.save({"weights": torch.ones(3)}, buffer)
+        (ckpt / ".metadata").write_bytes(buffer.getvalue())
     (ckpt / "checksums.sha256").unlink()
     write_manifest(ckpt)
     with pytest.raises(UserError, match=f"resume=.*{file}.*not a"):
@@ -158,8 +162,10 @@ def test_generate_is_greedy_at_temperature_zero_and_seeded_otherwise(run):
     for _ in range(5):
         ids.append(int(loaded.model(torch.tensor([ids]))[0][0, -1].argmax()))
     assert greedy == ids[len(prompt):]
-    sample = lambda seed: generate(loaded.model, prompt, 8, temperature=1.0, top_k=5,
-                                   generator=torch.Generator().manual_seed(seed))
+
+    def sample(seed: int) -> list[int]:
+        return generate(loaded.model, prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(seed))
+
     assert sample(0) == sample(0) and len(sample(0)) == 8
     assert all(0 <= t < loaded.model.cfg.vocab_size for t in sample(1))
 

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import overrides, read_rows
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from helpers import overrides, read_rows
 from pkmlm.config import config_dir, register_configs
 from pkmlm.model import ModelConfig, Transformer
 from pkmlm.model.memory import MemoryConfig
-from pkmlm.optim import (OptimConfig, build_optimizer, clip_gradients_, lr_factor, set_lr, use_sparse_value_grads,
-                         value_parameters)
+from pkmlm.optim import (
+    OptimConfig,
+    build_optimizer,
+    clip_gradients_,
+    lr_factor,
+    set_lr,
+    use_sparse_value_grads,
+    value_parameters,
+)
 from pkmlm.train.loop import train
 
 register_configs()

@@ -46,20 +46,21 @@ def is_export(path: Path) -> bool:
 
 
 def _load_export(path: Path) -> tuple[Transformer, dict, str]:
-    from safetensors import SafetensorsError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
 
     try:
         info = json.loads((path / "config.json").read_text())
+        info["step"], info["tokens"] = int(info["step"]), int(info["tokens"])
         model = Transformer(model_config_from_dict(info["model_config"]))
-        weights = load_file(str(path / "model.safetensors"))
+        # load_model, not load_file: the file holds a tied tensor once, under one of its names
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         tokenizer = (path / "tokenizer.json").read_text()
     except FileNotFoundError as e:
         raise UserError(f"checkpoint={str(path)!r}: an export without {Path(e.filename).name}; "
                         f"an export holds {', '.join(EXPORT_FILES)}") from None
-    except (json.JSONDecodeError, KeyError, TypeError, SafetensorsError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
         raise UserError(f"checkpoint={str(path)!r}: not a pkmlm export ({type(e).__name__}: {e})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint={str(path)!r}: the weights do not fit the model of its config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

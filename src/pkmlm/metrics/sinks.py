@@ -24,7 +24,9 @@ from typing import Any, Iterable, Mapping, TextIO
 from tqdm import tqdm
 
 from pkmlm.errors import ConfigError, UserError
-from pkmlm.metrics.formatting import duration as _duration, number as _number, si as _si
+from pkmlm.metrics.formatting import duration as _duration
+from pkmlm.metrics.formatting import number as _number
+from pkmlm.metrics.formatting import si as _si
 
 __all__ = [
     "MetricsFile",

@@ -32,8 +32,8 @@ def refuse_multirun(argv: list[str]) -> None:
 def prepare_cli(argv: list[str]) -> DistInfo | None:
     """What `pkmlm-train` does under torchrun before Hydra starts (None with one process):
 
-    - refuses Hydra multirun (`-m`, `--multirun`, `hydra.mode=MULTIRUN`): sweeps launch one torchrun job per configuration, never a
-      sweep inside each rank;
+    - refuses Hydra multirun (`refuse_multirun`; pkmlm-train also calls it before Hydra parses the
+      overrides);
     - joins the process group and sets `PKMLM_RUN_TIME` to rank 0's clock, so the default run
       directory `outputs/<name>/<time>` (config.yaml, `${pkmlm_now:...}`) is the same on all ranks;
     - on ranks > 0, keeps Hydra from writing `.hydra/` and its log file into the shared directory.

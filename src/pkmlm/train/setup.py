@@ -85,8 +85,8 @@ def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
         size = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         return dataclasses.replace(cfg, vocab_size=size)
     if cfg.vocab_size < tokenizer_vocab:
-        raise ConfigError("model.vocab_size", cfg.vocab_size,
-                          f"at least the tokenizer's vocabulary ({tokenizer_vocab}), or 0 to take it from the tokenizer")
+        raise ConfigError("model.vocab_size", cfg.vocab_size, f"at least the tokenizer's vocabulary "
+                          f"({tokenizer_vocab}), or 0 to take it from the tokenizer")
     return cfg
 
 
