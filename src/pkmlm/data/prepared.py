@@ -309,7 +309,7 @@ def estimate(cfg: DataConfig, sources: Sequence[Source], tokenizer: Tokenizer,
     per_source = []
     for source in sources:
         texts = [doc.text for doc in itertools.islice(source.stream(False).documents_iter(), ESTIMATE_DOCS)]
-        ids = encode_documents(tokenizer, texts) if texts else []
+        ids = encode_documents(tokenizer, texts, cfg.max_doc_chars) if texts else []
         tokens = sum(len(i) + 1 for i in ids)
         nbytes = sum(len(t.encode("utf-8", "replace")) for t in texts)
         text_bytes, docs, stored = _text_bytes(source)
@@ -587,7 +587,7 @@ def _write(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, partial
         writer = _ShardWriter(partial, "val", dtype, eos)
         texts = itertools.chain.from_iterable(validation_documents(s, cfg) for s in sources)
         for chunk in chunks(lambda: next(texts, None)):
-            writer.add(encode_documents(tokenizer, chunk))
+            writer.add(encode_documents(tokenizer, chunk, cfg.max_doc_chars))
             report("val", writer.tokens, None)
         val = [shard for shard in [writer.close()] if shard is not None]
         state = {"fingerprint": fingerprint, "val": val, "train": [], "pass": None}
@@ -606,7 +606,7 @@ def _write(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, partial
     stopped_by = "end of sources"
     try:
         for chunk in chunks(passing.next_document):
-            writer.add(encode_documents(tokenizer, chunk))
+            writer.add(encode_documents(tokenizer, chunk, cfg.max_doc_chars))
             report("train", writer.tokens, None)
             at_limit = max_tokens is not None and writer.tokens >= max_tokens
             if writer.open_tokens >= shard_tokens or at_limit:
