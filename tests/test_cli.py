@@ -75,3 +75,14 @@ def test_user_errors_are_one_line_exit_2(tmp_path, override, needle):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_eval_on_a_file_without_documents_is_one_line(trained_run, tmp_path):
+    # Was: exit 0 with "tokens": 0 and "ppl": null, no message.
+    run_dir, _ = trained_run
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    proc = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", f"data.files=[{empty}]"], cwd=tmp_path, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "no document to evaluate" in lines[0] and str(empty) in lines[0] and not proc.stdout.strip()

@@ -144,6 +144,12 @@ def _jobs(loader: Any, master: Any) -> list[list[str]]:
     return BasicSweeper.split_arguments(parsed, None)[0]
 
 
+def _job_label(jobs: list[list[str]], i: int) -> str:
+    """`sweep job 1 (train.max_steps=0)`: the job's number and the overrides in which it differs."""
+    varying = [o for o in jobs[i] if any(o not in other for other in jobs)]
+    return f"sweep job {i}" + (f" ({' '.join(varying)})" if varying else "")
+
+
 def _task(cfg: Any) -> Any:
     from omegaconf import open_dict
 
@@ -202,10 +208,9 @@ def precheck_overrides(config_dir: str, config_name: str, check: Optional[Callab
                     cfg = master if not multirun else loader.load_sweep_config(master, list(job))
                     check_job(_task(cfg.copy()), check, {**REQUIRED_VALUES, **(required or {})})
                 except UserError as e:
-                    fail(f"sweep job {i} ({' '.join(job)}): {e}" if multirun else str(e))
+                    fail(f"{_job_label(jobs, i)}: {e}" if multirun else str(e))
                 except Exception as e:  # noqa: BLE001 - a composition or type error in one job's overrides
-                    fail(f"bad config override{f' in sweep job {i} ({chr(32).join(job)})' if multirun else ''}: "
-                         f"{one_line(e)}")
+                    fail(f"bad config override{f' in {_job_label(jobs, i)}' if multirun else ''}: {one_line(e)}")
     finally:
         GlobalHydra.instance().clear()
     return Planned(multirun=multirun, job_dirs=job_dirs, sweep_dir=sweep_dir)
@@ -273,17 +278,21 @@ def hydra_files_kept_on_refusal(planned: Optional[Planned]) -> Iterator[None]:
 def check_train_job(cfg: Any) -> None:
     """Everything a training run can be refused for before it starts, cheapest first: every value
     (`pkmlm.config.validate`), the data's inputs (globs expanded, files stat'd, the prepared index
-    read), the tokenizer and resume paths, and whether the model fits the device's memory."""
+    read), the tokenizer and resume paths (a given tokenizer must define data.special_tokens), and
+    whether the model fits the device's memory."""
     import torch
 
     from pkmlm.config import check_fits_device, validate
     from pkmlm.data.loader import resolve_data
+    from pkmlm.data.tokenizer import check_special_tokens, load_tokenizer
     from pkmlm.train.rundir import check_input_paths
     from pkmlm.train.setup import pick_device
 
     validate(cfg)
     resolve_data(cfg.data)
     check_input_paths(cfg)
+    if cfg.data.tokenizer and cfg.data.special_tokens:  # a given tokenizer is not extended: it must have them
+        check_special_tokens(load_tokenizer(cfg.data.tokenizer), cfg.data)
     device = pick_device(cfg.train.device)
     if device.type == "cuda" and device.index is None:  # torchrun: this process's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -171,7 +171,7 @@ def _get(config: dict, dotted: str) -> Any:
     return node
 
 
-def _model_counts(config: dict) -> tuple[Optional[dict], Optional[float]]:
+def _model_counts(config: dict, where: Path) -> tuple[Optional[dict], Optional[float]]:
     """Parameter counts and active FLOPs per token of the run's model, built on the meta device."""
     import torch
 
@@ -185,7 +185,8 @@ def _model_counts(config: dict) -> tuple[Optional[dict], Optional[float]]:
         seq_len = int(_get(config, "data.seq_len") or model_cfg.max_seq_len)
         return model.count_parameters(), model.flops_per_token(seq_len)
     except Exception as error:  # noqa: BLE001 - an unreadable config leaves the counts blank
-        warnings.warn(f"cannot build the model of this run from its config.yaml: {error}", stacklevel=2)
+        warnings.warn(f"{where}: cannot build the run's model from it ({error}); parameter counts left blank",
+                      stacklevel=2)
         return None, None
 
 
@@ -200,18 +201,19 @@ _NUMERIC = ("tokens", "wall_time_s", "train_time_s", "val/ppl", "train/tokens_pe
             "params_active", "flops_per_token")
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, warn_unreadable: bool = True) -> list[dict]:
     """The metrics rows of `path`, each value the table reads a number (or dropped), with one
     warning naming the file for lines that are no rows (a torn last line excepted: normal for a
-    killed run) and one for values of the wrong type."""
+    killed run; none when `warn_unreadable` is false) and one for values of the wrong type."""
     from pkmlm.metrics.sinks import read_metrics
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = read_metrics(path)
-    if caught:
-        warnings.warn(f"{path}: {len(caught)} line(s) are not metrics rows and were skipped "
-                      f"(first: {str(caught[0].message).split(': ', 1)[-1]})", stacklevel=2)
+    if caught and warn_unreadable and rows:
+        first = str(caught[0].message).removeprefix(f"{path}:")
+        warnings.warn(f"{path}: {len(caught)} line(s) are not metrics rows and were skipped (first: line {first})",
+                      stacklevel=2)
     dropped = []
     for row in rows:
         for key in _NUMERIC:
@@ -251,7 +253,7 @@ def summarise(run_dir: Path, label: str, config: Optional[dict] = None,
         s.params_total, s.params_active = final["params_total"], _int(final.get("params_active"))
         s.flops_per_token = final["flops_per_token"]
     else:
-        counts, flops = _model_counts(config)
+        counts, flops = _model_counts(config, run_dir / "config.yaml")
         if counts is not None:
             s.params_total, s.params_active, s.flops_per_token = counts["total"], counts["active"], flops
 
@@ -315,13 +317,13 @@ def load_runs(paths: list[str]) -> list[RunSummary]:
                 run_dirs.append(run_dir)
     configs = [read_config(run_dir) for run_dir in run_dirs]
     rows = [read_rows(run_dir / "metrics.jsonl") for run_dir in run_dirs]
-    for run_dir, run_rows in zip(run_dirs, rows):
-        if not run_rows:
-            warnings.warn(f"{run_dir / 'metrics.jsonl'}: no readable metrics row; run left out", stacklevel=2)
     kept = [i for i, run_rows in enumerate(rows) if run_rows]
     if not kept:
         raise UserError(f"no run under {', '.join(map(repr, paths))} has a readable metrics row "
                         "(metrics.jsonl holds JSON objects, one per line); nothing to compare")
+    for run_dir, run_rows in zip(run_dirs, rows):
+        if not run_rows:
+            warnings.warn(f"{run_dir / 'metrics.jsonl'}: no readable metrics row; run left out", stacklevel=2)
     run_dirs, configs, rows = [run_dirs[i] for i in kept], [configs[i] for i in kept], [rows[i] for i in kept]
     labels = _labels(run_dirs, [str(c.get("name") or d.name) for c, d in zip(configs, run_dirs)])
     return [summarise(run_dir, label, config, run_rows)
