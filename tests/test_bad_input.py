@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import C4
-from helpers import TINY, overrides, run_cli
+from helpers import overrides, run_cli
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import TokenBatches, load_or_train_tokenizer, resolve_data, stats_row
 from pkmlm.data.sources import DocumentStream
