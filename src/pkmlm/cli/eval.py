@@ -6,6 +6,10 @@ whole) or `data.sources` (a mixture or Hub datasets: every document of every sou
 weights unused) that text is evaluated; with `data.prepared=DIR`, the validation split of a
 pkmlm-prepare directory tokenized with the run's tokenizer; without any, the run's own held-out
 validation split (the same documents its training never saw).
+
+With `eval.recall=DIR/qa.jsonl` (written by pkmlm-facts) it adds fact recall: `recall/exact_match`,
+`recall/answer_nll` (nats per answer), `recall/bits` (knowledge stored, a lower bound) and
+`recall/bits_per_param/{total,active,memory_values}` (`pkmlm.metrics.recall`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -28,20 +32,27 @@ from pkmlm.errors import ConfigError, DataError
 
 @dataclass
 class EvalDataConfig:
-    files: List[str] = field(default_factory=list)  # [] = the run's validation split
-    sources: List[SourceConfig] = field(default_factory=list)  # or a mixture / Hub datasets, as data.sources
-    prepared: Optional[str] = None  # or a pkmlm-prepare directory: its validation split
-    text_field: Optional[str] = None  # None = the run's
-    seq_len: Optional[int] = None  # None = the run's
+    files: list[str] = field(default_factory=list)  # [] = the run's validation split
+    sources: list[SourceConfig] = field(default_factory=list)  # or a mixture / Hub datasets, as data.sources
+    prepared: str | None = None  # or a pkmlm-prepare directory: its validation split
+    text_field: str | None = None  # None = the run's
+    seq_len: int | None = None  # None = the run's
     strict: bool = False
+
+
+@dataclass
+class EvalExtrasConfig:
+    recall: str | None = None  # a qa.jsonl (pkmlm-facts): add the recall/* metrics
+    recall_max_questions: int | None = None  # score only the first questions; None = all
 
 
 @dataclass
 class EvalAppConfig:
     checkpoint: str = "???"  # a run directory (newest valid checkpoint) or a checkpoint file
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    eval: EvalExtrasConfig = field(default_factory=EvalExtrasConfig)
     batch_size: int = 16
-    max_batches: Optional[int] = None
+    max_batches: int | None = None
     device: str = "auto"
     precision: str = "auto"
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -78,6 +89,8 @@ def check_eval_config(cfg: EvalAppConfig) -> None:
         raise ConfigError("device", cfg.device, "auto, cpu, cuda or cuda:N")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError("precision", cfg.precision, "one of auto, fp32, bf16")
+    if cfg.eval.recall_max_questions is not None and cfg.eval.recall_max_questions < 1:
+        raise ConfigError("eval.recall_max_questions", cfg.eval.recall_max_questions, "null (all) or an integer >= 1")
     if cfg.data.seq_len is not None and cfg.data.seq_len < 1:
         raise ConfigError("data.seq_len", cfg.data.seq_len, "null (the run's) or an integer >= 1")
     given = [k for k in ("files", "sources", "prepared") if getattr(cfg.data, k)]
@@ -100,11 +113,16 @@ def _check_same_tokenizer(directory: str, tokenizer) -> None:
 def evaluate_run(cfg: EvalAppConfig) -> dict:
     import torch
 
-    from pkmlm.metrics.evaluate import evaluate
+    from pkmlm.metrics.evaluate import bits_per_byte, evaluate
     from pkmlm.run import load_run
-    from pkmlm.train.loop import autocast_dtype, pick_device
+    from pkmlm.train.setup import autocast_dtype, pick_device
 
     check_eval_config(cfg)
+    questions = None
+    if cfg.eval.recall is not None:  # read (and checked) before the run is loaded
+        from pkmlm.metrics.recall import evaluate_recall, read_questions
+
+        questions = read_questions(Path(cfg.eval.recall).expanduser())
     try:
         device = pick_device(cfg.device)
     except ConfigError as e:  # the same checks as train.device, under this tool's own key
@@ -117,9 +135,12 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     out = {
         "checkpoint": str(run.checkpoint), "step": run.step, "files": files, "tokens": result["tokens"],
         "loss": result["loss"], "ppl": result["ppl"],
-        "bpb": result["loss"] * result["tokens"] / (math.log(2) * n_bytes) if n_bytes else float("nan"),
+        "bpb": bits_per_byte(result["loss"] * result["tokens"], n_bytes) if n_bytes else float("nan"),
     }
     out.update({k: v for k, v in result.items() if k.startswith("memory/")})
+    if questions is not None:
+        out.update(evaluate_recall(run.model, run.tokenizer, questions, batch_size=cfg.batch_size, device=device,
+                                   max_questions=cfg.eval.recall_max_questions))
     return out
 
 
@@ -154,6 +175,9 @@ def evaluation_batches(cfg: EvalAppConfig, run) -> tuple[list[str], list]:
 
     batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size,
                                  max_batches=cfg.max_batches)
+    if not batches:  # nothing to score: no perplexity, rather than "tokens": 0 and exit 0
+        raise DataError(f"no document to evaluate in {', '.join(files)} (every record empty, skipped or held "
+                        "out); give files with text, or check data.text_field")
     return files, batches
 
 

@@ -1,0 +1,58 @@
+"""`pkmlm-facts --people N --seed S --out DIR [--templates T]`: write a synthetic biography corpus.
+
+DIR gets `bios.jsonl` (T biographies per person, each a `text` record: train on it with
+`data.files=[DIR/bios.jsonl]`, or mix it with web text through `data.sources` weights),
+`qa.jsonl` (one recall question per person and attribute: `pkmlm-eval eval.recall=DIR/qa.jsonl`)
+and `meta.json` (attribute cardinalities and the corpus's total information in bits). The same
+arguments always write the same files. A plain CLI (argparse), not a Hydra app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pkmlm.cli._common import fail
+
+USAGE = "pkmlm-facts --people N --seed S --out DIR [--templates T]"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # noqa: F821
+        fail(f"{message}; usage: {USAGE}")  # one line on stderr, exit status 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pkmlm-facts", description="Write a synthetic biography corpus for knowledge-"
+                     "capacity experiments (bios.jsonl, qa.jsonl, meta.json).")
+    parser.add_argument("--people", type=int, required=True, help="number of people N (>= 1)")
+    parser.add_argument("--seed", type=int, required=True, help="seed: the same seed writes the same files")
+    parser.add_argument("--out", required=True, help="directory to write (created; existing corpus files "
+                        "are replaced)")
+    parser.add_argument("--templates", type=int, default=5, help="biographies per person, each in its own "
+                        "phrasings and order (default 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.people < 1:
+        fail(f"--people={args.people}: give the number of people, an integer >= 1")
+    if args.templates < 1:
+        fail(f"--templates={args.templates}: give biographies per person, an integer >= 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out={args.out!r} is a file; give a directory")
+    from pkmlm.knowledge.facts import write_corpus
+
+    try:
+        meta = write_corpus(out, args.people, args.seed, args.templates)
+    except OSError as error:
+        fail(f"--out={args.out!r}: cannot write there ({error.strerror or error})")
+    print(json.dumps({"out": str(out), **{k: meta[k] for k in ("people", "documents", "bits_per_person",
+                                                                "total_bits")}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Recall metrics: the bits formula on a model whose answer probabilities are set exactly, the
+batched scorer against one-sequence-at-a-time scoring and greedy generation, and
+`pkmlm-eval eval.recall=...` end to end on a short trained run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import overrides, run_cli
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from torch import nn
+
+from pkmlm.errors import DataError
+from pkmlm.metrics.continuations import score_continuations
+from pkmlm.metrics.recall import Question, evaluate_recall, read_questions, stored_bits
+from pkmlm.model.transformer import ModelConfig, Transformer
+from pkmlm.run import generate
+
+WORDS = ["<|endoftext|>", "Ann", "Bo", "Cy", "lives", "in", "works", "at", "Paris", "Rome", "Oslo", "New",
+         "York", "Old", "Acme", "Globex"]
+
+
+def word_tokenizer() -> Tokenizer:
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return tok
+
+
+class Bigram(nn.Module):
+    """A real causal LM whose next-token distribution depends on the current token only:
+    log p(next | current) = log_softmax(table[current]). Setting a row sets a distribution exactly."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(vocab, vocab))
+
+    def set_row(self, current: str, probs: dict[str, float]) -> None:
+        """p(w | current) = probs[w]; the remaining mass spread evenly over the other words."""
+        rest = (1.0 - sum(probs.values())) / (len(WORDS) - len(probs))
+        row = torch.full((len(WORDS),), rest)
+        for w, p in probs.items():
+            row[WORDS.index(w)] = p
+        with torch.no_grad():
+            self.table[WORDS.index(current)] = row.log()
+
+    def forward(self, idx_BT):
+        return self.table[idx_BT]  # (B, T, V) logits
+
+
+def test_stored_bits_formula():
+    assert stored_bits(0.0, 1024) == pytest.approx(10.0)  # certain: all log2 n bits
+    assert stored_bits(math.log(8), 8) == pytest.approx(0.0)  # uniform over the values: nothing
+    assert stored_bits(math.log(64), 8) == 0.0  # worse than uniform: clamped, not negative
+    assert stored_bits(math.log(2), 4) == pytest.approx(1.0)
+
+
+def test_recall_metrics_on_known_answer_probabilities():
+    lm = Bigram(len(WORDS))
+    lm.set_row("in", {"Paris": 0.5, "Rome": 0.3})  # Ann lives in -> Paris (argmax)
+    lm.set_row("at", {"Acme": 1 / 16, "Globex": 0.5})  # Bo works at -> Acme: below uniform over 8
+    lm.set_row("lives", {"in": 0.9})
+    lm.set_row("works", {"at": 0.9})
+    lm.set_row("Oslo", {"New": 0.5})
+    lm.set_row("New", {"York": 0.25, "Old": 0.5})  # ... New York: first token argmax, second not
+    questions = [Question("Ann lives in", "Paris", 4), Question("Bo works at", "Acme", 8),
+                 Question("Cy lives in Oslo", "New York", 1024)]
+    m = evaluate_recall(lm, word_tokenizer(), questions, batch_size=2)
+    nll = [math.log(2), math.log(16), -math.log(0.5 * 0.25)]
+    assert m["recall/answer_nll"] == pytest.approx(sum(nll) / 3, rel=1e-5)
+    # 2 - 1 = 1 bit; 3 - 4 < 0 -> 0; 10 - 3 = 7 bits.
+    assert m["recall/bits"] == pytest.approx(8.0, rel=1e-5)
+    assert m["recall/bits_available"] == pytest.approx(2 + 3 + 10)
+    assert m["recall/exact_match"] == pytest.approx(1 / 3)
+    n = len(WORDS) ** 2
+    assert m["recall/bits_per_param/total"] == pytest.approx(8.0 / n, rel=1e-5)
+    assert m["recall/params/total"] == n and "recall/bits_per_param/memory_values" not in m
+
+
+def _model(memory: bool) -> Transformer:
+    torch.manual_seed(0)
+    mem = {"layers": [1], "n_keys": 8, "heads": 2, "knn": 4, "k_dim": 16} if memory else {"layers": []}
+    from pkmlm.model.memory import MemoryConfig
+
+    return Transformer(ModelConfig(vocab_size=48, n_layers=2, dim=32, n_heads=2, max_seq_len=12,
+                                   memory=MemoryConfig(**mem))).eval()
+
+
+@pytest.mark.parametrize("memory", [False, True])
+def test_batched_scores_equal_one_at_a_time_and_greedy_equals_generation(memory):
+    model = _model(memory)
+    g = torch.Generator().manual_seed(1)
+    requests = []
+    for n_ctx, n_cont in ((1, 1), (3, 2), (9, 3), (14, 4), (5, 1)):  # (14, 4): cut to the window
+        requests.append((torch.randint(0, 48, (n_ctx,), generator=g).tolist(),
+                         torch.randint(0, 48, (n_cont,), generator=g).tolist()))
+    # One request made greedy on purpose: its continuation is what generation gives.
+    ctx = requests[1][0]
+    requests.append((ctx, generate(model, ctx, max_new_tokens=3, temperature=0)))
+    scores = score_continuations(model, requests, max_len=12, batch_size=4)
+    for (ctx, cont), score in zip(requests, scores):
+        whole = (ctx + cont)[-13:]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0][0], -1)
+        positions = range(len(whole) - 1 - len(cont), len(whole) - 1)
+        expected = sum(float(logp[t, whole[t + 1]]) for t in positions)
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        greedy = all(int(logp[t].argmax()) == whole[t + 1] for t in positions)
+        assert score.greedy == greedy
+        if len(ctx) + len(cont) <= 12:  # generation sees the same window
+            assert greedy == (generate(model, ctx, max_new_tokens=len(cont), temperature=0) == cont)
+    assert scores[-1].greedy
+    with pytest.raises(ValueError, match="does not fit"):
+        score_continuations(model, [([1], list(range(13)))], max_len=12)
+
+
+def test_bad_qa_files_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_questions(tmp_path / "missing.jsonl")
+    path = tmp_path / "qa.jsonl"
+    for line, needle in (('{"prompt": "a"', "not a JSON object"), ('{"prompt": "a", "answer": ""}', "'answer'"),
+                         ('{"prompt": "a", "answer": "b", "n_values": 0}', "n_values")):
+        path.write_text(json.dumps({"prompt": "p", "answer": "x", "n_values": 2}) + "\n" + line + "\n")
+        with pytest.raises(DataError, match=needle) as info:
+            read_questions(path)
+        assert "line 2" in str(info.value)
+
+
+@pytest.mark.slow
+def test_pkmlm_eval_adds_recall_metrics(tmp_path):
+    from pkmlm.knowledge.facts import write_corpus
+
+    write_corpus(tmp_path / "facts", 30, seed=0, templates=2)
+    bios = tmp_path / "facts" / "bios.jsonl"
+    train = run_cli("pkmlm.cli.train", overrides(f"data.files=[{bios}]", "data.tokenizer_docs=60",
+                                                 f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    out = run_cli("pkmlm.cli.eval", [f"checkpoint={tmp_path / 'run'}", f"eval.recall={tmp_path / 'facts' / 'qa.jsonl'}",
+                                     "eval.recall_max_questions=60"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["recall/questions"] == 60 and 0 <= result["recall/exact_match"] <= 1
+    assert result["recall/bits"] >= 0 and result["recall/answer_nll"] > 0
+    assert result["recall/params/memory_values"] > 0 and "recall/bits_per_param/memory_values" in result
+    assert result["recall/bits_per_param/active"] == pytest.approx(result["recall/bits"]
+                                                                   / result["recall/params/active"])
+    bad = run_cli("pkmlm.cli.eval", [f"checkpoint={tmp_path / 'run'}", f"eval.recall={tmp_path / 'nope.jsonl'}"],
+                  cwd=tmp_path)
+    assert bad.returncode == 2 and "eval.recall" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
