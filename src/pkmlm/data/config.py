@@ -43,13 +43,12 @@ class DataConfig:
     # Shuffle buffer of packed windows (0 = no shuffle); seeded by the run's `seed`. It is filled
     # before the first batch and holds at most 2**26 tokens: shuffle_buffer * (seq_len + 1).
     shuffle_buffer: int = 256
-    # Size limits (docs/data.md, "Size limits"). A record (a JSON line, a paragraph of plain text, a
-    # WET record; for Parquet and Hub records: characters) longer than max_record_bytes is read no
-    # further and skipped, counted as too_long. A document longer than max_doc_chars characters is
-    # tokenized in pieces of at most that many (cut before whitespace, which gives the same ids as
-    # the whole text except where a piece has none), counted as split_docs: the Rust tokenizer
-    # needs about 170 bytes per character of one input.
+    # A record (a JSON line, a paragraph of plain text, a WET record; for Parquet and Hub records:
+    # characters) longer than this is read no further and skipped, counted as too_long (docs/data.md).
     max_record_bytes: int = 32 * 2**20
+    # A document longer than this many characters is tokenized in pieces of at most that many (cut
+    # before whitespace: the same ids as the whole text unless a piece has none), counted as
+    # split_docs; the Rust tokenizer needs about 170 bytes per character of one input (docs/data.md).
     max_doc_chars: int = 100_000
     # Bad records (malformed JSON, non-UTF-8, missing field, truncated gzip...) are skipped and
     # counted; strict=true makes the first one an error naming the file and line.

@@ -55,11 +55,27 @@ class StopSignals:
     def __init__(self) -> None:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        # While the first batch is read (a shuffle buffer filling: data.shuffle_buffer windows
+        # tokenized) nothing can be checkpointed yet, and waiting could take minutes: a stop signal
+        # then ends the run at once (`first_batch`).
+        self.interrupt_now = False
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
+        if self.interrupt_now:
+            self.interrupt_now = False
+            raise UserError(f"{self.received} received while the first batch was being read (the shuffle buffer "
+                            "filling): stopped before step 1, nothing to checkpoint; run again to start")
+
+    def first_batch(self, batches: Any) -> Any:
+        """`next(batches)`, interrupted by a stop signal (see `interrupt_now`)."""
+        self.interrupt_now = self.received is None
+        try:
+            return next(batches)
+        finally:
+            self.interrupt_now = False
 
     def __enter__(self) -> StopSignals:
         for s in self.SIGNALS:
@@ -110,7 +126,7 @@ def run_loop(t: Trainer, signals: StopSignals) -> dict:
     t.model.train()
     while t.state.step < t.stop_at and stop_signal is None and budget is None:
         t_data = time.perf_counter()
-        batch = next(t.batches)
+        batch = next(t.batches) if t.state.step > 0 else signals.first_batch(t.batches)
         t.clock.add_data_time(time.perf_counter() - t_data)
         out = train_step(t, batch)
         if out is None:  # skipped: non-finite loss or gradient
