@@ -363,8 +363,13 @@ def _refusals_as_user_errors(fn: Callable[[], T], final: Path) -> Callable[[], T
 
 
 @contextlib.contextmanager
-def _os_errors_unwrapped() -> Iterator[None]:
-    """DCP reports a writer's OSError (full disk) inside a `CheckpointException`: raise the OSError."""
+def _os_errors_unwrapped(tmp: Path) -> Iterator[None]:
+    """DCP reports a writer's failure inside a `CheckpointException`: raise it as the OSError it is.
+    torch's tensor writer turns a refused `write` into a RuntimeError of its own ("unexpected pos",
+    "file write failed"); the cause is then read off the file system: the file-size limit reached
+    (EFBIG), no space left (ENOSPC), else an I/O error."""
+    import resource
+
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -373,6 +378,16 @@ def _os_errors_unwrapped() -> Iterator[None]:
         for exc, _ in e.failures.values():
             if isinstance(exc, OSError):
                 raise exc from None
+            if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "write failed" in str(exc)):
+                files = sorted(tmp.glob("*.distcp"), key=lambda p: p.stat().st_size)
+                limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+                if files and limit != resource.RLIM_INFINITY and files[-1].stat().st_size >= limit:
+                    code = errno.EFBIG
+                elif shutil.disk_usage(tmp).free < 1 << 20:
+                    code = errno.ENOSPC
+                else:
+                    code = errno.EIO
+                raise OSError(code, os.strerror(code), str(files[-1]) if files else str(tmp)) from None
         raise
 
 
@@ -408,7 +423,7 @@ def save(directory: Path, step: int, *, tensors: dict[str, Any], meta: dict[str,
         for relative, value in rank_files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(tmp / relative, _json_bytes(value))
-        with _quiet_single_process(), _os_errors_unwrapped():  # collective; returns once .metadata is written
+        with _quiet_single_process(), _os_errors_unwrapped(tmp):  # collective; returns once .metadata is written
             dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not info.distributed)
     except OSError as e:
         if info.distributed:
