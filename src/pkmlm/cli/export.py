@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> None:
         from pathlib import Path
 
         from pkmlm.run import export_run, load_run
-        from pkmlm.train.rundir import unusable_dir_reason
+        from pkmlm.paths import dir_problem
 
-        problem = unusable_dir_reason(Path(args.out))
+        problem = dir_problem(Path(args.out))
         if problem is not None:
             raise UserError(f"--out {args.out}: {problem}; choose another directory")
         out = export_run(load_run(args.run), Path(args.out))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import subprocess
 import warnings
 from pathlib import Path
@@ -121,21 +120,6 @@ def disk_full_error(error: OSError, run_dir: Path) -> UserError | None:
     else:
         state = "no checkpoint has been written yet: free space and start the run again"
     return UserError(f"run directory {run_dir}: {error.strerror or error}{where}; {state}")
-
-
-def unusable_dir_reason(path: Path) -> str | None:
-    """Why the directory `path` (existing or to be created) cannot receive a run, or None."""
-    path = Path(path).expanduser().absolute()
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            return f"no part of {path} exists"
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{probe} is a file, not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe} is not writable by this user"
-    return None
 
 
 def check_input_paths(cfg: Any) -> None:
