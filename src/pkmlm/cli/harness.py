@@ -1,0 +1,86 @@
+"""`pkmlm-harness RUN --tasks T1,T2 [--include-path DIR] [--limit N] [--num-fewshot K]
+[--batch-size B] [--device D] [--output FILE]`: evaluate a run with EleutherAI's
+lm-evaluation-harness (lm-eval 0.4) through `pkmlm.harness.PkmlmLM`.
+
+Prints lm-eval's results table and writes its results JSON to FILE (default
+`harness_results.json`). Tasks are lm-eval's (Hub datasets: needs the Hub) or your own YAMLs under
+`--include-path` (local JSON files work offline). A plain CLI (argparse), not a Hydra app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from pkmlm.cli._common import fail
+from pkmlm.errors import UserError
+
+USAGE = ("pkmlm-harness RUN --tasks T1,T2 [--include-path DIR] [--limit N] [--num-fewshot K] "
+         "[--batch-size B] [--device D] [--output FILE]")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> "NoReturn":  # noqa: F821, UP037
+        fail(f"{message}; usage: {USAGE}")  # one line on stderr, exit status 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pkmlm-harness", description="Evaluate a pkmlm run with lm-evaluation-harness.")
+    p.add_argument("run", metavar="RUN", help="a run directory (newest valid checkpoint) or a checkpoint file")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,piqa")
+    p.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--output", default="harness_results.json", help="where to write the results JSON")
+    return p
+
+
+def _check(args: argparse.Namespace) -> list[str]:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError(f"--tasks={args.tasks!r}: give one or more task names, comma-separated")
+    if args.limit is not None and not args.limit > 0:
+        raise UserError(f"--limit={args.limit}: give a positive number of documents (or a fraction < 1)")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot={args.num_fewshot}: give an integer >= 0")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size}: give an integer >= 1")
+    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device) is None:
+        raise UserError(f"--device={args.device!r}: give cpu, cuda or cuda:N")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UserError(f"--include-path={args.include_path!r}: no such directory (it holds task YAMLs)")
+    if not Path(args.run).exists():
+        raise UserError(f"RUN={args.run!r}: no such run directory or checkpoint file")
+    output = Path(args.output)
+    if output.is_dir() or not output.parent.resolve().is_dir():
+        raise UserError(f"--output={args.output!r}: give a file path in an existing directory")
+    return tasks
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        tasks = _check(args)
+        from lm_eval.utils import handle_non_serializable, make_table
+
+        from pkmlm.harness import run_harness
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        results = run_harness(args.run, tasks, include_path=args.include_path, limit=limit,
+                              num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device)
+    except UserError as error:
+        fail(str(error))
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
