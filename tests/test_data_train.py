@@ -147,8 +147,9 @@ def test_eval_reads_prepared_shards_of_the_runs_tokenizer_only(eval_run, tmp_pat
     from pkmlm.data.tokenizer import load_tokenizer, train_bpe
 
     run_dir, reference = eval_run
-    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(60))]
-    cfg = DataConfig(files=files, val_docs=60)  # every document in the validation split
+    # The corpus's 60 documents as the validation split (prepare needs a training split too: 5 more).
+    files = [write_texts_jsonl(tmp_path / "c.jsonl", make_docs(60) + make_docs(5, seed=9, prefix="train"))]
+    cfg = DataConfig(files=files, val_docs=60)
     prepare(cfg, resolve_sources(cfg), load_tokenizer(str(run_dir / "tokenizer.json")), str(tmp_path / "prep"))
     out = evaluate_run(_eval_cfg(f"checkpoint={run_dir}", f"data.prepared={tmp_path / 'prep'}"))
     assert out["tokens"] == reference["tokens"] and out["loss"] == pytest.approx(reference["loss"], rel=1e-6)
