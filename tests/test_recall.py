@@ -148,6 +148,28 @@ def test_pkmlm_eval_adds_recall_metrics(tmp_path):
     assert result["recall/params/memory_values"] > 0 and "recall/bits_per_param/memory_values" in result
     assert result["recall/bits_per_param/active"] == pytest.approx(result["recall/bits"]
                                                                    / result["recall/params/active"])
+    # pkmlm-compare shows a run's recall (here pkmlm-eval's output saved as RUN/recall.json).
+    (tmp_path / "run" / "recall.json").write_text(out.stdout)
+    compare = run_cli("pkmlm.cli.compare", [str(tmp_path / "run"), "--out", str(tmp_path / "cmp")], cwd=tmp_path)
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    assert "bits stored / available" in compare.stdout and (tmp_path / "cmp" / "recall.md").is_file()
     bad = run_cli("pkmlm.cli.eval", [f"checkpoint={tmp_path / 'run'}", f"eval.recall={tmp_path / 'nope.jsonl'}"],
                   cwd=tmp_path)
     assert bad.returncode == 2 and "eval.recall" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_knowledge_report_table_and_plot(tmp_path):
+    from pkmlm.experiments.report import knowledge_plot, recall_markdown
+    from pkmlm.experiments.runs import RunSummary
+
+    def run(name, people, bits, total):
+        row = {"step": 10, "recall/people": people, "recall/bits": bits, "recall/bits_available": 50.0 * people,
+               "recall/exact_match": 0.5, "recall/params/total": total, "recall/bits_per_param/total": bits / total}
+        return RunSummary(path=tmp_path, label=f"{name} N={people}", config={}, rows=[row], name=name)
+
+    runs = [run("knowledge/dense", 100, 4000.0, 1000), run("knowledge/dense", 200, 6000.0, 1000),
+            run("knowledge/mem", 100, 4500.0, 2000), RunSummary(path=tmp_path, label="no recall", config={}, rows=[])]
+    table = recall_markdown(runs)
+    assert "knowledge/mem N=100" in table and "no recall" not in table and "6,000 / 10,000" in table
+    assert knowledge_plot(runs, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0
+    assert not knowledge_plot(runs[3:], tmp_path / "none.png")

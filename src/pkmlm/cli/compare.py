@@ -51,7 +51,7 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None) ->
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        from pkmlm.experiments.report import write_report
+        from pkmlm.experiments.report import write_recall_report, write_report
         from pkmlm.experiments.runs import load_runs
         from pkmlm.paths import dir_problem
 
@@ -66,10 +66,13 @@ def main(argv: list[str] | None = None) -> None:
             runs = load_runs(args.dirs)
             baseline = _baseline_index(args.baseline, [r.label for r in runs])
             result = write_report(runs, out, baseline)
+            recall = write_recall_report(runs, out)  # knowledge runs: recall/* table and bits-vs-N plot
     except UserError as error:
         fail(str(error))
     print(result["markdown"], end="")
-    print("wrote " + ", ".join(str(p) for p in result["files"]), file=sys.stderr)
+    if recall["markdown"]:
+        print("\n" + recall["markdown"])
+    print("wrote " + ", ".join(str(p) for p in result["files"] + recall["files"]), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,99 @@ def write_report(runs: list[RunSummary], out: Path, baseline: int = 0) -> dict[s
     if _by_layer_plot(runs, out / "by_layer.png"):
         files.append(out / "by_layer.png")
     return {"markdown": markdown, "files": files}
+
+
+# --- knowledge capacity: recall/* columns and bits-stored plots ----------------------------------------
+
+
+def recall_of(run: RunSummary) -> dict[str, Any] | None:
+    """The run's latest recall metrics: the last metrics row with `recall/bits` (a training run
+    with eval.recall), else `<run>/recall.json` (written by `python -m pkmlm.knowledge.sweep`, or
+    pkmlm-eval's output saved there); None when neither has them."""
+    import json
+
+    rows = [r for r in run.rows if isinstance(r.get("recall/bits"), (int, float))]
+    if rows:
+        return rows[-1]
+    path = run.path / "recall.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("recall/bits"), (int, float)) else None
+
+
+RECALL_HEADERS = ("run", "people", "exact match", "answer NLL (nats)", "bits stored / available",
+                  "bits/param total", "bits/param active", "bits/param memory values",
+                  "params total / active / memory values / embedding")
+
+
+def recall_markdown(runs: list[RunSummary]) -> str:
+    """A table of the runs' recall metrics ("" when no run has any)."""
+    lines = []
+    for run in runs:
+        r = recall_of(run)
+        if r is None:
+            continue
+        counts = " / ".join(si(r.get(f"recall/params/{k}")) if r.get(f"recall/params/{k}") is not None else "n/a"
+                            for k in ("total", "active", "memory_values", "embedding"))
+        cells = [run.label, _num(r.get("recall/people"), "d"), _num(r.get("recall/exact_match"), ".1%"),
+                 _num(r.get("recall/answer_nll"), ".3f"),
+                 f"{_num(r.get('recall/bits'), ',.0f')} / {_num(r.get('recall/bits_available'), ',.0f')}",
+                 _num(r.get("recall/bits_per_param/total"), ".4f"), _num(r.get("recall/bits_per_param/active"), ".4f"),
+                 _num(r.get("recall/bits_per_param/memory_values"), ".4f"), counts]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if not lines:
+        return ""
+    head = ["| " + " | ".join(RECALL_HEADERS) + " |", "|" + "|".join("---" for _ in RECALL_HEADERS) + "|"]
+    return "\n".join(head + lines)
+
+
+def knowledge_plot(runs: list[RunSummary], path: Path) -> bool:
+    """Bits stored vs people N and vs total parameters, one line per run name (e.g. knowledge/dense
+    and knowledge/mem of a sweep over N); False when fewer than two runs have recall metrics."""
+    import matplotlib.pyplot as plt
+
+    points: dict[str, list[tuple[float, float, float, float]]] = {}
+    for run in runs:
+        r = recall_of(run)
+        if r is None or r.get("recall/people") is None:
+            continue
+        points.setdefault(run.name or run.label, []).append(
+            (r["recall/people"], r["recall/bits"], r.get("recall/params/total") or math.nan,
+             r.get("recall/bits_available") or math.nan))
+    if sum(len(p) for p in points.values()) < 2:
+        return False
+    fig, (ax_n, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, pts in sorted(points.items()):
+        pts.sort()
+        ax_n.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax_p.scatter([p[2] for p in pts], [p[1] for p in pts], label=name)
+    available = sorted({(p[0], p[3]) for pts in points.values() for p in pts})
+    ax_n.plot([a[0] for a in available], [a[1] for a in available], linestyle="--", color="gray",
+              label="available (N x bits/person)")
+    ax_n.set_xlabel("people N")
+    ax_p.set_xlabel("parameters (total)")
+    for ax in (ax_n, ax_p):
+        ax.set_ylabel("bits stored (recall/bits)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_recall_report(runs: list[RunSummary], out: Path) -> dict[str, Any]:
+    """`recall.md` and `bits_vs_people.png` in `out` for the runs with recall metrics; returns the
+    markdown ("" when none has any) and the files written."""
+    markdown = recall_markdown(runs)
+    files: list[Path] = []
+    if markdown:
+        (out / "recall.md").write_text(markdown + "\n")
+        files.append(out / "recall.md")
+        if knowledge_plot(runs, out / "bits_vs_people.png"):
+            files.append(out / "bits_vs_people.png")
+    return {"markdown": markdown, "files": files}

@@ -109,6 +109,7 @@ def recall_metrics(questions: list[Question], nll_nats: list[float], exact: list
     total_bits = sum(bits)
     out: dict[str, Any] = {
         "recall/questions": len(questions),
+        "recall/people": len({q.person for q in questions if q.person}),
         "recall/exact_match": sum(exact) / len(questions),
         "recall/answer_nll": sum(nll_nats) / len(questions),
         "recall/bits": total_bits,
