@@ -27,8 +27,8 @@ def test_train_writes_run_directory(trained_run):
     run_dir, proc = trained_run
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == [
-        "step_00000003.pt", "step_00000006.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        "step_00000003.dcp", "step_00000006.dcp"]
     assert str(run_dir) in proc.stdout  # the summary says where the run is
 
 

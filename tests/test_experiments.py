@@ -190,7 +190,7 @@ def test_token_budget_stops_evaluates_and_accounts(tmp_path):
     assert 0 < final["train_time_s"] <= final["wall_time_s"]
     val = [r for r in rows if "val/ppl" in r]
     assert [r["step"] for r in val] == [3]  # the budget's stop is evaluated
-    assert (tmp_path / "run" / "checkpoints" / "step_00000003.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003.dcp").is_dir()  # the one checkpoint format
     train_rows = [r for r in rows if "train/loss" in r]
     for key in ("train/tokens_per_s", "train/step_time_s", "train/data_time_s", "train/compute_time_s",
                 "train/flops_per_s", "train/peak_memory_gb", "wall_time_s", "train_time_s"):
