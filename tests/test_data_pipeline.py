@@ -115,7 +115,8 @@ def test_rank_x_worker_sharding_is_disjoint_and_complete(tmp_path, tok):
     world_size, workers = 2, 2
     seen = {}
     for rank in range(world_size):
-        batches = build_train_batches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank, world_size=world_size)
+        batches = build_train_batches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank,
+                                      world_size=world_size)
         assert isinstance(batches, WorkerBatches)
         rows = {w: [] for w in range(workers)}
         for i in range(30):  # batch i comes from worker i mod 2 (the DataLoader's round-robin)
@@ -237,4 +238,5 @@ def test_tokenizer_special_tokens_and_cache_key(tmp_path):
     assert info["source"] == special_info["source"] == "trained" and info["hash"] != special_info["hash"]
     assert [tok.token_to_id(t) for t in ["<|endoftext|>", "<|pad|>", "<|sep|>"]] == [0, 1, 2]
     assert plain.token_to_id("<|pad|>") is None
-    assert load_or_train_tokenizer(special_cfg, resolve_data(special_cfg), str(tmp_path / "cache"))[1]["source"] == "cache"
+    again = load_or_train_tokenizer(special_cfg, resolve_data(special_cfg), str(tmp_path / "cache"))
+    assert again[1]["source"] == "cache"

@@ -11,9 +11,9 @@ from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
 from pkmlm.data.mixing import DataPlan
 from pkmlm.data.tokenizer import EOS_TOKEN, encode_documents, eos_id, train_bpe
+from pkmlm.errors import ConfigError, DataError
 
 GIVEN = DataPlan(sources=[])  # the plan does not matter when data.tokenizer names a file
-from pkmlm.errors import ConfigError, DataError
 
 WORDS = "the of and memory key value product layer model token north river city music naïve café".split()
 ROUND_TRIP = [

@@ -59,7 +59,8 @@ class TrainConfig:
     # Budgets for fair comparisons: after the first step that reaches one, evaluate, checkpoint and
     # stop; the LR schedule is still train.max_steps long.
     max_tokens: Optional[int] = None  # training tokens; None = no token budget
-    max_time: Optional[float] = None  # seconds of training time (evaluation and checkpoints excluded, summed over resumes); None = no time budget
+    # seconds of training time (evaluation and checkpoints excluded, summed over resumes); None = no time budget
+    max_time: Optional[float] = None
     peak_flops: Optional[float] = None  # device peak FLOP/s for train/mfu; None = from the GPU's name
     # Several processes (torchrun): ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per
     # block: parameters, gradients and optimizer state split over the ranks). pkmlm/parallel/parallelize.py
@@ -348,6 +349,7 @@ def check_fits_device(cfg: Config, device: Any, world_size: int = 1) -> None:
         hint = (f"lower train.micro_batch_size (now {cfg.train.micro_batch_size or cfg.train.batch_size} sequences "
                 f"per forward pass) or data.seq_len (now {cfg.data.seq_len})")
     raise UserError(
-        f"the run does not fit {device.type}: training needs about {need['total'] / GB:,.1f} GB ({need['n_params']:.3g} "
+        f"the run does not fit {device.type}: training needs about {need['total'] / GB:,.1f} GB "
+        f"({need['n_params']:.3g} "
         f"parameters with gradients and AdamW state: {need['params'] / GB:,.1f} GB; activations: "
         f"{need['activations'] / GB:,.1f} GB) but {where}; {hint}")

@@ -88,7 +88,8 @@ def resolve_sources(cfg: DataConfig) -> List[Source]:
         text_field = s.text_field or cfg.text_field
         if s.hub:
             if s.files:
-                raise ConfigError(f"{key}.files", list(s.files), "[] when hub is set: a source is files or a Hub dataset")
+                raise ConfigError(f"{key}.files", list(s.files),
+                                  "[] when hub is set: a source is files or a Hub dataset")
             spec = HubSpec(name=s.hub, config=s.hub_config, split=s.split)
             sources.append(Source(name=s.name or str(spec), hub=spec, text_field=text_field, weight=s.weight,
                                   max_record_bytes=cfg.max_record_bytes))
