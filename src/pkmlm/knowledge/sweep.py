@@ -15,7 +15,8 @@ exposures and at equal training time.
    its checkpoint nearest to the memory arm's training time is the equal-time point;
 4. recall (`pkmlm.metrics.recall.evaluate_recall`) of every checkpoint, into `DIR/results.jsonl`
    (one row per checkpoint) and `<run>/recall.json` (the final one, which pkmlm-compare reads);
-   `DIR/table.md`: per N, dense and memory at equal exposures and dense at equal time.
+   `DIR/table.md`: per N, dense and memory at equal exposures and dense at equal time;
+   `DIR/bits_vs_exposures.png`: every checkpoint's bits stored vs exposures and vs training time.
 
 Jobs run `--jobs` at a time, each with `--threads` threads, under `nice`.
 """
@@ -218,9 +219,40 @@ def main(argv: list[str] | None = None) -> None:
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     table = summary_table(results)
+    if results:
+        exposure_plot(results, out / "bits_vs_exposures.png")
     (out / "table.md").write_text(table + f"\nwall time: training {train_wall:.0f} s, total {time.time() - t0:.0f} s\n")
     print(table, flush=True)
 
 
 if __name__ == "__main__":
     main()
+
+
+def exposure_plot(results: list[dict], path: Path) -> None:
+    """Bits stored vs exposures (and vs training time), one line per arm and N: the checkpoints of
+    each run (constant schedule: each checkpoint is the run of that length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r["arm"], r["people"], r["seed"]) for r in results}):
+        rows = sorted((r for r in results if (r["arm"], r["people"], r["seed"]) == key), key=lambda r: r["step"])
+        label = f"{key[0]}, N={key[1]}, seed {key[2]}"
+        ax_e.plot([r["exposures"] for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
+        ax_t.plot([r["train_time_s"] for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
+    for people in sorted({r["people"] for r in results}):
+        available = next(r["recall/bits_available"] for r in results if r["people"] == people)
+        for ax in (ax_e, ax_t):
+            ax.axhline(available, linestyle="--", color="gray", linewidth=1)
+    ax_e.set_xlabel("exposures per person (biographies read)")
+    ax_t.set_xlabel("training time, s (shared CPU)")
+    for ax in (ax_e, ax_t):
+        ax.set_ylabel("bits stored (recall/bits)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
