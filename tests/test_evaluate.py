@@ -183,3 +183,19 @@ def test_metrics_modules_import_with_torch_only():
             "assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_pkmlm_eval_byte_count_is_the_texts_utf8_length():
+    """pkmlm-eval's bpb divides by bytes counted per token id (metrics.bits_per_byte): the count
+    must equal the UTF-8 length of the text the ids spell, multi-byte characters included, with
+    end-of-text as one byte (the separator it stands for)."""
+    from pkmlm.cli.eval import token_byte_lengths
+    from pkmlm.data.tokenizer import train_bpe
+
+    texts = ["Café au lait, naïve façade.", "Zürich – 東京 – emoji 🙂 end.", "plain ascii text " * 5]
+    tok = train_bpe(texts * 20, 300)
+    lengths = token_byte_lengths(tok)
+    for text in texts:
+        ids = tok.encode(text).ids
+        assert sum(lengths[i] for i in ids) == len(text.encode("utf-8"))
+    assert lengths[tok.token_to_id("<|endoftext|>")] == 1
