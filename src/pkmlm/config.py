@@ -282,17 +282,18 @@ def validate(cfg: Config) -> None:
 GB = 1e9
 
 
-def estimate_train_memory(cfg: Config, world_size: int = 1) -> dict[str, float]:
-    """A rough lower bound of one process's training memory in bytes, from the config alone: the
-    parameters with their gradients and AdamW moments (4 copies; 3 for the values with
-    optim.sparse_values, whose gradients are row-sparse; split over the ranks with FSDP), and the
-    activations of one micro-batch kept for the backward pass. The model is built on the meta
-    device (counts only, nothing allocated).
+def estimate_train_memory(cfg: Config, world_size: int = 1, act_bytes: int = 4) -> dict[str, float]:
+    """About how many bytes one process needs to train `cfg`, from the config alone: the parameters
+    with their gradients and AdamW moments (4 copies; 3 for the values with optim.sparse_values,
+    whose gradients are row-sparse; split over the ranks with FSDP), and the activations of one
+    micro-batch kept for the backward pass, `act_bytes` each (2 under bf16 autocast). The model is
+    built on the meta device (counts only, nothing allocated).
 
-    Activations per token: each layer keeps about 8*dim + 2*ffn floats (qkv, attention output, two
-    norms, the residual, the FFN's hidden layer before and after its activation), a memory layer
-    its sub-key scores (heads * 2 * n_keys floats) and the logits V floats, all doubled for their
-    gradients. Attention scores are not counted (fused attention does not keep them)."""
+    Activations per token: each layer keeps about 8*dim + 2*ffn values (qkv, attention output, two
+    norms, the residual, the FFN's hidden layer before and after its activation: 16*dim for
+    ffn_mult=4, close to the 34*dim bytes of bf16 that Korthikanti et al. 2022 count), a memory layer
+    its sub-key scores (heads * 2 * n_keys fp32), the logits V fp32 and their gradient. Attention
+    scores are not counted (fused attention does not keep them)."""
     import torch
 
     from pkmlm.model.transformer import Transformer
@@ -311,8 +312,9 @@ def estimate_train_memory(cfg: Config, world_size: int = 1) -> dict[str, float]:
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     tokens = max(1, micro // max(1, world_size)) * cfg.data.seq_len
     ffn = int(m.ffn_mult * m.dim)
-    per_token = m.n_layers * (8 * m.dim + 2 * ffn) + len(m.memory.layers) * m.memory.heads * 2 * m.memory.n_keys + vocab
-    activations = tokens * per_token * 4 * 2
+    per_token = (m.n_layers * (8 * m.dim + 2 * ffn) * act_bytes
+                 + len(m.memory.layers) * m.memory.heads * 2 * m.memory.n_keys * 4 + vocab * 4 * 2)
+    activations = float(tokens * per_token)
     return {"total": params + activations, "params": params, "activations": activations,
             "n_params": float(counts["total"]), "n_values": float(counts["memory_values"])}
 
@@ -335,9 +337,11 @@ def device_memory(device: Any) -> tuple[float, str]:
 
 def check_fits_device(cfg: Config, device: Any, world_size: int = 1) -> None:
     """Refuse, with the estimate and the device's capacity, a run whose parameters and activations
-    (`estimate_train_memory`) exceed the memory `device` has: one line, before anything allocates,
-    instead of an allocator traceback minutes later."""
-    need = estimate_train_memory(cfg, world_size)
+    (`estimate_train_memory`, an estimate: a run that only just fits may still run out) exceed the
+    memory `device` has: one line, before anything allocates, instead of an allocator traceback
+    minutes later."""
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    need = estimate_train_memory(cfg, world_size, act_bytes=2 if bf16 else 4)
     have, where = device_memory(device)
     if need["total"] <= have:
         return
