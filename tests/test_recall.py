@@ -173,3 +173,21 @@ def test_knowledge_report_table_and_plot(tmp_path):
     assert "knowledge/mem N=100" in table and "no recall" not in table and "6,000 / 10,000" in table
     assert knowledge_plot(runs, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0
     assert not knowledge_plot(runs[3:], tmp_path / "none.png")
+
+
+def test_sweep_table_picks_equal_exposures_and_equal_time():
+    from pkmlm.knowledge.sweep import summary_table
+
+    def row(arm, step, time_s, bits):
+        return {"arm": arm, "people": 10, "seed": 0, "steps_equal": 8, "step": step, "exposures": step * 2.0,
+                "train_time_s": time_s, "recall/bits": bits, "recall/bits_available": 500.0,
+                "recall/exact_match": bits / 500, "recall/bits_per_param/total": bits / 1000,
+                "recall/params/total": 1000, "recall/params/embedding": 200}
+
+    rows = [row("dense", 4, 10.0, 100.0), row("dense", 8, 20.0, 200.0), row("dense", 12, 30.0, 300.0),
+            row("mem", 4, 14.0, 120.0), row("mem", 8, 28.0, 220.0)]
+    lines = summary_table(rows).splitlines()[2:]
+    assert len(lines) == 3
+    assert "dense (equal exposures)" in lines[0] and "| 200 |" in lines[0] and "0.2500" in lines[0]
+    assert "memory (equal exposures)" in lines[1] and "| 220 |" in lines[1]
+    assert "dense (equal time)" in lines[2] and "| 300 |" in lines[2]  # 30 s is nearest the memory's 28 s

@@ -282,14 +282,21 @@ def knowledge_plot(runs: list[RunSummary], path: Path) -> bool:
               label="available (N x bits/person)")
     ax_n.set_xlabel("people N")
     ax_p.set_xlabel("parameters (total)")
-    for ax in (ax_n, ax_p):
+    save_bits_figure(fig, (ax_n, ax_p), path)
+    return True
+
+
+def save_bits_figure(fig: Any, axes: tuple, path: Path) -> None:
+    """Label every panel's y axis as bits stored, add grids and legends, write `path`, close."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.set_ylabel("bits stored (recall/bits)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def write_recall_report(runs: list[RunSummary], out: Path) -> dict[str, Any]:

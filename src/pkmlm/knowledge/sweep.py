@@ -237,6 +237,8 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pkmlm.experiments.report import save_bits_figure
+
     fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
     for key in sorted({(r["arm"], r["people"], r["seed"]) for r in results}):
         rows = sorted((r for r in results if (r["arm"], r["people"], r["seed"]) == key), key=lambda r: r["step"])
@@ -249,10 +251,4 @@ def exposure_plot(results: list[dict], path: Path) -> None:
             ax.axhline(available, linestyle="--", color="gray", linewidth=1)
     ax_e.set_xlabel("exposures per person (biographies read)")
     ax_t.set_xlabel("training time, s (shared CPU)")
-    for ax in (ax_e, ax_t):
-        ax.set_ylabel("bits stored (recall/bits)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_bits_figure(fig, (ax_e, ax_t), path)
