@@ -169,3 +169,21 @@ def test_invalid_values_are_rejected_naming_the_key(override, key):
 def test_smallest_vocabulary_is_bytes_eos_and_special_tokens():
     validate(_compose(["data.vocab_size=257"]))  # 256 bytes + <|endoftext|>
     validate(_compose(["data.vocab_size=259", "data.special_tokens=['<|pad|>','<|endoftext|>','<|sep|>']"]))
+
+
+def test_memory_estimate_counts_the_built_model_and_refuses_what_cannot_fit():
+    import torch
+
+    from pkmlm.config import check_fits_device, estimate_train_memory
+    from pkmlm.errors import UserError
+    from pkmlm.model.transformer import Transformer
+
+    cfg = _compose(["model.vocab_size=512"])
+    n_params = sum(p.numel() for p in Transformer(cfg.model).parameters())
+    need = estimate_train_memory(cfg)
+    assert need["n_params"] == n_params and need["params"] == 16 * n_params  # weights, grads, 2 AdamW moments
+    assert need["activations"] > 0
+    check_fits_device(cfg, torch.device("cpu"))  # the default run fits any machine that runs the tests
+    huge = _compose(["model.memory.n_keys=100000"])
+    with pytest.raises(UserError, match=r"needs about [\d,.]+ GB .* RAM available; lower model\.memory\.n_keys"):
+        check_fits_device(huge, torch.device("cpu"))
