@@ -18,7 +18,7 @@ LAYERS = {
     "checkpoint": 4,
     "config": 5, "finetune": 5,
     "train": 6, "run": 6,
-    "experiments": 7, "knowledge": 7,
+    "experiments": 7, "knowledge": 7, "harness": 7,
     "cli": 8,
     "__init__": 9,
 }
