@@ -18,9 +18,10 @@ LAYERS = {
     "checkpoint": 4,
     "config": 5, "finetune": 5,
     "train": 6, "run": 6,
-    "experiments": 7, "knowledge": 7, "harness": 7,
-    "cli": 8,
-    "__init__": 9,
+    "experiments": 7, "harness": 7,
+    "knowledge": 8,
+    "cli": 9,
+    "__init__": 10,
 }
 # Known exceptions, each to be removed by the change that fixes it (the test fails while one is
 # listed but no longer needed, so the list only shrinks).
