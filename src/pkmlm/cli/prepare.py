@@ -31,6 +31,7 @@ from pkmlm.cli._common import precheck_overrides, user_errors_exit_2
 from pkmlm.config import PathsConfig, config_dir, register_configs
 from pkmlm.data.config import DataConfig
 from pkmlm.errors import ConfigError, DataError
+from pkmlm.metrics.formatting import si as _si  # 12.3M: the console's token counts
 
 
 @dataclass
@@ -57,13 +58,6 @@ _register()
 
 def say(message: str, file=None) -> None:
     print(f"pkmlm-prepare: {message}", file=file or sys.stderr, flush=True)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"
 
 
 def _bytes(n: float) -> str:
