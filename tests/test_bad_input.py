@@ -130,6 +130,7 @@ def test_given_tokenizer_without_the_special_tokens_is_refused(tmp_path, capsys,
     ("train.max_steps=1e23", "train.max_steps"),  # was: accepted
     ("train.max_steps=100000000000", "train.max_steps"),
     ("+train.max_step=1", "did you mean train.max_steps?"),  # was: accepted, the full schedule run
+    ("train.max_step=1", "did you mean train.max_steps?"),  # a misspelt key: Hydra's error, the nearest key
     ("name=../escaped", "name="),  # was: a run outside outputs/
     ("model.memory.n_keys=100000", "available"),  # was: an allocator traceback
 ])

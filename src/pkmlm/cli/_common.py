@@ -42,13 +42,17 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     sys.exit(2)
 
 
+# Lines of OmegaConf's and Hydra's messages that say nothing to a user (templates, node types).
+_NOISE = ("HYDRA_FULL_ERROR", "$VALUE", "full_key:", "reference_type=", "object_type=", "To append to your config")
+
+
 def one_line(exc: BaseException) -> str:
     """A readable single line from an OmegaConf/Hydra exception chain (messages joined by ' | ')."""
     parts: list[str] = []
     while exc is not None:
         for line in str(exc).splitlines():
             line = line.strip()
-            if line and "HYDRA_FULL_ERROR" not in line and line not in parts:
+            if line and not any(n in line for n in _NOISE) and line not in parts:
                 parts.append(line)
         exc = exc.__cause__ or exc.__context__
     return " | ".join(parts)
@@ -150,6 +154,24 @@ def _job_label(jobs: list[list[str]], i: int) -> str:
     return f"sweep job {i}" + (f" ({' '.join(varying)})" if varying else "")
 
 
+def _nearest_hint(loader: Any, config_name: str, error: BaseException) -> str:
+    """`; did you mean train.max_steps?` for an override of a key the schema lacks."""
+    import re
+
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    match = re.search(r"Could not override '([^']+)'", one_line(error))
+    if match is None:
+        return ""
+    try:
+        schema = OmegaConf.get_type(_task(loader.load_configuration(config_name, [], RunMode.RUN)))
+    except Exception:  # noqa: BLE001 - no hint then
+        return ""
+    near = difflib.get_close_matches(match.group(1), _schema_keys(schema), n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
 def _task(cfg: Any) -> Any:
     from omegaconf import open_dict
 
@@ -190,7 +212,7 @@ def precheck_overrides(config_dir: str, config_name: str, check: Optional[Callab
                                                    RunMode.MULTIRUN if multirun else RunMode.RUN)
                 jobs = _jobs(loader, master) if multirun else [list(master.hydra.overrides.task)]
             except Exception as e:  # noqa: BLE001 - any composition failure is about the user's overrides
-                fail(f"bad config override: {one_line(e)}")
+                fail(f"bad config override: {one_line(e)}{_nearest_hint(loader, config_name, e)}")
             if not multirun:
                 job_dirs = [Path(str(master.hydra.run.dir))]
                 where = f"hydra.run.dir={str(job_dirs[0])!r}"
