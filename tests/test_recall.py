@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import overrides, run_cli
+from helpers import overrides, read_rows, run_cli
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -119,7 +119,7 @@ def test_batched_scores_equal_one_at_a_time_and_greedy_equals_generation(memory)
 
 
 def test_bad_qa_files_name_the_problem(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="No such file"):
         read_questions(tmp_path / "missing.jsonl")
     path = tmp_path / "qa.jsonl"
     for line, needle in (('{"prompt": "a"', "not a JSON object"), ('{"prompt": "a", "answer": ""}', "'answer'"),
@@ -191,3 +191,64 @@ def test_sweep_table_picks_equal_exposures_and_equal_time():
     assert "dense (equal exposures)" in lines[0] and "| 200 |" in lines[0] and "0.2500" in lines[0]
     assert "memory (equal exposures)" in lines[1] and "| 220 |" in lines[1]
     assert "dense (equal time)" in lines[2] and "| 300 |" in lines[2]  # 30 s is nearest the memory's 28 s
+
+
+def _train_in_process(run_dir, *extra):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from pkmlm.config import config_dir, register_configs
+    from pkmlm.train.loop import train
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides(*extra))
+    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_path, capsys):
+    """A memory model trained with eval.recall and no validation split (data.val_docs=0, which
+    crashed the final evaluation on the missing memory statistics): every evaluation row carries
+    the recall metrics, equal to pkmlm-eval's on the final checkpoint, and pkmlm-compare shows them."""
+    from pkmlm.cli.compare import main as compare
+    from pkmlm.knowledge.facts import write_corpus
+    from pkmlm.run import load_run
+
+    write_corpus(tmp_path / "facts", 20, seed=0, templates=2)
+    qa = tmp_path / "facts" / "qa.jsonl"
+    run = tmp_path / "run"
+    summary = _train_in_process(run, f"data.files=[{tmp_path / 'facts' / 'bios.jsonl'}]", "data.tokenizer_docs=40",
+                                "data.val_docs=0", f"eval.recall={qa}", "eval.recall_max_questions=30",
+                                "logging.progress=true")
+    evals = [r for r in read_rows(run) if "val/tokens" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        assert r["recall/questions"] == 30 and 0 <= r["recall/exact_match"] <= 1 and r["recall/answer_nll"] > 0
+        assert 0 <= r["recall/bits"] <= r["recall/bits_available"] and r["recall/params/memory_values"] > 0
+        assert r["val/tokens"] == 0 and r["val/loss"] is None and not any(k.startswith("memory/") for k in r)
+    assert evals[0]["recall/answer_nll"] != evals[1]["recall/answer_nll"]  # measured anew at each evaluation
+    assert summary["recall/bits"] == evals[-1]["recall/bits"]
+    assert "step 6: no validation batches | recall exact" in capsys.readouterr().err
+    # The same numbers as pkmlm-eval's recall on the checkpoint the run ends with.
+    final = load_run(run)
+    expected = evaluate_recall(final.model, final.tokenizer, qa, max_questions=30)
+    assert evals[-1]["recall/answer_nll"] == pytest.approx(expected["recall/answer_nll"], rel=1e-5)
+    assert evals[-1]["recall/exact_match"] == expected["recall/exact_match"]
+    compare([str(run), "--out", str(tmp_path / "cmp")])
+    assert "bits stored / available" in capsys.readouterr().out
+    last = evals[-1]
+    assert f"| {last['recall/bits']:,.0f} / {last['recall/bits_available']:,.0f} |" in (
+        tmp_path / "cmp" / "recall.md").read_text()
+
+
+def test_training_refuses_a_bad_recall_file_before_it_starts(tmp_path):
+    for path, needle in ((tmp_path / "missing.jsonl", "No such file"), (tmp_path, "a directory")):
+        with pytest.raises(DataError, match=needle):
+            _train_in_process(tmp_path / "run", f"eval.recall={path}")
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    from pkmlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.recall_max_questions"):
+        _train_in_process(tmp_path / "run", "eval.recall_max_questions=0")

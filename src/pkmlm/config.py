@@ -76,6 +76,8 @@ class EvalConfig:
     interval: int = 200  # steps between validations (and one at the end)
     max_batches: Optional[int] = None  # cap on validation batches; None = the whole split
     batch_size: Optional[int] = None  # None = train.micro_batch_size or train.batch_size
+    recall: Optional[str] = None  # a qa.jsonl (pkmlm-facts): recall/* metrics at each evaluation
+    recall_max_questions: Optional[int] = None  # score only the first questions (time per eval); None = all
 
 
 @dataclass
@@ -265,6 +267,8 @@ def validate(cfg: Config) -> None:
             "null or >= 1")
     require(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size,
             "null or >= 1")
+    require(cfg.eval.recall_max_questions is None or cfg.eval.recall_max_questions >= 1, "eval.recall_max_questions",
+            cfg.eval.recall_max_questions, "null (all) or >= 1")
     require(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     require(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")

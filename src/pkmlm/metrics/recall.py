@@ -32,6 +32,7 @@ import torch
 
 from pkmlm.errors import DataError
 from pkmlm.metrics.continuations import score_continuations
+from pkmlm.paths import file_problem
 
 __all__ = [
     "Question",
@@ -57,8 +58,9 @@ class Question:
 def read_questions(path: str | Path) -> list[Question]:
     """Every record of a qa.jsonl; a `DataError` naming the file and line for a bad one."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"eval.recall={str(path)!r}: no such file; write one with "
+    problem = file_problem(path)  # stat only: a FIFO or device is refused without opening it
+    if problem is not None:
+        raise DataError(f"eval.recall={str(path)!r}: {problem}; give a qa.jsonl, e.g. one written by "
                         "pkmlm-facts --people N --seed S --out DIR (DIR/qa.jsonl)")
     questions = []
     with open(path, encoding="utf-8") as f:

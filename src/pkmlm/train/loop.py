@@ -27,6 +27,7 @@ from pkmlm.config import Config, validate
 from pkmlm.data.loader import resolve_data, stats_row
 from pkmlm.errors import UserError
 from pkmlm.metrics.evaluate import evaluate
+from pkmlm.metrics.recall import evaluate_recall, read_questions
 from pkmlm.metrics.sinks import format_summary
 from pkmlm.optim import clip_gradients_, set_lr
 from pkmlm.parallel.agree import (
@@ -247,18 +248,37 @@ def log_training_row(t: Trainer, out: StepOutput, window: Window) -> None:
 
 def evaluate_all(t: Trainer) -> dict:
     """The periodic evaluation, logged as one row: validation loss and perplexity with the memory
-    statistics. A further evaluation adds its keys to this row."""
+    statistics, and fact recall (`recall/*`, pkmlm.metrics.recall) when `eval.recall` is set. A
+    further evaluation adds its keys to this row.
+
+    Every rank runs every part, because a forward may be a collective (FSDP2, sharded values): the
+    validation batches shared out or in lockstep (`eval_batches`), the recall questions in lockstep
+    (the same batches on every rank, so every rank computes the same numbers); rank 0's row is the
+    one logged. Without a validation split (`data.val_docs=0`) the val/* values are null and there
+    are no memory statistics (nothing was read)."""
+    ecfg = t.cfg.eval
+    row: dict = {"step": t.state.step, "tokens": t.state.tokens}
     with t.clock.paused():
         t.par.sync_buffers()  # rank 0's BatchNorm statistics on every rank
         shares, summed = t.par.eval_batches(t.val)  # this rank's batches, or all of them in lockstep
         result = evaluate(t.model, shares, t.device, autocast_dtype=t.amp_dtype, reduce_across_ranks=summed)
-    row = {"step": t.state.step, "tokens": t.state.tokens, "val/loss": result["loss"], "val/ppl": result["ppl"],
-           "val/tokens": result["tokens"], **t.clock.times()}
-    row.update({k: v for k, v in result.items() if k.startswith("memory/")})
+        row.update({"val/loss": result["loss"], "val/ppl": result["ppl"], "val/tokens": result["tokens"]})
+        row.update({k: v for k, v in result.items() if k.startswith("memory/")})
+        if ecfg.recall is not None:  # the file was checked before training (check_input_paths)
+            with torch.autocast(t.device.type, dtype=t.amp_dtype,
+                                enabled=t.amp_dtype is not None and t.device.type == "cuda"):  # as `evaluate`
+                row.update(evaluate_recall(t.model, t.tokenizer, read_questions(Path(ecfg.recall).expanduser()),
+                                           device=t.device, max_questions=ecfg.recall_max_questions))
+    row.update(t.clock.times())
     t.sinks.log(row)
-    t.sinks.console.write(f"step {t.state.step}: val loss {result['loss']:.4f} | val ppl {result['ppl']:.2f}" + "".join(
-        f" | layer {i} usage {row[f'memory/layer{i}/usage']:.1%} kl {row[f'memory/layer{i}/kl_weight']:.2f}"
-        for i in t.model.memory_layers()))
+    line = (f"step {t.state.step}: val loss {row['val/loss']:.4f} | val ppl {row['val/ppl']:.2f}" if row["val/tokens"]
+            else f"step {t.state.step}: no validation batches")
+    line += "".join(f" | layer {i} usage {row[f'memory/layer{i}/usage']:.1%} kl {row[f'memory/layer{i}/kl_weight']:.2f}"
+                    for i in t.model.memory_layers() if f"memory/layer{i}/usage" in row)
+    if "recall/bits" in row:
+        line += (f" | recall exact {row['recall/exact_match']:.1%} bits {row['recall/bits']:,.0f}"
+                 f"/{row['recall/bits_available']:,.0f}")
+    t.sinks.console.write(line)
     return row
 
 

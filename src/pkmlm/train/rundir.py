@@ -13,7 +13,8 @@ from pkmlm.config import PROJECT_ROOT
 from pkmlm.errors import UserError
 
 # Keys that may differ between a run's saved config and the config that resumes it (contract).
-RESUME_MAY_DIFFER = ("train.stop_at_step", "train.max_steps", "resume", "logging.", "eval.interval", "paths.")
+RESUME_MAY_DIFFER = ("train.stop_at_step", "train.max_steps", "resume", "logging.", "eval.interval", "eval.recall",
+                     "eval.recall_max_questions", "paths.")
 
 
 class RunLock:
@@ -124,7 +125,8 @@ def disk_full_error(error: OSError, run_dir: Path) -> UserError | None:
 
 def check_input_paths(cfg: Any) -> None:
     """The paths a run reads, checked before any expensive work: `data.tokenizer` (when given) is a
-    file, `resume` (when a path) is a checkpoint file or a directory. `data.files` is checked by
+    file, `resume` (when a path) is a checkpoint file or a directory, `eval.recall` (when given) a
+    readable qa.jsonl. `data.files` is checked by
     `expand_files`; the run directory by the CLI before Hydra creates it."""
     tok = cfg.data.tokenizer
     if tok:
@@ -133,6 +135,10 @@ def check_input_paths(cfg: Any) -> None:
             what = "a directory" if path.is_dir() else "no such file"
             raise UserError(f"data.tokenizer={tok!r}: {what} ({path.absolute()}); give a tokenizer.json path, "
                             "or null to train one")
+    if cfg.eval.recall:  # every question read and checked now, not at the first evaluation
+        from pkmlm.metrics.recall import read_questions
+
+        read_questions(Path(cfg.eval.recall).expanduser())
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).expanduser().exists():
         raise UserError(f"resume={cfg.resume!r}: no such checkpoint file or run directory "
                         f"({Path(cfg.resume).expanduser().absolute()}); use auto, never or an existing path")
