@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from helpers import overrides, read_rows, run_cli
+from test_distributed import _torchrun, _train_in_process
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -193,21 +194,6 @@ def test_sweep_table_picks_equal_exposures_and_equal_time():
     assert "dense (equal time)" in lines[2] and "| 300 |" in lines[2]  # 30 s is nearest the memory's 28 s
 
 
-def _train_in_process(run_dir, *extra):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from pkmlm.config import config_dir, register_configs
-    from pkmlm.train.loop import train
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides(*extra))
-    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
-
-
 def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_path, capsys):
     """A memory model trained with eval.recall and no validation split (data.val_docs=0, which
     crashed the final evaluation on the missing memory statistics): every evaluation row carries
@@ -252,3 +238,25 @@ def test_training_refuses_a_bad_recall_file_before_it_starts(tmp_path):
 
     with pytest.raises(ConfigError, match="eval.recall_max_questions"):
         _train_in_process(tmp_path / "run", "eval.recall_max_questions=0")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="needs torch.distributed with gloo")
+def test_recall_in_training_on_two_processes_equals_one(tmp_path):
+    """2 processes with the value table sharded over them (every memory read is a collective, so
+    recall must run on all ranks in lockstep): the recall at each evaluation equals that of 1
+    process seeing the same global batches."""
+    from pkmlm.knowledge.facts import write_corpus
+
+    write_corpus(tmp_path / "facts", 20, seed=0, templates=2)
+    args = (f"data.files=[{tmp_path / 'facts' / 'bios.jsonl'}]", "data.tokenizer_docs=40",
+            f"eval.recall={tmp_path / 'facts' / 'qa.jsonl'}", "eval.recall_max_questions=40",
+            "model.memory.query_norm=layernorm")
+    _train_in_process(tmp_path / "one", *args, "train.data_shards=2")
+    _torchrun(tmp_path / "two", *args, "model.memory.shard_values=true")
+    one, two = ([r for r in read_rows(tmp_path / run) if "recall/bits" in r] for run in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [3, 6]
+    for a, b in zip(one, two):
+        assert b["recall/answer_nll"] == pytest.approx(a["recall/answer_nll"], rel=1e-4)
+        assert b["recall/exact_match"] == a["recall/exact_match"] and b["recall/questions"] == 40
