@@ -256,3 +256,21 @@ def test_tokenizer_special_tokens_checked_by_the_data_layer_too(tmp_path):
     cfg = DataConfig(files=[str(C4)], tokenizer=str(path), special_tokens=["<|sep|>"])
     with pytest.raises(DataError, match=r"lacks data\.special_tokens \['<\|sep\|>'\]"):
         load_or_train_tokenizer(cfg, resolve_data(cfg), str(tmp_path / "cache"))
+
+
+def test_a_run_that_trained_keeps_its_hydra_files_when_it_stops_with_a_user_error(tmp_path):
+    # The restore is for refusals only: a run that logged rows and then met a bad record
+    # (data.strict=true) is a run, and .hydra/ describes it.
+    from data_fixtures import make_docs, write_texts_jsonl
+
+    corpus = write_texts_jsonl(tmp_path / "c.jsonl", make_docs(40))
+    with open(corpus, "a") as f:
+        f.write("{not json\n")
+    run_dir = tmp_path / "run"
+    proc = run_cli("pkmlm.cli.train", [*overrides(f"data.files=[{corpus}]", "data.strict=true", "train.max_steps=100",
+                                                  "eval.interval=1000", "checkpoint.interval=1000",
+                                                  "data.tokenizer_docs=20", "data.encode_batch_docs=4"),
+                                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "is not a JSON object" in proc.stderr, proc.stderr[-2000:]
+    assert (run_dir / "metrics.jsonl").stat().st_size > 0
+    assert "data.strict=true" in (run_dir / ".hydra" / "overrides.yaml").read_text()

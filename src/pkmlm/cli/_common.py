@@ -267,24 +267,31 @@ def _restore(directory: Path, state: dict[Path, Optional[bytes]], existed: bool)
                 empty.rmdir()
 
 
+def _size(path: Path) -> Optional[int]:
+    return path.stat().st_size if path.is_file() else None
+
+
 @contextlib.contextmanager
 def hydra_files_kept_on_refusal(planned: Optional[Planned]) -> Iterator[None]:
-    """Around Hydra: when the task refuses the run (exit status 2), put back the `.hydra/` files
-    and log Hydra wrote into its directories (pkmlm-compare labels a sweep's jobs from their
-    overrides.yaml; a refused relaunch must not relabel them), and remove a directory that only
-    this refused run created."""
+    """Around Hydra: when the task refuses the run (exit status 2) before it logged a metrics row,
+    put back the `.hydra/` files and log Hydra wrote into its directories (pkmlm-compare labels a
+    sweep's jobs from their overrides.yaml; a refused relaunch must not relabel them), and remove a
+    directory that only this refused run created. A run that trained and then stopped with a user
+    error (a non-finite streak) keeps Hydra's files: they describe it."""
     if planned is None:
         yield
         return
     extra = [planned.sweep_dir / "multirun.yaml"] if planned.sweep_dir is not None else []
     saved = {d: (_snapshot(d), d.exists()) for d in planned.job_dirs}
     saved_extra = {p: p.read_bytes() if p.is_file() else None for p in extra}
+    metrics = {d: _size(d / "metrics.jsonl") for d in planned.job_dirs}
     try:
         yield
     except SystemExit as e:
         if e.code == 2:
             for directory, (state, existed) in saved.items():
-                _restore(directory, state, existed)
+                if _size(directory / "metrics.jsonl") == metrics[directory]:  # refused before its first row
+                    _restore(directory, state, existed)
             for path, before in saved_extra.items():
                 with contextlib.suppress(OSError):
                     if before is None:
