@@ -213,7 +213,7 @@ def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_
     for r in evals:
         assert r["recall/questions"] == 30 and 0 <= r["recall/exact_match"] <= 1 and r["recall/answer_nll"] > 0
         assert 0 <= r["recall/bits"] <= r["recall/bits_available"] and r["recall/params/memory_values"] > 0
-        assert r["val/tokens"] == 0 and r["val/loss"] is None and not any(k.startswith("memory/") for k in r)
+        assert r["val/tokens"] == 0 and r["val/loss"] is None and "memory/layer1/usage" not in r  # nothing read
     assert evals[0]["recall/answer_nll"] != evals[1]["recall/answer_nll"]  # measured anew at each evaluation
     assert summary["recall/bits"] == evals[-1]["recall/bits"]
     assert "step 6: no validation batches | recall exact" in capsys.readouterr().err
@@ -222,6 +222,13 @@ def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_
     expected = evaluate_recall(final.model, final.tokenizer, qa, max_questions=30)
     assert evals[-1]["recall/answer_nll"] == pytest.approx(expected["recall/answer_nll"], rel=1e-5)
     assert evals[-1]["recall/exact_match"] == expected["recall/exact_match"]
+    # The sweep's evaluation of every checkpoint (DCP directories) of the run.
+    from pkmlm.knowledge.sweep import evaluate_run
+
+    swept = evaluate_run(run, qa, per_bio=50.0, people=20, templates=2)
+    assert [r["step"] for r in swept] == [3, 6] and swept[-1]["recall/questions"] == 120
+    assert json.loads((run / "recall.json").read_text())["recall/bits"] == swept[-1]["recall/bits"]
+    (run / "recall.json").unlink()  # compare below reads the metrics rows
     compare([str(run), "--out", str(tmp_path / "cmp")])
     assert "bits stored / available" in capsys.readouterr().out
     last = evals[-1]

@@ -119,12 +119,13 @@ def _train_times(run_dir: Path) -> dict[int, float]:
 
 def evaluate_run(run_dir: Path, qa: Path, per_bio: float, people: int, templates: int) -> list[dict]:
     """Recall of every checkpoint of a run, oldest first; writes `<run>/recall.json` (the last)."""
+    from pkmlm.checkpoint.store import list_checkpoints
     from pkmlm.metrics.recall import evaluate_recall
     from pkmlm.run import load_run
 
     times = _train_times(run_dir)
     rows = []
-    for ckpt in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):
         run = load_run(ckpt)
         metrics = evaluate_recall(run.model, run.tokenizer, qa)
         step_time = times.get(run.step, max((t for s, t in times.items() if s <= run.step), default=None))

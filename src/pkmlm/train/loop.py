@@ -255,7 +255,7 @@ def evaluate_all(t: Trainer) -> dict:
     validation batches shared out or in lockstep (`eval_batches`), the recall questions in lockstep
     (the same batches on every rank, so every rank computes the same numbers); rank 0's row is the
     one logged. Without a validation split (`data.val_docs=0`) the val/* values are null and there
-    are no memory statistics (nothing was read)."""
+    are no usage statistics of validation reads (`memory/layer{i}/usage`, `kl_*`)."""
     ecfg = t.cfg.eval
     row: dict = {"step": t.state.step, "tokens": t.state.tokens}
     with t.clock.paused():
