@@ -89,8 +89,9 @@ def test_crafted_checkpoint_runs_no_code_on_any_load_path(run, tmp_path, where):
         "resume=auto": lambda: _train(run_dir, *STEPS[1:], "train.max_steps=3"),
         "resume=PATH": lambda: _train(tmp_path / "other", *STEPS[1:], "train.max_steps=3", f"resume={ckpt}"),
     }
-    if where != "optim":  # load_run and pkmlm-eval read the model alone
+    if where != "optim":  # load_run, pkmlm-eval and init_from read the model alone
         loaders["load_run"] = lambda: load_run(run_dir)
+        loaders["init_from"] = lambda: _train(tmp_path / "finetune", *STEPS, f"init_from={run_dir}")
     for name, load in loaders.items():
         with pytest.raises(UserError) as err:
             load()

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from pkmlm.data.config import DataConfig, check_data_config, default_cache_dir
 from pkmlm.errors import UserError, require
+from pkmlm.finetune.config import FinetuneConfig, check_finetune_config  # finetune.*: with its modes
 from pkmlm.metrics.memory_usage import MetricsConfig  # metrics.*: beside the trackers it configures
 from pkmlm.model.transformer import ModelConfig
 from pkmlm.paths import dir_problem
@@ -69,6 +70,9 @@ class TrainConfig:
     # checkpoints) so that it resumes on any process count dividing it; None = the process count
     # at the start. pkmlm/parallel/data_shards.py
     data_shards: Optional[int] = None
+    # With init_from: full (every parameter) | memory (the value tables only) | sparse_memory (the
+    # finetune.top_t value rows per batch by TF-IDF, Lin et al. 2025). pkmlm/finetune/
+    finetune: str = "full"
 
 
 @dataclass
@@ -108,6 +112,9 @@ class Config:
     name: str = "default"  # experiment name: outputs/<name>/<timestamp>/
     seed: int = 1337  # model init, data shuffle and dropout
     resume: str = "auto"  # auto | never | PATH (a checkpoint file or a run directory)
+    # A run directory or checkpoint whose model weights this run starts from (a fresh start only:
+    # new optimizer and schedule, step 0, its own run directory, the source's tokenizer); not resume
+    init_from: Optional[str] = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,6 +124,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def run_start_time(pattern: str) -> str:
@@ -278,6 +286,10 @@ def validate(cfg: Config) -> None:
             cfg.logging.wandb.mode, "one of online, offline, disabled")
     require(cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume,
             "auto, never or a checkpoint path")
+    require(cfg.init_from is None or len(cfg.init_from) > 0, "init_from", cfg.init_from,
+            "null or a run directory or checkpoint whose weights to start from")
+    check_finetune_config(t.finetune, cfg.finetune, init_from=cfg.init_from, memory_layers=model.memory.layers,
+                          shard_values=model.memory.shard_values)
     _check_ints(cfg)  # the backstop for every other count: 2**53 at most
 
 

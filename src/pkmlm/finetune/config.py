@@ -37,7 +37,7 @@ class FinetuneConfig:
 
     background_batches: int = 1000  # batches of the init_from run's training data, counted once
     top_t: int = 500  # value rows trained per batch and table (sparse_memory)
-    optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: torch.optim.SparseAdam)
+    optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: pkmlm.optim.LazyAdam)
     lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
 
 
@@ -66,9 +66,10 @@ def check_finetune_config(mode: str, cfg: FinetuneConfig, *, init_from: str | No
 # --- init_from: the same model --------------------------------------------------------------------
 
 # Keys that may differ between the run a finetune starts from and the finetune: they change how the
-# forward is computed or regularised, never what the weights mean.
+# forward is computed or regularised (or trained: a loss coefficient), never what the weights mean.
 MAY_DIFFER = frozenset({"dropout", "memory.input_dropout", "memory.query_dropout", "memory.value_dropout",
-                        "memory.kernel", "memory.shard_values"})
+                        "memory.kernel", "memory.retrieval_precision", "memory.shard_values",
+                        "memory.balance_loss"})
 
 _MISSING = object()
 

@@ -16,8 +16,8 @@ change; `memory` mode takes every slot the batch read. Everything else is frozen
 2. `RowSelection.restrict_grads_` (after backward, before clipping) replaces each value table's gradient
    by a sparse COO gradient of the selected rows only;
 3. `finetune_optimizer` updates exactly the rows of that gradient: SGD without momentum or weight
-   decay, or a lazy Adam (`torch.optim.SparseAdam`: a row's value and moments change only in the
-   steps that select it). AdamW would move unselected rows through its moments and decay.
+   decay, or a lazy Adam (`pkmlm.optim.LazyAdam`, as `torch.optim.SparseAdam`: a row's value and
+   moments change only in the steps that select it). AdamW would move unselected rows through its moments and decay.
 
 Shape legend: S slots of a pool, R reads, V value dim.
 """
@@ -34,6 +34,7 @@ from pkmlm.finetune.background import BackgroundCounts
 from pkmlm.finetune.config import FinetuneConfig
 from pkmlm.finetune.tables import SlotPool, slot_ids, slot_pools
 from pkmlm.metrics.memory_usage import add_observer, remove_observer, unwrap_model
+from pkmlm.optim import VALUES_GROUP, LazyAdam
 
 # --- ranking --------------------------------------------------------------------------------------
 
@@ -189,10 +190,13 @@ def finetune_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Opt
     `peak_lr` (for the loop's schedule). Expects sparse gradients of the selected rows
     (`RowSelection.restrict_grads_`)."""
     params = [w for pool in slot_pools(model).values() for w in pool.weights]
-    group = {"name": "memory_values", "params": params, "lr": cfg.lr, "peak_lr": cfg.lr}
+    group = {"name": VALUES_GROUP, "params": params, "lr": cfg.lr, "peak_lr": cfg.lr}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD([group], lr=cfg.lr, momentum=0.0, weight_decay=0.0)
-    return torch.optim.SparseAdam([group], lr=cfg.lr)
+    # pkmlm's lazy Adam (as torch.optim.SparseAdam: unselected rows keep value and moments), whose
+    # state exists from the start, so that checkpoints save and load it (SparseAdam's empty state
+    # would be initialised by torch.distributed.checkpoint with a dense step, which it refuses).
+    return LazyAdam([group], lr=cfg.lr)
 
 
 def row_selection(model: nn.Module, mode: str, cfg: FinetuneConfig,

@@ -54,6 +54,7 @@ __all__ = [
     "kl_to_uniform",
     "memory_layers_of",
     "memory_metrics",
+    "observers_set_aside",
     "remove_observer",
     "slots_for_mass",
     "stale_metrics",
@@ -309,26 +310,37 @@ def detach_usage_trackers(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def track_memory_usage(model: torch.nn.Module) -> Iterator[dict[int, MemoryUsage]]:
-    """``with track_memory_usage(model) as trackers:`` attach, and always detach on the way out.
-
-    Observers already attached (training-time ones: :class:`StaleSlots`, sparse finetuning's batch
-    counts) are set aside for the pass and put back afterwards, also on an exception: evaluation
-    reads are not training reads.
-    """
-    layers = memory_layers_of(model)
+def observers_set_aside(model: torch.nn.Module) -> Iterator[None]:
+    """``with observers_set_aside(model):`` every memory layer without its observer (training-time
+    ones: :class:`StaleSlots`, sparse finetuning's batch counts), put back on the way out, also on
+    an exception: evaluation reads (validation, recall) are not training reads. A model without
+    memory layers passes through."""
+    try:
+        layers = memory_layers_of(model)
+    except TypeError:  # no memory_layers(): nothing observed
+        layers = {}
     saved = {i: memory.observer for i, memory in layers.items()}
     for memory in layers.values():
         memory.observer = None
     try:
+        yield
+    finally:
+        for i, memory in layers.items():
+            memory.observer = saved[i]
+
+
+@contextlib.contextmanager
+def track_memory_usage(model: torch.nn.Module) -> Iterator[dict[int, MemoryUsage]]:
+    """``with track_memory_usage(model) as trackers:`` attach, and always detach on the way out.
+
+    Observers already attached are set aside for the pass (:func:`observers_set_aside`).
+    """
+    with observers_set_aside(model):
         trackers = attach_usage_trackers(model)
         try:
             yield trackers
         finally:
             detach_usage_trackers(model)
-    finally:
-        for i, memory in layers.items():
-            memory.observer = saved[i]
 
 
 def memory_metrics(trackers: Mapping[int, MemoryUsage]) -> dict[str, float]:

@@ -27,6 +27,7 @@ from pkmlm.config import Config, validate
 from pkmlm.data.loader import resolve_data, stats_row
 from pkmlm.errors import UserError
 from pkmlm.metrics.evaluate import evaluate
+from pkmlm.metrics.memory_usage import advance_stale_trackers, observers_set_aside
 from pkmlm.metrics.recall import evaluate_recall, read_questions
 from pkmlm.metrics.sinks import format_summary
 from pkmlm.optim import clip_gradients_, set_lr
@@ -172,6 +173,8 @@ def train_step(t: Trainer, batch: Tensor) -> StepOutput | None:
         for name, value in scaled.items():
             terms[name] = terms[name] + value.detach() if name in terms else value.detach()
     # torch's, or with sparse value grads, or over shards (FSDP, sharded values) on every rank
+    if t.selection is not None:  # train.finetune=memory|sparse_memory: only the selected value rows keep a gradient
+        t.selection.restrict_grads_()
     grad_norm, values_norm = clip_gradients_(list(t.model.parameters()), t.value_params, t.cfg.optim)
     # One host sync per step: a non-finite loss or gradient must not reach the weights. The norm is
     # over all ranks' gradients, the loss is this rank's: the ranks agree on skipping (a no-op with
@@ -183,6 +186,7 @@ def train_step(t: Trainer, batch: Tensor) -> StepOutput | None:
         t.optimizer.zero_grad(set_to_none=True)
         return None
     t.optimizer.step()
+    advance_stale_trackers(t.stale)  # memory/layer{i}/stale: one step done (on device, no sync)
     t.optimizer.zero_grad(set_to_none=True)
     return StepOutput(terms=terms, grad_norm=grad_norm, values_grad_norm=values_norm)
 
@@ -258,12 +262,13 @@ def evaluate_all(t: Trainer) -> dict:
     are no usage statistics of validation reads (`memory/layer{i}/usage`, `kl_*`)."""
     ecfg = t.cfg.eval
     row: dict = {"step": t.state.step, "tokens": t.state.tokens}
-    with t.clock.paused():
+    with t.clock.paused(), observers_set_aside(t.model):  # evaluation reads are not training reads
         t.par.sync_buffers()  # rank 0's BatchNorm statistics on every rank
         shares, summed = t.par.eval_batches(t.val)  # this rank's batches, or all of them in lockstep
         result = evaluate(t.model, shares, t.device, autocast_dtype=t.amp_dtype, reduce_across_ranks=summed)
         row.update({"val/loss": result["loss"], "val/ppl": result["ppl"], "val/tokens": result["tokens"]})
         row.update({k: v for k, v in result.items() if k.startswith("memory/")})
+        row.update(t.stale_row())  # memory/layer{i}/stale: slots not read in the last metrics.stale_window steps
         if ecfg.recall is not None:  # the file was checked before training (check_input_paths)
             with torch.autocast(t.device.type, dtype=t.amp_dtype,
                                 enabled=t.amp_dtype is not None and t.device.type == "cuda"):  # as `evaluate`
@@ -289,7 +294,8 @@ def save_checkpoint(t: Trainer) -> Path:
         t.state.wall_time_s, t.state.train_time_s = t.clock.wall_s(), t.clock.train_s()
         rank_files = {f"data/shard_{s:05d}.json": st for s, st in shard_states(t.batches).items()}
         rank_files[f"rng/rank_{t.info.rank:05d}.json"] = pieces.rng_state()
-        return store.save(t.run_dir / "checkpoints", t.state.step, tensors=t.stateful().state_dict(),
+        tensors = {**t.stateful().state_dict(), **t.stale_tensors()}  # model, optimizers, staleness trackers
+        return store.save(t.run_dir / "checkpoints", t.state.step, tensors=tensors,
                           meta={**t.meta, **t.state.to_meta()}, rank_files=rank_files, info=t.info,
                           keep_last=t.cfg.checkpoint.keep_last)
 

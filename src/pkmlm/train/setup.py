@@ -6,6 +6,14 @@ parallelisation -> optimizer -> data -> state restored from the checkpoint -> si
 
 Extension points (docs/architecture.md): `build_model` is where `init_from` weights and frozen
 parameters belong; `build_optimizer` (pkmlm.optim) skips frozen parameters already.
+
+Finetuning (`init_from`, `train.finetune`; pkmlm/finetune/): a fresh start with `init_from` takes
+the source checkpoint's tokenizer and weights (its model config must match, one line naming the
+keys that differ), the memory modes freeze all but the value tables and train them with
+`finetune_optimizer`, and `sparse_memory` counts the background once (cached in the run directory)
+and restricts each step's value gradients to its top rows (`Trainer.selection`, used by
+`train_step`). Every run with memory layers tracks staleness (`Trainer.stale`), saved in its
+checkpoints.
 """
 
 from __future__ import annotations
@@ -25,14 +33,30 @@ from torch import nn
 from pkmlm.checkpoint import pieces, store
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.config import Config
+from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import (
     build_train_batches,
     load_or_train_tokenizer,
+    resolve_data,
     validation_batches,
 )
 from pkmlm.data.tokenizer import tokenizer_from_str
 from pkmlm.errors import ConfigError, UserError
+from pkmlm.finetune import (
+    BACKGROUND_FILE,
+    BackgroundCounts,
+    RowSelection,
+    apply_finetune_mode,
+    count_background,
+    finetune_optimizer,
+    init_from_mismatch,
+    load_background,
+    row_selection,
+    save_background,
+    slot_pools,
+)
 from pkmlm.metrics.flops import peak_flops
+from pkmlm.metrics.memory_usage import StaleSlots, attach_stale_trackers, stale_metrics
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
 from pkmlm.model.kernels import resolve_kernel
 from pkmlm.model.transformer import ModelConfig, Transformer
@@ -113,6 +137,23 @@ class Trainer:
     clock: RunClock
     resumed_from: Path | None
     meta: dict  # what every checkpoint of this run records beside the state (config, tokenizer, ...)
+    init_from: Path | None = None  # the checkpoint whose weights the run started from (init_from)
+    selection: RowSelection | None = None  # train.finetune=memory|sparse_memory: the rows a step may change
+    stale: dict[int, StaleSlots] = dataclasses.field(default_factory=dict)  # memory/layer{i}/stale
+
+    def stale_row(self) -> dict[str, float]:
+        """`memory/layer{i}/stale` of every memory layer. A collective with several processes (a
+        slot is fresh when any rank read it: the ranks' last reads are merged first)."""
+        for tracker in self.stale.values():
+            tracker.all_reduce_()
+        return stale_metrics(self.stale)
+
+    def stale_tensors(self) -> dict[str, Any]:
+        """The staleness trackers' state as checkpoint tensors (`stale/layer{i}/...`), merged over
+        ranks first (a collective), so that every rank saves and resumes the same state."""
+        for tracker in self.stale.values():
+            tracker.all_reduce_()
+        return {"stale": {f"layer{i}": s.state_dict() for i, s in self.stale.items()}} if self.stale else {}
 
     @property
     def micro_batch_size(self) -> int:
@@ -157,11 +198,95 @@ def _check_resume(cfg: Config, run_dir: Path, resolved: dict, resumed: Path | No
                 "or resume=never to start over in this one")
 
 
-def build_model(cfg: Config, model_cfg: ModelConfig) -> Transformer:
-    """The model as training starts it: seeded init. (`init_from` weights and frozen parameters of
-    the finetuning modes belong here.)"""
+def build_model(cfg: Config, model_cfg: ModelConfig, init_from: Path | None = None,
+                info: DistInfo | None = None) -> Transformer:
+    """The model as training starts it: seeded init, then the weights of checkpoint `init_from`
+    when given (a fresh start with `init_from`), then the parameters `train.finetune` freezes."""
     pieces.seed_all(cfg.seed)  # python, numpy and torch: a fresh run's every RNG starts from the seed
-    return Transformer(model_cfg)
+    model = Transformer(model_cfg)
+    if init_from is not None:
+        load_weights(model, init_from, info or DistInfo())
+    if cfg.train.finetune != "full":  # memory modes: the value tables alone train (also on resume)
+        apply_finetune_mode(model, cfg.train.finetune)
+    return model
+
+
+def load_weights(model: nn.Module, path: Path, info: DistInfo) -> None:
+    """The model weights of checkpoint `path` (a verified one: `store.find_for_reading`), through the
+    store's safe loading (no pickled object is ever unpickled); optimizer state is not read."""
+    template = pieces.model_state_template(model)
+    store.load_tensors(path, template, info)
+    pieces.load_model_state(model, template)
+
+
+def init_source(cfg: Config, meta: dict | None, info: DistInfo) -> tuple[Path | None, dict | None]:
+    """The checkpoint this run takes its weights from, and (on a fresh start) its meta.json.
+
+    A fresh start resolves `init_from` (a run directory: its newest valid checkpoint; rank 0 picks)
+    and refuses a source without the model config and tokenizer it needs; a resumed run keeps the
+    checkpoint its start resolved (recorded in its checkpoints' `init_from`), so a source run that
+    went on training since changes nothing."""
+    if cfg.init_from is None:
+        return None, None
+    if meta is not None:
+        return (Path(meta["init_from"]) if meta.get("init_from") else None), None
+    found = run_on_main(lambda: str(store.find_for_reading(Path(cfg.init_from), key="init_from")), info)
+    source, source_meta = Path(found), store.read_meta(Path(found))
+    missing = [k for k in ("model_config", "tokenizer", "config") if k not in source_meta]
+    if missing:
+        raise UserError(f"init_from={cfg.init_from!r}: checkpoint {source} has no {', '.join(missing)} in its "
+                        "meta.json (not a training run's checkpoint); give a run directory or checkpoint of pkmlm-train")
+    return source, source_meta
+
+
+def source_data_config(cfg: Config, source_meta: dict) -> DataConfig:
+    """The `init_from` run's training data (its `data.*`), read in-process, in windows of this run's
+    `data.seq_len`: the background sample of `sparse_memory` (Lin et al. 2025: pretraining data)."""
+    raw = source_meta["config"].get("data", {})
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    typed = OmegaConf.merge(OmegaConf.structured(DataConfig), {k: v for k, v in raw.items() if k in known})
+    return dataclasses.replace(OmegaConf.to_object(typed), seq_len=cfg.data.seq_len, num_workers=0)
+
+
+def finetune_background(cfg: Config, run_dir: Path, model: Transformer, source: Path, tokenizer: Any,
+                        info: DistInfo, weights_loaded: bool) -> BackgroundCounts:
+    """`sparse_memory`'s background: per slot, how many of `finetune.background_batches` batches
+    (of `train.batch_size` sequences) of the source run's training data read it, counted once with
+    the source's weights and cached in `RUN/finetune_background.safetensors`; a resume reads the
+    cache (and recounts, with the source's weights loaded first, only when it is gone)."""
+    if not (source is not None and store.is_checkpoint(source)):
+        raise UserError(f"train.finetune=sparse_memory: the init_from checkpoint {source} is gone, and so is "
+                        f"{run_dir / BACKGROUND_FILE}; restore either, or start a new run")
+    source_meta = store.read_meta(source)
+    data_cfg = source_data_config(cfg, source_meta)
+    fingerprint = {"init_from": str(source), "step": source_meta["step"], "data": source_meta["config"].get("data"),
+                   "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
+                   "num_batches": cfg.finetune.background_batches, "seed": cfg.seed}
+    path = run_dir / BACKGROUND_FILE
+    tables = {name: pool.n_slots for name, pool in slot_pools(model).items()}
+    device = next(iter(slot_pools(model).values())).device
+    cached = load_background(path, fingerprint, tables)
+    if run_on_main(lambda: cached is not None, info):  # rank 0 decides: every rank loads, or every rank counts
+        if cached is None:
+            raise UserError(f"{path}: rank {info.rank} cannot read the cache that rank 0 reads; the run directory "
+                            "must be one directory shared by all processes")
+        return cached.to(device)
+    if not weights_loaded:
+        load_weights(model, source, info)  # the restore that follows puts this run's own weights back
+    try:
+        plan = resolve_data(data_cfg)
+    except UserError as e:
+        raise UserError(f"train.finetune=sparse_memory counts slots on the init_from run's training data, "
+                        f"which cannot be read now: {e}") from None
+    if info.is_main and cfg.logging.progress:
+        print(f"pkmlm | sparse_memory: counting slot reads of {cfg.finetune.background_batches} background "
+              f"batches of {source}'s training data (once; cached in {path.name})", flush=True)
+    # Every rank counts the same batches (a forward may be a collective); rank 0 writes the cache.
+    batches = build_train_batches(data_cfg, plan, tokenizer, batch_size=cfg.train.batch_size, seed=cfg.seed)
+    counts = count_background(model, batches, cfg.finetune.background_batches)
+    if info.is_main:
+        save_background(path, counts, fingerprint)
+    return counts
 
 
 def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
@@ -174,29 +299,42 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     resumed = store.resolve_shared(cfg.resume, run_dir, info)  # rank 0 picks, all read it
     meta = store.read_meta(resumed) if resumed is not None else None
     _check_resume(cfg, run_dir, resolved, resumed, meta, info)
+    source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
 
-    # Tokenizer: a resumed run keeps its own, whatever the cache holds now.
+    # Tokenizer: a resumed run keeps its own, whatever the cache holds now; init_from takes the source's.
     if meta is not None:
         tokenizer, tok_source = tokenizer_from_str(meta["tokenizer"]), "checkpoint"
+    elif source_meta is not None:
+        tokenizer, tok_source = tokenizer_from_str(source_meta["tokenizer"]), "init_from"
     else:  # with several processes rank 0 loads or trains it and sends it to the others
         tokenizer, tok_info = shared_tokenizer(lambda: load_or_train_tokenizer(cfg.data, files, cfg.paths.cache_dir),
                                                info)
         tok_source = tok_info["source"]
     model_cfg = model_config_for(cfg.model, tokenizer.get_vocab_size())
+    if source_meta is not None:  # the same model, or one line naming the keys that differ
+        mismatch = init_from_mismatch(cfg.init_from, model_cfg, source_meta["model_config"])
+        if mismatch is not None:
+            raise mismatch
     if info.is_main:  # rank 0 writes the shared run directory's files, atomically
         atomic_write(run_dir / "tokenizer.json", tokenizer.to_str().encode())
         # config.yaml shows the vocabulary actually built; checkpoints keep the config as given.
         written = {**resolved, "model": {**resolved["model"], "vocab_size": model_cfg.vocab_size}}
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(written)).encode())
 
-    model = build_model(cfg, model_cfg)
+    model = build_model(cfg, model_cfg, init_from=source if meta is None else None, info=info)
     # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
     # process only the move. `model` stays the unwrapped model (state dicts, evaluation).
     par = parallelize(model, cfg.train.parallel, info, device, shard_values=cfg.model.memory.shard_values,
                       seed=cfg.seed)
     if cfg.optim.sparse_values:
         use_sparse_value_grads(model)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    mode = cfg.train.finetune
+    background = None
+    if mode == "sparse_memory":  # before any observer is attached: these reads are not training reads
+        background = finetune_background(cfg, run_dir, model, source, tokenizer, info, weights_loaded=meta is None)
+    selection = row_selection(model, mode, cfg.finetune, background) if mode != "full" else None
+    stale = attach_stale_trackers(model, cfg.metrics.stale_window)  # {} without memory layers
+    optimizer = finetune_optimizer(model, cfg.finetune) if mode != "full" else build_optimizer(model, cfg.optim, device)
     # The global batch is `n_shards` data streams; each rank runs its share (pkmlm.parallel.data_shards).
     n_shards = plan_data_shards(cfg.train.data_shards, cfg.train.batch_size, info,
                                 meta.get("data_shards") if meta is not None else None)
@@ -207,7 +345,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
                              cfg.train.micro_batch_size or cfg.train.batch_size, max_batches=cfg.eval.max_batches)
     trainer_state = TrainState()
     if resumed is not None:
-        trainer_state = restore(resumed, meta, model, optimizer, batches, info)
+        trainer_state = restore(resumed, meta, model, optimizer, batches, info, stale)
     step_fn = torch.compile(par.module) if cfg.train.compile else par.module
 
     amp_dtype = autocast_dtype(cfg.train.precision, device)
@@ -222,19 +360,30 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
                       state=trainer_state, clock=clock, resumed_from=resumed,
                       meta={"config": resolved, "model_config": dataclasses.asdict(model_cfg),
                             "tokenizer": tokenizer.to_str(), "code_version": code_version(),
-                            "world_size": info.world_size, "data_shards": n_shards})
+                            "world_size": info.world_size, "data_shards": n_shards,
+                            **({"init_from": str(source)} if source is not None else {}),
+                            **({"stale_slots": sorted(stale)} if stale else {})},
+                      init_from=source, selection=selection, stale=stale)
     sinks.console.write(_start_line(trainer, tok_source, n_shards))
     return trainer
 
 
 def restore(path: Path, meta: dict, model: nn.Module, optimizer: Optimizer, batches: Any,
-            info: DistInfo) -> TrainState:
-    """Model, optimizers, this rank's data shards and (same rank count) its RNG from checkpoint
-    `path`; returns the loop's counters."""
+            info: DistInfo, stale: dict[int, StaleSlots] | None = None) -> TrainState:
+    """Model, optimizers, the staleness trackers, this rank's data shards and (same rank count) its
+    RNG from checkpoint `path`; returns the loop's counters."""
     stateful = pieces.ModelAndOptimizers(model, torch_optimizers(optimizer))
     tensors = stateful.state_dict()  # templates, sharded as this rank holds them
+    # A checkpoint saved by a run with staleness trackers lists their layers (one written before
+    # them, or by another model, leaves the trackers fresh).
+    saved_stale = bool(stale) and meta.get("stale_slots") == sorted(stale)
+    if saved_stale:
+        tensors["stale"] = {f"layer{i}": tracker.state_dict() for i, tracker in stale.items()}
     store.load_tensors(path, tensors, info)
     stateful.load_state_dict(tensors)
+    if saved_stale:
+        for i, tracker in stale.items():
+            tracker.load_state_dict(tensors["stale"][f"layer{i}"])
     mine = sorted(shard_states(batches))
     load_shard_states(batches, {s: store.read_json(path, f"data/shard_{s:05d}.json") for s in mine})
     if meta.get("world_size") == info.world_size:
@@ -265,6 +414,7 @@ def _start_line(t: Trainer, tok_source: str, n_shards: int) -> str:
         f"{list(t.model.memory_layers()) or 'none'} | tokenizer {tok_source} "
         f"(vocab {t.tokenizer.get_vocab_size()}) | {len(t.val)} validation batches"
         + (f" | resumed from {t.resumed_from.name} at step {t.state.step}" if t.resumed_from is not None else "")
+        + (f" | init_from {t.init_from} (train.finetune={t.cfg.train.finetune})" if t.init_from is not None else "")
         + (f" | {t.info.world_size} processes ({t.par.mode}, {n_shards} data shards"
            f"{', values sharded' if t.par.sharded_params else ''})" if t.info.distributed else "")
     )
