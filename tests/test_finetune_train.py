@@ -141,3 +141,23 @@ def test_init_from_refusals_are_one_line(pretrained, tmp_path):
         _train(tmp_path / "a", f"init_from={tmp_path / 'nowhere'}")
     with pytest.raises(UserError, match=r"config error: train.finetune='memory' is invalid: full, or set init_from"):
         _train(tmp_path / "b", "train.finetune=memory")
+
+
+def test_forgetting_facts_sets_are_disjoint_people_with_the_same_values(tmp_path):
+    """The benchmark's set B is new people stating facts from A's value sets (no new values)."""
+    import json
+
+    from pkmlm.knowledge.forgetting import split_facts
+
+    a, b = split_facts(tmp_path, people=6, seed=3, templates=2)
+    def rows(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    qa = {"A": rows(a / "qa.jsonl"), "B": rows(b / "qa.jsonl")}
+    people = {name: {q["person"] for q in rows} for name, rows in qa.items()}
+    assert len(people["A"]) == len(people["B"]) == 6 and not people["A"] & people["B"]
+    bios = {"A": rows(a / "bios.jsonl"), "B": rows(b / "bios.jsonl")}
+    assert all(len(docs) == 12 and {d["person"] for d in docs} == people[name] for name, docs in bios.items())
+    all_qa = rows(tmp_path / "all" / "qa.jsonl")
+    assert sorted(map(json.dumps, qa["A"] + qa["B"])) == sorted(map(json.dumps, all_qa))
+    assert {q["n_values"] for q in qa["A"]} == {q["n_values"] for q in qa["B"]}

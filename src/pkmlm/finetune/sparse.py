@@ -2,8 +2,9 @@
 TF-IDF against the pretraining data (`sparse_memory`; Lin et al. 2025, arXiv 2510.15103, section 3).
 
 Per optimizer step, for each slot pool (`tables.py`: a value table, with PEER's down vectors) with
-c(i) the reads of slot i in this step's batch (all layers reading the pool, all heads, all micro-batches), |B| the background batches and
-df(i) the background batches that read slot i (`background.py`):
+c(i) the reads of slot i in this step's batch (all layers reading the pool, all heads, all
+micro-batches), |B| the background batches and df(i) the background batches that read slot i
+(`background.py`):
 
     TF-IDF(i) = c(i) / sum_j c(j)  *  log((|B| + 1) / (df(i) + 1))
 

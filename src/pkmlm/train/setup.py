@@ -235,7 +235,8 @@ def init_source(cfg: Config, meta: dict | None, info: DistInfo) -> tuple[Path | 
     missing = [k for k in ("model_config", "tokenizer", "config") if k not in source_meta]
     if missing:
         raise UserError(f"init_from={cfg.init_from!r}: checkpoint {source} has no {', '.join(missing)} in its "
-                        "meta.json (not a training run's checkpoint); give a run directory or checkpoint of pkmlm-train")
+                        "meta.json (not a training run's checkpoint); give a run directory or checkpoint of "
+                        "pkmlm-train")
     return source, source_meta
 
 
