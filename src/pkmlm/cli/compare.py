@@ -51,7 +51,7 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None) ->
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        from pkmlm.experiments.report import write_recall_report, write_report
+        from pkmlm.experiments.report import write_recall_report, write_report, write_variants_report
         from pkmlm.experiments.runs import load_runs
         from pkmlm.paths import dir_problem
 
@@ -67,12 +67,15 @@ def main(argv: list[str] | None = None) -> None:
             baseline = _baseline_index(args.baseline, [r.label for r in runs])
             result = write_report(runs, out, baseline)
             recall = write_recall_report(runs, out)  # knowledge runs: recall/* table and bits-vs-N plot
+            variants = write_variants_report(runs, out, baseline)  # memory variants: variants.md, variants.png
     except UserError as error:
         fail(str(error))
     print(result["markdown"], end="")
     if recall["markdown"]:
         print("\n" + recall["markdown"])
-    print("wrote " + ", ".join(str(p) for p in result["files"] + recall["files"]), file=sys.stderr)
+    if variants["markdown"]:
+        print("\n" + variants["markdown"])
+    print("wrote " + ", ".join(str(p) for p in result["files"] + recall["files"] + variants["files"]), file=sys.stderr)
 
 
 if __name__ == "__main__":

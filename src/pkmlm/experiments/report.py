@@ -310,3 +310,132 @@ def write_recall_report(runs: list[RunSummary], out: Path) -> dict[str, Any]:
         if knowledge_plot(runs, out / "bits_vs_people.png"):
             files.append(out / "bits_vs_people.png")
     return {"markdown": markdown, "files": files}
+
+
+# --- memory variants (issue 14): which recipe each run is, its size, cost and memory statistics ----------
+
+
+def variant_name(memory: dict) -> str:
+    """The memory recipe a run's `model.memory` config describes, e.g. `dense`, `PKM (replace)`,
+    `Memory+ (replace, qk-norm, shared pool)`. The base name follows the knob that defines each
+    paper's layer: PEER values with a balance loss -> UltraMem-style (UltraMemV2: PEER-style
+    pre-values + the sub-key balance loss), a gate -> Memory+, PEER values -> PEER, else PKM (Lample
+    et al. 2019); the details list placement, qk-norm, a pool shared by several layers, the
+    balance-loss coefficient."""
+    layers = memory.get("layers") or []
+    if not layers:
+        return "dense"
+    peer = memory.get("values_kind") == "peer"
+    balance = memory.get("balance_loss") or 0
+    gated = memory.get("gate", "none") not in (None, "none")
+    base = ("UltraMem-style" if peer and balance > 0 else "PEER + gate" if peer and gated else "Memory+" if gated
+            else "PEER" if peer else "PKM")
+    details = [str(memory.get("placement") or "replace")]
+    if memory.get("qk_norm"):
+        details.append("qk-norm")
+    if memory.get("share_values") and len(layers) > 1:
+        details.append("shared pool")
+    if balance > 0:
+        details.append(f"balance {balance:g}")
+    return f"{base} ({', '.join(details)})"
+
+
+def _run_variant(run: RunSummary) -> str:
+    memory = (run.config.get("model") or {}).get("memory") if isinstance(run.config.get("model"), dict) else None
+    return variant_name(memory if isinstance(memory, dict) else {})
+
+
+def _values_optim_text(run: RunSummary) -> str:
+    """The values' optimizer settings: LR, its schedule, and their own clip when they have one."""
+    optim = run.config.get("optim") if isinstance(run.config.get("optim"), dict) else {}
+    if not run.memory_layers:
+        return "—"
+    clip = optim.get("values_grad_clip") or 0
+    return (f"{_num(optim.get('values_lr'), 'g')} {optim.get('values_schedule', 'follow')}"
+            + (f", clip {clip:g} apart" if clip else ""))
+
+
+def _mean_stat(run: RunSummary, stat: str) -> float | None:
+    values = [m.get(stat) for m in run.memory.values() if isinstance(m.get(stat), (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def _last_row_value(run: RunSummary, key: str) -> float | None:
+    values = [r[key] for r in run.rows if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
+VARIANT_HEADERS = ("variant", "run", "memory layers", "values optim", "params total / active", "FLOPs/token",
+                   "train tok/s", "final val ppl", "ppl ×", "usage (mean)", "KL weight (mean)",
+                   "train balance loss")
+
+
+def variants_markdown(runs: list[RunSummary], baseline: int = 0) -> str:
+    """One row per run naming its memory variant, with its parameters (total / active), training
+    FLOPs per token, speed, final validation perplexity (and its ratio to the baseline's), memory
+    usage and KL averaged over its memory layers, and its last logged balance loss; "" unless the
+    runs hold at least two variants."""
+    names = [_run_variant(r) for r in runs]
+    if len(set(names)) < 2:
+        return ""
+    base = runs[baseline]
+    lines = ["| " + " | ".join(VARIANT_HEADERS) + " |", "|" + "|".join("---" for _ in VARIANT_HEADERS) + "|"]
+    for name, r in zip(names, runs):
+        usage = _mean_stat(r, "usage")
+        cells = [name, f"**{r.label}** (baseline)" if r is base else r.label,
+                 ", ".join(f"L{i}" for i in r.memory_layers) or "none", _values_optim_text(r),
+                 f"{si(r.params_total, 2)} / {si(r.params_active, 2)}", si(r.flops_per_token, 1),
+                 si(r.tokens_per_s, 2), _num(r.final_ppl, ".2f"),
+                 _num(_ratio(r.final_ppl, base.final_ppl), ".3f"),
+                 "—" if not r.memory_layers else _num(usage, ".1%"),
+                 "—" if not r.memory_layers else _num(_mean_stat(r, "kl_weight"), ".2f"),
+                 _num(balance, ".4f") if (balance := _last_row_value(r, "train/balance_loss")) is not None else "—"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def variants_plot(runs: list[RunSummary], path: Path) -> bool:
+    """Final validation perplexity, training tokens/s and mean memory usage per run, one bar each,
+    labelled by variant; False when fewer than two variants."""
+    import matplotlib.pyplot as plt
+
+    names = [_run_variant(r) for r in runs]
+    if len(set(names)) < 2:
+        return False
+    # the base name over its placement (the table has the rest)
+    labels = [n.split(" (")[0].replace("-style", "") + ("\n" + n.split(" (", 1)[1].split(",")[0].rstrip(")")
+                                                         if " (" in n else "") for n in names]
+    panels = (("final validation perplexity", [r.final_ppl for r in runs]),
+              ("training tokens/s", [r.tokens_per_s for r in runs]),
+              ("memory usage (mean over layers)", [_mean_stat(r, "usage") for r in runs]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    for ax, (title, values) in zip(axes, panels):
+        xs = range(len(runs))
+        ax.bar(xs, [v if isinstance(v, (int, float)) and math.isfinite(v) else 0 for v in values],
+               color=["gray" if not r.memory_layers else f"C{i}" for i, r in enumerate(runs)])
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[2].yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    finite = [r.final_ppl for r in runs if isinstance(r.final_ppl, (int, float)) and math.isfinite(r.final_ppl)]
+    if finite:  # differences of a few percent: start the axis near the lowest bar
+        axes[0].set_ylim(min(finite) * 0.95, max(finite) * 1.02)
+    fig.suptitle("memory variants (pkmlm-compare)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_variants_report(runs: list[RunSummary], out: Path, baseline: int = 0) -> dict[str, Any]:
+    """`variants.md` and `variants.png` in `out` when the runs hold two or more memory variants;
+    returns the markdown ("" otherwise) and the files written."""
+    markdown = variants_markdown(runs, baseline)
+    files: list[Path] = []
+    if markdown:
+        (out / "variants.md").write_text(markdown + "\n")
+        files.append(out / "variants.md")
+        if variants_plot(runs, out / "variants.png"):
+            files.append(out / "variants.png")
+    return {"markdown": markdown, "files": files}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pkmlm.checkpoint import pieces, store
 from pkmlm.config import Config, validate
@@ -140,11 +140,22 @@ def run_loop(t: Trainer, signals: StopSignals) -> dict:
     return finish(t, stop_signal, budget, last_val)
 
 
-def loss_terms(step_fn: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+def loss_terms(t: Trainer, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
     """The micro-batch's loss terms; `loss` is the one minimised, each term is logged as
     `train/<name>` (averaged over the row's steps). An auxiliary term goes here: add it to `loss`
-    and return it under its own name."""
-    _, loss = step_fn(inputs, targets)
+    and return it under its own name.
+
+    `balance_loss`: the memory layers' sub-key balance loss (UltraMemV2), already weighted by
+    `model.memory.balance_loss` inside the model, asked for only when that coefficient is above 0
+    (a run without it keeps its forward unchanged). `loss` is then cross entropy + balance loss;
+    the cross entropy alone is `train/loss - train/balance_loss` (validation reports it alone).
+    Like Switch Transformer's and UltraMem's, the balance loss is computed per micro-batch (per
+    rank under DDP): its token counts are those of the batch the forward sees."""
+    memory = t.cfg.model.memory
+    if memory.layers and memory.balance_loss > 0:
+        _, loss, balance = t.step_fn(inputs, targets, return_aux=True)
+        return {"loss": loss + balance, "balance_loss": balance}
+    _, loss = t.step_fn(inputs, targets)
     return {"loss": loss}
 
 
@@ -167,7 +178,7 @@ def train_step(t: Trainer, batch: Tensor) -> StepOutput | None:
         # Gradients are reduced over ranks once per step, with the last micro-batch.
         with t.par.gradient_sync(i == len(micro_batches) - 1):
             with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
-                micro_terms = loss_terms(t.step_fn, inputs, targets)
+                micro_terms = loss_terms(t, inputs, targets)
             scaled = {name: value * share for name, value in micro_terms.items()}
             scaled["loss"].backward()
         for name, value in scaled.items():

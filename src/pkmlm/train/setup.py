@@ -293,7 +293,8 @@ def finetune_background(cfg: Config, run_dir: Path, model: Transformer, source: 
 def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
     device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
     check_parallel_config(cfg.train.parallel, cfg.model.memory.shard_values,
-                          cfg.model.memory.v_dim or cfg.model.dim, info)
+                          cfg.model.memory.v_dim or cfg.model.dim, info,
+                          down_dim=cfg.model.dim if cfg.model.memory.values_kind == "peer" else None)
     check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
     if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
         resolve_kernel(cfg.model.memory.kernel, device)
