@@ -176,11 +176,12 @@ def test_knowledge_report_table_and_plot(tmp_path):
     assert not knowledge_plot(runs[3:], tmp_path / "none.png")
 
 
-def test_sweep_table_picks_equal_exposures_and_equal_time():
-    from pkmlm.knowledge.sweep import summary_table
+def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
+    from pkmlm.knowledge.sweep import main, summary_table
 
-    def row(arm, step, time_s, bits):
-        return {"arm": arm, "people": 10, "seed": 0, "steps_equal": 8, "step": step, "exposures": step * 2.0,
+    def row(arm, step, time_s, bits, people=10):
+        return {"arm": arm, "people": people, "seed": 0, "steps_equal": 8, "step": step, "exposures": step * 2.0,
+                "run_dir": str(tmp_path / f"{arm}-N{people}"), "recall/people": people,
                 "train_time_s": time_s, "recall/bits": bits, "recall/bits_available": 500.0,
                 "recall/exact_match": bits / 500, "recall/bits_per_param/total": bits / 1000,
                 "recall/params/total": 1000, "recall/params/embedding": 200}
@@ -192,6 +193,14 @@ def test_sweep_table_picks_equal_exposures_and_equal_time():
     assert "dense (equal exposures)" in lines[0] and "| 200 |" in lines[0] and "0.2500" in lines[0]
     assert "memory (equal exposures)" in lines[1] and "| 220 |" in lines[1]
     assert "dense (equal time)" in lines[2] and "| 300 |" in lines[2]  # 30 s is nearest the memory's 28 s
+    # --merge: two earlier sweeps' results.jsonl in one table and figures (bits vs exposures, vs N).
+    for name, part in (("a", rows), ("b", [row("dense", 8, 20.0, 350.0, people=20), row("mem", 8, 28.0, 300.0, 20)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| 10 (seed 0) |" in table and "| 20 (seed 0) |" in table and "| 350 |" in table
+    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("bits_vs_exposures.png", "bits_vs_people.png"))
 
 
 def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_path, capsys):

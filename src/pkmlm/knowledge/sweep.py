@@ -182,11 +182,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="train nothing: the table and "
+                   "figures of the results.jsonl of these earlier sweep directories together, into --out")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
     from pkmlm.knowledge.facts import write_corpus
 
     out = Path(args.out)
+    if args.merge:
+        results = [json.loads(line) for d in args.merge for line in (Path(d) / "results.jsonl").read_text().splitlines()
+                   if line.strip()]
+        out.mkdir(parents=True, exist_ok=True)
+        print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
+        return
     t0 = time.time()
     plans, jobs = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -219,15 +227,18 @@ def main(argv: list[str] | None = None) -> None:
             results.append({**{k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items()}, **row})
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
+    print(report(results, out, f"wall time: training {train_wall:.0f} s, total {time.time() - t0:.0f} s"), flush=True)
+
+
+def report(results: list[dict], out: Path, note: str) -> str:
+    """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png` and
+    `out/bits_vs_people.png` for the sweep's rows; returns the table."""
     table = summary_table(results)
     if results:
         exposure_plot(results, out / "bits_vs_exposures.png")
-    (out / "table.md").write_text(table + f"\nwall time: training {train_wall:.0f} s, total {time.time() - t0:.0f} s\n")
-    print(table, flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        people_plot(results, out / "bits_vs_people.png")
+    (out / "table.md").write_text(table + f"\n{note}\n")
+    return table
 
 
 def exposure_plot(results: list[dict], path: Path) -> None:
@@ -253,3 +264,19 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     ax_e.set_xlabel("exposures per person (biographies read)")
     ax_t.set_xlabel("training time, s (shared CPU)")
     save_bits_figure(fig, (ax_e, ax_t), path)
+
+
+def people_plot(results: list[dict], path: Path) -> bool:
+    """Bits stored vs people N and vs parameters at equal exposures (each arm's checkpoint at the
+    equal-exposure step of its N), as pkmlm-compare draws it; False with fewer than two points."""
+    from pkmlm.experiments.report import knowledge_plot
+    from pkmlm.experiments.runs import RunSummary
+
+    runs = [RunSummary(path=Path(r["run_dir"]), label=f"{r['arm']} N={r['people']} seed {r['seed']}", config={},
+                       rows=[r], name=f"{r['arm']} (equal exposures)")
+            for r in results if r["step"] == r["steps_equal"]]
+    return knowledge_plot(runs, path)
+
+
+if __name__ == "__main__":
+    main()
