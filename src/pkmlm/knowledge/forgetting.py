@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--arms", default=",".join(ARMS), help="experiment=forgetting/<arm> presets")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arm-overrides", default="", help="key=value[,key=value] for the finetuning arms only "
+                   "(e.g. finetune.optimizer=adam,finetune.lr=0.01), with --suffix naming the variant")
+    p.add_argument("--suffix", default="", help="appended to each arm's run directory and label, and to "
+                   "results/table file names: variants of the arms beside the first set, same pretrained run")
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (model.* reach both phases)")
     args = p.parse_args(argv)
@@ -149,22 +153,26 @@ def main(argv: list[str] | None = None) -> None:
         if not (pretrain / "checkpoints").is_dir():
             raise SystemExit(f"pretraining failed: see {out / 'logs' / 'pretrain.log'}")
     times = {"pretrain_wall_s": time.time() - t0}
-    for arm in args.arms.split(","):
+    arm_overrides = [o for o in args.arm_overrides.split(",") if o]
+    names = {arm: arm + args.suffix for arm in args.arms.split(",")}
+    for arm, name in names.items():
         t_arm = time.time()
         _run_jobs([([sys.executable, "-m", "pkmlm.cli.train", f"experiment=forgetting/{arm}", f"init_from={pretrain}",
                      f"data.files=[{facts_b / 'bios.jsonl'}]", f"train.max_steps={args.finetune_steps}",
-                     f"hydra.run.dir={out / 'runs' / arm}", *common], out / "logs" / f"{arm}.log")], 1, args.threads)
-        times[f"{arm}_wall_s"] = time.time() - t_arm
+                     f"hydra.run.dir={out / 'runs' / name}", *common, *arm_overrides], out / "logs" / f"{name}.log")],
+                  1, args.threads)
+        times[f"{name}_wall_s"] = time.time() - t_arm
     t_eval = time.time()
     rows = [measure("pretrained", pretrain, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl", args.threads)]
-    for arm in args.arms.split(","):
-        if (out / "runs" / arm / "checkpoints").is_dir():
-            rows.append(measure(arm, out / "runs" / arm, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl",
+    for name in names.values():
+        if (out / "runs" / name / "checkpoints").is_dir():
+            rows.append(measure(name, out / "runs" / name, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl",
                                 args.threads))
     times.update(eval_wall_s=time.time() - t_eval, total_wall_s=time.time() - t0)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "times": times, "rows": rows}, indent=1) + "\n")
+    results = {"args": vars(args), "times": times, "rows": rows}
+    (out / f"results{args.suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(rows) + "\n" + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + "\n"
-    (out / "table.md").write_text(text)
+    (out / f"table{args.suffix}.md").write_text(text)
     print(text, flush=True)
 
 
