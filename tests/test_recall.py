@@ -200,6 +200,8 @@ def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
     main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")])
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| 10 (seed 0) |" in table and "| 20 (seed 0) |" in table and "| 350 |" in table
+    # N=20's dense run stopped at 20 s, before the memory's 28 s: no equal-time row for it.
+    assert table.count("dense (equal time)") == 1
     assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("bits_vs_exposures.png", "bits_vs_people.png"))
 
 

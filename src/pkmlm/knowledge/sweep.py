@@ -155,7 +155,9 @@ def summary_table(results: list[dict]) -> str:
                  ("memory (equal exposures)", mem[0] if mem else None)]
         if mem and mem[0].get("train_time_s"):
             dense = [r for r in rows if r["arm"] == "dense" and r.get("train_time_s")]
-            if dense:
+            # Only when the dense run reached the memory's time (--dense-factor > 1): else its last
+            # checkpoint is not an equal-time point, only the longest the dense arm ran.
+            if dense and max(r["train_time_s"] for r in dense) >= mem[0]["train_time_s"]:
                 picks.append(("dense (equal time)", min(dense, key=lambda r: abs(r["train_time_s"]
                                                                               - mem[0]["train_time_s"]))))
         for label, r in picks:
