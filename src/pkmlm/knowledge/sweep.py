@@ -275,7 +275,7 @@ def people_plot(results: list[dict], path: Path) -> bool:
     from pkmlm.experiments.runs import RunSummary
 
     runs = [RunSummary(path=Path(r["run_dir"]), label=f"{r['arm']} N={r['people']} seed {r['seed']}", config={},
-                       rows=[r], name=f"{r['arm']} (equal exposures)")
+                       rows=[{"recall/people": r["people"], **r}], name=f"{r['arm']} (equal exposures)")
             for r in results if r["step"] == r["steps_equal"]]
     return knowledge_plot(runs, path)
 
