@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.checkpoint.store import latest_valid
-from pkmlm.config import PROJECT_ROOT
+from pkmlm.config import PROJECT_ROOT, Config
 from pkmlm.errors import UserError
 
 # Keys that may differ between a run's saved config and the config that resumes it (contract).
@@ -54,12 +54,27 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def schema_defaults() -> dict[str, Any]:
+    """The typed schema's default for every dotted key (interpolations left unresolved)."""
+    from omegaconf import OmegaConf
+
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ and are not allowed to differ on resume."""
+    """Dotted keys whose values differ and are not allowed to differ on resume.
+
+    A key the saved config lacks was added to the schema after that run was saved: it differs only
+    when this run sets it away from the schema's default (which is what the older code ran with),
+    so that adding a config key never strands the runs made before it.
+    """
     a, b = _flatten(saved), _flatten(current)
+    defaults = schema_defaults()
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_DIFFER):
+            continue
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
             continue
         if a.get(key, "<missing>") != b.get(key, "<missing>"):
             diffs.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")
