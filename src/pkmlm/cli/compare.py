@@ -3,7 +3,9 @@
 Each DIR is a run directory or a sweep directory (every run below it is taken). Writes into OUT
 (default `./compare/`): `table.md` (the table and whether the runs were matched), `table.csv`
 (every number, full precision), `ppl_vs_tokens.png`, `ppl_vs_time.png` and, for a memory-position
-sweep, `by_layer.png`; prints the markdown. A plain CLI (argparse), not a Hydra app.
+sweep, `by_layer.png`; for runs of two or more memory variants, `variants.md` (each run's variant,
+parameters total / active, FLOPs per token, usage, KL, balance loss) and `variants.png`; prints the
+markdown. A plain CLI (argparse), not a Hydra app.
 """
 
 from __future__ import annotations

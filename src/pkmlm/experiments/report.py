@@ -374,9 +374,9 @@ def variants_markdown(runs: list[RunSummary], baseline: int = 0) -> str:
     """One row per run naming its memory variant, with its parameters (total / active), training
     FLOPs per token, speed, final validation perplexity (and its ratio to the baseline's), memory
     usage and KL averaged over its memory layers, and its last logged balance loss; "" unless the
-    runs hold at least two variants."""
+    runs hold at least two memory variants (dense runs then join as references)."""
     names = [_run_variant(r) for r in runs]
-    if len(set(names)) < 2:
+    if len(set(names) - {"dense"}) < 2:
         return ""
     base = runs[baseline]
     lines = ["| " + " | ".join(VARIANT_HEADERS) + " |", "|" + "|".join("---" for _ in VARIANT_HEADERS) + "|"]
@@ -396,11 +396,11 @@ def variants_markdown(runs: list[RunSummary], baseline: int = 0) -> str:
 
 def variants_plot(runs: list[RunSummary], path: Path) -> bool:
     """Final validation perplexity, training tokens/s and mean memory usage per run, one bar each,
-    labelled by variant; False when fewer than two variants."""
+    labelled by variant; False when fewer than two memory variants."""
     import matplotlib.pyplot as plt
 
     names = [_run_variant(r) for r in runs]
-    if len(set(names)) < 2:
+    if len(set(names) - {"dense"}) < 2:
         return False
     # the base name over its placement (the table has the rest)
     labels = [n.split(" (")[0].replace("-style", "") + ("\n" + n.split(" (", 1)[1].split(",")[0].rstrip(")")
@@ -429,7 +429,8 @@ def variants_plot(runs: list[RunSummary], path: Path) -> bool:
 
 
 def write_variants_report(runs: list[RunSummary], out: Path, baseline: int = 0) -> dict[str, Any]:
-    """`variants.md` and `variants.png` in `out` when the runs hold two or more memory variants;
+    """`variants.md` and `variants.png` in `out` when the runs hold two or more memory variants (a
+    pkm-vs-dense comparison or a sweep of one recipe gets neither);
     returns the markdown ("" otherwise) and the files written."""
     markdown = variants_markdown(runs, baseline)
     files: list[Path] = []
