@@ -14,11 +14,11 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # torch 2.13 CPU; 3.5.1 and 3.6.0 fail two interpreter tests). Empty: none.
 TRITON_SPEC ?= $(if $(HAS_GPU),,triton>=3.7)
 
-.PHONY: setup train test bench bench-data faults clean help
+.PHONY: setup train test lint bench bench-data faults clean help
 help:
 	@echo "make setup   create $(VENV) and install pkmlm (+dev) and torch"
 	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
-	@echo "make test    run the test suite on CPU"
+	@echo "make test    ruff (lint + format check), then the test suite on CPU"
 	@echo "make bench   memory layer and model speed tables (paper sizes on CUDA, CPU-sized otherwise)"
 	@echo "make bench-data  data pipeline tokens/s: bare encoding vs streaming vs prepared shards"
 	@echo "make faults  the long fault-injection run: 100 kill -9s, stop signals, a full disk (docs/reliability.md)"
@@ -35,8 +35,12 @@ $(BIN)/pkmlm-train: pyproject.toml
 train: setup
 	$(BIN)/pkmlm-train
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest tests
+
+lint: setup   # mechanical style: ruff's lint rules and formatter, settings in pyproject.toml
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 bench: setup   # memory layer vs FFN, then dense vs memory models: tables for docs/benchmarks.md (CPU ~3 min)
 	$(BIN)/python scripts/bench_memory.py

@@ -56,15 +56,24 @@ def timed(fn, min_seconds: float = 0.0):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=800, help="Wikipedia articles to stream (about 3.5k tokens each)")
-    ap.add_argument("--vocab", type=int, default=16384, help="BPE vocabulary (trained on up to 2,000 sample articles, cached)")
+    ap.add_argument(
+        "--vocab", type=int, default=16384, help="BPE vocabulary (trained on up to 2,000 sample articles, cached)"
+    )
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of bare / stream / workers")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
     wiki = os.path.join(sample_dir(), "wiki", "enwiki2015_first800.jsonl.gz")
     files = expand_files([wiki])
-    base = DataConfig(files=files, vocab_size=args.vocab, tokenizer_docs=2000, seq_len=128, val_docs=0,
-                      shuffle_buffer=256, encode_batch_docs=64)
+    base = DataConfig(
+        files=files,
+        vocab_size=args.vocab,
+        tokenizer_docs=2000,
+        seq_len=128,
+        val_docs=0,
+        shuffle_buffer=256,
+        encode_batch_docs=64,
+    )
     plan = resolve_data(base)
     tok, info = load_or_train_tokenizer(base, plan, default_cache_dir())
     print(f"tokenizer: vocab {tok.get_vocab_size()} ({info['source']}), cores {os.cpu_count()}", flush=True)
@@ -78,8 +87,9 @@ def main() -> None:
     workers_cfg = DataConfig(**{**base.__dict__, "num_workers": 2})
 
     def bare():
-        return sum(len(e.ids) for i in range(0, len(texts), 64)
-                   for e in encode(texts[i : i + 64], add_special_tokens=False))
+        return sum(
+            len(e.ids) for i in range(0, len(texts), 64) for e in encode(texts[i : i + 64], add_special_tokens=False)
+        )
 
     total_tokens = bare()  # also warms the Rust thread pool
     n_batches = total_tokens // (batch_size * base.seq_len)
@@ -96,8 +106,7 @@ def main() -> None:
     runs = {
         "bare": bare,
         "stream": lambda: stream(lambda: TokenBatches(base, plan, tok, batch_size=batch_size, seed=0)),
-        "stream_workers2": lambda: stream(lambda: WorkerBatches(workers_cfg, plan, tok, batch_size=batch_size,
-                                                                seed=0)),
+        "stream_workers2": lambda: stream(lambda: WorkerBatches(workers_cfg, plan, tok, batch_size=batch_size, seed=0)),
     }
     rates = {k: [] for k in runs}
     for r in range(args.rounds):
@@ -114,9 +123,12 @@ def main() -> None:
         results[f"{name}_vs_bare_per_round"] = [a / b for a, b in zip(rates[name], rates["bare"])]
     print(f"bare encode_batch:        {results['bare_tok_s']:>12,.0f} tokens/s (median of {args.rounds})")
     for name in ("stream", "stream_workers2"):
-        print(f"{name + ':':<25} {results[name + '_tok_s']:>12,.0f} tokens/s  "
-              f"({results[name + '_vs_bare']:.0%} of bare; per round "
-              + ", ".join(f"{x:.0%}" for x in results[name + "_vs_bare_per_round"]) + ")")
+        print(
+            f"{name + ':':<25} {results[name + '_tok_s']:>12,.0f} tokens/s  "
+            f"({results[name + '_vs_bare']:.0%} of bare; per round "
+            + ", ".join(f"{x:.0%}" for x in results[name + "_vs_bare_per_round"])
+            + ")"
+        )
 
     # 4. prepared shards of the same documents
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +142,9 @@ def main() -> None:
         print(f"pkmlm-prepare (write):    {results['prepare_tok_s']:>12,.0f} tokens/s  ({index['dtype']})")
         for order in ("random", "sequential"):
             for bs, seq in ((16, 128), (32, 1024)):
-                cfg = DataConfig(**{**base.__dict__, "files": [], "prepared": out, "seq_len": seq,
-                                    "prepared_order": order})
+                cfg = DataConfig(
+                    **{**base.__dict__, "files": [], "prepared": out, "seq_len": seq, "prepared_order": order}
+                )
                 batches = PreparedBatches(cfg, out, batch_size=bs, seed=0)
                 next(batches)  # the epoch's permutation
                 n = max(200, 20_000_000 // (bs * seq))

@@ -35,12 +35,11 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from benchlib import add_common_args, default, device_name, interleaved_ms, setup, sync  # first: finds src/
 from torch import Tensor, nn
 
-from benchlib import add_common_args, default, device_name, interleaved_ms, setup, sync  # first: finds src/
 from pkmlm.metrics.flops import memory_layer_costs
-from pkmlm.model import ProductKeyMemory
-from pkmlm.model import kernels
+from pkmlm.model import ProductKeyMemory, kernels
 from pkmlm.model.kernels import reference
 from pkmlm.model.memory import eligible_rank_pairs
 from pkmlm.optim import LazyAdam
@@ -70,8 +69,9 @@ VARIANTS = {
     "pkm (memory=tiny: the 2019 layer)": dict(query_norm="batchnorm"),
     "Memory+ (memory=memory_plus: silu gate, qk_norm)": dict(query_norm="none", qk_norm=True, gate="silu"),
     "PEER (memory=peer: gelu experts)": dict(query_norm="batchnorm", values_kind="peer"),
-    "UltraMem-style (memory=ultramem: qk_norm, PEER values, balance loss)":
-        dict(query_norm="none", qk_norm=True, values_kind="peer", balance_loss=0.01),
+    "UltraMem-style (memory=ultramem: qk_norm, PEER values, balance loss)": dict(
+        query_norm="none", qk_norm=True, values_kind="peer", balance_loss=0.01
+    ),
 }
 
 
@@ -169,12 +169,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     R = H * K
     torch.manual_seed(0)
 
-    print(f"# bench_memory | {datetime.date.today()} | device {device.type}: {device_name(device)} | "
-          f"torch {torch.__version__}"
-          + (f" | triton {__import__('triton').__version__}" if triton_ok else " | triton path: needs CUDA"))
-    print(f"preset {args.preset or ('paper' if device.type == 'cuda' else 'tiny')} ({preset.note}): {N:,} tokens, "
-          f"d={V}, {preset.n_keys}^2 = {M:,} values, {H} heads, knn {K}, k_dim {preset.k_dim} -> {R} rows per token; "
-          f"{'bf16 autocast' if amp else 'fp32'}; median of {repeats} after {warmup} warm-up\n")
+    print(
+        f"# bench_memory | {datetime.date.today()} | device {device.type}: {device_name(device)} | "
+        f"torch {torch.__version__}"
+        + (f" | triton {__import__('triton').__version__}" if triton_ok else " | triton path: needs CUDA")
+    )
+    print(
+        f"preset {args.preset or ('paper' if device.type == 'cuda' else 'tiny')} ({preset.note}): {N:,} tokens, "
+        f"d={V}, {preset.n_keys}^2 = {M:,} values, {H} heads, knn {K}, k_dim {preset.k_dim} -> {R} rows per token; "
+        f"{'bf16 autocast' if amp else 'fp32'}; median of {repeats} after {warmup} warm-up\n"
+    )
 
     def autocast():
         return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
@@ -216,8 +220,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     both_ms = interleaved_ms(step_fns, device, warmup, repeats)
     for (label, dtype, _), fwd, both, size in zip(read_rows, fwd_ms, both_ms, sizes):
         gbps = N * R * V * size / (fwd * 1e-3) / 1e9
-        print(f"| {label} | {str(dtype).replace('torch.', '')} | {fwd:.2f} | {both:.2f} | {gbps:,.0f} | "
-              f"{gbps / copy_rate:.0%} |")
+        print(
+            f"| {label} | {str(dtype).replace('torch.', '')} | {fwd:.2f} | {both:.2f} | {gbps:,.0f} | "
+            f"{gbps / copy_rate:.0%} |"
+        )
     del fwd_fns, step_fns
     if not triton_ok:
         print("| triton | float32, bfloat16 | needs CUDA | | | |")
@@ -239,8 +245,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("\n## retrieval only (query network, product-key top-k, softmax)\n")
     print("| formulation | candidates per head | candidate bytes | fwd ms | fwd+bwd ms | fwd+bwd peak extra MB |")
     print("|---|---|---|---|---|---|")
-    lookups = (("straightforward (XLM, per head, all k^2)", straight.lookup, K * K, 2 if amp else 4),
-               ("pkmlm (batched heads, eligible pairs)", pkm.lookup, C, 4))  # pkmlm ranks in fp32
+    lookups = (
+        ("straightforward (XLM, per head, all k^2)", straight.lookup, K * K, 2 if amp else 4),
+        ("pkmlm (batched heads, eligible pairs)", pkm.lookup, C, 4),
+    )  # pkmlm ranks in fp32
 
     def lookup_forward(fn):
         with torch.no_grad(), autocast():
@@ -264,16 +272,20 @@ def main(argv: Optional[List[str]] = None) -> None:
             lookup_step(fn)
             sync(device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 1e6
-        print(f"| {label} | {cands} | {N * H * cands * size / 1e6:,.1f} MB | {fwd:.2f} | {both:.2f} | "
-              f"{fmt(peak, 0) if peak is not None else 'n/a (CUDA only)'} |")
+        print(
+            f"| {label} | {cands} | {N * H * cands * size / 1e6:,.1f} MB | {fwd:.2f} | {both:.2f} | "
+            f"{fmt(peak, 0) if peak is not None else 'n/a (CUDA only)'} |"
+        )
 
     # 3. whole layer -----------------------------------------------------------------------------
     print("\n## whole layer (fwd+bwd includes the gradients of the input and of every parameter)\n")
     print("| layer | values | fwd ms | fwd+bwd ms | fwd+bwd / FFN |")
     print("|---|---|---|---|---|")
-    layers = [("FFN d->4d->d (what the memory replaces)", None, FFN(V).to(device)),
-              ("straightforward (XLM: per-head top-k, EmbeddingBag)", torch.float32, straight),
-              ("pkmlm, kernel=torch", torch.float32, pkm)]
+    layers = [
+        ("FFN d->4d->d (what the memory replaces)", None, FFN(V).to(device)),
+        ("straightforward (XLM: per-head top-k, EmbeddingBag)", torch.float32, straight),
+        ("pkmlm, kernel=torch", torch.float32, pkm),
+    ]
     if device.type == "cuda":
         layers.append(("pkmlm, kernel=torch", torch.bfloat16, None))
     if triton_ok:
@@ -281,9 +293,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     modules = []
     for label, dtype, module in layers:
         if module is None:
-            module = ProductKeyMemory(V, n_keys=preset.n_keys, heads=H, knn=K, k_dim=preset.k_dim,
-                                      kernel="triton" if "triton" in label else "torch",
-                                      values_dtype=str(dtype).replace("torch.", "")).to(device)
+            module = ProductKeyMemory(
+                V,
+                n_keys=preset.n_keys,
+                heads=H,
+                knn=K,
+                k_dim=preset.k_dim,
+                kernel="triton" if "triton" in label else "torch",
+                values_dtype=str(dtype).replace("torch.", ""),
+            ).to(device)
         modules.append(module)
     g = torch.randn(N, V, device=device)
 
@@ -306,13 +324,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     del modules
 
     # 4. the variants' layers ---------------------------------------------------------------------
-    print("\n## memory variants, whole layer (options as in configs/memory/<name>.yaml, sizes as above; kernel=torch; "
-          "fwd+bwd includes the balance loss where on)\n")
+    print(
+        "\n## memory variants, whole layer (options as in configs/memory/<name>.yaml, sizes as above; kernel=torch; "
+        "fwd+bwd includes the balance loss where on)\n"
+    )
     print("| variant | MFLOP/token fwd | params | fwd ms | fwd+bwd ms | fwd+bwd / FFN |")
     print("|---|---|---|---|---|---|")
     ffn = FFN(V).to(device)
-    variants = [ffn] + [ProductKeyMemory(V, n_keys=preset.n_keys, heads=H, knn=K, k_dim=preset.k_dim,
-                                         kernel="torch", **kwargs).to(device) for kwargs in VARIANTS.values()]
+    variants = [ffn] + [
+        ProductKeyMemory(V, n_keys=preset.n_keys, heads=H, knn=K, k_dim=preset.k_dim, kernel="torch", **kwargs).to(
+            device
+        )
+        for kwargs in VARIANTS.values()
+    ]
 
     def variant_step(module):
         module.zero_grad(set_to_none=True)
@@ -343,9 +367,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     updates = [("AdamW" + (" (fused)" if device.type == "cuda" else ""), torch.float32, None)]
     updates.append(("lazy Adam (optim.sparse_values), torch", torch.float32, False))
     if triton_ok:
-        updates += [("lazy Adam (optim.sparse_values), triton", torch.float32, True),
-                    ("AdamW (fused)", torch.bfloat16, None),
-                    ("lazy Adam (optim.sparse_values), triton", torch.bfloat16, True)]
+        updates += [
+            ("lazy Adam (optim.sparse_values), triton", torch.float32, True),
+            ("AdamW (fused)", torch.bfloat16, None),
+            ("lazy Adam (optim.sparse_values), triton", torch.bfloat16, True),
+        ]
     steps, rows_updated = [], []
     for label, dtype, use_triton in updates:
         table = nn.Parameter((torch.randn(M, V, device=device) * V**-0.5).to(dtype))
@@ -355,8 +381,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows_updated.append(M)
         else:
             opt = LazyAdam([table], lr=1e-3, use_triton=use_triton)
-            table.grad = torch.sparse_coo_tensor(touched[None], torch.randn(len(touched), V, device=device, dtype=dtype),
-                                                 (M, V), is_coalesced=True, check_invariants=False)
+            table.grad = torch.sparse_coo_tensor(
+                touched[None],
+                torch.randn(len(touched), V, device=device, dtype=dtype),
+                (M, V),
+                is_coalesced=True,
+                check_invariants=False,
+            )
             rows_updated.append(len(touched))
         steps.append(opt.step)
     for (label, dtype, _), rows, ms in zip(updates, rows_updated, interleaved_ms(steps, device, warmup, repeats)):

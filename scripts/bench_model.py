@@ -30,8 +30,8 @@ import time
 from typing import List, Optional
 
 import torch
-
 from benchlib import add_common_args, default, device_name, interleaved_ms, setup, sync  # first: finds src/
+
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.model import ModelConfig, Transformer
 from pkmlm.model.memory import MemoryConfig
@@ -42,13 +42,17 @@ FAMILIES = {
     "paper": dict(
         model=ModelConfig(vocab_size=32000, dim=1024, n_heads=16, max_seq_len=1024),
         memory=MemoryConfig(layers=[6], n_keys=512, heads=4, knn=32, k_dim=512, query_norm="batchnorm"),
-        depths=(12, 24), batch=32, seq=512,
+        depths=(12, 24),
+        batch=32,
+        seq=512,
     ),
     # configs/model/tiny.yaml + configs/memory/tiny.yaml + the default data / batch
     "tiny": dict(
         model=ModelConfig(vocab_size=8192, dim=256, n_heads=4, max_seq_len=512),
         memory=MemoryConfig(layers=[2], n_keys=128, heads=4, knn=16, k_dim=128, query_norm="batchnorm"),
-        depths=(4, 8), batch=16, seq=128,
+        depths=(4, 8),
+        batch=16,
+        seq=128,
     ),
 }
 
@@ -110,11 +114,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, "steps")
     parser.add_argument("--family", default=None, choices=sorted(FAMILIES), help="default: paper on CUDA, tiny on CPU")
-    parser.add_argument("--compile", default=None, choices=["off", "on", "both"],
-                        help="torch.compile the models (default: both on CUDA, off on CPU)")
-    parser.add_argument("--kernels", default=None,
-                        help="memory variants, comma-separated kernel:values_dtype (default CUDA: "
-                             "torch:float32,triton:float32,triton:bfloat16; CPU: torch:float32)")
+    parser.add_argument(
+        "--compile",
+        default=None,
+        choices=["off", "on", "both"],
+        help="torch.compile the models (default: both on CUDA, off on CPU)",
+    )
+    parser.add_argument(
+        "--kernels",
+        default=None,
+        help="memory variants, comma-separated kernel:values_dtype (default CUDA: "
+        "torch:float32,triton:float32,triton:bfloat16; CPU: torch:float32)",
+    )
     parser.add_argument("--sparse-values", action="store_true", help="optim.sparse_values=true for the memory models")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: the family's)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 5 CPU)")
@@ -127,8 +138,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     steps = default(args.steps, device, 20, 5)
     warmup = default(args.warmup, device, 5, 2)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile or ("both" if cuda else "off")]
-    variants = [v.split(":") for v in (args.kernels or (
-        "torch:float32,triton:float32,triton:bfloat16" if cuda else "torch:float32")).split(",")]
+    variants = [
+        v.split(":")
+        for v in (args.kernels or ("torch:float32,triton:float32,triton:bfloat16" if cuda else "torch:float32")).split(
+            ","
+        )
+    ]
     amp = torch.bfloat16 if cuda else None
     peak = peak_flops(device, amp)
     peak_note = "datasheet peak, bf16" if peak else None
@@ -136,13 +151,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         peak = measured_matmul_flops(device, torch.float32)
         peak_note = f"fp32 matmul measured in this run, {peak / 1e9:,.0f} GFLOP/s"
 
-    print(f"# bench_model | {datetime.date.today()} | device {device.type}: {device_name(device)} | "
-          f"torch {torch.__version__}")
-    print(f"family {family_name}: d={family['model'].dim}, {family['model'].n_heads} heads, vocab "
-          f"{family['model'].vocab_size:,}, {batch} x {seq} tokens per step; {'bf16 autocast' if amp else 'fp32'}; "
-          f"{warmup} warm-up + {steps} timed steps; MFU against {peak_note}\n")
-    print("| model | compile | memory kernel | values | params (active) | train tok/s | train MFU | "
-          "inference tok/s | inference MFU |")
+    print(
+        f"# bench_model | {datetime.date.today()} | device {device.type}: {device_name(device)} | "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"family {family_name}: d={family['model'].dim}, {family['model'].n_heads} heads, vocab "
+        f"{family['model'].vocab_size:,}, {batch} x {seq} tokens per step; {'bf16 autocast' if amp else 'fp32'}; "
+        f"{warmup} warm-up + {steps} timed steps; MFU against {peak_note}\n"
+    )
+    print(
+        "| model | compile | memory kernel | values | params (active) | train tok/s | train MFU | "
+        "inference tok/s | inference MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
 
     shallow, deep = family["depths"]
@@ -152,11 +173,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     for compile_model in compiles:
         contenders = []
         for label, depth, variant in runs:
-            memory = MemoryConfig(layers=[]) if variant is None else dataclasses.replace(
-                family["memory"], kernel=variant[0], values_dtype=variant[1])
+            memory = (
+                MemoryConfig(layers=[])
+                if variant is None
+                else dataclasses.replace(family["memory"], kernel=variant[0], values_dtype=variant[1])
+            )
             cfg = dataclasses.replace(family["model"], n_layers=depth, memory=memory)
-            contenders.append(Contender(cfg, device, amp, batch, seq, compile_model,
-                                        args.sparse_values and variant is not None))
+            contenders.append(
+                Contender(cfg, device, amp, batch, seq, compile_model, args.sparse_values and variant is not None)
+            )
         train_s = interleaved_s([c.train_step for c in contenders], device, warmup, steps)
         infer_s = interleaved_s([c.infer for c in contenders], device, warmup, steps)
         peak_mem = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
@@ -165,13 +190,18 @@ def main(argv: Optional[List[str]] = None) -> None:
             results[(label, compile_model, tuple(variant or ()))] = r
             train_mfu = c.flops * r["train"] / peak
             infer_mfu = c.flops / 3 * r["infer"] / peak
-            kernel, values = (variant or ("", ""))
-            print(f"| {label} | {'yes' if compile_model else 'no'} | {kernel} | {values} | "
-                  f"{c.params['total'] / 1e6:,.0f}M ({c.params['active'] / 1e6:,.0f}M) | {r['train']:,.0f} | "
-                  f"{train_mfu:.2f} | {r['infer']:,.0f} | {infer_mfu:.2f} |", flush=True)
+            kernel, values = variant or ("", "")
+            print(
+                f"| {label} | {'yes' if compile_model else 'no'} | {kernel} | {values} | "
+                f"{c.params['total'] / 1e6:,.0f}M ({c.params['active'] / 1e6:,.0f}M) | {r['train']:,.0f} | "
+                f"{train_mfu:.2f} | {r['infer']:,.0f} | {infer_mfu:.2f} |",
+                flush=True,
+            )
         if cuda:
-            print(f"\n(peak GPU memory with these {len(contenders)} models and their optimizers resident: "
-                  f"{peak_mem:.1f} GB)\n")
+            print(
+                f"\n(peak GPU memory with these {len(contenders)} models and their optimizers resident: "
+                f"{peak_mem:.1f} GB)\n"
+            )
         del contenders
         gc.collect()
         if cuda:
@@ -185,8 +215,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         base = results[(f"dense{deep}", compile_model, ())]
         for k, d in variants:
             r = results[(f"mem{shallow}", compile_model, (k, d))]
-            print(f"| {'yes' if compile_model else 'no'} | {k} | {d} | {r['train'] / base['train']:.2f}x | "
-                  f"{r['infer'] / base['infer']:.2f}x |")
+            print(
+                f"| {'yes' if compile_model else 'no'} | {k} | {d} | {r['train'] / base['train']:.2f}x | "
+                f"{r['infer'] / base['infer']:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

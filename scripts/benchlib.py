@@ -44,8 +44,11 @@ def setup(args: argparse.Namespace, prog: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"{prog}: --device cuda needs a CUDA build of torch and a GPU")
     if device.type == "cpu" and os.getloadavg()[0] > (os.cpu_count() or 1):
-        print(f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete, "
-              "and multi-threaded CPU timings suffer most; --threads 1 gives steadier comparisons", file=sys.stderr)
+        print(
+            f"note: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete, "
+            "and multi-threaded CPU timings suffer most; --threads 1 gives steadier comparisons",
+            file=sys.stderr,
+        )
     return device
 
 
@@ -81,8 +84,9 @@ def time_once_ms(fn: Callable[[], object], device: torch.device, events: bool = 
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved_ms(fns: List[Callable[[], object]], device: torch.device, warmup: int, repeats: int,
-                   events: bool = True) -> List[float]:
+def interleaved_ms(
+    fns: List[Callable[[], object]], device: torch.device, warmup: int, repeats: int, events: bool = True
+) -> List[float]:
     """Median milliseconds of each function, timed in turns (A, B, C, A, B, C, ...) so that a change
     in what else the machine runs hits every contender alike."""
     for fn in fns:

@@ -26,10 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (option, output path under data/, records kept, sha256 of the full input file it is cut from)
 CUTS = (
-    ("wiki", "wiki/enwiki2015_first800.jsonl.gz", 800,
-     "cd2f53f058115503dd339d52d88d9eb85371112044f2457e52094826c77c642b"),
-    ("c4", "c4/c4_en_train_first1000.jsonl.gz", 1000,
-     "dcfdf62b19eb09228088ca49ac154af348981a40aa894add9b73a64726d1251a"),
+    (
+        "wiki",
+        "wiki/enwiki2015_first800.jsonl.gz",
+        800,
+        "cd2f53f058115503dd339d52d88d9eb85371112044f2457e52094826c77c642b",
+    ),
+    (
+        "c4",
+        "c4/c4_en_train_first1000.jsonl.gz",
+        1000,
+        "dcfdf62b19eb09228088ca49ac154af348981a40aa894add9b73a64726d1251a",
+    ),
 )
 
 
@@ -47,8 +55,11 @@ def cut(source: Path, target: Path, records: int) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     written = 0
-    with (gzip.open(source, "rb") as src, open(tmp, "wb") as raw,
-          gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as out):
+    with (
+        gzip.open(source, "rb") as src,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as out,
+    ):
         for line in src:
             if written == records:
                 break
@@ -78,13 +89,28 @@ def count(data_dir: Path) -> None:
     for (name, rel, _, _), val_docs in zip(CUTS, (20, 50)):
         path = data_dir / rel
         texts = list(DocumentStream([str(path)]))
-        tokens = [len(ids) + 1 for i in range(0, len(texts), 64)  # + 1: the EOS after each document
-                  for ids in encode_documents(tok, texts[i : i + 64])]
+        tokens = [
+            len(ids) + 1
+            for i in range(0, len(texts), 64)  # + 1: the EOS after each document
+            for ids in encode_documents(tok, texts[i : i + 64])
+        ]
         train = sum(tokens[val_docs:])
-        print(json.dumps({"file": rel, "bytes": path.stat().st_size, "sha256": sha256_of(path), "documents": len(texts),
-                          "characters": sum(map(len, texts)), "tokens": sum(tokens), "val_docs": val_docs,
-                          "val_tokens": sum(tokens[:val_docs]), "train_tokens": train,
-                          "default_run_passes": round(600 * 16 * 128 / train, 3)}))
+        print(
+            json.dumps(
+                {
+                    "file": rel,
+                    "bytes": path.stat().st_size,
+                    "sha256": sha256_of(path),
+                    "documents": len(texts),
+                    "characters": sum(map(len, texts)),
+                    "tokens": sum(tokens),
+                    "val_docs": val_docs,
+                    "val_tokens": sum(tokens[:val_docs]),
+                    "train_tokens": train,
+                    "default_run_passes": round(600 * 16 * 128 / train, 3),
+                }
+            )
+        )
 
 
 def main() -> None:
@@ -104,8 +130,11 @@ def main() -> None:
             sys.exit(f"error: --{name} {source}: no such file")
         digest = sha256_of(source)
         if digest != expected:
-            print(f"warning: --{name} {source} has sha256 {digest[:16]}..., not the {expected[:16]}... "
-                  "data/README.md describes; the sample will differ from the committed one", file=sys.stderr)
+            print(
+                f"warning: --{name} {source} has sha256 {digest[:16]}..., not the {expected[:16]}... "
+                "data/README.md describes; the sample will differ from the committed one",
+                file=sys.stderr,
+            )
         n = cut(source, args.out / rel, records)
         print(f"{args.out / rel}: {n} documents, {(args.out / rel).stat().st_size:,} bytes")
     if args.count:

@@ -58,17 +58,35 @@ CORRUPTIONS = ("truncate", "bitflip", "no_checksum", "empty")
 def tiny_config(corpus: Path, steps: int) -> list[str]:
     """A run of a few seconds on one CPU core that still exercises every piece of state."""
     return [
-        "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
+        "model.dim=64",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.max_seq_len=64",
         "model.dropout=0.1",  # dropout draws from the torch RNG: resume must restore it
-        "model.memory.layers=[1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.knn=4",
-        "model.memory.k_dim=16", "model.memory.value_dropout=0.1",
-        f"data.files=[{corpus}]", "data.seq_len=32", "data.vocab_size=512", "data.tokenizer_docs=40",
-        "data.val_docs=3", "data.shuffle_buffer=8",
-        "train.batch_size=4", "train.micro_batch_size=2",  # gradient accumulation over 2 micro-batches
-        f"train.max_steps={steps}", "train.device=cpu", "optim.warmup_steps=2",
-        f"eval.interval={max(1, steps // 3)}", "eval.max_batches=2",
-        "checkpoint.interval=1", "checkpoint.keep_last=2",
-        "logging.interval=1", "logging.wandb.mode=disabled", "logging.progress=true",  # lines in the logs
+        "model.memory.layers=[1]",
+        "model.memory.n_keys=16",
+        "model.memory.heads=2",
+        "model.memory.knn=4",
+        "model.memory.k_dim=16",
+        "model.memory.value_dropout=0.1",
+        f"data.files=[{corpus}]",
+        "data.seq_len=32",
+        "data.vocab_size=512",
+        "data.tokenizer_docs=40",
+        "data.val_docs=3",
+        "data.shuffle_buffer=8",
+        "train.batch_size=4",
+        "train.micro_batch_size=2",  # gradient accumulation over 2 micro-batches
+        f"train.max_steps={steps}",
+        "train.device=cpu",
+        "optim.warmup_steps=2",
+        f"eval.interval={max(1, steps // 3)}",
+        "eval.max_batches=2",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=2",
+        "logging.interval=1",
+        "logging.wandb.mode=disabled",
+        "logging.progress=true",  # lines in the logs
     ]
 
 
@@ -218,7 +236,7 @@ def corrupt(checkpoint: Path, how: str, rng: random.Random) -> None:
         path.write_bytes(data[: rng.randrange(1, len(data))])
     elif how == "bitflip":
         i = len(data) // 2 + rng.randrange(-len(data) // 4, len(data) // 4)
-        path.write_bytes(data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1:])
+        path.write_bytes(data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1 :])
     elif how == "empty":
         path.write_bytes(b"")
     else:
@@ -301,7 +319,9 @@ class Harness:
             time.sleep(0.005)
         elapsed = time.monotonic() - child.started
         if child.status != 0:
-            raise SystemExit(f"the baseline run failed (exit {child.status}); see {child.log}:\n{child.output()[-3000:]}")
+            raise SystemExit(
+                f"the baseline run failed (exit {child.status}); see {child.log}:\n{child.output()[-3000:]}"
+            )
         self.report.baseline_s = elapsed
         self.report.startup_s = first_row or elapsed
         return run_dir
@@ -327,8 +347,9 @@ class Harness:
                 # the rest a random time after the run's first logged step, spread so that the
                 # remaining kills cover the remaining steps.
                 during_startup = self.rng.random() < 0.25
-                extra = self.rng.uniform(0.0, startup if during_startup
-                                         else 2 * (steps - valid_before) * step_s / (n_kills - r.kills + 1))
+                extra = self.rng.uniform(
+                    0.0, startup if during_startup else 2 * (steps - valid_before) * step_s / (n_kills - r.kills + 1)
+                )
                 deadline = child.started + extra if during_startup else None
                 last_allowed = steps - (n_kills - r.kills)  # never let it finish while kills remain
                 while child.poll() is None:
@@ -362,12 +383,16 @@ class Harness:
                 r.kills_during_startup += not done and valid_after == valid_before
                 r.steps_lost += lost
                 r.max_steps_lost_per_kill = max(r.max_steps_lost_per_kill, lost)
-                r.check(valid_after >= valid_before,
-                        f"run {self.n}: the newest valid checkpoint went back from {valid_before} to {valid_after}")
+                r.check(
+                    valid_after >= valid_before,
+                    f"run {self.n}: the newest valid checkpoint went back from {valid_before} to {valid_after}",
+                )
                 r.check(lost <= r.checkpoint_interval, f"run {self.n}: {lost} logged steps lost at one kill")
                 bad = invalid_steps(run_dir)
-                r.check(all(s > valid_after for s in bad),
-                        f"run {self.n}: unverifiable checkpoints {bad} older than the newest valid {valid_after}")
+                r.check(
+                    all(s > valid_after for s in bad),
+                    f"run {self.n}: unverifiable checkpoints {bad} older than the newest valid {valid_after}",
+                )
                 r.partial_writes += len((set(bad) | set(temporaries(run_dir))) - partial_before)
                 # One damaged checkpoint per `corrupt_every` kills (caught up when one cannot be made).
                 if pending is None and corrupt_every and len(r.corruptions_injected) < r.kills // corrupt_every:
@@ -379,8 +404,10 @@ class Harness:
         r.steps_rerun = len(logged) - len(set(logged))
         r.check(sorted(set(logged)) == list(range(1, steps + 1)), "the logged steps are not exactly 1..max_steps")
         # Each re-logged step is accounted for by exactly one loss: a kill or a damaged checkpoint.
-        r.check(r.steps_rerun == r.steps_lost + corruption_loss,
-                f"{r.steps_rerun} steps re-run, but {r.steps_lost} lost at kills + {corruption_loss} to damage")
+        r.check(
+            r.steps_rerun == r.steps_lost + corruption_loss,
+            f"{r.steps_rerun} steps re-run, but {r.steps_lost} lost at kills + {corruption_loss} to damage",
+        )
         r.check(r.kills >= n_kills, f"only {r.kills} of {n_kills} kills landed before the run finished")
         r.check(newest_valid_step(run_dir) == steps, "the killed run did not reach its last step")
         return run_dir
@@ -421,8 +448,15 @@ class Harness:
             reached = max(train_steps(rows_since(run_dir, 0)[0]), default=0)
             saved = newest_valid_step(run_dir)
             out = child.output()
-            r.signals.append({"signal": sig.name, "exit": status, "seconds_to_exit": round(latency, 3),
-                              "step_reached": reached, "checkpoint_step": saved})
+            r.signals.append(
+                {
+                    "signal": sig.name,
+                    "exit": status,
+                    "seconds_to_exit": round(latency, 3),
+                    "step_reached": reached,
+                    "checkpoint_step": saved,
+                }
+            )
             r.check(status == 0, f"{sig.name}: exit status {status} (None: still running after {timeout} s)")
             r.check(saved == reached, f"{sig.name}: checkpoint at step {saved}, but step {reached} was logged")
             r.check(f"{sig.name} received" in out, f"{sig.name}: no 'received' message in the output")
@@ -454,13 +488,20 @@ class Harness:
         out = child.output()
         errors = [line for line in out.splitlines() if line.startswith("error:")]
         intact = newest_valid_step(run_dir)
-        r.disk_full = {"exit": status, "error": errors[-1] if errors else None, "valid_checkpoint_step": intact,
-                       "valid_before_limit": before, "temporaries_left": temporaries(run_dir)}
+        r.disk_full = {
+            "exit": status,
+            "error": errors[-1] if errors else None,
+            "valid_checkpoint_step": intact,
+            "valid_before_limit": before,
+            "temporaries_left": temporaries(run_dir),
+        }
         r.check(status == 2, f"disk full: exit status {status}, expected 2")
         r.check(len(errors) == 1 and "cannot write checkpoint" in errors[0], f"disk full: error lines {errors}")
         r.check("Traceback" not in out, "disk full: a traceback in the output")
-        r.check(intact >= before and not invalid_steps(run_dir) and not temporaries(run_dir),
-                f"disk full: checkpoints left in a bad state: {r.disk_full}")
+        r.check(
+            intact >= before and not invalid_steps(run_dir) and not temporaries(run_dir),
+            f"disk full: checkpoints left in a bad state: {r.disk_full}",
+        )
         child = self.start(run_dir, "disk-full-resume")
         r.runs_tried += 1
         r.check(child.wait(600) == 0, f"disk full: the resume failed: {child.output()[-2000:]}")
@@ -475,8 +516,13 @@ def _same(a: Any, b: Any) -> bool:
     import torch
 
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a, b))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
     if isinstance(a, dict):
@@ -513,10 +559,14 @@ def final_state(run_dir: Path) -> dict:
     from pkmlm.checkpoint import store
 
     state = store.read(store.latest_valid(run_dir / "checkpoints"))
-    return {"step": state["meta"]["step"], "tokens": state["meta"]["tokens"], "model": state["model"],
-            "optimizer": state["optim"],
-            "data": {k: v for k, v in state.items() if k.startswith("data/")},
-            "rng": {k: v for k, v in state.items() if k.startswith("rng/")}}
+    return {
+        "step": state["meta"]["step"],
+        "tokens": state["meta"]["tokens"],
+        "model": state["model"],
+        "optimizer": state["optim"],
+        "data": {k: v for k, v in state.items() if k.startswith("data/")},
+        "rng": {k: v for k, v in state.items() if k.startswith("rng/")},
+    }
 
 
 def max_key(state: Any, key: str) -> int:
@@ -544,26 +594,34 @@ def format_report(r: Report) -> str:
         f"their run {r.orphans_left}",
     ]
     for s in r.signals:
-        lines.append(f"  {s['signal']}: exit {s['exit']} {s['seconds_to_exit']:.2f} s after the signal, "
-                     f"checkpoint at step {s['checkpoint_step']} (step reached {s['step_reached']})")
+        lines.append(
+            f"  {s['signal']}: exit {s['exit']} {s['seconds_to_exit']:.2f} s after the signal, "
+            f"checkpoint at step {s['checkpoint_step']} (step reached {s['step_reached']})"
+        )
     if r.disk_full:
         d = r.disk_full
-        lines.append(f"  disk full (RLIMIT_FSIZE): exit {d['exit']}, checkpoint step {d['valid_checkpoint_step']} "
-                     f"intact; {d['error']}")
-    lines.append(f"  epochs crossed {r.epochs_crossed} | final state equals the uninterrupted run: "
-                 + ", ".join(f"{k} {'yes' if not v else 'NO: ' + ', '.join(v)}" for k, v in r.equal.items()))
+        lines.append(
+            f"  disk full (RLIMIT_FSIZE): exit {d['exit']}, checkpoint step {d['valid_checkpoint_step']} "
+            f"intact; {d['error']}"
+        )
+    lines.append(
+        f"  epochs crossed {r.epochs_crossed} | final state equals the uninterrupted run: "
+        + ", ".join(f"{k} {'yes' if not v else 'NO: ' + ', '.join(v)}" for k, v in r.equal.items())
+    )
     lines.append("  result: " + ("PASS" if not r.failures else f"FAIL ({len(r.failures)})"))
     lines.extend(f"    - {f}" for f in r.failures)
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kills", type=int, default=100, help="SIGKILLs to land before the run may finish")
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps (default: 60 + 2 per kill)")
-    parser.add_argument("--corrupt-every", type=int, default=3, help="damage the newest checkpoint after every "
-                        "N-th kill (0: never)")
+    parser.add_argument(
+        "--corrupt-every", type=int, default=3, help="damage the newest checkpoint after every N-th kill (0: never)"
+    )
     parser.add_argument("--signal-timeout", type=float, default=60.0, help="seconds a run may take to stop")
     parser.add_argument("--scenarios", default="kills,signals,disk_full", help="comma-separated, of the default")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill times and corruptions")
@@ -595,8 +653,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     base = [a for a in tiny_config(corpus, steps) if a.split("=", 1)[0] not in replaced] + list(args.extra)
     harness = Harness(work, base, report, random.Random(args.seed))
     scenarios = [s for s in args.scenarios.split(",") if s]
-    print(f"fault injection in {work}: {args.kills} kills, {steps} steps, scenarios {scenarios}, seed {args.seed}",
-          flush=True)
+    print(
+        f"fault injection in {work}: {args.kills} kills, {steps} steps, scenarios {scenarios}, seed {args.seed}",
+        flush=True,
+    )
 
     baseline = harness.baseline()
     finished = {}

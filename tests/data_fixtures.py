@@ -64,7 +64,9 @@ def warc_record(record_type: str, uri: str, body: bytes) -> bytes:
 
 def write_wet(path, pages, compress=True, warcinfo=True):
     """A WET file: a warcinfo record, then one `conversion` record per (uri, text or bytes)."""
-    records = [warc_record("warcinfo", "", b"software: pkmlm-tests\r\nformat: WARC File Format 1.0\r\n")] if warcinfo else []
+    records = (
+        [warc_record("warcinfo", "", b"software: pkmlm-tests\r\nformat: WARC File Format 1.0\r\n")] if warcinfo else []
+    )
     for uri, text in pages:
         records.append(warc_record("conversion", uri, text if isinstance(text, bytes) else text.encode()))
     with open(path, "wb") as f:

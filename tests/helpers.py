@@ -12,21 +12,38 @@ from conftest import C4
 
 # A model and data sized to train a few steps in seconds on a 2-core CPU, memory layer included.
 TINY = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
-    "model.memory.layers=[1]", "model.memory.n_keys=16", "model.memory.heads=2", "model.memory.knn=4",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=64",
+    "model.memory.layers=[1]",
+    "model.memory.n_keys=16",
+    "model.memory.heads=2",
+    "model.memory.knn=4",
     "model.memory.k_dim=16",
-    f"data.files=[{C4}]", "data.seq_len=32", "data.vocab_size=512", "data.tokenizer_docs=40",
-    "data.val_docs=3", "data.shuffle_buffer=8",
-    "train.batch_size=4", "train.max_steps=6", "optim.warmup_steps=2",
-    "eval.interval=3", "eval.max_batches=4", "checkpoint.interval=3",
-    "logging.interval=1", "logging.wandb.mode=disabled", "logging.progress=false",
+    f"data.files=[{C4}]",
+    "data.seq_len=32",
+    "data.vocab_size=512",
+    "data.tokenizer_docs=40",
+    "data.val_docs=3",
+    "data.shuffle_buffer=8",
+    "train.batch_size=4",
+    "train.max_steps=6",
+    "optim.warmup_steps=2",
+    "eval.interval=3",
+    "eval.max_batches=4",
+    "checkpoint.interval=3",
+    "logging.interval=1",
+    "logging.wandb.mode=disabled",
+    "logging.progress=false",
 ]
 
 
 def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_rows(run_dir: Path) -> list[dict]:

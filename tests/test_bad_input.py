@@ -18,9 +18,9 @@ import time
 
 import pytest
 import yaml
-
 from conftest import C4
 from helpers import overrides, run_cli
+
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import TokenBatches, load_or_train_tokenizer, resolve_data, stats_row
 from pkmlm.data.sources import DocumentStream
@@ -58,8 +58,14 @@ def refused(capsys, monkeypatch, cwd, module: str, args: list[str], needle: str)
 
 
 def train_refused(capsys, monkeypatch, tmp_path, needle: str, *extra: str) -> str:
-    return refused(capsys, monkeypatch, tmp_path, "pkmlm.cli.train",
-                   [*overrides(*extra), f"hydra.run.dir={tmp_path / 'run'}"], needle)
+    return refused(
+        capsys,
+        monkeypatch,
+        tmp_path,
+        "pkmlm.cli.train",
+        [*overrides(*extra), f"hydra.run.dir={tmp_path / 'run'}"],
+        needle,
+    )
 
 
 # --- files ------------------------------------------------------------------------------------------
@@ -78,11 +84,14 @@ def test_device_data_file_is_refused(tmp_path, capsys, monkeypatch):
     train_refused(capsys, monkeypatch, tmp_path, "character device", "data.files=[/dev/zero]")  # was: all RAM
 
 
-@pytest.mark.parametrize("name, content", [
-    ("one_line.jsonl", b'{"text": "' + b"a" * 3_000_000 + b'"}\n{"text": "after"}\n'),
-    ("no_newline.txt", b"x" * 3_000_000 + b"\n\nafter\n"),
-    ("array.json", b'[{"text": "' + b"a" * 3_000_000 + b'"}]'),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("one_line.jsonl", b'{"text": "' + b"a" * 3_000_000 + b'"}\n{"text": "after"}\n'),
+        ("no_newline.txt", b"x" * 3_000_000 + b"\n\nafter\n"),
+        ("array.json", b'[{"text": "' + b"a" * 3_000_000 + b'"}]'),
+    ],
+)
 def test_records_over_the_limit_are_skipped_and_counted(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
@@ -102,7 +111,9 @@ def test_long_documents_reach_the_tokenizer_in_bounded_pieces(tmp_path):
     assert len(pieces) > 50 and max(map(len, pieces)) <= 20_000 and "".join(pieces) == doc
     # Cut before whitespace: the pieces' ids are exactly the whole document's.
     assert encode_documents(tok, [doc, "short"], max_chars=20_000) == [
-        tok.encode(doc, add_special_tokens=False).ids, tok.encode("short", add_special_tokens=False).ids]
+        tok.encode(doc, add_special_tokens=False).ids,
+        tok.encode("short", add_special_tokens=False).ids,
+    ]
     # Through the pipeline: counted as split, every token kept.
     files = [str(tmp_path / "long.jsonl")]
     (tmp_path / "long.jsonl").write_text(json.dumps({"text": doc}) + "\n" + json.dumps({"text": "tail"}) + "\n")
@@ -118,22 +129,31 @@ def test_given_tokenizer_without_the_special_tokens_is_refused(tmp_path, capsys,
     tok.save(str(path))
     work = tmp_path / "work"
     work.mkdir()
-    train_refused(capsys, monkeypatch, work, "lacks data.special_tokens ['<|pad|>']", f"data.tokenizer={path}",
-                  "data.special_tokens=['<|pad|>']")  # was: silently ignored
+    train_refused(
+        capsys,
+        monkeypatch,
+        work,
+        "lacks data.special_tokens ['<|pad|>']",
+        f"data.tokenizer={path}",
+        "data.special_tokens=['<|pad|>']",
+    )  # was: silently ignored
 
 
 # --- config values ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("data.shuffle_buffer=1000000000", "data.shuffle_buffer"),  # was: no batch after 150 s, SIGTERM ignored
-    ("train.max_steps=1e23", "train.max_steps"),  # was: accepted
-    ("train.max_steps=100000000000", "train.max_steps"),
-    ("+train.max_step=1", "did you mean train.max_steps?"),  # was: accepted, the full schedule run
-    ("train.max_step=1", "did you mean train.max_steps?"),  # a misspelt key: Hydra's error, the nearest key
-    ("name=../escaped", "name="),  # was: a run outside outputs/
-    ("model.memory.n_keys=100000", "available"),  # was: an allocator traceback
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.shuffle_buffer=1000000000", "data.shuffle_buffer"),  # was: no batch after 150 s, SIGTERM ignored
+        ("train.max_steps=1e23", "train.max_steps"),  # was: accepted
+        ("train.max_steps=100000000000", "train.max_steps"),
+        ("+train.max_step=1", "did you mean train.max_steps?"),  # was: accepted, the full schedule run
+        ("train.max_step=1", "did you mean train.max_steps?"),  # a misspelt key: Hydra's error, the nearest key
+        ("name=../escaped", "name="),  # was: a run outside outputs/
+        ("model.memory.n_keys=100000", "available"),  # was: an allocator traceback
+    ],
+)
 def test_config_values_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, override, needle):
     line = train_refused(capsys, monkeypatch, tmp_path, needle, override)
     if "n_keys" in override:
@@ -146,23 +166,39 @@ def test_paths_under_a_file_are_refused(tmp_path, capsys, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     train_refused(capsys, monkeypatch, work, "paths.cache_dir", f"paths.cache_dir={a_file}/cache")
-    refused(capsys, monkeypatch, work, "pkmlm.cli.train", ["-m", *overrides("train.max_steps=2,3"),
-                                                           f"hydra.sweep.dir={a_file}/sweep"], "hydra.sweep.dir")
-    refused(capsys, monkeypatch, work, "pkmlm.cli.train", [*overrides(), f"hydra.run.dir={a_file}/run"],
-            "hydra.run.dir")
+    refused(
+        capsys,
+        monkeypatch,
+        work,
+        "pkmlm.cli.train",
+        ["-m", *overrides("train.max_steps=2,3"), f"hydra.sweep.dir={a_file}/sweep"],
+        "hydra.sweep.dir",
+    )
+    refused(
+        capsys, monkeypatch, work, "pkmlm.cli.train", [*overrides(), f"hydra.run.dir={a_file}/run"], "hydra.run.dir"
+    )
     refused(capsys, monkeypatch, work, "pkmlm.cli.compare", [str(work), "--out", f"{a_file}/x"], "--out")
 
 
 def test_multirun_jobs_are_checked_like_single_runs(tmp_path, capsys, monkeypatch):
-    line = refused(capsys, monkeypatch, tmp_path, "pkmlm.cli.train",
-                   ["-m", *overrides("train.max_steps=3,0")], "sweep job 1 (train.max_steps=0)")
+    line = refused(
+        capsys,
+        monkeypatch,
+        tmp_path,
+        "pkmlm.cli.train",
+        ["-m", *overrides("train.max_steps=3,0")],
+        "sweep job 1 (train.max_steps=0)",
+    )
     assert "train.max_steps" in line  # was: exit 1 with Hydra's multi-line message
 
 
-@pytest.mark.parametrize("module, needle", [
-    ("pkmlm.cli.eval", "checkpoint is required: give checkpoint="),  # was: MissingMandatoryValue traceback
-    ("pkmlm.cli.prepare", "out is required: give out="),
-])
+@pytest.mark.parametrize(
+    "module, needle",
+    [
+        ("pkmlm.cli.eval", "checkpoint is required: give checkpoint="),  # was: MissingMandatoryValue traceback
+        ("pkmlm.cli.prepare", "out is required: give out="),
+    ],
+)
 def test_missing_mandatory_values(tmp_path, capsys, monkeypatch, module, needle):
     refused(capsys, monkeypatch, tmp_path, module, [], needle)
 
@@ -193,8 +229,13 @@ def test_refused_run_keeps_the_sweep_jobs_overrides(tmp_path):
 def test_stop_signal_while_the_shuffle_buffer_fills(tmp_path):
     run_dir = tmp_path / "run"
     args = [*overrides("data.shuffle_buffer=1000000", "data.seq_len=32"), f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "pkmlm.cli.train", *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pkmlm.cli.train", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     while not (run_dir / "config.yaml").exists():  # written by the set-up, before the first batch
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
@@ -223,17 +264,27 @@ def _row(**kw) -> bytes:
 
 def test_compare_config_that_is_a_list(tmp_path, capsys, monkeypatch):
     _fake_run(tmp_path / "runs" / "a", ["not", "a", "mapping"], _row(step=1, tokens=10))
-    refused(capsys, monkeypatch, tmp_path, "pkmlm.cli.compare", [str(tmp_path / "runs"), "--out",
-                                                                 str(tmp_path / "runs" / "out")], "not a mapping")
+    refused(
+        capsys,
+        monkeypatch,
+        tmp_path,
+        "pkmlm.cli.compare",
+        [str(tmp_path / "runs"), "--out", str(tmp_path / "runs" / "out")],
+        "not a mapping",
+    )
 
 
 def test_compare_warns_once_per_damaged_metrics_file(tmp_path, capsys, monkeypatch):
     from pkmlm.cli.compare import main
 
     good = {"name": "good", "model": {"n_layers": 2, "dim": 64, "memory": {"layers": "oops"}}}
-    _fake_run(tmp_path / "runs" / "good", good, _row(step=1, tokens="many", wall_time_s=[1])
-              + _row(step=2, tokens=64, **{"val/ppl": "low", "stopped_by": 3}) + _row(step=3, tokens=96,
-                                                                                     **{"val/ppl": 12.5}))
+    _fake_run(
+        tmp_path / "runs" / "good",
+        good,
+        _row(step=1, tokens="many", wall_time_s=[1])
+        + _row(step=2, tokens=64, **{"val/ppl": "low", "stopped_by": 3})
+        + _row(step=3, tokens=96, **{"val/ppl": 12.5}),
+    )
     _fake_run(tmp_path / "runs" / "binary", {"name": "binary"}, bytes(range(256)) * 40)
     monkeypatch.chdir(tmp_path)
     main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
@@ -245,8 +296,14 @@ def test_compare_warns_once_per_damaged_metrics_file(tmp_path, capsys, monkeypat
     rows = [line for line in captured.out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 1 and rows[0].startswith("| **good**") and "12.50" in rows[0], captured.out
     # Only damaged runs: nothing to compare, one line.
-    refused(capsys, monkeypatch, tmp_path, "pkmlm.cli.compare", [str(tmp_path / "runs" / "binary"), "--out",
-                                                                 str(tmp_path / "out2")], "has a readable metrics row")
+    refused(
+        capsys,
+        monkeypatch,
+        tmp_path,
+        "pkmlm.cli.compare",
+        [str(tmp_path / "runs" / "binary"), "--out", str(tmp_path / "out2")],
+        "has a readable metrics row",
+    )
 
 
 def test_tokenizer_special_tokens_checked_by_the_data_layer_too(tmp_path):
@@ -267,10 +324,22 @@ def test_a_run_that_trained_keeps_its_hydra_files_when_it_stops_with_a_user_erro
     with open(corpus, "a") as f:
         f.write("{not json\n")
     run_dir = tmp_path / "run"
-    proc = run_cli("pkmlm.cli.train", [*overrides(f"data.files=[{corpus}]", "data.strict=true", "train.max_steps=100",
-                                                  "eval.interval=1000", "checkpoint.interval=1000",
-                                                  "data.tokenizer_docs=20", "data.encode_batch_docs=4"),
-                                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_cli(
+        "pkmlm.cli.train",
+        [
+            *overrides(
+                f"data.files=[{corpus}]",
+                "data.strict=true",
+                "train.max_steps=100",
+                "eval.interval=1000",
+                "checkpoint.interval=1000",
+                "data.tokenizer_docs=20",
+                "data.encode_batch_docs=4",
+            ),
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "is not a JSON object" in proc.stderr, proc.stderr[-2000:]
     assert (run_dir / "metrics.jsonl").stat().st_size > 0
     assert "data.strict=true" in (run_dir / ".hydra" / "overrides.yaml").read_text()

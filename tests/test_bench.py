@@ -45,19 +45,35 @@ def _run(module: str, argv: list[str]) -> str:
 
 
 def test_benchlib_imports_torch_only():
-    code = ("import sys; sys.path.insert(0, 'scripts'); import benchlib; "
-            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HIDDEN!r} or m.startswith('pkmlm')); "
-            "assert not bad, bad")
+    code = (
+        "import sys; sys.path.insert(0, 'scripts'); import benchlib; "
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {HIDDEN!r} or m.startswith('pkmlm')); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
-@pytest.mark.parametrize("module,argv,expected", [
-    ("bench_memory", ["--device", "cpu", "--threads", "1", "--repeats", "1", "--warmup", "0", "--tokens", "32"],
-     ["## value read only", "## retrieval only", "## whole layer", "## value table update",
-      "| pkmlm, kernel=torch | float32 |"]),
-    ("bench_model", ["--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0", "--batch", "1"],
-     ["| dense4 | no |", "| dense8 | no |", "| mem4 | no | torch | float32 |", "train speed-up"]),
-])
+@pytest.mark.parametrize(
+    "module,argv,expected",
+    [
+        (
+            "bench_memory",
+            ["--device", "cpu", "--threads", "1", "--repeats", "1", "--warmup", "0", "--tokens", "32"],
+            [
+                "## value read only",
+                "## retrieval only",
+                "## whole layer",
+                "## value table update",
+                "| pkmlm, kernel=torch | float32 |",
+            ],
+        ),
+        (
+            "bench_model",
+            ["--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0", "--batch", "1"],
+            ["| dense4 | no |", "| dense8 | no |", "| mem4 | no | torch | float32 |", "train speed-up"],
+        ),
+    ],
+)
 def test_bench_runs_without_the_training_stack(module, argv, expected):
     out = _run(module, argv)
     for line in expected:
@@ -69,6 +85,11 @@ def test_bench_refuses_cuda_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, "scripts/bench_memory.py", "--device", "cuda"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_memory.py", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "needs a CUDA build of torch and a GPU" in proc.stderr

@@ -134,8 +134,11 @@ def test_old_single_file_checkpoints_are_refused_with_one_line(tmp_path):
     old = tmp_path / "run" / "checkpoints"
     old.mkdir(parents=True)
     torch.save({"step": 1}, old / "step_00000001.pt")
-    for load in (lambda: store.resolve("auto", tmp_path / "run"), lambda: load_run(tmp_path / "run"),
-                 lambda: store.resolve(str(old / "step_00000001.pt"), tmp_path)):
+    for load in (
+        lambda: store.resolve("auto", tmp_path / "run"),
+        lambda: load_run(tmp_path / "run"),
+        lambda: store.resolve(str(old / "step_00000001.pt"), tmp_path),
+    ):
         with pytest.raises(UserError, match="step_00000001.pt: a single-file checkpoint of an earlier pkmlm"):
             load()
 
@@ -143,8 +146,11 @@ def test_old_single_file_checkpoints_are_refused_with_one_line(tmp_path):
 def test_export_loads_with_the_same_logits(run, tmp_path):
     proc = run_cli("pkmlm.cli.export", [str(run), "--out", str(tmp_path / "export")], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors",
-                                                                      "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     original, exported = load_run(run), load_run(tmp_path / "export")
     assert exported.step == original.step == 2 and exported.config == original.config
     ids = torch.tensor([original.tokenizer.encode("The memory layer reads a few values.").ids])
@@ -162,10 +168,12 @@ def test_generate_is_greedy_at_temperature_zero_and_seeded_otherwise(run):
     ids = list(prompt)
     for _ in range(5):
         ids.append(int(loaded.model(torch.tensor([ids]))[0][0, -1].argmax()))
-    assert greedy == ids[len(prompt):]
+    assert greedy == ids[len(prompt) :]
 
     def sample(seed: int) -> list[int]:
-        return generate(loaded.model, prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(seed))
+        return generate(
+            loaded.model, prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert sample(0) == sample(0) and len(sample(0)) == 8
     assert all(0 <= t < loaded.model.cfg.vocab_size for t in sample(1))
@@ -196,8 +204,9 @@ def test_stop_signal_is_reported_without_the_progress_bar(tmp_path, monkeypatch,
         return real_clip(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_signal)
-    summary = _train(tmp_path / "run", "train.max_steps=50", "checkpoint.interval=100", "eval.interval=100",
-                     "logging.progress=false")
+    summary = _train(
+        tmp_path / "run", "train.max_steps=50", "checkpoint.interval=100", "eval.interval=100", "logging.progress=false"
+    )
     out, err = capsys.readouterr()
     assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 2
     assert "SIGTERM received: checkpoint written at step 2" in err

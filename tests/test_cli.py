@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import C4
 from helpers import TINY, overrides, read_rows, run_cli
 
@@ -28,7 +27,9 @@ def test_train_writes_run_directory(trained_run):
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
-        "step_00000003.dcp", "step_00000006.dcp"]
+        "step_00000003.dcp",
+        "step_00000006.dcp",
+    ]
     assert str(run_dir) in proc.stdout  # the summary says where the run is
 
 
@@ -50,8 +51,9 @@ def test_metrics_rows_carry_contract_keys(trained_run):
 def test_eval_cli_prints_contract_json_and_writes_nothing(trained_run):
     run_dir, _ = trained_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
-    proc = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", f"data.files=[{C4}]", "max_batches=3"],
-                   cwd=run_dir.parent)
+    proc = run_cli(
+        "pkmlm.cli.eval", [f"checkpoint={run_dir}", f"data.files=[{C4}]", "max_batches=3"], cwd=run_dir.parent
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["tokens"] > 0 and out["ppl"] > 1 and out["bpb"] > 0
@@ -69,8 +71,9 @@ def test_eval_cli_prints_contract_json_and_writes_nothing(trained_run):
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, override, needle):
-    proc = run_cli("pkmlm.cli.train", [*overrides(override), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
-                   timeout=120)
+    proc = run_cli(
+        "pkmlm.cli.train", [*overrides(override), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr

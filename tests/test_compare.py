@@ -14,9 +14,9 @@ import math
 
 import pytest
 import yaml
-
 from conftest import C4
 from helpers import TINY, read_rows, run_cli
+
 from pkmlm.cli.compare import main as compare_main
 
 # TINY without the model's depth and memory layers: those are what the experiments choose.
@@ -31,12 +31,14 @@ def _sweep_dirs(root):
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
-    position = run_cli("pkmlm.cli.train", ["-m", "experiment=tiny/mem4", "model.memory.layers=[0],[1]", *SMALL],
-                       cwd=root)
+    position = run_cli(
+        "pkmlm.cli.train", ["-m", "experiment=tiny/mem4", "model.memory.layers=[0],[1]", *SMALL], cwd=root
+    )
     assert position.returncode == 0, position.stderr[-3000:]
     # A compare group, cut to two arms (a command-line sweep replaces the preset's list).
-    arms = run_cli("pkmlm.cli.train", ["experiment=compare/tiny_mem_vs_dense", "+experiment/tiny=dense8,mem4",
-                                       *SMALL], cwd=root)
+    arms = run_cli(
+        "pkmlm.cli.train", ["experiment=compare/tiny_mem_vs_dense", "+experiment/tiny=dense8,mem4", *SMALL], cwd=root
+    )
     assert arms.returncode == 0, arms.stderr[-3000:]
     dirs = _sweep_dirs(root)
     assert len(dirs) == 2, dirs
@@ -80,8 +82,12 @@ def test_compare_writes_table_csv_and_plots_from_the_runs(sweeps, tmp_path):
 
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["model.memory.layers=[0]", "model.memory.layers=[1]",
-                                        "tiny/dense8", "tiny/mem4"]
+    assert [r["run"] for r in rows] == [
+        "model.memory.layers=[0]",
+        "model.memory.layers=[1]",
+        "tiny/dense8",
+        "tiny/mem4",
+    ]
     run_dirs = [position_dir / "0", position_dir / "1", compare_dir / "0", compare_dir / "1"]
     for row, run_dir in zip(rows, run_dirs):
         metrics = read_rows(run_dir)
@@ -97,10 +103,12 @@ def test_compare_writes_table_csv_and_plots_from_the_runs(sweeps, tmp_path):
         for layer in yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["memory"]["layers"]:
             assert float(row[f"memory/layer{layer}/usage"]) == pytest.approx(val[-1][f"memory/layer{layer}/usage"])
             assert float(row[f"memory/layer{layer}/kl_weight"]) == pytest.approx(
-                val[-1][f"memory/layer{layer}/kl_weight"])
+                val[-1][f"memory/layer{layer}/kl_weight"]
+            )
     assert float(rows[0]["speed_vs_baseline"]) == 1.0 and float(rows[0]["ppl_vs_baseline"]) == 1.0
     assert float(rows[3]["ppl_vs_baseline"]) == pytest.approx(
-        float(rows[3]["final_val_ppl"]) / float(rows[0]["final_val_ppl"]))
+        float(rows[3]["final_val_ppl"]) / float(rows[0]["final_val_ppl"])
+    )
     assert [r["memory_layers"] for r in rows] == ["0", "1", "", "2"]
 
 
@@ -124,12 +132,15 @@ def test_compare_baseline_by_label_and_mismatch_is_reported(sweeps, tmp_path, ca
     assert "differs: `seed`" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["/no/such/run"], "/no/such/run"),
-    (["{empty}"], "holds no run directory"),
-    (["{sweep}", "--baseline", "nope"], "--baseline='nope'"),
-    ([], "required: DIR"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["/no/such/run"], "/no/such/run"),
+        (["{empty}"], "holds no run directory"),
+        (["{sweep}", "--baseline", "nope"], "--baseline='nope'"),
+        ([], "required: DIR"),
+    ],
+)
 def test_compare_user_errors_are_one_line_exit_2(sweeps, tmp_path, capsys, args, needle):
     root, position_dir, _ = sweeps
     (tmp_path / "empty").mkdir()
@@ -146,8 +157,7 @@ def test_compare_user_errors_are_one_line_exit_2(sweeps, tmp_path, capsys, args,
 def test_eval_reports_both_kls_gini_and_top_counts_per_head(sweeps):
     _, position_dir, _ = sweeps
     run_dir = position_dir / "1"
-    proc = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", f"data.files=[{C4}]", "max_batches=2"],
-                   cwd=run_dir)
+    proc = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", f"data.files=[{C4}]", "max_batches=2"], cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["bpb"] > 0 and out["ppl"] > 1

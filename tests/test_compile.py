@@ -26,8 +26,9 @@ def _assert_same_grads(eager: torch.nn.Module, compiled_owner: torch.nn.Module, 
         torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
-                    reason="inductor needs a C compiler on CPU")
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler on CPU"
+)
 def test_compiled_memory_layer_on_the_torch_path_equals_eager():
     """The memory layer (query network, BatchNorm, product-key top-k, embedding_bag read) compiles
     into one inductor graph, forward and backward."""

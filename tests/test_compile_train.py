@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import overrides, read_rows
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from helpers import overrides, read_rows
-from pkmlm.config import config_dir, register_configs
 from pkmlm.checkpoint import store
+from pkmlm.config import config_dir, register_configs
 from pkmlm.train.loop import train
 
 register_configs()
@@ -33,15 +33,21 @@ def _train(run_dir: Path, *extra: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
-                    reason="inductor needs a C compiler on CPU")
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler on CPU"
+)
 def test_compiled_training_equals_eager_and_saves_plain_names(tmp_path):
     torch._dynamo.reset()
     # LayerNorm queries: behind a BatchNorm query the bias of the norm before the memory (ln2) has an
     # exactly zero gradient (BatchNorm removes any constant shift), i.e. pure float noise, which Adam
     # turns into lr-sized steps that differ between any two implementations.
-    steps = ("train.max_steps=3", "eval.interval=3", "checkpoint.interval=3", f"train.peak_flops={PEAK}",
-             "model.memory.query_norm=layernorm")
+    steps = (
+        "train.max_steps=3",
+        "eval.interval=3",
+        "checkpoint.interval=3",
+        f"train.peak_flops={PEAK}",
+        "model.memory.query_norm=layernorm",
+    )
     _train(tmp_path / "eager", *steps)
     _train(tmp_path / "compiled", *steps, "train.compile=true")
 

@@ -13,15 +13,18 @@ import time
 
 import pytest
 import zstandard
-
 from data_fixtures import make_docs, write_jsonl, write_parquet, write_texts_jsonl, write_wet
+
 from pkmlm.data.config import DataConfig, SourceConfig
 from pkmlm.data.mixing import resolve_sources
 from pkmlm.data.sources import DocumentStream, HubSpec, open_hub_dataset
 from pkmlm.errors import DataError
 
-PAGES = [("http://example.com/a", "First page.\nWith two lines, café."), ("https://b.org/x?y=1", "Second page 東京"),
-         ("http://c.net/", "Third")]
+PAGES = [
+    ("http://example.com/a", "First page.\nWith two lines, café."),
+    ("https://b.org/x?y=1", "Second page 東京"),
+    ("http://c.net/", "Third"),
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,8 +50,10 @@ def test_wet_truncated_gzip_keeps_the_records_before(tmp_path):
 
 
 def test_wet_non_utf8_record_skipped(tmp_path):
-    path = write_wet(tmp_path / "bytes.warc.wet.gz", [("http://a/", "good"), ("http://b/", b"bad \xff\xfe"),
-                                                      ("http://c/", "also good")])
+    path = write_wet(
+        tmp_path / "bytes.warc.wet.gz",
+        [("http://a/", "good"), ("http://b/", b"bad \xff\xfe"), ("http://c/", "also good")],
+    )
     stream = DocumentStream([path])
     assert list(stream) == ["good", "also good"] and stream.stats == {"non_utf8": 1}
     with pytest.raises(DataError, match=r"bytes\.warc\.wet\.gz, conversion record 2: the record is not valid UTF-8"):
@@ -112,8 +117,21 @@ def _bad_inputs(tmp_path):
     return cases
 
 
-KINDS = ["malformed_json", "non_utf8", "non_utf8/surrogate", "non_utf8/text", "missing_field", "non_string",
-         "malformed_json/array", "truncated", "truncated/zst", "empty_file", "unreadable", "unreadable/parquet", "empty"]
+KINDS = [
+    "malformed_json",
+    "non_utf8",
+    "non_utf8/surrogate",
+    "non_utf8/text",
+    "missing_field",
+    "non_string",
+    "malformed_json/array",
+    "truncated",
+    "truncated/zst",
+    "empty_file",
+    "unreadable",
+    "unreadable/parquet",
+    "empty",
+]
 
 
 @pytest.mark.parametrize("case", KINDS)
@@ -222,16 +240,30 @@ def test_hub_source_streams_and_resumes_from_the_dataset_state(tmp_path):
 def test_hub_offline_is_a_one_line_data_error_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    with pytest.raises(DataError, match=r"cannot open Hub dataset 'no-such-org/no-such-data'.*not reachable.*data\.files"):
+    with pytest.raises(
+        DataError, match=r"cannot open Hub dataset 'no-such-org/no-such-data'.*not reachable.*data\.files"
+    ):
         open_hub_dataset(HubSpec(name="no-such-org/no-such-data", config="en"))
     assert time.perf_counter() - t0 < 30
 
 
 def test_cli_hub_preset_offline_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PKMLM_CACHE_DIR": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "pkmlm.cli.train", "data=c4_hub", "logging.wandb.mode=disabled",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pkmlm.cli.train",
+            "data=c4_hub",
+            "logging.wandb.mode=disabled",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr

@@ -7,12 +7,19 @@ from collections import Counter
 
 import pytest
 import torch
-
 from data_fixtures import make_docs, roundtrip, stitch, write_parquet, write_texts_jsonl, write_wet
+
 from pkmlm.data.cleaning import Cleaner
 from pkmlm.data.config import DataConfig, SourceConfig
-from pkmlm.data.loader import (TokenBatches, WorkerBatches, build_train_batches, load_or_train_tokenizer, resolve_data,
-                               stats_row, validation_batches)
+from pkmlm.data.loader import (
+    TokenBatches,
+    WorkerBatches,
+    build_train_batches,
+    load_or_train_tokenizer,
+    resolve_data,
+    stats_row,
+    validation_batches,
+)
 from pkmlm.data.mixing import MixedDocuments, SourceStream, resolve_sources
 from pkmlm.data.tokenizer import encode_documents, train_bpe
 from pkmlm.errors import ConfigError, DataError
@@ -67,8 +74,9 @@ def test_cleaning_in_the_stream_counts_and_holds_validation_out(tmp_path):
 def test_mixture_follows_weights_and_sources_cycle_independently(tmp_path):
     a = write_texts_jsonl(tmp_path / "a.jsonl", [f"a{i}" for i in range(50)])
     b = write_texts_jsonl(tmp_path / "b.jsonl", [f"b{i}" for i in range(7)])
-    cfg = cfg_for(sources=[SourceConfig(name="A", files=[a], weight=3.0), SourceConfig(name="B", files=[b])],
-                  val_docs=0)
+    cfg = cfg_for(
+        sources=[SourceConfig(name="A", files=[a], weight=3.0), SourceConfig(name="B", files=[b])], val_docs=0
+    )
     mix = MixedDocuments(resolve_sources(cfg), cfg, seed=0)
     docs = [mix.next_document() for _ in range(4000)]
     share_a = sum(d.startswith("a") for d in docs) / len(docs)
@@ -108,15 +116,18 @@ def test_rank_x_worker_sharding_is_disjoint_and_complete(tmp_path, tok):
     n_docs = 26
     docs = make_docs(n_docs)
     # Three files of three formats, with a bad record that is also a record to shard.
-    files = [write_texts_jsonl(tmp_path / "a.jsonl", docs[:10]),
-             write_parquet(tmp_path / "b.parquet", docs[10:18]),
-             write_wet(tmp_path / "c.warc.wet.gz", [(f"http://x/{i}", t) for i, t in enumerate(docs[18:])])]
+    files = [
+        write_texts_jsonl(tmp_path / "a.jsonl", docs[:10]),
+        write_parquet(tmp_path / "b.parquet", docs[10:18]),
+        write_wet(tmp_path / "c.warc.wet.gz", [(f"http://x/{i}", t) for i, t in enumerate(docs[18:])]),
+    ]
     cfg = cfg_for(files, val_docs=2, num_workers=2)
     world_size, workers = 2, 2
     seen = {}
     for rank in range(world_size):
-        batches = build_train_batches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank,
-                                      world_size=world_size)
+        batches = build_train_batches(
+            cfg, resolve_data(cfg), tok, batch_size=2, seed=0, rank=rank, world_size=world_size
+        )
         assert isinstance(batches, WorkerBatches)
         rows = {w: [] for w in range(workers)}
         for i in range(30):  # batch i comes from worker i mod 2 (the DataLoader's round-robin)
@@ -128,7 +139,7 @@ def test_rank_x_worker_sharding_is_disjoint_and_complete(tmp_path, tok):
     readers = list(seen.values())
     assert set().union(*readers) == set(range(2, n_docs))  # complete: every training document, no validation
     for i, a in enumerate(readers):
-        for b in readers[i + 1:]:
+        for b in readers[i + 1 :]:
             assert not a & b  # disjoint
     # reader slot = rank * workers + worker keeps training records slot, slot + 4, ...
     assert seen[(1, 0)] == {2 + k for k in range(2, 24, 4)}
@@ -155,8 +166,11 @@ def mixed_cfg(tmp_path, **kw):
     bad.write_text('{"text": "doc9001 alpha"}\n{"text": broken\n{"text": "doc9002 beta beta"}\n{"text": 7}\n')
     b = write_parquet(tmp_path / "b.parquet", make_docs(6, seed=2, prefix="pq"))
     c = write_wet(tmp_path / "c.warc.wet.gz", [(f"http://w/{i}", t) for i, t in enumerate(make_docs(5, 3, "wet"))])
-    sources = [SourceConfig(name="a", files=[a, str(bad)], weight=2.0), SourceConfig(name="b", files=[b]),
-               SourceConfig(name="c", files=[c], weight=0.5)]
+    sources = [
+        SourceConfig(name="a", files=[a, str(bad)], weight=2.0),
+        SourceConfig(name="b", files=[b]),
+        SourceConfig(name="c", files=[c], weight=0.5),
+    ]
     return cfg_for(sources=sources, val_docs=1, shuffle_buffer=5, dedup_window=4, min_chars=8, **kw)
 
 
@@ -220,8 +234,9 @@ def test_validation_is_the_first_documents_of_each_source(tmp_path, tok):
     b = write_texts_jsonl(tmp_path / "b.jsonl", ["VAL b one", "VAL b two"] + make_docs(5, seed=1))
     cfg = cfg_for(sources=[SourceConfig(files=[a]), SourceConfig(files=[b])], val_docs=2, seq_len=8)
     windows = [row for batch in validation_batches(cfg, resolve_data(cfg), tok, batch_size=4) for row in batch.tolist()]
-    expected = [0] + [t for ids in encode_documents(tok, ["VAL a one", "VAL a two", "VAL b one", "VAL b two"])
-                      for t in ids + [0]]
+    expected = [0] + [
+        t for ids in encode_documents(tok, ["VAL a one", "VAL a two", "VAL b one", "VAL b two"]) for t in ids + [0]
+    ]
     assert stitch(windows) == expected
     assert len(validation_batches(cfg, resolve_data(cfg), tok, batch_size=1, max_batches=2)) == 2
     train = TokenBatches(cfg, resolve_data(cfg), tok, batch_size=2, seed=0)

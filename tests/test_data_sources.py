@@ -82,9 +82,22 @@ def test_expand_files_zst_needs_zstandard(tmp_path):
 
 
 def test_file_kind():
-    assert [file_kind(p) for p in ["a.jsonl", "a.json.gz", "a.JSONL.zst", "a.parquet", "a.txt.gz", "a.md", "a",
-                                   "x.warc.wet.gz", "x.warc.wet", "x.wet", "x.warc.gz"]] == [
-        "json", "json", "json", "parquet", "text", "text", "text", "wet", "wet", "wet", "wet"]
+    assert [
+        file_kind(p)
+        for p in [
+            "a.jsonl",
+            "a.json.gz",
+            "a.JSONL.zst",
+            "a.parquet",
+            "a.txt.gz",
+            "a.md",
+            "a",
+            "x.warc.wet.gz",
+            "x.warc.wet",
+            "x.wet",
+            "x.warc.gz",
+        ]
+    ] == ["json", "json", "json", "parquet", "text", "text", "text", "wet", "wet", "wet", "wet"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,8 +188,9 @@ def test_names_with_glob_characters_are_literal(tmp_path):
 
 def test_resume_continues_with_the_exact_next_document(tmp_path):
     files = [
-        write_jsonl(tmp_path / "a.jsonl.gz", [{"text": f"a{i}"} if i != 2 else {"x": 0} for i in range(5)],
-                    compress=True),
+        write_jsonl(
+            tmp_path / "a.jsonl.gz", [{"text": f"a{i}"} if i != 2 else {"x": 0} for i in range(5)], compress=True
+        ),
         write_parquet(tmp_path / "b.parquet", [f"b{i}" for i in range(5)]),
         touch(tmp_path / "c.txt", "c0\n\nc1\n\nc2\n"),
     ]

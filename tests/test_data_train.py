@@ -7,20 +7,26 @@ import json
 from pathlib import Path
 
 import pytest
+from data_fixtures import make_docs, write_parquet, write_texts_jsonl, write_wet
+from helpers import overrides, read_rows, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from data_fixtures import make_docs, write_parquet, write_texts_jsonl, write_wet
-from helpers import overrides, read_rows, run_cli
 from pkmlm.config import config_dir, register_configs
 from pkmlm.errors import ConfigError, DataError
 from pkmlm.train.loop import train
 
 register_configs()
 
-STEPS = ["train.max_steps=2", "eval.interval=2", "checkpoint.interval=2", "data.vocab_size=300",
-         "data.tokenizer_docs=30", "data.val_docs=2"]
+STEPS = [
+    "train.max_steps=2",
+    "eval.interval=2",
+    "checkpoint.interval=2",
+    "data.vocab_size=300",
+    "data.tokenizer_docs=30",
+    "data.val_docs=2",
+]
 
 
 def _train(run_dir: Path, *extra: str) -> dict:
@@ -81,8 +87,12 @@ def test_cli_strict_names_file_and_line_and_bad_glob_fails_first(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert "bad.jsonl, line 11: the record is not a JSON object" in result.stderr
 
-    glob_args = overrides(*STEPS, "data.files=[]", f"data.sources=[{{files: ['{tmp_path}/none/*.jsonl']}}]",
-                          f"hydra.run.dir={tmp_path / 'run2'}")
+    glob_args = overrides(
+        *STEPS,
+        "data.files=[]",
+        f"data.sources=[{{files: ['{tmp_path}/none/*.jsonl']}}]",
+        f"hydra.run.dir={tmp_path / 'run2'}",
+    )
     result = run_cli("pkmlm.cli.train", glob_args, cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "data.sources[0].files pattern" in result.stderr and "matches no file" in result.stderr
@@ -160,10 +170,17 @@ def test_eval_reads_prepared_shards_of_the_runs_tokenizer_only(eval_run, tmp_pat
         evaluate_run(_eval_cfg(f"checkpoint={run_dir}", f"data.prepared={tmp_path / 'other'}"))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("batch_size=0", "batch_size"), ("max_batches=0", "max_batches"), ("device=tpu", "device"),
-    ("precision=fp16", "precision"), ("data.seq_len=0", "data.seq_len"), ("data.seq_len=4096", "data.seq_len"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("batch_size=0", "batch_size"),
+        ("max_batches=0", "max_batches"),
+        ("device=tpu", "device"),
+        ("precision=fp16", "precision"),
+        ("data.seq_len=0", "data.seq_len"),
+        ("data.seq_len=4096", "data.seq_len"),
+    ],
+)
 def test_eval_values_are_range_checked(eval_run, tmp_path, override, key):
     from pkmlm.cli.eval import evaluate_run
 
@@ -177,5 +194,6 @@ def test_eval_cli_bad_value_is_one_line_exit_2(eval_run, tmp_path):
     run_dir, _ = eval_run
     result = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", "batch_size=0"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["error: config error: batch_size=0 is invalid: an integer >= 1 "
-                                                  "(validation windows per batch)"]
+    assert result.stderr.strip().splitlines() == [
+        "error: config error: batch_size=0 is invalid: an integer >= 1 (validation windows per batch)"
+    ]

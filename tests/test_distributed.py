@@ -22,16 +22,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import overrides, read_rows
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from helpers import overrides, read_rows
 from pkmlm.config import config_dir, register_configs
 from pkmlm.errors import ConfigError, UserError
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
 register_configs()
 
 TOL = 1e-5  # the issue's bound on loss differences between 2 processes and 1
@@ -50,8 +51,17 @@ def _train_in_process(run_dir: Path, *extra: str) -> dict:
 
 
 def _torchrun(run_dir: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pkmlm.cli.train", *overrides(*extra), f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "pkmlm.cli.train",
+        *overrides(*extra),
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,6 +89,7 @@ def _checkpoint_state(path: Path) -> dict:
 def _assert_states_close(a: dict, b: dict) -> None:
     """Every tensor of model and optimizer state within 0.1% (relative norm) of the other's: an
     optimizer state scaled by the process count (a gradient summed instead of averaged) is not."""
+
     def tensors(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):
@@ -123,8 +134,9 @@ def test_two_processes_equal_one_then_resume_on_one_and_on_two(tmp_path):
         _assert_close(_by_step(resumed, "train/loss"), ref_loss, [4, 5, 6])
         _assert_close(_by_step(resumed, "val/loss"), ref_val, [6])
         final = resumed / "checkpoints" / "step_00000006.dcp"
-        _assert_states_close(_checkpoint_state(final), _checkpoint_state(tmp_path / "one" / "checkpoints"
-                                                                         / "step_00000006.dcp"))
+        _assert_states_close(
+            _checkpoint_state(final), _checkpoint_state(tmp_path / "one" / "checkpoints" / "step_00000006.dcp")
+        )
 
 
 def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
@@ -143,21 +155,33 @@ def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
 def test_memory_model_with_replicated_values_two_processes_equal_one(tmp_path):
     """Memory model with its value tables replicated (no shard_values: DDP averages their gradients
     like every other parameter), one table per layer, 2 processes = 1 process."""
-    steps = ("train.max_steps=3", "eval.interval=3", "checkpoint.interval=3", "model.memory.layers=[0,1]",
-             "model.memory.query_norm=layernorm")
+    steps = (
+        "train.max_steps=3",
+        "eval.interval=3",
+        "checkpoint.interval=3",
+        "model.memory.layers=[0,1]",
+        "model.memory.query_norm=layernorm",
+    )
     _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
     _torchrun(tmp_path / "two", *steps)
     for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3]), ("train/grad_norm", [1, 2, 3])):
         _assert_close(_by_step(tmp_path / "two", key), _by_step(tmp_path / "one", key), at)
-    _assert_states_close(_checkpoint_state(tmp_path / "two" / "checkpoints" / "step_00000003.dcp"),
-                         _checkpoint_state(tmp_path / "one" / "checkpoints" / "step_00000003.dcp"))
+    _assert_states_close(
+        _checkpoint_state(tmp_path / "two" / "checkpoints" / "step_00000003.dcp"),
+        _checkpoint_state(tmp_path / "one" / "checkpoints" / "step_00000003.dcp"),
+    )
 
 
 def test_compiled_two_processes_equal_one(tmp_path):
     """`train.compile=true` with DDP + sharded values and with FSDP2 (the wrapped model is compiled;
     the sharded read is a collective inside the graph's caller): same losses as 1 eager process."""
-    steps = ("train.max_steps=3", "eval.interval=3", "checkpoint.interval=3", "model.memory.layers=[0,1]",
-             "model.memory.query_norm=layernorm")
+    steps = (
+        "train.max_steps=3",
+        "eval.interval=3",
+        "checkpoint.interval=3",
+        "model.memory.layers=[0,1]",
+        "model.memory.query_norm=layernorm",
+    )
     _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
     for name, extra in (("ddp", ("model.memory.shard_values=true",)), ("fsdp", ("train.parallel=fsdp",))):
         _torchrun(tmp_path / name, *steps, "train.compile=true", *extra)
@@ -182,27 +206,31 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
         mesh = init_device_mesh("cpu", (world,))
         for share in (False, True):
             torch.manual_seed(0)
-            memory = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, query_norm="layernorm",
-                                  share_values=share)
+            memory = MemoryConfig(
+                layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, query_norm="layernorm", share_values=share
+            )
             ref = Transformer(ModelConfig(vocab_size=64, n_layers=3, dim=32, n_heads=2, memory=memory))
             sharded = copy.deepcopy(ref)
             names = shard_value_tables(sharded, mesh, torch.device("cpu"))
-            assert names == (["shared_values.weight"] if share else
-                             ["blocks.0.memory.values.weight", "blocks.2.memory.values.weight"]), names
+            assert names == (
+                ["shared_values.weight"]
+                if share
+                else ["blocks.0.memory.values.weight", "blocks.2.memory.values.weight"]
+            ), names
             assert sharded.count_parameters() == ref.count_parameters()  # DTensor numel: the whole table
             x = torch.randint(0, 64, (2 * world, 6), generator=torch.Generator().manual_seed(1))
             ref_logits, ref_loss = ref(x, x)
             (ref_loss * world).backward()  # = the sum of the ranks' mean losses
-            mine = x[2 * rank: 2 * rank + 2]
+            mine = x[2 * rank : 2 * rank + 2]
             logits, loss = sharded(mine, mine)
             loss.backward()
-            torch.testing.assert_close(logits, ref_logits[2 * rank: 2 * rank + 2], atol=1e-6, rtol=0)
+            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=1e-6, rtol=0)
             ref_params = dict(ref.named_parameters())
             for name, p in sharded.named_parameters():
                 if name in names:
                     local = p.grad.to_local()
                     cols = local.shape[1]
-                    expected = ref_params[name].grad[:, rank * cols: (rank + 1) * cols]
+                    expected = ref_params[name].grad[:, rank * cols : (rank + 1) * cols]
                     torch.testing.assert_close(local, expected, atol=1e-6, rtol=0)
                 else:
                     summed = p.grad.clone()
@@ -243,12 +271,17 @@ def test_refusals_name_the_key_and_what_to_do(tmp_path):
     # Hydra multirun inside torchrun: one line on stderr, exit status 2, before any process group.
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     for sweep in (["-m"], ["--multirun"], ["hydra.mode=MULTIRUN"]):
-        proc = subprocess.run([sys.executable, "-m", "pkmlm.cli.train", *sweep, "seed=1,2"], capture_output=True,
-                              text=True, timeout=120, env=env, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pkmlm.cli.train", *sweep, "seed=1,2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 2, (sweep, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "multirun" in lines[0] and "one torchrun job per configuration" in lines[0]
-
 
 
 def test_slurm_tasks_of_the_hydra_launcher_become_ranks():
@@ -261,9 +294,18 @@ def test_slurm_tasks_of_the_hydra_launcher_become_ranks():
     try:
         for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
-        os.environ.update({"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
-                           "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242",
-                           "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2"})
+        os.environ.update(
+            {
+                "SUBMITIT_EXECUTOR": "slurm",
+                "SLURM_NTASKS": "4",
+                "SLURM_PROCID": "3",
+                "SLURM_LOCALID": "1",
+                "SLURM_JOB_NODELIST": "gpu[07-08]",
+                "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NUM_NODES": "2",
+                "SLURM_NNODES": "2",
+            }
+        )
         _export_submitit_environment()
         assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
         assert os.environ["MASTER_ADDR"] == "gpu07"  # the job's first node

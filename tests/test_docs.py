@@ -13,4 +13,5 @@ def test_config_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert (ROOT / "docs" / "config.md").read_text() == module.render(), (
-        "docs/config.md is stale: run `.venv/bin/python scripts/config_reference.py`")
+        "docs/config.md is stale: run `.venv/bin/python scripts/config_reference.py`"
+    )

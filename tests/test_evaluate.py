@@ -32,7 +32,7 @@ class FakeMemory(nn.Module):
     def slot_ids(tokens_N, n_keys, heads, knn):
         h_H1 = torch.arange(heads).view(heads, 1)
         k_1K = torch.arange(knn).view(1, knn)
-        return (tokens_N.view(-1, 1, 1) * 5 + h_H1 * 7 + k_1K) % n_keys ** 2  # (N, H, K)
+        return (tokens_N.view(-1, 1, 1) * 5 + h_H1 * 7 + k_1K) % n_keys**2  # (N, H, K)
 
     def forward(self, x_BTD, tokens_BT):
         indices_NHK = self.slot_ids(tokens_BT.reshape(-1), self.n_keys, self.heads, self.knn)
@@ -49,8 +49,7 @@ class FakeLM(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(VOCAB, dim)
-        self.layers = nn.ModuleList([FakeMemory(4, 2, 3, dim), nn.Linear(dim, dim),
-                                     FakeMemory(3, 1, 2, dim)])
+        self.layers = nn.ModuleList([FakeMemory(4, 2, 3, dim), nn.Linear(dim, dim), FakeMemory(3, 1, 2, dim)])
         self.dropout = nn.Dropout(0.5)
         self.head = nn.Linear(dim, VOCAB)
         self.fail_on_call = fail_on_call
@@ -83,8 +82,7 @@ def _manual_loss(model, batches):
     with torch.no_grad():
         for b in batches:
             logits_BTV, _ = model(b[:, :-1], b[:, 1:])
-            total += F.cross_entropy(logits_BTV.flatten(0, 1), b[:, 1:].flatten(),
-                                     reduction="sum").item()
+            total += F.cross_entropy(logits_BTV.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
             tokens += b[:, 1:].numel()
     return total / tokens, tokens
 
@@ -98,8 +96,9 @@ def test_loss_is_token_weighted_mean_and_memory_is_over_whole_pass():
     assert result["tokens"] == expected_tokens == 3 * 8 + 1 * 4 + 2 * 16
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
     # the unweighted mean over batches differs: make sure the test can tell them apart
-    per_batch = [F.cross_entropy(model.eval()(b[:, :-1], b[:, 1:])[0].flatten(0, 1),
-                                 b[:, 1:].flatten()).item() for b in batches]
+    per_batch = [
+        F.cross_entropy(model.eval()(b[:, :-1], b[:, 1:])[0].flatten(0, 1), b[:, 1:].flatten()).item() for b in batches
+    ]
     assert abs(sum(per_batch) / len(per_batch) - expected_loss) > 1e-4
     assert result["ppl"] == pytest.approx(math.exp(expected_loss), rel=1e-6)
 
@@ -108,9 +107,9 @@ def test_loss_is_token_weighted_mean_and_memory_is_over_whole_pass():
         tokens_N = torch.cat([b[:, :-1].reshape(-1) for b in batches])
         ids = FakeMemory.slot_ids(tokens_N, n_keys, heads, knn)
         counts = Counter(ids.flatten().tolist())
-        assert result[f"memory/layer{i}/usage"] == len(counts) / n_keys ** 2
+        assert result[f"memory/layer{i}/usage"] == len(counts) / n_keys**2
         p = [c / sum(counts.values()) for c in counts.values()]
-        kl = math.log(n_keys ** 2) + sum(x * math.log(x) for x in p)
+        kl = math.log(n_keys**2) + sum(x * math.log(x) for x in p)
         assert result[f"memory/layer{i}/kl_count"] == pytest.approx(kl, abs=1e-9)
         # equal weights per read: the weighted and count distributions coincide
         assert result[f"memory/layer{i}/kl_weight"] == pytest.approx(kl, abs=1e-9)
@@ -178,9 +177,11 @@ def test_perplexity_and_bits_per_byte():
 
 
 def test_metrics_modules_import_with_torch_only():
-    code = ("import sys, pkmlm.metrics, pkmlm.metrics.memory_usage, pkmlm.metrics.evaluate; "
-            "bad = [m for m in ('wandb', 'pkmlm.metrics.sinks') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, pkmlm.metrics, pkmlm.metrics.memory_usage, pkmlm.metrics.evaluate; "
+        "bad = [m for m in ('wandb', 'pkmlm.metrics.sinks') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import overrides, read_rows
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from helpers import overrides, read_rows
 from pkmlm.config import SWEEP_RESOLVER as RESOLVER
 from pkmlm.config import Config, config_dir, register_configs, validate
 from pkmlm.errors import ConfigError
@@ -51,8 +51,12 @@ def _jobs(preset: str) -> list[list[str]]:
     cfg = _compose([f"experiment={preset}"], hydra=True)
     params = cfg.hydra.sweeper.params or {}
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-            else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in parsed]
+    axes = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+        for o in parsed
+    ]
     return [[f"experiment={preset}", *job] for job in itertools.product(*axes)]
 
 
@@ -75,6 +79,11 @@ def test_every_preset_and_every_job_composes_validates_and_builds(preset):
     assert jobs
     for job in jobs:
         cfg = _typed(tuple(job))
+        if cfg.train.finetune != "full" and cfg.init_from is None:
+            # A finetuning preset (forgetting/*) names its pretrained run on the command line.
+            with pytest.raises(ConfigError, match="init_from"):
+                validate(cfg)
+            cfg = _typed((*job, "init_from=outputs/forgetting/pretrain"))
         validate(cfg)
         model = _build_on_meta(cfg)
         assert next(model.parameters()).device.type == "meta"
@@ -82,15 +91,20 @@ def test_every_preset_and_every_job_composes_validates_and_builds(preset):
 
 
 def _family(name: str) -> dict[str, Config]:
-    return {arm: _typed((f"experiment={name}/{arm}",))
-            for arm in sorted(p.stem for p in (EXPERIMENTS / name).glob("*.yaml") if p.stem != "common")}
+    return {
+        arm: _typed((f"experiment={name}/{arm}",))
+        for arm in sorted(p.stem for p in (EXPERIMENTS / name).glob("*.yaml") if p.stem != "common")
+    }
 
 
-@pytest.mark.parametrize("family, mem, dense, heads", [
-    ("paper", "mem12", ("dense12", "dense16", "dense24"), 16),
-    ("small", "mem12", ("dense12", "dense16", "dense24"), 8),
-    ("tiny", "mem4", ("dense4", "dense5", "dense8"), 4),
-])
+@pytest.mark.parametrize(
+    "family, mem, dense, heads",
+    [
+        ("paper", "mem12", ("dense12", "dense16", "dense24"), 16),
+        ("small", "mem12", ("dense12", "dense16", "dense24"), 8),
+        ("tiny", "mem4", ("dense4", "dense5", "dense8"), 4),
+    ],
+)
 def test_families_keep_the_papers_ratios_and_match_their_runs(family, mem, dense, heads):
     runs = _family(family)
     assert sorted(runs) == sorted([mem, *dense])
@@ -118,7 +132,7 @@ def test_paper_presets_and_the_speed_structure_of_the_claim():
     assert runs["mem12"].model.dim == 1024
     models = {arm: _build_on_meta(cfg) for arm, cfg in runs.items()}
     counts = {arm: model.count_parameters() for arm, model in models.items()}
-    assert counts["mem12"]["memory_values"] == 512 ** 2 * 1024
+    assert counts["mem12"]["memory_values"] == 512**2 * 1024
     # More parameters than dense24 in all, but each token touches fewer than dense12's (the memory's
     # query network, keys and 4 x 32 value rows are fewer than the FFN it replaces), so it costs
     # about half the FLOPs of dense24: active FLOPs count the rows read, not the table.
@@ -130,16 +144,24 @@ def test_paper_presets_and_the_speed_structure_of_the_claim():
 
 
 def test_compare_groups_launch_matched_arms_baseline_first():
-    for preset in ("compare/tiny_mem_vs_dense", "compare/small_mem_vs_dense", "compare/paper_mem_vs_dense",
-                   "compare/mem12_vs_dense24"):
+    for preset in (
+        "compare/tiny_mem_vs_dense",
+        "compare/small_mem_vs_dense",
+        "compare/paper_mem_vs_dense",
+        "compare/mem12_vs_dense24",
+    ):
         configs = [_typed(tuple(job)) for job in _jobs(preset)]
         assert len(configs) >= 2
         assert configs[0].model.memory.layers == []  # the deepest dense arm is the baseline
         assert configs[0].model.n_layers == max(c.model.n_layers for c in configs)
         assert any(c.model.memory.layers for c in configs)
         for c in configs[1:]:
-            assert (c.data, c.optim, c.train, c.seed) == (configs[0].data, configs[0].optim, configs[0].train,
-                                                          configs[0].seed)
+            assert (c.data, c.optim, c.train, c.seed) == (
+                configs[0].data,
+                configs[0].optim,
+                configs[0].train,
+                configs[0].seed,
+            )
         assert _compose([f"experiment={preset}"], hydra=True).hydra.mode.name == "MULTIRUN"
 
 
@@ -148,11 +170,14 @@ def test_joblib_launcher_composes():
     assert cfg.hydra.launcher.n_jobs == 2 and "joblib" in cfg.hydra.launcher._target_.lower()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
-                    reason="hydra-submitit-launcher is not installed (pip install 'pkmlm[slurm]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason="hydra-submitit-launcher is not installed (pip install 'pkmlm[slurm]')",
+)
 def test_slurm_launcher_composes():
-    cfg = _compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                    "experiment=compare/small_mem_vs_dense"], hydra=True)
+    cfg = _compose(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "experiment=compare/small_mem_vs_dense"], hydra=True
+    )
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
@@ -181,8 +206,9 @@ def _train(run_dir: Path, *extra: str) -> dict:
 
 def test_token_budget_stops_evaluates_and_accounts(tmp_path):
     # 4 x 32 = 128 tokens per step: a 300-token budget ends after step 3 of 20 (first step >= 300).
-    summary = _train(tmp_path / "run", "train.max_steps=20", "train.max_tokens=300", "eval.interval=100",
-                     "checkpoint.interval=100")
+    summary = _train(
+        tmp_path / "run", "train.max_steps=20", "train.max_tokens=300", "eval.interval=100", "checkpoint.interval=100"
+    )
     rows = read_rows(tmp_path / "run")
     final = rows[-1]
     assert final["stopped_by"] == "max_tokens" and final["step"] == 3 and final["tokens"] == 384
@@ -192,8 +218,16 @@ def test_token_budget_stops_evaluates_and_accounts(tmp_path):
     assert [r["step"] for r in val] == [3]  # the budget's stop is evaluated
     assert (tmp_path / "run" / "checkpoints" / "step_00000003.dcp").is_dir()  # the one checkpoint format
     train_rows = [r for r in rows if "train/loss" in r]
-    for key in ("train/tokens_per_s", "train/step_time_s", "train/data_time_s", "train/compute_time_s",
-                "train/flops_per_s", "train/peak_memory_gb", "wall_time_s", "train_time_s"):
+    for key in (
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "train/data_time_s",
+        "train/compute_time_s",
+        "train/flops_per_s",
+        "train/peak_memory_gb",
+        "wall_time_s",
+        "train_time_s",
+    ):
         assert all(isinstance(r[key], float) and r[key] >= 0 for r in train_rows), key
     for r in train_rows:
         assert r["train/step_time_s"] == pytest.approx(r["train/data_time_s"] + r["train/compute_time_s"])
@@ -221,9 +255,14 @@ def test_wall_time_adds_up_over_a_resume(tmp_path):
     assert last["wall_time_s"] > first["wall_time_s"] and last["train_time_s"] > first["train_time_s"]
 
 
-@pytest.mark.parametrize("override, key", [("train.max_tokens=0", "train.max_tokens"),
-                                           ("train.max_time=-5", "train.max_time"),
-                                           ("train.peak_flops=0", "train.peak_flops")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_tokens=0", "train.max_tokens"),
+        ("train.max_time=-5", "train.max_time"),
+        ("train.peak_flops=0", "train.peak_flops"),
+    ],
+)
 def test_bad_budgets_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         validate(OmegaConf.to_object(_compose([override])))
@@ -233,8 +272,9 @@ def test_budget_and_clock_rules():
     assert budget_reached(None, None, 10**12, 1e9) is None
     assert budget_reached(100, None, 99, 0.0) is None and budget_reached(100, None, 100, 0.0) == "max_tokens"
     assert budget_reached(None, 5.0, 0, 5.0) == "max_time"
-    clock = RunClock(torch.device("cpu"), flops_per_token=10.0, peak_flops=None, wall_before_s=100.0,
-                     train_before_s=60.0)
+    clock = RunClock(
+        torch.device("cpu"), flops_per_token=10.0, peak_flops=None, wall_before_s=100.0, train_before_s=60.0
+    )
     with clock.paused():
         time.sleep(0.05)
     assert clock.wall_s() >= 100.05 and clock.train_s() >= 60.0

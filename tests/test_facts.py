@@ -88,8 +88,14 @@ def test_names_are_several_tokens(tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pkmlm.cli.facts", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pkmlm.cli.facts", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_cli_writes_corpus_and_refuses_bad_values_in_one_line(tmp_path, capsys):
@@ -99,11 +105,13 @@ def test_cli_writes_corpus_and_refuses_bad_values_in_one_line(tmp_path, capsys):
     assert summary["people"] == 12 and summary["documents"] == 24
     assert len(_read(tmp_path / "facts" / "bios.jsonl")) == 24
     (tmp_path / "afile").write_text("x")
-    for args, needle in ((["--people", "0", "--seed", "1", "--out", "x"], "--people"),
-                         (["--people", "3", "--seed", "1", "--templates", "0", "--out", "x"], "--templates"),
-                         (["--people", "3", "--seed", "1", "--out", "afile"], "--out"),
-                         (["--people", "three", "--seed", "1", "--out", "x"], "--people"),
-                         (["--seed", "1", "--out", "x"], "--people")):
+    for args, needle in (
+        (["--people", "0", "--seed", "1", "--out", "x"], "--people"),
+        (["--people", "3", "--seed", "1", "--templates", "0", "--out", "x"], "--templates"),
+        (["--people", "3", "--seed", "1", "--out", "afile"], "--out"),
+        (["--people", "three", "--seed", "1", "--out", "x"], "--people"),
+        (["--seed", "1", "--out", "x"], "--people"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             facts_main([*args[:-1], str(tmp_path / args[-1])] if args[-2] == "--out" else args)
         err = capsys.readouterr().err
@@ -117,9 +125,15 @@ def test_mix_preset_draws_biographies_and_web_text_by_weight(tmp_path):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=knowledge/mix_dense", f"data.sources.0.files=[{tmp_path / 'bios.jsonl'}]",
-            f"data.sources.1.files=[{C4}]", "data.sources.0.weight=3.0"])
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "experiment=knowledge/mix_dense",
+                f"data.sources.0.files=[{tmp_path / 'bios.jsonl'}]",
+                f"data.sources.1.files=[{C4}]",
+                "data.sources.0.weight=3.0",
+            ],
+        )
     GlobalHydra.instance().clear()
     data = OmegaConf.to_object(cfg).data
     assert [s.name for s in data.sources] == ["bios", "wiki"] and data.files == []

@@ -20,7 +20,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PROJECT_ROOT
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -30,8 +29,17 @@ SEED = int(os.environ.get("PKMLM_FAULT_SEED", random.randrange(10**6)))
 
 def _inject(tmp_path_factory, name: str, *args: str) -> dict:
     work = tmp_path_factory.mktemp(name)
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "fault_inject.py"), "--workdir", str(work / "work"),
-           "--json", str(work / "report.json"), "--seed", str(SEED), *args]
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "fault_inject.py"),
+        "--workdir",
+        str(work / "work"),
+        "--json",
+        str(work / "report.json"),
+        "--seed",
+        str(SEED),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
     if not (work / "report.json").exists():
         pytest.fail(f"fault_inject.py crashed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -47,15 +55,29 @@ def report(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workers_report(tmp_path_factory):
-    return _inject(tmp_path_factory, "faults-workers", "--kills", "4", "--steps", "30", "--corrupt-every", "2",
-                   "--scenarios", "kills,signals", "--extra", "data.num_workers=2")
+    return _inject(
+        tmp_path_factory,
+        "faults-workers",
+        "--kills",
+        "4",
+        "--steps",
+        "30",
+        "--corrupt-every",
+        "2",
+        "--scenarios",
+        "kills,signals",
+        "--extra",
+        "data.num_workers=2",
+    )
 
 
 def test_summary_is_printed(report, workers_report, capsys):
     # Shown whatever pytest's capture mode: CI logs carry the summary.
     with capsys.disabled():
-        print(f"\n\n[fault injection, seed {SEED}]\n{report['summary']}\n"
-              f"[the same with data.num_workers=2]\n{workers_report['summary']}\n")
+        print(
+            f"\n\n[fault injection, seed {SEED}]\n{report['summary']}\n"
+            f"[the same with data.num_workers=2]\n{workers_report['summary']}\n"
+        )
     assert report["failures"] == [] and report["exit"] == 0
     assert workers_report["failures"] == [] and workers_report["exit"] == 0
 

@@ -36,8 +36,16 @@ VOCAB = 40
 
 def tiny_model(share_values=False, layers=(1,), seed=0, query_norm="batchnorm", values_kind="embedding"):
     torch.manual_seed(seed)
-    memory = MemoryConfig(layers=list(layers), n_keys=8, heads=2, knn=4, k_dim=16, query_norm=query_norm,
-                          share_values=share_values, values_kind=values_kind)
+    memory = MemoryConfig(
+        layers=list(layers),
+        n_keys=8,
+        heads=2,
+        knn=4,
+        k_dim=16,
+        query_norm=query_norm,
+        share_values=share_values,
+        values_kind=values_kind,
+    )
     return Transformer(ModelConfig(vocab_size=VOCAB, n_layers=2, dim=32, n_heads=2, max_seq_len=16, memory=memory))
 
 
@@ -72,8 +80,9 @@ def test_selected_grad_keeps_only_masked_rows_of_dense_and_sparse_grads():
     mask_S = torch.tensor([False, True, False, True, False, False])
     kept = selected_grad(grad_SV, mask_S).to_dense()
     assert torch.equal(kept, grad_SV * mask_S[:, None])
-    sparse = torch.sparse_coo_tensor(torch.tensor([[3, 0, 3, 5]]), torch.ones(4, 2), (6, 2),
-                                     check_invariants=True)  # row 3 twice
+    sparse = torch.sparse_coo_tensor(
+        torch.tensor([[3, 0, 3, 5]]), torch.ones(4, 2), (6, 2), check_invariants=True
+    )  # row 3 twice
     kept = selected_grad(sparse, mask_S).to_dense()
     assert kept[3].tolist() == [2.0, 2.0] and kept.abs().sum() == 4.0
 
@@ -103,8 +112,9 @@ def test_check_finetune_config_one_line_errors():
 
 def test_model_config_diff_names_the_differing_keys():
     a = ModelConfig(vocab_size=100, memory=MemoryConfig(layers=[1], n_keys=64))
-    b = ModelConfig(vocab_size=100, dim=128, memory=MemoryConfig(layers=[1], n_keys=32, kernel="torch",
-                                                                 value_dropout=0.1))
+    b = ModelConfig(
+        vocab_size=100, dim=128, memory=MemoryConfig(layers=[1], n_keys=32, kernel="torch", value_dropout=0.1)
+    )
     assert model_config_diff(a, a) == []
     assert model_config_diff(a, b) == ["dim", "memory.n_keys"]  # kernel and dropout may differ
     import dataclasses

@@ -74,8 +74,9 @@ def test_sparse_memory_step_through_the_loop_moves_only_the_selected_rows(pretra
     (pool,) = slot_pools(source_model)
     background = _cached_background(run_dir, pool)
     tokenizer = tokenizer_from_str((run_dir / "tokenizer.json").read_text())
-    batch = next(build_train_batches(cfg.data, resolve_data(cfg.data), tokenizer, batch_size=cfg.train.batch_size,
-                                     seed=cfg.seed))
+    batch = next(
+        build_train_batches(cfg.data, resolve_data(cfg.data), tokenizer, batch_size=cfg.train.batch_size, seed=cfg.seed)
+    )
     selection = RowSelection(source_model, background, top_t=8)
     selection.attach()
     with torch.no_grad():
@@ -100,8 +101,16 @@ def _cached_background(run_dir: Path, pool: str):
 
 def test_resume_of_a_finetune_is_bitwise_equal_to_uninterrupted(pretrained, tmp_path):
     """Lazy Adam's moments, the background cache and the staleness trackers all cross the resume."""
-    steps = (f"init_from={pretrained}", *SPARSE, "finetune.optimizer=adam", "finetune.lr=0.01",
-             "train.max_steps=4", "eval.interval=2", "checkpoint.interval=100", "metrics.stale_window=2")
+    steps = (
+        f"init_from={pretrained}",
+        *SPARSE,
+        "finetune.optimizer=adam",
+        "finetune.lr=0.01",
+        "train.max_steps=4",
+        "eval.interval=2",
+        "checkpoint.interval=100",
+        "metrics.stale_window=2",
+    )
     _train(tmp_path / "straight", *steps)
     _train(tmp_path / "split", *steps, "train.stop_at_step=2")
     cache = tmp_path / "split" / BACKGROUND_FILE
@@ -114,8 +123,10 @@ def test_resume_of_a_finetune_is_bitwise_equal_to_uninterrupted(pretrained, tmp_
     a, b = _model_tensors(tmp_path / "straight"), _model_tensors(tmp_path / "split")
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    stale = {name: [(r["step"], r["memory/layer1/stale"]) for r in rs if "memory/layer1/stale" in r]
-             for name, rs in rows.items()}
+    stale = {
+        name: [(r["step"], r["memory/layer1/stale"]) for r in rs if "memory/layer1/stale" in r]
+        for name, rs in rows.items()
+    }
     assert [s for s, _ in stale["straight"]] == [2, 4] and stale["straight"] == stale["split"][-2:]
     assert 0 < stale["straight"][-1][1] < 1
     saved = store.read(store.latest_valid(tmp_path / "split" / "checkpoints"))["stale"]["layer1"]
@@ -127,8 +138,16 @@ def test_resume_of_a_finetune_is_bitwise_equal_to_uninterrupted(pretrained, tmp_
 
 
 def test_init_from_model_mismatch_is_one_line_exit_2(pretrained, tmp_path):
-    proc = run_cli("pkmlm.cli.train", [*overrides(f"init_from={pretrained}", "model.dim=32", "model.memory.k_dim=8",
-                                                  f"hydra.run.dir={tmp_path / 'ft'}")], cwd=tmp_path, timeout=300)
+    proc = run_cli(
+        "pkmlm.cli.train",
+        [
+            *overrides(
+                f"init_from={pretrained}", "model.dim=32", "model.memory.k_dim=8", f"hydra.run.dir={tmp_path / 'ft'}"
+            )
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "init_from=" in lines[0] and "model.dim (32 here, 64 there)" in lines[0], lines[0]
@@ -150,6 +169,7 @@ def test_forgetting_facts_sets_are_disjoint_people_with_the_same_values(tmp_path
     from pkmlm.knowledge.forgetting import split_facts
 
     a, b = split_facts(tmp_path, people=6, seed=3, templates=2)
+
     def rows(path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 

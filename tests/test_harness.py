@@ -31,8 +31,11 @@ def trained(tmp_path_factory):
         lines = [json.loads(line)["text"] for line in f][-12:]  # the file's end: past the training steps
     docs = root / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    result = run_cli("pkmlm.cli.train", overrides("train.max_steps=30", "eval.interval=30", "checkpoint.interval=30",
-                                                  f"hydra.run.dir={root / 'run'}"), cwd=root)
+    result = run_cli(
+        "pkmlm.cli.train",
+        overrides("train.max_steps=30", "eval.interval=30", "checkpoint.interval=30", f"hydra.run.dir={root / 'run'}"),
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, root / "run", docs, lines
 
@@ -57,8 +60,12 @@ def test_loglikelihood_matches_direct_scoring(trained):
     _, run_dir, _, lines = trained
     lm = _lm(run_dir)
     assert lm.max_length == WINDOW and lm.eot_token_id == 0
-    pairs = [("The weather today", " is sunny"), ("", "Hello world"), (lines[0][:400], " and"),
-             ("A list: ", "one, two")]  # long context: cut to the window; trailing space moves over
+    pairs = [
+        ("The weather today", " is sunny"),
+        ("", "Hello world"),
+        (lines[0][:400], " and"),
+        ("A list: ", "one, two"),
+    ]  # long context: cut to the window; trailing space moves over
     got = lm.loglikelihood([_req("loglikelihood", c, x) for c, x in pairs])
     tok = lm.tokenizer
     for (context, continuation), (logprob, greedy) in zip(pairs, got):
@@ -66,10 +73,10 @@ def test_loglikelihood_matches_direct_scoring(trained):
             ctx_ids, cont_ids = [0], tok.encode(continuation).ids
         else:
             stripped = context.rstrip()
-            moved = context[len(stripped):] + continuation
+            moved = context[len(stripped) :] + continuation
             whole = tok.encode(stripped + moved).ids
-            ctx_ids, cont_ids = whole[:len(tok.encode(stripped).ids)], whole[len(tok.encode(stripped).ids):]
-        ctx_ids = (ctx_ids + cont_ids)[-(WINDOW + 1):][:-len(cont_ids)]
+            ctx_ids, cont_ids = whole[: len(tok.encode(stripped).ids)], whole[len(tok.encode(stripped).ids) :]
+        ctx_ids = (ctx_ids + cont_ids)[-(WINDOW + 1) :][: -len(cont_ids)]
         assert logprob == pytest.approx(_logprob(lm.model, ctx_ids, cont_ids), abs=1e-4)
         assert isinstance(greedy, bool)
 
@@ -90,8 +97,9 @@ def test_rolling_scores_disjoint_windows_no_longer_than_the_context(trained):
     ids = lm.tokenizer.encode(long).ids
     assert len(ids) > 3 * WINDOW
     # Window k predicts ids[32k : 32k+32] after the one token before it (end-of-text for the first).
-    expected = sum(_logprob(lm.model, [0] if k == 0 else [ids[k - 1]], ids[k:k + WINDOW])
-                   for k in range(0, len(ids), WINDOW))
+    expected = sum(
+        _logprob(lm.model, [0] if k == 0 else [ids[k - 1]], ids[k : k + WINDOW]) for k in range(0, len(ids), WINDOW)
+    )
     assert got[1] == pytest.approx(expected, abs=1e-3)
 
 
@@ -104,17 +112,18 @@ def test_generate_until_is_greedy_cut_at_stop_strings_and_batch_independent(trai
     assert batched == single
     lm = _lm(run_dir)
     for context, text in zip(contexts, batched):
-        ids = lm.tokenizer.encode(context).ids[-(WINDOW - 10):]
+        ids = lm.tokenizer.encode(context).ids[-(WINDOW - 10) :]
         out = generate(lm.model, ids, max_new_tokens=10, temperature=0)
         if 0 in out:  # generation stops at end-of-text
-            out = out[:out.index(0)]
+            out = out[: out.index(0)]
         expected = lm.tokenizer.decode(out, skip_special_tokens=False)
         assert text == expected.split(".")[0] and "." not in text
 
 
 def _task(path: Path, name: str, data: Path, body: str) -> None:
-    path.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                    f"test_split: test\n{body}")
+    path.write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n{body}"
+    )
 
 
 @pytest.mark.slow
@@ -123,24 +132,53 @@ def test_pkmlm_harness_runs_local_tasks_and_agrees_with_pkmlm_eval_bpb(trained):
     tasks = root / "tasks"
     tasks.mkdir(exist_ok=True)
     mc = root / "mc.jsonl"
-    mc.write_text("".join(json.dumps({"q": t[:80], "choices": [t[80:100], "zzzz qqqq"], "label": 0}) + "\n"
-                          for t in lines))
+    mc.write_text(
+        "".join(json.dumps({"q": t[:80], "choices": [t[80:100], "zzzz qqqq"], "label": 0}) + "\n" for t in lines)
+    )
     gen = root / "gen.jsonl"
     gen.write_text("".join(json.dumps({"prompt": t[:60], "answer": t[60:70]}) + "\n" for t in lines))
-    _task(tasks / "mc.yaml", "pkmlm_mc", mc, 'output_type: multiple_choice\ndoc_to_text: "{{q}}"\n'
-          'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\ntarget_delimiter: ""\n'
-          "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    _task(tasks / "rolling.yaml", "pkmlm_rolling", docs, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
-          'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n'
-          "    higher_is_better: false\n")
-    _task(tasks / "gen.yaml", "pkmlm_gen", gen, 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\n'
-          'doc_to_target: "{{answer}}"\ntarget_delimiter: ""\ngeneration_kwargs:\n  until: ["\\n"]\n'
-          "  max_gen_toks: 6\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n"
-          "    higher_is_better: true\n")
+    _task(
+        tasks / "mc.yaml",
+        "pkmlm_mc",
+        mc,
+        'output_type: multiple_choice\ndoc_to_text: "{{q}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+    )
+    _task(
+        tasks / "rolling.yaml",
+        "pkmlm_rolling",
+        docs,
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+        'doc_to_target: "{{text}}"\nmetric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n'
+        "    higher_is_better: false\n",
+    )
+    _task(
+        tasks / "gen.yaml",
+        "pkmlm_gen",
+        gen,
+        'output_type: generate_until\ndoc_to_text: "{{prompt}}"\n'
+        'doc_to_target: "{{answer}}"\ntarget_delimiter: ""\ngeneration_kwargs:\n  until: ["\\n"]\n'
+        "  max_gen_toks: 6\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+        "    higher_is_better: true\n",
+    )
     out = root / "results.json"
-    result = run_cli("pkmlm.cli.harness", [str(run_dir), "--tasks", "pkmlm_mc,pkmlm_rolling,pkmlm_gen",
-                                           "--include-path", str(tasks), "--batch-size", "4", "--output", str(out)],
-                     cwd=root, timeout=600)
+    result = run_cli(
+        "pkmlm.cli.harness",
+        [
+            str(run_dir),
+            "--tasks",
+            "pkmlm_mc,pkmlm_rolling,pkmlm_gen",
+            "--include-path",
+            str(tasks),
+            "--batch-size",
+            "4",
+            "--output",
+            str(out),
+        ],
+        cwd=root,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pkmlm_mc" in result.stdout and "bits_per_byte" in result.stdout  # lm-eval's table
     res = json.loads(out.read_text())["results"]
@@ -151,6 +189,7 @@ def test_pkmlm_harness_runs_local_tasks_and_agrees_with_pkmlm_eval_bpb(trained):
     eval_bpb = json.loads(ev.stdout)["bpb"]
     assert harness_bpb == pytest.approx(eval_bpb, rel=0.03)
 
-    bad = run_cli("pkmlm.cli.harness", [str(run_dir), "--tasks", "no_such_task", "--include-path", str(tasks)],
-                  cwd=root)
+    bad = run_cli(
+        "pkmlm.cli.harness", [str(run_dir), "--tasks", "no_such_task", "--include-path", str(tasks)], cwd=root
+    )
     assert bad.returncode == 2 and "no_such_task" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

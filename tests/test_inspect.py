@@ -29,8 +29,11 @@ def tiny_model(seed=0):
 def batches(seed=1):
     gen = torch.Generator().manual_seed(seed)
     # uneven batches, as the evaluator's final partial window makes
-    return [torch.randint(0, VOCAB, (3, 13), generator=gen), torch.randint(0, VOCAB, (2, 13), generator=gen),
-            torch.randint(0, VOCAB, (1, 7), generator=gen)]
+    return [
+        torch.randint(0, VOCAB, (3, 13), generator=gen),
+        torch.randint(0, VOCAB, (2, 13), generator=gen),
+        torch.randint(0, VOCAB, (1, 7), generator=gen),
+    ]
 
 
 def recorded_reads(model, inputs_BT):
@@ -75,7 +78,7 @@ def test_listed_contexts_select_their_slot_and_are_the_heaviest():
         # Re-run the model on each listed context (the sequence prefix ending at the marked token):
         # the slot is among the knn selected there, and the listed weight is the read weight.
         for ctx in top.contexts:
-            prefix_1T = data[ctx.batch][ctx.row:ctx.row + 1, :ctx.position + 1]
+            prefix_1T = data[ctx.batch][ctx.row : ctx.row + 1, : ctx.position + 1]
             ids_NHK, w_NHK = recorded_reads(model, prefix_1T)[layer]
             last_HK, w_HK = ids_NHK[-1], w_NHK[-1]
             assert top.slot in last_HK.flatten().tolist()
@@ -102,13 +105,22 @@ def test_report_files(tmp_path):
     model, data = tiny_model(), batches()
     counts = count_reads(model, data, "cpu")
     picks = {i: pick_slots(c.count, 2, 2) for i, c in counts.items()}
-    contexts = collect_contexts(model, data, {i: a + b for i, (a, b) in picks.items()}, 3, "cpu",
-                                reads={i: c.count for i, c in counts.items()})
+    contexts = collect_contexts(
+        model, data, {i: a + b for i, (a, b) in picks.items()}, 3, "cpu", reads={i: c.count for i, c in counts.items()}
+    )
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     history = [{"step": s, "layers": {str(i): {"usage": 0.5, "kl_weight": 1.0} for i in counts}} for s in (3, 6)]
-    report = write_report(tmp_path, source={"checkpoint": "x", "step": 6, "files": ["f"], "tokens": 10},
-                          counts=counts, contexts=contexts, n_most={i: 2 for i in counts}, history=history,
-                          batches=data, tokenizer=tokenizer, window=4)
+    report = write_report(
+        tmp_path,
+        source={"checkpoint": "x", "step": 6, "files": ["f"], "tokens": 10},
+        counts=counts,
+        contexts=contexts,
+        n_most={i: 2 for i in counts},
+        history=history,
+        batches=data,
+        tokenizer=tokenizer,
+        window=4,
+    )
     assert report == tmp_path / "report.md"
     for layer in (0, 1):
         for suffix in ("access.png", "heads.png", "history.png"):

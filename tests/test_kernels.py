@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from pkmlm.errors import ConfigError
-from pkmlm.model import MemoryConfig, ProductKeyMemory
-from pkmlm.model import kernels
+from pkmlm.model import MemoryConfig, ProductKeyMemory, kernels
 from pkmlm.model.kernels import reference
 from pkmlm.model.memory import eligible_rank_pairs
 
@@ -27,7 +26,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def _runnable():
     assert DEVICE.type == "cuda" or gather.is_interpreted(), (
         "no GPU and the triton kernels are not interpreted: TRITON_INTERPRET=1 must be set before triton "
-        "is first imported (tests/conftest.py does it)")
+        "is first imported (tests/conftest.py does it)"
+    )
 
 
 # (N tokens, R slots per token, M value rows, V width): 1s everywhere; R below / above BLOCK_ROWS;
@@ -69,7 +69,8 @@ def test_backward_matches_reference(shape, dtype):
     values, indices, weights, grad_out = _inputs(*shape, dtype, seed=1)
     grad_values, grad_weights = gather.read_backward(grad_out, values, indices, weights)
     ref_values, ref_weights = reference.read_backward_reference(
-        grad_out.double(), values.double(), indices, weights.double())
+        grad_out.double(), values.double(), indices, weights.double()
+    )
     assert grad_values.dtype == dtype and grad_values.shape == values.shape
     assert grad_weights.dtype == torch.float32 and grad_weights.shape == weights.shape
     tol = _tolerance(dtype)
@@ -98,7 +99,8 @@ def test_backward_of_one_hot_row_and_unread_rows():
     indices = torch.full((N, R), 4, device=DEVICE)
     grad_values, grad_weights = gather.read_backward(grad_out, values, indices, weights)
     ref_values, ref_weights = reference.read_backward_reference(
-        grad_out.double(), values.double(), indices, weights.double())
+        grad_out.double(), values.double(), indices, weights.double()
+    )
     torch.testing.assert_close(grad_values.double(), ref_values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_weights.double(), ref_weights, rtol=1e-5, atol=1e-5)
     assert (grad_values[torch.arange(M, device=DEVICE) != 4] == 0).all()
@@ -221,14 +223,17 @@ def test_triton_row_kernel_matches_torch_formulation(dtype):
     M, V = 37, 1100  # V above the kernel's 1024-column block; 20 of the 37 rows read per step
     init = torch.randn(M, V).to(dtype)
     params = [torch.nn.Parameter(init.clone().to(device)) for _ in range(2)]
-    opts = [LazyAdam([p], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, use_triton=flag)
-            for p, flag in zip(params, (False, True))]
+    opts = [
+        LazyAdam([p], lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, use_triton=flag)
+        for p, flag in zip(params, (False, True))
+    ]
     for _ in range(3):
         rows = torch.randperm(M)[:20].sort().values
         grad = torch.randn(20, V).to(dtype)
         for p, opt in zip(params, opts):
-            p.grad = torch.sparse_coo_tensor(rows[None].to(device), grad.to(device), (M, V),
-                                             check_invariants=True).coalesce()
+            p.grad = torch.sparse_coo_tensor(
+                rows[None].to(device), grad.to(device), (M, V), check_invariants=True
+            ).coalesce()
             opt.step()
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(params[1].float(), params[0].float(), **tol)
@@ -279,9 +284,18 @@ def test_triton_kernel_in_a_cpu_run_is_refused_before_training(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pkmlm.cli.train", *overrides("model.memory.kernel=triton", "train.device=cpu",
-                                                             f"hydra.run.dir={tmp_path / 'run'}")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pkmlm.cli.train",
+            *overrides("model.memory.kernel=triton", "train.device=cpu", f"hydra.run.dir={tmp_path / 'run'}"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.memory.kernel='triton'" in lines[0] and "TRITON_INTERPRET=1" in lines[0]

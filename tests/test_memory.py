@@ -258,8 +258,16 @@ def test_bf16_autocast_selects_exactly_the_fp32_slots(query_norm, qk_norm):
     x = torch.randn(2048, DIM)
     results = {}
     for precision in ("fp32", "autocast"):
-        memory = make_memory(5, n_keys=64, heads=4, knn=16, k_dim=32, query_norm=query_norm, qk_norm=qk_norm,
-                             retrieval_precision=precision).eval()
+        memory = make_memory(
+            5,
+            n_keys=64,
+            heads=4,
+            knn=16,
+            k_dim=32,
+            query_norm=query_norm,
+            qk_norm=qk_norm,
+            retrieval_precision=precision,
+        ).eval()
         with torch.no_grad():
             exact_w, exact_i = memory.lookup(x)
             with torch.autocast("cpu", dtype=torch.bfloat16):

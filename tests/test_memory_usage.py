@@ -109,8 +109,9 @@ def _reference(batches, n_slots, heads):
 
 
 def _random_reads(generator, n, heads, knn, n_slots):
-    indices_NHK = torch.stack([torch.stack([torch.randperm(n_slots, generator=generator)[:knn]
-                                            for _ in range(heads)]) for _ in range(n)])
+    indices_NHK = torch.stack(
+        [torch.stack([torch.randperm(n_slots, generator=generator)[:knn] for _ in range(heads)]) for _ in range(n)]
+    )
     weights_NHK = torch.randn(n, heads, knn, generator=generator).softmax(-1)
     return indices_NHK, weights_NHK
 
@@ -148,10 +149,20 @@ def test_update_matches_python_reference_per_head_and_accumulates():
         assert stats[f"head{h}/usage"] == (expected_count_HS[h] > 0).sum().item() / n_slots
         assert stats[f"head{h}/kl_count"] == pytest.approx(kl_to_uniform(expected_count_HS[h]))
         assert stats[f"head{h}/kl_weight"] == pytest.approx(kl_to_uniform(expected_weight_HS[h]))
-    assert set(stats) == {"usage", "kl_weight", "kl_count", "gini", "top50", "top90", "top99",
-                          *(f"head{h}/{k}" for h in range(heads)
-                            for k in ("usage", "kl_weight", "kl_count", "gini", "top50", "top90",
-                                      "top99"))}
+    assert set(stats) == {
+        "usage",
+        "kl_weight",
+        "kl_count",
+        "gini",
+        "top50",
+        "top90",
+        "top99",
+        *(
+            f"head{h}/{k}"
+            for h in range(heads)
+            for k in ("usage", "kl_weight", "kl_count", "gini", "top50", "top90", "top99")
+        ),
+    }
 
 
 def test_heads_are_kept_apart():
@@ -189,8 +200,7 @@ def test_empty_tracker_documented_values_and_reset():
     tracker = MemoryUsage(n_slots=9, heads=2)
     stats = tracker.compute()
     assert stats["usage"] == 0.0 and stats["head1/usage"] == 0.0
-    for key in ("kl_weight", "kl_count", "gini", "top50", "top90", "top99", "head0/kl_weight",
-                "head0/kl_count"):
+    for key in ("kl_weight", "kl_count", "gini", "top50", "top90", "top99", "head0/kl_weight", "head0/kl_count"):
         assert math.isnan(stats[key]), key
     tracker.update(torch.tensor([[[1], [2]]]), torch.ones(1, 2, 1))
     assert tracker.compute()["usage"] == 2 / 9
@@ -211,8 +221,9 @@ def test_update_on_cuda_never_waits_for_the_device():
         tracker.update(indices_NHK.int(), weights_NHK.bfloat16())  # converted on device
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    expected_HS = torch.stack([torch.bincount(indices_NHK[:, h].flatten().cpu(), minlength=n_slots)
-                               for h in range(heads)])
+    expected_HS = torch.stack(
+        [torch.bincount(indices_NHK[:, h].flatten().cpu(), minlength=n_slots) for h in range(heads)]
+    )
     assert torch.equal(tracker.count_per_head.cpu(), 3 * expected_HS)
     assert tracker.compute()["usage"] > 0
 
@@ -232,7 +243,7 @@ class FakeMemory(nn.Module):
     def forward(self, x_ND):
         n = x_ND.shape[0]
         indices_NHK = torch.arange(n * self.heads * self.knn).view(n, self.heads, self.knn)
-        indices_NHK = indices_NHK % self.n_keys ** 2
+        indices_NHK = indices_NHK % self.n_keys**2
         weights_NHK = torch.full((n, self.heads, self.knn), 1 / self.knn)
         if self.observer is not None:
             self.observer(indices_NHK, weights_NHK)
@@ -242,8 +253,9 @@ class FakeMemory(nn.Module):
 class FakeModel(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Identity(), FakeMemory(n_keys=4), nn.Identity(),
-                                     FakeMemory(n_keys=3, heads=1, knn=2)])
+        self.layers = nn.ModuleList(
+            [nn.Identity(), FakeMemory(n_keys=4), nn.Identity(), FakeMemory(n_keys=3, heads=1, knn=2)]
+        )
 
     def memory_layers(self):
         return {i: layer for i, layer in enumerate(self.layers) if isinstance(layer, FakeMemory)}
@@ -277,8 +289,18 @@ def test_attach_detach_and_metric_keys():
     assert metrics["memory/layer1/usage"] == 12 / 16
     assert metrics["memory/layer3/usage"] == 4 / 9
     for i in (1, 3):
-        for key in ("usage", "kl_weight", "kl_count", "gini", "top50", "top90", "top99",
-                    "head0/usage", "head0/kl_weight", "head0/kl_count"):
+        for key in (
+            "usage",
+            "kl_weight",
+            "kl_count",
+            "gini",
+            "top50",
+            "top90",
+            "top99",
+            "head0/usage",
+            "head0/kl_weight",
+            "head0/kl_count",
+        ):
             assert f"memory/layer{i}/{key}" in metrics
     assert "memory/layer1/head1/usage" in metrics and "memory/layer3/head1/usage" not in metrics
     detach_usage_trackers(model)

@@ -36,8 +36,9 @@ def _model(seed: int = 0) -> Transformer:
 
 @pytest.mark.parametrize("values_schedule", ["follow", "constant"])
 def test_values_lr_is_constant_through_warmup_and_decay_or_follows_the_schedule(values_schedule):
-    cfg = OptimConfig(lr=3e-3, values_lr=1e-3, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1,
-                      values_schedule=values_schedule)
+    cfg = OptimConfig(
+        lr=3e-3, values_lr=1e-3, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1, values_schedule=values_schedule
+    )
     optimizer = build_optimizer(_model(), cfg, torch.device("cpu"))
     for step in range(40):  # warmup (0..4), cosine decay (5..29), the floor after max_steps=30
         set_lr(optimizer, step, 30, cfg)
@@ -82,8 +83,12 @@ def test_values_grad_clip_bounds_the_values_norm_apart_from_the_rest(sparse):
 def test_the_options_reach_the_training_loop(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides(
-            "train.max_steps=2", "eval.interval=100", "optim.values_schedule=constant", "optim.values_grad_clip=0.5"))
+        cfg = compose(
+            config_name="config",
+            overrides=overrides(
+                "train.max_steps=2", "eval.interval=100", "optim.values_schedule=constant", "optim.values_grad_clip=0.5"
+            ),
+        )
     train(OmegaConf.to_object(cfg), tmp_path / "run", OmegaConf.to_container(cfg, resolve=True))
     rows = [r for r in read_rows(tmp_path / "run") if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2]

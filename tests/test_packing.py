@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import WIKI as SAMPLE_WIKI
 from data_fixtures import make_docs, roundtrip, stitch, write_texts_jsonl
+
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import TokenBatches, load_or_train_tokenizer, resolve_data, validation_batches
 from pkmlm.data.packing import Packer, ShuffleBuffer
@@ -125,8 +125,7 @@ def test_batches_shape_dtype_counters(tmp_path, tok):
     ],
 )
 def test_resume_is_bit_identical(tmp_path, tok, n_docs, shuffle_buffer, stops, epochs):
-    files = [write_texts_jsonl(tmp_path / "a.jsonl", make_docs(n_docs // 2)),
-             str(tmp_path / "b.txt")]
+    files = [write_texts_jsonl(tmp_path / "a.jsonl", make_docs(n_docs // 2)), str(tmp_path / "b.txt")]
     (tmp_path / "b.txt").write_text("\n\n".join(make_docs(n_docs - n_docs // 2, seed=1, prefix="txt")))
     cfg = make_cfg(files, shuffle_buffer=shuffle_buffer)
     total = stops[-1] + 6
@@ -237,8 +236,7 @@ def test_validation_batches_complete_and_deterministic(tmp_path, tok):
 
 def test_wiki_smoke(tmp_path):
     files = expand_files([WIKI])
-    cfg = DataConfig(files=files, vocab_size=1024, tokenizer_docs=50, seq_len=64, val_docs=1,
-                     shuffle_buffer=16)
+    cfg = DataConfig(files=files, vocab_size=1024, tokenizer_docs=50, seq_len=64, val_docs=1, shuffle_buffer=16)
     plan = resolve_data(cfg)
     tok, info = load_or_train_tokenizer(cfg, plan, str(tmp_path))
     assert info["source"] == "trained" and info["vocab_size"] == 1024

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from data_fixtures import make_docs, write_parquet, write_texts_jsonl
+
 from pkmlm.cli.prepare import PrepareProgress
 from pkmlm.data.config import DataConfig, SourceConfig
 from pkmlm.data.loader import resolve_data, validation_batches
 from pkmlm.data.mixing import resolve_sources
-from pkmlm.data.prepared import (PreparedBatches, estimate, load_index, open_shards, partial_dir, prepare,
-                                 token_dtype)
+from pkmlm.data.prepared import PreparedBatches, estimate, load_index, open_shards, partial_dir, prepare, token_dtype
 from pkmlm.data.tokenizer import encode_documents, load_tokenizer, train_bpe
 from pkmlm.errors import DataError
 
@@ -136,27 +135,65 @@ def test_cli_prepare_then_train_and_eval(tmp_path):
     corpus = write_texts_jsonl(tmp_path / "corpus.jsonl.gz", texts, compress=True)
     env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
     common = [f"data.files=[{corpus}]", "data.vocab_size=300", "data.tokenizer_docs=50", "data.val_docs=4"]
-    result = subprocess.run([sys.executable, "-m", "pkmlm.cli.prepare", *common, "out=prep"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pkmlm.cli.prepare", *common, "out=prep"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["documents"] == {"val": 4, "train": 116} and summary["dtype"] == "uint16"
-    again = subprocess.run([sys.executable, "-m", "pkmlm.cli.prepare", *common, "out=prep"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "pkmlm.cli.prepare", *common, "out=prep"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
 
-    tiny = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32", "model.memory.layers=[0]",
-            "model.memory.n_keys=8", "model.memory.heads=1", "model.memory.knn=2", "model.memory.k_dim=8",
-            "data.seq_len=16", "train.batch_size=4", "train.max_steps=3", "eval.interval=3",
-            "logging.wandb.mode=disabled", "logging.progress=false", "hydra.run.dir=run"]
-    train = subprocess.run([sys.executable, "-m", "pkmlm.cli.train", "data=prepared", "data.prepared=prep", *tiny],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    tiny = [
+        "model.dim=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.max_seq_len=32",
+        "model.memory.layers=[0]",
+        "model.memory.n_keys=8",
+        "model.memory.heads=1",
+        "model.memory.knn=2",
+        "model.memory.k_dim=8",
+        "data.seq_len=16",
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "eval.interval=3",
+        "logging.wandb.mode=disabled",
+        "logging.progress=false",
+        "hydra.run.dir=run",
+    ]
+    train = subprocess.run(
+        [sys.executable, "-m", "pkmlm.cli.train", "data=prepared", "data.prepared=prep", *tiny],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert train.returncode == 0, train.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val/ppl" in r for r in rows) and rows[-1]["step"] == 3
-    ev = subprocess.run([sys.executable, "-m", "pkmlm.cli.eval", "checkpoint=run"], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        [sys.executable, "-m", "pkmlm.cli.eval", "checkpoint=run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0, ev.stderr
     out = json.loads(ev.stdout.strip().splitlines()[-1])
     val_row = [r for r in rows if "val/ppl" in r][-1]
@@ -219,8 +256,11 @@ def test_interrupted_prepare_refuses_other_settings(tmp_path, tok):
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=1024, progress=Interrupt(1))
     other = mixed_cfg(tmp_path, min_chars=5)
-    with pytest.raises(DataError, match=r"interrupted pkmlm-prepare with other settings \(data\.min_chars was 0, "
-                                        r"now 5\); rerun it with its settings"):
+    with pytest.raises(
+        DataError,
+        match=r"interrupted pkmlm-prepare with other settings \(data\.min_chars was 0, "
+        r"now 5\); rerun it with its settings",
+    ):
         prepare(other, resolve_sources(other), tok, out, shard_tokens=1024)
     with pytest.raises(DataError, match=r"shard_tokens was 1024, now 2048"):
         prepare(cfg, resolve_sources(cfg), tok, out, shard_tokens=2048)
@@ -241,8 +281,13 @@ def test_hub_source_prepares_and_resumes_through_datasets_streaming(tmp_path, to
     texts = make_docs(240, seed=5)
     write_texts_jsonl(repo / "part-0.jsonl", texts[:130])
     write_texts_jsonl(repo / "part-1.jsonl", texts[130:])
-    cfg = DataConfig(files=[], sources=[SourceConfig(name="hub", hub=str(repo), split="train")], val_docs=3,
-                     seq_len=8, encode_batch_docs=5)
+    cfg = DataConfig(
+        files=[],
+        sources=[SourceConfig(name="hub", hub=str(repo), split="train")],
+        val_docs=3,
+        seq_len=8,
+        encode_batch_docs=5,
+    )
     prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / "whole"), shard_tokens=1024)
     out = str(tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):
@@ -267,8 +312,10 @@ def test_max_tokens_stops_at_the_first_chunk_past_it(tmp_path, tok):
 
 def test_estimate_is_stated_before_work_and_close(tmp_path, tok):
     texts = make_docs(3000, seed=7)
-    for name, path in (("jsonl.gz", write_texts_jsonl(tmp_path / "c.jsonl.gz", texts, compress=True)),
-                       ("parquet", write_parquet(tmp_path / "c.parquet", texts, row_group_size=500))):
+    for name, path in (
+        ("jsonl.gz", write_texts_jsonl(tmp_path / "c.jsonl.gz", texts, compress=True)),
+        ("parquet", write_parquet(tmp_path / "c.parquet", texts, row_group_size=500)),
+    ):
         cfg = DataConfig(files=[path], val_docs=10, seq_len=8)
         plan = estimate(cfg, resolve_sources(cfg), tok)
         actual = prepare(cfg, resolve_sources(cfg), tok, str(tmp_path / name))["tokens"]["train"]
@@ -306,8 +353,11 @@ def test_in_range_corruption_is_refused_by_its_checksum(tmp_path, tok):
     data[10] ^= 1  # a flipped bit: still a valid id below the vocabulary size
     shard.write_bytes(bytes(data))
     train_cfg = DataConfig(files=[], prepared=out, seq_len=8)
-    with pytest.raises(DataError, match=r"shard train_00001\.bin does not match its SHA-256 in index\.json "
-                                        r"\(the file is damaged\); prepare it again"):
+    with pytest.raises(
+        DataError,
+        match=r"shard train_00001\.bin does not match its SHA-256 in index\.json "
+        r"\(the file is damaged\); prepare it again",
+    ):
         PreparedBatches(train_cfg, out, batch_size=2, seed=0)
     load_index(out)  # sizes are fine: only the checksum tells
 
@@ -321,23 +371,33 @@ def test_out_of_range_ids_are_refused_up_front(tmp_path, tok):
     ids.tofile(shard)
     digest = hashlib.sha256(Path(shard).read_bytes()).hexdigest()
     rewrite_index(out, lambda i: i["splits"]["train"][0].update(sha256=digest))  # a consistent-looking index
-    with pytest.raises(DataError, match=r"shard train_00000\.bin holds token id 65535, outside the vocabulary of "
-                                        rf"{tok.get_vocab_size()} tokens"):
+    with pytest.raises(
+        DataError,
+        match=r"shard train_00000\.bin holds token id 65535, outside the vocabulary of "
+        rf"{tok.get_vocab_size()} tokens",
+    ):
         PreparedBatches(DataConfig(files=[], prepared=out, seq_len=8), out, batch_size=2, seed=0)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_text("[]"), r"not a valid pkmlm-prepare index \(a JSON list, not an object\)"),
-    (lambda p: p.write_text('{"format": "pkmlm-prepared/2"'), r"cannot be read \(Expecting"),
-    (lambda p: p.write_bytes(b"\xff\xfe"), r"cannot be read"),
-    (lambda p: rewrite_index(str(p.parent), lambda i: i.pop("splits")), r"splits=None: expected an object"),
-    (lambda p: rewrite_index(str(p.parent), lambda i: i.update(vocab_size="320")), r"vocab_size='320'"),
-    (lambda p: rewrite_index(str(p.parent), lambda i: i["splits"]["train"][0].update(file="../../etc/passwd")),
-     r"splits\.train\[0\]\.file='\.\./\.\./etc/passwd': expected train_NNNNN\.bin"),
-    (lambda p: rewrite_index(str(p.parent), lambda i: i["splits"]["val"][0].pop("sha256")),
-     r"splits\.val\[0\]\.sha256=None: expected 64 hex digits"),
-    (lambda p: rewrite_index(str(p.parent), lambda i: i.update(eos_id=10**6)), r"eos_id=1000000"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_text("[]"), r"not a valid pkmlm-prepare index \(a JSON list, not an object\)"),
+        (lambda p: p.write_text('{"format": "pkmlm-prepared/2"'), r"cannot be read \(Expecting"),
+        (lambda p: p.write_bytes(b"\xff\xfe"), r"cannot be read"),
+        (lambda p: rewrite_index(str(p.parent), lambda i: i.pop("splits")), r"splits=None: expected an object"),
+        (lambda p: rewrite_index(str(p.parent), lambda i: i.update(vocab_size="320")), r"vocab_size='320'"),
+        (
+            lambda p: rewrite_index(str(p.parent), lambda i: i["splits"]["train"][0].update(file="../../etc/passwd")),
+            r"splits\.train\[0\]\.file='\.\./\.\./etc/passwd': expected train_NNNNN\.bin",
+        ),
+        (
+            lambda p: rewrite_index(str(p.parent), lambda i: i["splits"]["val"][0].pop("sha256")),
+            r"splits\.val\[0\]\.sha256=None: expected 64 hex digits",
+        ),
+        (lambda p: rewrite_index(str(p.parent), lambda i: i.update(eos_id=10**6)), r"eos_id=1000000"),
+    ],
+)
 def test_malformed_index_is_one_line(tmp_path, tok, damage, message):
     _, out, _, _ = write_prepared(tmp_path, tok)
     damage(Path(out) / "index.json")
@@ -348,8 +408,15 @@ def test_malformed_index_is_one_line(tmp_path, tok, damage, message):
 
 def run_cli(module, args, tmp_path, **env):
     env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true", **env}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=180, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def one_line_exit_2(result):
@@ -360,9 +427,19 @@ def one_line_exit_2(result):
 
 def test_cli_damaged_shards_and_index_exit_2_before_step_1(tmp_path, tok):
     _, out, index, _ = write_prepared(tmp_path, tok)
-    tiny = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32", "model.memory.layers=[]",
-            "data.seq_len=8", "train.batch_size=2", "train.max_steps=2", "logging.wandb.mode=disabled",
-            "logging.progress=false", "hydra.run.dir=run"]
+    tiny = [
+        "model.dim=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.max_seq_len=32",
+        "model.memory.layers=[]",
+        "data.seq_len=8",
+        "train.batch_size=2",
+        "train.max_steps=2",
+        "logging.wandb.mode=disabled",
+        "logging.progress=false",
+        "hydra.run.dir=run",
+    ]
     shard = os.path.join(out, index["splits"]["train"][0]["file"])
     ids = np.fromfile(shard, dtype="<u2")
     ids[3] = 60000
@@ -388,9 +465,19 @@ def test_cli_prepare_hub_source_offline_on_local_files(tmp_path):
     repo = tmp_path / "hub_dataset"
     repo.mkdir()
     write_texts_jsonl(repo / "part-0.jsonl", make_docs(300, seed=8))
-    result = run_cli("pkmlm.cli.prepare", ["data.files=[]", f"data.sources=[{{hub: '{repo}', split: train}}]",
-                                           "data.vocab_size=300", "data.tokenizer_docs=100", "shard_tokens=2048",
-                                           "out=prep"], tmp_path, HF_HUB_OFFLINE="1")
+    result = run_cli(
+        "pkmlm.cli.prepare",
+        [
+            "data.files=[]",
+            f"data.sources=[{{hub: '{repo}', split: train}}]",
+            "data.vocab_size=300",
+            "data.tokenizer_docs=100",
+            "shard_tokens=2048",
+            "out=prep",
+        ],
+        tmp_path,
+        HF_HUB_OFFLINE="1",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["documents"] == {"val": 20, "train": 280} and summary["estimated_train_tokens"] is None
@@ -402,11 +489,23 @@ def test_cli_prepare_killed_then_rerun_continues(tmp_path, tok):
     """kill -9 in the middle of writing, then the same command: it continues from the last closed
     shard, and the shards equal an uninterrupted run's."""
     corpus = write_texts_jsonl(tmp_path / "corpus.jsonl.gz", make_docs(12000, seed=3), compress=True)
-    args = [f"data.files=[{corpus}]", "data.vocab_size=300", "data.tokenizer_docs=200", "data.val_docs=4",
-            "shard_tokens=1024", "out=prep"]
+    args = [
+        f"data.files=[{corpus}]",
+        "data.vocab_size=300",
+        "data.tokenizer_docs=200",
+        "data.val_docs=4",
+        "shard_tokens=1024",
+        "out=prep",
+    ]
     env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "pkmlm.cli.prepare", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pkmlm.cli.prepare", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     progress = tmp_path / "prep.partial" / "progress.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -22,8 +22,24 @@ from pkmlm.metrics.recall import Question, evaluate_recall, read_questions, stor
 from pkmlm.model.transformer import ModelConfig, Transformer
 from pkmlm.run import generate
 
-WORDS = ["<|endoftext|>", "Ann", "Bo", "Cy", "lives", "in", "works", "at", "Paris", "Rome", "Oslo", "New",
-         "York", "Old", "Acme", "Globex"]
+WORDS = [
+    "<|endoftext|>",
+    "Ann",
+    "Bo",
+    "Cy",
+    "lives",
+    "in",
+    "works",
+    "at",
+    "Paris",
+    "Rome",
+    "Oslo",
+    "New",
+    "York",
+    "Old",
+    "Acme",
+    "Globex",
+]
 
 
 def word_tokenizer() -> Tokenizer:
@@ -68,8 +84,11 @@ def test_recall_metrics_on_known_answer_probabilities():
     lm.set_row("works", {"at": 0.9})
     lm.set_row("Oslo", {"New": 0.5})
     lm.set_row("New", {"York": 0.25, "Old": 0.5})  # ... New York: first token argmax, second not
-    questions = [Question("Ann lives in", "Paris", 4), Question("Bo works at", "Acme", 8),
-                 Question("Cy lives in Oslo", "New York", 1024)]
+    questions = [
+        Question("Ann lives in", "Paris", 4),
+        Question("Bo works at", "Acme", 8),
+        Question("Cy lives in Oslo", "New York", 1024),
+    ]
     m = evaluate_recall(lm, word_tokenizer(), questions, batch_size=2)
     nll = [math.log(2), math.log(16), -math.log(0.5 * 0.25)]
     assert m["recall/answer_nll"] == pytest.approx(sum(nll) / 3, rel=1e-5)
@@ -87,8 +106,9 @@ def _model(memory: bool) -> Transformer:
     mem = {"layers": [1], "n_keys": 8, "heads": 2, "knn": 4, "k_dim": 16} if memory else {"layers": []}
     from pkmlm.model.memory import MemoryConfig
 
-    return Transformer(ModelConfig(vocab_size=48, n_layers=2, dim=32, n_heads=2, max_seq_len=12,
-                                   memory=MemoryConfig(**mem))).eval()
+    return Transformer(
+        ModelConfig(vocab_size=48, n_layers=2, dim=32, n_heads=2, max_seq_len=12, memory=MemoryConfig(**mem))
+    ).eval()
 
 
 @pytest.mark.parametrize("memory", [False, True])
@@ -97,8 +117,12 @@ def test_batched_scores_equal_one_at_a_time_and_greedy_equals_generation(memory)
     g = torch.Generator().manual_seed(1)
     requests = []
     for n_ctx, n_cont in ((1, 1), (3, 2), (9, 3), (14, 4), (5, 1)):  # (14, 4): cut to the window
-        requests.append((torch.randint(0, 48, (n_ctx,), generator=g).tolist(),
-                         torch.randint(0, 48, (n_cont,), generator=g).tolist()))
+        requests.append(
+            (
+                torch.randint(0, 48, (n_ctx,), generator=g).tolist(),
+                torch.randint(0, 48, (n_cont,), generator=g).tolist(),
+            )
+        )
     # One request made greedy on purpose: its continuation is what generation gives.
     ctx = requests[1][0]
     requests.append((ctx, generate(model, ctx, max_new_tokens=3, temperature=0)))
@@ -123,8 +147,11 @@ def test_bad_qa_files_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="No such file"):
         read_questions(tmp_path / "missing.jsonl")
     path = tmp_path / "qa.jsonl"
-    for line, needle in (('{"prompt": "a"', "not a JSON object"), ('{"prompt": "a", "answer": ""}', "'answer'"),
-                         ('{"prompt": "a", "answer": "b", "n_values": 0}', "n_values")):
+    for line, needle in (
+        ('{"prompt": "a"', "not a JSON object"),
+        ('{"prompt": "a", "answer": ""}', "'answer'"),
+        ('{"prompt": "a", "answer": "b", "n_values": 0}', "n_values"),
+    ):
         path.write_text(json.dumps({"prompt": "p", "answer": "x", "n_values": 2}) + "\n" + line + "\n")
         with pytest.raises(DataError, match=needle) as info:
             read_questions(path)
@@ -137,25 +164,37 @@ def test_pkmlm_eval_adds_recall_metrics(tmp_path):
 
     write_corpus(tmp_path / "facts", 30, seed=0, templates=2)
     bios = tmp_path / "facts" / "bios.jsonl"
-    train = run_cli("pkmlm.cli.train", overrides(f"data.files=[{bios}]", "data.tokenizer_docs=60",
-                                                 f"hydra.run.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    train = run_cli(
+        "pkmlm.cli.train",
+        overrides(f"data.files=[{bios}]", "data.tokenizer_docs=60", f"hydra.run.dir={tmp_path / 'run'}"),
+        cwd=tmp_path,
+    )
     assert train.returncode == 0, train.stderr[-2000:]
-    out = run_cli("pkmlm.cli.eval", [f"checkpoint={tmp_path / 'run'}", f"eval.recall={tmp_path / 'facts' / 'qa.jsonl'}",
-                                     "eval.recall_max_questions=60"], cwd=tmp_path)
+    out = run_cli(
+        "pkmlm.cli.eval",
+        [
+            f"checkpoint={tmp_path / 'run'}",
+            f"eval.recall={tmp_path / 'facts' / 'qa.jsonl'}",
+            "eval.recall_max_questions=60",
+        ],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["recall/questions"] == 60 and 0 <= result["recall/exact_match"] <= 1
     assert result["recall/bits"] >= 0 and result["recall/answer_nll"] > 0
     assert result["recall/params/memory_values"] > 0 and "recall/bits_per_param/memory_values" in result
-    assert result["recall/bits_per_param/active"] == pytest.approx(result["recall/bits"]
-                                                                   / result["recall/params/active"])
+    assert result["recall/bits_per_param/active"] == pytest.approx(
+        result["recall/bits"] / result["recall/params/active"]
+    )
     # pkmlm-compare shows a run's recall (here pkmlm-eval's output saved as RUN/recall.json).
     (tmp_path / "run" / "recall.json").write_text(out.stdout)
     compare = run_cli("pkmlm.cli.compare", [str(tmp_path / "run"), "--out", str(tmp_path / "cmp")], cwd=tmp_path)
     assert compare.returncode == 0, compare.stderr[-2000:]
     assert "bits stored / available" in compare.stdout and (tmp_path / "cmp" / "recall.md").is_file()
-    bad = run_cli("pkmlm.cli.eval", [f"checkpoint={tmp_path / 'run'}", f"eval.recall={tmp_path / 'nope.jsonl'}"],
-                  cwd=tmp_path)
+    bad = run_cli(
+        "pkmlm.cli.eval", [f"checkpoint={tmp_path / 'run'}", f"eval.recall={tmp_path / 'nope.jsonl'}"], cwd=tmp_path
+    )
     assert bad.returncode == 2 and "eval.recall" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -164,12 +203,23 @@ def test_knowledge_report_table_and_plot(tmp_path):
     from pkmlm.experiments.runs import RunSummary
 
     def run(name, people, bits, total):
-        row = {"step": 10, "recall/people": people, "recall/bits": bits, "recall/bits_available": 50.0 * people,
-               "recall/exact_match": 0.5, "recall/params/total": total, "recall/bits_per_param/total": bits / total}
+        row = {
+            "step": 10,
+            "recall/people": people,
+            "recall/bits": bits,
+            "recall/bits_available": 50.0 * people,
+            "recall/exact_match": 0.5,
+            "recall/params/total": total,
+            "recall/bits_per_param/total": bits / total,
+        }
         return RunSummary(path=tmp_path, label=f"{name} N={people}", config={}, rows=[row], name=name)
 
-    runs = [run("knowledge/dense", 100, 4000.0, 1000), run("knowledge/dense", 200, 6000.0, 1000),
-            run("knowledge/mem", 100, 4500.0, 2000), RunSummary(path=tmp_path, label="no recall", config={}, rows=[])]
+    runs = [
+        run("knowledge/dense", 100, 4000.0, 1000),
+        run("knowledge/dense", 200, 6000.0, 1000),
+        run("knowledge/mem", 100, 4500.0, 2000),
+        RunSummary(path=tmp_path, label="no recall", config={}, rows=[]),
+    ]
     table = recall_markdown(runs)
     assert "knowledge/mem N=100" in table and "no recall" not in table and "6,000 / 10,000" in table
     assert knowledge_plot(runs, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0
@@ -180,14 +230,31 @@ def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
     from pkmlm.knowledge.sweep import main, summary_table
 
     def row(arm, step, time_s, bits, people=10):
-        return {"arm": arm, "people": people, "seed": 0, "steps_equal": 8, "step": step, "exposures": step * 2.0,
-                "run_dir": str(tmp_path / f"{arm}-N{people}"), "recall/people": people,
-                "train_time_s": time_s, "recall/bits": bits, "recall/bits_available": 500.0,
-                "recall/exact_match": bits / 500, "recall/bits_per_param/total": bits / 1000,
-                "recall/params/total": 1000, "recall/params/embedding": 200}
+        return {
+            "arm": arm,
+            "people": people,
+            "seed": 0,
+            "steps_equal": 8,
+            "step": step,
+            "exposures": step * 2.0,
+            "run_dir": str(tmp_path / f"{arm}-N{people}"),
+            "recall/people": people,
+            "train_time_s": time_s,
+            "recall/bits": bits,
+            "recall/bits_available": 500.0,
+            "recall/exact_match": bits / 500,
+            "recall/bits_per_param/total": bits / 1000,
+            "recall/params/total": 1000,
+            "recall/params/embedding": 200,
+        }
 
-    rows = [row("dense", 4, 10.0, 100.0), row("dense", 8, 20.0, 200.0), row("dense", 12, 30.0, 300.0),
-            row("mem", 4, 14.0, 120.0), row("mem", 8, 28.0, 220.0)]
+    rows = [
+        row("dense", 4, 10.0, 100.0),
+        row("dense", 8, 20.0, 200.0),
+        row("dense", 12, 30.0, 300.0),
+        row("mem", 4, 14.0, 120.0),
+        row("mem", 8, 28.0, 220.0),
+    ]
     lines = summary_table(rows).splitlines()[2:]
     assert len(lines) == 3
     assert "dense (equal exposures)" in lines[0] and "| 200 |" in lines[0] and "0.2500" in lines[0]
@@ -216,9 +283,15 @@ def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_
     write_corpus(tmp_path / "facts", 20, seed=0, templates=2)
     qa = tmp_path / "facts" / "qa.jsonl"
     run = tmp_path / "run"
-    summary = _train_in_process(run, f"data.files=[{tmp_path / 'facts' / 'bios.jsonl'}]", "data.tokenizer_docs=40",
-                                "data.val_docs=0", f"eval.recall={qa}", "eval.recall_max_questions=30",
-                                "logging.progress=true")
+    summary = _train_in_process(
+        run,
+        f"data.files=[{tmp_path / 'facts' / 'bios.jsonl'}]",
+        "data.tokenizer_docs=40",
+        "data.val_docs=0",
+        f"eval.recall={qa}",
+        "eval.recall_max_questions=30",
+        "logging.progress=true",
+    )
     evals = [r for r in read_rows(run) if "val/tokens" in r]
     assert [r["step"] for r in evals] == [3, 6]
     for r in evals:
@@ -243,8 +316,10 @@ def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_
     compare([str(run), "--out", str(tmp_path / "cmp")])
     assert "bits stored / available" in capsys.readouterr().out
     last = evals[-1]
-    assert f"| {last['recall/bits']:,.0f} / {last['recall/bits_available']:,.0f} |" in (
-        tmp_path / "cmp" / "recall.md").read_text()
+    assert (
+        f"| {last['recall/bits']:,.0f} / {last['recall/bits_available']:,.0f} |"
+        in (tmp_path / "cmp" / "recall.md").read_text()
+    )
 
 
 def test_training_refuses_a_bad_recall_file_before_it_starts(tmp_path):
@@ -259,8 +334,10 @@ def test_training_refuses_a_bad_recall_file_before_it_starts(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="needs torch.distributed with gloo",
+)
 def test_recall_in_training_on_two_processes_equals_one(tmp_path):
     """2 processes with the value table sharded over them (every memory read is a collective, so
     recall must run on all ranks in lockstep): the recall at each evaluation equals that of 1
@@ -268,9 +345,13 @@ def test_recall_in_training_on_two_processes_equals_one(tmp_path):
     from pkmlm.knowledge.facts import write_corpus
 
     write_corpus(tmp_path / "facts", 20, seed=0, templates=2)
-    args = (f"data.files=[{tmp_path / 'facts' / 'bios.jsonl'}]", "data.tokenizer_docs=40",
-            f"eval.recall={tmp_path / 'facts' / 'qa.jsonl'}", "eval.recall_max_questions=40",
-            "model.memory.query_norm=layernorm")
+    args = (
+        f"data.files=[{tmp_path / 'facts' / 'bios.jsonl'}]",
+        "data.tokenizer_docs=40",
+        f"eval.recall={tmp_path / 'facts' / 'qa.jsonl'}",
+        "eval.recall_max_questions=40",
+        "model.memory.query_norm=layernorm",
+    )
     _train_in_process(tmp_path / "one", *args, "train.data_shards=2")
     _torchrun(tmp_path / "two", *args, "model.memory.shard_values=true")
     one, two = ([r for r in read_rows(tmp_path / run) if "recall/bits" in r] for run in ("one", "two"))

@@ -79,8 +79,13 @@ def _rewrite_manifest(ckpt: Path) -> None:
 def _load(ckpt: Path) -> dict:
     """A checkpoint as one dict: meta.json's entries, model, optimizer, data and RNG state."""
     state = store.read(ckpt)
-    return {**state["meta"], "model": state["model"], "optimizer": state.get("optim"),
-            "data": state.get("data/shard_00000.json"), "rng": state.get("rng/rank_00000.json")}
+    return {
+        **state["meta"],
+        "model": state["model"],
+        "optimizer": state.get("optim"),
+        "data": state.get("data/shard_00000.json"),
+        "rng": state.get("rng/rank_00000.json"),
+    }
 
 
 def _newest_state(directory: Path) -> dict:
@@ -101,7 +106,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
         newest.write_bytes(data[: len(data) // 2])
     elif damage == "bitflip":  # one bit in the middle of the tensor data
         i = len(data) // 2
-        newest.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+        newest.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :])
     elif damage == "no_checksum":
         (ckpt / "checksums.sha256").unlink()
     elif damage == "empty":
@@ -169,8 +174,10 @@ def test_full_disk_under_metrics_is_one_line(tmp_path, monkeypatch):
         _train(run_dir, "train.max_steps=2")
     monkeypatch.undo()
     # No checkpoint exists yet (the first is due at step 3): the message must not promise one.
-    assert str(err.value) == (f"run directory {run_dir}: No space left on device; no checkpoint has been "
-                              "written yet: free space and start the run again")
+    assert str(err.value) == (
+        f"run directory {run_dir}: No space left on device; no checkpoint has been "
+        "written yet: free space and start the run again"
+    )
 
 
 def test_stale_temporaries_and_newer_checkpoints_are_cleared(tmp_path):
@@ -225,8 +232,14 @@ def test_checkpoint_holds_the_complete_state(short_run):
 
 
 def test_resume_from_a_given_checkpoint_into_a_new_directory(short_run, tmp_path):
-    _train(tmp_path / "branch", "train.max_steps=4", "checkpoint.interval=1", "checkpoint.keep_last=4",
-           "eval.interval=4", f"resume={short_run / 'checkpoints' / 'step_00000002.dcp'}")
+    _train(
+        tmp_path / "branch",
+        "train.max_steps=4",
+        "checkpoint.interval=1",
+        "checkpoint.keep_last=4",
+        "eval.interval=4",
+        f"resume={short_run / 'checkpoints' / 'step_00000002.dcp'}",
+    )
     rows = [r for r in read_rows(tmp_path / "branch") if "train/loss" in r]
     original = {r["step"]: r["train/loss"] for r in read_rows(short_run) if "train/loss" in r}
     assert [r["step"] for r in rows] == [3, 4]
@@ -262,7 +275,7 @@ def _damage_dcp(ckpt: Path, damage: str) -> None:
     data = shard.read_bytes()
     if damage == "bitflip":  # one bit in the middle of the tensor data
         i = len(data) // 2
-        shard.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+        shard.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :])
     elif damage == "truncate":
         shard.write_bytes(data[: len(data) // 2])
     elif damage == "missing_file":
@@ -279,18 +292,29 @@ def test_dcp_checkpoint_has_a_sha256sum_manifest(dcp_run):
     assert [p.name for p in ckpts] == ["step_00000001.dcp", "step_00000002.dcp", "step_00000003.dcp"]
     newest = ckpts[-1]
     listed = sorted(line.split("  ", 1)[1] for line in (newest / "checksums.sha256").read_text().splitlines())
-    on_disk = sorted(p.relative_to(newest).as_posix() for p in newest.rglob("*")
-                     if p.is_file() and p.name != "checksums.sha256")
-    assert listed == on_disk and {".metadata", "meta.json", "data/shard_00000.json", "rng/rank_00000.json"} <= set(listed)
+    on_disk = sorted(
+        p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file() and p.name != "checksums.sha256"
+    )
+    assert listed == on_disk and {".metadata", "meta.json", "data/shard_00000.json", "rng/rank_00000.json"} <= set(
+        listed
+    )
     assert all(verify_dcp(p) is None for p in ckpts)
-    check = subprocess.run(["sha256sum", "--quiet", "-c", "checksums.sha256"], cwd=newest, capture_output=True,
-                           text=True)
+    check = subprocess.run(
+        ["sha256sum", "--quiet", "-c", "checksums.sha256"], cwd=newest, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr  # checkable by hand, as documented
     assert not [p for p in (dcp_run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporaries
 
 
-@pytest.mark.parametrize("damage,reason", [("bitflip", "checksum mismatch"), ("truncate", "checksum mismatch"),
-                                           ("missing_file", "missing"), ("no_manifest", "no checksums.sha256")])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("bitflip", "checksum mismatch"),
+        ("truncate", "checksum mismatch"),
+        ("missing_file", "missing"),
+        ("no_manifest", "no checksums.sha256"),
+    ],
+)
 def test_damaged_newest_dcp_checkpoint_falls_back_to_previous(dcp_run, tmp_path, damage, reason):
     """A damaged newest DCP checkpoint is skipped by resume=auto with a warning, exactly like a
     damaged .pt file; the run continues from the previous one, bitwise as it ran the first time."""
@@ -327,8 +351,10 @@ def test_dcp_resume_refuses_damaged_checkpoints(dcp_run, tmp_path):
         resolve_resume_any(str(ckpts[-1]), run_dir)
     for ckpt in ckpts[:-1]:
         _damage_dcp(ckpt, "truncate")
-    with pytest.warns(UserWarning, match="skipping unusable"), \
-            pytest.raises(UserError, match="step_00000003.dcp was written completely and has been damaged since"):
+    with (
+        pytest.warns(UserWarning, match="skipping unusable"),
+        pytest.raises(UserError, match="step_00000003.dcp was written completely and has been damaged since"),
+    ):
         resolve_resume_any("auto", run_dir)
     for ckpt in ckpts:
         (ckpt / "checksums.sha256").unlink()
@@ -384,7 +410,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     closed = []  # exit codes the run's wandb sink was closed with (spied, the sink still closes)
     real_close = WandbSink.close
-    monkeypatch.setattr(WandbSink, "close", lambda self, exit_code=0: (closed.append(exit_code), real_close(self, exit_code)))
+    monkeypatch.setattr(
+        WandbSink, "close", lambda self, exit_code=0: (closed.append(exit_code), real_close(self, exit_code))
+    )
     run_dir = tmp_path / "run"
     steps = ["train.max_steps=8", "eval.interval=100", "checkpoint.interval=1", "train.max_consecutive_nonfinite=3"]
     _train(run_dir, *steps, "train.stop_at_step=2")
@@ -440,8 +468,13 @@ def test_stop_signal_during_non_finite_steps_is_answered_at_once(tmp_path, monke
         return torch.full_like(norm, float("nan")) if calls["n"] >= 3 else norm
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_failing_from_the_third)
-    summary = _train(tmp_path / "run", "train.max_steps=50", "eval.interval=100", "checkpoint.interval=100",
-                     "train.max_consecutive_nonfinite=40")
+    summary = _train(
+        tmp_path / "run",
+        "train.max_steps=50",
+        "eval.interval=100",
+        "checkpoint.interval=100",
+        "train.max_consecutive_nonfinite=40",
+    )
     assert calls["n"] == 3 and summary["stopped_by"] == "SIGTERM" and summary["step"] == 2
     state = _newest_state(tmp_path / "run" / "checkpoints")
     assert state["step"] == 2 and state["nonfinite_skipped"] == 1
@@ -452,8 +485,14 @@ def test_stop_signal_during_non_finite_steps_is_answered_at_once(tmp_path, monke
 
 def _memory_model() -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=128, n_layers=2, dim=32, n_heads=2, max_seq_len=32,
-                      memory=MemoryConfig(layers=[1], n_keys=16, heads=2, knn=4, k_dim=16, query_norm="none"))
+    cfg = ModelConfig(
+        vocab_size=128,
+        n_layers=2,
+        dim=32,
+        n_heads=2,
+        max_seq_len=32,
+        memory=MemoryConfig(layers=[1], n_keys=16, heads=2, knn=4, k_dim=16, query_norm="none"),
+    )
     return Transformer(cfg).eval()
 
 
@@ -512,9 +551,16 @@ def test_second_process_on_a_locked_run_dir_exits_2_and_lock_dies_with_its_holde
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pkmlm.train.rundir import RunLock; "
-         "lock = RunLock(Path(sys.argv[1])).__enter__(); print('locked', flush=True); time.sleep(600)", str(run_dir)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pkmlm.train.rundir import RunLock; "
+            "lock = RunLock(Path(sys.argv[1])).__enter__(); print('locked', flush=True); time.sleep(600)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         proc = run_cli("pkmlm.cli.train", [*TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
@@ -543,9 +589,15 @@ def test_stop_signal_to_the_process_group_with_workers_checkpoints_and_exits_0(t
 
     run_dir = tmp_path / "run"
     args = overrides("train.max_steps=400", "data.num_workers=2", "checkpoint.interval=1000", "eval.interval=1000")
-    proc = subprocess.Popen([sys.executable, "-m", "pkmlm.cli.train", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pkmlm.cli.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
@@ -666,16 +718,20 @@ def test_device_strings_are_checked():
 def test_unusable_run_dir_is_one_line_through_the_cli(tmp_path):
     # Hydra creates hydra.run.dir before any pkmlm code runs: checked by the entry point first.
     (tmp_path / "a_file").write_text("")
-    proc = run_cli("pkmlm.cli.train", [*TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], cwd=tmp_path,
-                   timeout=120)
+    proc = run_cli(
+        "pkmlm.cli.train", [*TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], cwd=tmp_path, timeout=120
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0] == (f"error: hydra.run.dir='{tmp_path / 'a_file' / 'run'}' cannot hold the run: "
-                        f"{tmp_path / 'a_file'} is a file, not a directory; choose another hydra.run.dir")
+    assert lines[0] == (
+        f"error: hydra.run.dir='{tmp_path / 'a_file' / 'run'}' cannot hold the run: "
+        f"{tmp_path / 'a_file'} is a file, not a directory; choose another hydra.run.dir"
+    )
 
 
 @pytest.mark.parametrize(
-    "case", ["missing_tokenizer", "missing_resume", "vocab_too_small", "accumulation", "corrupt_data_strict"])
+    "case", ["missing_tokenizer", "missing_resume", "vocab_too_small", "accumulation", "corrupt_data_strict"]
+)
 def test_user_errors_are_one_line_before_any_work(tmp_path, case):
     # A UserError is what the entry points print as one line with exit status 2 (test_cli.py).
     corrupt = tmp_path / "corrupt.jsonl.gz"
@@ -708,8 +764,13 @@ def _with_bad_records(tmp_path: Path, *bad: str) -> Path:
 def test_bad_record_met_in_a_dataloader_worker_is_one_line(short_run, tmp_path):
     bad = _with_bad_records(tmp_path, '{"text": "broken')  # line 4: the first training record
     with pytest.raises(UserError) as err:  # an existing tokenizer: the record is met by a worker
-        _train(tmp_path / "run", f"data.files=[{bad}]", "data.strict=true", "data.num_workers=2",
-               f"data.tokenizer={short_run / 'tokenizer.json'}")
+        _train(
+            tmp_path / "run",
+            f"data.files=[{bad}]",
+            "data.strict=true",
+            "data.num_workers=2",
+            f"data.tokenizer={short_run / 'tokenizer.json'}",
+        )
     assert str(err.value).startswith(f"data file {bad}, line 4:") and "\n" not in str(err.value)
 
 

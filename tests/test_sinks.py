@@ -48,8 +48,17 @@ def test_rows_are_appended_one_json_object_per_line(tmp_path):
 def test_non_finite_floats_are_written_as_null(tmp_path):
     path = tmp_path / "metrics.jsonl"
     with MetricsFile(path) as metrics:
-        metrics.write({"step": 1, "tokens": 8, "a": math.nan, "b": math.inf, "c": -math.inf,
-                       "d": torch.tensor(float("nan")), "e": 1.5})
+        metrics.write(
+            {
+                "step": 1,
+                "tokens": 8,
+                "a": math.nan,
+                "b": math.inf,
+                "c": -math.inf,
+                "d": torch.tensor(float("nan")),
+                "e": 1.5,
+            }
+        )
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
     row = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
@@ -216,8 +225,15 @@ def wandb_env(monkeypatch, tmp_path):
 @pytest.mark.timeout(120)
 def test_wandb_offline_writes_a_local_run(wandb_env):
     run_dir = wandb_env / "run"
-    sink = WandbSink("offline", project="pkmlm-test", name="tiny", group="g",
-                     config={"model": {"dim": 8}}, dir=run_dir, tags=["test"])
+    sink = WandbSink(
+        "offline",
+        project="pkmlm-test",
+        name="tiny",
+        group="g",
+        config={"model": {"dim": 8}},
+        dir=run_dir,
+        tags=["test"],
+    )
     assert sink.run_id
     sink.log({"step": 1, "tokens": 64, "train/loss": 4.0})
     sink.log({"step": 1, "tokens": 64, "val/ppl": math.nan})
@@ -233,8 +249,7 @@ def test_wandb_offline_writes_a_local_run(wandb_env):
 @pytest.mark.timeout(120)
 def test_wandb_online_without_credentials_is_a_user_error(wandb_env):
     with pytest.raises(UserError, match="logging.wandb.mode=offline") as info:
-        WandbSink("online", project="pkmlm-test", name=None, group=None, config={},
-                  dir=wandb_env / "run")
+        WandbSink("online", project="pkmlm-test", name=None, group=None, config={}, dir=wandb_env / "run")
     assert "\n" not in str(info.value)
 
 
@@ -258,8 +273,7 @@ class RecordingWandb:
 def test_sinks_fan_out_and_close(tmp_path):
     recorder = RecordingWandb()
     out = io.StringIO()
-    with Sinks(MetricsFile(tmp_path / "metrics.jsonl"),
-               ConsoleProgress(10, file=out), recorder) as sinks:
+    with Sinks(MetricsFile(tmp_path / "metrics.jsonl"), ConsoleProgress(10, file=out), recorder) as sinks:
         sinks.log({"step": 1, "tokens": 8, "train/loss": 2.0})
         sinks.summary({"val/ppl": 3.0})
     assert recorder.rows == [{"step": 1, "tokens": 8, "train/loss": 2.0}]
@@ -275,19 +289,21 @@ def test_sinks_close_reports_failure_after_closing_the_rest(tmp_path):
         def close(self, exit_code=0):
             raise OSError("wandb is gone")
 
-    sinks = Sinks(MetricsFile(tmp_path / "metrics.jsonl"), ConsoleProgress(10, enabled=False),
-                  Broken())
+    sinks = Sinks(MetricsFile(tmp_path / "metrics.jsonl"), ConsoleProgress(10, enabled=False), Broken())
     with pytest.raises(OSError, match="wandb is gone"):
         sinks.close()
     assert sinks.metrics_file._fd is None
 
 
 def test_format_summary_lists_every_memory_layer_and_the_run_dir():
-    metrics = {"step": 1000, "tokens": 12_345_678, "val/loss": 3.4567, "val/ppl": 31.71,
-               "wall_time_s": 3723.0}
+    metrics = {"step": 1000, "tokens": 12_345_678, "val/loss": 3.4567, "val/ppl": 31.71, "wall_time_s": 3723.0}
     for i in (2, 10, 5):
-        metrics |= {f"memory/layer{i}/usage": 0.873, f"memory/layer{i}/kl_weight": 0.41,
-                    f"memory/layer{i}/kl_count": None, f"memory/layer{i}/head0/usage": 0.5}
+        metrics |= {
+            f"memory/layer{i}/usage": 0.873,
+            f"memory/layer{i}/kl_weight": 0.41,
+            f"memory/layer{i}/kl_count": None,
+            f"memory/layer{i}/head0/usage": 0.5,
+        }
     text = format_summary(metrics, "/runs/tiny/2025-01-01")
     assert "/runs/tiny/2025-01-01" in text
     assert "3.4567" in text and "31.71" in text and "12.3M" in text and "1h02m03s" in text
@@ -310,6 +326,7 @@ def test_metrics_file_given_a_run_directory_writes_metrics_jsonl(tmp_path):
 def test_sinks_as_the_loop_holds_them_mark_a_failed_run_and_keep_its_error(tmp_path):
     """The loop's `with sinks:`: an error inside closes wandb with exit code 1, and a sink that
     fails to close does not replace the run's own error."""
+
     class Broken(RecordingWandb):
         def close(self, exit_code=0):
             super().close(exit_code)

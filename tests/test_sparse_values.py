@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import overrides, read_rows
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from helpers import overrides, read_rows
-from pkmlm.config import OptimConfig, config_dir, register_configs
-from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
-from pkmlm.model.memory import MemoryConfig
 from pkmlm.checkpoint import store
+from pkmlm.config import OptimConfig, config_dir, register_configs
+from pkmlm.model import ModelConfig, Transformer
+from pkmlm.model.memory import MemoryConfig
 from pkmlm.optim import LazyAdam, SparseValuesAdamW, clip_grad_norm_, use_sparse_value_grads
 from pkmlm.optim import build_optimizer as _build_optimizer
 from pkmlm.train.loop import train
@@ -159,8 +159,9 @@ def test_sparse_and_dense_value_updates_agree_on_a_first_step():
     batch = [(1.0, torch.randint(0, 50, (3, 9)))]
     cfg = dict(lr=1e-2, values_lr=1e-2, weight_decay=0.0)
     _steps(model_dense, build_optimizer(model_dense, OptimConfig(**cfg), torch.device("cpu")), batch)
-    _steps(model_sparse, build_optimizer(model_sparse, OptimConfig(sparse_values=True, **cfg), torch.device("cpu")),
-           batch)
+    _steps(
+        model_sparse, build_optimizer(model_sparse, OptimConfig(sparse_values=True, **cfg), torch.device("cpu")), batch
+    )
     for (name, p), q in zip(model_dense.named_parameters(), model_sparse.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
 

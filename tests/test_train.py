@@ -82,8 +82,15 @@ def test_optimizer_groups_give_values_their_own_lr_and_no_decay():
     from pkmlm.model.transformer import ModelConfig, Transformer
     from pkmlm.optim import param_groups
 
-    model = Transformer(ModelConfig(vocab_size=128, n_layers=2, dim=32, n_heads=2,
-                                    memory=MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4, k_dim=8)))
+    model = Transformer(
+        ModelConfig(
+            vocab_size=128,
+            n_layers=2,
+            dim=32,
+            n_heads=2,
+            memory=MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4, k_dim=8),
+        )
+    )
     groups = {g["name"]: g for g in param_groups(model, OptimConfig(lr=3e-3, values_lr=1e-3, weight_decay=0.1))}
     values = model.memory_layers()[1].values.weight
     assert [id(p) for p in groups["memory_values"]["params"]] == [id(values)]
@@ -96,8 +103,9 @@ def test_optimizer_groups_give_values_their_own_lr_and_no_decay():
 
 def test_checkpoint_corruption_is_detected_and_skipped(tmp_path):
     for step in (1, 2, 3):
-        store.write(tmp_path, step, {"meta": {"tokens": 0}, "model": {"w": torch.full((64,), float(step))}},
-                    keep_last=2)
+        store.write(
+            tmp_path, step, {"meta": {"tokens": 0}, "model": {"w": torch.full((64,), float(step))}}, keep_last=2
+        )
     assert [p.name for p in store.list_checkpoints(tmp_path)] == ["step_00000002.dcp", "step_00000003.dcp"]
     newest = next((tmp_path / "step_00000003.dcp").glob("*.distcp"))
     newest.write_bytes(newest.read_bytes()[:-7])  # truncated

@@ -13,8 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from pkmlm.model import MemoryConfig, ModelConfig, ProductKeyMemory, Transformer
-from pkmlm.model import kernels
+from pkmlm.model import MemoryConfig, ModelConfig, ProductKeyMemory, Transformer, kernels
 from pkmlm.model.memory import GATES, PEER_ACTIVATIONS, ValueTables
 
 DIM = 12
@@ -29,8 +28,9 @@ VARIANTS = {
     "peer": dict(values_kind="peer", peer_activation="gelu"),
     "peer_relu_v_dim": dict(values_kind="peer", peer_activation="relu", v_dim=10),
     "ultramem": dict(query_norm="none", qk_norm=True, values_kind="peer", balance_loss=0.1),
-    "everything": dict(query_norm="layernorm", qk_norm=True, values_kind="peer", peer_activation="silu",
-                       gate="silu", v_dim=10),
+    "everything": dict(
+        query_norm="layernorm", qk_norm=True, values_kind="peer", peer_activation="silu", gate="silu", v_dim=10
+    ),
 }
 
 
@@ -62,8 +62,13 @@ def naive(memory: ProductKeyMemory, x_ND: torch.Tensor, tables: ValueTables) -> 
         return (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + 1e-5) * gain
 
     if memory.key_norm is not None:
-        q = torch.cat([layer_norm(q[..., :P], memory.query_half_norm.weight),
-                       layer_norm(q[..., P:], memory.query_half_norm.weight)], dim=-1)
+        q = torch.cat(
+            [
+                layer_norm(q[..., :P], memory.query_half_norm.weight),
+                layer_norm(q[..., P:], memory.query_half_norm.weight),
+            ],
+            dim=-1,
+        )
         keys = layer_norm(keys, memory.key_norm.weight)
     values, down = tables.values.weight, None if tables.down is None else tables.down.weight
     outputs = []
@@ -221,8 +226,9 @@ def test_value_tables_are_named_counted_and_passed_explicitly(share, values_kind
     names = [f"shared_{k}" for k in kinds] if share else [f"blocks.{i}.memory.{k}" for i in (0, 2) for k in kinds]
     tables = model.value_tables()
     assert sorted(tables) == sorted(names)
-    assert sorted(k for k in model.state_dict() if k.endswith(("values.weight", "down.weight")) and "ffn" not in k) == \
-        sorted(f"{n}.weight" for n in names)
+    assert sorted(
+        k for k in model.state_dict() if k.endswith(("values.weight", "down.weight")) and "ffn" not in k
+    ) == sorted(f"{n}.weight" for n in names)
     for i in (0, 2):  # what each layer reads: its own tables or the model's one pool
         read = model.tables_of(i)
         assert (read.values is model.shared_values) == share and (read.down is not None) == (values_kind == "peer")
@@ -248,8 +254,9 @@ def test_shared_peer_pool_equals_the_naive_formula_in_every_layer():
     model = Transformer(model_config(share_values=True, values_kind="peer", query_norm="none", qk_norm=True))
     x = torch.randn(4, 16)
     for i, memory in model.memory_layers().items():
-        torch.testing.assert_close(memory(x, model.shared_tables()), naive(memory, x, model.tables_of(i)),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            memory(x, model.shared_tables()), naive(memory, x, model.tables_of(i)), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_sparse_gradients_of_both_peer_tables_equal_the_dense_ones():
@@ -283,8 +290,11 @@ def test_presets_validate_and_build_the_tiny_model(preset):
 
     preset_yaml = OmegaConf.load(ROOT / "configs/memory" / f"{preset}.yaml")
     mem = OmegaConf.merge(OmegaConf.structured(MemoryConfig), preset_yaml)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                              OmegaConf.load(ROOT / "configs/model/tiny.yaml"), {"vocab_size": 64}))
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(ModelConfig), OmegaConf.load(ROOT / "configs/model/tiny.yaml"), {"vocab_size": 64}
+        )
+    )
     cfg.memory = OmegaConf.to_object(mem)
     cfg.validate()
     with torch.device("meta"):
@@ -322,22 +332,23 @@ def _sharded_worker(rank: int, world: int, init_file: str) -> None:
             x = torch.randint(0, 64, (2 * world, 6), generator=torch.Generator().manual_seed(1))
             ref_logits, ref_loss = ref(x, x)
             (ref_loss * world).backward()  # = the sum of the ranks' mean losses
-            mine = x[2 * rank: 2 * rank + 2]
+            mine = x[2 * rank : 2 * rank + 2]
             logits, loss = sharded(mine, mine)
             loss.backward()
-            torch.testing.assert_close(logits, ref_logits[2 * rank: 2 * rank + 2], atol=1e-5, rtol=0, msg=variant)
+            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=1e-5, rtol=0, msg=variant)
             ref_params = dict(ref.named_parameters())
             for name, p in sharded.named_parameters():
                 if name in names:
                     local = p.grad.to_local()
                     cols = local.shape[1]
-                    expected = ref_params[name].grad[:, rank * cols: (rank + 1) * cols]
+                    expected = ref_params[name].grad[:, rank * cols : (rank + 1) * cols]
                     torch.testing.assert_close(local, expected, atol=1e-5, rtol=0, msg=f"{variant} {name}")
                 else:
                     summed = p.grad.clone()
                     dist.all_reduce(summed)
-                    torch.testing.assert_close(summed, ref_params[name].grad, atol=1e-5, rtol=0,
-                                               msg=f"{variant} {name}")
+                    torch.testing.assert_close(
+                        summed, ref_params[name].grad, atol=1e-5, rtol=0, msg=f"{variant} {name}"
+                    )
     finally:
         dist.destroy_process_group()
 
@@ -363,8 +374,12 @@ def test_memory_layer_costs_agree_with_the_models_flops_per_token(name):
     ffn = 2 * 16 * 64  # the FFN the memory replaces: D * 4D up and 4D * D down
     diff = with_memory.flops_per_token(8) - dense.flops_per_token(8)
     query_bias = 2 * 6  # biases and norm gains are in N but not in the layer's multiply-adds
-    extra = query_bias + (16 if "gate" in args else 0) + sum(
-        p.numel() for n, p in with_memory.memory_layers()[1].named_parameters() if "norm" in n)
+    extra = (
+        query_bias
+        + (16 if "gate" in args else 0)
+        + sum(p.numel() for n, p in with_memory.memory_layers()[1].named_parameters() if "norm" in n)
+    )
     assert diff == 6 * (costs["macs"] + extra - ffn)
     assert costs["active_params"] - costs["params"] + costs["value_params"] == 2 * 5 * (
-        16 + (16 if args.get("values_kind") == "peer" else 0))
+        16 + (16 if args.get("values_kind") == "peer" else 0)
+    )

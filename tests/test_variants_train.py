@@ -61,8 +61,9 @@ def _model_state(run_dir: Path) -> dict:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_each_variant_trains_to_the_end_with_memory_metrics(tmp_path, variant):
-    summary = _train(tmp_path / variant, *VARIANTS[variant], "train.max_steps=4", "eval.interval=4",
-                     "checkpoint.interval=4")
+    summary = _train(
+        tmp_path / variant, *VARIANTS[variant], "train.max_steps=4", "eval.interval=4", "checkpoint.interval=4"
+    )
     rows = read_rows(tmp_path / variant)
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 4 and all(isinstance(v, float) for v in losses)  # null = non-finite
@@ -82,8 +83,14 @@ def test_each_variant_trains_to_the_end_with_memory_metrics(tmp_path, variant):
 def test_resume_is_bitwise_equal_for_memory_plus_and_peer(tmp_path, variant):
     # Memory+ with the values clipped apart and at a constant LR (its paper's settings, which the
     # checkpoint must carry through: the optimizer's groups and the clip's split).
-    steps = (*VARIANTS[variant], "train.max_steps=6", "eval.interval=3", "checkpoint.interval=100",
-             "optim.values_grad_clip=1.0", "optim.values_schedule=constant")
+    steps = (
+        *VARIANTS[variant],
+        "train.max_steps=6",
+        "eval.interval=3",
+        "checkpoint.interval=100",
+        "optim.values_grad_clip=1.0",
+        "optim.values_schedule=constant",
+    )
     _train(tmp_path / "straight", *steps)
     _train(tmp_path / "split", *steps, "train.stop_at_step=3")
     _train(tmp_path / "split", *steps)  # resume=auto from step 3
@@ -102,8 +109,13 @@ def test_balance_loss_trains_the_keys_and_query_not_the_values(tmp_path):
     training loss differs by exactly the logged balance term, the keys and the query network move
     differently, the values (clipped apart, so no shared clip factor) move the same. One memory layer:
     with two, the second's balance loss would reach the first's values through the residual stream."""
-    steps = ("memory=ultramem", "train.max_steps=1", "eval.interval=1", "checkpoint.interval=1",
-             "optim.values_grad_clip=1.0")
+    steps = (
+        "memory=ultramem",
+        "train.max_steps=1",
+        "eval.interval=1",
+        "checkpoint.interval=1",
+        "optim.values_grad_clip=1.0",
+    )
     _train(tmp_path / "off", *steps, "model.memory.balance_loss=0")
     _train(tmp_path / "on", *steps, "model.memory.balance_loss=0.5")
     off = next(r for r in read_rows(tmp_path / "off") if "train/loss" in r)
@@ -127,8 +139,7 @@ def test_balance_loss_under_gradient_accumulation_is_the_mean_over_micro_batches
     cfg = OmegaConf.to_object(composed)
     validate(cfg)
     (tmp_path / "run").mkdir()
-    t = setup(cfg, tmp_path / "run", OmegaConf.to_container(composed, resolve=True), resolve_data(cfg.data),
-              DistInfo())
+    t = setup(cfg, tmp_path / "run", OmegaConf.to_container(composed, resolve=True), resolve_data(cfg.data), DistInfo())
     with t.sinks:
         t.model.train()
         batch = next(t.batches)
@@ -157,11 +168,15 @@ ARMS = {  # the optimizer settings each arm's paper trains its values with, and 
     "dense": ({"values_lr": 1e-3, "values_schedule": "follow", "values_grad_clip": 0.0}, "dense"),
     "pkm": ({"values_lr": 1e-3, "values_schedule": "constant", "values_grad_clip": 1.0}, "PKM (replace)"),
     "pkm_parallel": ({"values_lr": 1e-3, "values_schedule": "constant", "values_grad_clip": 1.0}, "PKM (parallel)"),
-    "memory_plus": ({"values_lr": 1e-3, "values_schedule": "constant", "values_grad_clip": 1.0},
-                    "Memory+ (replace, qk-norm, shared pool)"),
+    "memory_plus": (
+        {"values_lr": 1e-3, "values_schedule": "constant", "values_grad_clip": 1.0},
+        "Memory+ (replace, qk-norm, shared pool)",
+    ),
     "peer": ({"values_lr": 3e-3, "values_schedule": "follow", "values_grad_clip": 0.0}, "PEER (replace)"),
-    "ultramem": ({"values_lr": 3e-3, "values_schedule": "follow", "values_grad_clip": 0.0},
-                 "UltraMem-style (parallel, qk-norm, shared pool, balance 0.01)"),
+    "ultramem": (
+        {"values_lr": 3e-3, "values_schedule": "follow", "values_grad_clip": 0.0},
+        "UltraMem-style (parallel, qk-norm, shared pool, balance 0.01)",
+    ),
 }
 
 
@@ -192,10 +207,16 @@ def test_variants_sweep_then_compare_names_each_variant_with_its_size_and_cost(t
     """`pkmlm-train experiment=sweep/variants` cut to three arms at tiny sizes, then pkmlm-compare on
     its sweep directory: variants.md names each arm's variant beside its own parameters, FLOPs per
     token, usage and (UltraMem-style) balance loss, and variants.png is written."""
-    small = [o for o in overrides("train.max_steps=2", "eval.interval=2", "checkpoint.interval=2")
-             if not o.startswith(("model.n_layers=", "model.memory.layers="))]
-    proc = run_cli("pkmlm.cli.train", ["experiment=sweep/variants", "+experiment/variants=dense,memory_plus,ultramem",
-                                       *small], cwd=tmp_path)
+    small = [
+        o
+        for o in overrides("train.max_steps=2", "eval.interval=2", "checkpoint.interval=2")
+        if not o.startswith(("model.n_layers=", "model.memory.layers="))
+    ]
+    proc = run_cli(
+        "pkmlm.cli.train",
+        ["experiment=sweep/variants", "+experiment/variants=dense,memory_plus,ultramem", *small],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep_dir,) = [p.parent for p in tmp_path.glob("multirun/sweep/variants/*/multirun.yaml")]
     compare_main([str(sweep_dir), "--out", str(tmp_path / "cmp")])
@@ -220,13 +241,33 @@ def test_variants_sweep_then_compare_names_each_variant_with_its_size_and_cost(t
 def test_balance_loss_two_processes_equal_one_with_a_micro_batch_per_rank(tmp_path):
     """UltraMem-style with its balance loss, 2 processes (DDP, each rank counts its own half's
     sub-key usage) = 1 process running the same 2 data shards as 2 micro-batches of the same halves."""
-    steps = (*VARIANTS["ultramem"], "train.max_steps=3", "eval.interval=3", "checkpoint.interval=3",
-             "eval.batch_size=4")  # the same validation batches (else the micro-batch size sets them)
+    steps = (
+        *VARIANTS["ultramem"],
+        "train.max_steps=3",
+        "eval.interval=3",
+        "checkpoint.interval=3",
+        "eval.batch_size=4",
+    )  # the same validation batches (else the micro-batch size sets them)
     _train(tmp_path / "one", *steps, "train.data_shards=2", "train.micro_batch_size=2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pkmlm.cli.train", *overrides(*steps), f"hydra.run.dir={tmp_path / 'two'}"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pkmlm.cli.train",
+        *overrides(*steps),
+        f"hydra.run.dir={tmp_path / 'two'}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for key in ("train/loss", "train/balance_loss", "train/grad_norm", "val/loss"):
         one = {r["step"]: r[key] for r in read_rows(tmp_path / "one") if key in r}

@@ -24,8 +24,8 @@ from pkmlm.errors import UserError, require
 from pkmlm.finetune.config import FinetuneConfig, check_finetune_config  # finetune.*: with its modes
 from pkmlm.metrics.memory_usage import MetricsConfig  # metrics.*: beside the trackers it configures
 from pkmlm.model.transformer import ModelConfig
-from pkmlm.paths import dir_problem
 from pkmlm.optim.config import OptimConfig  # beside the optimizer: torch-only for the benchmarks
+from pkmlm.paths import dir_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/pkmlm/config.py -> project root
 
@@ -183,6 +183,8 @@ MAX_INT = 2**53
 # More optimizer steps than any run takes (1e10 steps at 1 ms each is 116 days); a typo like
 # train.max_steps=1e23 is refused instead of scheduling a learning rate nobody will see.
 MAX_STEPS = 10**10
+
+
 def _check_ints(node: Any, key: str = "") -> None:
     """Every integer of the config tree (dataclasses, lists) within [-MAX_INT, MAX_INT]."""
     if dataclasses.is_dataclass(node):
@@ -199,17 +201,25 @@ def check_name(name: str) -> None:
     """The run directory is outputs/<name>/<time> (a sweep's multirun/<name>/<time>): `name` is a
     relative path whose parts are never `.` or `..`, so that no run lands outside them."""
     parts = str(name).replace("\\", "/").split("/")
-    require(bool(name) and all(p not in ("", ".", "..") for p in parts) and "\0" not in name, "name", name,
-            "a relative name such as tiny/mem4 (no leading /, no '.' or '..' parts): runs are written to "
-            "outputs/<name>/ and multirun/<name>/")
+    require(
+        bool(name) and all(p not in ("", ".", "..") for p in parts) and "\0" not in name,
+        "name",
+        name,
+        "a relative name such as tiny/mem4 (no leading /, no '.' or '..' parts): runs are written to "
+        "outputs/<name>/ and multirun/<name>/",
+    )
 
 
 def validate(cfg: Config) -> None:
     """Check every value that would otherwise fail late; raise ConfigError on the first problem."""
     check_name(cfg.name)
     reason = dir_problem(cfg.paths.cache_dir)
-    require(reason is None, "paths.cache_dir", cfg.paths.cache_dir,
-            f"a directory this user can create or write ({reason}); set paths.cache_dir or PKMLM_CACHE_DIR")
+    require(
+        reason is None,
+        "paths.cache_dir",
+        cfg.paths.cache_dir,
+        f"a directory this user can create or write ({reason}); set paths.cache_dir or PKMLM_CACHE_DIR",
+    )
 
     model = cfg.model
     require(model.vocab_size >= 0, "model.vocab_size", model.vocab_size, "0 (from the tokenizer) or a positive size")
@@ -220,13 +230,21 @@ def validate(cfg: Config) -> None:
     check_data_config(d)  # every data.* value that needs no file; paths are checked by resolve_data
     require(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len, f"at most model.max_seq_len={model.max_seq_len}")
     if not d.files and not d.sources:  # data=prepared sets files: [] and needs data.prepared=DIR
-        require(bool(d.prepared), "data.prepared" if d.prepared is not None or not d.files else "data.files",
-                d.prepared, "a directory written by pkmlm-prepare (data=prepared needs data.prepared=DIR); "
-                "or give data.files=[PATH,...] or data.sources")
+        require(
+            bool(d.prepared),
+            "data.prepared" if d.prepared is not None or not d.files else "data.files",
+            d.prepared,
+            "a directory written by pkmlm-prepare (data=prepared needs data.prepared=DIR); "
+            "or give data.files=[PATH,...] or data.sources",
+        )
     # A tokenizer trained here has up to data.vocab_size ids; a fixed model vocabulary must hold them
     # all (checked again against the actual tokenizer once it is loaded).
-    require(model.vocab_size == 0 or d.tokenizer is not None or model.vocab_size >= d.vocab_size, "model.vocab_size",
-            model.vocab_size, f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's")
+    require(
+        model.vocab_size == 0 or d.tokenizer is not None or model.vocab_size >= d.vocab_size,
+        "model.vocab_size",
+        model.vocab_size,
+        f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's",
+    )
 
     o = cfg.optim
     require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive finite number")
@@ -235,61 +253,131 @@ def validate(cfg: Config) -> None:
     require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "in [0, 1)")
     require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "in [0, 1)")
     require(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "a positive finite number (AdamW's denominator)")
-    require(o.schedule in ("cosine", "inv_sqrt", "constant"), "optim.schedule", o.schedule,
-            "one of cosine, inv_sqrt, constant")
+    require(
+        o.schedule in ("cosine", "inv_sqrt", "constant"),
+        "optim.schedule",
+        o.schedule,
+        "one of cosine, inv_sqrt, constant",
+    )
     require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
     require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
     require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
-    require(o.values_grad_clip >= 0 and math.isfinite(o.values_grad_clip), "optim.values_grad_clip",
-            o.values_grad_clip, ">= 0 (0: the values are clipped with the rest by optim.grad_clip)")
-    require(o.values_schedule in ("follow", "constant"), "optim.values_schedule", o.values_schedule,
-            "one of follow, constant")
+    require(
+        o.values_grad_clip >= 0 and math.isfinite(o.values_grad_clip),
+        "optim.values_grad_clip",
+        o.values_grad_clip,
+        ">= 0 (0: the values are clipped with the rest by optim.grad_clip)",
+    )
+    require(
+        o.values_schedule in ("follow", "constant"),
+        "optim.values_schedule",
+        o.values_schedule,
+        "one of follow, constant",
+    )
 
     t = cfg.train
     require(1 <= t.max_steps <= MAX_STEPS, "train.max_steps", t.max_steps, f"an integer in [1, {MAX_STEPS:.0e}]")
-    require(t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps, "train.stop_at_step", t.stop_at_step,
-            f"null or in [1, train.max_steps={t.max_steps}]")
+    require(
+        t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
+        "train.stop_at_step",
+        t.stop_at_step,
+        f"null or in [1, train.max_steps={t.max_steps}]",
+    )
     require(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     mb = t.micro_batch_size
-    require(mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0), "train.micro_batch_size", mb,
-            f"null or a divisor of train.batch_size={t.batch_size}")
-    require(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None, "train.device", t.device,
-            "auto, cpu, cuda or cuda:N")
+    require(
+        mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0),
+        "train.micro_batch_size",
+        mb,
+        f"null or a divisor of train.batch_size={t.batch_size}",
+    )
+    require(
+        re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
+        "train.device",
+        t.device,
+        "auto, cpu, cuda or cuda:N",
+    )
     require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
     require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")
-    require(t.max_tokens is None or t.max_tokens >= 1, "train.max_tokens", t.max_tokens,
-            "null (no token budget) or a positive number of training tokens")
-    require(t.max_time is None or (t.max_time > 0 and math.isfinite(t.max_time)), "train.max_time", t.max_time,
-            "null (no time budget) or a positive number of seconds")
-    require(t.peak_flops is None or (t.peak_flops > 0 and math.isfinite(t.peak_flops)), "train.peak_flops",
-            t.peak_flops, "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12")
+    require(
+        t.max_tokens is None or t.max_tokens >= 1,
+        "train.max_tokens",
+        t.max_tokens,
+        "null (no token budget) or a positive number of training tokens",
+    )
+    require(
+        t.max_time is None or (t.max_time > 0 and math.isfinite(t.max_time)),
+        "train.max_time",
+        t.max_time,
+        "null (no time budget) or a positive number of seconds",
+    )
+    require(
+        t.peak_flops is None or (t.peak_flops > 0 and math.isfinite(t.peak_flops)),
+        "train.peak_flops",
+        t.peak_flops,
+        "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12",
+    )
     require(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "one of ddp, fsdp")
-    require(t.data_shards is None or (t.data_shards >= 1 and t.batch_size % t.data_shards == 0), "train.data_shards",
-            t.data_shards, f"null (the process count) or a divisor of train.batch_size={t.batch_size}")
-    require(not (model.memory.shard_values and getattr(cfg.optim, "sparse_values", False)),
-            "model.memory.shard_values", model.memory.shard_values,
-            "false with optim.sparse_values=true (a sharded table takes dense gradients)")
+    require(
+        t.data_shards is None or (t.data_shards >= 1 and t.batch_size % t.data_shards == 0),
+        "train.data_shards",
+        t.data_shards,
+        f"null (the process count) or a divisor of train.batch_size={t.batch_size}",
+    )
+    require(
+        not (model.memory.shard_values and getattr(cfg.optim, "sparse_values", False)),
+        "model.memory.shard_values",
+        model.memory.shard_values,
+        "false with optim.sparse_values=true (a sharded table takes dense gradients)",
+    )
 
     require(cfg.eval.interval >= 1, "eval.interval", cfg.eval.interval, ">= 1")
-    require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches", cfg.eval.max_batches,
-            "null or >= 1")
-    require(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size,
-            "null or >= 1")
-    require(cfg.eval.recall_max_questions is None or cfg.eval.recall_max_questions >= 1, "eval.recall_max_questions",
-            cfg.eval.recall_max_questions, "null (all) or >= 1")
+    require(
+        cfg.eval.max_batches is None or cfg.eval.max_batches >= 1,
+        "eval.max_batches",
+        cfg.eval.max_batches,
+        "null or >= 1",
+    )
+    require(
+        cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "null or >= 1"
+    )
+    require(
+        cfg.eval.recall_max_questions is None or cfg.eval.recall_max_questions >= 1,
+        "eval.recall_max_questions",
+        cfg.eval.recall_max_questions,
+        "null (all) or >= 1",
+    )
     require(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
     require(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
-    require(cfg.metrics.stale_window >= 1, "metrics.stale_window", cfg.metrics.stale_window,
-            ">= 1 (optimizer steps without a read before a slot counts as stale)")
-    require(cfg.logging.wandb.mode in ("online", "offline", "disabled"), "logging.wandb.mode",
-            cfg.logging.wandb.mode, "one of online, offline, disabled")
-    require(cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume,
-            "auto, never or a checkpoint path")
-    require(cfg.init_from is None or len(cfg.init_from) > 0, "init_from", cfg.init_from,
-            "null or a run directory or checkpoint whose weights to start from")
-    check_finetune_config(t.finetune, cfg.finetune, init_from=cfg.init_from, memory_layers=model.memory.layers,
-                          shard_values=model.memory.shard_values)
+    require(
+        cfg.metrics.stale_window >= 1,
+        "metrics.stale_window",
+        cfg.metrics.stale_window,
+        ">= 1 (optimizer steps without a read before a slot counts as stale)",
+    )
+    require(
+        cfg.logging.wandb.mode in ("online", "offline", "disabled"),
+        "logging.wandb.mode",
+        cfg.logging.wandb.mode,
+        "one of online, offline, disabled",
+    )
+    require(
+        cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume, "auto, never or a checkpoint path"
+    )
+    require(
+        cfg.init_from is None or len(cfg.init_from) > 0,
+        "init_from",
+        cfg.init_from,
+        "null or a run directory or checkpoint whose weights to start from",
+    )
+    check_finetune_config(
+        t.finetune,
+        cfg.finetune,
+        init_from=cfg.init_from,
+        memory_layers=model.memory.layers,
+        shard_values=model.memory.shard_values,
+    )
     _check_ints(cfg)  # the backstop for every other count: 2**53 at most
 
 
@@ -323,16 +411,25 @@ def estimate_train_memory(cfg: Config, world_size: int = 1, act_bytes: int = 4) 
     values_bytes = 2 if m.memory.values_dtype == "bfloat16" else 4
     copies_values = 3 if getattr(cfg.optim, "sparse_values", False) else 4
     shards = world_size if cfg.train.parallel == "fsdp" else 1
-    params = (counts["memory_values"] * values_bytes * copies_values
-              + (counts["total"] - counts["memory_values"]) * 4 * 4) / shards
+    params = (
+        counts["memory_values"] * values_bytes * copies_values + (counts["total"] - counts["memory_values"]) * 4 * 4
+    ) / shards
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     tokens = max(1, micro // max(1, world_size)) * cfg.data.seq_len
     ffn = int(m.ffn_mult * m.dim)
-    per_token = (m.n_layers * (8 * m.dim + 2 * ffn) * act_bytes
-                 + len(m.memory.layers) * m.memory.heads * 2 * m.memory.n_keys * 4 + vocab * 4 * 2)
+    per_token = (
+        m.n_layers * (8 * m.dim + 2 * ffn) * act_bytes
+        + len(m.memory.layers) * m.memory.heads * 2 * m.memory.n_keys * 4
+        + vocab * 4 * 2
+    )
     activations = float(tokens * per_token)
-    return {"total": params + activations, "params": params, "activations": activations,
-            "n_params": float(counts["total"]), "n_values": float(counts["memory_values"])}
+    return {
+        "total": params + activations,
+        "params": params,
+        "activations": activations,
+        "n_params": float(counts["total"]),
+        "n_values": float(counts["memory_values"]),
+    }
 
 
 def device_memory(device: Any) -> tuple[float, str]:
@@ -366,10 +463,13 @@ def check_fits_device(cfg: Config, device: Any, world_size: int = 1) -> None:
         key = "model.memory.n_keys" if need["n_values"] * 2 > need["n_params"] else "model.dim"
         hint = f"lower {key} (now {m.memory.n_keys if key.endswith('n_keys') else m.dim})"
     else:
-        hint = (f"lower train.micro_batch_size (now {cfg.train.micro_batch_size or cfg.train.batch_size} sequences "
-                f"per forward pass) or data.seq_len (now {cfg.data.seq_len})")
+        hint = (
+            f"lower train.micro_batch_size (now {cfg.train.micro_batch_size or cfg.train.batch_size} sequences "
+            f"per forward pass) or data.seq_len (now {cfg.data.seq_len})"
+        )
     raise UserError(
         f"the run does not fit {device.type}: training needs about {need['total'] / GB:,.1f} GB "
         f"({need['n_params']:.3g} "
         f"parameters with gradients and AdamW state: {need['params'] / GB:,.1f} GB; activations: "
-        f"{need['activations'] / GB:,.1f} GB) but {where}; {hint}")
+        f"{need['activations'] / GB:,.1f} GB) but {where}; {hint}"
+    )

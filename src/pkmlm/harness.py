@@ -44,8 +44,14 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's Hugging Face model's default
 class PkmlmLM(LM):
     """lm-eval's `LM` over a pkmlm causal LM and its `tokenizers.Tokenizer`."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 16,
-                 device: torch.device | str | None = None, max_length: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        batch_size: int = 16,
+        device: torch.device | str | None = None,
+        max_length: int | None = None,
+    ):
         super().__init__()
         from pkmlm.data.tokenizer import eos_id
 
@@ -98,13 +104,15 @@ class PkmlmLM(LM):
         windows, owner = [], []
         for i, req in enumerate(requests):
             (text,) = req.args
-            for window in get_rolling_token_windows(self.tok_encode(text), prefix_token=self.eot_token_id,
-                                                    max_seq_len=self.max_length, context_len=1):
+            for window in get_rolling_token_windows(
+                self.tok_encode(text), prefix_token=self.eot_token_id, max_seq_len=self.max_length, context_len=1
+            ):
                 windows.append(make_disjoint_window(window))
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, score in zip(owner, score_continuations(self.model, windows, self.max_length, self.batch_size,
-                                                       self._device)):
+        for i, score in zip(
+            owner, score_continuations(self.model, windows, self.max_length, self.batch_size, self._device)
+        ):
             totals[i] += score.logprob
         return totals
 
@@ -119,12 +127,12 @@ class PkmlmLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             max_new = max(1, min(max_new, self.max_length - 1))
-            ids = (self.tok_encode(context) if context else [self.eot_token_id])[-(self.max_length - max_new):]
+            ids = (self.tok_encode(context) if context else [self.eot_token_id])[-(self.max_length - max_new) :]
             jobs.append((ids, until, max_new))
         order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][0]))
         out = [""] * len(jobs)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             for i, text in zip(chunk, self._greedy([jobs[i] for i in chunk])):
                 out[i] = text
         return out
@@ -137,7 +145,7 @@ class PkmlmLM(LM):
         width = max(n + max_new for (_, _, max_new), n in zip(jobs, lengths))
         ids_BT = torch.zeros((len(jobs), width), dtype=torch.long)
         for row, (ids, _, _) in enumerate(jobs):
-            ids_BT[row, :len(ids)] = torch.tensor(ids)
+            ids_BT[row, : len(ids)] = torch.tensor(ids)
         generated: list[list[int]] = [[] for _ in jobs]
         texts = [""] * len(jobs)
         done = [False] * len(jobs)
@@ -160,7 +168,7 @@ class PkmlmLM(LM):
                     texts[row] = self.tok_decode(generated[row])
                     stops = [texts[row].index(s) for s in until if s and s in texts[row]]
                     if stops:
-                        texts[row] = texts[row][:min(stops)]
+                        texts[row] = texts[row][: min(stops)]
                         done[row] = True
                     elif len(generated[row]) >= max_new:
                         done[row] = True
@@ -169,8 +177,15 @@ class PkmlmLM(LM):
         return texts
 
 
-def run_harness(run: str | Path, tasks: list[str], include_path: str | None = None, limit: float | None = None,
-                num_fewshot: int | None = None, batch_size: int = 16, device: str = "cpu") -> dict:
+def run_harness(
+    run: str | Path,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+) -> dict:
     """lm-eval's `simple_evaluate` on a pkmlm run: its results dict (no per-sample logs)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -181,9 +196,18 @@ def run_harness(run: str | Path, tasks: list[str], include_path: str | None = No
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:  # before the model is loaded
         where = f" (nor under --include-path {include_path})" if include_path else ""
-        raise UserError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}{where}; "
-                        "list them with `lm-eval ls tasks`, or give --include-path DIR with your task YAMLs")
+        raise UserError(
+            f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}{where}; "
+            "list them with `lm-eval ls tasks`, or give --include-path DIR with your task YAMLs"
+        )
     lm = PkmlmLM.from_run(run, batch_size=batch_size, device=device)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False, bootstrap_iters=0)
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
     return results

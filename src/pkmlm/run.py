@@ -57,13 +57,17 @@ def _load_export(path: Path) -> tuple[Transformer, dict, str]:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         tokenizer = (path / "tokenizer.json").read_text()
     except FileNotFoundError as e:
-        raise UserError(f"checkpoint={str(path)!r}: an export without {Path(e.filename).name}; "
-                        f"an export holds {', '.join(EXPORT_FILES)}") from None
+        raise UserError(
+            f"checkpoint={str(path)!r}: an export without {Path(e.filename).name}; "
+            f"an export holds {', '.join(EXPORT_FILES)}"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
         raise UserError(f"checkpoint={str(path)!r}: not a pkmlm export ({type(e).__name__}: {e})") from None
     if missing or unexpected:
-        raise UserError(f"checkpoint={str(path)!r}: the weights do not fit the model of its config.json "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"checkpoint={str(path)!r}: the weights do not fit the model of its config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model, info, tokenizer
 
 
@@ -76,8 +80,9 @@ def _load_checkpoint(path: Path) -> tuple[Transformer, dict, str, Path]:
         model = Transformer(model_config_from_dict(meta["model_config"]))
         tokenizer = meta["tokenizer"]
     except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint={str(ckpt)!r}: its meta.json lacks the model config or tokenizer "
-                        f"({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"checkpoint={str(ckpt)!r}: its meta.json lacks the model config or tokenizer ({type(e).__name__}: {e})"
+        ) from None
     template = pieces.model_state_template(model)
     store.load_tensors(ckpt, template)
     pieces.load_model_state(model, template)
@@ -96,8 +101,14 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     else:
         model, info, tokenizer_text, where = _load_checkpoint(path)
     model.to(device).eval()
-    return Run(model=model, tokenizer=tokenizer_from_str(tokenizer_text), config=info.get("config", {}),
-               step=info["step"], tokens=info["tokens"], checkpoint=where)
+    return Run(
+        model=model,
+        tokenizer=tokenizer_from_str(tokenizer_text),
+        config=info.get("config", {}),
+        step=info["step"],
+        tokens=info["tokens"],
+        checkpoint=where,
+    )
 
 
 def export_run(run: Run, out: Path) -> Path:
@@ -108,22 +119,33 @@ def export_run(run: Run, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(run.model, str(out / "model.safetensors"))  # shared tensors (tied embeddings) once
-    info = {"model_config": dataclasses.asdict(run.model.cfg), "config": run.config, "step": run.step,
-            "tokens": run.tokens, "source": str(run.checkpoint)}
+    info = {
+        "model_config": dataclasses.asdict(run.model.cfg),
+        "config": run.config,
+        "step": run.step,
+        "tokens": run.tokens,
+        "source": str(run.checkpoint),
+    }
     (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "tokenizer.json").write_text(run.tokenizer.to_str())
     return out
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """Sample a continuation (no KV cache: the window is re-run each token; fine for short samples).
     `temperature <= 0` is greedy decoding."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     for _ in range(max_new_tokens):
-        window = ids[:, -model.cfg.max_seq_len:]
+        window = ids[:, -model.cfg.max_seq_len :]
         logits, _ = model(window)
         logits = logits[:, -1, :].float()  # (1, V)
         if temperature <= 0:
@@ -135,4 +157,4 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         ids = torch.cat([ids, next_id], dim=1)
-    return ids[0, len(prompt_ids):].tolist()
+    return ids[0, len(prompt_ids) :].tolist()

@@ -43,8 +43,9 @@ def plot_access_histogram(count_S: Tensor, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if read.numel():
         top = max(float(read.max()), 1.0)
-        edges = torch.logspace(0, math.log10(top) + 1e-9, steps=min(40, max(2, int(math.log2(top)) + 2)),
-                               dtype=torch.float64)
+        edges = torch.logspace(
+            0, math.log10(top) + 1e-9, steps=min(40, max(2, int(math.log2(top)) + 2)), dtype=torch.float64
+        )
         edges = torch.unique(torch.cat([edges, torch.tensor([top + 1.0], dtype=torch.float64)]))
         hist = torch.histogram(read, bins=edges).hist
         ax.stairs(hist.numpy(), edges.numpy(), fill=True, alpha=0.8, label="read slots")
@@ -62,8 +63,9 @@ def plot_access_histogram(count_S: Tensor, path: Path, title: str) -> None:
 def plot_heads(stats: dict[str, float], heads: int, path: Path, title: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.0))
-    for ax, (key, label) in zip(axes, (("usage", "usage"), ("kl_weight", "KL to uniform (nats)"),
-                                      ("gini", "Gini of weights"))):
+    for ax, (key, label) in zip(
+        axes, (("usage", "usage"), ("kl_weight", "KL to uniform (nats)"), ("gini", "Gini of weights"))
+    ):
         ax.bar(range(heads), [stats[f"head{h}/{key}"] for h in range(heads)])
         ax.set_xticks(range(heads))
         ax.set_xlabel("head")
@@ -101,8 +103,8 @@ def _text(tokenizer, token_ids: list[int]) -> str:
 def context_text(tokenizer, batch_BT1: Tensor, row: int, position: int, window: int) -> str:
     """`…left ⟦trigger⟧ next…`: `window` tokens before the trigger, and the few after it."""
     seq = batch_BT1[row].tolist()
-    left = _text(tokenizer, seq[max(0, position - window):position])
-    right = _text(tokenizer, seq[position + 1:position + 1 + FOLLOWING_TOKENS])
+    left = _text(tokenizer, seq[max(0, position - window) : position])
+    right = _text(tokenizer, seq[position + 1 : position + 1 + FOLLOWING_TOKENS])
     start = "…" if position > window else ""
     return f"{start}{left}⟦{_text(tokenizer, [seq[position]])}⟧{right}…"
 
@@ -121,75 +123,141 @@ def _contexts_md(group: Sequence[SlotContexts], batches: Sequence[Tensor], token
     return lines
 
 
-def layer_markdown(layer: int, counts: LayerCounts, most: Sequence[SlotContexts], sampled: Sequence[SlotContexts],
-                   history: list[dict], batches: Sequence[Tensor], tokenizer, window: int) -> str:
+def layer_markdown(
+    layer: int,
+    counts: LayerCounts,
+    most: Sequence[SlotContexts],
+    sampled: Sequence[SlotContexts],
+    history: list[dict],
+    batches: Sequence[Tensor],
+    tokenizer,
+    window: int,
+) -> str:
     s, n_slots, heads = counts.stats, counts.count.numel(), counts.count_per_head.shape[0]
     reads = int(counts.count.sum())
     lines = [
-        f"# Memory layer {layer}", "",
-        f"{n_slots:,} slots, {heads} heads, {reads:,} reads over the data inspected.", "",
+        f"# Memory layer {layer}",
+        "",
+        f"{n_slots:,} slots, {heads} heads, {reads:,} reads over the data inspected.",
+        "",
         "| usage | dead slots | KL weight | KL count | Gini | slots for 50 / 90 / 99 % of weight |",
         "|---|---|---|---|---|---|",
-        (f"| {_fmt(s['usage'], '.2%')} | {_fmt(1 - s['usage'], '.2%')} | {_fmt(s['kl_weight'], '.3f')} | "
-        f"{_fmt(s['kl_count'], '.3f')} | {_fmt(s['gini'], '.3f')} | {_fmt(s['top50'], '.0f')} / "
-        f"{_fmt(s['top90'], '.0f')} / {_fmt(s['top99'], '.0f')} |"), "",
-        f"![reads per slot](layer{layer}_access.png)", "",
-        "## Heads", "", "| head | usage | KL weight | KL count | Gini |", "|---|---|---|---|---|",
+        (
+            f"| {_fmt(s['usage'], '.2%')} | {_fmt(1 - s['usage'], '.2%')} | {_fmt(s['kl_weight'], '.3f')} | "
+            f"{_fmt(s['kl_count'], '.3f')} | {_fmt(s['gini'], '.3f')} | {_fmt(s['top50'], '.0f')} / "
+            f"{_fmt(s['top90'], '.0f')} / {_fmt(s['top99'], '.0f')} |"
+        ),
+        "",
+        f"![reads per slot](layer{layer}_access.png)",
+        "",
+        "## Heads",
+        "",
+        "| head | usage | KL weight | KL count | Gini |",
+        "|---|---|---|---|---|",
     ]
     for h in range(heads):
-        lines.append(f"| {h} | {_fmt(s[f'head{h}/usage'], '.2%')} | {_fmt(s[f'head{h}/kl_weight'], '.3f')} | "
-                     f"{_fmt(s[f'head{h}/kl_count'], '.3f')} | {_fmt(s[f'head{h}/gini'], '.3f')} |")
-    lines += ["", f"![per head](layer{layer}_heads.png)", "",
-              "## Most-read slots", "",
-              ("The tokens that gave each slot its largest read weight (summed over heads); the triggering "
-              f"token in ⟦ ⟧, with {window} tokens before it and {FOLLOWING_TOKENS} after."), ""]
+        lines.append(
+            f"| {h} | {_fmt(s[f'head{h}/usage'], '.2%')} | {_fmt(s[f'head{h}/kl_weight'], '.3f')} | "
+            f"{_fmt(s[f'head{h}/kl_count'], '.3f')} | {_fmt(s[f'head{h}/gini'], '.3f')} |"
+        )
+    lines += [
+        "",
+        f"![per head](layer{layer}_heads.png)",
+        "",
+        "## Most-read slots",
+        "",
+        (
+            "The tokens that gave each slot its largest read weight (summed over heads); the triggering "
+            f"token in ⟦ ⟧, with {window} tokens before it and {FOLLOWING_TOKENS} after."
+        ),
+        "",
+    ]
     lines += _contexts_md(most, batches, tokenizer, window)
     lines += ["", "## A random sample of slots", ""]
     lines += _contexts_md(sampled, batches, tokenizer, window)
     lines += ["", "## Over the run's checkpoints", ""]
     if len(history) >= 1:
-        lines += [f"![usage and KL per checkpoint](layer{layer}_history.png)", "",
-                  "| step | usage | KL weight |", "|---|---|---|"]
-        lines += [f"| {p['step']} | {_fmt(p['layers'][str(layer)]['usage'], '.2%')} | "
-                  f"{_fmt(p['layers'][str(layer)]['kl_weight'], '.3f')} |" for p in history]
+        lines += [
+            f"![usage and KL per checkpoint](layer{layer}_history.png)",
+            "",
+            "| step | usage | KL weight |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {p['step']} | {_fmt(p['layers'][str(layer)]['usage'], '.2%')} | "
+            f"{_fmt(p['layers'][str(layer)]['kl_weight'], '.3f')} |"
+            for p in history
+        ]
     else:
         lines.append("No checkpoint history (inspecting a single checkpoint or export).")
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, *, source: dict[str, Any], counts: dict[int, LayerCounts],
-                 contexts: dict[int, list[SlotContexts]], n_most: dict[int, int], history: list[dict],
-                 batches: Sequence[Tensor], tokenizer, window: int) -> Path:
+def write_report(
+    out: Path,
+    *,
+    source: dict[str, Any],
+    counts: dict[int, LayerCounts],
+    contexts: dict[int, list[SlotContexts]],
+    n_most: dict[int, int],
+    history: list[dict],
+    batches: Sequence[Tensor],
+    tokenizer,
+    window: int,
+) -> Path:
     """Write the report into `out` (created); returns `out/report.md`. `contexts[i]` lists the
     most-read slots first (`n_most[i]` of them), then the random sample."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"source": source, "layers": {}, "history": history}
-    index = [f"# Memory inspection: {source.get('checkpoint', '')}", "",
-             (f"Step {source.get('step')}; data: {', '.join(map(str, source.get('files', []))) or 'n/a'}; "
-             f"{source.get('tokens', 0):,} tokens in {len(batches)} batches."), "",
-             "| layer | slots | usage | dead | KL weight | Gini | report |", "|---|---|---|---|---|---|---|"]
+    index = [
+        f"# Memory inspection: {source.get('checkpoint', '')}",
+        "",
+        (
+            f"Step {source.get('step')}; data: {', '.join(map(str, source.get('files', []))) or 'n/a'}; "
+            f"{source.get('tokens', 0):,} tokens in {len(batches)} batches."
+        ),
+        "",
+        "| layer | slots | usage | dead | KL weight | Gini | report |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for layer in sorted(counts):
         c = counts[layer]
-        most, sampled = contexts[layer][:n_most[layer]], contexts[layer][n_most[layer]:]
+        most, sampled = contexts[layer][: n_most[layer]], contexts[layer][n_most[layer] :]
         plot_access_histogram(c.count, out / f"layer{layer}_access.png", f"layer {layer}")
         plot_heads(c.stats, c.count_per_head.shape[0], out / f"layer{layer}_heads.png", f"layer {layer}")
         if history:
             plot_history(history, layer, out / f"layer{layer}_history.png", f"layer {layer}")
         (out / f"layer{layer}.md").write_text(
-            layer_markdown(layer, c, most, sampled, history, batches, tokenizer, window))
-        index.append(f"| {layer} | {c.count.numel():,} | {_fmt(c.stats['usage'], '.2%')} | "
-                     f"{_fmt(1 - c.stats['usage'], '.2%')} | {_fmt(c.stats['kl_weight'], '.3f')} | "
-                     f"{_fmt(c.stats['gini'], '.3f')} | [layer{layer}.md](layer{layer}.md) |")
+            layer_markdown(layer, c, most, sampled, history, batches, tokenizer, window)
+        )
+        index.append(
+            f"| {layer} | {c.count.numel():,} | {_fmt(c.stats['usage'], '.2%')} | "
+            f"{_fmt(1 - c.stats['usage'], '.2%')} | {_fmt(c.stats['kl_weight'], '.3f')} | "
+            f"{_fmt(c.stats['gini'], '.3f')} | [layer{layer}.md](layer{layer}.md) |"
+        )
 
         def slots_json(group: Sequence[SlotContexts]) -> list[dict]:
-            return [{"slot": g.slot, "reads": g.reads,
-                     "contexts": [{**asdict(ctx), "tokens": batches[ctx.batch][ctx.row, :ctx.position + 1].tolist()}
-                                  for ctx in g.contexts]} for g in group]
+            return [
+                {
+                    "slot": g.slot,
+                    "reads": g.reads,
+                    "contexts": [
+                        {**asdict(ctx), "tokens": batches[ctx.batch][ctx.row, : ctx.position + 1].tolist()}
+                        for ctx in g.contexts
+                    ],
+                }
+                for g in group
+            ]
 
         summary["layers"][str(layer)] = {
-            "stats": c.stats, "reads": int(c.count.sum()), "dead_fraction": 1 - c.stats["usage"],
-            "count_per_slot": c.count.tolist(), "most_read": slots_json(most), "random": slots_json(sampled)}
+            "stats": c.stats,
+            "reads": int(c.count.sum()),
+            "dead_fraction": 1 - c.stats["usage"],
+            "count_per_slot": c.count.tolist(),
+            "most_read": slots_json(most),
+            "random": slots_json(sampled),
+        }
     (out / "summary.json").write_text(json.dumps(summary, allow_nan=True) + "\n")
     (out / "report.md").write_text("\n".join(index) + "\n")
     return out / "report.md"

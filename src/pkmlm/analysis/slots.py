@@ -61,8 +61,12 @@ def _inputs(batch_BT1: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def count_reads(model: nn.Module, batches: Sequence[Tensor], device: torch.device | str,
-                progress: Callable[[Sequence[Tensor]], Sequence[Tensor]] = lambda b: b) -> dict[int, LayerCounts]:
+def count_reads(
+    model: nn.Module,
+    batches: Sequence[Tensor],
+    device: torch.device | str,
+    progress: Callable[[Sequence[Tensor]], Sequence[Tensor]] = lambda b: b,
+) -> dict[int, LayerCounts]:
     """Pass 1: {layer: LayerCounts} over every batch (`(B, T+1)` int64, inputs `b[:, :-1]`).
 
     The model's mode and observers are restored afterwards (`track_memory_usage`)."""
@@ -102,7 +106,8 @@ class _TopContexts:
         # slot id -> its column among the picked slots, or -1 (S,): one gather per read, no search.
         self.column_S = torch.full((n_slots,), -1, dtype=torch.int64, device=device)
         self.column_S[torch.tensor(list(slots), dtype=torch.int64, device=device)] = torch.arange(
-            len(slots), device=device)
+            len(slots), device=device
+        )
         self.weight_CR = torch.zeros(per_slot, self.n_picked, dtype=torch.float64, device=device)
         self.where_CR = torch.full((per_slot, self.n_picked), -1, dtype=torch.int64, device=device)
         self.batch_offset = 0  # global token index of this batch's first token
@@ -112,8 +117,7 @@ class _TopContexts:
         column_NHK = self.column_S[indices_NHK]
         hit_NHK = column_NHK >= 0
         # Weight of each picked slot at each token, summed over heads and ranks: a dense (N, R).
-        key = (torch.arange(n_tokens, device=column_NHK.device).view(-1, 1, 1) * n_picked
-               + column_NHK.clamp_min(0))
+        key = torch.arange(n_tokens, device=column_NHK.device).view(-1, 1, 1) * n_picked + column_NHK.clamp_min(0)
         weight_NR = torch.zeros(n_tokens * n_picked, dtype=torch.float64, device=column_NHK.device)
         weight_NR.index_add_(0, key.reshape(-1), (weights_NHK.double() * hit_NHK).reshape(-1))
         weight_NR = weight_NR.view(n_tokens, n_picked)
@@ -129,10 +133,15 @@ class _TopContexts:
 
 
 @torch.no_grad()
-def collect_contexts(model: nn.Module, batches: Sequence[Tensor], slots: dict[int, list[int]], per_slot: int,
-                     device: torch.device | str, reads: dict[int, Tensor] | None = None,
-                     progress: Callable[[Sequence[Tensor]], Sequence[Tensor]] = lambda b: b,
-                     ) -> dict[int, list[SlotContexts]]:
+def collect_contexts(
+    model: nn.Module,
+    batches: Sequence[Tensor],
+    slots: dict[int, list[int]],
+    per_slot: int,
+    device: torch.device | str,
+    reads: dict[int, Tensor] | None = None,
+    progress: Callable[[Sequence[Tensor]], Sequence[Tensor]] = lambda b: b,
+) -> dict[int, list[SlotContexts]]:
     """Pass 2: {layer: [SlotContexts per slot of `slots[layer]`]}, the `per_slot` heaviest reads of
     each slot over `batches` (same batches and order as pass 1). `reads`: pass-1 counts per layer
     (S,), copied into the result. Observers and mode are restored afterwards."""
@@ -140,8 +149,9 @@ def collect_contexts(model: nn.Module, batches: Sequence[Tensor], slots: dict[in
     saved = {i: memory.observer for i, memory in layers.items()}
     was_training = model.training
     model.eval()
-    observers = {i: _TopContexts(slots[i], layers[i].n_keys ** 2, per_slot, torch.device(device))
-                 for i in slots if slots[i]}
+    observers = {
+        i: _TopContexts(slots[i], layers[i].n_keys ** 2, per_slot, torch.device(device)) for i in slots if slots[i]
+    }
     starts = []  # global index of each batch's first token, and its (B, T)
     try:
         for i, memory in layers.items():
@@ -163,8 +173,11 @@ def collect_contexts(model: nn.Module, batches: Sequence[Tensor], slots: dict[in
         weight_CR, where_CR = observer.weight_CR.cpu(), observer.where_CR.cpu()
         out[i] = []
         for r, slot in enumerate(slots[i]):
-            contexts = [_locate(int(where_CR[c, r]), float(weight_CR[c, r]), starts)
-                        for c in range(per_slot) if weight_CR[c, r] > 0]
+            contexts = [
+                _locate(int(where_CR[c, r]), float(weight_CR[c, r]), starts)
+                for c in range(per_slot)
+                if weight_CR[c, r] > 0
+            ]
             count = int(reads[i][slot]) if reads is not None else -1
             out[i].append(SlotContexts(slot, count, contexts))
     return out

@@ -73,8 +73,11 @@ def _hash_files(root: Path, names: list[str]) -> list[str]:
 def write_manifest(root: Path) -> None:
     """`root/checksums.sha256`: the SHA-256 of every other file under `root`, written atomically."""
     root = Path(root)
-    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p.relative_to(root).as_posix() != MANIFEST)
+    names = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    )
     lines = [f"{digest}  {name}\n" for name, digest in zip(names, _hash_files(root, names))]
     atomic_write(root / MANIFEST, "".join(lines).encode())
 
@@ -83,8 +86,13 @@ def read_manifest(path: Path) -> dict[str, str]:
     entries: dict[str, str] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         digest, sep, name = line.partition("  ")
-        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not name or name.startswith("/") \
-                or ".." in name.split("/"):
+        if (
+            not sep
+            or not re.fullmatch(r"[0-9a-f]{64}", digest)
+            or not name
+            or name.startswith("/")
+            or ".." in name.split("/")
+        ):
             raise ValueError(f"line {number} is not '<sha256>  <file>'")
         entries[name] = digest
     return entries

@@ -34,18 +34,31 @@ from pkmlm.errors import UserError
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
-    (_DCP_METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
-                                       "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-                                       "_MEM_FORMAT_ENCODING")
+    (_DCP_METADATA, name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
 }
-_DTYPES = {str(getattr(torch, name)).split(".", 1)[1] for name in dir(torch)
-           if isinstance(getattr(torch, name, None), torch.dtype)}
+_DTYPES = {
+    str(getattr(torch, name)).split(".", 1)[1]
+    for name in dir(torch)
+    if isinstance(getattr(torch, name, None), torch.dtype)
+}
 
 
 class UnsafeCheckpointError(UserError):
@@ -68,7 +81,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise UnsafeCheckpointError(
             f"{self.name}: refused to load: it names {module}.{name}, which is not part of a checkpoint "
-            "(a crafted file can run code when unpickled); delete it or get the run from a trusted source")
+            "(a crafted file can run code when unpickled); delete it or get the run from a trusted source"
+        )
 
 
 def load_metadata(path: str, name: str) -> Metadata:
@@ -80,11 +94,13 @@ def load_metadata(path: str, name: str) -> Metadata:
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure means: not DCP metadata
-        raise NotACheckpointError(f"{name}: not a checkpoint index ({type(e).__name__}); "
-                                  "the checkpoint is not one pkmlm wrote") from None
+        raise NotACheckpointError(
+            f"{name}: not a checkpoint index ({type(e).__name__}); the checkpoint is not one pkmlm wrote"
+        ) from None
     if not isinstance(metadata, Metadata):
-        raise NotACheckpointError(f"{name}: not a checkpoint index (a {type(metadata).__name__}); "
-                                    "the checkpoint is not one pkmlm wrote")
+        raise NotACheckpointError(
+            f"{name}: not a checkpoint index (a {type(metadata).__name__}); the checkpoint is not one pkmlm wrote"
+        )
     return metadata
 
 
@@ -106,9 +122,11 @@ def _load_bytes_safely(read_item: ReadItem, value: io.BytesIO) -> Any:
     except pickle.UnpicklingError as e:  # weights_only refuses anything but plain values and tensors
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         what = f"names {found.group(1)}" if found else "holds a pickled object"
-        raise UnsafeCheckpointError(f"entry {read_item.dest_index.fqn!r} {what}, which is not part of a checkpoint "
-                                    "(a crafted file can run code when unpickled); delete it or get the run from "
-                                    "a trusted source") from None
+        raise UnsafeCheckpointError(
+            f"entry {read_item.dest_index.fqn!r} {what}, which is not part of a checkpoint "
+            "(a crafted file can run code when unpickled); delete it or get the run from "
+            "a trusted source"
+        ) from None
 
 
 def _put(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.BytesIO) -> None:

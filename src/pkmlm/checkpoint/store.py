@@ -106,7 +106,8 @@ def is_checkpoint(path: Path) -> bool:
 def old_format_error(path: Path) -> UserError:
     return UserError(
         f"{path}: a single-file checkpoint of an earlier pkmlm (.pt), which this version does not load "
-        "(unpickling it could run code); continue that run with the pkmlm that wrote it, or start a new run")
+        "(unpickling it could run code); continue that run with the pkmlm that wrote it, or start a new run"
+    )
 
 
 # --- verifying and reading -------------------------------------------------------------------------
@@ -137,8 +138,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     if missing:
         raise NotACheckpointError(f"{file}: not a pkmlm checkpoint's {META} (no {', '.join(missing)})")
     if meta["format_version"] != FORMAT_VERSION:
-        raise NotACheckpointError(f"{file}: checkpoint format {meta['format_version']!r}, this pkmlm reads "
-                                    f"{FORMAT_VERSION}")
+        raise NotACheckpointError(
+            f"{file}: checkpoint format {meta['format_version']!r}, this pkmlm reads {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -190,8 +192,7 @@ def load_tensors(path: Path, tensors: dict[str, Any], info: DistInfo = DistInfo(
     import torch.distributed.checkpoint as dcp
 
     with _quiet_single_process(), _refusing_unsafe_content(path):
-        dcp.load(tensors, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(),
-                 no_dist=not info.distributed)
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=not info.distributed)
 
 
 def read_tensors(path: Path) -> dict[str, Any]:
@@ -201,8 +202,7 @@ def read_tensors(path: Path) -> dict[str, Any]:
 
     state: dict[str, Any] = {}
     with _quiet_single_process(), _refusing_unsafe_content(path):
-        _load_state_dict(state, storage_reader=SafeReader(str(path)), planner=SafeWholeLoadPlanner(),
-                         no_dist=True)
+        _load_state_dict(state, storage_reader=SafeReader(str(path)), planner=SafeWholeLoadPlanner(), no_dist=True)
     return state
 
 
@@ -235,8 +235,11 @@ def latest_valid(directory: Path) -> Path | None:
 
 
 def _refuse_old_format(directory: Path) -> None:
-    old = sorted(p for p in Path(directory).glob("step_*.pt") if _OLD_NAME.match(p.name)) \
-        if Path(directory).is_dir() else []
+    old = (
+        sorted(p for p in Path(directory).glob("step_*.pt") if _OLD_NAME.match(p.name))
+        if Path(directory).is_dir()
+        else []
+    )
     if old:
         raise old_format_error(old[-1])
 
@@ -331,8 +334,11 @@ def prune(directory: Path, step: int, keep_last: int) -> None:
     kept = []
     for path in list_checkpoints(directory):
         if step_of(path) > step:
-            warnings.warn(f"removing checkpoint {path.name}: newer than step {step}, which this run continued "
-                          "from (it was unusable, or the run was rewound with resume=PATH)", stacklevel=3)
+            warnings.warn(
+                f"removing checkpoint {path.name}: newer than step {step}, which this run continued "
+                "from (it was unusable, or the run was rewound with resume=PATH)",
+                stacklevel=3,
+            )
             _remove_dir(path)
         else:
             kept.append(path)
@@ -342,23 +348,27 @@ def prune(directory: Path, step: int, keep_last: int) -> None:
 
 def _write_refused(final: Path, e: OSError) -> CheckpointWriteError:
     previous = [p for p in list_checkpoints(final.parent) if step_of(p) < step_of(final) and verify(p) is None]
-    intact = (f"the previous checkpoint {previous[-1].name} is intact" if previous
-              else "there is no earlier valid checkpoint")
+    intact = (
+        f"the previous checkpoint {previous[-1].name} is intact" if previous else "there is no earlier valid checkpoint"
+    )
     return CheckpointWriteError(
         f"cannot write checkpoint {final}: {e.strerror or e} (errno {errno.errorcode.get(e.errno, e.errno)}"
         f"{', ' + str(e.filename) if e.filename else ''}); {intact}; free space (or fix the file system) "
-        f"under {final.parent} and resume with resume=auto")
+        f"under {final.parent} and resume with resume=auto"
+    )
 
 
 def _refusals_as_user_errors(fn: Callable[[], T], final: Path) -> Callable[[], T]:
     """`fn` (rank 0's part of a save) with an OS refusal turned into a one-line
     `CheckpointWriteError`, which `run_on_main` raises on every rank (a bare OSError on rank 0 would
     leave the others waiting for it)."""
+
     def guarded() -> T:
         try:
             return fn()
         except OSError as e:
             raise _write_refused(final, e) from None
+
     return guarded
 
 
@@ -395,8 +405,16 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, allow_nan=False).encode()
 
 
-def save(directory: Path, step: int, *, tensors: dict[str, Any], meta: dict[str, Any],
-         rank_files: dict[str, Any], info: DistInfo = DistInfo(), keep_last: int = 2) -> Path:
+def save(
+    directory: Path,
+    step: int,
+    *,
+    tensors: dict[str, Any],
+    meta: dict[str, Any],
+    rank_files: dict[str, Any],
+    info: DistInfo = DistInfo(),
+    keep_last: int = 2,
+) -> Path:
     """Write the checkpoint of `step` (a collective: every rank calls it). `tensors`: the state dict
     saved by DCP (same keys on every rank); `meta`: rank 0's JSON common state (`step` and `tokens`
     among it); `rank_files`: this rank's JSON files by relative path (`data/shard_00001.json`).

@@ -27,14 +27,35 @@ from typing import Any, Callable, Iterator, Optional
 from pkmlm.errors import UserError
 
 # Hydra's own flags that take this process elsewhere (help, info, another config): left to Hydra.
-HYDRA_ONLY_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--resolve", "--package", "-p",
-                    "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun",
-                    "--shell-completion", "-sc", "--version")
+HYDRA_ONLY_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--resolve",
+    "--package",
+    "-p",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--shell-completion",
+    "-sc",
+    "--version",
+)
 
 
 # What to write after `key=` for the mandatory (`???`) values of the entry points' schemas.
-REQUIRED_VALUES = {"checkpoint": "RUN_DIR (a run directory or a checkpoint file)",
-                   "out": "DIR (the directory to write, new or empty)"}
+REQUIRED_VALUES = {
+    "checkpoint": "RUN_DIR (a run directory or a checkpoint file)",
+    "out": "DIR (the directory to write, new or empty)",
+}
 
 
 def fail(message: str) -> "NoReturn":  # noqa: F821
@@ -112,8 +133,10 @@ def check_job(cfg: Any, check: Optional[Callable[[Any], None]], required: dict[s
         schema = OmegaConf.get_type(cfg)
         known = _schema_keys(schema) if dataclasses.is_dataclass(schema) else []
         near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        raise UserError(f"unknown config key {key} (added with +; the schema has no such key)"
-                        + (f": did you mean {near[0]}?" if near else "; see docs/config.md for the keys"))
+        raise UserError(
+            f"unknown config key {key} (added with +; the schema has no such key)"
+            + (f": did you mean {near[0]}?" if near else "; see docs/config.md for the keys")
+        )
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         key = missing[0]
@@ -180,8 +203,12 @@ def _task(cfg: Any) -> Any:
     return cfg
 
 
-def precheck_overrides(config_dir: str, config_name: str, check: Optional[Callable[[Any], None]] = None,
-                       required: Optional[dict[str, str]] = None) -> Optional[Planned]:
+def precheck_overrides(
+    config_dir: str,
+    config_name: str,
+    check: Optional[Callable[[Any], None]] = None,
+    required: Optional[dict[str, str]] = None,
+) -> Optional[Planned]:
     """Compose and check the config of every job before Hydra runs; a failure is one line on
     stderr and exit status 2. `check` takes a job's typed config (the entry point's own checks);
     `required` gives, per mandatory key, what to write after `key=` in the message. Returns the
@@ -205,11 +232,13 @@ def precheck_overrides(config_dir: str, config_name: str, check: Optional[Callab
             loader = GlobalHydra.instance().config_loader()
             try:
                 if not multirun:  # as Hydra decides: a preset may say hydra.mode: MULTIRUN
-                    first = loader.load_configuration(config_name, overrides, RunMode.RUN,
-                                                      validate_sweep_overrides=False)
+                    first = loader.load_configuration(
+                        config_name, overrides, RunMode.RUN, validate_sweep_overrides=False
+                    )
                     multirun = first.hydra.mode == RunMode.MULTIRUN
-                master = loader.load_configuration(config_name, overrides,
-                                                   RunMode.MULTIRUN if multirun else RunMode.RUN)
+                master = loader.load_configuration(
+                    config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN
+                )
                 jobs = _jobs(loader, master) if multirun else [list(master.hydra.overrides.task)]
             except Exception as e:  # noqa: BLE001 - any composition failure is about the user's overrides
                 fail(f"bad config override: {one_line(e)}{_nearest_hint(loader, config_name, e)}")
@@ -223,8 +252,10 @@ def precheck_overrides(config_dir: str, config_name: str, check: Optional[Callab
                 job_dirs = [sweep_dir / str(i) for i in range(len(jobs))]
             reason = dir_problem(job_dirs[0] if job_dirs else sweep_dir)
             if reason is not None:
-                fail(f"{where} cannot hold the run: {reason}; choose another "
-                     + ("hydra.sweep.dir" if multirun else "hydra.run.dir"))
+                fail(
+                    f"{where} cannot hold the run: {reason}; choose another "
+                    + ("hydra.sweep.dir" if multirun else "hydra.run.dir")
+                )
             for i, job in enumerate(jobs):
                 try:
                     cfg = master if not multirun else loader.load_sweep_config(master, list(job))

@@ -28,12 +28,18 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pkmlm-compare",
-        description="Compare pkmlm runs: parameters, tokens, time, speed, MFU, perplexity and memory usage.")
+        description="Compare pkmlm runs: parameters, tokens, time, speed, MFU, perplexity and memory usage.",
+    )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or sweep directories")
-    parser.add_argument("--out", default="compare", help="where to write table.md, table.csv and the "
-                        "plots (default: ./compare/)")
-    parser.add_argument("--baseline", default="0", help="the run the ratio columns divide by: its "
-                        "label as shown in the table, or its 0-based row number (default: 0, the first)")
+    parser.add_argument(
+        "--out", default="compare", help="where to write table.md, table.csv and the plots (default: ./compare/)"
+    )
+    parser.add_argument(
+        "--baseline",
+        default="0",
+        help="the run the ratio columns divide by: its "
+        "label as shown in the table, or its 0-based row number (default: 0, the first)",
+    )
     return parser
 
 
@@ -42,8 +48,10 @@ def _baseline_index(value: str, labels: list[str]) -> int:
         return int(value)
     if value in labels:
         return labels.index(value)
-    raise UserError(f"--baseline={value!r} is neither a row number below {len(labels)} nor a run label "
-                    f"({', '.join(repr(label) for label in labels)})")
+    raise UserError(
+        f"--baseline={value!r} is neither a row number below {len(labels)} nor a run label "
+        f"({', '.join(repr(label) for label in labels)})"
+    )
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -60,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         reason = dir_problem(out)
         if reason is not None or (out.exists() and not out.is_dir()):
-            raise UserError(f"--out={args.out!r} cannot hold the report: {reason or 'it is a file'}; "
-                            "give a directory")
+            raise UserError(f"--out={args.out!r} cannot hold the report: {reason or 'it is a file'}; give a directory")
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _warn_one_line  # one line each, naming the file

@@ -96,8 +96,11 @@ def check_eval_config(cfg: EvalAppConfig) -> None:
     given = [k for k in ("files", "sources", "prepared") if getattr(cfg.data, k)]
     if len(given) > 1:
         value = getattr(cfg.data, given[1])
-        raise ConfigError(f"data.{given[1]}", f"{len(value)} sources" if given[1] == "sources" else value,
-                          f"unset when data.{given[0]} is given: evaluate files, sources or a prepared directory")
+        raise ConfigError(
+            f"data.{given[1]}",
+            f"{len(value)} sources" if given[1] == "sources" else value,
+            f"unset when data.{given[0]} is given: evaluate files, sources or a prepared directory",
+        )
 
 
 def _check_same_tokenizer(directory: str, tokenizer) -> None:
@@ -106,8 +109,10 @@ def _check_same_tokenizer(directory: str, tokenizer) -> None:
 
     theirs, _ = load_prepared_tokenizer(directory)
     if theirs.get_vocab() != tokenizer.get_vocab():
-        raise DataError(f"data.prepared={directory!r} was tokenized with another tokenizer than the run's; "
-                        "prepare it with the run's (pkmlm-prepare data.tokenizer=RUN_DIR/tokenizer.json out=DIR)")
+        raise DataError(
+            f"data.prepared={directory!r} was tokenized with another tokenizer than the run's; "
+            "prepare it with the run's (pkmlm-prepare data.tokenizer=RUN_DIR/tokenizer.json out=DIR)"
+        )
 
 
 def evaluate_run(cfg: EvalAppConfig) -> dict:
@@ -133,14 +138,26 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     byte_len = torch.tensor(token_byte_lengths(run.tokenizer), dtype=torch.float64)
     n_bytes = sum(float(byte_len[b[:, 1:].reshape(-1)].sum()) for b in batches)
     out = {
-        "checkpoint": str(run.checkpoint), "step": run.step, "files": files, "tokens": result["tokens"],
-        "loss": result["loss"], "ppl": result["ppl"],
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "files": files,
+        "tokens": result["tokens"],
+        "loss": result["loss"],
+        "ppl": result["ppl"],
         "bpb": bits_per_byte(result["loss"] * result["tokens"], n_bytes) if n_bytes else float("nan"),
     }
     out.update({k: v for k, v in result.items() if k.startswith("memory/")})
     if questions is not None:
-        out.update(evaluate_recall(run.model, run.tokenizer, questions, batch_size=cfg.batch_size, device=device,
-                                   max_questions=cfg.eval.recall_max_questions))
+        out.update(
+            evaluate_recall(
+                run.model,
+                run.tokenizer,
+                questions,
+                batch_size=cfg.batch_size,
+                device=device,
+                max_questions=cfg.eval.recall_max_questions,
+            )
+        )
     return out
 
 
@@ -156,8 +173,9 @@ def evaluation_batches(cfg: EvalAppConfig, run) -> tuple[list[str], list]:
     data_cfg = DataConfig(**{k: v for k, v in saved.items() if k in data_fields})
     if cfg.data.files or cfg.data.sources:
         # All of every given file or source: no held-out split, nothing skipped.
-        data_cfg = dataclasses.replace(data_cfg, files=list(cfg.data.files), sources=list(cfg.data.sources),
-                                       prepared=None, val_docs=10**18)
+        data_cfg = dataclasses.replace(
+            data_cfg, files=list(cfg.data.files), sources=list(cfg.data.sources), prepared=None, val_docs=10**18
+        )
     elif cfg.data.prepared:
         data_cfg = dataclasses.replace(data_cfg, files=[], sources=[], prepared=cfg.data.prepared)
     if cfg.data.text_field is not None:
@@ -166,18 +184,22 @@ def evaluation_batches(cfg: EvalAppConfig, run) -> tuple[list[str], list]:
         data_cfg = dataclasses.replace(data_cfg, seq_len=cfg.data.seq_len)
     data_cfg = dataclasses.replace(data_cfg, strict=cfg.data.strict)
     if data_cfg.seq_len > run.model.cfg.max_seq_len:
-        raise ConfigError("data.seq_len", data_cfg.seq_len, f"at most the run's model.max_seq_len="
-                          f"{run.model.cfg.max_seq_len} (null: the run's data.seq_len)")
+        raise ConfigError(
+            "data.seq_len",
+            data_cfg.seq_len,
+            f"at most the run's model.max_seq_len={run.model.cfg.max_seq_len} (null: the run's data.seq_len)",
+        )
     plan = resolve_data(data_cfg)  # the same sources as training: files, mixtures, Hub, prepared shards
     if plan.prepared:
         _check_same_tokenizer(plan.prepared, run.tokenizer)
     files = [plan.prepared] if plan.prepared else [f for s in plan.sources for f in (s.files or [s.name])]
 
-    batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size,
-                                 max_batches=cfg.max_batches)
+    batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size, max_batches=cfg.max_batches)
     if not batches:  # nothing to score: no perplexity, rather than "tokens": 0 and exit 0
-        raise DataError(f"no document to evaluate in {', '.join(files)} (every record empty, skipped or held "
-                        "out); give files with text, or check data.text_field")
+        raise DataError(
+            f"no document to evaluate in {', '.join(files)} (every record empty, skipped or held "
+            "out); give files with text, or check data.text_field"
+        )
     return files, batches
 
 

@@ -17,14 +17,15 @@ from pkmlm.errors import UserError
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pkmlm-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory or checkpoint directory")
-    parser.add_argument("--out", required=True, help="directory to write model.safetensors, config.json, "
-                        "tokenizer.json into")
+    parser.add_argument(
+        "--out", required=True, help="directory to write model.safetensors, config.json, tokenizer.json into"
+    )
     args = parser.parse_args(argv)
     try:
         from pathlib import Path
 
-        from pkmlm.run import export_run, load_run
         from pkmlm.paths import dir_problem
+        from pkmlm.run import export_run, load_run
 
         problem = dir_problem(Path(args.out))
         if problem is not None:

@@ -24,14 +24,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pkmlm-facts", description="Write a synthetic biography corpus for knowledge-"
-                     "capacity experiments (bios.jsonl, qa.jsonl, meta.json).")
+    parser = _Parser(
+        prog="pkmlm-facts",
+        description="Write a synthetic biography corpus for knowledge-"
+        "capacity experiments (bios.jsonl, qa.jsonl, meta.json).",
+    )
     parser.add_argument("--people", type=int, required=True, help="number of people N (>= 1)")
     parser.add_argument("--seed", type=int, required=True, help="seed: the same seed writes the same files")
-    parser.add_argument("--out", required=True, help="directory to write (created; existing corpus files "
-                        "are replaced)")
-    parser.add_argument("--templates", type=int, default=5, help="biographies per person, each in its own "
-                        "phrasings and order (default 5)")
+    parser.add_argument("--out", required=True, help="directory to write (created; existing corpus files are replaced)")
+    parser.add_argument(
+        "--templates",
+        type=int,
+        default=5,
+        help="biographies per person, each in its own phrasings and order (default 5)",
+    )
     return parser
 
 
@@ -50,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         meta = write_corpus(out, args.people, args.seed, args.templates)
     except OSError as error:
         fail(f"--out={args.out!r}: cannot write there ({error.strerror or error})")
-    print(json.dumps({"out": str(out), **{k: meta[k] for k in ("people", "documents", "bits_per_person",
-                                                                "total_bits")}}), flush=True)
+    print(
+        json.dumps({"out": str(out), **{k: meta[k] for k in ("people", "documents", "bits_per_person", "total_bits")}}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from pathlib import Path
 from pkmlm.cli._common import fail
 from pkmlm.errors import UserError
 
-USAGE = ("pkmlm-harness RUN --tasks T1,T2 [--include-path DIR] [--limit N] [--num-fewshot K] "
-         "[--batch-size B] [--device D] [--output FILE]")
+USAGE = (
+    "pkmlm-harness RUN --tasks T1,T2 [--include-path DIR] [--limit N] [--num-fewshot K] "
+    "[--batch-size B] [--device D] [--output FILE]"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,8 +73,15 @@ def main(argv: list[str] | None = None) -> None:
         from pkmlm.harness import run_harness
 
         limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-        results = run_harness(args.run, tasks, include_path=args.include_path, limit=limit,
-                              num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device)
+        results = run_harness(
+            args.run,
+            tasks,
+            include_path=args.include_path,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     except UserError as error:
         fail(str(error))
     print(make_table(results))

@@ -33,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int, default=5, help="contexts shown per slot (default 5)")
     p.add_argument("--window", type=int, default=16, help="tokens shown before the triggering one (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random slot sample")
-    p.add_argument("--history-batches", type=int,
-                   help="batches read at each earlier checkpoint for the history (default: all)")
+    p.add_argument(
+        "--history-batches", type=int, help="batches read at each earlier checkpoint for the history (default: all)"
+    )
     p.add_argument("--no-history", action="store_true", help="skip usage/KL over the run's checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -49,21 +50,22 @@ def _check(args: argparse.Namespace) -> None:
     if args.history_batches is not None and args.history_batches < 1:
         raise ConfigError("--history-batches", args.history_batches, "an integer >= 1 (or leave it out: all)")
     if args.data and args.prepared:
-        raise ConfigError("--prepared", args.prepared, "left out when DATA files are given: read files or a "
-                          "prepared directory")
+        raise ConfigError(
+            "--prepared", args.prepared, "left out when DATA files are given: read files or a prepared directory"
+        )
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out={str(out)!r} cannot hold the report: {e.strerror or e}; choose another "
-                        "directory") from None
+        raise UserError(
+            f"--out={str(out)!r} cannot hold the report: {e.strerror or e}; choose another directory"
+        ) from None
 
 
 def _progress(enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return lambda items: tqdm(items, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
-                              dynamic_ncols=True)
+    return lambda items: tqdm(items, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def checkpoint_history(run_path: Path, batches: list, device, progress: bool) -> list[dict]:
@@ -80,8 +82,15 @@ def checkpoint_history(run_path: Path, batches: list, device, progress: bool) ->
         except UserError:  # damaged or unfinished: not a point of the history
             continue
         counts = count_reads(run.model, batches, device)
-        points.append({"step": run.step, "checkpoint": str(path), "layers": {
-            str(i): {"usage": c.stats["usage"], "kl_weight": c.stats["kl_weight"]} for i, c in counts.items()}})
+        points.append(
+            {
+                "step": run.step,
+                "checkpoint": str(path),
+                "layers": {
+                    str(i): {"usage": c.stats["usage"], "kl_weight": c.stats["kl_weight"]} for i, c in counts.items()
+                },
+            }
+        )
         del run
     return points
 
@@ -99,10 +108,15 @@ def inspect_run(args: argparse.Namespace) -> Path:
     from pkmlm.train.setup import pick_device
 
     _check(args)
-    cfg = EvalAppConfig(checkpoint=args.run, batch_size=args.batch_size, max_batches=args.max_batches,
-                        device=args.device,
-                        data=EvalDataConfig(files=list(args.data), prepared=args.prepared,
-                                            text_field=args.text_field, seq_len=args.seq_len))
+    cfg = EvalAppConfig(
+        checkpoint=args.run,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        device=args.device,
+        data=EvalDataConfig(
+            files=list(args.data), prepared=args.prepared, text_field=args.text_field, seq_len=args.seq_len
+        ),
+    )
     check_eval_config(cfg)
     device = pick_device(args.device)
     run = load_run(args.run, device=device)
@@ -114,17 +128,36 @@ def inspect_run(args: argparse.Namespace) -> Path:
     progress = not args.no_progress
     counts = count_reads(run.model, batches, device, progress=_progress(progress, "counting reads"))
     picks = {i: pick_slots(c.count, args.top, args.random, seed=args.seed) for i, c in counts.items()}
-    contexts = collect_contexts(run.model, batches, {i: most + drawn for i, (most, drawn) in picks.items()},
-                                args.contexts, device, reads={i: c.count for i, c in counts.items()},
-                                progress=_progress(progress, "finding contexts"))
+    contexts = collect_contexts(
+        run.model,
+        batches,
+        {i: most + drawn for i, (most, drawn) in picks.items()},
+        args.contexts,
+        device,
+        reads={i: c.count for i, c in counts.items()},
+        progress=_progress(progress, "finding contexts"),
+    )
     history = []
     if not args.no_history:
-        history = checkpoint_history(Path(args.run).expanduser(), batches[:args.history_batches], device, progress)
-    source = {"checkpoint": str(run.checkpoint), "step": run.step, "files": files,
-              "tokens": sum(int(b[:, 1:].numel()) for b in batches), "batches": len(batches)}
-    return write_report(Path(args.out), source=source, counts=counts, contexts=contexts,
-                        n_most={i: len(most) for i, (most, _) in picks.items()}, history=history,
-                        batches=batches, tokenizer=run.tokenizer, window=args.window)
+        history = checkpoint_history(Path(args.run).expanduser(), batches[: args.history_batches], device, progress)
+    source = {
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "files": files,
+        "tokens": sum(int(b[:, 1:].numel()) for b in batches),
+        "batches": len(batches),
+    }
+    return write_report(
+        Path(args.out),
+        source=source,
+        counts=counts,
+        contexts=contexts,
+        n_most={i: len(most) for i, (most, _) in picks.items()},
+        history=history,
+        batches=batches,
+        tokenizer=run.tokenizer,
+        window=args.window,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,8 +89,16 @@ class PrepareProgress:
             if tokens:
                 say(f"continuing an interrupted run: {tokens:,} training tokens already written", self.file)
             if self.tty:
-                self.bar = tqdm(total=self.total, initial=tokens, unit="tok", unit_scale=True, file=self.file,
-                                desc="pkmlm-prepare train", dynamic_ncols=True, smoothing=0.1)
+                self.bar = tqdm(
+                    total=self.total,
+                    initial=tokens,
+                    unit="tok",
+                    unit_scale=True,
+                    file=self.file,
+                    desc="pkmlm-prepare train",
+                    dynamic_ncols=True,
+                    smoothing=0.1,
+                )
         self.shards += shard is not None
         if self.bar is not None:
             self.bar.update(tokens - self.bar.n)
@@ -132,8 +140,12 @@ def run_prepare(cfg: PrepareAppConfig) -> dict:
     from pkmlm.data.sources import open_hub_dataset
 
     if cfg.data.prepared:
-        raise ConfigError("data.prepared", cfg.data.prepared, "null here: pkmlm-prepare reads text sources "
-                          "(choose data=wiki, data=c4, data.files=[...] or data.sources=[...])")
+        raise ConfigError(
+            "data.prepared",
+            cfg.data.prepared,
+            "null here: pkmlm-prepare reads text sources "
+            "(choose data=wiki, data=c4, data.files=[...] or data.sources=[...])",
+        )
     if cfg.shard_tokens < 1024:
         raise ConfigError("shard_tokens", cfg.shard_tokens, "an integer >= 1024 (tokens per training shard)")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
@@ -146,8 +158,11 @@ def run_prepare(cfg: PrepareAppConfig) -> dict:
             open_hub_dataset(s.hub)  # no Hub (offline, a wrong name): one line now, before anything else
     for s in plan.sources:
         what = str(s.hub) if s.hub else f"{len(s.files)} files, {_bytes(sum(os.path.getsize(p) for p in s.files))}"
-        say(f"source {s.name}" + ("" if what == s.name else f": {what}")
-            + (f", weight {s.weight:g}" if len(plan.sources) > 1 else ""))
+        say(
+            f"source {s.name}"
+            + ("" if what == s.name else f": {what}")
+            + (f", weight {s.weight:g}" if len(plan.sources) > 1 else "")
+        )
     t0 = time.perf_counter()
     tokenizer = partial_tokenizer(out)
     if tokenizer is not None:
@@ -161,33 +176,60 @@ def run_prepare(cfg: PrepareAppConfig) -> dict:
     dtype = f"uint{8 * plan_est['itemsize']}"
     if plan_est["train_tokens"] is None:
         unknown = [s["name"] for s in plan_est["sources"] if s["tokens"] is None]
-        say(f"estimate: the size of {', '.join(unknown)} is not stated up front, so tokens are counted as they "
+        say(
+            f"estimate: the size of {', '.join(unknown)} is not stated up front, so tokens are counted as they "
             f"come ({dtype}, {plan_est['itemsize']} bytes per token; {_bytes(free)} free at {out}); set "
-            "max_tokens=N to bound the run")
+            "max_tokens=N to bound the run"
+        )
     else:
-        say(f"estimate: ~{_si(plan_est['train_tokens'])} training tokens"
+        say(
+            f"estimate: ~{_si(plan_est['train_tokens'])} training tokens"
             + (f" (max_tokens={cfg.max_tokens:,})" if cfg.max_tokens is not None else "")
-            + f" -> ~{_bytes(plan_est['disk_bytes'])} of {dtype} shards in {out} ({_bytes(free)} free there)")
+            + f" -> ~{_bytes(plan_est['disk_bytes'])} of {dtype} shards in {out} ({_bytes(free)} free there)"
+        )
         if plan_est["disk_bytes"] * 0.75 > free:  # the estimate is within about 20%
-            raise DataError(f"out={cfg.out!r}: the shards need about {_bytes(plan_est['disk_bytes'])} and "
-                            f"{_bytes(free)} is free there; free space, choose another out, or set max_tokens=N")
+            raise DataError(
+                f"out={cfg.out!r}: the shards need about {_bytes(plan_est['disk_bytes'])} and "
+                f"{_bytes(free)} is free there; free space, choose another out, or set max_tokens=N"
+            )
     progress = PrepareProgress(plan_est["train_tokens"])
     try:
-        index = prepare(cfg.data, plan.sources, tokenizer, out, shard_tokens=cfg.shard_tokens,
-                        tokenizer_hash=info.get("hash"), progress=progress, max_tokens=cfg.max_tokens)
+        index = prepare(
+            cfg.data,
+            plan.sources,
+            tokenizer,
+            out,
+            shard_tokens=cfg.shard_tokens,
+            tokenizer_hash=info.get("hash"),
+            progress=progress,
+            max_tokens=cfg.max_tokens,
+        )
     except KeyboardInterrupt:
         progress.close()
-        print(f"pkmlm-prepare: interrupted; the complete shards are kept in {partial_dir(out)}: rerun the same "
-              "command to continue", file=sys.stderr, flush=True)
+        print(
+            f"pkmlm-prepare: interrupted; the complete shards are kept in {partial_dir(out)}: rerun the same "
+            "command to continue",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(130)
     progress.close()
     wall = time.perf_counter() - t0
-    return {"out": cfg.out, "dtype": index["dtype"], "vocab_size": index["vocab_size"], "tokens": index["tokens"],
-            "documents": index["documents"], "train_shards": len(index["splits"]["train"]),
-            "resumed_shards": index["resumed_shards"], "stopped_by": index["stopped_by"],
-            "estimated_train_tokens": plan_est["train_tokens"], "skipped": index["skipped"],
-            "tokenizer": info["source"], "wall_s": round(wall, 2),
-            "tokens_per_s": round(sum(index["tokens"].values()) / wall) if wall > 0 else None}
+    return {
+        "out": cfg.out,
+        "dtype": index["dtype"],
+        "vocab_size": index["vocab_size"],
+        "tokens": index["tokens"],
+        "documents": index["documents"],
+        "train_shards": len(index["splits"]["train"]),
+        "resumed_shards": index["resumed_shards"],
+        "stopped_by": index["stopped_by"],
+        "estimated_train_tokens": plan_est["train_tokens"],
+        "skipped": index["skipped"],
+        "tokenizer": info["source"],
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(sum(index["tokens"].values()) / wall) if wall > 0 else None,
+    }
 
 
 @user_errors_exit_2

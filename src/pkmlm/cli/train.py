@@ -16,8 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pkmlm.cli._common import (check_train_job, fail, hydra_files_kept_on_refusal, precheck_overrides,
-                               user_errors_exit_2)
+from pkmlm.cli._common import check_train_job, fail, hydra_files_kept_on_refusal, precheck_overrides, user_errors_exit_2
 from pkmlm.config import config_dir, register_configs
 from pkmlm.experiments.sweep import sweep_group
 

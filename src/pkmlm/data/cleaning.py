@@ -27,8 +27,9 @@ def text_hash(text: str) -> int:
 
 
 class Cleaner:
-    def __init__(self, min_chars: int = 0, nfc: bool = False, dedup_window: int = 0,
-                 max_doc_chars: Optional[int] = None):
+    def __init__(
+        self, min_chars: int = 0, nfc: bool = False, dedup_window: int = 0, max_doc_chars: Optional[int] = None
+    ):
         self.min_chars = min_chars
         self.nfc = nfc
         self.dedup_window = dedup_window
@@ -67,7 +68,7 @@ class Cleaner:
 
     def reset_window(self, recent: Optional[list] = None) -> None:
         """Start a new dedup window, holding `recent` hashes (oldest first)."""
-        self._recent = deque(int(h) for h in (recent or [])[-self.dedup_window:] if self.dedup_window > 0)
+        self._recent = deque(int(h) for h in (recent or [])[-self.dedup_window :] if self.dedup_window > 0)
         self._recent_set = set(self._recent)
 
     def window(self) -> list:

@@ -41,8 +41,14 @@ import torch
 from tokenizers import Tokenizer
 
 from pkmlm.data.config import DataConfig, check_data_config
-from pkmlm.data.mixing import (DataPlan, MixedDocuments, merge_counts, resolve_sources, sample_documents,
-                               validation_documents)
+from pkmlm.data.mixing import (
+    DataPlan,
+    MixedDocuments,
+    merge_counts,
+    resolve_sources,
+    sample_documents,
+    validation_documents,
+)
 from pkmlm.data.packing import TOKEN_DTYPE, Packer, ShuffleBuffer, Window, to_plain
 from pkmlm.data.sources import BAD_KINDS
 from pkmlm.data.tokenizer import cached_bpe, check_special_tokens, encode_documents, eos_id, load_tokenizer
@@ -75,8 +81,18 @@ class TokenBatches:
     kind and the cleaning hooks' work, over the whole run.
     """
 
-    def __init__(self, cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int,
-                 seed: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plan: DataPlan,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+    ):
         self.cfg = cfg
         self.sources = plan.sources
         self.tokenizer = tokenizer
@@ -126,8 +142,7 @@ class TokenBatches:
         if n_docs is None:
             n_docs = self._chunk_docs
             self._chunk_docs = min(2 * self._chunk_docs, self.cfg.encode_batch_docs)
-        self._chunk_start = {"docs": self._docs.state_dict(), "packer": self._packer.state_dict(),
-                             "n_docs": n_docs}
+        self._chunk_start = {"docs": self._docs.state_dict(), "packer": self._packer.state_dict(), "n_docs": n_docs}
         texts = [self._docs.next_document() for _ in range(n_docs)]
         self._pending = self._packer.push_many(encode_documents(self.tokenizer, texts, self.cfg.max_doc_chars))
         self._pending_pos = 0
@@ -149,10 +164,18 @@ class TokenBatches:
     def _layout(self) -> Dict[str, Any]:
         """What must match for a saved position to mean the same thing on resume."""
         cfg = self.cfg
-        return {"seq_len": cfg.seq_len, "val_docs": cfg.val_docs, "shuffle_buffer": cfg.shuffle_buffer,
-                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "n_files": sum(len(s.files) for s in self.sources),
-                "sources": [s.name for s in self.sources], "seed": self.seed}
+        return {
+            "seq_len": cfg.seq_len,
+            "val_docs": cfg.val_docs,
+            "shuffle_buffer": cfg.shuffle_buffer,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "n_files": sum(len(s.files) for s in self.sources),
+            "sources": [s.name for s in self.sources],
+            "seed": self.seed,
+        }
 
     def raw_state(self) -> Dict[str, Any]:
         """The state with numpy arrays (cheap to copy and pickle): `to_plain` makes it JSON."""
@@ -167,7 +190,9 @@ class TokenBatches:
             "batches": self.batches,
             "worker": self.worker,
             # Read-only summaries for the main process (WorkerBatches): not used by a restore.
-            "epoch": self.epoch, "documents": self.documents, "stats": self.stats,
+            "epoch": self.epoch,
+            "documents": self.documents,
+            "stats": self.stats,
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -190,15 +215,20 @@ class TokenBatches:
 
 def check_state_version(state: Dict[str, Any]) -> None:
     if state.get("version") != STATE_VERSION:
-        raise DataError(f"cannot resume the data pipeline: state version {state.get('version')!r}, "
-                        f"this code reads version {STATE_VERSION}; start a new run (resume=never)")
+        raise DataError(
+            f"cannot resume the data pipeline: state version {state.get('version')!r}, "
+            f"this code reads version {STATE_VERSION}; start a new run (resume=never)"
+        )
 
 
 def check_layout(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
     changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
     if changed:
-        raise DataError("cannot resume the data pipeline with a different layout: " + "; ".join(changed)
-                        + "; resume with the run's saved data settings")
+        raise DataError(
+            "cannot resume the data pipeline with a different layout: "
+            + "; ".join(changed)
+            + "; resume with the run's saved data settings"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,9 +240,19 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
     """The IterableDataset each DataLoader worker runs: one reader's TokenBatches, yielding
     (batch, reader's worker index, raw state after the batch)."""
 
-    def __init__(self, cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, seed: int,
-                 rank: int, world_size: int, num_workers: int, states: List[Optional[Dict[str, Any]]],
-                 first_worker: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plan: DataPlan,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        states: List[Optional[Dict[str, Any]]],
+        first_worker: int,
+    ):
         super().__init__()
         self.args = (cfg, plan, tokenizer, batch_size, seed, rank, world_size)
         self.num_workers = num_workers
@@ -228,8 +268,17 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
         worker = (self.first_worker + info.id) % self.num_workers
         cfg, plan, tokenizer, batch_size, seed, rank, world_size = self.args
         try:
-            batches = TokenBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size,
-                                   worker=worker, num_workers=self.num_workers)
+            batches = TokenBatches(
+                cfg,
+                plan,
+                tokenizer,
+                batch_size,
+                seed,
+                rank=rank,
+                world_size=world_size,
+                worker=worker,
+                num_workers=self.num_workers,
+            )
             if self.states[worker] is not None:
                 batches.load_state_dict(self.states[worker])
             while True:
@@ -297,8 +346,17 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
 class WorkerBatches:
     """Training batches from `num_workers` DataLoader worker processes; same interface as TokenBatches."""
 
-    def __init__(self, cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, prefetch_factor: int = 2):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        plan: DataPlan,
+        tokenizer: Tokenizer,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch_factor: int = 2,
+    ):
         self.cfg = cfg
         self.plan = plan
         self.tokenizer = tokenizer
@@ -313,16 +371,31 @@ class WorkerBatches:
         self.batches = 0
 
     def _start(self) -> Iterator:
-        dataset = _ReaderDataset(self.cfg, self.plan, self.tokenizer, self.batch_size, self.seed, self.rank,
-                                 self.world_size, self.num_workers, list(self._states), self._next_worker)
+        dataset = _ReaderDataset(
+            self.cfg,
+            self.plan,
+            self.tokenizer,
+            self.batch_size,
+            self.seed,
+            self.rank,
+            self.world_size,
+            self.num_workers,
+            list(self._states),
+            self._next_worker,
+        )
         # generator: without one, each iter(loader) draws the workers' base seed from the global
         # torch RNG, so a resumed run (which starts its loader at another step) would shift every
         # later dropout mask; a private generator leaves the global RNG to the model.
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                             collate_fn=_as_is, prefetch_factor=self.prefetch_factor,
-                                             persistent_workers=False,
-                                             generator=torch.Generator().manual_seed(self.seed),
-                                             worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_as_is,
+            prefetch_factor=self.prefetch_factor,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
         # Each worker is a reader of its own: the Rust tokenizer's threads would only oversubscribe
         # the cores. Setting the variable before the fork also keeps tokenizers from warning that
         # it disables them after a fork.
@@ -371,20 +444,34 @@ class WorkerBatches:
         return sum(s["documents"] for s in self._states if s is not None)
 
     def _layout(self) -> Dict[str, Any]:
-        return {"seq_len": self.cfg.seq_len, "batch_size": self.batch_size, "rank": self.rank,
-                "world_size": self.world_size, "num_workers": self.num_workers, "seed": self.seed}
+        return {
+            "seq_len": self.cfg.seq_len,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"version": STATE_VERSION, "layout": self._layout(), "kind": "workers",
-                "workers": to_plain(self._states), "next_worker": self._next_worker,
-                "tokens": self.tokens, "batches": self.batches}
+        return {
+            "version": STATE_VERSION,
+            "layout": self._layout(),
+            "kind": "workers",
+            "workers": to_plain(self._states),
+            "next_worker": self._next_worker,
+            "tokens": self.tokens,
+            "batches": self.batches,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         check_state_version(state)
         if state.get("kind") != "workers":
-            raise DataError("cannot resume the data pipeline: the checkpoint was read without DataLoader workers "
-                            f"(data.num_workers=0), the config asks for {self.num_workers}; resume with the same "
-                            "data.num_workers")
+            raise DataError(
+                "cannot resume the data pipeline: the checkpoint was read without DataLoader workers "
+                f"(data.num_workers=0), the config asks for {self.num_workers}; resume with the same "
+                "data.num_workers"
+            )
         check_layout(state["layout"], self._layout())
         self._states = list(state["workers"])
         self._next_worker = int(state["next_worker"])
@@ -426,21 +513,36 @@ def load_or_train_tokenizer(cfg: DataConfig, plan: DataPlan, cache_dir: str) -> 
 
         index = load_index(plan.prepared)
         tok, path = load_prepared_tokenizer(plan.prepared, index)
-        return tok, {"source": "prepared", "path": path, "hash": index.get("tokenizer_hash"),
-                     "vocab_size": tok.get_vocab_size()}
+        return tok, {
+            "source": "prepared",
+            "path": path,
+            "hash": index.get("tokenizer_hash"),
+            "vocab_size": tok.get_vocab_size(),
+        }
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
         check_special_tokens(tok, cfg)
         path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
         return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
     names = [s.name for s in plan.sources]
-    return cached_bpe(lambda: sample_documents(plan.sources, cfg, cfg.tokenizer_docs), cfg, cache_dir,
-                      f"the data sources {names} hold no document to train the tokenizer on; check "
-                      "data.text_field and the cleaning settings (data.min_chars)")
+    return cached_bpe(
+        lambda: sample_documents(plan.sources, cfg, cfg.tokenizer_docs),
+        cfg,
+        cache_dir,
+        f"the data sources {names} hold no document to train the tokenizer on; check "
+        "data.text_field and the cleaning settings (data.min_chars)",
+    )
 
 
-def build_train_batches(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, seed: int,
-                        rank: int = 0, world_size: int = 1):
+def build_train_batches(
+    cfg: DataConfig,
+    plan: DataPlan,
+    tokenizer: Tokenizer,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+):
     """The training batches for this rank: pre-tokenized shards (`data.prepared`), DataLoader
     workers (`data.num_workers > 0`) or in-process reading, from the plan of `resolve_data`. All
     share `next()`, `state_dict()`, `load_state_dict()`, `stats`, `epoch`, `tokens`."""
@@ -453,8 +555,9 @@ def build_train_batches(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, b
     return TokenBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
 
 
-def validation_windows(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer,
-                       max_windows: Optional[int] = None) -> List[Window]:
+def validation_windows(
+    cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, max_windows: Optional[int] = None
+) -> List[Window]:
     """All windows of the validation split (the first `cfg.val_docs` documents of each source, the
     sources in order), packed as one stream; the last may be shorter than `seq_len + 1` (at least
     2 tokens). `max_windows` stops reading once that many full windows are packed."""
@@ -476,8 +579,9 @@ def validation_windows(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer,
     return windows
 
 
-def validation_batches(cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int,
-                       max_batches: Optional[int] = None) -> List[torch.Tensor]:
+def validation_batches(
+    cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, batch_size: int, max_batches: Optional[int] = None
+) -> List[torch.Tensor]:
     """The validation split as int64 tensors `(b, seq_len + 1)`, b <= batch_size, in stream order,
     unshuffled, every window kept. The final partial window, when there is one, is a batch of its
     own of shape `(1, L)` with 2 <= L <= seq_len (tensors cannot be ragged, and padding would need

@@ -45,8 +45,9 @@ class Source:
     max_record_bytes: int = MAX_RECORD_BYTES  # data.max_record_bytes
 
     def stream(self, strict: bool) -> DocumentStream:
-        return DocumentStream(self.files, text_field=self.text_field, strict=strict, hub=self.hub,
-                              max_record_bytes=self.max_record_bytes)
+        return DocumentStream(
+            self.files, text_field=self.text_field, strict=strict, hub=self.hub, max_record_bytes=self.max_record_bytes
+        )
 
 
 @dataclass
@@ -74,11 +75,20 @@ def _source_config(value: Union[SourceConfig, Dict[str, Any]], key: str) -> Sour
 def resolve_sources(cfg: DataConfig) -> List[Source]:
     """`data.sources` (or the single source `data.files`) with files expanded and values checked."""
     if not cfg.sources:
-        return [Source(name="data.files", files=expand_files(cfg.files), text_field=cfg.text_field,
-                       max_record_bytes=cfg.max_record_bytes)]
+        return [
+            Source(
+                name="data.files",
+                files=expand_files(cfg.files),
+                text_field=cfg.text_field,
+                max_record_bytes=cfg.max_record_bytes,
+            )
+        ]
     if cfg.files:
-        raise ConfigError("data.files", list(cfg.files),
-                          "[] when data.sources is set (give the files as a source: data.sources=[{files: [...]}])")
+        raise ConfigError(
+            "data.files",
+            list(cfg.files),
+            "[] when data.sources is set (give the files as a source: data.sources=[{files: [...]}])",
+        )
     sources = []
     for i, raw in enumerate(cfg.sources):
         key = f"data.sources[{i}]"
@@ -88,17 +98,32 @@ def resolve_sources(cfg: DataConfig) -> List[Source]:
         text_field = s.text_field or cfg.text_field
         if s.hub:
             if s.files:
-                raise ConfigError(f"{key}.files", list(s.files),
-                                  "[] when hub is set: a source is files or a Hub dataset")
+                raise ConfigError(
+                    f"{key}.files", list(s.files), "[] when hub is set: a source is files or a Hub dataset"
+                )
             spec = HubSpec(name=s.hub, config=s.hub_config, split=s.split)
-            sources.append(Source(name=s.name or str(spec), hub=spec, text_field=text_field, weight=s.weight,
-                                  max_record_bytes=cfg.max_record_bytes))
+            sources.append(
+                Source(
+                    name=s.name or str(spec),
+                    hub=spec,
+                    text_field=text_field,
+                    weight=s.weight,
+                    max_record_bytes=cfg.max_record_bytes,
+                )
+            )
         else:
             if not s.files:
                 raise ConfigError(key, {"files": [], "hub": None}, "files (paths or globs) or hub (a Hub dataset name)")
             files = expand_files(list(s.files), key=f"{key}.files")
-            sources.append(Source(name=s.name or s.files[0], files=files, text_field=text_field, weight=s.weight,
-                                  max_record_bytes=cfg.max_record_bytes))
+            sources.append(
+                Source(
+                    name=s.name or s.files[0],
+                    files=files,
+                    text_field=text_field,
+                    weight=s.weight,
+                    max_record_bytes=cfg.max_record_bytes,
+                )
+            )
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ConfigError("data.sources", names, "sources with distinct names (set each source's name)")
@@ -106,8 +131,7 @@ def resolve_sources(cfg: DataConfig) -> List[Source]:
 
 
 def make_cleaner(cfg: DataConfig) -> Cleaner:
-    return Cleaner(min_chars=cfg.min_chars, nfc=cfg.nfc, dedup_window=cfg.dedup_window,
-                   max_doc_chars=cfg.max_doc_chars)
+    return Cleaner(min_chars=cfg.min_chars, nfc=cfg.nfc, dedup_window=cfg.dedup_window, max_doc_chars=cfg.max_doc_chars)
 
 
 def merge_counts(*counts: Dict[str, int]) -> Dict[str, int]:
@@ -200,11 +224,11 @@ class SourceStream:
             files = f"{len(self.source.files)} files" if self.source.hub is None else "a Hub dataset"
             start = self._train_start["records"] if self._train_start is not None else 0
             if self._stream.records <= start:  # no record at all after the validation documents
-                who = (f"all {self._val_seen} documents are held out for validation by "
-                       f"data.val_docs={self.cfg.val_docs}")
+                who = f"all {self._val_seen} documents are held out for validation by data.val_docs={self.cfg.val_docs}"
             else:
-                who = (f"reader {self.slot} of {self.n_slots} (rank x data.num_workers) gets none of its "
-                       "training records")
+                who = (
+                    f"reader {self.slot} of {self.n_slots} (rank x data.num_workers) gets none of its training records"
+                )
             raise DataError(
                 f"the training split of {name} ({files}) is empty: {who}; lower data.val_docs or add "
                 "files to data.files"
@@ -234,8 +258,10 @@ class SourceStream:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("name", self.source.name) != self.source.name:
-            raise DataError(f"cannot resume the data pipeline: the checkpoint's source is {state['name']!r}, the "
-                            f"config's is {self.source.name!r}; resume with the same data.sources")
+            raise DataError(
+                f"cannot resume the data pipeline: the checkpoint's source is {state['name']!r}, the "
+                f"config's is {self.source.name!r}; resume with the same data.sources"
+            )
         self.epoch = int(state["epoch"])
         self.documents = int(state["documents"])
         self._epoch_docs = int(state["epoch_docs"])
@@ -252,8 +278,9 @@ class SourceStream:
 class MixedDocuments:
     """Training documents for one reader, each drawn from a source chosen by weight (seeded)."""
 
-    def __init__(self, sources: Sequence[Source], cfg: DataConfig, seed: Union[int, str], slot: int = 0,
-                 n_slots: int = 1):
+    def __init__(
+        self, sources: Sequence[Source], cfg: DataConfig, seed: Union[int, str], slot: int = 0, n_slots: int = 1
+    ):
         self.streams = [SourceStream(s, cfg, slot, n_slots) for s in sources]
         total = sum(s.weight for s in sources)
         self._cumulative = list(itertools.accumulate(s.weight / total for s in sources))
@@ -287,8 +314,10 @@ class MixedDocuments:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if len(state["sources"]) != len(self.streams):
-            raise DataError(f"cannot resume the data pipeline: the checkpoint mixed {len(state['sources'])} sources, "
-                            f"the config gives {len(self.streams)}; resume with the same data.sources")
+            raise DataError(
+                f"cannot resume the data pipeline: the checkpoint mixed {len(state['sources'])} sources, "
+                f"the config gives {len(self.streams)}; resume with the same data.sources"
+            )
         for stream, s in zip(self.streams, state["sources"]):
             stream.load_state_dict(s)
         version, internal, gauss = state["rng"]

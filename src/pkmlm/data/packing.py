@@ -74,7 +74,8 @@ class Packer:
         flat = np.array(buffer[: (n - 1) * stride + width], dtype=TOKEN_DTYPE)
         # Window k is flat[k*stride : k*stride + width]: a strided view, copied into its own rows.
         windows = np.lib.stride_tricks.as_strided(
-            flat, shape=(n, width), strides=(stride * flat.itemsize, flat.itemsize), writeable=False).copy()
+            flat, shape=(n, width), strides=(stride * flat.itemsize, flat.itemsize), writeable=False
+        ).copy()
         del buffer[: n * stride]  # keep the last window's final token onwards
         return windows
 

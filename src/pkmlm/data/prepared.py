@@ -90,14 +90,18 @@ def check_index(index: Any, directory: str, path: str) -> None:
     """Every field the readers use, with its type and range; a DataError naming the first bad one."""
 
     def bad(what: str) -> DataError:
-        return DataError(f"data.prepared={directory!r}: {path} is not a valid pkmlm-prepare index ({what}); "
-                         + _prepare_again(directory))
+        return DataError(
+            f"data.prepared={directory!r}: {path} is not a valid pkmlm-prepare index ({what}); "
+            + _prepare_again(directory)
+        )
 
     if not isinstance(index, dict):
         raise bad(f"a JSON {type(index).__name__}, not an object")
     if index.get("format") != FORMAT:
-        raise DataError(f"data.prepared={directory!r}: format {index.get('format')!r}, this code reads {FORMAT}; "
-                        + _prepare_again(directory))
+        raise DataError(
+            f"data.prepared={directory!r}: format {index.get('format')!r}, this code reads {FORMAT}; "
+            + _prepare_again(directory)
+        )
 
     def integer(value: Any, low: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -107,8 +111,13 @@ def check_index(index: Any, directory: str, path: str) -> None:
         ("id", isinstance(index.get("id"), str), "a string"),
         ("dtype", index.get("dtype") in ("uint16", "uint32"), "uint16 or uint32"),
         ("vocab_size", integer(index.get("vocab_size"), 1), "an integer >= 1"),
-        ("tokenizer", isinstance(tokenizer, str) and tokenizer not in ("", ".", "..")
-         and os.path.basename(tokenizer) == tokenizer, "a file name inside the directory"),
+        (
+            "tokenizer",
+            isinstance(tokenizer, str)
+            and tokenizer not in ("", ".", "..")
+            and os.path.basename(tokenizer) == tokenizer,
+            "a file name inside the directory",
+        ),
         ("splits", isinstance(index.get("splits"), dict), "an object with train and val lists"),
     ):
         if not ok:
@@ -126,8 +135,11 @@ def check_index(index: Any, directory: str, path: str) -> None:
             where = f"splits.{split}[{i}]"
             if not isinstance(shard, dict):
                 raise bad(f"{where}={shard!r}: expected an object")
-            if not (isinstance(shard.get("file"), str) and _SHARD_NAME.fullmatch(shard["file"])
-                    and shard["file"].startswith(split)):
+            if not (
+                isinstance(shard.get("file"), str)
+                and _SHARD_NAME.fullmatch(shard["file"])
+                and shard["file"].startswith(split)
+            ):
                 raise bad(f"{where}.file={shard.get('file')!r}: expected {split}_NNNNN.bin")
             for key in ("tokens", "documents"):
                 if not integer(shard.get(key), 0):
@@ -141,15 +153,18 @@ def load_index(directory: str) -> Dict[str, Any]:
     or a DataError naming `data.prepared` and what to do."""
     path = os.path.join(os.path.abspath(os.path.expanduser(directory)), INDEX)
     if not os.path.isfile(path):
-        raise DataError(f"data.prepared={directory!r}: no {INDEX} there ({path}); write the directory with "
-                        "pkmlm-prepare data=... out=DIR first")
+        raise DataError(
+            f"data.prepared={directory!r}: no {INDEX} there ({path}); write the directory with "
+            "pkmlm-prepare data=... out=DIR first"
+        )
     try:
         with open(path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         detail = " ".join(str(e).split())[:200]
-        raise DataError(f"data.prepared={directory!r}: {path} cannot be read ({detail}); "
-                        + _prepare_again(directory)) from None
+        raise DataError(
+            f"data.prepared={directory!r}: {path} cannot be read ({detail}); " + _prepare_again(directory)
+        ) from None
     check_index(index, directory, path)
     base = os.path.dirname(path)
     itemsize = np.dtype(index["dtype"]).itemsize
@@ -158,8 +173,10 @@ def load_index(directory: str) -> Dict[str, Any]:
             shard_path = os.path.join(base, shard["file"])
             expected = shard["tokens"] * itemsize
             if not os.path.isfile(shard_path) or os.path.getsize(shard_path) != expected:
-                raise DataError(f"data.prepared={directory!r}: shard {shard['file']} is missing or not "
-                                f"{expected} bytes; " + _prepare_again(directory))
+                raise DataError(
+                    f"data.prepared={directory!r}: shard {shard['file']} is missing or not "
+                    f"{expected} bytes; " + _prepare_again(directory)
+                )
     return index
 
 
@@ -169,9 +186,10 @@ def load_prepared_tokenizer(directory: str, index: Optional[Dict[str, Any]] = No
     path = os.path.join(os.path.abspath(os.path.expanduser(directory)), index["tokenizer"])
     tok = load_tokenizer(path, key="data.prepared")
     if tok.get_vocab_size() != index["vocab_size"]:
-        raise DataError(f"data.prepared={directory!r}: {index['tokenizer']} has {tok.get_vocab_size()} tokens, "
-                        f"{INDEX} says the ids are of a {index['vocab_size']}-token vocabulary; "
-                        + _prepare_again(directory))
+        raise DataError(
+            f"data.prepared={directory!r}: {index['tokenizer']} has {tok.get_vocab_size()} tokens, "
+            f"{INDEX} says the ids are of a {index['vocab_size']}-token vocabulary; " + _prepare_again(directory)
+        )
     return tok, path
 
 
@@ -187,8 +205,10 @@ def _verify_shard(path: str, shard: Dict[str, Any], dtype: np.dtype, vocab: int)
     if digest.hexdigest() != shard["sha256"]:
         return f"shard {shard['file']} does not match its SHA-256 in {INDEX} (the file is damaged)"
     if top >= vocab:
-        return (f"shard {shard['file']} holds token id {top}, outside the vocabulary of {vocab} tokens "
-                f"({INDEX} and its tokenizer do not belong to these shards)")
+        return (
+            f"shard {shard['file']} holds token id {top}, outside the vocabulary of {vocab} tokens "
+            f"({INDEX} and its tokenizer do not belong to these shards)"
+        )
     return None
 
 
@@ -297,8 +317,9 @@ def _text_bytes(source: Source) -> Tuple[Optional[int], Optional[int], int]:
     return int(stored * _expansion(first) * fraction), None, stored
 
 
-def estimate(cfg: DataConfig, sources: Sequence[Source], tokenizer: Tokenizer,
-             max_tokens: Optional[int] = None) -> Dict[str, Any]:
+def estimate(
+    cfg: DataConfig, sources: Sequence[Source], tokenizer: Tokenizer, max_tokens: Optional[int] = None
+) -> Dict[str, Any]:
     """What `prepare` will write, before it starts: per source its stored bytes and estimated
     tokens, the training tokens in all (capped by `max_tokens`) and the shards' bytes on disk.
 
@@ -319,8 +340,15 @@ def estimate(cfg: DataConfig, sources: Sequence[Source], tokenizer: Tokenizer,
             total = int(docs * tokens / len(texts))
         else:
             total = None
-        per_source.append({"name": source.name, "stored_bytes": stored, "documents": docs, "tokens": total,
-                           "tokens_per_doc": tokens / len(texts) if texts else None})
+        per_source.append(
+            {
+                "name": source.name,
+                "stored_bytes": stored,
+                "documents": docs,
+                "tokens": total,
+                "tokens_per_doc": tokens / len(texts) if texts else None,
+            }
+        )
     known = all(s["tokens"] is not None for s in per_source)
     train = sum(s["tokens"] for s in per_source) if known else None
     if train is not None:
@@ -329,8 +357,12 @@ def estimate(cfg: DataConfig, sources: Sequence[Source], tokenizer: Tokenizer,
     if max_tokens is not None:
         train = max_tokens if train is None else min(train, max_tokens)
     itemsize = token_dtype(tokenizer.get_vocab_size()).itemsize
-    return {"sources": per_source, "train_tokens": train, "itemsize": itemsize,
-            "disk_bytes": None if train is None else train * itemsize}
+    return {
+        "sources": per_source,
+        "train_tokens": train,
+        "itemsize": itemsize,
+        "disk_bytes": None if train is None else train * itemsize,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,8 +374,9 @@ class _ShardWriter:
     """Appends documents' ids to `{split}_{k:05d}.bin` files, every shard starting with EOS and every
     document followed by EOS; `close()` ends the current shard and records its SHA-256."""
 
-    def __init__(self, directory: str, split: str, dtype: np.dtype, eos: int,
-                 closed: Optional[List[Dict[str, Any]]] = None):
+    def __init__(
+        self, directory: str, split: str, dtype: np.dtype, eos: int, closed: Optional[List[Dict[str, Any]]] = None
+    ):
         self.directory, self.split, self.eos = directory, split, eos
         self.dtype = dtype.newbyteorder("<")
         self.shards: List[Dict[str, Any]] = [dict(s) for s in closed or []]
@@ -426,8 +459,12 @@ class _TrainingPass:
 
     def state_dict(self) -> Dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
-        return {"live": list(self.live), "finished": self.finished, "rng": [version, list(internal), gauss],
-                "streams": {str(i): self.streams[i].state_dict() for i in self.live}}
+        return {
+            "live": list(self.live),
+            "finished": self.finished,
+            "rng": [version, list(internal), gauss],
+            "streams": {str(i): self.streams[i].state_dict() for i in self.live},
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.live = [int(i) for i in state["live"]]
@@ -445,10 +482,22 @@ def _config_dict(cfg: DataConfig) -> Dict[str, Any]:
 def _fingerprint(cfg: DataConfig, sources: Sequence[Source], tokenizer: Tokenizer, shard_tokens: int) -> Dict[str, Any]:
     """What makes two runs write the same bytes: resuming needs all of it unchanged."""
     data = {k: v for k, v in _config_dict(cfg).items() if k not in ("files", "sources")}
-    return {"format": FORMAT, "shard_tokens": shard_tokens, "data": data,
-            "sources": [{"name": s.name, "files": list(s.files), "hub": str(s.hub) if s.hub else None,
-                         "text_field": s.text_field, "weight": s.weight} for s in sources],
-            "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()}
+    return {
+        "format": FORMAT,
+        "shard_tokens": shard_tokens,
+        "data": data,
+        "sources": [
+            {
+                "name": s.name,
+                "files": list(s.files),
+                "hub": str(s.hub) if s.hub else None,
+                "text_field": s.text_field,
+                "weight": s.weight,
+            }
+            for s in sources
+        ],
+        "tokenizer_sha256": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+    }
 
 
 def _differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
@@ -503,17 +552,25 @@ def _claim(partial: str):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise DataError(f"another pkmlm-prepare is writing {partial} (it is locked); wait for it to finish or stop "
-                        "it first") from None
+        raise DataError(
+            f"another pkmlm-prepare is writing {partial} (it is locked); wait for it to finish or stop it first"
+        ) from None
     return lock
 
 
 Progress = Callable[[str, int, Optional[Dict[str, Any]]], None]  # (split, tokens so far, a shard just closed)
 
 
-def prepare(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, out_dir: str,
-            shard_tokens: int = 100_000_000, tokenizer_hash: Optional[str] = None,
-            progress: Optional[Progress] = None, max_tokens: Optional[int] = None) -> Dict[str, Any]:
+def prepare(
+    cfg: DataConfig,
+    sources: List[Source],
+    tokenizer: Tokenizer,
+    out_dir: str,
+    shard_tokens: int = 100_000_000,
+    tokenizer_hash: Optional[str] = None,
+    progress: Optional[Progress] = None,
+    max_tokens: Optional[int] = None,
+) -> Dict[str, Any]:
     """Tokenize the validation and training splits of `sources` into shards under `out_dir`,
     continuing an interrupted run of the same settings (see the module docstring). Stops after
     the first encode chunk that reaches `max_tokens` training tokens, if given. Returns the index
@@ -536,8 +593,10 @@ def prepare(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, out_di
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             done = len((_resume_state(partial, fingerprint) or {}).get("train", []))
-            raise DataError(f"no space left on the device of {partial} ({e.strerror}); {done} complete training "
-                            "shards are kept there: free space and rerun the same command to continue") from None
+            raise DataError(
+                f"no space left on the device of {partial} ({e.strerror}); {done} complete training "
+                "shards are kept there: free space and rerun the same command to continue"
+            ) from None
         index["tokenizer_hash"] = tokenizer_hash
         resumed = index.pop("resumed_shards")
         _write_json(os.path.join(partial, INDEX), index)
@@ -564,21 +623,33 @@ def _resume_state(partial: str, fingerprint: Dict[str, Any]) -> Optional[Dict[st
         return None  # written atomically, so only a foreign file gets here: start afresh
     changed = _differences(saved, fingerprint)
     if changed:
-        raise DataError(f"{partial} holds an interrupted pkmlm-prepare with other settings (" + "; ".join(changed[:3])
-                        + "); rerun it with its settings to continue it, or remove the directory to start afresh")
+        raise DataError(
+            f"{partial} holds an interrupted pkmlm-prepare with other settings ("
+            + "; ".join(changed[:3])
+            + "); rerun it with its settings to continue it, or remove the directory to start afresh"
+        )
     return state
 
 
-def _write(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, partial: str, shard_tokens: int,
-           fingerprint: Dict[str, Any], state: Optional[Dict[str, Any]], progress: Optional[Progress],
-           max_tokens: Optional[int]) -> Dict[str, Any]:
+def _write(
+    cfg: DataConfig,
+    sources: List[Source],
+    tokenizer: Tokenizer,
+    partial: str,
+    shard_tokens: int,
+    fingerprint: Dict[str, Any],
+    state: Optional[Dict[str, Any]],
+    progress: Optional[Progress],
+    max_tokens: Optional[int],
+) -> Dict[str, Any]:
     vocab = tokenizer.get_vocab_size()
     dtype, eos = token_dtype(vocab), eos_id(tokenizer)
     report = progress or (lambda split, tokens, shard: None)
 
     def chunks(next_text: Callable[[], Optional[str]]) -> Iterator[List[str]]:
-        while chunk := list(itertools.takewhile(lambda t: t is not None,
-                                                (next_text() for _ in range(cfg.encode_batch_docs)))):
+        while chunk := list(
+            itertools.takewhile(lambda t: t is not None, (next_text() for _ in range(cfg.encode_batch_docs)))
+        ):
             yield chunk
 
     if state is not None and state.get("val") is not None:
@@ -611,8 +682,10 @@ def _write(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, partial
             at_limit = max_tokens is not None and writer.tokens >= max_tokens
             if writer.open_tokens >= shard_tokens or at_limit:
                 shard = writer.close()
-                _write_json(os.path.join(partial, PROGRESS), {
-                    "fingerprint": fingerprint, "val": val, "train": writer.shards, "pass": passing.state_dict()})
+                _write_json(
+                    os.path.join(partial, PROGRESS),
+                    {"fingerprint": fingerprint, "val": val, "train": writer.shards, "pass": passing.state_dict()},
+                )
                 report("train", writer.tokens, shard)
             if at_limit:
                 stopped_by = "max_tokens"
@@ -624,13 +697,22 @@ def _write(cfg: DataConfig, sources: List[Source], tokenizer: Tokenizer, partial
         writer.abandon()
     splits = {"val": val, "train": writer.shards}
     return {
-        "format": FORMAT, "id": uuid.uuid4().hex, "dtype": dtype.name, "eos_id": eos, "vocab_size": vocab,
-        "tokenizer": "tokenizer.json", "splits": splits,
+        "format": FORMAT,
+        "id": uuid.uuid4().hex,
+        "dtype": dtype.name,
+        "eos_id": eos,
+        "vocab_size": vocab,
+        "tokenizer": "tokenizer.json",
+        "splits": splits,
         "tokens": {k: sum(s["tokens"] for s in v) for k, v in splits.items()},
         "documents": {k: sum(s["documents"] for s in v) for k, v in splits.items()},
-        "skipped": passing.counts(), "sources": [{"name": s.name, "weight": s.weight} for s in sources],
-        "stopped_by": stopped_by, "max_tokens": max_tokens, "shard_tokens": shard_tokens,
-        "resumed_shards": resumed, "data_config": _config_dict(cfg),
+        "skipped": passing.counts(),
+        "sources": [{"name": s.name, "weight": s.weight} for s in sources],
+        "stopped_by": stopped_by,
+        "max_tokens": max_tokens,
+        "shard_tokens": shard_tokens,
+        "resumed_shards": resumed,
+        "data_config": _config_dict(cfg),
     }
 
 
@@ -658,8 +740,7 @@ def prepared_validation_windows(directory: str, seq_len: int, max_windows: Optio
 class PreparedBatches:
     """Training batches `(batch_size, seq_len + 1)` int64 from prepared shards; resumable exactly."""
 
-    def __init__(self, cfg: DataConfig, directory: str, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, cfg: DataConfig, directory: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -678,9 +759,11 @@ class PreparedBatches:
         self._epoch_cache: Optional[tuple] = None
         n_windows = self._windows_of(0)[0]
         if n_windows < world_size:
-            raise DataError(f"data.prepared={directory!r} holds {n_windows} training windows of "
-                            f"data.seq_len={self.seq_len} + 1 tokens, fewer than the {world_size} ranks; prepare more "
-                            "data or lower data.seq_len")
+            raise DataError(
+                f"data.prepared={directory!r} holds {n_windows} training windows of "
+                f"data.seq_len={self.seq_len} + 1 tokens, fewer than the {world_size} ranks; prepare more "
+                "data or lower data.seq_len"
+            )
 
     @property
     def documents(self) -> int:
@@ -742,21 +825,39 @@ class PreparedBatches:
         return torch.from_numpy(out)
 
     def _layout(self) -> Dict[str, Any]:
-        return {"prepared": self.index["id"], "seq_len": self.seq_len, "order": self.order,
-                "batch_size": self.batch_size, "rank": self.rank, "world_size": self.world_size, "seed": self.seed}
+        return {
+            "prepared": self.index["id"],
+            "seq_len": self.seq_len,
+            "order": self.order,
+            "batch_size": self.batch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": "prepared", "layout": self._layout(), "epoch": self.epoch, "position": self.position,
-                "tokens": self.tokens, "batches": self.batches}
+        return {
+            "kind": "prepared",
+            "layout": self._layout(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "tokens": self.tokens,
+            "batches": self.batches,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("kind") != "prepared":
-            raise DataError("cannot resume the data pipeline: the checkpoint read text sources, the config asks "
-                            "for data.prepared; resume with the run's saved data settings")
+            raise DataError(
+                "cannot resume the data pipeline: the checkpoint read text sources, the config asks "
+                "for data.prepared; resume with the run's saved data settings"
+            )
         saved, now = state["layout"], self._layout()
         changed = [f"{k} was {saved[k]!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
         if changed:
-            raise DataError("cannot resume the data pipeline with a different layout: " + "; ".join(changed)
-                            + "; resume with the run's saved data settings (and the same prepared directory)")
+            raise DataError(
+                "cannot resume the data pipeline with a different layout: "
+                + "; ".join(changed)
+                + "; resume with the run's saved data settings (and the same prepared directory)"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.tokens, self.batches = int(state["tokens"]), int(state["batches"])

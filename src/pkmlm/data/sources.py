@@ -96,8 +96,10 @@ def _check_readable(path: str, pattern: str, key: str = "data.files") -> None:
     if file_kind(path) == "parquet" and path.lower().endswith(_COMPRESSIONS):
         # Parquet is read by seeking to its footer, which a gzip/zstd stream cannot do; its columns
         # are compressed inside the file anyway.
-        raise DataError(f"data file {where} is a compressed Parquet file: give the .parquet file itself "
-                        "(Parquet compresses its columns internally)")
+        raise DataError(
+            f"data file {where} is a compressed Parquet file: give the .parquet file itself "
+            "(Parquet compresses its columns internally)"
+        )
     if path.endswith(".zst") and importlib.util.find_spec("zstandard") is None:
         raise DataError(f"data file {where} is zstd-compressed: reading it needs `pip install zstandard`")
     if file_kind(path) == "wet" and importlib.util.find_spec("fastwarc") is None:
@@ -451,11 +453,18 @@ def open_hub_dataset(spec: HubSpec):
     except Exception as e:  # ConnectionError offline, FileNotFoundError / DatasetNotFoundError, ValueError split
         detail = " ".join(str(e).split())[:240]
         offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or "offline" in detail.lower()
-        hint = ("the Hub is not reachable from here (HF_HUB_OFFLINE or no network): download the files and "
-                "give them as data.files, or run where the Hub is reachable") if offline else (
-                "check the dataset name, hub_config and split, or give local files as data.files")
-        raise DataError(f"cannot open Hub dataset {spec.name!r} (config {spec.config!r}, split "
-                        f"{spec.split!r}): {type(e).__name__}: {detail}; {hint}") from None
+        hint = (
+            (
+                "the Hub is not reachable from here (HF_HUB_OFFLINE or no network): download the files and "
+                "give them as data.files, or run where the Hub is reachable"
+            )
+            if offline
+            else ("check the dataset name, hub_config and split, or give local files as data.files")
+        )
+        raise DataError(
+            f"cannot open Hub dataset {spec.name!r} (config {spec.config!r}, split "
+            f"{spec.split!r}): {type(e).__name__}: {detail}; {hint}"
+        ) from None
 
 
 def _outside_worker_sharding(dataset) -> Iterator[Any]:
@@ -506,8 +515,10 @@ class HubReader(Reader):
         dataset = self.dataset if self.dataset is not None else self.open(None)
         for i, record in enumerate(_outside_worker_sharding(dataset)):
             if i == 0 and self.text_field not in record:
-                raise DataError(f"Hub dataset {path} has no field {self.text_field!r} (data.text_field); "
-                                f"its fields are {sorted(record)}: set the source's text_field")
+                raise DataError(
+                    f"Hub dataset {path} has no field {self.text_field!r} (data.text_field); "
+                    f"its fields are {sorted(record)}: set the source's text_field"
+                )
             yield record.get(self.text_field), record.get("url")
 
     def decode(self, raw: Any) -> Tuple[Optional[Document], Optional[str]]:
@@ -543,8 +554,10 @@ def _message(kind: str, path: str, where: str, text_field: str) -> str:
         "empty": "is empty",
         "too_long": "is longer than data.max_record_bytes (raise it, or clean the file)",
     }[kind]
-    return (f"data file {path}, {where}: the record {what}; fix the file, or set data.strict=false to skip "
-            "and count such records")
+    return (
+        f"data file {path}, {where}: the record {what}; fix the file, or set data.strict=false to skip "
+        "and count such records"
+    )
 
 
 class DocumentStream:
@@ -560,8 +573,14 @@ class DocumentStream:
     `__iter__` yields texts; `documents()` yields `Document(text, url)`.
     """
 
-    def __init__(self, files: Sequence[str], text_field: str = "text", strict: bool = False,
-                 hub: Optional[HubSpec] = None, max_record_bytes: int = MAX_RECORD_BYTES):
+    def __init__(
+        self,
+        files: Sequence[str],
+        text_field: str = "text",
+        strict: bool = False,
+        hub: Optional[HubSpec] = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
+    ):
         self.hub = hub
         self.max_record_bytes = max_record_bytes
         self.files = [str(hub)] if hub is not None else list(files)
@@ -589,10 +608,15 @@ class DocumentStream:
 
     def _count_file(self, kind: str, path: str, where: str, detail: str) -> None:
         if self.strict:
-            hint = {"truncated": "the compressed data breaks off or is corrupt",
-                    "unreadable": "it cannot be read", "empty_file": "it holds no record"}[kind]
-            raise DataError(f"data file {path}, {where}: {hint} ({detail}); fix or remove the file, or set "
-                            "data.strict=false to skip and count it")
+            hint = {
+                "truncated": "the compressed data breaks off or is corrupt",
+                "unreadable": "it cannot be read",
+                "empty_file": "it holds no record",
+            }[kind]
+            raise DataError(
+                f"data file {path}, {where}: {hint} ({detail}); fix or remove the file, or set "
+                "data.strict=false to skip and count it"
+            )
         self.stats[kind] = self.stats.get(kind, 0) + 1
 
     def _reader(self) -> Reader:
@@ -643,8 +667,12 @@ class DocumentStream:
                 if kind == "unreadable" and not isinstance(e, (OSError, ValueError)):
                     raise  # not bad input: a bug
                 detail = " ".join(str(e).split())[:200] or type(e).__name__
-                self._count_file(kind, path, f"after {reader.where(self.record_index - 1)}"
-                                 if self.record_index else "at its start", f"{type(e).__name__}: {detail}")
+                self._count_file(
+                    kind,
+                    path,
+                    f"after {reader.where(self.record_index - 1)}" if self.record_index else "at its start",
+                    f"{type(e).__name__}: {detail}",
+                )
             else:
                 if self.record_index == 0 and self.hub is None:
                     self._count_file("empty_file", path, "at its start", "no records")

@@ -95,8 +95,9 @@ def _texts_hash(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[
     return h.hexdigest(), count
 
 
-def cached_bpe(texts: Callable[[], Iterable[str]], cfg: DataConfig, cache_dir: str,
-               empty_message: str) -> Tuple[Tokenizer, Dict[str, Any]]:
+def cached_bpe(
+    texts: Callable[[], Iterable[str]], cfg: DataConfig, cache_dir: str, empty_message: str
+) -> Tuple[Tokenizer, Dict[str, Any]]:
     """A BPE trained on `texts()` per `cfg` (vocab size, special tokens), cached in
     `{cache_dir}/tokenizers/{hash[:16]}.json` by a hash of that text, the vocab size and the special
     tokens. `texts` is called once or twice (hash, then train on a miss: memory stays bounded for
@@ -132,8 +133,10 @@ def check_special_tokens(tok: Tokenizer, cfg: DataConfig, key: str = "data.token
     """A given tokenizer must define every `data.special_tokens` entry: they are not added to it."""
     missing = [t for t in extra_special_tokens(cfg) if tok.token_to_id(t) is None]
     if missing:
-        raise DataError(f"{key}={cfg.tokenizer!r} lacks data.special_tokens {missing}; give a tokenizer.json that "
-                        "defines them, or drop them from data.special_tokens")
+        raise DataError(
+            f"{key}={cfg.tokenizer!r} lacks data.special_tokens {missing}; give a tokenizer.json that "
+            "defines them, or drop them from data.special_tokens"
+        )
 
 
 def split_document(text: str, max_chars: int) -> List[str]:
@@ -173,6 +176,6 @@ def encode_documents(tok: Tokenizer, texts: List[str], max_chars: int = MAX_DOC_
     ids = [e.ids for e in encode(flat, add_special_tokens=False)]
     out, i = [], 0
     for doc in pieces:
-        out.append([t for piece_ids in ids[i:i + len(doc)] for t in piece_ids])
+        out.append([t for piece_ids in ids[i : i + len(doc)] for t in piece_ids])
         i += len(doc)
     return out

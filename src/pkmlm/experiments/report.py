@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pkmlm.experiments.runs import RunSummary, matching_report
-from pkmlm.metrics.formatting import duration as _duration, number as _num, si
+from pkmlm.metrics.formatting import duration as _duration
+from pkmlm.metrics.formatting import number as _num
+from pkmlm.metrics.formatting import si
 
 __all__ = ["write_report", "table_rows", "markdown_table"]
 
@@ -50,17 +52,34 @@ def table_rows(runs: list[RunSummary], baseline: int) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         row: dict[str, Any] = {
-            "run": r.label, "run_dir": str(r.path), "name": r.name, "n_layers": r.n_layers, "dim": r.dim,
-            "memory_layers": " ".join(str(i) for i in r.memory_layers), "memory_values": r.memory_values,
-            "params_total": r.params_total, "params_active": r.params_active,
-            "flops_per_token": r.flops_per_token, "tokens": r.tokens, "steps": r.steps,
-            "wall_time_s": r.wall_time_s, "train_time_s": r.train_time_s, "tokens_per_s": r.tokens_per_s,
-            "step_time_s": r.step_time_s, "data_time_s": r.data_time_s, "compute_time_s": r.compute_time_s,
-            "flops_per_s": r.flops_per_s, "mfu": r.mfu, "peak_memory_gb": r.peak_memory_gb,
-            "best_val_ppl": r.best_ppl, "final_val_ppl": r.final_ppl, "final_val_step": r.final_ppl_step,
+            "run": r.label,
+            "run_dir": str(r.path),
+            "name": r.name,
+            "n_layers": r.n_layers,
+            "dim": r.dim,
+            "memory_layers": " ".join(str(i) for i in r.memory_layers),
+            "memory_values": r.memory_values,
+            "params_total": r.params_total,
+            "params_active": r.params_active,
+            "flops_per_token": r.flops_per_token,
+            "tokens": r.tokens,
+            "steps": r.steps,
+            "wall_time_s": r.wall_time_s,
+            "train_time_s": r.train_time_s,
+            "tokens_per_s": r.tokens_per_s,
+            "step_time_s": r.step_time_s,
+            "data_time_s": r.data_time_s,
+            "compute_time_s": r.compute_time_s,
+            "flops_per_s": r.flops_per_s,
+            "mfu": r.mfu,
+            "peak_memory_gb": r.peak_memory_gb,
+            "best_val_ppl": r.best_ppl,
+            "final_val_ppl": r.final_ppl,
+            "final_val_step": r.final_ppl_step,
             "speed_vs_baseline": _ratio(r.tokens_per_s, base.tokens_per_s),
             "ppl_vs_baseline": _ratio(r.final_ppl, base.final_ppl),
-            "stopped_by": r.stopped_by, "baseline": r is base,
+            "stopped_by": r.stopped_by,
+            "baseline": r is base,
         }
         for layer in layers:
             for stat in ("usage", "kl_weight", "kl_count"):
@@ -69,29 +88,54 @@ def table_rows(runs: list[RunSummary], baseline: int) -> list[dict[str, Any]]:
     return rows
 
 
-HEADERS = ("run", "layers", "memory", "params total / active", "tokens", "steps", "wall time",
-           "train tok/s", "step ms (data + compute)", "MFU", "peak mem GB", "best ppl", "final ppl",
-           "memory usage, KL weight/count", "speed ×", "ppl ×")
+HEADERS = (
+    "run",
+    "layers",
+    "memory",
+    "params total / active",
+    "tokens",
+    "steps",
+    "wall time",
+    "train tok/s",
+    "step ms (data + compute)",
+    "MFU",
+    "peak mem GB",
+    "best ppl",
+    "final ppl",
+    "memory usage, KL weight/count",
+    "speed ×",
+    "ppl ×",
+)
 
 
 def markdown_table(runs: list[RunSummary], baseline: int) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
     for row, r in zip(table_rows(runs, baseline), runs):
-        step_ms = "n/a" if r.step_time_s is None else (
-            f"{r.step_time_s * 1e3:.0f} ({_num(None if r.data_time_s is None else r.data_time_s * 1e3, '.0f')}"
-            f" + {_num(None if r.compute_time_s is None else r.compute_time_s * 1e3, '.0f')})")
+        step_ms = (
+            "n/a"
+            if r.step_time_s is None
+            else (
+                f"{r.step_time_s * 1e3:.0f} ({_num(None if r.data_time_s is None else r.data_time_s * 1e3, '.0f')}"
+                f" + {_num(None if r.compute_time_s is None else r.compute_time_s * 1e3, '.0f')})"
+            )
+        )
         cells = [
             f"**{r.label}** (baseline)" if row["baseline"] else r.label,
             str(r.n_layers) if r.n_layers is not None else "n/a",
             _memory_text(r),
             f"{si(r.params_total, 2)} / {si(r.params_active, 2)}",
-            si(r.tokens, 2), str(r.steps) if r.steps is not None else "n/a",
-            _duration(r.wall_time_s), si(r.tokens_per_s, 1), step_ms,
+            si(r.tokens, 2),
+            str(r.steps) if r.steps is not None else "n/a",
+            _duration(r.wall_time_s),
+            si(r.tokens_per_s, 1),
+            step_ms,
             "n/a" if r.mfu is None else f"{r.mfu:.1%}",
             _num(r.peak_memory_gb, ".2f"),
-            _num(r.best_ppl, ".2f"), _num(r.final_ppl, ".2f"),
+            _num(r.best_ppl, ".2f"),
+            _num(r.final_ppl, ".2f"),
             _usage_text(r),
-            _num(row["speed_vs_baseline"], ".2f"), _num(row["ppl_vs_baseline"], ".3f"),
+            _num(row["speed_vs_baseline"], ".2f"),
+            _num(row["ppl_vs_baseline"], ".3f"),
         ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
@@ -162,9 +206,10 @@ def _by_layer_plot(runs: list[RunSummary], path: Path) -> bool:
         return False
     fig, (ax_ppl, ax_use) = plt.subplots(1, 2, figsize=(10, 4))
     layers = sorted({r.memory_layers[0] for r in sweep})
-    for ax, value, ylabel in ((ax_ppl, lambda r: r.final_ppl, "final validation perplexity"),
-                              (ax_use, lambda r: None if not r.memory else
-                               r.memory.get(r.memory_layers[0], {}).get("usage"), "memory usage")):
+    for ax, value, ylabel in (
+        (ax_ppl, lambda r: r.final_ppl, "final validation perplexity"),
+        (ax_use, lambda r: None if not r.memory else r.memory.get(r.memory_layers[0], {}).get("usage"), "memory usage"),
+    ):
         points = [(r.memory_layers[0], value(r)) for r in sweep if value(r) is not None]
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=16, alpha=0.6)
         means = [(layer, [v for i, v in points if i == layer]) for layer in layers]
@@ -177,8 +222,9 @@ def _by_layer_plot(runs: list[RunSummary], path: Path) -> bool:
     for r in runs:  # dense runs in the same comparison, for reference
         if not r.memory_layers and r.final_ppl is not None:
             ax_ppl.axhline(r.final_ppl, linestyle="--", linewidth=1, color="gray")
-            ax_ppl.annotate(r.label, (layers[0], r.final_ppl), fontsize=7, color="gray",
-                            xytext=(2, 2), textcoords="offset points")
+            ax_ppl.annotate(
+                r.label, (layers[0], r.final_ppl), fontsize=7, color="gray", xytext=(2, 2), textcoords="offset points"
+            )
     ax_use.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
     fig.suptitle("memory position sweep")
     fig.tight_layout()
@@ -199,8 +245,10 @@ def write_report(runs: list[RunSummary], out: Path, baseline: int = 0) -> dict[s
     (out / "table.md").write_text(markdown)
     _write_csv(out / "table.csv", table_rows(runs, baseline))
     files = [out / "table.md", out / "table.csv"]
-    plots = [(_curves_plot, ("tokens", "training tokens"), "ppl_vs_tokens.png"),
-             (_curves_plot, ("train_time_s", "training time, s (evaluation excluded)"), "ppl_vs_time.png")]
+    plots = [
+        (_curves_plot, ("tokens", "training tokens"), "ppl_vs_tokens.png"),
+        (_curves_plot, ("train_time_s", "training time, s (evaluation excluded)"), "ppl_vs_time.png"),
+    ]
     for fn, args, name in plots:
         if fn(runs, *args, out / name):
             files.append(out / name)
@@ -231,9 +279,17 @@ def recall_of(run: RunSummary) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("recall/bits"), (int, float)) else None
 
 
-RECALL_HEADERS = ("run", "people", "exact match", "answer NLL (nats)", "bits stored / available",
-                  "bits/param total", "bits/param active", "bits/param memory values",
-                  "params total / active / memory values / embedding")
+RECALL_HEADERS = (
+    "run",
+    "people",
+    "exact match",
+    "answer NLL (nats)",
+    "bits stored / available",
+    "bits/param total",
+    "bits/param active",
+    "bits/param memory values",
+    "params total / active / memory values / embedding",
+)
 
 
 def recall_markdown(runs: list[RunSummary]) -> str:
@@ -243,13 +299,21 @@ def recall_markdown(runs: list[RunSummary]) -> str:
         r = recall_of(run)
         if r is None:
             continue
-        counts = " / ".join(si(r.get(f"recall/params/{k}")) if r.get(f"recall/params/{k}") is not None else "n/a"
-                            for k in ("total", "active", "memory_values", "embedding"))
-        cells = [run.label, _num(r.get("recall/people"), "d"), _num(r.get("recall/exact_match"), ".1%"),
-                 _num(r.get("recall/answer_nll"), ".3f"),
-                 f"{_num(r.get('recall/bits'), ',.0f')} / {_num(r.get('recall/bits_available'), ',.0f')}",
-                 _num(r.get("recall/bits_per_param/total"), ".4f"), _num(r.get("recall/bits_per_param/active"), ".4f"),
-                 _num(r.get("recall/bits_per_param/memory_values"), ".4f"), counts]
+        counts = " / ".join(
+            si(r.get(f"recall/params/{k}")) if r.get(f"recall/params/{k}") is not None else "n/a"
+            for k in ("total", "active", "memory_values", "embedding")
+        )
+        cells = [
+            run.label,
+            _num(r.get("recall/people"), "d"),
+            _num(r.get("recall/exact_match"), ".1%"),
+            _num(r.get("recall/answer_nll"), ".3f"),
+            f"{_num(r.get('recall/bits'), ',.0f')} / {_num(r.get('recall/bits_available'), ',.0f')}",
+            _num(r.get("recall/bits_per_param/total"), ".4f"),
+            _num(r.get("recall/bits_per_param/active"), ".4f"),
+            _num(r.get("recall/bits_per_param/memory_values"), ".4f"),
+            counts,
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if not lines:
         return ""
@@ -268,8 +332,13 @@ def knowledge_plot(runs: list[RunSummary], path: Path) -> bool:
         if r is None or r.get("recall/people") is None:
             continue
         points.setdefault(run.name or run.label, []).append(
-            (r["recall/people"], r["recall/bits"], r.get("recall/params/total") or math.nan,
-             r.get("recall/bits_available") or math.nan))
+            (
+                r["recall/people"],
+                r["recall/bits"],
+                r.get("recall/params/total") or math.nan,
+                r.get("recall/bits_available") or math.nan,
+            )
+        )
     if sum(len(p) for p in points.values()) < 2:
         return False
     fig, (ax_n, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
@@ -278,8 +347,13 @@ def knowledge_plot(runs: list[RunSummary], path: Path) -> bool:
         ax_n.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax_p.scatter([p[2] for p in pts], [p[1] for p in pts], label=name)
     available = sorted({(p[0], p[3]) for pts in points.values() for p in pts})
-    ax_n.plot([a[0] for a in available], [a[1] for a in available], linestyle="--", color="gray",
-              label="available (N x bits/person)")
+    ax_n.plot(
+        [a[0] for a in available],
+        [a[1] for a in available],
+        linestyle="--",
+        color="gray",
+        label="available (N x bits/person)",
+    )
     ax_n.set_xlabel("people N")
     ax_p.set_xlabel("parameters (total)")
     save_bits_figure(fig, (ax_n, ax_p), path)
@@ -328,8 +402,17 @@ def variant_name(memory: dict) -> str:
     peer = memory.get("values_kind") == "peer"
     balance = memory.get("balance_loss") or 0
     gated = memory.get("gate", "none") not in (None, "none")
-    base = ("UltraMem-style" if peer and balance > 0 else "PEER + gate" if peer and gated else "Memory+" if gated
-            else "PEER" if peer else "PKM")
+    base = (
+        "UltraMem-style"
+        if peer and balance > 0
+        else "PEER + gate"
+        if peer and gated
+        else "Memory+"
+        if gated
+        else "PEER"
+        if peer
+        else "PKM"
+    )
     details = [str(memory.get("placement") or "replace")]
     if memory.get("qk_norm"):
         details.append("qk-norm")
@@ -338,6 +421,12 @@ def variant_name(memory: dict) -> str:
     if balance > 0:
         details.append(f"balance {balance:g}")
     return f"{base} ({', '.join(details)})"
+
+
+def _recipes(names: list[str]) -> set[str]:
+    """The distinct memory recipes among variant names (`PKM (replace)` and `PKM (parallel)` are one
+    recipe, PKM; a memory-position sweep is one recipe at several depths, not a variants comparison)."""
+    return {name.split(" (")[0] for name in names} - {"dense"}
 
 
 def _run_variant(run: RunSummary) -> str:
@@ -351,8 +440,9 @@ def _values_optim_text(run: RunSummary) -> str:
     if not run.memory_layers:
         return "—"
     clip = optim.get("values_grad_clip") or 0
-    return (f"{_num(optim.get('values_lr'), 'g')} {optim.get('values_schedule', 'follow')}"
-            + (f", clip {clip:g} apart" if clip else ""))
+    return f"{_num(optim.get('values_lr'), 'g')} {optim.get('values_schedule', 'follow')}" + (
+        f", clip {clip:g} apart" if clip else ""
+    )
 
 
 def _mean_stat(run: RunSummary, stat: str) -> float | None:
@@ -365,9 +455,20 @@ def _last_row_value(run: RunSummary, key: str) -> float | None:
     return values[-1] if values else None
 
 
-VARIANT_HEADERS = ("variant", "run", "memory layers", "values optim", "params total / active", "FLOPs/token",
-                   "train tok/s", "final val ppl", "ppl ×", "usage (mean)", "KL weight (mean)",
-                   "train balance loss")
+VARIANT_HEADERS = (
+    "variant",
+    "run",
+    "memory layers",
+    "values optim",
+    "params total / active",
+    "FLOPs/token",
+    "train tok/s",
+    "final val ppl",
+    "ppl ×",
+    "usage (mean)",
+    "KL weight (mean)",
+    "train balance loss",
+)
 
 
 def variants_markdown(runs: list[RunSummary], baseline: int = 0) -> str:
@@ -376,20 +477,26 @@ def variants_markdown(runs: list[RunSummary], baseline: int = 0) -> str:
     usage and KL averaged over its memory layers, and its last logged balance loss; "" unless the
     runs hold at least two memory variants (dense runs then join as references)."""
     names = [_run_variant(r) for r in runs]
-    if len(set(names) - {"dense"}) < 2:
+    if len(_recipes(names)) < 2:
         return ""
     base = runs[baseline]
     lines = ["| " + " | ".join(VARIANT_HEADERS) + " |", "|" + "|".join("---" for _ in VARIANT_HEADERS) + "|"]
     for name, r in zip(names, runs):
         usage = _mean_stat(r, "usage")
-        cells = [name, f"**{r.label}** (baseline)" if r is base else r.label,
-                 ", ".join(f"L{i}" for i in r.memory_layers) or "none", _values_optim_text(r),
-                 f"{si(r.params_total, 2)} / {si(r.params_active, 2)}", si(r.flops_per_token, 1),
-                 si(r.tokens_per_s, 2), _num(r.final_ppl, ".2f"),
-                 _num(_ratio(r.final_ppl, base.final_ppl), ".3f"),
-                 "—" if not r.memory_layers else _num(usage, ".1%"),
-                 "—" if not r.memory_layers else _num(_mean_stat(r, "kl_weight"), ".2f"),
-                 _num(balance, ".4f") if (balance := _last_row_value(r, "train/balance_loss")) is not None else "—"]
+        cells = [
+            name,
+            f"**{r.label}** (baseline)" if r is base else r.label,
+            ", ".join(f"L{i}" for i in r.memory_layers) or "none",
+            _values_optim_text(r),
+            f"{si(r.params_total, 2)} / {si(r.params_active, 2)}",
+            si(r.flops_per_token, 1),
+            si(r.tokens_per_s, 2),
+            _num(r.final_ppl, ".2f"),
+            _num(_ratio(r.final_ppl, base.final_ppl), ".3f"),
+            "—" if not r.memory_layers else _num(usage, ".1%"),
+            "—" if not r.memory_layers else _num(_mean_stat(r, "kl_weight"), ".2f"),
+            _num(balance, ".4f") if (balance := _last_row_value(r, "train/balance_loss")) is not None else "—",
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -400,19 +507,27 @@ def variants_plot(runs: list[RunSummary], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     names = [_run_variant(r) for r in runs]
-    if len(set(names) - {"dense"}) < 2:
+    if len(_recipes(names)) < 2:
         return False
     # the base name over its placement (the table has the rest)
-    labels = [n.split(" (")[0].replace("-style", "") + ("\n" + n.split(" (", 1)[1].split(",")[0].rstrip(")")
-                                                         if " (" in n else "") for n in names]
-    panels = (("final validation perplexity", [r.final_ppl for r in runs]),
-              ("training tokens/s", [r.tokens_per_s for r in runs]),
-              ("memory usage (mean over layers)", [_mean_stat(r, "usage") for r in runs]))
+    labels = [
+        n.split(" (")[0].replace("-style", "")
+        + ("\n" + n.split(" (", 1)[1].split(",")[0].rstrip(")") if " (" in n else "")
+        for n in names
+    ]
+    panels = (
+        ("final validation perplexity", [r.final_ppl for r in runs]),
+        ("training tokens/s", [r.tokens_per_s for r in runs]),
+        ("memory usage (mean over layers)", [_mean_stat(r, "usage") for r in runs]),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for ax, (title, values) in zip(axes, panels):
         xs = range(len(runs))
-        ax.bar(xs, [v if isinstance(v, (int, float)) and math.isfinite(v) else 0 for v in values],
-               color=["gray" if not r.memory_layers else f"C{i}" for i, r in enumerate(runs)])
+        ax.bar(
+            xs,
+            [v if isinstance(v, (int, float)) and math.isfinite(v) else 0 for v in values],
+            color=["gray" if not r.memory_layers else f"C{i}" for i, r in enumerate(runs)],
+        )
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(title, fontsize=10)

@@ -26,8 +26,17 @@ __all__ = ["RunSummary", "find_run_dirs", "load_runs", "summarise", "matching_re
 
 _MEMORY_KEY = re.compile(r"^memory/layer(\d+)/(usage|kl_weight|kl_count)$")
 # Settings that must agree for a fair comparison (same tokens in the same order, same schedule).
-MATCHED_KEYS = ("data", "seed", "train.batch_size", "train.max_steps", "train.max_tokens", "train.max_time",
-                "optim", "eval.max_batches", "eval.batch_size")
+MATCHED_KEYS = (
+    "data",
+    "seed",
+    "train.batch_size",
+    "train.max_steps",
+    "train.max_tokens",
+    "train.max_time",
+    "optim",
+    "eval.max_batches",
+    "eval.batch_size",
+)
 
 
 @dataclass
@@ -82,8 +91,10 @@ def find_run_dirs(path: str | os.PathLike) -> list[Path]:
     directory, a folder of sweeps), in natural order; UserError when there is none."""
     root = Path(path)
     if not root.exists():
-        raise UserError(f"{str(path)!r}: no such directory; give run or sweep directories "
-                        "(each run directory holds config.yaml and metrics.jsonl)")
+        raise UserError(
+            f"{str(path)!r}: no such directory; give run or sweep directories "
+            "(each run directory holds config.yaml and metrics.jsonl)"
+        )
     if not root.is_dir():
         raise UserError(f"{str(path)!r} is not a directory; give run or sweep directories")
     if _is_run_dir(root):
@@ -95,8 +106,10 @@ def find_run_dirs(path: str | os.PathLike) -> list[Path]:
             found.append(Path(dirpath))
             dirnames[:] = []  # a run directory holds no further runs
     if not found:
-        raise UserError(f"{str(path)!r} holds no run directory (config.yaml + metrics.jsonl); "
-                        "give a run directory or a sweep directory (multirun/<name>/<time>)")
+        raise UserError(
+            f"{str(path)!r} holds no run directory (config.yaml + metrics.jsonl); "
+            "give a run directory or a sweep directory (multirun/<name>/<time>)"
+        )
     return sorted(found, key=_natural_key)
 
 
@@ -118,7 +131,7 @@ def _override_label(override: str) -> str:
     """`+experiment/tiny=mem4` -> `tiny/mem4`; `experiment=tiny/mem4` -> `tiny/mem4`; others as given."""
     key, _, value = override.lstrip("+~").partition("=")
     if key == "experiment" or key.startswith("experiment/"):
-        group = key[len("experiment"):].strip("/")
+        group = key[len("experiment") :].strip("/")
         return f"{group}/{value}" if group else value
     return f"{key}={value}"
 
@@ -144,8 +157,10 @@ def _labels(run_dirs: list[Path], names: list[str]) -> list[str]:
     counts: dict[str, int] = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
-    return [f"{label} [{run_dir.parent.name}/{run_dir.name}]" if counts[label] > 1 else label
-            for label, run_dir in zip(labels, run_dirs)]
+    return [
+        f"{label} [{run_dir.parent.name}/{run_dir.name}]" if counts[label] > 1 else label
+        for label, run_dir in zip(labels, run_dirs)
+    ]
 
 
 # --- reading and summarising ---------------------------------------------------------------------
@@ -185,8 +200,9 @@ def _model_counts(config: dict, where: Path) -> tuple[Optional[dict], Optional[f
         seq_len = int(_get(config, "data.seq_len") or model_cfg.max_seq_len)
         return model.count_parameters(), model.flops_per_token(seq_len)
     except Exception as error:  # noqa: BLE001 - an unreadable config leaves the counts blank
-        warnings.warn(f"{where}: cannot build the run's model from it ({error}); parameter counts left blank",
-                      stacklevel=2)
+        warnings.warn(
+            f"{where}: cannot build the run's model from it ({error}); parameter counts left blank", stacklevel=2
+        )
         return None, None
 
 
@@ -196,9 +212,21 @@ def _int(value: Any) -> Optional[int]:
 
 # Keys whose values the table reads as numbers; a row holding anything else there (a hand-edited
 # or foreign metrics.jsonl) has that value dropped, with one warning per file.
-_NUMERIC = ("tokens", "wall_time_s", "train_time_s", "val/ppl", "train/tokens_per_s", "train/step_time_s",
-            "train/data_time_s", "train/compute_time_s", "train/mfu", "train/peak_memory_gb", "params_total",
-            "params_active", "flops_per_token")
+_NUMERIC = (
+    "tokens",
+    "wall_time_s",
+    "train_time_s",
+    "val/ppl",
+    "train/tokens_per_s",
+    "train/step_time_s",
+    "train/data_time_s",
+    "train/compute_time_s",
+    "train/mfu",
+    "train/peak_memory_gb",
+    "params_total",
+    "params_active",
+    "flops_per_token",
+)
 
 
 def read_rows(path: Path, warn_unreadable: bool = True) -> list[dict]:
@@ -212,24 +240,29 @@ def read_rows(path: Path, warn_unreadable: bool = True) -> list[dict]:
         rows = read_metrics(path)
     if caught and warn_unreadable and rows:
         first = str(caught[0].message).removeprefix(f"{path}:")
-        warnings.warn(f"{path}: {len(caught)} line(s) are not metrics rows and were skipped (first: line {first})",
-                      stacklevel=2)
+        warnings.warn(
+            f"{path}: {len(caught)} line(s) are not metrics rows and were skipped (first: line {first})", stacklevel=2
+        )
     dropped = []
     for row in rows:
         for key in _NUMERIC:
-            if key in row and row[key] is not None and _finite(row[key]) is None and not (
-                    isinstance(row[key], float) and not math.isfinite(row[key])):
+            if (
+                key in row
+                and row[key] is not None
+                and _finite(row[key]) is None
+                and not (isinstance(row[key], float) and not math.isfinite(row[key]))
+            ):
                 dropped.append(f"{key}={row.pop(key)!r}")
         if "stopped_by" in row and not isinstance(row["stopped_by"], (str, type(None))):
             dropped.append(f"stopped_by={row.pop('stopped_by')!r}")
     if dropped:
-        warnings.warn(f"{path}: {len(dropped)} value(s) of the wrong type ignored (first: {dropped[0]})",
-                      stacklevel=2)
+        warnings.warn(f"{path}: {len(dropped)} value(s) of the wrong type ignored (first: {dropped[0]})", stacklevel=2)
     return rows
 
 
-def summarise(run_dir: Path, label: str, config: Optional[dict] = None,
-              rows: Optional[list[dict]] = None) -> RunSummary:
+def summarise(
+    run_dir: Path, label: str, config: Optional[dict] = None, rows: Optional[list[dict]] = None
+) -> RunSummary:
     """The run in `run_dir`; `config` is its config.yaml and `rows` its metrics when already read."""
     if config is None:
         config = read_config(run_dir)
@@ -242,9 +275,16 @@ def summarise(run_dir: Path, label: str, config: Optional[dict] = None,
     memory_cfg = _get(config, "model.memory")
     memory_cfg = memory_cfg if isinstance(memory_cfg, dict) else {}
     layers = memory_cfg.get("layers")
-    s = RunSummary(path=run_dir, label=label, config=config, rows=rows, name=str(config.get("name", "")),
-                   n_layers=_int(_get(config, "model.n_layers")), dim=_int(_get(config, "model.dim")),
-                   memory_layers=[i for i in layers if _int(i) is not None] if isinstance(layers, list) else [])
+    s = RunSummary(
+        path=run_dir,
+        label=label,
+        config=config,
+        rows=rows,
+        name=str(config.get("name", "")),
+        n_layers=_int(_get(config, "model.n_layers")),
+        dim=_int(_get(config, "model.dim")),
+        memory_layers=[i for i in layers if _int(i) is not None] if isinstance(layers, list) else [],
+    )
     if s.memory_layers and _int(memory_cfg.get("n_keys")):
         s.memory_values = memory_cfg["n_keys"] ** 2
 
@@ -261,9 +301,11 @@ def summarise(run_dir: Path, label: str, config: Optional[dict] = None,
         s.steps = max(r["step"] for r in rows)
         s.tokens = max((_int(r.get("tokens")) or 0) for r in rows)
     s.wall_time_s = _finite(final.get("wall_time_s")) or max(
-        (t for t in (_finite(r.get("wall_time_s")) for r in rows) if t is not None), default=None)
+        (t for t in (_finite(r.get("wall_time_s")) for r in rows) if t is not None), default=None
+    )
     s.train_time_s = _finite(final.get("train_time_s")) or max(
-        (t for t in (_finite(r.get("train_time_s")) for r in rows) if t is not None), default=None)
+        (t for t in (_finite(r.get("train_time_s")) for r in rows) if t is not None), default=None
+    )
     if s.train_time_s and s.tokens:
         s.tokens_per_s = s.tokens / s.train_time_s
     else:
@@ -274,8 +316,9 @@ def summarise(run_dir: Path, label: str, config: Optional[dict] = None,
     s.mfu = _mean([r.get("train/mfu") for r in train_rows])
     if s.flops_per_token and s.tokens_per_s:
         s.flops_per_s = s.flops_per_token * s.tokens_per_s
-    s.peak_memory_gb = max((m for m in (_finite(r.get("train/peak_memory_gb")) for r in train_rows)
-                            if m is not None), default=None)
+    s.peak_memory_gb = max(
+        (m for m in (_finite(r.get("train/peak_memory_gb")) for r in train_rows) if m is not None), default=None
+    )
     if val_rows:
         s.best_ppl = min(float(r["val/ppl"]) for r in val_rows)
         s.final_ppl, s.final_ppl_step = float(val_rows[-1]["val/ppl"]), val_rows[-1]["step"]
@@ -296,11 +339,14 @@ def read_config(run_dir: Path) -> dict:
     try:
         config = yaml.safe_load(path.read_bytes()) or {}
     except (yaml.YAMLError, OSError) as error:
-        raise UserError(f"{path}: not readable YAML ({error.__class__.__name__}); "
-                        "leave this run out or restore its config.yaml") from None
+        raise UserError(
+            f"{path}: not readable YAML ({error.__class__.__name__}); leave this run out or restore its config.yaml"
+        ) from None
     if not isinstance(config, dict):
-        raise UserError(f"{path}: not a run's config (a YAML {type(config).__name__}, not a mapping); "
-                        "leave this run out or restore its config.yaml")
+        raise UserError(
+            f"{path}: not a run's config (a YAML {type(config).__name__}, not a mapping); "
+            "leave this run out or restore its config.yaml"
+        )
     return config
 
 
@@ -319,15 +365,19 @@ def load_runs(paths: list[str]) -> list[RunSummary]:
     rows = [read_rows(run_dir / "metrics.jsonl") for run_dir in run_dirs]
     kept = [i for i, run_rows in enumerate(rows) if run_rows]
     if not kept:
-        raise UserError(f"no run under {', '.join(map(repr, paths))} has a readable metrics row "
-                        "(metrics.jsonl holds JSON objects, one per line); nothing to compare")
+        raise UserError(
+            f"no run under {', '.join(map(repr, paths))} has a readable metrics row "
+            "(metrics.jsonl holds JSON objects, one per line); nothing to compare"
+        )
     for run_dir, run_rows in zip(run_dirs, rows):
         if not run_rows:
             warnings.warn(f"{run_dir / 'metrics.jsonl'}: no readable metrics row; run left out", stacklevel=2)
     run_dirs, configs, rows = [run_dirs[i] for i in kept], [configs[i] for i in kept], [rows[i] for i in kept]
     labels = _labels(run_dirs, [str(c.get("name") or d.name) for c, d in zip(configs, run_dirs)])
-    return [summarise(run_dir, label, config, run_rows)
-            for run_dir, label, config, run_rows in zip(run_dirs, labels, configs, rows)]
+    return [
+        summarise(run_dir, label, config, run_rows)
+        for run_dir, label, config, run_rows in zip(run_dirs, labels, configs, rows)
+    ]
 
 
 def _flatten(config: dict, prefix: str) -> dict:
@@ -361,9 +411,15 @@ def matching_report(runs: list[RunSummary]) -> list[str]:
         lines.append("Not matched in everything:")
         lines += differing
     else:
-        lines.append(f"Matched: all {len(runs)} runs share data (files, order, windows), tokenizer, seed, "
-                     "batch size and schedule.")
+        lines.append(
+            f"Matched: all {len(runs)} runs share data (files, order, windows), tokenizer, seed, "
+            "batch size and schedule."
+        )
     if len(token_counts) > 1:
-        lines.append("- the runs saw different numbers of tokens: " + "; ".join(
-            f"{r.label}: {r.tokens:,} ({r.stopped_by or 'unfinished'})" for r in runs if r.tokens is not None))
+        lines.append(
+            "- the runs saw different numbers of tokens: "
+            + "; ".join(
+                f"{r.label}: {r.tokens:,} ({r.stopped_by or 'unfinished'})" for r in runs if r.tokens is not None
+            )
+        )
     return lines

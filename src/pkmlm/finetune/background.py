@@ -37,8 +37,11 @@ class BackgroundCounts:
     reads: dict[str, Tensor]  # pool name -> (S,) int64
 
     def to(self, device: torch.device | str) -> BackgroundCounts:
-        return BackgroundCounts(self.num_batches, {k: v.to(device) for k, v in self.batches_with_slot.items()},
-                                {k: v.to(device) for k, v in self.reads.items()})
+        return BackgroundCounts(
+            self.num_batches,
+            {k: v.to(device) for k, v in self.batches_with_slot.items()},
+            {k: v.to(device) for k, v in self.reads.items()},
+        )
 
 
 class _PoolCounter:
@@ -60,8 +63,9 @@ class _PoolCounter:
 
 
 @torch.no_grad()
-def count_background(model: nn.Module, batches: Iterable[Tensor], num_batches: int,
-                     progress: Callable[[int], None] | None = None) -> BackgroundCounts:
+def count_background(
+    model: nn.Module, batches: Iterable[Tensor], num_batches: int, progress: Callable[[int], None] | None = None
+) -> BackgroundCounts:
     """Slot statistics of the first `num_batches` batches (each `(B, T+1)` int64; inputs `b[:, :-1]`).
 
     The model runs in eval mode (BatchNorm's running statistics, no dropout), as the memory modes
@@ -95,8 +99,9 @@ def count_background(model: nn.Module, batches: Iterable[Tensor], num_batches: i
         model.train(was_training)
     if done == 0:
         raise ValueError("no background batches: the data gave none")
-    return BackgroundCounts(done, {n: c.batches_with_slot for n, c in counters.items()},
-                            {n: c.reads for n, c in counters.items()})
+    return BackgroundCounts(
+        done, {n: c.batches_with_slot for n, c in counters.items()}, {n: c.reads for n, c in counters.items()}
+    )
 
 
 # --- the cache file -------------------------------------------------------------------------------
@@ -136,12 +141,19 @@ def load_background(path: str | Path, fingerprint: Mapping, tables: Mapping[str,
     expected = {f"{n}/{kind}": s for n, s in tables.items() for kind in ("batches_with_slot", "reads")}
     if set(tensors) != set(expected) or any(tensors[k].shape != (s,) for k, s in expected.items()):
         return None
-    return BackgroundCounts(num_batches, {n: tensors[f"{n}/batches_with_slot"] for n in tables},
-                            {n: tensors[f"{n}/reads"] for n in tables})
+    return BackgroundCounts(
+        num_batches, {n: tensors[f"{n}/batches_with_slot"] for n in tables}, {n: tensors[f"{n}/reads"] for n in tables}
+    )
 
 
-def background_counts(model: nn.Module, path: str | Path, batches: Callable[[], Iterable[Tensor]], num_batches: int,
-                      fingerprint: Mapping, progress: Callable[[int], None] | None = None) -> BackgroundCounts:
+def background_counts(
+    model: nn.Module,
+    path: str | Path,
+    batches: Callable[[], Iterable[Tensor]],
+    num_batches: int,
+    fingerprint: Mapping,
+    progress: Callable[[int], None] | None = None,
+) -> BackgroundCounts:
     """The cached counts at `path` (see `load_background`), else count `num_batches` of `batches()`
     and cache them there. `fingerprint`: JSON-able, naming what the counts depend on (the
     init_from checkpoint, the data, batch size and sequence length, `num_batches`)."""

@@ -41,35 +41,70 @@ class FinetuneConfig:
     lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
 
 
-def check_finetune_config(mode: str, cfg: FinetuneConfig, *, init_from: str | None, memory_layers: list,
-                          shard_values: bool) -> None:
+def check_finetune_config(
+    mode: str, cfg: FinetuneConfig, *, init_from: str | None, memory_layers: list, shard_values: bool
+) -> None:
     """`train.finetune` and `finetune.*` against each other and the model (`model.memory.*`)."""
     require(mode in FINETUNE_MODES, "train.finetune", mode, f"one of {', '.join(FINETUNE_MODES)}")
-    require(isinstance(cfg.background_batches, int) and cfg.background_batches >= 1, "finetune.background_batches",
-            cfg.background_batches, ">= 1 (batches of pretraining data for the slots' document frequencies)")
-    require(isinstance(cfg.top_t, int) and cfg.top_t >= 1, "finetune.top_t", cfg.top_t,
-            ">= 1 (value rows trained per batch)")
-    require(cfg.optimizer in FINETUNE_OPTIMIZERS, "finetune.optimizer", cfg.optimizer,
-            f"one of {', '.join(FINETUNE_OPTIMIZERS)}")
-    require(cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), "finetune.lr", cfg.lr,
-            "a positive finite number")
+    require(
+        isinstance(cfg.background_batches, int) and cfg.background_batches >= 1,
+        "finetune.background_batches",
+        cfg.background_batches,
+        ">= 1 (batches of pretraining data for the slots' document frequencies)",
+    )
+    require(
+        isinstance(cfg.top_t, int) and cfg.top_t >= 1,
+        "finetune.top_t",
+        cfg.top_t,
+        ">= 1 (value rows trained per batch)",
+    )
+    require(
+        cfg.optimizer in FINETUNE_OPTIMIZERS,
+        "finetune.optimizer",
+        cfg.optimizer,
+        f"one of {', '.join(FINETUNE_OPTIMIZERS)}",
+    )
+    require(
+        cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), "finetune.lr", cfg.lr, "a positive finite number"
+    )
     if mode == "full":
         return
-    require(init_from is not None, "train.finetune", mode,
-            "full, or set init_from=RUN_OR_CHECKPOINT: the memory modes finetune a trained model")
-    require(len(memory_layers) > 0, "train.finetune", mode,
-            "full for a model without memory layers (model.memory.layers=[])")
-    require(not shard_values, "model.memory.shard_values", shard_values,
-            f"false with train.finetune={mode} (row-selected updates need whole rows on each process)")
+    require(
+        init_from is not None,
+        "train.finetune",
+        mode,
+        "full, or set init_from=RUN_OR_CHECKPOINT: the memory modes finetune a trained model",
+    )
+    require(
+        len(memory_layers) > 0,
+        "train.finetune",
+        mode,
+        "full for a model without memory layers (model.memory.layers=[])",
+    )
+    require(
+        not shard_values,
+        "model.memory.shard_values",
+        shard_values,
+        f"false with train.finetune={mode} (row-selected updates need whole rows on each process)",
+    )
 
 
 # --- init_from: the same model --------------------------------------------------------------------
 
 # Keys that may differ between the run a finetune starts from and the finetune: they change how the
 # forward is computed or regularised (or trained: a loss coefficient), never what the weights mean.
-MAY_DIFFER = frozenset({"dropout", "memory.input_dropout", "memory.query_dropout", "memory.value_dropout",
-                        "memory.kernel", "memory.retrieval_precision", "memory.shard_values",
-                        "memory.balance_loss"})
+MAY_DIFFER = frozenset(
+    {
+        "dropout",
+        "memory.input_dropout",
+        "memory.query_dropout",
+        "memory.value_dropout",
+        "memory.kernel",
+        "memory.retrieval_precision",
+        "memory.shard_values",
+        "memory.balance_loss",
+    }
+)
 
 _MISSING = object()
 
@@ -113,5 +148,9 @@ def init_from_mismatch(init_from: str, ours: Any, theirs: Any) -> ConfigError | 
         return repr(flat[key]) if key in flat else "absent"
 
     parts = ", ".join(f"model.{k} ({shown(flat_ours, k)} here, {shown(flat_theirs, k)} there)" for k in diff)
-    return ConfigError("init_from", init_from, f"its model differs from this run's in {parts}; "
-                       "finetune with that run's model.* settings (or start without init_from)")
+    return ConfigError(
+        "init_from",
+        init_from,
+        f"its model differs from this run's in {parts}; "
+        "finetune with that run's model.* settings (or start without init_from)",
+    )

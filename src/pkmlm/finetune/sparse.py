@@ -75,12 +75,14 @@ def selected_grad(grad: Tensor, mask_S: Tensor) -> Tensor:
         grad = grad.coalesce()
         rows_R = grad.indices()[0]
         keep_R = mask_S[rows_R]
-        return torch.sparse_coo_tensor(grad.indices()[:, keep_R], grad.values()[keep_R], grad.shape,
-                                       is_coalesced=True, check_invariants=False)
+        return torch.sparse_coo_tensor(
+            grad.indices()[:, keep_R], grad.values()[keep_R], grad.shape, is_coalesced=True, check_invariants=False
+        )
     rows_R = mask_S.nonzero().squeeze(1)
     # Valid by construction (sorted, distinct, in range): no invariant check needed.
-    return torch.sparse_coo_tensor(rows_R.unsqueeze(0), grad.index_select(0, rows_R), grad.shape,
-                                   is_coalesced=True, check_invariants=False)
+    return torch.sparse_coo_tensor(
+        rows_R.unsqueeze(0), grad.index_select(0, rows_R), grad.shape, is_coalesced=True, check_invariants=False
+    )
 
 
 # --- per-step selection ---------------------------------------------------------------------------
@@ -106,8 +108,7 @@ class RowSelection:
     With several processes the counts are summed over ranks first, so all ranks select alike.
     """
 
-    def __init__(self, model: nn.Module, background: BackgroundCounts | None = None,
-                 top_t: int | None = None):
+    def __init__(self, model: nn.Module, background: BackgroundCounts | None = None, top_t: int | None = None):
         if (background is None) != (top_t is None):
             raise ValueError("give both background and top_t (sparse_memory) or neither (memory)")
         self.pools: dict[str, SlotPool] = slot_pools(model)
@@ -118,8 +119,10 @@ class RowSelection:
             missing = set(self.pools) - set(background.batches_with_slot)
             if missing:
                 raise ValueError(f"background counts have no slot pool {sorted(missing)}")
-            self.idf = {n: idf(background.batches_with_slot[n].to(pool.device), background.num_batches)
-                        for n, pool in self.pools.items()}
+            self.idf = {
+                n: idf(background.batches_with_slot[n].to(pool.device), background.num_batches)
+                for n, pool in self.pools.items()
+            }
 
     def attach(self) -> None:
         for name, pool in self.pools.items():
@@ -200,8 +203,9 @@ def finetune_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Opt
     return LazyAdam([group], lr=cfg.lr)
 
 
-def row_selection(model: nn.Module, mode: str, cfg: FinetuneConfig,
-                  background: BackgroundCounts | None = None) -> RowSelection:
+def row_selection(
+    model: nn.Module, mode: str, cfg: FinetuneConfig, background: BackgroundCounts | None = None
+) -> RowSelection:
     """The attached `RowSelection` of a memory mode (`background` required for `sparse_memory`)."""
     if mode == "sparse_memory":
         if background is None:

@@ -44,8 +44,32 @@ __all__ = [
 # Consonant-vowel(-consonant) syllables: 24 onsets x 9 nuclei x 8 codas = 1,728 syllables, enough
 # that two-to-three-syllable names are unique by the million and that no syllable pool is a list
 # of real names.
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "pr", "r", "s",
-           "st", "t", "tr", "v", "z", "th", "sh")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kl",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pr",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "z",
+    "th",
+    "sh",
+)
 _NUCLEI = ("a", "e", "i", "o", "u", "ae", "io", "ou", "ea")
 _CODAS = ("", "n", "r", "l", "s", "th", "m", "k")
 
@@ -71,19 +95,83 @@ def _prefix_free_unique(make: Callable[[], str], n: int) -> list[str]:
 
 # Fields of study: ordinary subject words written for this file (48 -> 5.58 bits). Prefix-free.
 _FIELDS = (
-    "astronomy", "biology", "chemistry", "physics", "geology", "botany", "zoology", "ecology",
-    "mathematics", "statistics", "economics", "sociology", "psychology", "linguistics", "philosophy",
-    "history", "archaeology", "anthropology", "law", "medicine", "pharmacy", "nursing", "dentistry",
-    "architecture", "music", "painting", "sculpture", "theatre", "film studies", "journalism",
-    "civil engineering", "mechanical engineering", "electrical engineering", "computer science",
-    "materials science", "oceanography", "meteorology", "agriculture", "forestry", "nutrition",
-    "education", "political science", "accounting", "finance", "marketing", "veterinary science",
-    "classics", "theology",
+    "astronomy",
+    "biology",
+    "chemistry",
+    "physics",
+    "geology",
+    "botany",
+    "zoology",
+    "ecology",
+    "mathematics",
+    "statistics",
+    "economics",
+    "sociology",
+    "psychology",
+    "linguistics",
+    "philosophy",
+    "history",
+    "archaeology",
+    "anthropology",
+    "law",
+    "medicine",
+    "pharmacy",
+    "nursing",
+    "dentistry",
+    "architecture",
+    "music",
+    "painting",
+    "sculpture",
+    "theatre",
+    "film studies",
+    "journalism",
+    "civil engineering",
+    "mechanical engineering",
+    "electrical engineering",
+    "computer science",
+    "materials science",
+    "oceanography",
+    "meteorology",
+    "agriculture",
+    "forestry",
+    "nutrition",
+    "education",
+    "political science",
+    "accounting",
+    "finance",
+    "marketing",
+    "veterinary science",
+    "classics",
+    "theology",
 )
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December")
-_EMPLOYER_KINDS = ("Systems", "Industries", "Labs", "Group", "Works", "Partners", "Motors", "Foods",
-                   "Media", "Bank", "Logistics", "Energy")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+_EMPLOYER_KINDS = (
+    "Systems",
+    "Industries",
+    "Labs",
+    "Group",
+    "Works",
+    "Partners",
+    "Motors",
+    "Foods",
+    "Media",
+    "Bank",
+    "Logistics",
+    "Energy",
+)
 _UNIVERSITY_KINDS = ("University", "Institute of Technology", "College", "Polytechnic")
 
 # Value-set sizes: each attribute carries several bits (log2 in brackets). Birth dates: 12 months x
@@ -114,19 +202,45 @@ def _attributes(rng: random.Random) -> list[Attribute]:
     employers = _prefix_free_unique(lambda: f"{_word(rng, 2, 3)} {rng.choice(_EMPLOYER_KINDS)}", N_EMPLOYERS)
     dates = [f"{m} {d}, {y}" for y in YEARS for m in _MONTHS for d in range(1, 29)]
     return [
-        Attribute("birth_date", dates, ("{name} was born on {value}", "{name} celebrates a birthday on {value}",
-                                        "The birth date of {name} is {value}")),
-        Attribute("birth_city", cities, ("{name} was born in {value}", "{name} spent childhood in {value}",
-                                         "The birthplace of {name} is {value}")),
-        Attribute("university", universities, ("{name} studied at {value}", "{name} graduated from {value}",
-                                               "The alma mater of {name} is {value}")),
-        Attribute("field", list(_FIELDS), ("{name} majored in {value}", "{name} earned a degree in {value}",
-                                           "The field of study of {name} is {value}")),
-        Attribute("employer", employers, ("{name} works for {value}", "{name} is employed by {value}",
-                                          "The employer of {name} is {value}")),
+        Attribute(
+            "birth_date",
+            dates,
+            (
+                "{name} was born on {value}",
+                "{name} celebrates a birthday on {value}",
+                "The birth date of {name} is {value}",
+            ),
+        ),
+        Attribute(
+            "birth_city",
+            cities,
+            ("{name} was born in {value}", "{name} spent childhood in {value}", "The birthplace of {name} is {value}"),
+        ),
+        Attribute(
+            "university",
+            universities,
+            ("{name} studied at {value}", "{name} graduated from {value}", "The alma mater of {name} is {value}"),
+        ),
+        Attribute(
+            "field",
+            list(_FIELDS),
+            (
+                "{name} majored in {value}",
+                "{name} earned a degree in {value}",
+                "The field of study of {name} is {value}",
+            ),
+        ),
+        Attribute(
+            "employer",
+            employers,
+            ("{name} works for {value}", "{name} is employed by {value}", "The employer of {name} is {value}"),
+        ),
         # Drawn independently of the employer (an office of it), so it carries its own bits.
-        Attribute("employer_city", cities, ("{name} works in {value}", "{name} has an office in {value}",
-                                            "The workplace of {name} is in {value}")),
+        Attribute(
+            "employer_city",
+            cities,
+            ("{name} works in {value}", "{name} has an office in {value}", "The workplace of {name} is in {value}"),
+        ),
     ]
 
 
@@ -160,8 +274,7 @@ def biography(person: Person, attributes: Sequence[Attribute], rng: random.Rando
     full name in every sentence."""
     order = list(attributes)
     rng.shuffle(order)
-    return " ".join(rng.choice(a.phrasings).format(name=person.name, value=person.facts[a.name]) + "."
-                    for a in order)
+    return " ".join(rng.choice(a.phrasings).format(name=person.name, value=person.facts[a.name]) + "." for a in order)
 
 
 def questions(person: Person, attributes: Sequence[Attribute]) -> list[dict]:
@@ -170,15 +283,24 @@ def questions(person: Person, attributes: Sequence[Attribute]) -> list[dict]:
     rows = []
     for a in attributes:
         prompt = a.phrasings[0].split(" {value}")[0].format(name=person.name)
-        rows.append({"prompt": prompt, "answer": person.facts[a.name], "person": person.name,
-                     "attribute": a.name, "n_values": a.n_values})
+        rows.append(
+            {
+                "prompt": prompt,
+                "answer": person.facts[a.name],
+                "person": person.name,
+                "attribute": a.name,
+                "n_values": a.n_values,
+            }
+        )
     return rows
 
 
 def corpus_meta(n_people: int, seed: int, templates: int, attributes: Sequence[Attribute]) -> dict:
     bits = {a.name: math.log2(a.n_values) for a in attributes}
     return {
-        "people": n_people, "seed": seed, "templates": templates,
+        "people": n_people,
+        "seed": seed,
+        "templates": templates,
         "documents": n_people * templates,
         "cardinalities": {a.name: a.n_values for a in attributes},
         "bits_per_attribute": bits,
@@ -195,8 +317,11 @@ def write_corpus(out: str | Path, n_people: int, seed: int, templates: int = 5) 
     """Write bios.jsonl, qa.jsonl and meta.json into `out` (created); returns the meta."""
     people, attributes = make_people(n_people, seed)
     rng = random.Random(f"pkmlm-facts/bios/{seed}")
-    docs = [{"text": biography(p, attributes, rng), "person": p.name, "template": t}
-            for p in people for t in range(templates)]
+    docs = [
+        {"text": biography(p, attributes, rng), "person": p.name, "template": t}
+        for p in people
+        for t in range(templates)
+    ]
     rng.shuffle(docs)  # interleave people, so a held-out prefix or a window is not one person
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,11 +52,18 @@ def split_facts(out: Path, people: int, seed: int, templates: int) -> tuple[Path
         directory.mkdir(parents=True, exist_ok=True)
         for file in ("bios.jsonl", "qa.jsonl"):
             lines = (out / "all" / file).read_text().splitlines()
-            (directory / file).write_text("".join(line + "\n" for line in lines
-                                                  if json.loads(line)["person"] in members))
+            (directory / file).write_text(
+                "".join(line + "\n" for line in lines if json.loads(line)["person"] in members)
+            )
         meta = json.loads((out / "all" / "meta.json").read_text())
-        meta.update({"people": people, "documents": people * templates, "set": name,
-                     "total_bits": people * meta["bits_per_person"]})
+        meta.update(
+            {
+                "people": people,
+                "documents": people * templates,
+                "set": name,
+                "total_bits": people * meta["bits_per_person"],
+            }
+        )
         (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out / "A", out / "B"
 
@@ -74,8 +81,17 @@ def split_web(source: Path, out: Path, heldout_docs: int) -> tuple[Path, Path]:
 def evaluate(run_dir: Path, web: Path, qa: Path, threads: int) -> dict[str, Any]:
     """`pkmlm-eval checkpoint=RUN data.files=[WEB] eval.recall=QA` as a dict."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = ["nice", "-n", "5", sys.executable, "-m", "pkmlm.cli.eval", f"checkpoint={run_dir}",
-           f"data.files=[{web}]", f"eval.recall={qa}"]
+    cmd = [
+        "nice",
+        "-n",
+        "5",
+        sys.executable,
+        "-m",
+        "pkmlm.cli.eval",
+        f"checkpoint={run_dir}",
+        f"data.files=[{web}]",
+        f"eval.recall={qa}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
@@ -90,32 +106,48 @@ def _train_time(run_dir: Path) -> float | None:
 
 def measure(label: str, run_dir: Path, web: Path, qa_a: Path, qa_b: Path, threads: int) -> dict[str, Any]:
     a, b = evaluate(run_dir, web, qa_a, threads), evaluate(run_dir, web, qa_b, threads)
-    return {"arm": label, "run_dir": str(run_dir), "step": a["step"], "train_time_s": _train_time(run_dir),
-            "web_ppl": a["ppl"], "web_tokens": a["tokens"],
-            "a_exact": a["recall/exact_match"], "a_bits": a["recall/bits"],
-            "b_exact": b["recall/exact_match"], "b_bits": b["recall/bits"],
-            "bits_available": a["recall/bits_available"]}
+    return {
+        "arm": label,
+        "run_dir": str(run_dir),
+        "step": a["step"],
+        "train_time_s": _train_time(run_dir),
+        "web_ppl": a["ppl"],
+        "web_tokens": a["tokens"],
+        "a_exact": a["recall/exact_match"],
+        "a_bits": a["recall/bits"],
+        "b_exact": b["recall/exact_match"],
+        "b_bits": b["recall/bits"],
+        "bits_available": a["recall/bits_available"],
+    }
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: each arm against the pretrained run (the first row)."""
     base = rows[0]
-    lines = [("| model | B exact match (gained) | B bits stored | A exact match (kept) | A bits stored (kept) | "
-              "held-out web ppl (change) | finetune time |"), "|" + "---|" * 7]
+    lines = [
+        (
+            "| model | B exact match (gained) | B bits stored | A exact match (kept) | A bits stored (kept) | "
+            "held-out web ppl (change) | finetune time |"
+        ),
+        "|" + "---|" * 7,
+    ]
 
     def kept(now: float, before: float) -> str:
         return f"{now / before:.0%}" if before else "n/a"
 
     for r in rows:
         if r is base:
-            lines.append(f"| pretrained (A + web) | {r['b_exact']:.1%} | {r['b_bits']:,.0f} | {r['a_exact']:.1%} | "
-                         f"{r['a_bits']:,.0f} | {r['web_ppl']:.1f} | |")
+            lines.append(
+                f"| pretrained (A + web) | {r['b_exact']:.1%} | {r['b_bits']:,.0f} | {r['a_exact']:.1%} | "
+                f"{r['a_bits']:,.0f} | {r['web_ppl']:.1f} | |"
+            )
             continue
         lines.append(
             f"| {r['arm']} | {r['b_exact']:.1%} ({r['b_exact'] - base['b_exact']:+.1%}) | {r['b_bits']:,.0f} | "
             f"{r['a_exact']:.1%} ({kept(r['a_exact'], base['a_exact'])}) | {r['a_bits']:,.0f} "
             f"({kept(r['a_bits'], base['a_bits'])}) | {r['web_ppl']:.1f} ({r['web_ppl'] / base['web_ppl'] - 1:+.1%}) | "
-            f"{r['train_time_s']:.0f} s |")
+            f"{r['train_time_s']:.0f} s |"
+        )
     paper = ", ".join(f"{k} {v:.0%}" for k, v in PAPER_F1_DROP.items())
     return "\n".join(lines) + f"\n\nLin et al. 2025, NaturalQuestions F1 drop after learning TriviaQA: {paper}.\n"
 
@@ -125,17 +157,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--people", type=int, default=100, help="people per facts set (A and B)")
     p.add_argument("--seed", type=int, default=0, help="facts corpus and runs")
     p.add_argument("--templates", type=int, default=5, help="biographies per person")
-    p.add_argument("--web", default=str(Path(default_sample_dir()) / "c4" / "c4_en_train_first1000.jsonl.gz"),
-                   help="web text (JSON lines, gzip) to pretrain on and hold out from")
+    p.add_argument(
+        "--web",
+        default=str(Path(default_sample_dir()) / "c4" / "c4_en_train_first1000.jsonl.gz"),
+        help="web text (JSON lines, gzip) to pretrain on and hold out from",
+    )
     p.add_argument("--heldout-docs", type=int, default=50, help="web documents held out for the perplexity")
     p.add_argument("--pretrain-steps", type=int, default=400)
     p.add_argument("--finetune-steps", type=int, default=100)
     p.add_argument("--arms", default=",".join(ARMS), help="experiment=forgetting/<arm> presets")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--arm-overrides", default="", help="key=value[,key=value] for the finetuning arms only "
-                   "(e.g. finetune.optimizer=adam,finetune.lr=0.01), with --suffix naming the variant")
-    p.add_argument("--suffix", default="", help="appended to each arm's run directory and label, and to "
-                   "results/table file names: variants of the arms beside the first set, same pretrained run")
+    p.add_argument(
+        "--arm-overrides",
+        default="",
+        help="key=value[,key=value] for the finetuning arms only "
+        "(e.g. finetune.optimizer=adam,finetune.lr=0.01), with --suffix naming the variant",
+    )
+    p.add_argument(
+        "--suffix",
+        default="",
+        help="appended to each arm's run directory and label, and to "
+        "results/table file names: variants of the arms beside the first set, same pretrained run",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (model.* reach both phases)")
     args = p.parse_args(argv)
@@ -146,10 +189,26 @@ def main(argv: list[str] | None = None) -> None:
     common = ["logging.progress=false", f"seed={args.seed}", *args.overrides]
     pretrain = out / "runs" / "pretrain"
     if not (pretrain / "checkpoints").is_dir():
-        _run_jobs([([sys.executable, "-m", "pkmlm.cli.train", "experiment=forgetting/pretrain",
-                     f"data.sources.0.files=[{facts_a / 'bios.jsonl'}]", f"data.sources.1.files=[{web_train}]",
-                     f"train.max_steps={args.pretrain_steps}", f"hydra.run.dir={pretrain}", *common],
-                    out / "logs" / "pretrain.log")], 1, args.threads)
+        _run_jobs(
+            [
+                (
+                    [
+                        sys.executable,
+                        "-m",
+                        "pkmlm.cli.train",
+                        "experiment=forgetting/pretrain",
+                        f"data.sources.0.files=[{facts_a / 'bios.jsonl'}]",
+                        f"data.sources.1.files=[{web_train}]",
+                        f"train.max_steps={args.pretrain_steps}",
+                        f"hydra.run.dir={pretrain}",
+                        *common,
+                    ],
+                    out / "logs" / "pretrain.log",
+                )
+            ],
+            1,
+            args.threads,
+        )
         if not (pretrain / "checkpoints").is_dir():
             raise SystemExit(f"pretraining failed: see {out / 'logs' / 'pretrain.log'}")
     times = {"pretrain_wall_s": time.time() - t0}
@@ -157,17 +216,35 @@ def main(argv: list[str] | None = None) -> None:
     names = {arm: arm + args.suffix for arm in args.arms.split(",")}
     for arm, name in names.items():
         t_arm = time.time()
-        _run_jobs([([sys.executable, "-m", "pkmlm.cli.train", f"experiment=forgetting/{arm}", f"init_from={pretrain}",
-                     f"data.files=[{facts_b / 'bios.jsonl'}]", f"train.max_steps={args.finetune_steps}",
-                     f"hydra.run.dir={out / 'runs' / name}", *common, *arm_overrides], out / "logs" / f"{name}.log")],
-                  1, args.threads)
+        _run_jobs(
+            [
+                (
+                    [
+                        sys.executable,
+                        "-m",
+                        "pkmlm.cli.train",
+                        f"experiment=forgetting/{arm}",
+                        f"init_from={pretrain}",
+                        f"data.files=[{facts_b / 'bios.jsonl'}]",
+                        f"train.max_steps={args.finetune_steps}",
+                        f"hydra.run.dir={out / 'runs' / name}",
+                        *common,
+                        *arm_overrides,
+                    ],
+                    out / "logs" / f"{name}.log",
+                )
+            ],
+            1,
+            args.threads,
+        )
         times[f"{name}_wall_s"] = time.time() - t_arm
     t_eval = time.time()
     rows = [measure("pretrained", pretrain, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl", args.threads)]
     for name in names.values():
         if (out / "runs" / name / "checkpoints").is_dir():
-            rows.append(measure(name, out / "runs" / name, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl",
-                                args.threads))
+            rows.append(
+                measure(name, out / "runs" / name, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl", args.threads)
+            )
     times.update(eval_wall_s=time.time() - t_eval, total_wall_s=time.time() - t0)
     results = {"args": vars(args), "times": times, "rows": rows}
     (out / f"results{args.suffix}.json").write_text(json.dumps(results, indent=1) + "\n")

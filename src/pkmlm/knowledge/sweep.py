@@ -79,13 +79,25 @@ def steps_for(bios: Path, exposures: float, templates: int, overrides: list[str]
     return CHECKPOINTS_PER_RUN * math.ceil(steps / CHECKPOINTS_PER_RUN), per_bio
 
 
-def _train_command(arm: str, run_dir: Path, bios: Path, steps: int, max_steps: int, seed: int,
-                   extra: list[str]) -> list[str]:
+def _train_command(
+    arm: str, run_dir: Path, bios: Path, steps: int, max_steps: int, seed: int, extra: list[str]
+) -> list[str]:
     every = steps // CHECKPOINTS_PER_RUN
-    return [sys.executable, "-m", "pkmlm.cli.train", f"experiment=knowledge/{arm}", f"data.files=[{bios}]",
-            f"train.max_steps={max_steps}", f"seed={seed}", f"checkpoint.interval={every}",
-            "checkpoint.keep_last=1000", f"logging.interval={every}", "logging.progress=false",
-            f"hydra.run.dir={run_dir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pkmlm.cli.train",
+        f"experiment=knowledge/{arm}",
+        f"data.files=[{bios}]",
+        f"train.max_steps={max_steps}",
+        f"seed={seed}",
+        f"checkpoint.interval={every}",
+        "checkpoint.keep_last=1000",
+        f"logging.interval={every}",
+        "logging.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def _run_jobs(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> None:
@@ -96,8 +108,9 @@ def _run_jobs(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -
             cmd, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
             f = open(log, "w")  # noqa: SIM115 - closed when its job ends
-            running.append((subprocess.Popen(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT,
-                                             env=env), f, log))
+            running.append(
+                (subprocess.Popen(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env), f, log)
+            )
         time.sleep(1)
         for item in list(running):
             proc, f, log = item
@@ -129,8 +142,15 @@ def evaluate_run(run_dir: Path, qa: Path, per_bio: float, people: int, templates
         run = load_run(ckpt)
         metrics = evaluate_recall(run.model, run.tokenizer, qa)
         step_time = times.get(run.step, max((t for s, t in times.items() if s <= run.step), default=None))
-        rows.append({"step": run.step, "tokens": run.tokens,
-                     "exposures": run.tokens / (per_bio * people), "train_time_s": step_time, **metrics})
+        rows.append(
+            {
+                "step": run.step,
+                "tokens": run.tokens,
+                "exposures": run.tokens / (per_bio * people),
+                "train_time_s": step_time,
+                **metrics,
+            }
+        )
     if rows:
         (run_dir / "recall.json").write_text(json.dumps({"step": rows[-1]["step"], **rows[-1]}, indent=1) + "\n")
     return rows
@@ -142,8 +162,10 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 
 def summary_table(results: list[dict]) -> str:
     """Per N and seed: dense and memory at equal exposures, dense at the memory's training time."""
-    head = ("| N | bits available | arm | exposures | train time | exact match | bits stored | "
-            "bits / param (total) | bits / param (non-embedding) |")
+    head = (
+        "| N | bits available | arm | exposures | train time | exact match | bits stored | "
+        "bits / param (total) | bits / param (non-embedding) |"
+    )
     lines = [head, "|" + "---|" * 9]
     keys = sorted({(r["people"], r["seed"]) for r in results})
     for people, seed in keys:
@@ -151,24 +173,29 @@ def summary_table(results: list[dict]) -> str:
         target = max((r["steps_equal"] for r in rows), default=0)
         mem = [r for r in rows if r["arm"] == "mem" and r["step"] == target]
         dense_eq = [r for r in rows if r["arm"] == "dense" and r["step"] == target]
-        picks = [("dense (equal exposures)", dense_eq[0] if dense_eq else None),
-                 ("memory (equal exposures)", mem[0] if mem else None)]
+        picks = [
+            ("dense (equal exposures)", dense_eq[0] if dense_eq else None),
+            ("memory (equal exposures)", mem[0] if mem else None),
+        ]
         if mem and mem[0].get("train_time_s"):
             dense = [r for r in rows if r["arm"] == "dense" and r.get("train_time_s")]
             # Only when the dense run reached the memory's time (--dense-factor > 1): else its last
             # checkpoint is not an equal-time point, only the longest the dense arm ran.
             if dense and max(r["train_time_s"] for r in dense) >= mem[0]["train_time_s"]:
-                picks.append(("dense (equal time)", min(dense, key=lambda r: abs(r["train_time_s"]
-                                                                              - mem[0]["train_time_s"]))))
+                picks.append(
+                    ("dense (equal time)", min(dense, key=lambda r: abs(r["train_time_s"] - mem[0]["train_time_s"])))
+                )
         for label, r in picks:
             non_emb = None
             if r is not None:
                 n = r["recall/params/total"] - r["recall/params/embedding"]
                 non_emb = {"v": r["recall/bits"] / n} if n > 0 else None
-            lines.append(f"| {people} (seed {seed}) | {_fmt(r, 'recall/bits_available', ',.0f')} | {label} | "
-                         f"{_fmt(r, 'exposures', '.0f')} | {_fmt(r, 'train_time_s', '.0f')} s | "
-                         f"{_fmt(r, 'recall/exact_match', '.1%')} | {_fmt(r, 'recall/bits', ',.0f')} | "
-                         f"{_fmt(r, 'recall/bits_per_param/total', '.4f')} | {_fmt(non_emb, 'v', '.4f')} |")
+            lines.append(
+                f"| {people} (seed {seed}) | {_fmt(r, 'recall/bits_available', ',.0f')} | {label} | "
+                f"{_fmt(r, 'exposures', '.0f')} | {_fmt(r, 'train_time_s', '.0f')} s | "
+                f"{_fmt(r, 'recall/exact_match', '.1%')} | {_fmt(r, 'recall/bits', ',.0f')} | "
+                f"{_fmt(r, 'recall/bits_per_param/total', '.4f')} | {_fmt(non_emb, 'v', '.4f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -179,21 +206,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exposures", type=float, default=150.0, help="biographies read per person (equal-exposure arms)")
     p.add_argument("--templates", type=int, default=5)
     p.add_argument("--arms", default="dense,mem", help="experiment=knowledge/<arm> presets")
-    p.add_argument("--dense-factor", type=float, default=1.5, help="the dense arm trains this many times the "
-                   "equal-exposure steps (its checkpoints give the equal-time point)")
+    p.add_argument(
+        "--dense-factor",
+        type=float,
+        default=1.5,
+        help="the dense arm trains this many times the "
+        "equal-exposure steps (its checkpoints give the equal-time point)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--merge", nargs="+", metavar="DIR", default=None, help="train nothing: the table and "
-                   "figures of the results.jsonl of these earlier sweep directories together, into --out")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="train nothing: the table and "
+        "figures of the results.jsonl of these earlier sweep directories together, into --out",
+    )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = p.parse_args(argv)
     from pkmlm.knowledge.facts import write_corpus
 
     out = Path(args.out)
     if args.merge:
-        results = [json.loads(line) for d in args.merge for line in (Path(d) / "results.jsonl").read_text().splitlines()
-                   if line.strip()]
+        results = [
+            json.loads(line)
+            for d in args.merge
+            for line in (Path(d) / "results.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         out.mkdir(parents=True, exist_ok=True)
         print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
         return
@@ -207,16 +249,30 @@ def main(argv: list[str] | None = None) -> None:
             write_corpus(facts, people, seed, args.templates)
             if not tokenizer.is_file():  # the largest N comes first
                 shared_tokenizer(facts / "bios.jsonl", tokenizer, ["experiment=knowledge/dense", *args.overrides])
-            steps, per_bio = steps_for(facts / "bios.jsonl", args.exposures, args.templates,
-                                       ["experiment=knowledge/dense", *overrides])
+            steps, per_bio = steps_for(
+                facts / "bios.jsonl", args.exposures, args.templates, ["experiment=knowledge/dense", *overrides]
+            )
             for arm in args.arms.split(","):
                 run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
                 factor = args.dense_factor if arm == "dense" else 1.0
                 max_steps = CHECKPOINTS_PER_RUN * math.ceil(steps * factor / CHECKPOINTS_PER_RUN)
-                jobs.append((_train_command(arm, run_dir, facts / "bios.jsonl", steps, max_steps, seed,
-                                            overrides), out / "logs" / f"{run_dir.name}.log"))
-                plans.append({"arm": arm, "people": people, "seed": seed, "steps_equal": steps,
-                              "tokens_per_bio": per_bio, "run_dir": run_dir, "facts": facts})
+                jobs.append(
+                    (
+                        _train_command(arm, run_dir, facts / "bios.jsonl", steps, max_steps, seed, overrides),
+                        out / "logs" / f"{run_dir.name}.log",
+                    )
+                )
+                plans.append(
+                    {
+                        "arm": arm,
+                        "people": people,
+                        "seed": seed,
+                        "steps_equal": steps,
+                        "tokens_per_bio": per_bio,
+                        "run_dir": run_dir,
+                        "facts": facts,
+                    }
+                )
     print(f"{len(jobs)} runs planned", file=sys.stderr, flush=True)
     _run_jobs(jobs, args.jobs, args.threads)
     train_wall = time.time() - t0
@@ -224,8 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     for plan in plans:
         if not (plan["run_dir"] / "checkpoints").is_dir():
             continue
-        for row in evaluate_run(plan["run_dir"], plan["facts"] / "qa.jsonl", plan["tokens_per_bio"],
-                                plan["people"], args.templates):
+        for row in evaluate_run(
+            plan["run_dir"], plan["facts"] / "qa.jsonl", plan["tokens_per_bio"], plan["people"], args.templates
+        ):
             results.append({**{k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items()}, **row})
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
@@ -274,9 +331,17 @@ def people_plot(results: list[dict], path: Path) -> bool:
     from pkmlm.experiments.report import knowledge_plot
     from pkmlm.experiments.runs import RunSummary
 
-    runs = [RunSummary(path=Path(r["run_dir"]), label=f"{r['arm']} N={r['people']} seed {r['seed']}", config={},
-                       rows=[{"recall/people": r["people"], **r}], name=f"{r['arm']} (equal exposures)")
-            for r in results if r["step"] == r["steps_equal"]]
+    runs = [
+        RunSummary(
+            path=Path(r["run_dir"]),
+            label=f"{r['arm']} N={r['people']} seed {r['seed']}",
+            config={},
+            rows=[{"recall/people": r["people"], **r}],
+            name=f"{r['arm']} (equal exposures)",
+        )
+        for r in results
+        if r["step"] == r["steps_equal"]
+    ]
     return knowledge_plot(runs, path)
 
 

@@ -22,13 +22,29 @@ from pkmlm.metrics.memory_usage import (
     usage_fraction,
 )
 
-_SINK_NAMES = ("MetricsFile", "read_metrics", "latest_by_step", "ConsoleProgress", "WandbSink",
-               "Sinks", "format_summary")
+_SINK_NAMES = (
+    "MetricsFile",
+    "read_metrics",
+    "latest_by_step",
+    "ConsoleProgress",
+    "WandbSink",
+    "Sinks",
+    "format_summary",
+)
 
 __all__ = [
-    "evaluate", "bits_per_byte", "perplexity",
-    "MemoryUsage", "attach_usage_trackers", "detach_usage_trackers", "track_memory_usage",
-    "memory_metrics", "usage_fraction", "kl_to_uniform", "gini", "slots_for_mass",
+    "evaluate",
+    "bits_per_byte",
+    "perplexity",
+    "MemoryUsage",
+    "attach_usage_trackers",
+    "detach_usage_trackers",
+    "track_memory_usage",
+    "memory_metrics",
+    "usage_fraction",
+    "kl_to_uniform",
+    "gini",
+    "slots_for_mass",
     *_SINK_NAMES,
 ]
 

@@ -59,9 +59,11 @@ def score_continuations(
         if len(continuation) == 0:
             raise ValueError(f"request {i}: empty continuation (nothing to score)")
         if len(continuation) > max_len:
-            raise ValueError(f"request {i}: a continuation of {len(continuation)} tokens does not fit the "
-                             f"model's window of {max_len}")
-        whole = (list(context) + list(continuation))[-(max_len + 1):]
+            raise ValueError(
+                f"request {i}: a continuation of {len(continuation)} tokens does not fit the "
+                f"model's window of {max_len}"
+            )
+        whole = (list(context) + list(continuation))[-(max_len + 1) :]
         if len(whole) < 2:
             raise ValueError(f"request {i}: empty context (give at least one token, e.g. end-of-text)")
         windows.append(whole)
@@ -71,17 +73,17 @@ def score_continuations(
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             T = max(len(windows[i]) for i in chunk) - 1
             ids_BT = torch.zeros((len(chunk), T), dtype=torch.long)
             for row, i in enumerate(chunk):
-                ids_BT[row, :len(windows[i]) - 1] = torch.tensor(windows[i][:-1])
+                ids_BT[row, : len(windows[i]) - 1] = torch.tensor(windows[i][:-1])
             logprobs_BTV = torch.log_softmax(logits_of(model, ids_BT.to(device)).float(), dim=-1)
             for row, i in enumerate(chunk):
                 n = len(requests[i][1])
                 end = len(windows[i]) - 1  # positions end-n .. end-1 predict the continuation
                 target = torch.tensor(windows[i][-n:], device=logprobs_BTV.device)
-                lp_nV = logprobs_BTV[row, end - n:end]
+                lp_nV = logprobs_BTV[row, end - n : end]
                 logprob = lp_nV.gather(1, target[:, None]).sum()
                 greedy = bool((lp_nV.argmax(-1) == target).all())
                 scores[i] = Score(float(logprob), greedy, n)

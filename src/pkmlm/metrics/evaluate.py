@@ -77,8 +77,7 @@ def evaluate(
             for batch_BT1 in batches:
                 batch_BT1 = batch_BT1.to(device, non_blocking=True)
                 inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-                with (torch.autocast(device.type, dtype=autocast_dtype) if use_autocast
-                      else contextlib.nullcontext()):
+                with torch.autocast(device.type, dtype=autocast_dtype) if use_autocast else contextlib.nullcontext():
                     _, loss = model(inputs_BT, targets_BT)
                 loss_sum += loss.detach().to(torch.float64) * targets_BT.numel()
                 n_tokens += targets_BT.numel()

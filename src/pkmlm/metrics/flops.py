@@ -50,8 +50,9 @@ PEAK_TFLOPS = (
 )
 
 
-def peak_flops(device: torch.device, amp_dtype: Optional[torch.dtype],
-               configured: Optional[float] = None) -> Optional[float]:
+def peak_flops(
+    device: torch.device, amp_dtype: Optional[torch.dtype], configured: Optional[float] = None
+) -> Optional[float]:
     """Peak FLOP/s that MFU is measured against, or None when unknown.
 
     `configured` (`train.peak_flops`) wins. Otherwise, on CUDA: the table's entry for the device
@@ -63,8 +64,9 @@ def peak_flops(device: torch.device, amp_dtype: Optional[torch.dtype],
         return float(configured)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return _table_peak(torch.cuda.get_device_name(device), amp_dtype == torch.bfloat16,
-                       torch.backends.cuda.matmul.allow_tf32)
+    return _table_peak(
+        torch.cuda.get_device_name(device), amp_dtype == torch.bfloat16, torch.backends.cuda.matmul.allow_tf32
+    )
 
 
 def _table_peak(name: str, bf16_autocast: bool, allow_tf32: bool) -> Optional[float]:
@@ -122,6 +124,7 @@ def memory_layer_costs(memory) -> Dict[str, int]:
     tables = [t for t in (memory.values, memory.down) if t is not None]
     params = sum(p.numel() for p in memory.parameters())
     value_params = sum(t.weight.numel() for t in tables)
-    costs.update(params=params, value_params=value_params,
-                 active_params=params - value_params + H * K * (V + (D if peer else 0)))
+    costs.update(
+        params=params, value_params=value_params, active_params=params - value_params + H * K * (V + (D if peer else 0))
+    )
     return costs

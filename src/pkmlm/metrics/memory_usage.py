@@ -127,8 +127,7 @@ def slots_for_mass(mass_S: Tensor, fraction: float) -> int:
     cumulative_S = x_S.sort(descending=True).values.cumsum(0)
     target = fraction * total * (1 - 1e-12)
     # First position whose running sum reaches the target; +1 turns the index into a count.
-    k = int(torch.searchsorted(cumulative_S, torch.tensor([target], dtype=torch.float64,
-                                                          device=x_S.device)).item()) + 1
+    k = int(torch.searchsorted(cumulative_S, torch.tensor([target], dtype=torch.float64, device=x_S.device)).item()) + 1
     return min(k, x_S.numel())
 
 
@@ -201,17 +200,16 @@ class MemoryUsage:
         this never waits for the device (ids out of [0, S) fail inside index_add_ instead).
         """
         if indices_NHK.shape != weights_NHK.shape:
-            raise ValueError(f"indices {tuple(indices_NHK.shape)} and weights "
-                             f"{tuple(weights_NHK.shape)} differ in shape")
+            raise ValueError(
+                f"indices {tuple(indices_NHK.shape)} and weights {tuple(weights_NHK.shape)} differ in shape"
+            )
         if indices_NHK.dim() < 2 or indices_NHK.shape[-2] != self.heads:
-            raise ValueError(f"expected (..., heads={self.heads}, knn), got "
-                             f"{tuple(indices_NHK.shape)}")
+            raise ValueError(f"expected (..., heads={self.heads}, knn), got {tuple(indices_NHK.shape)}")
         knn = indices_NHK.shape[-1]
         indices_NHK = indices_NHK.reshape(-1, self.heads, knn).to(self.device, torch.int64)
         weights_NHK = weights_NHK.reshape(-1, self.heads, knn).to(self.device, torch.float64)
         # (N, H, K) -> (H, N*K): head-major, then offset each head into its row of (H*S,).
-        flat_ids = (indices_NHK.permute(1, 0, 2).reshape(self.heads, -1)
-                    + self._head_offset_H1).reshape(-1)
+        flat_ids = (indices_NHK.permute(1, 0, 2).reshape(self.heads, -1) + self._head_offset_H1).reshape(-1)
         flat_weights = weights_NHK.permute(1, 0, 2).reshape(-1)
         # index_add_ rather than bincount: bincount sizes its output from max(ids), a host sync.
         self.count_per_head.view(-1).index_add_(0, flat_ids, torch.ones_like(flat_ids))
@@ -238,8 +236,7 @@ class MemoryUsage:
         the same S slots, so its KL is also against uniform over S).
         """
         # One transfer: counts fit float64 exactly up to 2**53.
-        both_2HS = torch.stack([self.count_per_head.to(torch.float64),
-                                self.weight_per_head]).cpu()
+        both_2HS = torch.stack([self.count_per_head.to(torch.float64), self.weight_per_head]).cpu()
         count_HS, weight_HS = both_2HS[0], both_2HS[1]
         stats = _distribution_stats(count_HS.sum(0), weight_HS.sum(0))
         for h in range(self.heads):
@@ -277,7 +274,6 @@ def memory_layers_of(model: torch.nn.Module) -> dict:
     return dict(unwrap_model(model).memory_layers())
 
 
-
 def _module_device(module: torch.nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device
@@ -298,7 +294,7 @@ def attach_usage_trackers(model: torch.nn.Module) -> dict[int, MemoryUsage]:
         raise RuntimeError(f"memory layers {busy} already have an observer; detach it first")
     trackers = {}
     for i, memory in sorted(layers.items()):
-        trackers[i] = MemoryUsage(memory.n_keys ** 2, memory.heads, _module_device(memory))
+        trackers[i] = MemoryUsage(memory.n_keys**2, memory.heads, _module_device(memory))
         memory.observer = trackers[i]
     return trackers
 
@@ -484,7 +480,7 @@ def attach_stale_trackers(model: torch.nn.Module, window: int) -> dict[int, Stal
     """A :class:`StaleSlots` on every memory layer (beside other observers); {layer index: tracker}."""
     trackers = {}
     for i, memory in sorted(memory_layers_of(model).items()):
-        trackers[i] = StaleSlots(memory.n_keys ** 2, window, _module_device(memory))
+        trackers[i] = StaleSlots(memory.n_keys**2, window, _module_device(memory))
         add_observer(memory, trackers[i])
     return trackers
 

@@ -60,8 +60,10 @@ def read_questions(path: str | Path) -> list[Question]:
     path = Path(path)
     problem = file_problem(path)  # stat only: a FIFO or device is refused without opening it
     if problem is not None:
-        raise DataError(f"eval.recall={str(path)!r}: {problem}; give a qa.jsonl, e.g. one written by "
-                        "pkmlm-facts --people N --seed S --out DIR (DIR/qa.jsonl)")
+        raise DataError(
+            f"eval.recall={str(path)!r}: {problem}; give a qa.jsonl, e.g. one written by "
+            "pkmlm-facts --people N --seed S --out DIR (DIR/qa.jsonl)"
+        )
     questions = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -77,8 +79,9 @@ def read_questions(path: str | Path) -> list[Question]:
             n = r.get("n_values")
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise DataError(f"{where}: 'n_values' must be an integer >= 1 (the answer's value-set size), got {n!r}")
-            questions.append(Question(r["prompt"], r["answer"], n, str(r.get("attribute", "")),
-                                      str(r.get("person", ""))))
+            questions.append(
+                Question(r["prompt"], r["answer"], n, str(r.get("attribute", "")), str(r.get("person", "")))
+            )
     if not questions:
         raise DataError(f"eval.recall={str(path)!r}: no questions in the file")
     return questions
@@ -98,8 +101,9 @@ def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "active": total, "memory_values": 0, "embedding": 0}
 
 
-def recall_metrics(questions: list[Question], nll_nats: list[float], exact: list[bool],
-                   params: dict[str, int]) -> dict[str, Any]:
+def recall_metrics(
+    questions: list[Question], nll_nats: list[float], exact: list[bool], params: dict[str, int]
+) -> dict[str, Any]:
     """The `recall/*` metrics from per-question answer NLLs (nats) and greedy matches.
 
     `recall/bits_per_param/{total,active,memory_values}`: bits over each count (memory_values only
@@ -130,9 +134,15 @@ def recall_metrics(questions: list[Question], nll_nats: list[float], exact: list
     return out
 
 
-def evaluate_recall(model: torch.nn.Module, tokenizer: Any, qa_path: str | Path | Sequence[Question],
-                    batch_size: int = 64, device: torch.device | str | None = None,
-                    max_questions: int | None = None, delimiter: str = " ") -> dict[str, Any]:
+def evaluate_recall(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    qa_path: str | Path | Sequence[Question],
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    max_questions: int | None = None,
+    delimiter: str = " ",
+) -> dict[str, Any]:
     """Recall metrics of `model` (a causal LM: pkmlm's Transformer, or a module returning logits)
     on the questions of `qa_path` (a qa.jsonl, or questions already read by `read_questions`), with
     `tokenizer` (a `tokenizers.Tokenizer` whose end-of-text starts every prompt). `max_questions`
@@ -144,9 +154,7 @@ def evaluate_recall(model: torch.nn.Module, tokenizer: Any, qa_path: str | Path 
     if max_questions is not None:
         questions = questions[:max_questions]
     eos = eos_id(tokenizer)
-    requests = [([eos] + tokenizer.encode(q.prompt).ids, tokenizer.encode(delimiter + q.answer).ids)
-                for q in questions]
+    requests = [([eos] + tokenizer.encode(q.prompt).ids, tokenizer.encode(delimiter + q.answer).ids) for q in questions]
     max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None) or max(len(c) + len(a) for c, a in requests)
     scores = score_continuations(model, requests, max_len=max_len, batch_size=batch_size, device=device)
-    return recall_metrics(questions, [-s.logprob for s in scores], [s.greedy for s in scores],
-                          parameter_counts(model))
+    return recall_metrics(questions, [-s.logprob for s in scores], [s.greedy for s in scores], parameter_counts(model))

@@ -150,8 +150,7 @@ def read_metrics(path: str | os.PathLike, dedupe: bool = True) -> list[dict]:
                 warnings.warn(f"{os.fspath(path)}:{number}: skipping unparsable line", stacklevel=2)
             continue
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            warnings.warn(f"{os.fspath(path)}:{number}: skipping a line without an integer step",
-                          stacklevel=2)
+            warnings.warn(f"{os.fspath(path)}:{number}: skipping a line without an integer step", stacklevel=2)
             continue
         rows.append(row)
     return latest_by_step(rows) if dedupe else rows
@@ -204,9 +203,15 @@ class ConsoleProgress:
     ``enabled=False`` makes every method a no-op (non-zero ranks, quiet runs).
     """
 
-    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 file: TextIO | None = None, tty: bool | None = None,
-                 log_interval_s: float = 30.0):
+    def __init__(
+        self,
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        file: TextIO | None = None,
+        tty: bool | None = None,
+        log_interval_s: float = 30.0,
+    ):
         self.total_steps = int(total_steps)
         self.enabled = enabled
         self.file = file if file is not None else sys.stderr
@@ -222,11 +227,19 @@ class ConsoleProgress:
         self._bar = None
         self._fields: dict[str, str] = {}  # the latest loss / lr / tok/s, shown until replaced
         if enabled and tty:
-            self._bar = tqdm(total=self.total_steps, initial=self.step, file=self.file,
-                             unit="step", dynamic_ncols=True, smoothing=0.1, leave=True)
+            self._bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                file=self.file,
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.1,
+                leave=True,
+            )
 
-    def update(self, step: int, loss: float | None = None, lr: float | None = None,
-               tokens_per_s: float | None = None) -> None:
+    def update(
+        self, step: int, loss: float | None = None, lr: float | None = None, tokens_per_s: float | None = None
+    ) -> None:
         """Move to ``step`` (optimizer steps completed) and show the latest values given."""
         if not self.enabled:
             return
@@ -253,8 +266,7 @@ class ConsoleProgress:
     def _plain_line(self, fields: dict[str, str], elapsed: float) -> str:
         percent = 100.0 * self.step / self.total_steps if self.total_steps else 100.0
         parts = [f"step {self.step}/{self.total_steps} ({percent:.0f}%)"]
-        parts += [f"{key} {value}" if key != "tok/s" else f"{value} tok/s"
-                  for key, value in fields.items()]
+        parts += [f"{key} {value}" if key != "tok/s" else f"{value} tok/s" for key, value in fields.items()]
         done = self.step - self._initial_step
         left = (self.total_steps - self.step) * elapsed / done if done > 0 else math.inf
         parts.append(f"{_duration(elapsed)} elapsed, {_duration(left)} left")
@@ -297,10 +309,18 @@ class WandbSink:
     ``config`` should be a plain dict (``OmegaConf.to_container(cfg, resolve=True)``).
     """
 
-    def __init__(self, mode: str, project: str, name: str | None, group: str | None,
-                 config: Mapping[str, Any], dir: str | os.PathLike,
-                 entity: str | None = None, tags: Iterable[str] | None = None,
-                 run_id: str | None = None):
+    def __init__(
+        self,
+        mode: str,
+        project: str,
+        name: str | None,
+        group: str | None,
+        config: Mapping[str, Any],
+        dir: str | os.PathLike,
+        entity: str | None = None,
+        tags: Iterable[str] | None = None,
+        run_id: str | None = None,
+    ):
         if mode not in WANDB_MODES:
             raise ConfigError("logging.wandb.mode", mode, "one of " + "|".join(WANDB_MODES))
         self.mode = mode
@@ -310,20 +330,31 @@ class WandbSink:
         try:
             import wandb
         except ImportError as error:
-            raise UserError(f"logging.wandb.mode={mode} needs the wandb package ({error}); "
-                            "install it or set logging.wandb.mode=disabled") from None
+            raise UserError(
+                f"logging.wandb.mode={mode} needs the wandb package ({error}); "
+                "install it or set logging.wandb.mode=disabled"
+            ) from None
         os.makedirs(dir, exist_ok=True)
         try:
             self.run = wandb.init(
-                mode=mode, project=project, name=name, group=group, entity=entity,
-                config=dict(config), dir=os.fspath(dir), tags=list(tags) if tags else None,
-                id=run_id, resume="allow" if run_id else None,
+                mode=mode,
+                project=project,
+                name=name,
+                group=group,
+                entity=entity,
+                config=dict(config),
+                dir=os.fspath(dir),
+                tags=list(tags) if tags else None,
+                id=run_id,
+                resume="allow" if run_id else None,
             )
         except wandb.errors.Error as error:
             message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise UserError(f"wandb.init failed (logging.wandb.mode={mode}): {message}; "
-                            "set logging.wandb.mode=offline to log locally without an "
-                            "account (or disabled)") from None
+            raise UserError(
+                f"wandb.init failed (logging.wandb.mode={mode}): {message}; "
+                "set logging.wandb.mode=offline to log locally without an "
+                "account (or disabled)"
+            ) from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
@@ -427,8 +458,7 @@ class Sinks:
 _MEMORY_KEY = re.compile(r"^memory/layer(\d+)/usage$")
 
 
-def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike,
-                   wall_time_s: float | None = None) -> str:
+def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike, wall_time_s: float | None = None) -> str:
     """End-of-run block for the console.
 
     ``metrics`` is a metrics.jsonl-style row: ``val/loss`` and ``val/ppl`` (``loss``/``ppl`` as
@@ -436,6 +466,7 @@ def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike,
     ``step`` and ``wall_time_s`` (or pass ``wall_time_s``), and ``memory/layer{i}/usage``,
     ``kl_weight``, ``kl_count`` for each memory layer. Missing or null values print as ``n/a``.
     """
+
     def pick(*keys: str) -> Any:
         for key in keys:
             if key in metrics:
@@ -444,8 +475,7 @@ def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike,
 
     if wall_time_s is None:
         wall_time_s = pick("wall_time_s")
-    loss, ppl, tokens, step = pick("val/loss", "loss"), pick("val/ppl", "ppl"), \
-        pick("tokens"), pick("step")
+    loss, ppl, tokens, step = pick("val/loss", "loss"), pick("val/ppl", "ppl"), pick("tokens"), pick("step")
     lines = ["── run summary " + "─" * 45]
     if step is not None:
         lines.append(f"  step           {step}")
@@ -455,17 +485,18 @@ def format_summary(metrics: Mapping[str, Any], run_dir: str | os.PathLike,
     stopped = pick("stopped_by")
     if stopped is not None:
         lines.append(f"  stopped by     {stopped}")
-    lines.append("  wall time      "
-                 + ("n/a" if wall_time_s is None else _duration(float(wall_time_s))))
+    lines.append("  wall time      " + ("n/a" if wall_time_s is None else _duration(float(wall_time_s))))
     layers = sorted(int(m.group(1)) for key in metrics if (m := _MEMORY_KEY.match(key)))
     if layers:
         lines.append(f"  {'memory':<12} {'usage':>8} {'kl_weight':>10} {'kl_count':>10}")
         for i in layers:
             usage = metrics.get(f"memory/layer{i}/usage")
             usage_text = "n/a" if _number(usage, ".1%") == "n/a" else f"{usage:.1%}"
-            lines.append(f"  {f'layer {i}':<12} {usage_text:>8} "
-                         f"{_number(metrics.get(f'memory/layer{i}/kl_weight'), '.4f'):>10} "
-                         f"{_number(metrics.get(f'memory/layer{i}/kl_count'), '.4f'):>10}")
+            lines.append(
+                f"  {f'layer {i}':<12} {usage_text:>8} "
+                f"{_number(metrics.get(f'memory/layer{i}/kl_weight'), '.4f'):>10} "
+                f"{_number(metrics.get(f'memory/layer{i}/kl_count'), '.4f'):>10}"
+            )
     lines.append(f"  run dir        {os.fspath(run_dir)}")
     lines.append("─" * 60)
     return "\n".join(lines)

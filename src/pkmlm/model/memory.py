@@ -121,11 +121,15 @@ class MemoryConfig:
         if n_layers is not None:
             layers = list(self.layers)
             for index in layers:
-                require(not isinstance(index, bool) and isinstance(index, int) and 0 <= index < n_layers,
-                        f"{prefix}.layers", layers,
-                        f"each index must be in [0, {n_layers - 1}] for model.n_layers={n_layers}")
-            require(len(set(layers)) == len(layers), f"{prefix}.layers", layers,
-                    "indices must be distinct (no duplicates)")
+                require(
+                    not isinstance(index, bool) and isinstance(index, int) and 0 <= index < n_layers,
+                    f"{prefix}.layers",
+                    layers,
+                    f"each index must be in [0, {n_layers - 1}] for model.n_layers={n_layers}",
+                )
+            require(
+                len(set(layers)) == len(layers), f"{prefix}.layers", layers, "indices must be distinct (no duplicates)"
+            )
         for name in ("share_values", "shard_values"):
             require(isinstance(getattr(self, name), bool), f"{prefix}.{name}", getattr(self, name), "true or false")
         require(self.placement in PLACEMENTS, f"{prefix}.placement", self.placement, f"one of {'|'.join(PLACEMENTS)}")
@@ -134,9 +138,25 @@ class MemoryConfig:
 
 def _layer_args(cfg: MemoryConfig) -> dict:
     """The fields of `cfg` that are `ProductKeyMemory` arguments (the rest place the layers)."""
-    names = ("n_keys", "heads", "knn", "k_dim", "v_dim", "query_norm", "input_dropout", "query_dropout",
-             "value_dropout", "kernel", "values_dtype", "retrieval_precision", "gate", "qk_norm", "values_kind",
-             "peer_activation", "balance_loss")
+    names = (
+        "n_keys",
+        "heads",
+        "knn",
+        "k_dim",
+        "v_dim",
+        "query_norm",
+        "input_dropout",
+        "query_dropout",
+        "value_dropout",
+        "kernel",
+        "values_dtype",
+        "retrieval_precision",
+        "gate",
+        "qk_norm",
+        "values_kind",
+        "peer_activation",
+        "balance_loss",
+    )
     return {name: getattr(cfg, name) for name in names}
 
 
@@ -173,27 +193,54 @@ def check_memory_args(
     `ProductKeyMemory` trusts its arguments)."""
     for name, value in (("n_keys", n_keys), ("heads", heads)):
         require(_is_int(value) and value >= 1, f"{prefix}.{name}", value, "a positive integer")
-    require(_is_int(knn) and 1 <= knn <= n_keys, f"{prefix}.knn", knn,
-            f"an integer in [1, {n_keys}] ({prefix}.n_keys={n_keys})")
-    require(_is_int(k_dim) and k_dim >= 2 and k_dim % 2 == 0, f"{prefix}.k_dim", k_dim,
-            "an even integer >= 2 (a query splits into two halves)")
-    require(v_dim is None or (_is_int(v_dim) and v_dim >= 1), f"{prefix}.v_dim", v_dim,
-            "a positive integer, or null for model.dim")
+    require(
+        _is_int(knn) and 1 <= knn <= n_keys,
+        f"{prefix}.knn",
+        knn,
+        f"an integer in [1, {n_keys}] ({prefix}.n_keys={n_keys})",
+    )
+    require(
+        _is_int(k_dim) and k_dim >= 2 and k_dim % 2 == 0,
+        f"{prefix}.k_dim",
+        k_dim,
+        "an even integer >= 2 (a query splits into two halves)",
+    )
+    require(
+        v_dim is None or (_is_int(v_dim) and v_dim >= 1),
+        f"{prefix}.v_dim",
+        v_dim,
+        "a positive integer, or null for model.dim",
+    )
     require(query_norm in QUERY_NORMS, f"{prefix}.query_norm", query_norm, f"one of {'|'.join(QUERY_NORMS)}")
-    for name, p in (("input_dropout", input_dropout), ("query_dropout", query_dropout),
-                    ("value_dropout", value_dropout)):
+    for name, p in (
+        ("input_dropout", input_dropout),
+        ("query_dropout", query_dropout),
+        ("value_dropout", value_dropout),
+    ):
         require(_is_number(p) and 0.0 <= p < 1.0, f"{prefix}.{name}", p, "a probability in [0, 1)")
     kernels.check_kernel(kernel, f"{prefix}.kernel")  # also refuses triton where it does not import
     require(values_dtype in VALUES_DTYPES, f"{prefix}.values_dtype", values_dtype, f"one of {'|'.join(VALUES_DTYPES)}")
-    require(retrieval_precision in RETRIEVAL_PRECISIONS, f"{prefix}.retrieval_precision", retrieval_precision,
-            f"one of {'|'.join(RETRIEVAL_PRECISIONS)}")
+    require(
+        retrieval_precision in RETRIEVAL_PRECISIONS,
+        f"{prefix}.retrieval_precision",
+        retrieval_precision,
+        f"one of {'|'.join(RETRIEVAL_PRECISIONS)}",
+    )
     require(gate in GATES, f"{prefix}.gate", gate, f"one of {'|'.join(GATES)}")
     require(isinstance(qk_norm, bool), f"{prefix}.qk_norm", qk_norm, "true or false")
     require(values_kind in VALUES_KINDS, f"{prefix}.values_kind", values_kind, f"one of {'|'.join(VALUES_KINDS)}")
-    require(peer_activation in PEER_ACTIVATIONS, f"{prefix}.peer_activation", peer_activation,
-            f"one of {'|'.join(PEER_ACTIVATIONS)}")
-    require(_is_number(balance_loss) and math.isfinite(balance_loss) and balance_loss >= 0,
-            f"{prefix}.balance_loss", balance_loss, "a finite number >= 0 (0 turns the balance loss off)")
+    require(
+        peer_activation in PEER_ACTIVATIONS,
+        f"{prefix}.peer_activation",
+        peer_activation,
+        f"one of {'|'.join(PEER_ACTIVATIONS)}",
+    )
+    require(
+        _is_number(balance_loss) and math.isfinite(balance_loss) and balance_loss >= 0,
+        f"{prefix}.balance_loss",
+        balance_loss,
+        "a finite number >= 0 (0 turns the balance loss off)",
+    )
 
 
 def eligible_rank_pairs(knn: int) -> Tuple[Tensor, Tensor]:
@@ -223,8 +270,9 @@ class ValueTables(NamedTuple):
     down: Optional[nn.Module] = None
 
 
-def new_value_tables(n_keys: int, dim: int, v_dim: int, values_kind: str = "embedding",
-                     values_dtype: str = "float32") -> ValueTables:
+def new_value_tables(
+    n_keys: int, dim: int, v_dim: int, values_kind: str = "embedding", values_dtype: str = "float32"
+) -> ValueTables:
     """Fresh, initialised tables of one memory layer, or of the pool several layers share."""
     tables = _make_value_tables(n_keys, dim, v_dim, values_kind, values_dtype)
     init_value_tables(tables)
@@ -397,8 +445,10 @@ class ProductKeyMemory(nn.Module):
     def own_tables(self) -> ValueTables:
         """The tables this layer registers (`owns_values=True`)."""
         if self.values is None:
-            raise ValueError("this memory layer reads value tables owned elsewhere (owns_values=False): "
-                             "pass them to forward(x, tables)")
+            raise ValueError(
+                "this memory layer reads value tables owned elsewhere (owns_values=False): "
+                "pass them to forward(x, tables)"
+            )
         return ValueTables(self.values, self.down)
 
     # --- section 3.1: query network (+ UltraMem's qk norm) ----------------------------------------
@@ -543,8 +593,7 @@ class ProductKeyMemory(nn.Module):
         read = getattr(values, "read", None) or functools.partial(kernels.read, weight)
         return read(indices_NR, weights_NR, kernel=self._kernel(weight), sparse_grad=self.sparse_grad)
 
-    def forward(self, x: Tensor, tables: Optional[ValueTables] = None, *,
-                return_aux: bool = False):
+    def forward(self, x: Tensor, tables: Optional[ValueTables] = None, *, return_aux: bool = False):
         """`(..., D)` -> `(..., out_dim)`; with `return_aux=True`, `(out, aux)` where `aux` is the
         0-d fp32 weighted balance loss of this call (zero when `balance_loss` is 0).
 

@@ -145,9 +145,11 @@ class ShardedValues(nn.Module):
         world, rank = mesh.size(), mesh.get_local_rank()
         M, V = full_MV.shape
         if V % world:
-            raise ValueError(f"the table's width {V} must divide into the {world} ranks of the group "
-                             "(values: model.memory.v_dim, or model.dim when v_dim is null; PEER's down "
-                             "vectors: model.dim)")
+            raise ValueError(
+                f"the table's width {V} must divide into the {world} ranks of the group "
+                "(values: model.memory.v_dim, or model.dim when v_dim is null; PEER's down "
+                "vectors: model.dim)"
+            )
         C = V // world
         local_MC = full_MV.detach()[:, rank * C : (rank + 1) * C].to(device or full_MV.device).contiguous()
         self.weight = nn.Parameter(DTensor.from_local(local_MC, mesh, [Shard(1)], run_check=False))
@@ -155,14 +157,18 @@ class ShardedValues(nn.Module):
         self.num_embeddings, self.embedding_dim = M, V
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, columns split over {self.mesh.size()} ranks "
-                f"({self.embedding_dim // self.mesh.size()} each)")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, columns split over {self.mesh.size()} ranks "
+            f"({self.embedding_dim // self.mesh.size()} each)"
+        )
 
     def read(self, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False) -> Tensor:
         """`(N, V)` in the table's dtype: the weighted read of this rank's tokens (a collective)."""
         if sparse_grad:
-            raise ValueError("sparse value gradients (optim.sparse_values) do not combine with sharded values "
-                             "(model.memory.shard_values); turn one of them off")
+            raise ValueError(
+                "sparse value gradients (optim.sparse_values) do not combine with sharded values "
+                "(model.memory.shard_values); turn one of them off"
+            )
         group = self.mesh.get_group()
         world = self.mesh.size()
         N, C = indices_NR.shape[0], self.embedding_dim // world
@@ -180,8 +186,10 @@ class ShardedValues(nn.Module):
         """`(N, R)` fp32: `x[n] . table[indices[n, r]]` for this rank's tokens (a collective; PEER's
         down vectors). The signature of `pkmlm.model.kernels.dot` minus the table."""
         if sparse_grad:
-            raise ValueError("sparse value gradients (optim.sparse_values) do not combine with sharded values "
-                             "(model.memory.shard_values); turn one of them off")
+            raise ValueError(
+                "sparse value gradients (optim.sparse_values) do not combine with sharded values "
+                "(model.memory.shard_values); turn one of them off"
+            )
         group = self.mesh.get_group()
         world = self.mesh.size()
         N, C = indices_NR.shape[0], self.embedding_dim // world

@@ -174,8 +174,13 @@ class Block(nn.Module):
         if self.memory is not None and self.memory.out_dim != cfg.dim:
             self.memory_proj = nn.Linear(self.memory.out_dim, cfg.dim, bias=False)  # residual projection
 
-    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]],
-                tables: Optional[ValueTables] = None, return_aux: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(
+        self,
+        x_BTD: Tensor,
+        rope: Optional[Tuple[Tensor, Tensor]],
+        tables: Optional[ValueTables] = None,
+        return_aux: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         """`(x, aux)`: the block's output and, with `return_aux`, its memory's weighted auxiliary
         loss (else, or without a memory, None). `tables`: the shared value pool its memory reads
         (share_values), else None."""
@@ -214,7 +219,8 @@ class Transformer(nn.Module):
         mem = cfg.memory
         if mem.share_values and len(mem.layers) > 0:
             self.shared_values, self.shared_down = new_value_tables(
-                mem.n_keys, cfg.dim, mem.v_dim or cfg.dim, mem.values_kind, mem.values_dtype)
+                mem.n_keys, cfg.dim, mem.v_dim or cfg.dim, mem.values_kind, mem.values_dtype
+            )
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -247,8 +253,9 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 
-    def forward(self, idx_BT: Tensor, targets_BT: Optional[Tensor] = None, *, return_aux: bool = False
-                ) -> Union[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor], Tensor]]:
+    def forward(
+        self, idx_BT: Tensor, targets_BT: Optional[Tensor] = None, *, return_aux: bool = False
+    ) -> Union[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor], Tensor]]:
         """Token ids `(B, T)` -> logits `(B, T, V)` and, given targets, the mean cross entropy
         (fp32, positions with target -100 ignored). With `return_aux=True` a third element: the
         auxiliary loss of this forward, a 0-d fp32 tensor, the sum over memory layers of
@@ -277,9 +284,7 @@ class Transformer(nn.Module):
         loss = None
         if targets_BT is not None:
             # Flatten (B, T) into one batch of B*T predictions; fp32 for the log-softmax.
-            loss = F.cross_entropy(
-                logits_BTV.float().view(B * T, -1), targets_BT.reshape(B * T), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(B * T), ignore_index=-100)
         if return_aux:
             return logits_BTV, loss, aux_loss
         return logits_BTV, loss
@@ -324,8 +329,10 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         # Each table once (a pool counts once); a DTensor's numel is the whole table's.
         memory_values = sum(t.weight.numel() for t in self.value_tables().values())
-        read_rows = sum(m.heads * m.knn * (m.v_dim + (m.dim if m.values_kind == "peer" else 0))
-                        for m in self.memory_layers().values())
+        read_rows = sum(
+            m.heads * m.knn * (m.v_dim + (m.dim if m.values_kind == "peer" else 0))
+            for m in self.memory_layers().values()
+        )
         embedding = self.tok_emb.weight.numel()
         if self.pos_emb is not None:
             embedding += self.pos_emb.weight.numel()

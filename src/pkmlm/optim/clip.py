@@ -42,12 +42,15 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
         if p.grad.is_sparse and not p.grad.is_coalesced():
             p.grad = p.grad.coalesce()  # duplicate rows summed (the optimizer would coalesce anyway)
     if not sharded:  # dense and sparse local gradients: the norm of the per-tensor norms, as torch
-        norms = [torch.linalg.vector_norm(p.grad.values() if p.grad.is_sparse else p.grad, dtype=torch.float32)
-                 for p in params]
+        norms = [
+            torch.linalg.vector_norm(p.grad.values() if p.grad.is_sparse else p.grad, dtype=torch.float32)
+            for p in params
+        ]
         total = torch.linalg.vector_norm(torch.stack(norms))
     else:
-        total_sq = _sharded_square_sum(sharded, torch.zeros((), dtype=torch.float32,
-                                                            device=sharded[0].to_local().device))
+        total_sq = _sharded_square_sum(
+            sharded, torch.zeros((), dtype=torch.float32, device=sharded[0].to_local().device)
+        )
         for g in (p.grad for p in params if not _is_dtensor(p.grad)):
             total_sq += (g.values() if g.is_sparse else g).float().pow(2).sum()
         total = total_sq.sqrt()
@@ -79,8 +82,9 @@ def _sharded_square_sum(grads: Sequence[Tensor], like: Tensor) -> Tensor:
     return total
 
 
-def clip_gradients_(params: Sequence[nn.Parameter], value_params: Sequence[nn.Parameter],
-                    cfg: OptimConfig) -> tuple[Tensor, Tensor | None]:
+def clip_gradients_(
+    params: Sequence[nn.Parameter], value_params: Sequence[nn.Parameter], cfg: OptimConfig
+) -> tuple[Tensor, Tensor | None]:
     """The step's clipping: `(norm, values_norm)`, both before clipping. `values_norm` is None when
     the values are clipped with everything else (`optim.values_grad_clip=0`); otherwise `norm` is
     the norm of the other parameters."""

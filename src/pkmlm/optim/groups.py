@@ -50,8 +50,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     groups = [
         {"name": "decay", "params": decay, "lr": cfg.lr, "peak_lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"name": "no_decay", "params": no_decay, "lr": cfg.lr, "peak_lr": cfg.lr, "weight_decay": 0.0},
-        {"name": VALUES_GROUP, "params": values, "lr": cfg.values_lr, "peak_lr": cfg.values_lr,
-         "weight_decay": 0.0},
+        {"name": VALUES_GROUP, "params": values, "lr": cfg.values_lr, "peak_lr": cfg.values_lr, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 

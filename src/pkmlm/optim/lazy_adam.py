@@ -36,8 +36,15 @@ class LazyAdam(torch.optim.Optimizer):
     tests run the kernel on CPU under TRITON_INTERPRET=1).
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, use_triton: bool | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        use_triton: bool | None = None,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"LazyAdam: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -79,7 +86,8 @@ class LazyAdam(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"LazyAdam updates parameters with sparse gradients; a {tuple(p.shape)} parameter got a "
                         "dense one (is ProductKeyMemory.sparse_grad set? build the optimizer with "
-                        "pkmlm.optim.use_sparse_value_grads)")
+                        "pkmlm.optim.use_sparse_value_grads)"
+                    )
                 grad = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
                 rows_U, grad_UV = grad.indices()[0], grad.values()
                 state = self.state[p]
@@ -93,9 +101,19 @@ class LazyAdam(torch.optim.Optimizer):
                 if self._triton_for(p):
                     from pkmlm.optim.row_adam import row_adam_step
 
-                    row_adam_step(p, state["exp_avg"], state["exp_avg_sq"], rows_U, grad_UV, beta1=beta1,
-                                  beta2=beta2, eps=eps, decay_factor=1 - lr * wd, step_size=step_size,
-                                  bias_correction2_sqrt=bias_correction2_sqrt)
+                    row_adam_step(
+                        p,
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        rows_U,
+                        grad_UV,
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=eps,
+                        decay_factor=1 - lr * wd,
+                        step_size=step_size,
+                        bias_correction2_sqrt=bias_correction2_sqrt,
+                    )
                     continue
                 # The reference: torch AdamW's single-tensor arithmetic on the gathered rows.
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -141,16 +159,19 @@ class SparseValuesAdamW:
             o.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"dense": self.dense.state_dict() if self.dense else None,
-                "values": self.values.state_dict() if self.values else None}
+        return {
+            "dense": self.dense.state_dict() if self.dense else None,
+            "values": self.values.state_dict() if self.values else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"dense", "values"}:
             raise ValueError("not a sparse-values optimizer state (was the run made with optim.sparse_values=false?)")
         for name, o in (("dense", self.dense), ("values", self.values)):
             if (o is None) != (state[name] is None):
-                raise ValueError(f"optimizer state has {'no' if state[name] is None else 'a'} {name} part; "
-                                 "this model has the opposite")
+                raise ValueError(
+                    f"optimizer state has {'no' if state[name] is None else 'a'} {name} part; "
+                    "this model has the opposite"
+                )
             if o is not None:
                 o.load_state_dict(state[name])
-

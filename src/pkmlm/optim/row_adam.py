@@ -16,9 +16,20 @@ from torch import Tensor
 
 @triton.jit
 def _row_adam_kernel(
-    param_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_ptr, rows_ptr,
-    V, stride_param, stride_grad,
-    beta1, beta2, eps, decay_factor, step_size, bias_correction2_sqrt,
+    param_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    grad_ptr,
+    rows_ptr,
+    V,
+    stride_param,
+    stride_grad,
+    beta1,
+    beta2,
+    eps,
+    decay_factor,
+    step_size,
+    bias_correction2_sqrt,
     BLOCK_V: tl.constexpr,
 ):
     u = tl.program_id(0).to(tl.int64)
@@ -41,8 +52,18 @@ def _row_adam_kernel(
 
 
 def row_adam_step(
-    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows_U: Tensor, grad_UV: Tensor, *,
-    beta1: float, beta2: float, eps: float, decay_factor: float, step_size: float, bias_correction2_sqrt: float,
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    rows_U: Tensor,
+    grad_UV: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay_factor: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
 ) -> None:
     """In place: the Adam update of `param[rows_U]` and its moments from `grad_UV` (rows distinct)."""
     if param.stride() != exp_avg.stride() or param.stride() != exp_avg_sq.stride() or param.stride(1) != 1:
@@ -53,8 +74,20 @@ def row_adam_step(
     grad_UV = grad_UV.contiguous()
     block_v = min(triton.next_power_of_2(V), 1024)
     _row_adam_kernel[(U,)](
-        param, exp_avg, exp_avg_sq, grad_UV, rows_U.contiguous(),
-        V, param.stride(0), grad_UV.stride(0),
-        beta1, beta2, eps, decay_factor, step_size, bias_correction2_sqrt,
-        BLOCK_V=block_v, num_warps=4,
+        param,
+        exp_avg,
+        exp_avg_sq,
+        grad_UV,
+        rows_U.contiguous(),
+        V,
+        param.stride(0),
+        grad_UV.stride(0),
+        beta1,
+        beta2,
+        eps,
+        decay_factor,
+        step_size,
+        bias_correction2_sqrt,
+        BLOCK_V=block_v,
+        num_warps=4,
     )

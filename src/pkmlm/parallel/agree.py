@@ -111,8 +111,7 @@ def agree_on_stop(received: str | None, budget: str | None, info: DistInfo) -> t
     def code(value: str | None, names: tuple[str, ...]) -> int:
         return 0 if value is None else (names.index(value) + 1 if value in names else len(names) + 1)
 
-    t = torch.tensor([code(received, signals), code(budget, budgets)], dtype=torch.int32,
-                     device=_host_device(info))
+    t = torch.tensor([code(received, signals), code(budget, budgets)], dtype=torch.int32, device=_host_device(info))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
     def name(value: str | None, c: int, names: tuple[str, ...], other: str) -> str | None:
@@ -127,12 +126,16 @@ def check_batch_split(batch_size: int, micro_batch_size: int | None, info: DistI
     """`train.batch_size` is the global batch: each rank gets batch_size / W sequences, split into
     micro-batches of `train.micro_batch_size` on that rank."""
     if batch_size % info.world_size:
-        raise ConfigError("train.batch_size", batch_size,
-                          f"the global batch must divide into the {info.world_size} processes")
+        raise ConfigError(
+            "train.batch_size", batch_size, f"the global batch must divide into the {info.world_size} processes"
+        )
     per_rank = batch_size // info.world_size
     if micro_batch_size is not None and per_rank % micro_batch_size:
-        raise ConfigError("train.micro_batch_size", micro_batch_size,
-                          f"a divisor of the per-process batch train.batch_size / {info.world_size} = {per_rank}")
+        raise ConfigError(
+            "train.micro_batch_size",
+            micro_batch_size,
+            f"a divisor of the per-process batch train.batch_size / {info.world_size} = {per_rank}",
+        )
 
 
 def check_same_run_dir(run_dir: Path, info: DistInfo) -> None:
@@ -141,5 +144,7 @@ def check_same_run_dir(run_dir: Path, info: DistInfo) -> None:
         return
     main_dir = broadcast_from_main(str(Path(run_dir).resolve()), info)
     if any_rank(str(Path(run_dir).resolve()) != main_dir, info):
-        raise UserError(f"the processes of one run were given different run directories (rank 0: {main_dir}); "
-                        "give every rank the same hydra.run.dir")
+        raise UserError(
+            f"the processes of one run were given different run directories (rank 0: {main_dir}); "
+            "give every rank the same hydra.run.dir"
+        )

@@ -32,25 +32,31 @@ from pkmlm.parallel.env import DistInfo
 ShardFactory = Callable[[int, int, int], Any]
 
 
-def plan_data_shards(configured: int | None, batch_size: int, info: DistInfo,
-                     resumed: int | None = None) -> int:
+def plan_data_shards(configured: int | None, batch_size: int, info: DistInfo, resumed: int | None = None) -> int:
     """The run's number of data shards: the checkpoint's when resuming, else `train.data_shards`,
     else the number of processes; checked against the batch size and the process count."""
     n = resumed or configured or info.world_size
     if configured is not None and resumed is not None and configured != resumed:
-        raise ConfigError("train.data_shards", configured,
-                          f"the run being resumed has {resumed} data shards; leave train.data_shards unset")
+        raise ConfigError(
+            "train.data_shards",
+            configured,
+            f"the run being resumed has {resumed} data shards; leave train.data_shards unset",
+        )
     if n < 1:
         raise ConfigError("train.data_shards", n, "a positive number of shards, or null (the process count)")
     if batch_size % n:
-        raise ConfigError("train.batch_size", batch_size,
-                          f"a multiple of the run's {n} data shards (train.data_shards, or the process count)")
+        raise ConfigError(
+            "train.batch_size",
+            batch_size,
+            f"a multiple of the run's {n} data shards (train.data_shards, or the process count)",
+        )
     if n % info.world_size:
         where = "this run's checkpoints have" if resumed else "train.data_shards gives"
         raise UserError(
             f"{info.world_size} processes cannot split {n} data shards ({where} {n}): run it on a number of "
             f"processes that divides {n}, or start a new run with train.data_shards set to a multiple of every "
-            "process count you will use (e.g. 8)")
+            "process count you will use (e.g. 8)"
+        )
     return n
 
 
@@ -104,8 +110,10 @@ class DataShards:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("data_shards") != self.n_shards:
-            raise DataError(f"cannot resume the data pipeline: the checkpoint has {state.get('data_shards')} data "
-                            f"shards, this run {self.n_shards}")
+            raise DataError(
+                f"cannot resume the data pipeline: the checkpoint has {state.get('data_shards')} data "
+                f"shards, this run {self.n_shards}"
+            )
         self.load_shard_states({int(s): st for s, st in state["shards"].items()})
 
 

@@ -45,8 +45,10 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it; "
-                        "launch with torchrun or unset it)") from None
+        raise UserError(
+            f"environment variable {name}={raw!r} is not an integer (torchrun sets it; "
+            "launch with torchrun or unset it)"
+        ) from None
 
 
 def launched_with_several_processes() -> bool:
@@ -94,8 +96,12 @@ def current_info() -> DistInfo:
     """The `DistInfo` of an already initialised process group (or of a single process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
-    return DistInfo(rank=dist.get_rank(), local_rank=_env_int("LOCAL_RANK", dist.get_rank()),
-                    world_size=dist.get_world_size(), backend=str(dist.get_backend()))
+    return DistInfo(
+        rank=dist.get_rank(),
+        local_rank=_env_int("LOCAL_RANK", dist.get_rank()),
+        world_size=dist.get_world_size(),
+        backend=str(dist.get_backend()),
+    )
 
 
 def rank_device(device: torch.device, info: DistInfo) -> torch.device:
@@ -103,6 +109,9 @@ def rank_device(device: torch.device, info: DistInfo) -> torch.device:
     if not info.distributed or device.type != "cuda":
         return device
     if device.index is not None and device.index != info.local_rank % torch.cuda.device_count():
-        raise ConfigError("train.device", str(device),
-                          "with several processes each rank takes cuda:LOCAL_RANK; use train.device=cuda or auto")
+        raise ConfigError(
+            "train.device",
+            str(device),
+            "with several processes each rank takes cuda:LOCAL_RANK; use train.device=cuda or auto",
+        )
     return torch.device("cuda", info.local_rank % torch.cuda.device_count())

@@ -22,11 +22,14 @@ def refuse_multirun(argv: list[str]) -> None:
     line: sweeps launch one torchrun job per configuration, never a sweep inside each rank. Checked
     before anything parses the overrides (a sweep's `a=1,2` is not a valid single-run value)."""
     if launched_with_several_processes() and any(
-            a in ("-m", "--multirun") or a.replace(" ", "").lower() in ("hydra.mode=multirun", "+hydra.mode=multirun")
-            for a in argv[1:]):
-        raise UserError("Hydra multirun (-m) inside torchrun: launch one torchrun job per configuration instead "
-                        "(a shell loop, or pkmlm-train -m hydra/launcher=slurm with tasks_per_node; README, "
-                        "'Distributed training')")
+        a in ("-m", "--multirun") or a.replace(" ", "").lower() in ("hydra.mode=multirun", "+hydra.mode=multirun")
+        for a in argv[1:]
+    ):
+        raise UserError(
+            "Hydra multirun (-m) inside torchrun: launch one torchrun job per configuration instead "
+            "(a shell loop, or pkmlm-train -m hydra/launcher=slurm with tasks_per_node; README, "
+            "'Distributed training')"
+        )
 
 
 def prepare_cli(argv: list[str]) -> DistInfo | None:
@@ -56,8 +59,6 @@ def prepare_cli(argv: list[str]) -> DistInfo | None:
 def agreed_start_time(info: DistInfo) -> str:
     """Rank 0's clock as ISO text: the timestamp in the shared run directory's name."""
     return broadcast_from_main(datetime.datetime.now().isoformat(timespec="seconds"), info)
-
-
 
 
 def shutdown_distributed() -> None:

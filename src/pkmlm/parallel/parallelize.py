@@ -33,22 +33,29 @@ from pkmlm.parallel.env import DistInfo
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
-def check_parallel_config(parallel: str, shard_values: bool, v_dim: int, info: DistInfo,
-                          down_dim: int | None = None) -> None:
+def check_parallel_config(
+    parallel: str, shard_values: bool, v_dim: int, info: DistInfo, down_dim: int | None = None
+) -> None:
     """Refuse what cannot run on this many processes, before any tensor is built. `down_dim`: the
     columns of PEER's down vectors (model.dim), sharded like the values; None without them."""
     if parallel not in PARALLEL_MODES:
         raise ConfigError("train.parallel", parallel, f"one of {'|'.join(PARALLEL_MODES)}")
     if shard_values and info.distributed and v_dim % info.world_size:
-        raise ConfigError("model.memory.shard_values", True,
-                          f"the value dim {v_dim} (model.memory.v_dim, or model.dim when null) must divide into "
-                          f"the {info.world_size} processes; change the process count or v_dim, or turn "
-                          "sharding off")
+        raise ConfigError(
+            "model.memory.shard_values",
+            True,
+            f"the value dim {v_dim} (model.memory.v_dim, or model.dim when null) must divide into "
+            f"the {info.world_size} processes; change the process count or v_dim, or turn "
+            "sharding off",
+        )
     if shard_values and info.distributed and down_dim is not None and down_dim % info.world_size:
-        raise ConfigError("model.memory.shard_values", True,
-                          f"PEER's down vectors (model.memory.values_kind=peer) have model.dim={down_dim} "
-                          f"columns, which must divide into the {info.world_size} processes; change the "
-                          "process count or model.dim, or turn sharding off")
+        raise ConfigError(
+            "model.memory.shard_values",
+            True,
+            f"PEER's down vectors (model.memory.values_kind=peer) have model.dim={down_dim} "
+            f"columns, which must divide into the {info.world_size} processes; change the "
+            "process count or model.dim, or turn sharding off",
+        )
 
 
 def _value_tables(model: nn.Module) -> dict:
@@ -123,8 +130,15 @@ class Parallelized:
             dist.broadcast(buffer, src=0)
 
 
-def parallelize(model: nn.Module, parallel: str, info: DistInfo, device: torch.device, *,
-                shard_values: bool = False, seed: int | None = None) -> Parallelized:
+def parallelize(
+    model: nn.Module,
+    parallel: str,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    shard_values: bool = False,
+    seed: int | None = None,
+) -> Parallelized:
     """Shard value tables (when `shard_values`), move to `device`, wrap in DDP or FSDP2 per
     `parallel` (`ddp|fsdp`). With several processes and a `seed`, every rank's RNG is then reseeded
     with `seed + rank`, so that dropout masks differ across ranks."""

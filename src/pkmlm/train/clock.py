@@ -33,8 +33,14 @@ __all__ = ["RunClock", "budget_reached", "stop_reason"]
 
 
 class RunClock:
-    def __init__(self, device: torch.device, flops_per_token: float, peak_flops: float | None,
-                 wall_before_s: float = 0.0, train_before_s: float = 0.0):
+    def __init__(
+        self,
+        device: torch.device,
+        flops_per_token: float,
+        peak_flops: float | None,
+        wall_before_s: float = 0.0,
+        train_before_s: float = 0.0,
+    ):
         self.device = device
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
@@ -99,8 +105,7 @@ class RunClock:
         return row
 
 
-def budget_reached(max_tokens: int | None, max_time: float | None, tokens: int,
-                   train_s: float) -> str | None:
+def budget_reached(max_tokens: int | None, max_time: float | None, tokens: int, train_s: float) -> str | None:
     """`"max_tokens"` or `"max_time"` once a budget is used up, else None. The time budget counts
     training time (`train_time_s`): how often a run evaluates does not change where it stops."""
     if max_tokens is not None and tokens >= max_tokens:
@@ -110,8 +115,9 @@ def budget_reached(max_tokens: int | None, max_time: float | None, tokens: int,
     return None
 
 
-def stop_reason(step: int, max_steps: int, stop_at_step: int | None, budget: str | None,
-                signal_name: str | None) -> str:
+def stop_reason(
+    step: int, max_steps: int, stop_at_step: int | None, budget: str | None, signal_name: str | None
+) -> str:
     """Why the loop ended: a signal's name, a budget, `max_steps` or `stop_at_step`."""
     if signal_name is not None:
         return signal_name

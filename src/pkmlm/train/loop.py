@@ -68,8 +68,10 @@ class StopSignals:
         self.received = signal.Signals(signum).name
         if self.interrupt_now:
             self.interrupt_now = False
-            raise UserError(f"{self.received} received while the first batch was being read (the shuffle buffer "
-                            "filling): stopped before step 1, nothing to checkpoint; run again to start")
+            raise UserError(
+                f"{self.received} received while the first batch was being read (the shuffle buffer "
+                "filling): stopped before step 1, nothing to checkpoint; run again to start"
+            )
 
     def first_batch(self, batches: Any) -> Any:
         """`next(batches)`, interrupted by a stop signal (see `interrupt_now`)."""
@@ -205,13 +207,16 @@ def train_step(t: Trainer, batch: Tensor) -> StepOutput | None:
 def on_skipped_step(t: Trainer, window: Window) -> None:
     window.nonfinite_run += 1
     t.state.nonfinite_skipped += 1
-    t.sinks.console.write(f"step {t.state.step + 1}: non-finite loss or gradient, step skipped "
-                          f"({window.nonfinite_run} in a row, {t.state.nonfinite_skipped} in all)")
+    t.sinks.console.write(
+        f"step {t.state.step + 1}: non-finite loss or gradient, step skipped "
+        f"({window.nonfinite_run} in a row, {t.state.nonfinite_skipped} in all)"
+    )
     limit = t.cfg.train.max_consecutive_nonfinite
     if window.nonfinite_run >= limit:
         raise UserError(
             f"{window.nonfinite_run} non-finite steps in a row (train.max_consecutive_nonfinite={limit}); the last "
-            f"good checkpoint is in {t.run_dir / 'checkpoints'}; lower optim.lr or raise optim.warmup_steps")
+            f"good checkpoint is in {t.run_dir / 'checkpoints'}; lower optim.lr or raise optim.warmup_steps"
+        )
 
 
 def after_step(t: Trainer, out: StepOutput, batch: Tensor, window: Window, last_val: dict) -> str | None:
@@ -243,21 +248,26 @@ def log_training_row(t: Trainer, out: StepOutput, window: Window) -> None:
     row = {"step": t.state.step, "tokens": t.state.tokens}
     for name, value in window.terms.items():  # over ranks, then over the window's steps
         row[f"train/{name}"] = all_reduce_mean(value / window.steps, t.info).item()
-    row.update({
-        "train/lr": t.optimizer.param_groups[0]["lr"], "train/grad_norm": out.grad_norm.item(),
-        **({"train/values_grad_norm": out.values_grad_norm.item()} if out.values_grad_norm is not None else {}),
-        **t.clock.window_row(),  # tokens/s, step time (data, compute), MFU, peak memory, times
-        "train/nonfinite_skipped": t.state.nonfinite_skipped,
-        **stats_row(t.batches.stats),  # data/skipped/<kind>: bad records and cleaning drops so far
-    })
+    row.update(
+        {
+            "train/lr": t.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": out.grad_norm.item(),
+            **({"train/values_grad_norm": out.values_grad_norm.item()} if out.values_grad_norm is not None else {}),
+            **t.clock.window_row(),  # tokens/s, step time (data, compute), MFU, peak memory, times
+            "train/nonfinite_skipped": t.state.nonfinite_skipped,
+            **stats_row(t.batches.stats),  # data/skipped/<kind>: bad records and cleaning drops so far
+        }
+    )
     t.sinks.log(row)
-    skipped = {k[len("data/skipped/"):]: v for k, v in row.items() if k.startswith("data/skipped/") and v}
+    skipped = {k[len("data/skipped/") :]: v for k, v in row.items() if k.startswith("data/skipped/") and v}
     if skipped != (window.last_skipped or {}):  # the console hears of bad input when its counts change
-        t.sinks.console.write(f"step {t.state.step}: data records skipped so far: "
-                              + ", ".join(f"{v} {k}" for k, v in skipped.items()))
+        t.sinks.console.write(
+            f"step {t.state.step}: data records skipped so far: " + ", ".join(f"{v} {k}" for k, v in skipped.items())
+        )
         window.last_skipped = skipped
-    t.sinks.console.update(t.state.step, loss=row["train/loss"], lr=row["train/lr"],
-                           tokens_per_s=row["train/tokens_per_s"])
+    t.sinks.console.update(
+        t.state.step, loss=row["train/loss"], lr=row["train/lr"], tokens_per_s=row["train/tokens_per_s"]
+    )
     window.terms = {}
 
 
@@ -281,19 +291,35 @@ def evaluate_all(t: Trainer) -> dict:
         row.update({k: v for k, v in result.items() if k.startswith("memory/")})
         row.update(t.stale_row())  # memory/layer{i}/stale: slots not read in the last metrics.stale_window steps
         if ecfg.recall is not None:  # the file was checked before training (check_input_paths)
-            with torch.autocast(t.device.type, dtype=t.amp_dtype,
-                                enabled=t.amp_dtype is not None and t.device.type == "cuda"):  # as `evaluate`
-                row.update(evaluate_recall(t.model, t.tokenizer, read_questions(Path(ecfg.recall).expanduser()),
-                                           device=t.device, max_questions=ecfg.recall_max_questions))
+            with torch.autocast(
+                t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None and t.device.type == "cuda"
+            ):  # as `evaluate`
+                row.update(
+                    evaluate_recall(
+                        t.model,
+                        t.tokenizer,
+                        read_questions(Path(ecfg.recall).expanduser()),
+                        device=t.device,
+                        max_questions=ecfg.recall_max_questions,
+                    )
+                )
     row.update(t.clock.times())
     t.sinks.log(row)
-    line = (f"step {t.state.step}: val loss {row['val/loss']:.4f} | val ppl {row['val/ppl']:.2f}" if row["val/tokens"]
-            else f"step {t.state.step}: no validation batches")
-    line += "".join(f" | layer {i} usage {row[f'memory/layer{i}/usage']:.1%} kl {row[f'memory/layer{i}/kl_weight']:.2f}"
-                    for i in t.model.memory_layers() if f"memory/layer{i}/usage" in row)
+    line = (
+        f"step {t.state.step}: val loss {row['val/loss']:.4f} | val ppl {row['val/ppl']:.2f}"
+        if row["val/tokens"]
+        else f"step {t.state.step}: no validation batches"
+    )
+    line += "".join(
+        f" | layer {i} usage {row[f'memory/layer{i}/usage']:.1%} kl {row[f'memory/layer{i}/kl_weight']:.2f}"
+        for i in t.model.memory_layers()
+        if f"memory/layer{i}/usage" in row
+    )
     if "recall/bits" in row:
-        line += (f" | recall exact {row['recall/exact_match']:.1%} bits {row['recall/bits']:,.0f}"
-                 f"/{row['recall/bits_available']:,.0f}")
+        line += (
+            f" | recall exact {row['recall/exact_match']:.1%} bits {row['recall/bits']:,.0f}"
+            f"/{row['recall/bits_available']:,.0f}"
+        )
     t.sinks.console.write(line)
     return row
 
@@ -306,9 +332,15 @@ def save_checkpoint(t: Trainer) -> Path:
         rank_files = {f"data/shard_{s:05d}.json": st for s, st in shard_states(t.batches).items()}
         rank_files[f"rng/rank_{t.info.rank:05d}.json"] = pieces.rng_state()
         tensors = {**t.stateful().state_dict(), **t.stale_tensors()}  # model, optimizers, staleness trackers
-        return store.save(t.run_dir / "checkpoints", t.state.step, tensors=tensors,
-                          meta={**t.meta, **t.state.to_meta()}, rank_files=rank_files, info=t.info,
-                          keep_last=t.cfg.checkpoint.keep_last)
+        return store.save(
+            t.run_dir / "checkpoints",
+            t.state.step,
+            tensors=tensors,
+            meta={**t.meta, **t.state.to_meta()},
+            rank_files=rank_files,
+            info=t.info,
+            keep_last=t.cfg.checkpoint.keep_last,
+        )
 
 
 def finish(t: Trainer, stop_signal: str | None, budget: str | None, last_val: dict) -> dict:
@@ -316,16 +348,23 @@ def finish(t: Trainer, stop_signal: str | None, budget: str | None, last_val: di
     cfg, state = t.cfg, t.state
     if stop_signal is not None:
         save_checkpoint(t)
-        t.sinks.notice(f"{stop_signal} received: checkpoint written at step {state.step}; "
-                       f"resume with resume=auto (same hydra.run.dir={t.run_dir})")
+        t.sinks.notice(
+            f"{stop_signal} received: checkpoint written at step {state.step}; "
+            f"resume with resume=auto (same hydra.run.dir={t.run_dir})"
+        )
     elif not last_val and (state.step == cfg.train.max_steps or budget is not None):
         last_val = evaluate_all(t)
     counts = t.model.count_parameters()
     # The run's account in one row: tokens, steps and time, and why it stopped (fair comparisons).
-    final = {"step": state.step, "tokens": state.tokens, **t.clock.times(),
-             "stopped_by": stop_reason(state.step, cfg.train.max_steps, cfg.train.stop_at_step, budget, stop_signal),
-             "params_total": counts["total"], "params_active": counts["active"],
-             "flops_per_token": t.clock.flops_per_token}
+    final = {
+        "step": state.step,
+        "tokens": state.tokens,
+        **t.clock.times(),
+        "stopped_by": stop_reason(state.step, cfg.train.max_steps, cfg.train.stop_at_step, budget, stop_signal),
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "flops_per_token": t.clock.flops_per_token,
+    }
     t.sinks.write_row(final)
     summary = {**last_val, **final, "run_dir": str(t.run_dir)}
     t.sinks.summary(summary)

@@ -13,8 +13,16 @@ from pkmlm.config import PROJECT_ROOT, Config
 from pkmlm.errors import UserError
 
 # Keys that may differ between a run's saved config and the config that resumes it (contract).
-RESUME_MAY_DIFFER = ("train.stop_at_step", "train.max_steps", "resume", "logging.", "eval.interval", "eval.recall",
-                     "eval.recall_max_questions", "paths.")
+RESUME_MAY_DIFFER = (
+    "train.stop_at_step",
+    "train.max_steps",
+    "resume",
+    "logging.",
+    "eval.interval",
+    "eval.recall",
+    "eval.recall_max_questions",
+    "paths.",
+)
 
 
 class RunLock:
@@ -89,8 +97,10 @@ def resume_conflicts(saved: dict, saved_step: int, current: dict) -> list[str]:
     before, now = saved.get("train", {}).get("max_steps"), current.get("train", {}).get("max_steps")
     if before is not None and now is not None and before != now:
         if saved_step < before:
-            diffs.append(f"train.max_steps: {before!r} -> {now!r} (the run stopped at step {saved_step} of {before}; "
-                         "max_steps sets the LR schedule and may change only once the run has finished)")
+            diffs.append(
+                f"train.max_steps: {before!r} -> {now!r} (the run stopped at step {saved_step} of {before}; "
+                "max_steps sets the LR schedule and may change only once the run has finished)"
+            )
         elif now < saved_step:
             diffs.append(f"train.max_steps: {before!r} -> {now!r} (below the checkpoint's step {saved_step})")
     return diffs
@@ -148,24 +158,36 @@ def check_input_paths(cfg: Any) -> None:
         path = Path(tok).expanduser()
         if not path.is_file():
             what = "a directory" if path.is_dir() else "no such file"
-            raise UserError(f"data.tokenizer={tok!r}: {what} ({path.absolute()}); give a tokenizer.json path, "
-                            "or null to train one")
+            raise UserError(
+                f"data.tokenizer={tok!r}: {what} ({path.absolute()}); give a tokenizer.json path, or null to train one"
+            )
     if cfg.eval.recall:  # every question read and checked now, not at the first evaluation
         from pkmlm.metrics.recall import read_questions
 
         read_questions(Path(cfg.eval.recall).expanduser())
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).expanduser().exists():
-        raise UserError(f"resume={cfg.resume!r}: no such checkpoint file or run directory "
-                        f"({Path(cfg.resume).expanduser().absolute()}); use auto, never or an existing path")
+        raise UserError(
+            f"resume={cfg.resume!r}: no such checkpoint file or run directory "
+            f"({Path(cfg.resume).expanduser().absolute()}); use auto, never or an existing path"
+        )
 
 
 def code_version() -> dict[str, Any]:
     """The git commit of the project and whether the tree had uncommitted changes (when known)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            != ""
+        )
         return {"commit": commit or None, "dirty": dirty if commit else None}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

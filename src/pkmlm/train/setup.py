@@ -109,8 +109,11 @@ def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
         size = math.ceil(tokenizer_vocab / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         return dataclasses.replace(cfg, vocab_size=size)
     if cfg.vocab_size < tokenizer_vocab:
-        raise ConfigError("model.vocab_size", cfg.vocab_size, f"at least the tokenizer's vocabulary "
-                          f"({tokenizer_vocab}), or 0 to take it from the tokenizer")
+        raise ConfigError(
+            "model.vocab_size",
+            cfg.vocab_size,
+            f"at least the tokenizer's vocabulary ({tokenizer_vocab}), or 0 to take it from the tokenizer",
+        )
     return cfg
 
 
@@ -180,26 +183,30 @@ def shared_tokenizer(load: Callable[[], tuple[Any, dict]], info: DistInfo) -> tu
     return tokenizer_from_str(text), tok_info
 
 
-def _check_resume(cfg: Config, run_dir: Path, resolved: dict, resumed: Path | None,
-                  meta: dict | None, info: DistInfo) -> None:
+def _check_resume(
+    cfg: Config, run_dir: Path, resolved: dict, resumed: Path | None, meta: dict | None, info: DistInfo
+) -> None:
     """A resume must match the run's config; a fresh start must not mix with another run's files."""
     if resumed is not None:
         diffs = resume_conflicts(meta["config"], meta["step"], resolved)
         if diffs:
             raise UserError(
                 f"cannot resume from {resumed}: the run was made with another config ({'; '.join(diffs[:3])}"
-                f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never")
+                f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never"
+            )
     elif cfg.resume == "auto":  # no checkpoint: a fresh start, unless the directory is another run's
         diffs = run_on_main(lambda: fresh_start_conflicts(run_dir, resolved), info)
         if diffs:
             raise UserError(
                 f"run directory {run_dir} holds a run made with another config ({'; '.join(diffs[:3])}"
                 f"{'; ...' if len(diffs) > 3 else ''}) and no checkpoint of it; use a new run directory, "
-                "or resume=never to start over in this one")
+                "or resume=never to start over in this one"
+            )
 
 
-def build_model(cfg: Config, model_cfg: ModelConfig, init_from: Path | None = None,
-                info: DistInfo | None = None) -> Transformer:
+def build_model(
+    cfg: Config, model_cfg: ModelConfig, init_from: Path | None = None, info: DistInfo | None = None
+) -> Transformer:
     """The model as training starts it: seeded init, then the weights of checkpoint `init_from`
     when given (a fresh start with `init_from`), then the parameters `train.finetune` freezes."""
     pieces.seed_all(cfg.seed)  # python, numpy and torch: a fresh run's every RNG starts from the seed
@@ -234,9 +241,11 @@ def init_source(cfg: Config, meta: dict | None, info: DistInfo) -> tuple[Path | 
     source, source_meta = Path(found), store.read_meta(Path(found))
     missing = [k for k in ("model_config", "tokenizer", "config") if k not in source_meta]
     if missing:
-        raise UserError(f"init_from={cfg.init_from!r}: checkpoint {source} has no {', '.join(missing)} in its "
-                        "meta.json (not a training run's checkpoint); give a run directory or checkpoint of "
-                        "pkmlm-train")
+        raise UserError(
+            f"init_from={cfg.init_from!r}: checkpoint {source} has no {', '.join(missing)} in its "
+            "meta.json (not a training run's checkpoint); give a run directory or checkpoint of "
+            "pkmlm-train"
+        )
     return source, source_meta
 
 
@@ -249,39 +258,55 @@ def source_data_config(cfg: Config, source_meta: dict) -> DataConfig:
     return dataclasses.replace(OmegaConf.to_object(typed), seq_len=cfg.data.seq_len, num_workers=0)
 
 
-def finetune_background(cfg: Config, run_dir: Path, model: Transformer, source: Path, tokenizer: Any,
-                        info: DistInfo, weights_loaded: bool) -> BackgroundCounts:
+def finetune_background(
+    cfg: Config, run_dir: Path, model: Transformer, source: Path, tokenizer: Any, info: DistInfo, weights_loaded: bool
+) -> BackgroundCounts:
     """`sparse_memory`'s background: per slot, how many of `finetune.background_batches` batches
     (of `train.batch_size` sequences) of the source run's training data read it, counted once with
     the source's weights and cached in `RUN/finetune_background.safetensors`; a resume reads the
     cache (and recounts, with the source's weights loaded first, only when it is gone)."""
     if not (source is not None and store.is_checkpoint(source)):
-        raise UserError(f"train.finetune=sparse_memory: the init_from checkpoint {source} is gone, and so is "
-                        f"{run_dir / BACKGROUND_FILE}; restore either, or start a new run")
+        raise UserError(
+            f"train.finetune=sparse_memory: the init_from checkpoint {source} is gone, and so is "
+            f"{run_dir / BACKGROUND_FILE}; restore either, or start a new run"
+        )
     source_meta = store.read_meta(source)
     data_cfg = source_data_config(cfg, source_meta)
-    fingerprint = {"init_from": str(source), "step": source_meta["step"], "data": source_meta["config"].get("data"),
-                   "seq_len": cfg.data.seq_len, "batch_size": cfg.train.batch_size,
-                   "num_batches": cfg.finetune.background_batches, "seed": cfg.seed}
+    fingerprint = {
+        "init_from": str(source),
+        "step": source_meta["step"],
+        "data": source_meta["config"].get("data"),
+        "seq_len": cfg.data.seq_len,
+        "batch_size": cfg.train.batch_size,
+        "num_batches": cfg.finetune.background_batches,
+        "seed": cfg.seed,
+    }
     path = run_dir / BACKGROUND_FILE
     tables = {name: pool.n_slots for name, pool in slot_pools(model).items()}
     device = next(iter(slot_pools(model).values())).device
     cached = load_background(path, fingerprint, tables)
     if run_on_main(lambda: cached is not None, info):  # rank 0 decides: every rank loads, or every rank counts
         if cached is None:
-            raise UserError(f"{path}: rank {info.rank} cannot read the cache that rank 0 reads; the run directory "
-                            "must be one directory shared by all processes")
+            raise UserError(
+                f"{path}: rank {info.rank} cannot read the cache that rank 0 reads; the run directory "
+                "must be one directory shared by all processes"
+            )
         return cached.to(device)
     if not weights_loaded:
         load_weights(model, source, info)  # the restore that follows puts this run's own weights back
     try:
         plan = resolve_data(data_cfg)
     except UserError as e:
-        raise UserError(f"train.finetune=sparse_memory counts slots on the init_from run's training data, "
-                        f"which cannot be read now: {e}") from None
+        raise UserError(
+            f"train.finetune=sparse_memory counts slots on the init_from run's training data, "
+            f"which cannot be read now: {e}"
+        ) from None
     if info.is_main and cfg.logging.progress:
-        print(f"pkmlm | sparse_memory: counting slot reads of {cfg.finetune.background_batches} background "
-              f"batches of {source}'s training data (once; cached in {path.name})", flush=True)
+        print(
+            f"pkmlm | sparse_memory: counting slot reads of {cfg.finetune.background_batches} background "
+            f"batches of {source}'s training data (once; cached in {path.name})",
+            flush=True,
+        )
     # Every rank counts the same batches (a forward may be a collective); rank 0 writes the cache.
     batches = build_train_batches(data_cfg, plan, tokenizer, batch_size=cfg.train.batch_size, seed=cfg.seed)
     counts = count_background(model, batches, cfg.finetune.background_batches)
@@ -292,9 +317,13 @@ def finetune_background(cfg: Config, run_dir: Path, model: Transformer, source: 
 
 def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
     device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
-    check_parallel_config(cfg.train.parallel, cfg.model.memory.shard_values,
-                          cfg.model.memory.v_dim or cfg.model.dim, info,
-                          down_dim=cfg.model.dim if cfg.model.memory.values_kind == "peer" else None)
+    check_parallel_config(
+        cfg.train.parallel,
+        cfg.model.memory.shard_values,
+        cfg.model.memory.v_dim or cfg.model.dim,
+        info,
+        down_dim=cfg.model.dim if cfg.model.memory.values_kind == "peer" else None,
+    )
     check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
     if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
         resolve_kernel(cfg.model.memory.kernel, device)
@@ -309,8 +338,9 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     elif source_meta is not None:
         tokenizer, tok_source = tokenizer_from_str(source_meta["tokenizer"]), "init_from"
     else:  # with several processes rank 0 loads or trains it and sends it to the others
-        tokenizer, tok_info = shared_tokenizer(lambda: load_or_train_tokenizer(cfg.data, files, cfg.paths.cache_dir),
-                                               info)
+        tokenizer, tok_info = shared_tokenizer(
+            lambda: load_or_train_tokenizer(cfg.data, files, cfg.paths.cache_dir), info
+        )
         tok_source = tok_info["source"]
     model_cfg = model_config_for(cfg.model, tokenizer.get_vocab_size())
     if source_meta is not None:  # the same model, or one line naming the keys that differ
@@ -326,8 +356,9 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     model = build_model(cfg, model_cfg, init_from=source if meta is None else None, info=info)
     # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
     # process only the move. `model` stays the unwrapped model (state dicts, evaluation).
-    par = parallelize(model, cfg.train.parallel, info, device, shard_values=cfg.model.memory.shard_values,
-                      seed=cfg.seed)
+    par = parallelize(
+        model, cfg.train.parallel, info, device, shard_values=cfg.model.memory.shard_values, seed=cfg.seed
+    )
     if cfg.optim.sparse_values:
         use_sparse_value_grads(model)
     mode = cfg.train.finetune
@@ -338,13 +369,24 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     stale = attach_stale_trackers(model, cfg.metrics.stale_window)  # {} without memory layers
     optimizer = finetune_optimizer(model, cfg.finetune) if mode != "full" else build_optimizer(model, cfg.optim, device)
     # The global batch is `n_shards` data streams; each rank runs its share (pkmlm.parallel.data_shards).
-    n_shards = plan_data_shards(cfg.train.data_shards, cfg.train.batch_size, info,
-                                meta.get("data_shards") if meta is not None else None)
-    batches = build_batches(lambda shard, n, size: build_train_batches(
-        cfg.data, files, tokenizer, batch_size=size, seed=cfg.seed, rank=shard, world_size=n),
-        cfg.train.batch_size, n_shards, info)
-    val = validation_batches(cfg.data, files, tokenizer, batch_size=cfg.eval.batch_size or
-                             cfg.train.micro_batch_size or cfg.train.batch_size, max_batches=cfg.eval.max_batches)
+    n_shards = plan_data_shards(
+        cfg.train.data_shards, cfg.train.batch_size, info, meta.get("data_shards") if meta is not None else None
+    )
+    batches = build_batches(
+        lambda shard, n, size: build_train_batches(
+            cfg.data, files, tokenizer, batch_size=size, seed=cfg.seed, rank=shard, world_size=n
+        ),
+        cfg.train.batch_size,
+        n_shards,
+        info,
+    )
+    val = validation_batches(
+        cfg.data,
+        files,
+        tokenizer,
+        batch_size=cfg.eval.batch_size or cfg.train.micro_batch_size or cfg.train.batch_size,
+        max_batches=cfg.eval.max_batches,
+    )
     trainer_state = TrainState()
     if resumed is not None:
         trainer_state = restore(resumed, meta, model, optimizer, batches, info, stale)
@@ -352,26 +394,59 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
 
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     device_peak = peak_flops(device, amp_dtype, cfg.train.peak_flops)
-    clock = RunClock(device, model.flops_per_token(cfg.data.seq_len),
-                     # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
-                     device_peak * info.world_size if device_peak is not None else None,
-                     wall_before_s=trainer_state.wall_time_s, train_before_s=trainer_state.train_time_s)
+    clock = RunClock(
+        device,
+        model.flops_per_token(cfg.data.seq_len),
+        # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
+        device_peak * info.world_size if device_peak is not None else None,
+        wall_before_s=trainer_state.wall_time_s,
+        train_before_s=trainer_state.train_time_s,
+    )
     sinks = make_sinks(cfg, run_dir, resolved, info, trainer_state)
-    trainer = Trainer(cfg=cfg, run_dir=run_dir, info=info, device=device, amp_dtype=amp_dtype, model=model, par=par,
-                      step_fn=step_fn, optimizer=optimizer, batches=batches, val=val, tokenizer=tokenizer, sinks=sinks,
-                      state=trainer_state, clock=clock, resumed_from=resumed,
-                      meta={"config": resolved, "model_config": dataclasses.asdict(model_cfg),
-                            "tokenizer": tokenizer.to_str(), "code_version": code_version(),
-                            "world_size": info.world_size, "data_shards": n_shards,
-                            **({"init_from": str(source)} if source is not None else {}),
-                            **({"stale_slots": sorted(stale)} if stale else {})},
-                      init_from=source, selection=selection, stale=stale)
+    trainer = Trainer(
+        cfg=cfg,
+        run_dir=run_dir,
+        info=info,
+        device=device,
+        amp_dtype=amp_dtype,
+        model=model,
+        par=par,
+        step_fn=step_fn,
+        optimizer=optimizer,
+        batches=batches,
+        val=val,
+        tokenizer=tokenizer,
+        sinks=sinks,
+        state=trainer_state,
+        clock=clock,
+        resumed_from=resumed,
+        meta={
+            "config": resolved,
+            "model_config": dataclasses.asdict(model_cfg),
+            "tokenizer": tokenizer.to_str(),
+            "code_version": code_version(),
+            "world_size": info.world_size,
+            "data_shards": n_shards,
+            **({"init_from": str(source)} if source is not None else {}),
+            **({"stale_slots": sorted(stale)} if stale else {}),
+        },
+        init_from=source,
+        selection=selection,
+        stale=stale,
+    )
     sinks.console.write(_start_line(trainer, tok_source, n_shards))
     return trainer
 
 
-def restore(path: Path, meta: dict, model: nn.Module, optimizer: Optimizer, batches: Any,
-            info: DistInfo, stale: dict[int, StaleSlots] | None = None) -> TrainState:
+def restore(
+    path: Path,
+    meta: dict,
+    model: nn.Module,
+    optimizer: Optimizer,
+    batches: Any,
+    info: DistInfo,
+    stale: dict[int, StaleSlots] | None = None,
+) -> TrainState:
     """Model, optimizers, the staleness trackers, this rank's data shards and (same rank count) its
     RNG from checkpoint `path`; returns the loop's counters."""
     stateful = pieces.ModelAndOptimizers(model, torch_optimizers(optimizer))
@@ -398,12 +473,23 @@ def make_sinks(cfg: Config, run_dir: Path, resolved: dict, info: DistInfo, state
     """Rank 0 alone writes metrics.jsonl and wandb (a resumed run continues its own wandb run);
     rows hold values averaged (or summed) over ranks."""
     w = cfg.logging.wandb
-    wandb = WandbSink(mode=w.mode if info.is_main else "disabled", project=w.project, entity=w.entity,
-                      name=w.name or f"{cfg.name}/{run_dir.name}", group=w.group or cfg.name, tags=list(w.tags),
-                      config=resolved, dir=str(run_dir), run_id=state.wandb_run_id)
+    wandb = WandbSink(
+        mode=w.mode if info.is_main else "disabled",
+        project=w.project,
+        entity=w.entity,
+        name=w.name or f"{cfg.name}/{run_dir.name}",
+        group=w.group or cfg.name,
+        tags=list(w.tags),
+        config=resolved,
+        dir=str(run_dir),
+        run_id=state.wandb_run_id,
+    )
     state.wandb_run_id = wandb.run_id or state.wandb_run_id
-    progress = ConsoleProgress(total_steps=min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps),
-                               initial_step=state.step, enabled=cfg.logging.progress and info.is_main)
+    progress = ConsoleProgress(
+        total_steps=min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps),
+        initial_step=state.step,
+        enabled=cfg.logging.progress and info.is_main,
+    )
     metrics = MetricsFile(run_dir / "metrics.jsonl") if info.is_main else None
     return Sinks(metrics, progress, wandb, main=info.is_main)
 
@@ -417,6 +503,10 @@ def _start_line(t: Trainer, tok_source: str, n_shards: int) -> str:
         f"(vocab {t.tokenizer.get_vocab_size()}) | {len(t.val)} validation batches"
         + (f" | resumed from {t.resumed_from.name} at step {t.state.step}" if t.resumed_from is not None else "")
         + (f" | init_from {t.init_from} (train.finetune={t.cfg.train.finetune})" if t.init_from is not None else "")
-        + (f" | {t.info.world_size} processes ({t.par.mode}, {n_shards} data shards"
-           f"{', values sharded' if t.par.sharded_params else ''})" if t.info.distributed else "")
+        + (
+            f" | {t.info.world_size} processes ({t.par.mode}, {n_shards} data shards"
+            f"{', values sharded' if t.par.sharded_params else ''})"
+            if t.info.distributed
+            else ""
+        )
     )

@@ -94,14 +94,17 @@ def resolve_kernel(kernel: str, device: torch.device, key: str = "model.memory.k
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if kernel == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ConfigError(
-            key, kernel,
+            key,
+            kernel,
             f"the triton kernels need a CUDA device (got {device.type}); use auto or torch, or set "
             "TRITON_INTERPRET=1 to run them (slowly) through triton's interpreter",
         )
     return kernel
 
 
-def read(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False) -> Tensor:
+def read(
+    values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False
+) -> Tensor:
     """`(N, V)` in the values' dtype: the weighted read by the resolved `kernel` (`torch|triton`).
 
     `sparse_grad=True` gives the table a sparse COO gradient (for `optim.sparse_values`).
@@ -140,5 +143,13 @@ def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor,
     return ops.SparseGradRead.apply(values_MV, indices_NR, weights_NR.float())
 
 
-__all__ = ["KERNELS", "check_kernel", "dot", "read", "resolve_kernel", "resolve_kernels", "triton_available",
-           "triton_interpreted"]
+__all__ = [
+    "KERNELS",
+    "check_kernel",
+    "dot",
+    "read",
+    "resolve_kernel",
+    "resolve_kernels",
+    "triton_available",
+    "triton_interpreted",
+]

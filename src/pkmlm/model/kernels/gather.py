@@ -34,10 +34,18 @@ from torch import Tensor
 
 @triton.jit
 def _read_forward_kernel(
-    values_ptr, indices_ptr, weights_ptr, out_ptr,
-    R, V,
-    stride_values, stride_indices, stride_weights, stride_out,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    values_ptr,
+    indices_ptr,
+    weights_ptr,
+    out_ptr,
+    R,
+    V,
+    stride_values,
+    stride_indices,
+    stride_weights,
+    stride_out,
+    BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -59,12 +67,22 @@ def _read_forward_kernel(
 
 @triton.jit
 def _read_backward_kernel(
-    grad_out_ptr, values_ptr, weights_ptr,
-    order_ptr, offsets_ptr, prog_rows_ptr, prog_dst_ptr,
-    grad_values_ptr, grad_weights_ptr,
-    R, V,
-    stride_grad_out, stride_values, stride_grad_values,
-    BLOCK_E: tl.constexpr, BLOCK_V: tl.constexpr,
+    grad_out_ptr,
+    values_ptr,
+    weights_ptr,
+    order_ptr,
+    offsets_ptr,
+    prog_rows_ptr,
+    prog_dst_ptr,
+    grad_values_ptr,
+    grad_weights_ptr,
+    R,
+    V,
+    stride_grad_out,
+    stride_values,
+    stride_grad_values,
+    BLOCK_E: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     prog = tl.program_id(0)
     row = tl.load(prog_rows_ptr + prog).to(tl.int64)  # the value row this program owns
@@ -144,9 +162,19 @@ def read_forward(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor) -> T
     block_v = _block_v(V, values_MV)
     grid = (N, triton.cdiv(V, block_v))
     _read_forward_kernel[grid](
-        values_MV, indices_NR, weights_NR, out_NV, R, V,
-        values_MV.stride(0), indices_NR.stride(0), weights_NR.stride(0), out_NV.stride(0),
-        BLOCK_R=BLOCK_ROWS, BLOCK_V=block_v, num_warps=NUM_WARPS,
+        values_MV,
+        indices_NR,
+        weights_NR,
+        out_NV,
+        R,
+        V,
+        values_MV.stride(0),
+        indices_NR.stride(0),
+        weights_NR.stride(0),
+        out_NV.stride(0),
+        BLOCK_R=BLOCK_ROWS,
+        BLOCK_V=block_v,
+        num_warps=NUM_WARPS,
     )
     return out_NV
 
@@ -188,10 +216,23 @@ def read_backward(
         grad_rows = torch.empty_like(values_MV)
     if prog_rows.numel() and V:
         _read_backward_kernel[(prog_rows.numel(),)](
-            grad_out_NV, values_MV, weights_NR, order_E, offsets, prog_rows, prog_dst,
-            grad_rows, grad_weights_NR, R, V,
-            grad_out_NV.stride(0), values_MV.stride(0), grad_rows.stride(0),
-            BLOCK_E=BLOCK_ENTRIES, BLOCK_V=_block_v(V, values_MV), num_warps=NUM_WARPS,
+            grad_out_NV,
+            values_MV,
+            weights_NR,
+            order_E,
+            offsets,
+            prog_rows,
+            prog_dst,
+            grad_rows,
+            grad_weights_NR,
+            R,
+            V,
+            grad_out_NV.stride(0),
+            values_MV.stride(0),
+            grad_rows.stride(0),
+            BLOCK_E=BLOCK_ENTRIES,
+            BLOCK_V=_block_v(V, values_MV),
+            num_warps=NUM_WARPS,
         )
     grad_weights_NR = grad_weights_NR.to(weights_NR.dtype)
     if sparse:
