@@ -4,7 +4,7 @@ distributed checkpoints resumed on another number of processes, and the refusals
 End-to-end runs go through torchrun (`python -m torch.distributed.run --standalone`, which picks a
 free port) and `pkmlm.cli.train`; the 1-process references run in-process with
 `train.data_shards=2`, so that they see the same global batches as 2 processes (each rank runs one
-of the 2 data shards; pkmlm/train/data_shards.py). Memory models use `query_norm=layernorm`:
+of the 2 data shards; pkmlm/parallel/data_shards.py). Memory models use `query_norm=layernorm`:
 training-time BatchNorm statistics are per rank.
 """
 

@@ -409,8 +409,8 @@ class MetricsConfig:
     """`metrics.*` of the root config: training-time metrics."""
 
     # memory/layer{i}/stale: fraction of slots not read in this many most recent optimizer steps.
-    # 100 steps of the default run (16 x 128 tokens, 4 heads x 32 reads each) are ~26M reads into
-    # 262k slots: a slot unread for that long is not being used (Kim & Jung 2020's dead keys).
+    # 100 steps of the default run (16 x 128 tokens, 4 heads x knn 16 reads each) are ~13M reads into
+    # 16,384 slots (800 per slot): a slot unread for that long is not being used (Kim & Jung 2020's dead keys).
     stale_window: int = 100
 
 
