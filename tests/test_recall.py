@@ -222,8 +222,48 @@ def test_knowledge_report_table_and_plot(tmp_path):
     ]
     table = recall_markdown(runs)
     assert "knowledge/mem N=100" in table and "no recall" not in table and "6,000 / 10,000" in table
-    assert knowledge_plot(runs, tmp_path / "bits.png") and (tmp_path / "bits.png").stat().st_size > 0
-    assert not knowledge_plot(runs[3:], tmp_path / "none.png")
+    people, params = tmp_path / "bits.png", tmp_path / "params.png"
+    assert knowledge_plot(runs, people, params) == [people, params]
+    assert people.stat().st_size > 0 and params.stat().st_size > 0
+    assert knowledge_plot(runs, tmp_path / "only.png") == [tmp_path / "only.png"]
+    assert not knowledge_plot(runs[3:], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_bits_vs_parameters_axes_are_readable_and_show_both_arms(tmp_path, monkeypatch):
+    """The parameters figure: one point per run and arm, active and memory-value counts as a second
+    series, SI tick labels that do not overlap (counts close together: linear; a wide span: log)."""
+    import matplotlib.pyplot as plt
+
+    from pkmlm.experiments.report import knowledge_plot
+    from pkmlm.experiments.runs import RunSummary
+
+    def run(name, people, bits, total, active, values):
+        row = {"step": 10, "recall/people": people, "recall/bits": bits, "recall/bits_available": 50.0 * people}
+        row.update({"recall/params/total": total, "recall/params/active": active})
+        row["recall/params/memory_values"] = values
+        return RunSummary(path=tmp_path, label=f"{name} N={people}", config={}, rows=[row], name=name)
+
+    runs = [
+        run("knowledge/dense", 100, 4000.0, 1_210_000, 1_210_000, 0),
+        run("knowledge/dense", 200, 6000.0, 1_210_000, 1_210_000, 0),
+        run("knowledge/mem", 100, 4500.0, 1_290_000, 1_150_000, 65_536),
+        run("knowledge/mem", 200, 7000.0, 1_290_000, 1_150_000, 65_536),
+    ]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert len(knowledge_plot(runs, tmp_path / "people.png", tmp_path / "params.png")) == 2
+    ax_total, ax_active = figures[-1].axes
+    assert len(ax_total.collections) == 2  # one scatter per arm
+    assert [len(c.get_offsets()) for c in ax_total.collections] == [2, 2]
+    assert len(ax_active.collections) == 3  # dense active, mem active, mem memory values
+    assert ax_total.get_xscale() == "linear" and ax_active.get_xscale() == "log"
+    figures[-1].canvas.draw()
+    for ax in (ax_total, ax_active):
+        boxes = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert boxes and len(set(labels)) == len(labels) and all(t[-1] in "0123456789kM" for t in labels)
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert not ax_total.xaxis.get_offset_text().get_text()
 
 
 def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
@@ -269,7 +309,8 @@ def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
     assert "| 10 (seed 0) |" in table and "| 20 (seed 0) |" in table and "| 350 |" in table
     # N=20's dense run stopped at 20 s, before the memory's 28 s: no equal-time row for it.
     assert table.count("dense (equal time)") == 1
-    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("bits_vs_exposures.png", "bits_vs_people.png"))
+    figures = ("bits_vs_exposures.png", "bits_vs_people.png", "bits_vs_parameters.png")
+    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in figures)
 
 
 def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_path, capsys):

@@ -321,32 +321,62 @@ def recall_markdown(runs: list[RunSummary]) -> str:
     return "\n".join(head + lines)
 
 
-def knowledge_plot(runs: list[RunSummary], path: Path) -> bool:
-    """Bits stored vs people N and vs total parameters, one line per run name (e.g. knowledge/dense
-    and knowledge/mem of a sweep over N); False when fewer than two runs have recall metrics."""
-    import matplotlib.pyplot as plt
-
-    points: dict[str, list[tuple[float, float, float, float]]] = {}
+def _recall_points(runs: list[RunSummary]) -> dict[str, list[dict[str, float]]]:
+    """The last recall row of each run that has one, grouped by run name (one arm of a sweep, e.g.
+    knowledge/dense and knowledge/mem), with the parameter counts missing ones as NaN."""
+    points: dict[str, list[dict[str, float]]] = {}
     for run in runs:
         r = recall_of(run)
         if r is None or r.get("recall/people") is None:
             continue
-        points.setdefault(run.name or run.label, []).append(
-            (
-                r["recall/people"],
-                r["recall/bits"],
-                r.get("recall/params/total") or math.nan,
-                r.get("recall/bits_available") or math.nan,
-            )
-        )
+        point = {"people": r["recall/people"], "bits": r["recall/bits"]}
+        for key in ("bits_available", "params/total", "params/active", "params/memory_values"):
+            point[key] = r.get(f"recall/{key}") or math.nan
+        points.setdefault(run.name or run.label, []).append(point)
+    return points
+
+
+def _count_tick(x: float) -> str:
+    """A tick label for a count: 1.22M, 300k, 64 (`si` rounds to one decimal, which would print
+    1.2M twice for ticks at 1.22M and 1.24M)."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g}{unit}"
+    return f"{x:.4g}"
+
+
+def _parameters_axis(ax: Any, xs: list[float], label: str) -> None:
+    """Label a parameter-count x axis in SI units (1.22M, not 1.22e6 in an offset) with few ticks so
+    neighbouring labels cannot overlap; log scale once the counts span more than a factor of 10."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    finite = [x for x in xs if x > 0 and math.isfinite(x)]
+    if finite and max(finite) > 10 * min(finite):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: _count_tick(x)))
+    ax.set_xlabel(label)
+
+
+def knowledge_plot(runs: list[RunSummary], path: Path, parameters_path: Optional[Path] = None) -> list[Path]:
+    """Bits stored vs people N (`path`), and vs parameters (`parameters_path`: total parameters, and
+    active parameters with the memory's value parameters as a second series), one colour per run name
+    (e.g. knowledge/dense and knowledge/mem of a sweep over N), one point per run; returns the files
+    written, none when fewer than two runs have recall metrics."""
+    import matplotlib.pyplot as plt
+
+    points = _recall_points(runs)
     if sum(len(p) for p in points.values()) < 2:
-        return False
-    fig, (ax_n, ax_p) = plt.subplots(1, 2, figsize=(10, 4))
+        return []
+    colours = {name: f"C{i}" for i, name in enumerate(sorted(points))}
+    fig, ax_n = plt.subplots(figsize=(5.5, 4))
     for name, pts in sorted(points.items()):
-        pts.sort()
-        ax_n.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax_p.scatter([p[2] for p in pts], [p[1] for p in pts], label=name)
-    available = sorted({(p[0], p[3]) for pts in points.values() for p in pts})
+        pts.sort(key=lambda p: p["people"])
+        ax_n.plot([p["people"] for p in pts], [p["bits"] for p in pts], marker="o", color=colours[name], label=name)
+    available = sorted({(p["people"], p["bits_available"]) for pts in points.values() for p in pts})
     ax_n.plot(
         [a[0] for a in available],
         [a[1] for a in available],
@@ -355,9 +385,31 @@ def knowledge_plot(runs: list[RunSummary], path: Path) -> bool:
         label="available (N x bits/person)",
     )
     ax_n.set_xlabel("people N")
-    ax_p.set_xlabel("parameters (total)")
-    save_bits_figure(fig, (ax_n, ax_p), path)
-    return True
+    save_bits_figure(fig, (ax_n,), path)
+    if parameters_path is None:
+        return [path]
+    fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, pts in sorted(points.items()):
+        bits = [p["bits"] for p in pts]
+        ax_t.scatter([p["params/total"] for p in pts], bits, color=colours[name], label=name)
+        ax_a.scatter([p["params/active"] for p in pts], bits, color=colours[name], label=f"{name}: active")
+        if any(p["params/memory_values"] > 0 for p in pts):
+            ax_a.scatter(
+                [p["params/memory_values"] for p in pts],
+                bits,
+                color=colours[name],
+                marker="x",
+                label=f"{name}: memory values",
+            )
+    every = [p for pts in points.values() for p in pts]
+    _parameters_axis(ax_t, [p["params/total"] for p in every], "parameters (total)")
+    _parameters_axis(
+        ax_a,
+        [p[k] for p in every for k in ("params/active", "params/memory_values")],
+        "parameters (active per token; x: memory values)",
+    )
+    save_bits_figure(fig, (ax_t, ax_a), parameters_path)
+    return [path, parameters_path]
 
 
 def save_bits_figure(fig: Any, axes: tuple, path: Path) -> None:
@@ -374,15 +426,14 @@ def save_bits_figure(fig: Any, axes: tuple, path: Path) -> None:
 
 
 def write_recall_report(runs: list[RunSummary], out: Path) -> dict[str, Any]:
-    """`recall.md` and `bits_vs_people.png` in `out` for the runs with recall metrics; returns the
-    markdown ("" when none has any) and the files written."""
+    """`recall.md`, `bits_vs_people.png` and `bits_vs_parameters.png` in `out` for the runs with
+    recall metrics; returns the markdown ("" when none has any) and the files written."""
     markdown = recall_markdown(runs)
     files: list[Path] = []
     if markdown:
         (out / "recall.md").write_text(markdown + "\n")
         files.append(out / "recall.md")
-        if knowledge_plot(runs, out / "bits_vs_people.png"):
-            files.append(out / "bits_vs_people.png")
+        files += knowledge_plot(runs, out / "bits_vs_people.png", out / "bits_vs_parameters.png")
     return {"markdown": markdown, "files": files}
 
 

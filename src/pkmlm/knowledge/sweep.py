@@ -290,12 +290,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(results: list[dict], out: Path, note: str) -> str:
-    """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png` and
-    `out/bits_vs_people.png` for the sweep's rows; returns the table."""
+    """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
+    `out/bits_vs_people.png` and `out/bits_vs_parameters.png` for the sweep's rows; returns the table."""
     table = summary_table(results)
     if results:
         exposure_plot(results, out / "bits_vs_exposures.png")
-        people_plot(results, out / "bits_vs_people.png")
+        people_plot(results, out / "bits_vs_people.png", out / "bits_vs_parameters.png")
     (out / "table.md").write_text(table + f"\n{note}\n")
     return table
 
@@ -325,9 +325,10 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     save_bits_figure(fig, (ax_e, ax_t), path)
 
 
-def people_plot(results: list[dict], path: Path) -> bool:
-    """Bits stored vs people N and vs parameters at equal exposures (each arm's checkpoint at the
-    equal-exposure step of its N), as pkmlm-compare draws it; False with fewer than two points."""
+def people_plot(results: list[dict], path: Path, parameters_path: Path) -> list[Path]:
+    """Bits stored vs people N (`path`) and vs parameters (`parameters_path`) at equal exposures (each
+    arm's checkpoint at the equal-exposure step of its N), as pkmlm-compare draws them; returns the
+    files written, none with fewer than two points."""
     from pkmlm.experiments.report import knowledge_plot
     from pkmlm.experiments.runs import RunSummary
 
@@ -342,7 +343,7 @@ def people_plot(results: list[dict], path: Path) -> bool:
         for r in results
         if r["step"] == r["steps_equal"]
     ]
-    return knowledge_plot(runs, path)
+    return knowledge_plot(runs, path, parameters_path)
 
 
 if __name__ == "__main__":
