@@ -162,6 +162,41 @@ def test_init_from_refusals_are_one_line(pretrained, tmp_path):
         _train(tmp_path / "b", "train.finetune=memory")
 
 
+def test_init_from_an_export_takes_its_weights_config_and_tokenizer(pretrained, tmp_path):
+    """`init_from=EXPORT` (pkmlm-export's model.safetensors + config.json + tokenizer.json): the
+    model starts with the exported weights (same logits as the source run), the export's tokenizer,
+    and a model mismatch against its config.json is still one line."""
+    from pkmlm.parallel.env import DistInfo
+    from pkmlm.run import export_run
+    from pkmlm.train.setup import build_model, init_source, model_config_for
+
+    source = load_run(pretrained)
+    export = export_run(source, tmp_path / "export")
+    cfg = OmegaConf.to_object(_compose(f"init_from={export}"))
+    found, meta = init_source(cfg, None, DistInfo())
+    assert found == export and meta["tokenizer"] == (pretrained / "tokenizer.json").read_text()
+    model_cfg = model_config_for(cfg.model, source.tokenizer.get_vocab_size())
+    model = build_model(cfg, model_cfg, init_from=found).eval()
+    ids_BT = torch.randint(0, model_cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the model returns (logits, aux)
+        logits_BTV = source.model(ids_BT)[0]
+        assert torch.equal(model(ids_BT)[0], logits_BTV)
+        fresh = build_model(cfg, model_cfg).eval()  # the seeded init alone: different logits
+        assert not torch.equal(fresh(ids_BT)[0], logits_BTV)
+
+    run_dir = tmp_path / "ft"  # through the loop: a fresh run of its own from the export
+    _train(run_dir, f"init_from={export}", "train.max_steps=1", "checkpoint.interval=1")
+    assert store.read_meta(store.latest_valid(run_dir / "checkpoints"))["init_from"] == str(export)
+    assert (run_dir / "tokenizer.json").read_text() == (pretrained / "tokenizer.json").read_text()
+
+    with pytest.raises(UserError) as refused:
+        _train(tmp_path / "bad", f"init_from={export}", "model.dim=32", "model.memory.k_dim=8")
+    assert len(str(refused.value).splitlines()) == 1 and "model.dim (32 here, 64 there)" in str(refused.value)
+    (export / "config.json").unlink()
+    with pytest.raises(UserError, match=r"init_from='.*export': an export without config.json"):
+        _train(tmp_path / "c", f"init_from={export}")
+
+
 def test_forgetting_facts_sets_are_disjoint_people_with_the_same_values(tmp_path):
     """The benchmark's set B is new people stating facts from A's value sets (no new values)."""
     import json

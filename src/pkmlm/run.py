@@ -45,30 +45,46 @@ def is_export(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "model.safetensors").is_file()
 
 
-def _load_export(path: Path) -> tuple[Transformer, dict, str]:
+def read_export(path: Path, key: str = "checkpoint") -> dict:
+    """An export's `config.json` (model config, run config, step, tokens) with its tokenizer's JSON
+    under `tokenizer`, as a checkpoint's meta.json holds them; one-line `UserError` when broken."""
+    try:
+        info = json.loads((path / "config.json").read_text())
+        info["step"], info["tokens"] = int(info["step"]), int(info["tokens"])
+        model_config_from_dict(info["model_config"])
+        info["tokenizer"] = (path / "tokenizer.json").read_text()
+    except FileNotFoundError as e:
+        raise UserError(
+            f"{key}={str(path)!r}: an export without {Path(e.filename).name}; an export holds {', '.join(EXPORT_FILES)}"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{key}={str(path)!r}: not a pkmlm export ({type(e).__name__}: {e})") from None
+    return info
+
+
+def load_export_weights(model: torch.nn.Module, path: Path, key: str = "checkpoint") -> None:
+    """The weights of export `path` into `model` (safetensors: no pickled object is unpickled);
+    one-line `UserError` when they do not fit it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     try:
-        info = json.loads((path / "config.json").read_text())
-        info["step"], info["tokens"] = int(info["step"]), int(info["tokens"])
-        model = Transformer(model_config_from_dict(info["model_config"]))
         # load_model, not load_file: the file holds a tied tensor once, under one of its names
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        tokenizer = (path / "tokenizer.json").read_text()
-    except FileNotFoundError as e:
-        raise UserError(
-            f"checkpoint={str(path)!r}: an export without {Path(e.filename).name}; "
-            f"an export holds {', '.join(EXPORT_FILES)}"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, SafetensorError) as e:
-        raise UserError(f"checkpoint={str(path)!r}: not a pkmlm export ({type(e).__name__}: {e})") from None
+    except (SafetensorError, RuntimeError) as e:
+        raise UserError(f"{key}={str(path)!r}: not a pkmlm export ({type(e).__name__}: {e})") from None
     if missing or unexpected:
         raise UserError(
-            f"checkpoint={str(path)!r}: the weights do not fit the model of its config.json "
+            f"{key}={str(path)!r}: the weights do not fit the model of its config.json "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return model, info, tokenizer
+
+
+def _load_export(path: Path) -> tuple[Transformer, dict, str]:
+    info = read_export(path)
+    model = Transformer(model_config_from_dict(info["model_config"]))
+    load_export_weights(model, path)
+    return model, info, info["tokenizer"]
 
 
 def _load_checkpoint(path: Path) -> tuple[Transformer, dict, str, Path]:

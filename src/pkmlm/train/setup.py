@@ -76,6 +76,7 @@ from pkmlm.parallel.data_shards import (
 )
 from pkmlm.parallel.env import DistInfo, rank_device
 from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
+from pkmlm.run import is_export, load_export_weights, read_export
 from pkmlm.train.clock import RunClock
 from pkmlm.train.rundir import code_version, fresh_start_conflicts, resume_conflicts
 from pkmlm.train.state import TrainState
@@ -219,8 +220,12 @@ def build_model(
 
 
 def load_weights(model: nn.Module, path: Path, info: DistInfo) -> None:
-    """The model weights of checkpoint `path` (a verified one: `store.find_for_reading`), through the
-    store's safe loading (no pickled object is ever unpickled); optimizer state is not read."""
+    """The model weights of checkpoint `path` (a verified one: `store.find_for_reading`) or of a
+    `pkmlm-export` directory, through safe loading (the store's, or safetensors: no pickled object
+    is ever unpickled); optimizer state is not read."""
+    if is_export(path):
+        load_export_weights(model, path, key="init_from")
+        return
     template = pieces.model_state_template(model)
     store.load_tensors(path, template, info)
     pieces.load_model_state(model, template)
@@ -229,15 +234,19 @@ def load_weights(model: nn.Module, path: Path, info: DistInfo) -> None:
 def init_source(cfg: Config, meta: dict | None, info: DistInfo) -> tuple[Path | None, dict | None]:
     """The checkpoint this run takes its weights from, and (on a fresh start) its meta.json.
 
-    A fresh start resolves `init_from` (a run directory: its newest valid checkpoint; rank 0 picks)
-    and refuses a source without the model config and tokenizer it needs; a resumed run keeps the
+    A fresh start resolves `init_from` (a run directory: its newest valid checkpoint, rank 0 picks;
+    a checkpoint; or a `pkmlm-export` directory, whose config.json and tokenizer.json stand in for
+    the meta.json) and refuses a source without the model config and tokenizer it needs; a resumed run keeps the
     checkpoint its start resolved (recorded in its checkpoints' `init_from`), so a source run that
     went on training since changes nothing."""
     if cfg.init_from is None:
         return None, None
     if meta is not None:
         return (Path(meta["init_from"]) if meta.get("init_from") else None), None
-    found = run_on_main(lambda: str(store.find_for_reading(Path(cfg.init_from), key="init_from")), info)
+    given = Path(cfg.init_from).expanduser()
+    if is_export(given):
+        return given, read_export(given, key="init_from")
+    found = run_on_main(lambda: str(store.find_for_reading(given, key="init_from")), info)
     source, source_meta = Path(found), store.read_meta(Path(found))
     missing = [k for k in ("model_config", "tokenizer", "config") if k not in source_meta]
     if missing:
@@ -265,12 +274,12 @@ def finetune_background(
     (of `train.batch_size` sequences) of the source run's training data read it, counted once with
     the source's weights and cached in `RUN/finetune_background.safetensors`; a resume reads the
     cache (and recounts, with the source's weights loaded first, only when it is gone)."""
-    if not (source is not None and store.is_checkpoint(source)):
+    if not (source is not None and (store.is_checkpoint(source) or is_export(source))):
         raise UserError(
             f"train.finetune=sparse_memory: the init_from checkpoint {source} is gone, and so is "
             f"{run_dir / BACKGROUND_FILE}; restore either, or start a new run"
         )
-    source_meta = store.read_meta(source)
+    source_meta = read_export(source, key="init_from") if is_export(source) else store.read_meta(source)
     data_cfg = source_data_config(cfg, source_meta)
     fingerprint = {
         "init_from": str(source),
