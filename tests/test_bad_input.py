@@ -193,14 +193,28 @@ def test_multirun_jobs_are_checked_like_single_runs(tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "module, needle",
+    "module, args, needle",
     [
-        ("pkmlm.cli.eval", "checkpoint is required: give checkpoint="),  # was: MissingMandatoryValue traceback
-        ("pkmlm.cli.prepare", "out is required: give out="),
+        # Hydra apps (pkmlm-train has no mandatory value: every key has a default).
+        ("pkmlm.cli.eval", [], "checkpoint is required: give checkpoint=DIR"),  # was: MissingMandatoryValue traceback
+        ("pkmlm.cli.prepare", [], "out is required: give out="),
+        # argparse CLIs: was argparse's usage block then `PROG: error: ...` (inspect: 9 lines).
+        ("pkmlm.cli.compare", [], "required: DIR; usage: pkmlm-compare DIR"),
+        ("pkmlm.cli.facts", [], "required: --people, --seed, --out; usage: pkmlm-facts"),
+        ("pkmlm.cli.facts", ["--people", "3", "--seed", "0"], "required: --out; usage: pkmlm-facts"),
+        ("pkmlm.cli.harness", [], "required: RUN, --tasks; usage: pkmlm-harness"),
+        ("pkmlm.cli.harness", ["run"], "required: --tasks; usage: pkmlm-harness"),
+        ("pkmlm.cli.inspect", [], "required: RUN, --out; usage: pkmlm-inspect"),
+        ("pkmlm.cli.inspect", ["run"], "required: --out; usage: pkmlm-inspect"),
+        ("pkmlm.cli.inspect", ["run", "--out", "o", "--top", "many"], "--top: invalid int value: 'many'"),
+        ("pkmlm.cli.export", [], "required: RUN, --out; usage: pkmlm-export RUN --out DIR"),
+        ("pkmlm.cli.export", ["run"], "required: --out; usage: pkmlm-export"),
     ],
 )
-def test_missing_mandatory_values(tmp_path, capsys, monkeypatch, module, needle):
-    refused(capsys, monkeypatch, tmp_path, module, [], needle)
+def test_missing_mandatory_values(tmp_path, capsys, monkeypatch, module, args, needle):
+    line = refused(capsys, monkeypatch, tmp_path, module, args, needle)
+    assert line.startswith("error: "), line  # the contract's one line (pkmlm.cli._common.fail)
+    assert "Traceback" not in line
 
 
 # --- Hydra's writes only after the checks; a refused run leaves its directory as it was -----------------

@@ -211,3 +211,21 @@ def test_stop_signal_is_reported_without_the_progress_bar(tmp_path, monkeypatch,
     assert summary["stopped_by"] == "SIGTERM" and summary["step"] == 2
     assert "SIGTERM received: checkpoint written at step 2" in err
     assert "stopped by     SIGTERM" in out
+
+
+def test_eval_reads_an_export_with_the_same_loss_as_its_run(run, tmp_path):
+    """`pkmlm-eval checkpoint=EXPORT_DIR` (promised by pkmlm-export and docs/architecture.md):
+    the same numbers as on the run it came from, on the run's own validation split."""
+    import json
+
+    from pkmlm.run import export_run
+
+    export = export_run(load_run(run), tmp_path / "export")
+    results = []
+    for source in (run, export):
+        proc = run_cli("pkmlm.cli.eval", [f"checkpoint={source}", "max_batches=2"], cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    on_run, on_export = results
+    assert on_run["tokens"] > 0 and on_export["tokens"] == on_run["tokens"]
+    assert on_export["loss"] == on_run["loss"] and on_export["ppl"] == on_run["ppl"]

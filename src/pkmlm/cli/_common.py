@@ -14,6 +14,7 @@ lock) gets its `.hydra/` files back as they were (`hydra_files_kept_on_refusal`)
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -53,7 +54,8 @@ HYDRA_ONLY_FLAGS = (
 
 # What to write after `key=` for the mandatory (`???`) values of the entry points' schemas.
 REQUIRED_VALUES = {
-    "checkpoint": "RUN_DIR (a run directory or a checkpoint file)",
+    "checkpoint": "DIR (a run directory: its newest valid checkpoint; one checkpoints/step_XXXXXXXX.dcp "
+    "directory; or a pkmlm-export directory)",
     "out": "DIR (the directory to write, new or empty)",
 }
 
@@ -61,6 +63,16 @@ REQUIRED_VALUES = {
 def fail(message: str) -> "NoReturn":  # noqa: F821
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the plain (non-Hydra) CLIs: a usage error (a missing or bad argument) is the
+    contract's one line, `error: MESSAGE; usage: USAGE`, and exit status 2 (argparse prints its
+    usage over several lines, then `PROG: error: ...`)."""
+
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        fail(f"{message}; usage: {usage}")
 
 
 # Lines of OmegaConf's and Hydra's messages that say nothing to a user (templates, node types).

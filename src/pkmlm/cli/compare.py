@@ -15,19 +15,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from pkmlm.cli._common import fail
+from pkmlm.cli._common import ArgumentParser, fail
 from pkmlm.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
-        # The contract for user errors: one line on stderr, exit status 2 (argparse prints two).
-        fail(f"{message}; usage: pkmlm-compare DIR [DIR ...] [--out OUT] [--baseline RUN]")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="pkmlm-compare",
+        usage="pkmlm-compare DIR [DIR ...] [--out OUT] [--baseline RUN]",
         description="Compare pkmlm runs: parameters, tokens, time, speed, MFU, perplexity and memory usage.",
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or sweep directories")

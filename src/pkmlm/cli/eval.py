@@ -48,7 +48,7 @@ class EvalExtrasConfig:
 
 @dataclass
 class EvalAppConfig:
-    checkpoint: str = "???"  # a run directory (newest valid checkpoint) or a checkpoint file
+    checkpoint: str = "???"  # a run directory (newest valid checkpoint), checkpoint or export directory
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     eval: EvalExtrasConfig = field(default_factory=EvalExtrasConfig)
     batch_size: int = 16

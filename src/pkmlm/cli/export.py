@@ -8,15 +8,15 @@ code. RUN is a run directory (its newest valid checkpoint) or one checkpoint dir
 
 from __future__ import annotations
 
-import argparse
-import sys
-
+from pkmlm.cli._common import ArgumentParser, fail
 from pkmlm.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pkmlm-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="run directory or checkpoint directory")
+    parser = ArgumentParser(
+        prog="pkmlm-export", usage="pkmlm-export RUN --out DIR", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("run", metavar="RUN", help="run directory or checkpoint directory")
     parser.add_argument(
         "--out", required=True, help="directory to write model.safetensors, config.json, tokenizer.json into"
     )
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--out {args.out}: {problem}; choose another directory")
         out = export_run(load_run(args.run), Path(args.out))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(e))
     print(f"exported {args.run} to {out} (model.safetensors, config.json, tokenizer.json)")
 
 

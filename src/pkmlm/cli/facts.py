@@ -13,19 +13,15 @@ import argparse
 import json
 from pathlib import Path
 
-from pkmlm.cli._common import fail
+from pkmlm.cli._common import ArgumentParser, fail
 
 USAGE = "pkmlm-facts --people N --seed S --out DIR [--templates T]"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # noqa: F821
-        fail(f"{message}; usage: {USAGE}")  # one line on stderr, exit status 2
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="pkmlm-facts",
+        usage=USAGE,
         description="Write a synthetic biography corpus for knowledge-"
         "capacity experiments (bios.jsonl, qa.jsonl, meta.json).",
     )

@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from pkmlm.cli._common import fail
+from pkmlm.cli._common import ArgumentParser, fail
 from pkmlm.errors import UserError
 
 USAGE = (
@@ -24,14 +24,13 @@ USAGE = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> "NoReturn":  # noqa: F821, UP037
-        fail(f"{message}; usage: {USAGE}")  # one line on stderr, exit status 2
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pkmlm-harness", description="Evaluate a pkmlm run with lm-evaluation-harness.")
-    p.add_argument("run", metavar="RUN", help="a run directory (newest valid checkpoint) or a checkpoint file")
+    p = ArgumentParser(
+        prog="pkmlm-harness", usage=USAGE, description="Evaluate a pkmlm run with lm-evaluation-harness."
+    )
+    p.add_argument(
+        "run", metavar="RUN", help="a run directory (newest valid checkpoint), checkpoint or export directory"
+    )
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,piqa")
     p.add_argument("--include-path", default=None, help="a directory of extra task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
@@ -57,7 +56,7 @@ def _check(args: argparse.Namespace) -> list[str]:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path={args.include_path!r}: no such directory (it holds task YAMLs)")
     if not Path(args.run).exists():
-        raise UserError(f"RUN={args.run!r}: no such run directory or checkpoint file")
+        raise UserError(f"RUN={args.run!r}: no such run, checkpoint or export directory")
     output = Path(args.output)
     if output.is_dir() or not output.parent.resolve().is_dir():
         raise UserError(f"--output={args.output!r}: give a file path in an existing directory")

@@ -13,14 +13,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from pkmlm.cli._common import fail
+from pkmlm.cli._common import ArgumentParser, fail
 from pkmlm.errors import ConfigError, UserError
+
+USAGE = "pkmlm-inspect RUN [DATA ...] --out DIR [--prepared DIR] [options: see pkmlm-inspect --help]"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="pkmlm-inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="run directory (its newest valid checkpoint), checkpoint or export")
-    p.add_argument("data", nargs="*", help="files or globs to read (default: the run's validation split)")
+    p = ArgumentParser(prog="pkmlm-inspect", usage=USAGE, description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN", help="run directory (its newest valid checkpoint), checkpoint or export")
+    p.add_argument(
+        "data",
+        nargs="*",
+        default=[],
+        metavar="DATA",
+        help="files or globs to read (default: the run's validation split)",
+    )
     p.add_argument("--out", required=True, help="report directory (created)")
     p.add_argument("--prepared", help="a pkmlm-prepare directory: its validation split")
     p.add_argument("--text-field", help="JSON/parquet text field (default: the run's)")

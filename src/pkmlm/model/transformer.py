@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import ConfigError
-from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, new_value_tables
+from pkmlm.errors import require
+from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, _is_int, _is_number, new_value_tables
 
 POS_EMBS = ("rope", "learned")
 
@@ -53,39 +53,36 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` on the first bad value; nothing is allocated before it passes."""
-
-        def positive_int(key: str, value: object) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(key, value, "a positive integer")
-
-        def positive_float(key: str, value: object) -> None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(key, value, "a positive number")
-
-        positive_int("model.vocab_size", self.vocab_size)
-        positive_int("model.n_layers", self.n_layers)
-        positive_int("model.dim", self.dim)
-        positive_int("model.n_heads", self.n_heads)
-        if self.dim % self.n_heads:
-            raise ConfigError("model.n_heads", self.n_heads, f"must divide model.dim={self.dim}")
-        if self.pos_emb not in POS_EMBS:
-            raise ConfigError("model.pos_emb", self.pos_emb, f"one of {'|'.join(POS_EMBS)}")
-        if self.pos_emb == "rope" and (self.dim // self.n_heads) % 2:
-            raise ConfigError(
-                "model.n_heads",
-                self.n_heads,
-                f"rope needs an even head dim, but model.dim={self.dim} / model.n_heads={self.n_heads} "
-                f"= {self.dim // self.n_heads}",
-            )
-        positive_float("model.ffn_mult", self.ffn_mult)
-        if int(self.ffn_mult * self.dim) < 1:
-            raise ConfigError("model.ffn_mult", self.ffn_mult, f"int(ffn_mult * model.dim={self.dim}) >= 1")
-        positive_int("model.max_seq_len", self.max_seq_len)
-        positive_float("model.rope_theta", self.rope_theta)
+        for name in ("vocab_size", "n_layers", "dim", "n_heads"):
+            value = getattr(self, name)
+            require(_is_int(value) and value >= 1, f"model.{name}", value, "a positive integer")
+        require(self.dim % self.n_heads == 0, "model.n_heads", self.n_heads, f"must divide model.dim={self.dim}")
+        require(self.pos_emb in POS_EMBS, "model.pos_emb", self.pos_emb, f"one of {'|'.join(POS_EMBS)}")
+        require(
+            self.pos_emb != "rope" or (self.dim // self.n_heads) % 2 == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"rope needs an even head dim, but model.dim={self.dim} / model.n_heads={self.n_heads} "
+            f"= {self.dim // self.n_heads}",
+        )
+        require(_is_number(self.ffn_mult) and self.ffn_mult > 0, "model.ffn_mult", self.ffn_mult, "a positive number")
+        require(
+            int(self.ffn_mult * self.dim) >= 1,
+            "model.ffn_mult",
+            self.ffn_mult,
+            f"int(ffn_mult * model.dim={self.dim}) >= 1",
+        )
+        require(
+            _is_int(self.max_seq_len) and self.max_seq_len >= 1,
+            "model.max_seq_len",
+            self.max_seq_len,
+            "a positive integer",
+        )
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            require(_is_number(value) and value > 0, f"model.{name}", value, "a positive number")
         p = self.dropout
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            raise ConfigError("model.dropout", self.dropout, "a probability in [0, 1)")
-        positive_float("model.norm_eps", self.norm_eps)
+        require(_is_number(p) and 0 <= p < 1, "model.dropout", p, "a probability in [0, 1)")
         # Called through the class so that a duck-typed config (an OmegaConf DictConfig) works too.
         MemoryConfig.validate(self.memory, prefix="model.memory", n_layers=self.n_layers)
 
