@@ -111,7 +111,7 @@ class LoggingConfig:
 class Config:
     name: str = "default"  # experiment name: outputs/<name>/<timestamp>/
     seed: int = 1337  # model init, data shuffle and dropout
-    resume: str = "auto"  # auto | never | PATH (a checkpoint file or a run directory)
+    resume: str = "auto"  # auto | never | PATH (a run directory or one checkpoints/step_XXXXXXXX.dcp directory)
     # A run directory or checkpoint whose model weights this run starts from (a fresh start only:
     # new optimizer and schedule, step 0, its own run directory, the source's tokenizer); not resume
     init_from: Optional[str] = None
