@@ -190,8 +190,8 @@ def _model_counts(config: dict, where: Path) -> tuple[Optional[dict], Optional[f
     """Parameter counts and active FLOPs per token of the run's model, built on the meta device."""
     import torch
 
+    from pkmlm.checkpoint.export import model_config_from_dict
     from pkmlm.model.transformer import Transformer
-    from pkmlm.run import model_config_from_dict
 
     try:
         model_cfg = model_config_from_dict(config["model"])

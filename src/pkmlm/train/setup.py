@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pkmlm.checkpoint import pieces, store
+from pkmlm.checkpoint.export import is_export, load_export_weights, read_export
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.config import Config
 from pkmlm.data.config import DataConfig
@@ -76,7 +77,6 @@ from pkmlm.parallel.data_shards import (
 )
 from pkmlm.parallel.env import DistInfo, rank_device
 from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
-from pkmlm.run import is_export, load_export_weights, read_export
 from pkmlm.train.clock import RunClock
 from pkmlm.train.rundir import code_version, fresh_start_conflicts, resume_conflicts
 from pkmlm.train.state import TrainState
