@@ -54,3 +54,25 @@ def overrides(*extra: str, base: list[str] = TINY) -> list[str]:
     """`base` with each `key=value` of `extra` replacing the same key (Hydra refuses duplicates)."""
     keys = {e.split("=", 1)[0] for e in extra}
     return [a for a in base if a.split("=", 1)[0] not in keys] + list(extra)
+
+
+def compose_config(*extra: str):
+    """The root config as `pkmlm-train` composes it, with `overrides(*extra)` (TINY + extra)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pkmlm.config import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides(*extra))
+
+
+def train_in_process(run_dir: Path, *extra: str) -> dict:
+    """One training run in this process (`pkmlm.train.loop.train`) with `compose_config(*extra)`."""
+    from omegaconf import OmegaConf
+
+    from pkmlm.train.loop import train
+
+    cfg = compose_config(*extra)
+    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))

@@ -9,33 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import overrides, read_rows, run_cli
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers import compose_config, overrides, read_rows, run_cli, train_in_process
 from omegaconf import OmegaConf
 
 from pkmlm.checkpoint import store
-from pkmlm.config import config_dir, register_configs
+from pkmlm.config import register_configs
 from pkmlm.data.loader import build_train_batches, resolve_data
 from pkmlm.data.tokenizer import tokenizer_from_str
 from pkmlm.errors import UserError
 from pkmlm.finetune import BACKGROUND_FILE, BackgroundCounts, RowSelection, slot_pools
 from pkmlm.run import load_run
-from pkmlm.train.loop import train
 
 register_configs()
 SPARSE = ("train.finetune=sparse_memory", "finetune.background_batches=4", "finetune.top_t=8")
 
 
-def _compose(*extra: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides(*extra))
-
-
-def _train(run_dir: Path, *extra: str) -> dict:
-    cfg = _compose(*extra)
-    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+_compose = compose_config
+_train = train_in_process
 
 
 def _model_tensors(run_dir: Path) -> dict[str, torch.Tensor]:

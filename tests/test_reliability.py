@@ -16,20 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import C4
-from helpers import TINY, overrides, read_rows, run_cli
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from helpers import TINY, compose_config, overrides, read_rows, run_cli, train_in_process
 from omegaconf import OmegaConf
 
 from pkmlm.checkpoint import store
 from pkmlm.checkpoint.store import CheckpointWriteError, list_checkpoints
-from pkmlm.config import config_dir, register_configs, validate
+from pkmlm.config import register_configs, validate
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.metrics.evaluate import evaluate
 from pkmlm.metrics.sinks import MetricsFile, read_metrics
 from pkmlm.model.memory import MemoryConfig
 from pkmlm.model.transformer import ModelConfig, Transformer
-from pkmlm.train.loop import train
 from pkmlm.train.rundir import RunLock
 from pkmlm.train.setup import pick_device
 
@@ -45,15 +42,8 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _cfg(*extra: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides(*extra))
-
-
-def _train(run_dir: Path, *extra: str) -> dict:
-    cfg = _cfg(*extra)
-    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+_cfg = compose_config
+_train = train_in_process
 
 
 def _payload(step: int) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import overrides, read_rows, run_cli
+from helpers import compose_config, overrides, read_rows, run_cli, train_in_process
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -29,7 +29,7 @@ from pkmlm.experiments.report import variant_name
 from pkmlm.metrics.formatting import si
 from pkmlm.parallel.env import DistInfo
 from pkmlm.parallel.parallelize import check_parallel_config
-from pkmlm.train.loop import train, train_step
+from pkmlm.train.loop import train_step
 from pkmlm.train.setup import setup
 
 register_configs()
@@ -44,15 +44,8 @@ VARIANTS = {
 }
 
 
-def _compose(*extra: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides(*extra))
-
-
-def _train(run_dir: Path, *extra: str) -> dict:
-    cfg = _compose(*extra)
-    return train(OmegaConf.to_object(cfg), run_dir, OmegaConf.to_container(cfg, resolve=True))
+_compose = compose_config
+_train = train_in_process
 
 
 def _model_state(run_dir: Path) -> dict:

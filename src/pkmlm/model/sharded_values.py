@@ -162,8 +162,9 @@ class ShardedValues(nn.Module):
             f"({self.embedding_dim // self.mesh.size()} each)"
         )
 
-    def read(self, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False) -> Tensor:
-        """`(N, V)` in the table's dtype: the weighted read of this rank's tokens (a collective)."""
+    def _gather_indices(self, indices_NR: Tensor, sparse_grad: bool) -> tuple:
+        """Every rank's slot ids, `(W*N, R)` (a collective), with the group, world size, this rank's
+        token count N and column count C, as `read` and `dot` both need them."""
         if sparse_grad:
             raise ValueError(
                 "sparse value gradients (optim.sparse_values) do not combine with sharded values "
@@ -175,6 +176,11 @@ class ShardedValues(nn.Module):
         # ids need no gradient; int32 halves their traffic (M < 2**31 rows)
         small = self.num_embeddings < 2**31
         idx_all_WNR = _all_gather_rows(indices_NR.to(torch.int32) if small else indices_NR, group).long()
+        return group, world, N, C, idx_all_WNR
+
+    def read(self, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False) -> Tensor:
+        """`(N, V)` in the table's dtype: the weighted read of this rank's tokens (a collective)."""
+        group, world, N, C, idx_all_WNR = self._gather_indices(indices_NR, sparse_grad)
         w_all_WNR = _AllGatherRows.apply(weights_NR.float(), group)
         local_MC = self.weight.to_local()  # differentiable: the gradient comes back as a Shard(1) DTensor
         part_WNC = kernels.read(local_MC, idx_all_WNR, w_all_WNR, kernel=kernel)  # all tokens, my columns
@@ -185,16 +191,7 @@ class ShardedValues(nn.Module):
     def dot(self, indices_NR: Tensor, x_ND: Tensor, *, sparse_grad: bool = False) -> Tensor:
         """`(N, R)` fp32: `x[n] . table[indices[n, r]]` for this rank's tokens (a collective; PEER's
         down vectors). The signature of `pkmlm.model.kernels.dot` minus the table."""
-        if sparse_grad:
-            raise ValueError(
-                "sparse value gradients (optim.sparse_values) do not combine with sharded values "
-                "(model.memory.shard_values); turn one of them off"
-            )
-        group = self.mesh.get_group()
-        world = self.mesh.size()
-        N, C = indices_NR.shape[0], self.embedding_dim // world
-        small = self.num_embeddings < 2**31
-        idx_all_WNR = _all_gather_rows(indices_NR.to(torch.int32) if small else indices_NR, group).long()
+        group, world, N, C, idx_all_WNR = self._gather_indices(indices_NR, sparse_grad)
         # (N, D) -> (N, W, C) -> (W, N, C): block s holds my tokens' entries of rank s's columns
         mine_WNC = x_ND.view(N, world, C).transpose(0, 1).reshape(world * N, C)
         x_all_WNC = _AllToAllRows.apply(mine_WNC, group)  # block s: rank s's tokens, my columns
