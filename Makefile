@@ -14,7 +14,7 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # torch 2.13 CPU; 3.5.1 and 3.6.0 fail two interpreter tests). Empty: none.
 TRITON_SPEC ?= $(if $(HAS_GPU),,triton>=3.7)
 
-.PHONY: setup train test lint bench bench-data faults clean help
+.PHONY: setup train test lint bench bench-data faults results clean help
 help:
 	@echo "make setup   create $(VENV) and install pkmlm (+dev) and torch"
 	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench   memory layer and model speed tables (paper sizes on CUDA, CPU-sized otherwise)"
 	@echo "make bench-data  data pipeline tokens/s: bare encoding vs streaming vs prepared shards"
 	@echo "make faults  the long fault-injection run: 100 kill -9s, stop signals, a full disk (docs/reliability.md)"
+	@echo "make results  re-render the measured tables of README.md and docs/benchmarks.md from docs/results/*.json"
 
 setup: $(BIN)/pkmlm-train
 $(BIN)/pkmlm-train: pyproject.toml
@@ -54,3 +55,6 @@ faults: setup   # kill -9 / signals / full disk / damaged checkpoints, each resu
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
+
+results: setup   # re-render README.md's and docs/benchmarks.md's measured tables from docs/results/*.json
+	$(BIN)/python -m pkmlm.results
