@@ -1,0 +1,116 @@
+"""Record training runs' validation numbers as a results file (docs/results/<name>.json, issue 20).
+
+    python scripts/record_run.py RUN_DIR [RUN_DIR ...] --name default_run --command "make train" \
+        --load "quiet (load average 0.1-2.0)" [--label "seed 1337"]...
+
+One row per evaluation of each run (step, validation perplexity and loss, each memory layer's usage
+and KL weight / count), then the run's wall and training time. The commit is the one the run's
+newest checkpoint recorded (`code_version`); a run made from a tree with uncommitted changes is
+refused, because its numbers belong to no commit. The machine, torch and thread count are this
+process's: run it on the machine that trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """The CPU in words, with its core count and the ATen kernels torch picked (what reproducibility depends on)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()} kernels"
+
+
+def run_numbers(run_dir: Path) -> tuple[list[dict], dict, str]:
+    """The run's evaluation rows, its last row and the commit its newest checkpoint names."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.dcp"))
+    if not checkpoints:
+        sys.exit(f"record_run: {run_dir} has no checkpoint, so no recorded commit; record a finished run")
+    version = json.loads((checkpoints[-1] / "meta.json").read_text()).get("code_version") or {}
+    if not version.get("commit"):
+        sys.exit(f"record_run: {checkpoints[-1]} records no git commit; train from a git checkout")
+    if version.get("dirty"):
+        sys.exit(f"record_run: {run_dir} was trained from a tree with uncommitted changes; commit, then train again")
+    return [r for r in rows if "val/ppl" in r], rows[-1], version["commit"][:7]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--name", required=True, help="docs/results/<name>.json")
+    parser.add_argument("--command", required=True, help="the command that trained the runs, exactly")
+    parser.add_argument("--load", required=True, help="what else ran on the machine (uptime's load average)")
+    parser.add_argument("--label", action="append", default=None, help="one per run: the first column")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args(argv)
+    labels = args.label or [str(r) for r in args.runs]
+    if len(labels) != len(args.runs):
+        sys.exit("record_run: give one --label per run directory")
+    table, commits, extra = [], set(), {}
+    layers = None
+    for label, run_dir in zip(labels, args.runs):
+        evals, last, commit = run_numbers(run_dir)
+        commits.add(commit)
+        layers = layers or sorted(
+            {k.split("/")[1] for r in evals for k in r if k.endswith("/usage") and k.count("/") == 2}
+        )
+        for i, r in enumerate(evals):
+            times = (
+                [f"{last['wall_time_s'] / 60:.1f} / {last['train_time_s'] / 60:.1f} min"]
+                if i == len(evals) - 1
+                else [None]
+            )
+            table.append(
+                [label, r["step"], r["val/ppl"], r["val/loss"]]
+                + [r.get(f"memory/{layer}/usage") for layer in layers]
+                + [[r.get(f"memory/{layer}/kl_weight"), r.get(f"memory/{layer}/kl_count")] for layer in layers]
+                + times
+            )
+        extra[label] = {"wall_time_s": last.get("wall_time_s"), "train_time_s": last.get("train_time_s")}
+    if len(commits) != 1:
+        sys.exit(f"record_run: the runs were trained at different commits {sorted(commits)}; one file per commit")
+    columns = ["run", "step", {"name": "val ppl", "format": ".2f"}, {"name": "val loss", "format": ".4f"}]
+    columns += [{"name": f"{layer} usage", "format": ".1%"} for layer in layers]
+    columns += [{"name": f"{layer} KL weight / count", "format": ".2f"} for layer in layers]
+    columns += ["wall / training time"]
+    result = {
+        "command": args.command,
+        "commit": commits.pop(),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load": args.load,
+        "columns": columns,
+        "rows": table,
+        "times": extra,
+    }
+    if args.note:
+        result["note"] = args.note
+    out = ROOT / "docs" / "results" / f"{args.name}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)} ({len(table)} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
