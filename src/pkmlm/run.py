@@ -10,6 +10,7 @@ are safetensors and JSON. Needs torch, tokenizers and (for exports) safetensors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,27 +105,61 @@ def export_run(run: Run, out: Path) -> Path:
 @torch.no_grad()
 def generate(
     model: Transformer,
-    prompt_ids: list[int],
+    prompt_ids: list[int] | list[list[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
-) -> list[int]:
-    """Sample a continuation (no KV cache: the window is re-run each token; fine for short samples).
-    `temperature <= 0` is greedy decoding."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    for _ in range(max_new_tokens):
-        window = ids[:, -model.cfg.max_seq_len :]
-        logits, _ = model(window)
-        logits = logits[:, -1, :].float()  # (1, V)
-        if temperature <= 0:
-            next_id = logits.argmax(-1, keepdim=True)
+    *,
+    top_p: float | None = None,
+    use_cache: bool = True,
+) -> list[int] | list[list[int]]:
+    """Sample a continuation of `prompt_ids` (a list of token ids), or of each prompt of a list of
+    them (one batch, left-padded: the same tokens as one by one). `temperature <= 0` is greedy
+    decoding; otherwise `top_k` / `top_p` restrict the sampling (`pkmlm.model.decoding.sample_next`).
+
+    With `use_cache` (the default) the model decodes incrementally on a KV cache; without, every
+    token re-runs the window, one prompt at a time (the reference the cache is tested against).
+    Beyond `model.max_seq_len` tokens both slide the window (its last `max_seq_len` tokens). The
+    model runs in eval mode (a BatchNorm query norm is causal only there) and is put back after."""
+    from pkmlm.model.decoding import Decoder, sample_next
+
+    batched = bool(prompt_ids) and not isinstance(prompt_ids[0], int)
+    prompts = [list(p) for p in prompt_ids] if batched else [list(prompt_ids)]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (e.g. the end-of-text token)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k={top_k}; give a positive integer, or None for no top-k cut")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p={top_p}; give a probability in (0, 1], or None for no nucleus cut")
+    sample = functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache:
+            out: list[list[int]] = [[] for _ in prompts]
+            if max_new_tokens > 0:
+                decoder = Decoder(model, prompts, max_new_tokens)
+                logits_BV = decoder.start()
+                for i in range(max_new_tokens):
+                    next_B = sample(logits_BV)
+                    for row, token in zip(out, next_B.tolist()):
+                        row.append(token)
+                    if i + 1 < max_new_tokens:
+                        logits_BV = decoder.step(next_B)
         else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        ids = torch.cat([ids, next_id], dim=1)
-    return ids[0, len(prompt_ids) :].tolist()
+            out = [_generate_uncached(model, p, max_new_tokens, sample) for p in prompts]
+    finally:
+        model.train(was_training)
+    return out if batched else out[0]
+
+
+def _generate_uncached(model: Transformer, prompt: list[int], max_new_tokens: int, sample) -> list[int]:
+    """One prompt, no cache: every token re-runs the window (its last `max_seq_len` tokens)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    for _ in range(max_new_tokens):
+        logits, _ = model(ids[:, -model.cfg.max_seq_len :])
+        next_id = sample(logits[:, -1, :].float())  # (1,)
+        ids = torch.cat([ids, next_id.view(1, 1).to(device)], dim=1)
+    return ids[0, len(prompt) :].tolist()

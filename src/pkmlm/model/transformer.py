@@ -14,6 +14,9 @@ Contracts for the code around the model:
   - `value_tables()`: every distinct memory value table by module name (PEER's down vectors
     included), for the optimizer's value group and sparse updates, and for column sharding, which
     swaps a table for its sharded twin with `model.set_submodule(name, sharded)`.
+  - incremental decoding: `model(idx, cache=model.new_cache(B, C), valid_BT=...)` appends the
+    tokens to a `KVCache` (model/kv_cache.py) and returns their logits; attention reads the cached
+    keys, memory layers and FFNs need no cache (they act per token). Eval mode only.
 
 Shape legend (suffixes on tensor names):
   B  batch            T  sequence length      D  model dim       V  vocabulary size
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.errors import require
+from pkmlm.model.kv_cache import KVCache, LayerKV
 from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, _is_int, _is_number, new_value_tables
 
 POS_EMBS = ("rope", "learned")
@@ -120,7 +124,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)  # a residual projection (scaled init)
         self.dropout = cfg.dropout
 
-    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    def forward(self, x_BTD: Tensor, rope: Optional[Tuple[Tensor, Tensor]], kv: Optional[LayerKV] = None) -> Tensor:
+        """`kv`: this layer's slice of a `KVCache` (incremental decoding): the new keys and values are
+        written into it and attention reads all its slots under the cache's mask."""
         B, T, D = x_BTD.shape
         q_BTD, k_BTD, v_BTD = self.qkv(x_BTD).split(D, dim=-1)
         # (B, T, D) -> (B, nh, T, hd): one attention per head
@@ -128,9 +134,13 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos_Tp, sin_Tp = rope
             q, k = apply_rope(q, cos_Tp, sin_Tp), apply_rope(k, cos_Tp, sin_Tp)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hd)
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hd)
+        else:  # eval only (Transformer.forward): no dropout
+            k, v = kv.update(k, v)  # (B, nh, L, hd): the cached slots and these
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv.cache.mask_B1TL)
         y_BTD = y.transpose(1, 2).reshape(B, T, D)  # re-assemble the heads side by side
         return F.dropout(self.out(y_BTD), p=self.dropout, training=self.training)
 
@@ -177,11 +187,12 @@ class Block(nn.Module):
         rope: Optional[Tuple[Tensor, Tensor]],
         tables: Optional[ValueTables] = None,
         return_aux: bool = False,
+        kv: Optional[LayerKV] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """`(x, aux)`: the block's output and, with `return_aux`, its memory's weighted auxiliary
         loss (else, or without a memory, None). `tables`: the shared value pool its memory reads
-        (share_values), else None."""
-        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), rope)
+        (share_values), else None. `kv`: the attention's cache (incremental decoding)."""
+        x_BTD = x_BTD + self.attn(self.ln1(x_BTD), rope, kv)
         h_BTD = self.ln2(x_BTD)
         mixed_BTD = self.ffn(h_BTD) if self.ffn is not None else None
         aux = None
@@ -251,30 +262,47 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(
-        self, idx_BT: Tensor, targets_BT: Optional[Tensor] = None, *, return_aux: bool = False
+        self,
+        idx_BT: Tensor,
+        targets_BT: Optional[Tensor] = None,
+        *,
+        return_aux: bool = False,
+        cache: Optional[KVCache] = None,
+        valid_BT: Optional[Tensor] = None,
     ) -> Union[Tuple[Tensor, Optional[Tensor]], Tuple[Tensor, Optional[Tensor], Tensor]]:
         """Token ids `(B, T)` -> logits `(B, T, V)` and, given targets, the mean cross entropy
         (fp32, positions with target -100 ignored). With `return_aux=True` a third element: the
         auxiliary loss of this forward, a 0-d fp32 tensor, the sum over memory layers of
         `model.memory.balance_loss` x their sub-key balance loss (zero without memory or with a
-        coefficient of 0). It is not in `loss`: the training loss is `loss + aux_loss`."""
+        coefficient of 0). It is not in `loss`: the training loss is `loss + aux_loss`.
+
+        `cache` (a `KVCache` from `new_cache`, eval mode only): the tokens continue the cached rows
+        instead of starting at position 0; `valid_BT` (bool, default all true) marks the real tokens,
+        False for left padding (model/kv_cache.py). No row may pass `model.max_seq_len` real tokens."""
         B, T = idx_BT.shape
-        if T > self.cfg.max_seq_len:
+        if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "feed shorter sequences or build the model with a larger max_seq_len"
             )
         x_BTD = self.tok_emb(idx_BT)
+        if cache is None:
+            positions = torch.arange(T, device=idx_BT.device)  # (T,), broadcast over B
+        else:
+            positions = self._cached_positions(idx_BT, cache, valid_BT)  # (B, T)
         rope = None
         if self.pos_emb is not None:
-            x_BTD = x_BTD + self.pos_emb(torch.arange(T, device=idx_BT.device))  # (T, D) broadcast over B
-        else:
+            x_BTD = x_BTD + self.pos_emb(positions)
+        elif cache is None:
             rope = (self.rope_cos[:T], self.rope_sin[:T])
+        else:  # each row its own angles: (B, 1, T, hd/2), broadcast over heads
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x_BTD = self.drop(x_BTD)
         shared = self.shared_tables()
         aux_loss = torch.zeros((), dtype=torch.float32, device=idx_BT.device)
-        for block in self.blocks:
-            x_BTD, aux = block(x_BTD, rope, shared if block.memory is not None else None, return_aux)
+        for i, block in enumerate(self.blocks):
+            kv = cache.layers[i] if cache is not None else None
+            x_BTD, aux = block(x_BTD, rope, shared if block.memory is not None else None, return_aux, kv)
             if aux is not None:
                 aux_loss = aux_loss + aux
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
@@ -285,6 +313,26 @@ class Transformer(nn.Module):
         if return_aux:
             return logits_BTV, loss, aux_loss
         return logits_BTV, loss
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty `KVCache` for `batch` rows of up to `capacity` slots (padding included)."""
+        return KVCache(self.cfg.n_layers, batch, capacity, device=self.tok_emb.weight.device)
+
+    def _cached_positions(self, idx_BT: Tensor, cache: KVCache, valid_BT: Optional[Tensor]) -> Tensor:
+        """Positions `(B, T)` of tokens appended to `cache` (see `forward`); refusals first."""
+        if self.training:
+            # A BatchNorm query norm in training mode mixes the tokens of a batch (future ones
+            # included), dropout would differ from step to step: decoding is an eval-mode computation.
+            raise ValueError("decoding with a KV cache needs eval mode: call model.eval() first")
+        if valid_BT is None:
+            valid_BT = torch.ones(idx_BT.shape, dtype=torch.bool, device=idx_BT.device)
+        longest = int((cache.seen_B + valid_BT.sum(1)).max())
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(
+                f"a row would reach {longest} tokens, beyond model.max_seq_len={self.cfg.max_seq_len}; "
+                "slide the window (pkmlm.generate does) or build the model with a larger max_seq_len"
+            )
+        return cache.extend(valid_BT)
 
     def memory_layers(self) -> Dict[int, ProductKeyMemory]:
         """Transformer layer index -> its memory, in layer order."""
