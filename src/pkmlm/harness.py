@@ -20,7 +20,9 @@ lm-eval's Hugging Face model, so numbers are comparable with published ones:
     windows coincide);
   - generation is greedy (sampling arguments are ignored), stops at end-of-text, at any `until`
     string or after `max_gen_toks` tokens (default 256, at most the window), and keeps the
-    context's last `max_length - max_gen_toks` tokens so that prompt and answer fit one window.
+    context's last `max_length - max_gen_toks` tokens so that prompt and answer fit one window;
+    `batch_size` requests decode together on one KV cache (`pkmlm.model.decoding.Decoder`, contexts
+    left-padded), each exactly as it would alone.
 
 Shape legend: B requests in a batch, T positions, V vocabulary.
 """
@@ -34,7 +36,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from pkmlm.metrics.continuations import logits_of, score_continuations
+from pkmlm.metrics.continuations import score_continuations
 
 __all__ = ["DEFAULT_MAX_GEN_TOKS", "PkmlmLM"]
 
@@ -138,40 +140,39 @@ class PkmlmLM(LM):
         return out
 
     def _greedy(self, jobs: list[tuple[list[int], list[str], int]]) -> list[str]:
-        """Greedy decoding of a batch: rows of different lengths sit right-padded in one buffer;
-        causal attention makes each row's logits at its own last position independent of the
-        padding after it. No KV cache: every step re-runs the prefix (fine at pkmlm's sizes)."""
-        lengths = [len(ids) for ids, _, _ in jobs]
-        width = max(n + max_new for (_, _, max_new), n in zip(jobs, lengths))
-        ids_BT = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, (ids, _, _) in enumerate(jobs):
-            ids_BT[row, : len(ids)] = torch.tensor(ids)
+        """Greedy decoding of a batch on one KV cache (`pkmlm.model.decoding.Decoder`): the contexts
+        left-padded (each row decodes as it would alone), a finished row leaves the batch."""
+        from pkmlm.model.decoding import Decoder
+
         generated: list[list[int]] = [[] for _ in jobs]
         texts = [""] * len(jobs)
-        done = [False] * len(jobs)
         was_training = self.model.training
         self.model.eval()
         try:
-            while not all(done):
-                T = max(lengths[r] for r in range(len(jobs)) if not done[r])
-                logits_BTV = logits_of(self.model, ids_BT[:, :T].to(self._device))
-                for row, (_, until, max_new) in enumerate(jobs):
-                    if done[row]:
-                        continue
-                    token = int(logits_BTV[row, lengths[row] - 1].argmax())
+            decoder = Decoder(self.model, [ids for ids, _, _ in jobs], max(n for _, _, n in jobs))
+            logits_BV = decoder.start()
+            live = list(range(len(jobs)))  # the jobs of the decoder's rows, in order
+            while live:
+                tokens = logits_BV.argmax(-1).tolist()
+                still = []
+                for pos, (row, token) in enumerate(zip(live, tokens)):
+                    _, until, max_new = jobs[row]
                     if token == self.eot_token_id:
-                        done[row] = True
                         continue
-                    ids_BT[row, lengths[row]] = token
-                    lengths[row] += 1
                     generated[row].append(token)
                     texts[row] = self.tok_decode(generated[row])
                     stops = [texts[row].index(s) for s in until if s and s in texts[row]]
                     if stops:
                         texts[row] = texts[row][: min(stops)]
-                        done[row] = True
-                    elif len(generated[row]) >= max_new:
-                        done[row] = True
+                    elif len(generated[row]) < max_new:
+                        still.append(pos)
+                if not still:
+                    break
+                if len(still) < len(live):
+                    decoder.keep(still)
+                    live = [live[pos] for pos in still]
+                    tokens = [tokens[pos] for pos in still]
+                logits_BV = decoder.step(torch.tensor(tokens))
         finally:
             self.model.train(was_training)
         return texts
