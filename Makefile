@@ -16,7 +16,7 @@ TRITON_SPEC ?= $(if $(HAS_GPU),,triton>=3.7)
 
 .PHONY: setup train test lint bench bench-data faults results clean help
 help:
-	@echo "make setup   create $(VENV) and install pkmlm (+dev) and torch"
+	@echo "make setup   create $(VENV) and install pkmlm (+dev, +hf: transformers) and torch"
 	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
 	@echo "make test    ruff (lint + format check), then the test suite on CPU"
 	@echo "make bench   memory layer and model speed tables (paper sizes on CUDA, CPU-sized otherwise)"
@@ -29,7 +29,7 @@ $(BIN)/pkmlm-train: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH_SPEC)' $(PIP_TORCH_INDEX)
-	$(BIN)/python -m pip install -q -e '.[dev]' $(if $(TRITON_SPEC),'$(TRITON_SPEC)',)
+	$(BIN)/python -m pip install -q -e '.[dev,hf]' $(if $(TRITON_SPEC),'$(TRITON_SPEC)',)
 	@touch $@
 	@$(BIN)/python -c "import torch, pkmlm; print('pkmlm ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 

@@ -24,7 +24,9 @@ SMALL = dict(n_keys=8, knn=4, k_dim=8)
 VOCAB = 97
 
 
-def tiny_model(preset: str = "tiny", seed: int = 0, **model_kwargs) -> Transformer:
+def tiny_model(
+    preset: str = "tiny", seed: int = 0, memory_overrides: dict | None = None, **model_kwargs
+) -> Transformer:
     """A small model with `preset`'s memory, its weights moved away from the init (logits that spread
     over several units, so greedy choices are not near-ties) and BatchNorm running statistics that
     are not the identity; in eval mode."""
@@ -32,6 +34,7 @@ def tiny_model(preset: str = "tiny", seed: int = 0, **model_kwargs) -> Transform
     memory.update(SMALL)
     memory["layers"] = sorted({min(i, 2) for i in memory.get("layers", [])})
     memory["heads"] = min(memory.get("heads", 4), 2)
+    memory.update(memory_overrides or {})
     args = dict(vocab_size=VOCAB, n_layers=3, dim=32, n_heads=2, max_seq_len=64, memory=MemoryConfig(**memory))
     args.update(model_kwargs)
     torch.manual_seed(seed)

@@ -82,9 +82,13 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     )
 
 
-def export_run(run: Run, out: Path) -> Path:
+EXPORT_FORMATS = ("pkmlm", "hf")
+
+
+def export_run(run: Run, out: Path, fmt: str = "pkmlm") -> Path:
     """Write `run` as `out/model.safetensors` (the weights, tied ones once), `out/config.json`
-    (model config, run config, step, tokens, source) and `out/tokenizer.json`."""
+    (model config, run config, step, tokens, source) and `out/tokenizer.json`. `fmt="hf"` adds
+    what transformers needs to load it without pkmlm (`pkmlm.checkpoint.hf_export`)."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -99,6 +103,10 @@ def export_run(run: Run, out: Path) -> Path:
     }
     (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "tokenizer.json").write_text(run.tokenizer.to_str())
+    if fmt == "hf":
+        from pkmlm.checkpoint.hf_export import write_hf_files
+
+        write_hf_files(out, info, run.tokenizer)
     return out
 
 
