@@ -19,7 +19,7 @@ help:
 	@echo "make setup   create $(VENV) and install pkmlm (+dev, +hf: transformers) and torch"
 	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
 	@echo "make test    ruff (lint + format check), then the test suite on CPU"
-	@echo "make bench   memory layer and model speed tables (paper sizes on CUDA, CPU-sized otherwise)"
+	@echo "make bench   memory layer, model and generation (KV cache) speed tables (paper sizes on CUDA, CPU-sized otherwise)"
 	@echo "make bench-data  data pipeline tokens/s: bare encoding vs streaming vs prepared shards"
 	@echo "make faults  the long fault-injection run: 100 kill -9s, stop signals, a full disk (docs/reliability.md)"
 	@echo "make results  re-render the measured tables of README.md and docs/benchmarks.md from docs/results/*.json"
@@ -43,9 +43,10 @@ lint: setup   # mechanical style: ruff's lint rules and formatter, settings in p
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
-bench: setup   # memory layer vs FFN, then dense vs memory models: tables for docs/benchmarks.md (CPU ~3 min)
+bench: setup   # memory layer vs FFN, dense vs memory models, generation with/without KV cache: docs/benchmarks.md (CPU ~6 min)
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_model.py
+	$(BIN)/python scripts/bench_generate.py
 
 bench-data: setup   # data pipeline tokens/s: bare encode_batch vs streaming vs prepared shards (~2 min)
 	$(BIN)/python scripts/bench_data.py
