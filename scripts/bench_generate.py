@@ -45,7 +45,7 @@ def machine() -> str:
 def build_model(args: argparse.Namespace, device: torch.device):
     from pkmlm.model import MemoryConfig, ModelConfig, Transformer
 
-    memory = MemoryConfig(layers=[args.layers // 2], n_keys=args.n_keys, heads=4, knn=16, k_dim=128)
+    memory = MemoryConfig(layers=[args.layers // 2], n_keys=args.n_keys, heads=4, knn=min(16, args.n_keys), k_dim=128)
     if args.dense:
         memory = MemoryConfig(layers=[])
     cfg = ModelConfig(

@@ -1,4 +1,4 @@
-"""The benchmarks (scripts/bench_memory.py, scripts/bench_model.py) run with torch alone.
+"""The benchmarks (scripts/bench_memory.py, bench_model.py, bench_generate.py) run with torch alone.
 
 A GPU machine may hold torch and triton and nothing of pkmlm's training stack, so neither script
 may import Hydra, omegaconf, datasets, wandb (nor the data pipeline's tokenizers) anywhere along its
@@ -71,6 +71,12 @@ def test_benchlib_imports_torch_only():
             "bench_model",
             ["--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0", "--batch", "1"],
             ["| dense4 | no |", "| dense8 | no |", "| mem4 | no | torch | float32 |", "train speed-up"],
+        ),
+        (
+            "bench_generate",
+            ["--device", "cpu", "--threads", "1", "--warmup", "0", "--repeats", "1", "--new-tokens", "3"]
+            + ["--dim", "32", "--layers", "2", "--heads", "2", "--vocab", "64", "--n-keys", "8"],
+            ["| new tokens | cached tok/s | uncached tok/s | speed-up |", "| 3 |"],
         ),
     ],
 )
