@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             "note": (
                 f"`pkmlm.generate`, greedy, one {args.prompt}-token prompt, model d={args.dim}, {args.layers} layers, "
                 f"{'no memory' if args.dense else f'memory {args.n_keys}^2 slots at layer {args.layers // 2}'}, "
-                f"vocabulary {args.vocab}, random weights; median of {args.repeats} turns per path, timed in turns."
+                f"vocabulary {args.vocab}, random weights; median of {args.repeats} timed turn(s) per path, "
+                "the paths in turns."
             ),
         }
         Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
