@@ -24,6 +24,16 @@ SMALL = dict(n_keys=8, knn=4, k_dim=8)
 VOCAB = 97
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from threads, and lose much on a busy machine (threads waiting
+    on each other): one intra-op thread for this module, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(
     preset: str = "tiny", seed: int = 0, memory_overrides: dict | None = None, **model_kwargs
 ) -> Transformer:

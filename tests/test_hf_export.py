@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from test_decoding import PRESETS, tiny_model
+from test_decoding import PRESETS, one_thread, tiny_model  # noqa: F401 (one_thread: an autouse fixture)
 
 from pkmlm.data.tokenizer import train_bpe
 from pkmlm.run import Run, export_run, generate, load_run
@@ -88,7 +88,7 @@ def exported(tmp_path_factory):
         text=True,
         stdin=subprocess.DEVNULL,  # AutoTokenizer without trust_remote_code must not wait for an answer
         cwd=root,
-        env={**os.environ, "PYTHONPATH": ""},
+        env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"},  # tiny models: threads only wait
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
