@@ -4,7 +4,7 @@
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
 
-loads the model without pkmlm: the file needs only torch and transformers (>= 5). It re-implements,
+loads the model without pkmlm: the file needs only torch and transformers 5 (tested with 5.25). It re-implements,
 for inference and fine-tuning, pkmlm's decoder-only transformer (src/pkmlm/model/transformer.py)
 and every product-key memory variant (src/pkmlm/model/memory.py: query BatchNorm / LayerNorm /
 none, qk norm, Memory+ gate, PEER experts, value pools shared across layers, parallel or replace
