@@ -96,6 +96,17 @@ def layer_forward(module: nn.Module, x) -> None:
     module(x)  # with autograd recording, as in training
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions of each contender")
@@ -214,7 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             "command": "python scripts/bench_step.py --results docs/results",
             "commit": commit,
             "date": str(datetime.date.today()),
-            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({platform.processor() or 'unknown'})",
+            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()})",
             "torch": torch.__version__,
             "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
         }
