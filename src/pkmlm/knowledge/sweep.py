@@ -26,11 +26,12 @@ Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are), `mem64` 
 FFN widened, `model.ffn_mult` computed by `param_matched_ffn_mult`, until the model's total
 parameters equal the 128^2 memory model's: Csordas et al. 2023's baseline), and the mixture arms
 `mix_dense` / `mix_mem128` (the biographies diluted in the Wikipedia sample, knowledge/mix_*).
-Dense arms (`dense*`) run `--dense-factor` times the equal-exposure steps. `--one-seed-arms` names
-arms that run only the first seed. With `--until-saturated`, N doubles from the largest `--people`
-value until the dense arm saturates (mean bits at 2x the exposures within 5% of those at 1x; needs
-`--dense-factor` >= 2) or `--max-people` is passed. The table (`table.md`) gives each point's mean
-over seeds and the spread (min-max); `bits_vs_people_mean.png` plots them with the spread as bars.
+Dense arms (`dense`, `dense_pm`, `mix_dense`) run `--dense-factor` times the equal-exposure steps.
+`--one-seed-arms` names arms that run only the first seed. With `--until-saturated`, N doubles
+from the largest `--people` value until the dense arm saturates (mean bits at 2x the exposures
+within 5% of those at 1x; needs `--dense-factor` >= 2) or `--max-people` is passed. The table
+(`table.md`) gives each point's mean over seeds and the spread (min-max);
+`bits_vs_people_mean.png` plots them with the spread as bars.
 
 Resumable: run the same command again and the sweep continues where it stopped. Corpora and
 tokenizers are kept; a run whose final checkpoint exists is not trained again; a half-finished run
@@ -353,7 +354,7 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
                 share = bios_token_share(facts / "bios.jsonl", overrides, per_bio)
                 arm_steps = CHECKPOINTS_PER_RUN * math.ceil(steps / share / CHECKPOINTS_PER_RUN)
             run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
-            factor = args.dense_factor if arm.startswith("dense") else 1.0
+            factor = args.dense_factor if "dense" in arm else 1.0
             max_steps = CHECKPOINTS_PER_RUN * math.ceil(arm_steps * factor / CHECKPOINTS_PER_RUN)
             bios = None if arm.startswith("mix_") else facts / "bios.jsonl"  # a mixture names its sources
             command = _train_command(experiment, run_dir, bios, arm_steps, max_steps, seed, [*overrides, *extra])
@@ -491,11 +492,12 @@ def main(argv: list[str] | None = None) -> None:
         if stopped:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
             break
+        largest = max(r["people"] for r in results) if results else people
         if args.until_saturated and not levels:
-            if dense_saturated(results, people):
-                print(f"dense arm saturated at N={people}", file=sys.stderr, flush=True)
-            elif 2 * people <= args.max_people:
-                levels.append(2 * people)
+            if dense_saturated(results, largest):
+                print(f"dense arm saturated at N={largest}", file=sys.stderr, flush=True)
+            elif 2 * largest <= args.max_people:
+                levels.append(2 * largest)
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
@@ -513,7 +515,7 @@ def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
         for mem_arm, m in sorted(equal.items()):
             if "mem" not in mem_arm or not m.get("train_time_s"):
                 continue
-            for dense_arm in sorted({r["arm"] for r in rows if r["arm"].startswith("dense")}):
+            for dense_arm in sorted({r["arm"] for r in rows if "dense" in r["arm"]}):
                 dense = [r for r in rows if r["arm"] == dense_arm and r.get("train_time_s")]
                 if dense and max(r["train_time_s"] for r in dense) >= m["train_time_s"]:
                     pick = min(dense, key=lambda r: abs(r["train_time_s"] - m["train_time_s"]))
