@@ -26,7 +26,8 @@ Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are), `mem64` 
 FFN widened, `model.ffn_mult` computed by `param_matched_ffn_mult`, until the model's total
 parameters equal the 128^2 memory model's: Csordas et al. 2023's baseline), and the mixture arms
 `mix_dense` / `mix_mem128` (the biographies diluted in the Wikipedia sample, knowledge/mix_*).
-Dense arms (`dense`, `dense_pm`, `mix_dense`) run `--dense-factor` times the equal-exposure steps.
+The equal-compute dense arms (`dense`, `mix_dense`) run `--dense-factor` times the equal-exposure
+steps (dense_pm, slower per step than the memory arms, does not need to).
 `--one-seed-arms` names arms that run only the first seed. With `--until-saturated`, N doubles
 from the largest `--people` value until the dense arm saturates (mean bits at 2x the exposures
 within 5% of those at 1x; needs `--dense-factor` >= 2) or `--max-people` is passed. The table
@@ -354,7 +355,9 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
                 share = bios_token_share(facts / "bios.jsonl", overrides, per_bio)
                 arm_steps = CHECKPOINTS_PER_RUN * math.ceil(steps / share / CHECKPOINTS_PER_RUN)
             run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
-            factor = args.dense_factor if "dense" in arm else 1.0
+            # The equal-compute dense arms run longer for their equal-time point; dense_pm is slower
+            # per step than any memory arm, so its equal-time point lies within its 1x run.
+            factor = args.dense_factor if arm in ("dense", "mix_dense") else 1.0
             max_steps = CHECKPOINTS_PER_RUN * math.ceil(arm_steps * factor / CHECKPOINTS_PER_RUN)
             bios = None if arm.startswith("mix_") else facts / "bios.jsonl"  # a mixture names its sources
             command = _train_command(experiment, run_dir, bios, arm_steps, max_steps, seed, [*overrides, *extra])
