@@ -195,15 +195,16 @@ class ProductKeyMemory(nn.Module):
                 q_NHQ = self.query_half_norm(q_NHQ.view(-1, self.heads, 2, P)).view(-1, self.heads, self.k_dim)
             q_NHQ = F.dropout(q_NHQ, p=self.query_dropout, training=self.training)
             keys_H2SP = self.keys if self.key_norm is None else self.key_norm(self.keys)
-            s1_NHS = torch.einsum("nhp,hsp->nhs", q_NHQ[..., :P], keys_H2SP[:, 0])
-            s2_NHS = torch.einsum("nhp,hsp->nhs", q_NHQ[..., P:], keys_H2SP[:, 1])
+            # both halves of every head in one batched matmul, as pkmlm computes them
+            s_NH2S = torch.einsum("nhcp,hcsp->nhcs", q_NHQ.view(*q_NHQ.shape[:-1], 2, P), keys_H2SP)
         K, S = self.knn, self.n_keys
-        top1_NHK, i_NHK = s1_NHS.topk(K, dim=-1)
-        top2_NHK, j_NHK = s2_NHS.topk(K, dim=-1)
-        top1_NHK, top2_NHK = top1_NHK.float(), top2_NHK.float()
+        top_NH2K, ids_NH2K = s_NH2S.topk(K, dim=-1)
+        top1_NHK, top2_NHK = top_NH2K[:, :, 0].float(), top_NH2K[:, :, 1].float()
+        i_NHK, j_NHK = ids_NH2K[:, :, 0], ids_NH2K[:, :, 1]
         pair_a, pair_b = eligible_rank_pairs(K, x_ND.device)
         with torch.no_grad():
-            best_NHK = (top1_NHK[..., pair_a] + top2_NHK[..., pair_b]).topk(K, dim=-1).indices
+            cand_NHC = top1_NHK.index_select(-1, pair_a) + top2_NHK.index_select(-1, pair_b)
+            best_NHK = cand_NHC.topk(K, dim=-1).indices
         a_NHK, b_NHK = pair_a[best_NHK], pair_b[best_NHK]
         scores_NHK = top1_NHK.gather(-1, a_NHK) + top2_NHK.gather(-1, b_NHK)
         slot_NHK = i_NHK.gather(-1, a_NHK) * S + j_NHK.gather(-1, b_NHK)
