@@ -91,6 +91,12 @@ def test_v_dim_other_than_dim_gets_a_projection():
     assert model(torch.randint(0, VOCAB, (2, T)))[0].shape == (2, T, VOCAB)
 
 
+def test_bf16_values_with_a_projection_run_outside_autocast():
+    model = build(memory=dict(layers=[1], v_dim=24, values_dtype="bfloat16")).eval()
+    logits = model(torch.randint(0, VOCAB, (2, T)))[0]
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
 def test_dense_model_has_no_memory():
     model = build(memory=dict(layers=[]))
     assert model.memory_layers() == {}

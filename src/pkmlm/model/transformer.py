@@ -201,7 +201,8 @@ class Block(nn.Module):
             if return_aux:
                 read, aux = read
             if self.memory_proj is not None:
-                read = self.memory_proj(read)
+                # bf16 value tables read in bf16; outside autocast the fp32 projection needs fp32 input
+                read = self.memory_proj(read.to(self.memory_proj.weight.dtype))
             mixed_BTD = read if mixed_BTD is None else mixed_BTD + read
         return x_BTD + mixed_BTD, aux
 
