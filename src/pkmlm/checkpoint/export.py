@@ -52,7 +52,8 @@ def checked_model_config(d: object, where: str) -> ModelConfig:
             n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     except Exception as e:  # noqa: BLE001 - any value that cannot build the model is a bad file
         raise UserError(
-            f"{where}: 'model_config' does not describe a model ({type(e).__name__}: {str(e)[:120]}); the file was edited"
+            f"{where}: 'model_config' does not describe a model ({type(e).__name__}: {str(e)[:120]}); "
+            "the file was edited"
         ) from None
     need, have = n_params * 4.0, _available_ram()
     if need > have:
@@ -97,7 +98,8 @@ def safetensors_problem(file: Path, model: torch.nn.Module) -> str | None:
             return f"{file}: {name!r} is {entry.get('dtype')}, the model's is {short.get(dtype, dtype)}"
     missing = sorted(next(iter(sorted(g))) for g in groups.values() if not g & set(header))
     if missing:
-        return f"{file}: lacks {missing[0]!r}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}, which the model needs"
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"{file}: lacks {missing[0]!r}{more}, which the model needs"
     return None
 
 

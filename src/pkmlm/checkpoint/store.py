@@ -270,7 +270,10 @@ def template_problem(path: Path, tensors: dict[str, Any]) -> str | None:
             continue  # a value stored as bytes: read by torch.load(weights_only=True), which refuses objects
         if tuple(entry.size) != tuple(value.shape):
             size = tuple(entry.size)
-            return f"{file}: {key!r} has shape {size} in the index, the model {tuple(value.shape)} (another model's, or edited)"
+            return (
+                f"{file}: {key!r} has shape {size} in the index, the model {tuple(value.shape)} "
+                "(another model's, or edited)"
+            )
     return None
 
 
