@@ -492,10 +492,11 @@ def restore(
     states = {s: store.read_json(path, f) for s, f in shard_files.items()}
     try:
         load_shard_states(batches, states)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, UserError) as e:
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:80]}"
         raise UserError(
-            f"{path / shard_files[mine[0]]}: not a data pipeline state ({type(e).__name__}: {str(e)[:80]}); "
-            "the file was edited: give another checkpoint with resume=PATH"
+            f"{path / shard_files[mine[0]]}: not the data pipeline state of this run ({why}); "
+            "give another checkpoint with resume=PATH"
         ) from None
     if meta.get("world_size") == info.world_size:
         # Dropout masks continue exactly; with another rank count each rank keeps its fresh seed.
