@@ -324,3 +324,49 @@ def test_recall_file_checked_before_training_and_evaluation(run, tmp_path, case)
     proc = run_cli("pkmlm.cli.eval", [f"checkpoint={run}", f"eval.recall={qa}"], cwd=tmp_path, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr[-2000:]
+
+
+# --- 4. pkmlm-harness: every argument and the tasks' data before the model loads -----------------
+
+
+def _harness_task(root: Path, data: Path) -> Path:
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny.yaml").write_text(
+        f"task: tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n"
+        "  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+    )
+    return tasks
+
+
+@pytest.mark.parametrize(
+    "case", ["--limit inf", "--device cuda", "--num-fewshot too large", "missing data file", "unknown task"]
+)
+def test_harness_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, case):
+    """RUN is an empty directory: had the model been loaded first, the error would name RUN."""
+    import torch
+
+    from pkmlm.cli.harness import main
+
+    if case == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run_dir = tmp_path / "not_a_run"
+    run_dir.mkdir()
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(3)))
+    tasks = _harness_task(tmp_path, data)
+    args = [str(run_dir), "--tasks", "tiny", "--include-path", str(tasks), "--output", str(tmp_path / "r.json")]
+    extra, words = {
+        "--limit inf": (["--limit", "inf"], "--limit=inf"),
+        "--device cuda": (["--device", "cuda"], "no CUDA"),
+        "--num-fewshot too large": (["--num-fewshot", "5"], "has only 3 documents"),
+        "missing data file": ([], "cannot load the task data"),
+        "unknown task": (["--tasks", "nosuchtask"], "unknown lm-eval task"),
+    }[case]
+    if case == "missing data file":
+        data.unlink()
+    with pytest.raises(SystemExit) as exit_:
+        main(args + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and words in err[0] and "not_a_run" not in err[0], err
