@@ -188,11 +188,10 @@ def check_tasks(manager: Any, tasks: list[str], num_fewshot: int | None) -> None
     """Load every task's data (a local task's missing or unreadable data file fails here, not after
     the model loads) and check that `num_fewshot` examples can be drawn from each task's few-shot
     documents. One-line `UserError`."""
+    import datasets
     from lm_eval.tasks import get_task_dict
 
     from pkmlm.errors import UserError
-
-    import datasets
 
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a refusal stays one line; the evaluation shows its own bars
