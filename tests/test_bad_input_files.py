@@ -370,3 +370,43 @@ def test_harness_arguments_are_one_line_before_the_model_loads(tmp_path, capsys,
         main(args + extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and words in err[0] and "not_a_run" not in err[0], err
+
+
+# --- pkmlm-facts and pkmlm-inspect --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(["--people", "1000000000"], "more than the limit"), (["--people", "10", "--templates", "1000000000"], "limit")],
+)
+def test_facts_refuses_a_corpus_beyond_its_limit_before_generating(tmp_path, capsys, args, words):
+    from pkmlm.cli.facts import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--seed", "1", "--out", str(tmp_path / "facts")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "facts").exists()
+
+
+def test_facts_estimate_matches_the_written_size(tmp_path):
+    from pkmlm.knowledge.facts import estimate_corpus, write_corpus
+
+    write_corpus(tmp_path, 200, 3, 2)
+    written = sum((tmp_path / name).stat().st_size for name in ("bios.jsonl", "qa.jsonl"))
+    assert abs(estimate_corpus(200, 2, 3)["disk"] - written) < 0.1 * written
+
+
+def test_inspect_says_which_checkpoint_it_skips(run, tmp_path, capsys):
+    import torch
+
+    from pkmlm.cli.inspect import checkpoint_history
+
+    run_dir = _copy(run, tmp_path)
+    _edit_json(run_dir / "checkpoints" / "step_00000001.dcp", "meta.json", lambda m: {**m, "step": "1"})
+    _reseal(run_dir / "checkpoints" / "step_00000001.dcp")
+    batches = [torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))]
+    points = checkpoint_history(run_dir, batches, torch.device("cpu"), progress=False)
+    assert [p["step"] for p in points] == [2]
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000001.dcp" in err and "'step'" in err
