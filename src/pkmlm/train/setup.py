@@ -22,6 +22,7 @@ import binascii
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ from pkmlm.finetune import (
     save_background,
     slot_pools,
 )
+from pkmlm.finetune.config import background_batch_count
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.metrics.memory_usage import StaleSlots, attach_stale_trackers, stale_metrics
 from pkmlm.metrics.recall import check_recall_fits, read_questions
@@ -302,13 +304,14 @@ def finetune_background(
         )
     source_meta = read_export(source, key="init_from") if is_export(source) else store.read_meta(source)
     data_cfg = source_data_config(cfg, source_meta)
+    num_batches = background_batch_count(cfg.finetune.background_batches, int(source_meta["step"]))
     fingerprint = {
         "init_from": str(source),
         "step": source_meta["step"],
         "data": source_meta["config"].get("data"),
         "seq_len": cfg.data.seq_len,
         "batch_size": cfg.train.batch_size,
-        "num_batches": cfg.finetune.background_batches,
+        "num_batches": num_batches,
         "seed": cfg.seed,
     }
     path = run_dir / BACKGROUND_FILE
@@ -333,13 +336,22 @@ def finetune_background(
         ) from None
     if info.is_main and cfg.logging.progress:
         print(
-            f"pkmlm | sparse_memory: counting slot reads of {cfg.finetune.background_batches} background "
+            f"pkmlm | sparse_memory: counting slot reads of {num_batches} background "
             f"batches of {source}'s training data (once; cached in {path.name})",
             flush=True,
         )
     # Every rank counts the same batches (a forward may be a collective); rank 0 writes the cache.
     batches = build_train_batches(data_cfg, plan, tokenizer, batch_size=cfg.train.batch_size, seed=cfg.seed)
-    counts = count_background(model, batches, cfg.finetune.background_batches)
+    bar = None
+    if info.is_main and cfg.logging.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_batches, desc="background batches", file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        counts = count_background(model, batches, num_batches, progress=(lambda _: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     if info.is_main:
         save_background(path, counts, fingerprint)
     return counts
