@@ -410,3 +410,28 @@ def test_inspect_says_which_checkpoint_it_skips(run, tmp_path, capsys):
     assert [p["step"] for p in points] == [2]
     err = capsys.readouterr().err
     assert "skipping checkpoint step_00000001.dcp" in err and "'step'" in err
+
+
+def test_second_ctrl_c_during_a_checkpoint_write_lets_the_write_finish(tmp_path, capsys):
+    """Real SIGINTs to this process: the first asks for a stop, a second during the write is
+    deferred (the checkpoint verifies), then one line; outside a write it is a KeyboardInterrupt."""
+    import signal
+
+    import torch
+
+    from pkmlm.train.loop import StopSignals
+
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received == "SIGINT"
+        with pytest.raises(UserError) as err, signals.writing(4):
+            os.kill(os.getpid(), signal.SIGINT)
+            store.write(tmp_path, 4, {"meta": {"tokens": 0}, "weights": torch.ones(3)})
+        _one_line(err, "second Ctrl-C", "step 4 was written completely")
+        assert store.verify(tmp_path / "step_00000004.dcp") is None
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+        assert "finishing the write first" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
