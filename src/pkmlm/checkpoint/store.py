@@ -449,11 +449,17 @@ def set_aside(path: Path, why: str) -> Path:
     return target
 
 
+def _unverified(path: Path) -> str | None:
+    """Why checkpoint `path` may not be deleted (None: it verifies and is a checkpoint pkmlm reads)."""
+    try:
+        return _usable(path)
+    except UserError as e:  # a crafted file: kept for the user to look at, never deleted by us
+        return str(e)
+
+
 def _remove_verified(path: Path) -> None:
     """Delete checkpoint `path` if it verifies; set it aside (kept) if it does not."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reason = verify(path)
+    reason = _unverified(path)
     if reason is None:
         _remove_dir(path)
     else:
@@ -467,9 +473,7 @@ def prune(directory: Path, step: int, keep_last: int) -> None:
     kept = []
     for path in list_checkpoints(directory):
         if step_of(path) > step:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                reason = verify(path)
+            reason = _unverified(path)
             if reason is not None:
                 set_aside(path, reason)
                 continue

@@ -35,10 +35,9 @@ class FinetuneConfig:
     the background with the finetuning batch size.
     """
 
-    # batches of the init_from run's training data, counted once; null: proportionate to the source
-    # run, a tenth of its training steps, at most 1,000 (Lin et al.'s count; the default run of 1,500
-    # steps gets 150: counting is a forward pass per batch, a fraction of the source's training time)
-    background_batches: Optional[int] = None
+    # The default run of 1,500 steps gets 150 (counting is a forward pass per batch, a fraction of
+    # the source's training time; 1,000 took 12 CPU-minutes before the first step).
+    background_batches: Optional[int] = None  # init_from data batches counted once; null: a tenth of its steps, <= 1000
     top_t: int = 500  # value rows trained per batch and table (sparse_memory)
     optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: pkmlm.optim.LazyAdam)
     lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
