@@ -46,6 +46,7 @@ lint: setup   # mechanical style: ruff's lint rules and formatter, settings in p
 bench: setup   # memory layer vs FFN, then dense vs memory models: tables for docs/benchmarks.md (CPU ~3 min)
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_model.py
+	$(BIN)/python scripts/bench_step.py
 
 bench-data: setup   # data pipeline tokens/s: bare encode_batch vs streaming vs prepared shards (~2 min)
 	$(BIN)/python scripts/bench_data.py

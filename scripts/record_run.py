@@ -53,6 +53,25 @@ def run_numbers(run_dir: Path) -> tuple[list[dict], dict, str]:
     return [r for r in rows if "val/ppl" in r], rows[-1], version["commit"][:7]
 
 
+def same_code(commits: list[str]) -> str:
+    """The newest of `commits` when they all hold the same training code (src/, configs/, data/,
+    pyproject.toml: what `make train` runs); runs from trees that differ there go in separate files."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    # src/pkmlm/results.py renders documents and is imported by nothing that trains.
+    paths = ["src", "configs", "data", "pyproject.toml", ":(exclude)src/pkmlm/results.py"]
+    newest = commits[0]
+    for other in commits[1:]:
+        if git("diff", "--quiet", newest, other, "--", *paths).returncode != 0:
+            sys.exit(f"record_run: runs trained at {newest} and {other}, whose code differs; one file per commit")
+        if git("merge-base", "--is-ancestor", newest, other).returncode == 0:
+            newest = other
+    return newest
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -86,15 +105,15 @@ def main(argv=None) -> int:
                 + times
             )
         extra[label] = {"wall_time_s": last.get("wall_time_s"), "train_time_s": last.get("train_time_s")}
-    if len(commits) != 1:
-        sys.exit(f"record_run: the runs were trained at different commits {sorted(commits)}; one file per commit")
+    commit = same_code(sorted(commits))
+
     columns = ["run", "step", {"name": "val ppl", "format": ".2f"}, {"name": "val loss", "format": ".4f"}]
     columns += [{"name": f"{layer} usage", "format": ".1%"} for layer in layers]
     columns += [{"name": f"{layer} KL weight / count", "format": ".2f"} for layer in layers]
     columns += ["wall / training time"]
     result = {
         "command": args.command,
-        "commit": commits.pop(),
+        "commit": commit,
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""The benchmarks (scripts/bench_memory.py, scripts/bench_model.py) run with torch alone.
+"""The benchmarks (scripts/bench_memory.py, bench_model.py, bench_step.py) run with torch alone.
 
 A GPU machine may hold torch and triton and nothing of pkmlm's training stack, so neither script
 may import Hydra, omegaconf, datasets, wandb (nor the data pipeline's tokenizers) anywhere along its
@@ -93,3 +93,16 @@ def test_bench_refuses_cuda_without_a_gpu():
         timeout=120,
     )
     assert proc.returncode != 0 and "needs a CUDA build of torch and a GPU" in proc.stderr
+
+
+def test_bench_step_prints_the_ratios_and_parts_and_writes_results_files(tmp_path):
+    from pkmlm.results import load, render_table
+
+    out = _run("bench_step", ["--repeats", "1", "--warmup", "0", "--results", str(tmp_path)])
+    for line in ("| knowledge step (fwd, bwd, clip, AdamW)", "| default run's memory layer", "| top-k (halves"):
+        assert line in out, out
+    step, parts = load(str(tmp_path / "memory_step.json")), load(str(tmp_path / "memory_step_parts.json"))
+    assert [row[1] for row in step.rows] == [1, 1, 2]  # the knowledge step at 1 thread, the layer at 1 and 2
+    assert all(row[6] in ("met", "not met") for row in step.rows)
+    assert {row[0] for row in parts.rows} >= {"query network", "sub-key scores", "value read", "= memory layer fwd+bwd"}
+    assert "| top-k (halves + candidates) |" in render_table(parts)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pkmlm"
 # Lowest first. A new top-level module or package gets its layer here and in docs/architecture.md.
 LAYERS = {
     "errors": 0,
-    "results": 0,
+    "results": 1,
     "paths": 0,
     "model": 1,
     "data": 1,

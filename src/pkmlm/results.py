@@ -159,7 +159,10 @@ def _cell(result: Result, column: Column, value: Cell) -> str:
 
 def provenance(result: Result) -> str:
     """The line under each rendered table: where and how its numbers were measured."""
-    threads = f"{result.threads} thread{'s' if result.threads != 1 else ''}"
+    if isinstance(result.threads, int):
+        threads = f"{result.threads} thread{'s' if result.threads != 1 else ''}"
+    else:
+        threads = f"threads: {result.threads}"
     return (
         f"<sub>Source: [docs/results/{result.name}.json](docs/results/{result.name}.json) · commit "
         f"`{result.commit}` · {result.date} · {result.machine} · torch {result.torch} · {threads} · load: "

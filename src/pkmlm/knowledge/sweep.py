@@ -19,6 +19,26 @@ exposures and at equal training time.
    `DIR/bits_vs_exposures.png`: every checkpoint's bits stored vs exposures and vs training time.
 
 Jobs run `--jobs` at a time, each with `--threads` threads, under `nice`.
+
+Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are), `mem64` / `mem128` / `mem256`
+(the memory preset with a 64^2 / 128^2 / 256^2-slot table, 4 heads, knn 16, k_dim 64: 4x, 16x and
+64x the value parameters of the FFN it replaces), `dense_pm` (the parameter-matched dense arm: the
+FFN widened, `model.ffn_mult` computed by `param_matched_ffn_mult`, until the model's total
+parameters equal the 128^2 memory model's: Csordas et al. 2023's baseline), and the mixture arms
+`mix_dense` / `mix_mem128` (the biographies diluted in the Wikipedia sample, knowledge/mix_*).
+The equal-compute dense arms (`dense`, `mix_dense`) run `--dense-factor` times the equal-exposure
+steps (dense_pm, slower per step than the memory arms, does not need to).
+`--one-seed-arms` names arms that run only the first seed. With `--until-saturated`, N doubles
+from the largest `--people` value until the dense arm saturates (mean bits at 2x the exposures
+within 5% of those at 1x; needs `--dense-factor` >= 2) or `--max-people` is passed. The table
+(`table.md`) gives each point's mean over seeds and the spread (min-max);
+`bits_vs_people_mean.png` plots them with the spread as bars.
+
+Resumable: run the same command again and the sweep continues where it stopped. Corpora and
+tokenizers are kept; a run whose final checkpoint exists is not trained again; a half-finished run
+is restarted with the same command, which resumes from its latest checkpoint (`resume=auto`); each
+checkpoint's recall is kept in `<run>/sweep_recall.jsonl` and never evaluated twice. `--max-runs K`
+trains at most K runs in this sitting and stops (the rest wait for the next sitting).
 """
 
 from __future__ import annotations
@@ -56,12 +76,13 @@ def _compose(overrides: list[str]):
 
 def shared_tokenizer(bios: Path, path: Path, overrides: list[str]) -> None:
     """The tokenizer the presets would train on `bios`, saved to `path` for every run of a seed."""
-    from pkmlm.data.loader import resolve_data
-    from pkmlm.data.tokenizer import load_or_train_tokenizer
+    from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
 
     cfg = _compose(overrides + [f"data.files=[{bios}]"])
     tokenizer, _ = load_or_train_tokenizer(cfg.data, resolve_data(cfg.data), cfg.paths.cache_dir)
-    tokenizer.save(str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)  # a sweep killed mid-save leaves no half-written tokenizer behind
 
 
 def steps_for(bios: Path, exposures: float, templates: int, overrides: list[str]) -> tuple[int, float]:
@@ -79,16 +100,69 @@ def steps_for(bios: Path, exposures: float, templates: int, overrides: list[str]
     return CHECKPOINTS_PER_RUN * math.ceil(steps / CHECKPOINTS_PER_RUN), per_bio
 
 
+MEMORY_SIZES = {"mem64": 64, "mem128": 128, "mem256": 256}
+PARAM_MATCHED_TO = "mem128"  # the dense_pm arm's FFN is widened to this arm's total parameters
+SATURATION = 0.05  # the dense arm is saturated when 2x the exposures adds less than 5% bits
+
+
+def memory_overrides(n_keys: int) -> list[str]:
+    """The memory preset's layer with an n_keys^2 table, 4 heads, knn 16, k_dim 64 (issue 21)."""
+    return [f"model.memory.n_keys={n_keys}", "model.memory.heads=4", "model.memory.knn=16", "model.memory.k_dim=64"]
+
+
+def arm_spec(arm: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """`(experiment preset, extra overrides)` of an arm name (see the module docstring)."""
+    if arm in ("dense", "mem", "mix_dense", "mix_mem"):
+        return f"knowledge/{arm}", []
+    if arm in MEMORY_SIZES:
+        return "knowledge/mem", memory_overrides(MEMORY_SIZES[arm])
+    if arm == "mix_mem128":
+        return "knowledge/mix_mem", memory_overrides(128)
+    if arm == "dense_pm":
+        return "knowledge/dense", [f"model.ffn_mult={param_matched_ffn_mult(overrides)!r}"]
+    raise SystemExit(
+        f"sweep: unknown arm {arm!r}: use dense, dense_pm, mem, mem64, mem128, mem256, mix_dense, mix_mem or mix_mem128"
+    )
+
+
+def _total_params(overrides: list[str]) -> tuple[int, Any]:
+    import dataclasses
+
+    from pkmlm.model import Transformer
+
+    cfg = _compose(overrides)
+    # model.vocab_size 0 = the tokenizer's size, data.vocab_size for a trained BPE (as pkmlm-train)
+    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.vocab_size)
+    return Transformer(model).count_parameters()["total"], model
+
+
+def param_matched_ffn_mult(overrides: list[str]) -> float:
+    """`model.ffn_mult` whose dense model has the total parameters of the `PARAM_MATCHED_TO` memory
+    model (nearest FFN width; every layer's FFN widened alike). A dense model's parameters grow by
+    n_layers x 2 x dim per unit of FFN width (up and down projections, no biases): counted here on
+    two built models, not assumed."""
+    target, _ = _total_params(
+        ["experiment=knowledge/mem", *overrides, *memory_overrides(MEMORY_SIZES[PARAM_MATCHED_TO])]
+    )
+    base, model = _total_params(["experiment=knowledge/dense", *overrides])
+    wider, _ = _total_params(
+        ["experiment=knowledge/dense", *overrides, f"model.ffn_mult={(model.ffn_mult * model.dim + 1) / model.dim!r}"]
+    )
+    per_unit = wider - base
+    hidden = int(model.ffn_mult * model.dim) + round((target - base) / per_unit)
+    return hidden / model.dim
+
+
 def _train_command(
-    arm: str, run_dir: Path, bios: Path, steps: int, max_steps: int, seed: int, extra: list[str]
+    experiment: str, run_dir: Path, bios: Path | None, steps: int, max_steps: int, seed: int, extra: list[str]
 ) -> list[str]:
     every = steps // CHECKPOINTS_PER_RUN
     return [
         sys.executable,
         "-m",
         "pkmlm.cli.train",
-        f"experiment=knowledge/{arm}",
-        f"data.files=[{bios}]",
+        f"experiment={experiment}",
+        *([f"data.files=[{bios}]"] if bios is not None else []),
         f"train.max_steps={max_steps}",
         f"seed={seed}",
         f"checkpoint.interval={every}",
@@ -130,8 +204,11 @@ def _train_times(run_dir: Path) -> dict[int, float]:
     return times
 
 
-def evaluate_run(run_dir: Path, qa: Path, per_bio: float, people: int, templates: int) -> list[dict]:
-    """Recall of every checkpoint of a run, oldest first; writes `<run>/recall.json` (the last)."""
+def evaluate_run(
+    run_dir: Path, qa: Path, per_bio: float, people: int, templates: int, skip: set[int] | None = None
+) -> list[dict]:
+    """Recall of every checkpoint of a run (but the steps in `skip`), oldest first; writes
+    `<run>/recall.json` (the last evaluated)."""
     from pkmlm.checkpoint.store import list_checkpoints
     from pkmlm.metrics.recall import evaluate_recall
     from pkmlm.run import load_run
@@ -139,6 +216,8 @@ def evaluate_run(run_dir: Path, qa: Path, per_bio: float, people: int, templates
     times = _train_times(run_dir)
     rows = []
     for ckpt in list_checkpoints(run_dir / "checkpoints"):
+        if skip and int(ckpt.name[5:13]) in skip:
+            continue
         run = load_run(ckpt)
         metrics = evaluate_recall(run.model, run.tokenizer, qa)
         step_time = times.get(run.step, max((t for s, t in times.items() if s <= run.step), default=None))
@@ -199,20 +278,169 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _final_checkpoint(run_dir: Path, max_steps: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{max_steps:08d}.dcp"
+
+
+def run_finished(run_dir: Path, max_steps: int) -> bool:
+    """Whether the run's final checkpoint is there, complete (its metadata written last)."""
+    return (_final_checkpoint(run_dir, max_steps) / ".metadata").is_file()
+
+
+def mixture_overrides(bios: Path, overrides: list[str]) -> list[str]:
+    """data.sources of the mix_* presets with the sweep's biographies as the bios source."""
+    cfg = _compose(["experiment=knowledge/mix_dense", *overrides])
+    parts = []
+    for src in cfg.data.sources:
+        files = [str(bios)] if src.name == "bios" else [str(Path(f).expanduser().resolve()) for f in src.files]
+        parts.append(f"{{name:{src.name},files:[{','.join(files)}],weight:{src.weight}}}")
+    return ["data.files=[]", f"data.sources=[{','.join(parts)}]"]
+
+
+def bios_token_share(bios: Path, overrides: list[str], per_bio: float, sample_docs: int = 200) -> float:
+    """The biographies' share of the mixture's tokens: documents are drawn by weight (knowledge/mix_*),
+    so share = w_bios x tokens per biography / sum over sources of w x mean tokens per document
+    (the other sources' means over their first `sample_docs` documents, under the runs' tokenizer)."""
+    import gzip
+
+    from pkmlm.data.tokenizer import encode_documents, load_tokenizer
+
+    cfg = _compose(["experiment=knowledge/mix_dense", *overrides])
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    bios_weight, total = 0.0, 0.0
+    for src in cfg.data.sources:
+        if src.name == "bios":
+            bios_weight, mean = src.weight, per_bio
+        else:  # the sample's jsonl(.gz) files, one {"text": ...} document a line
+            texts: list[str] = []
+            for name in src.files:
+                opener = gzip.open if str(name).endswith(".gz") else open
+                with opener(Path(name).expanduser(), "rt") as f:
+                    for line in f:
+                        if len(texts) >= sample_docs:
+                            break
+                        texts.append(json.loads(line)["text"])
+            mean = sum(len(ids) + 1 for ids in encode_documents(tokenizer, texts)) / max(len(texts), 1)
+        total += src.weight * mean
+    return bios_weight * per_bio / total
+
+
+def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
+    """The runs of one N: corpora and tokenizers made (or kept), and per seed and arm the training
+    command, run directory and step counts."""
+    from pkmlm.knowledge.facts import write_corpus
+
+    plans = []
+    arms = args.arms.split(",")
+    one_seed = set(filter(None, args.one_seed_arms.split(",")))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:
+        tokenizer = out / "facts" / f"tokenizer-s{seed}.json"
+        overrides = [*args.overrides, f"data.tokenizer={tokenizer.resolve()}"]
+        facts = out / "facts" / f"N{people}-s{seed}"
+        if not ((facts / "bios.jsonl").is_file() and (facts / "qa.jsonl").is_file()):
+            write_corpus(facts, people, seed, args.templates)
+        if not tokenizer.is_file():  # trained on the first N of the sweep (the largest of --people)
+            shared_tokenizer(facts / "bios.jsonl", tokenizer, ["experiment=knowledge/dense", *args.overrides])
+        steps, per_bio = steps_for(
+            facts / "bios.jsonl", args.exposures, args.templates, ["experiment=knowledge/dense", *overrides]
+        )
+        for arm in arms:
+            if arm in one_seed and seed != seeds[0]:
+                continue
+            experiment, extra = arm_spec(arm, overrides)
+            arm_steps = steps
+            if arm.startswith("mix_"):
+                extra = [*extra, *mixture_overrides((facts / "bios.jsonl").resolve(), overrides)]
+                share = bios_token_share(facts / "bios.jsonl", overrides, per_bio)
+                arm_steps = CHECKPOINTS_PER_RUN * math.ceil(steps / share / CHECKPOINTS_PER_RUN)
+            run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
+            # The equal-compute dense arms run longer for their equal-time point; dense_pm is slower
+            # per step than any memory arm, so its equal-time point lies within its 1x run.
+            factor = args.dense_factor if arm in ("dense", "mix_dense") else 1.0
+            max_steps = CHECKPOINTS_PER_RUN * math.ceil(arm_steps * factor / CHECKPOINTS_PER_RUN)
+            bios = None if arm.startswith("mix_") else facts / "bios.jsonl"  # a mixture names its sources
+            command = _train_command(experiment, run_dir, bios, arm_steps, max_steps, seed, [*overrides, *extra])
+            plans.append(
+                {
+                    "arm": arm,
+                    "people": people,
+                    "seed": seed,
+                    "steps_equal": arm_steps,
+                    "max_steps": max_steps,
+                    "tokens_per_bio": per_bio,
+                    "run_dir": run_dir,
+                    "facts": facts,
+                    "command": command,
+                }
+            )
+    return plans
+
+
+def evaluate_cached(plan: dict, templates: int) -> list[dict]:
+    """`evaluate_run`'s rows for the plan's run, each checkpoint evaluated once ever: the rows are
+    kept in `<run>/sweep_recall.jsonl` and only checkpoints not in it are evaluated."""
+    from pkmlm.checkpoint.store import list_checkpoints
+
+    run_dir = Path(plan["run_dir"])
+    cache = run_dir / "sweep_recall.jsonl"
+    rows = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["step"]] = row
+    steps = {int(p.name[5:13]) for p in list_checkpoints(run_dir / "checkpoints")}
+    if steps - set(rows):
+        fresh = evaluate_run(
+            run_dir, Path(plan["facts"]) / "qa.jsonl", plan["tokens_per_bio"], plan["people"], templates, skip=set(rows)
+        )
+        with open(cache, "a") as f:
+            for row in fresh:
+                rows[row["step"]] = row
+                f.write(json.dumps(row) + "\n")
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items() if k != "command"}
+    return [{**meta, **rows[step]} for step in sorted(rows)]
+
+
+def dense_saturated(results: list[dict], people: int) -> bool:
+    """Whether the dense arm at N=`people` is saturated: its mean bits over seeds at twice the
+    equal-exposure steps within `SATURATION` of those at the equal-exposure steps."""
+    rows = [r for r in results if r["arm"] == "dense" and r["people"] == people]
+    at_1 = [r["recall/bits"] for r in rows if r["step"] == r["steps_equal"]]
+    at_2 = [r["recall/bits"] for r in rows if r["step"] == 2 * r["steps_equal"]]
+    if not at_1 or not at_2:
+        return False
+    one, two = sum(at_1) / len(at_1), sum(at_2) / len(at_2)
+    return two <= (1 + SATURATION) * one
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pkmlm.knowledge.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--people", default="50,100,200", help="comma-separated N values")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (corpus and run)")
     p.add_argument("--exposures", type=float, default=150.0, help="biographies read per person (equal-exposure arms)")
     p.add_argument("--templates", type=int, default=5)
-    p.add_argument("--arms", default="dense,mem", help="experiment=knowledge/<arm> presets")
+    p.add_argument(
+        "--arms",
+        default="dense,mem",
+        help="comma-separated: dense, dense_pm, mem, mem64, mem128, mem256, mix_dense, mix_mem, mix_mem128",
+    )
+    p.add_argument("--one-seed-arms", default="", help="arms that run only the first seed (e.g. mem64,mem256)")
     p.add_argument(
         "--dense-factor",
         type=float,
         default=1.5,
-        help="the dense arm trains this many times the "
-        "equal-exposure steps (its checkpoints give the equal-time point)",
+        help="the dense arms train this many times the "
+        "equal-exposure steps (its checkpoints give the equal-time point; >= 2 for --until-saturated)",
     )
+    p.add_argument(
+        "--until-saturated",
+        action="store_true",
+        help="after the --people values, double N until the dense arm saturates (or --max-people)",
+    )
+    p.add_argument("--max-people", type=int, default=25600, help="the largest N --until-saturated tries")
+    p.add_argument("--max-runs", type=int, default=None, help="train at most this many runs in this sitting, then stop")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -225,9 +453,11 @@ def main(argv: list[str] | None = None) -> None:
         "figures of the results.jsonl of these earlier sweep directories together, into --out",
     )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
-    args = p.parse_args(argv)
-    from pkmlm.knowledge.facts import write_corpus
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out)
     if args.merge:
         results = [
@@ -239,61 +469,133 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
         return
+    if args.until_saturated and args.dense_factor < 2:
+        raise SystemExit(
+            "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
+        )
     t0 = time.time()
-    plans, jobs = [], []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        tokenizer = out / "facts" / f"tokenizer-s{seed}.json"
-        overrides = [*args.overrides, f"data.tokenizer={tokenizer.resolve()}"]
-        for people in sorted((int(n) for n in args.people.split(",")), reverse=True):  # longest first
-            facts = out / "facts" / f"N{people}-s{seed}"
-            write_corpus(facts, people, seed, args.templates)
-            if not tokenizer.is_file():  # the largest N comes first
-                shared_tokenizer(facts / "bios.jsonl", tokenizer, ["experiment=knowledge/dense", *args.overrides])
-            steps, per_bio = steps_for(
-                facts / "bios.jsonl", args.exposures, args.templates, ["experiment=knowledge/dense", *overrides]
-            )
-            for arm in args.arms.split(","):
-                run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
-                factor = args.dense_factor if arm == "dense" else 1.0
-                max_steps = CHECKPOINTS_PER_RUN * math.ceil(steps * factor / CHECKPOINTS_PER_RUN)
-                jobs.append(
-                    (
-                        _train_command(arm, run_dir, facts / "bios.jsonl", steps, max_steps, seed, overrides),
-                        out / "logs" / f"{run_dir.name}.log",
-                    )
-                )
-                plans.append(
-                    {
-                        "arm": arm,
-                        "people": people,
-                        "seed": seed,
-                        "steps_equal": steps,
-                        "tokens_per_bio": per_bio,
-                        "run_dir": run_dir,
-                        "facts": facts,
-                    }
-                )
-    print(f"{len(jobs)} runs planned", file=sys.stderr, flush=True)
-    _run_jobs(jobs, args.jobs, args.threads)
-    train_wall = time.time() - t0
+    levels = sorted((int(n) for n in args.people.split(",")), reverse=True)  # longest first: its tokenizer
+    budget = args.max_runs
     results: list[dict[str, Any]] = []
-    for plan in plans:
-        if not (plan["run_dir"] / "checkpoints").is_dir():
-            continue
-        for row in evaluate_run(
-            plan["run_dir"], plan["facts"] / "qa.jsonl", plan["tokens_per_bio"], plan["people"], args.templates
-        ):
-            results.append({**{k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items()}, **row})
+    stopped = False
+    while levels:
+        people = levels.pop(0)
+        plans = plan_level(args, out, people)
+        todo = [plan for plan in plans if not run_finished(plan["run_dir"], plan["max_steps"])]
+        if budget is not None:
+            todo, stopped = todo[:budget], stopped or len(todo) > budget
+            budget -= len(todo)
+        print(f"N={people}: {len(plans)} runs, {len(todo)} to train now", file=sys.stderr, flush=True)
+        _run_jobs(
+            [(plan["command"], out / "logs" / f"{plan['run_dir'].name}.log") for plan in todo], args.jobs, args.threads
+        )
+        for plan in plans:
+            if (plan["run_dir"] / "checkpoints").is_dir():
+                results.extend(evaluate_cached(plan, args.templates))
+        if stopped:
+            print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
+            break
+        largest = max(r["people"] for r in results) if results else people
+        if args.until_saturated and not levels:
+            if dense_saturated(results, largest):
+                print(f"dense arm saturated at N={largest}", file=sys.stderr, flush=True)
+            elif 2 * largest <= args.max_people:
+                levels.append(2 * largest)
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
-    print(report(results, out, f"wall time: training {train_wall:.0f} s, total {time.time() - t0:.0f} s"), flush=True)
+    print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
+
+
+def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
+    """Per (N, label): one row per seed. Every arm at its equal-exposure step; each dense arm also at
+    the training time of each memory arm (its checkpoint nearest that time, when it ran that long)."""
+    points: dict[tuple[int, str], list[dict]] = {}
+    for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
+        rows = [r for r in results if r["people"] == people and r["seed"] == seed]
+        equal = {r["arm"]: r for r in rows if r["step"] == r["steps_equal"]}
+        for arm, r in sorted(equal.items()):
+            points.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
+        for mem_arm, m in sorted(equal.items()):
+            if "mem" not in mem_arm or not m.get("train_time_s"):
+                continue
+            for dense_arm in sorted({r["arm"] for r in rows if "dense" in r["arm"]}):
+                dense = [r for r in rows if r["arm"] == dense_arm and r.get("train_time_s")]
+                if dense and max(r["train_time_s"] for r in dense) >= m["train_time_s"]:
+                    pick = min(dense, key=lambda r: abs(r["train_time_s"] - m["train_time_s"]))
+                    points.setdefault((people, f"{dense_arm} (equal time to {mem_arm})"), []).append(pick)
+    return points
+
+
+def _mean_spread(values: list[float], spec: str) -> str:
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, spec)
+    return f"{format(mean, spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
+
+
+def mean_table(results: list[dict]) -> str:
+    """Per N and point (see `_points`): the number of seeds, and each metric's mean over seeds with
+    its spread (min-max) in brackets."""
+    head = (
+        "| N | bits available | arm | seeds | exposures | train time s | exact match | bits stored | "
+        "bits / param (total) | bits / param (non-embedding) |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for (people, label), rows in sorted(_points(results).items()):
+        non_emb = [
+            r["recall/bits"] / (r["recall/params/total"] - r["recall/params/embedding"])
+            for r in rows
+            if r["recall/params/total"] > r["recall/params/embedding"]
+        ]
+        lines.append(
+            f"| {people} | {rows[0]['recall/bits_available']:,.0f} | {label} | {len(rows)} | "
+            f"{_mean_spread([r['exposures'] for r in rows], '.0f')} | "
+            f"{_mean_spread([r['train_time_s'] for r in rows if r.get('train_time_s')], '.0f')} | "
+            f"{_mean_spread([r['recall/exact_match'] for r in rows], '.1%')} | "
+            f"{_mean_spread([r['recall/bits'] for r in rows], ',.0f')} | "
+            f"{_mean_spread([r['recall/bits_per_param/total'] for r in rows], '.4f')} | "
+            f"{_mean_spread(non_emb, '.4f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def mean_plot(results: list[dict], path: Path) -> None:
+    """Bits stored vs N at equal exposures, one line per arm: the mean over seeds, the spread
+    (min-max) as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_arm: dict[str, list[tuple[int, list[float]]]] = {}
+    for (people, label), rows in sorted(_points(results).items()):
+        if label.endswith("(equal exposures)"):
+            by_arm.setdefault(label.split(" ")[0], []).append((people, [r["recall/bits"] for r in rows]))
+    for arm, pts in sorted(by_arm.items()):
+        xs = [n for n, _ in pts]
+        means = [sum(v) / len(v) for _, v in pts]
+        err = [[m - min(v) for m, (_, v) in zip(means, pts)], [max(v) - m for m, (_, v) in zip(means, pts)]]
+        ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, label=arm)
+    available = sorted({(r["people"], r["recall/bits_available"]) for r in results})
+    ax.plot([n for n, _ in available], [b for _, b in available], linestyle="--", color="gray", label="available")
+    ax.set_xscale("log")
+    ax.set_xlabel("people N")
+    ax.set_ylabel("bits stored (mean over seeds, min-max bars)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def report(results: list[dict], out: Path, note: str) -> str:
     """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
     `out/bits_vs_people.png` and `out/bits_vs_parameters.png` for the sweep's rows; returns the table."""
-    table = summary_table(results)
+    table = mean_table(results) + "\nPer seed:\n\n" + summary_table(results)
     if results:
+        mean_plot(results, out / "bits_vs_people_mean.png")
         exposure_plot(results, out / "bits_vs_exposures.png")
         people_plot(results, out / "bits_vs_people.png", out / "bits_vs_parameters.png")
     (out / "table.md").write_text(table + f"\n{note}\n")

@@ -507,29 +507,32 @@ class ProductKeyMemory(nn.Module):
         with self._retrieval_precision(x_ND.device):
             q_NHQ = self._project_query(x_ND)
             keys_H2SP = self.sub_keys()
-            P = self.k_dim // 2
-            q1_NHP, q2_NHP = q_NHQ[..., :P], q_NHQ[..., P:]  # the two halves of each query
-            # Scores of every sub-key of each half: H small matmuls (N, P) x (P, S).
-            s1_NHS = torch.einsum("nhp,hsp->nhs", q1_NHP, keys_H2SP[:, 0])
-            s2_NHS = torch.einsum("nhp,hsp->nhs", q2_NHP, keys_H2SP[:, 1])
-        scores_NHK, indices_NHK, i_NHK, j_NHK = self._product_topk(s1_NHS, s2_NHS)
+            q_NH2P = q_NHQ.view(*q_NHQ.shape[:-1], 2, self.k_dim // 2)  # the two halves of each query
+            # Scores of every sub-key of both halves of every head: one batched matmul of 2H
+            # (N, P) x (P, S) products (fewer, larger ops than a matmul per half: issue 21).
+            s_NH2S = torch.einsum("nhcp,hcsp->nhcs", q_NH2P, keys_H2SP)
+        scores_NHK, indices_NHK, i_NHK, j_NHK = self._product_topk(s_NH2S)
+        s1_NHS, s2_NHS = s_NH2S[:, :, 0], s_NH2S[:, :, 1]
         # Softmax in fp32 even under bf16 autocast: K close scores need the mantissa.
         weights_NHK = F.softmax(scores_NHK.float(), dim=-1)
         balance = self.balance(s1_NHS, s2_NHS, i_NHK, j_NHK) if with_balance else None
         return weights_NHK, indices_NHK, balance
 
-    def _product_topk(self, s1_NHS: Tensor, s2_NHS: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """From the two halves' sub-key scores: scores `(N, H, K)` (fp32, descending) and slot ids
-        `(N, H, K)` of the exact top-K, and each half's top-K sub-key ids `(N, H, K)`."""
+    def _product_topk(self, s_NH2S: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """From the sub-key scores of both halves `(N, H, 2, S)`: scores `(N, H, K)` (fp32,
+        descending) and slot ids `(N, H, K)` of the exact top-K, and each half's top-K sub-key ids
+        `(N, H, K)`."""
         K, S = self.knn, self.n_keys
-        top1_NHK, i_NHK = s1_NHS.topk(K, dim=-1)  # best K sub-keys of half 0 (sorted)
-        top2_NHK, j_NHK = s2_NHS.topk(K, dim=-1)  # best K sub-keys of half 1
+        # Best K sub-keys of each half (sorted), both halves in one call (a top-k per row either way).
+        top_NH2K, ids_NH2K = s_NH2S.topk(K, dim=-1)
+        top1_NHK, top2_NHK = top_NH2K[:, :, 0].float(), top_NH2K[:, :, 1].float()
+        i_NHK, j_NHK = ids_NH2K[:, :, 0], ids_NH2K[:, :, 1]
         # Candidate sums top1[a] + top2[b], in fp32 so the final ranking is not made in bf16, over
         # the C ~ K ln K rank pairs that can win (`eligible_rank_pairs`) instead of all K*K. The
         # ranking needs no gradient; the K winners' scores are re-added below, the same fp32 sums.
-        top1_NHK, top2_NHK = top1_NHK.float(), top2_NHK.float()
+        # index_select rather than advanced indexing: the same values, a cheaper op on CPU.
         with torch.no_grad():
-            cand_NHC = top1_NHK[..., self.pair_a] + top2_NHK[..., self.pair_b]
+            cand_NHC = top1_NHK.index_select(-1, self.pair_a) + top2_NHK.index_select(-1, self.pair_b)
             best_NHK = cand_NHC.topk(K, dim=-1).indices  # sorted by descending score
         a_NHK, b_NHK = self.pair_a[best_NHK], self.pair_b[best_NHK]  # ranks in the two half lists
         scores_NHK = top1_NHK.gather(-1, a_NHK) + top2_NHK.gather(-1, b_NHK)

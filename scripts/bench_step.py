@@ -1,0 +1,259 @@
+"""Where the memory's CPU time goes (issue 21): the memory step against the dense step it replaces.
+
+    .venv/bin/python scripts/bench_step.py                         # print the three tables
+    .venv/bin/python scripts/bench_step.py --results docs/results  # also write memory_step.json and
+                                                                   # memory_step_parts.json there
+
+Prints markdown tables, all measured in this run with the contenders timed in turns (A, B, A, B, ...;
+medians), on the CPU in fp32:
+
+1. ratios against their targets:
+   - the knowledge family's training step (experiment=knowledge/dense vs the same model with
+     layer 1's FFN replaced by a 128^2-slot memory, 4 heads, knn 16, k_dim 64): forward, backward,
+     gradient clipping, AdamW, zero_grad, on 32 x 128 random tokens; target <= 1.15x, 1 thread;
+   - the default run's memory layer (configs/memory/tiny.yaml at d=256, one batch of 16 x 128
+     tokens) forward+backward against the FFN d -> 4d -> d it replaces; target <= 1.0x, 1 and 2
+     threads;
+2. the knowledge memory step, part by part (1 thread): query network, sub-key scores, top-k (both
+   halves' and the candidates'), value read (forward), the layer's backward (its forward+backward
+   minus its forward), and the optimizer step of the memory model minus the dense model's; next to
+   the FFN's forward, backward and the dense model's optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from benchlib import interleaved_ms  # first: finds src/
+from torch import nn
+
+from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
+from pkmlm.model.memory import MemoryConfig
+from pkmlm.optim import OptimConfig, build_optimizer, clip_grad_norm_
+
+CPU = torch.device("cpu")
+# configs/experiment/knowledge/common.yaml: 2 layers, d=64, 4 attention heads, vocab 1024, 32 x 128.
+KNOWLEDGE = dict(vocab_size=1024, n_layers=2, dim=64, n_heads=4, max_seq_len=128)
+KNOWLEDGE_MEMORY = MemoryConfig(layers=[1], n_keys=128, heads=4, knn=16, k_dim=64, query_norm="batchnorm")
+KNOWLEDGE_BATCH, KNOWLEDGE_SEQ = 32, 128
+# configs/memory/tiny.yaml on configs/model/tiny.yaml (d=256), one default batch of 16 x 128 tokens.
+DEFAULT_LAYER = dict(dim=256, n_keys=128, heads=4, knn=16, k_dim=128, query_norm="batchnorm")
+DEFAULT_TOKENS = 16 * 128
+
+
+class FFN(nn.Module):
+    """What the memory replaces: d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Step:
+    """A knowledge-family model with its optimizer: one training step as pkmlm-train takes it."""
+
+    def __init__(self, memory: MemoryConfig):
+        torch.manual_seed(0)
+        self.model = Transformer(ModelConfig(**KNOWLEDGE, memory=memory))
+        self.optimizer = build_optimizer(self.model, OptimConfig(), CPU)
+        data = torch.randint(0, KNOWLEDGE["vocab_size"], (KNOWLEDGE_BATCH, KNOWLEDGE_SEQ + 1))
+        self.inputs, self.targets = data[:, :-1], data[:, 1:]
+
+    def backward(self) -> None:
+        self.model.train()
+        _, loss = self.model(self.inputs, self.targets)
+        loss.backward()
+        clip_grad_norm_(self.model.parameters(), 1.0)
+
+    def step(self) -> None:
+        self.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self) -> None:  # gradients from the last backward stay in place
+        self.optimizer.step()
+
+
+def layer_step(module: nn.Module, x, g) -> None:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    module(x).backward(g)
+
+
+def layer_forward(module: nn.Module, x) -> None:
+    module(x)  # with autograd recording, as in training
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions of each contender")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--results", default=None, help="a directory: write memory_step.json and memory_step_parts.json"
+    )
+    args = parser.parse_args(argv)
+    load_start = os.getloadavg()[0]
+    reps, warm = args.repeats, args.warmup
+    print(f"# bench_step | {datetime.date.today()} | torch {torch.__version__} | load average {load_start:.1f}\n")
+
+    # 1a. the knowledge family's training step, 1 thread
+    torch.set_num_threads(1)
+    dense, mem = Step(MemoryConfig(layers=[])), Step(KNOWLEDGE_MEMORY)
+    dense_ms, mem_ms = interleaved_ms([dense.step, mem.step], CPU, warm, reps)
+    rows = [["knowledge step (fwd, bwd, clip, AdamW), 128^2 memory vs dense", 1, mem_ms, dense_ms, 1.15]]
+
+    # 1b. the default run's layer vs its FFN, 1 and 2 threads
+    torch.manual_seed(0)
+    pkm = ProductKeyMemory(kernel="torch", **DEFAULT_LAYER)
+    ffn = FFN(DEFAULT_LAYER["dim"])
+    x = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"], requires_grad=True)
+    g = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"])
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        ffn_ms, pkm_ms = interleaved_ms([lambda: layer_step(ffn, x, g), lambda: layer_step(pkm, x, g)], CPU, warm, reps)
+        rows.append(
+            [
+                f"default run's memory layer fwd+bwd vs FFN (d=256, {DEFAULT_TOKENS} tokens)",
+                threads,
+                pkm_ms,
+                ffn_ms,
+                1.0,
+            ]
+        )
+    table = [
+        [name, t, m, d, m / d, f"<= {target:.2f}x", "met" if m / d <= target else "not met"]
+        for name, t, m, d, target in rows
+    ]
+
+    # 2. the knowledge memory step, part by part (1 thread)
+    torch.set_num_threads(1)
+    layer = mem.model.memory_layers()[1]
+    tables = mem.model.tables_of(1)
+    ffn_k = FFN(KNOWLEDGE["dim"])
+    N, D = KNOWLEDGE_BATCH * KNOWLEDGE_SEQ, KNOWLEDGE["dim"]
+    xk = torch.randn(N, D, requires_grad=True)
+    gk = torch.randn(N, D)
+    P = layer.k_dim // 2
+    with torch.no_grad():
+        q = layer._project_query(xk).view(N, layer.heads, 2, P)
+        keys = layer.sub_keys()
+        s = torch.einsum("nhcp,hcsp->nhcs", q, keys)
+        w, idx, _ = layer._lookup(xk, with_balance=False)
+    mem.backward()
+    dense.backward()
+    # forward-only parts without autograd; layers and optimizers as in training
+    retrieval = {
+        "query": lambda: layer._project_query(xk),
+        "scores": lambda: torch.einsum("nhcp,hcsp->nhcs", q, keys),
+        "topk": lambda: layer._product_topk(s),
+        "read": lambda: layer._read(tables, xk, w, idx),
+    }
+    training = {
+        "layer fwd": lambda: layer_forward(layer, xk),
+        "layer fwd+bwd": lambda: layer_step(layer, xk, gk),
+        "ffn fwd": lambda: layer_forward(ffn_k, xk),
+        "ffn fwd+bwd": lambda: layer_step(ffn_k, xk, gk),
+        "opt mem": mem.optimizer_step,
+        "opt dense": dense.optimizer_step,
+    }
+    with torch.no_grad():
+        timed = dict(zip(retrieval, interleaved_ms(list(retrieval.values()), CPU, warm, reps)))
+    timed.update(zip(training, interleaved_ms(list(training.values()), CPU, warm, reps)))
+    breakdown = [
+        ["query network", timed["query"]],
+        ["sub-key scores", timed["scores"]],
+        ["top-k (halves + candidates)", timed["topk"]],
+        ["value read", timed["read"]],
+        ["backward (layer fwd+bwd - fwd)", timed["layer fwd+bwd"] - timed["layer fwd"]],
+        ["optimizer (memory model - dense model)", timed["opt mem"] - timed["opt dense"]],
+        ["= memory layer fwd+bwd", timed["layer fwd+bwd"]],
+        ["FFN it replaces: fwd", timed["ffn fwd"]],
+        ["FFN it replaces: backward", timed["ffn fwd+bwd"] - timed["ffn fwd"]],
+        ["dense model's whole step", dense_ms],
+        ["memory model's whole step", mem_ms],
+    ]
+    load_end = os.getloadavg()[0]
+
+    print("## memory step vs the dense step it replaces (CPU, fp32)\n")
+    print("| measurement | threads | memory ms | dense ms | ratio | target | |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f}x | {r[5]} | {r[6]} |")
+    print(
+        f"\n## knowledge memory step ({KNOWLEDGE_MEMORY.n_keys}^2 slots, 4 heads, knn 16; {N} tokens), "
+        "part by part, 1 thread\n"
+    )
+    print("| part | ms |")
+    print("|---|---|")
+    for name, ms in breakdown:
+        print(f"| {name} | {ms:.1f} |")
+    print(f"\nload average {load_start:.1f} at start, {load_end:.1f} at end, on {os.cpu_count()} cores")
+
+    if args.results:
+        out = Path(args.results)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+        common = {
+            "command": "python scripts/bench_step.py --results docs/results",
+            "commit": commit,
+            "date": str(datetime.date.today()),
+            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()})",
+            "torch": torch.__version__,
+            "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
+        }
+        step = {
+            **common,
+            "threads": "1 and 2 (per row)",
+            "columns": [
+                "measurement",
+                "threads",
+                {"name": "memory ms", "format": ".1f"},
+                {"name": "dense ms", "format": ".1f"},
+                {"name": "ratio", "format": ".2f"},
+                "target",
+                "",
+            ],
+            "rows": table,
+        }
+        parts_json = {
+            **common,
+            "threads": 1,
+            "columns": ["part", {"name": "ms", "format": ".1f"}],
+            "rows": breakdown,
+            "note": "knowledge family's memory layer: 128^2 slots, 4 heads, knn 16, k_dim 64, 4,096 tokens",
+        }
+        (out / "memory_step.json").write_text(json.dumps(step, indent=1) + "\n")
+        (out / "memory_step_parts.json").write_text(json.dumps(parts_json, indent=1) + "\n")
+        print(f"wrote {out / 'memory_step.json'} and {out / 'memory_step_parts.json'}")
+
+
+if __name__ == "__main__":
+    main()

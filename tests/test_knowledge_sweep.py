@@ -1,0 +1,87 @@
+"""The knowledge sweep (pkmlm.knowledge.sweep): its arms, and resuming a sweep stopped part-way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pkmlm.knowledge import sweep
+
+
+def test_parameter_matched_dense_arm_has_the_128_squared_memory_models_parameters():
+    mult = sweep.param_matched_ffn_mult([])
+    dense, _ = sweep._total_params(["experiment=knowledge/dense", f"model.ffn_mult={mult!r}"])
+    mem, _ = sweep._total_params(["experiment=knowledge/mem", *sweep.memory_overrides(128)])
+    base, model = sweep._total_params(["experiment=knowledge/dense"])
+    per_unit = 2 * model.n_layers * model.dim  # one more FFN unit: a column of up, a row of down per layer
+    assert abs(dense - mem) <= per_unit // 2 and dense > 4 * base
+    assert sweep.arm_spec("dense_pm", []) == ("knowledge/dense", [f"model.ffn_mult={mult!r}"])
+    assert sweep.arm_spec("mem256", [])[1][0] == "model.memory.n_keys=256"
+    with pytest.raises(SystemExit, match="unknown arm 'mem512'"):
+        sweep.arm_spec("mem512", [])
+
+
+def test_dense_saturation_compares_mean_bits_at_twice_the_exposures():
+    def row(seed, step, bits):
+        return {"arm": "dense", "people": 400, "seed": seed, "step": step, "steps_equal": 8, "recall/bits": bits}
+
+    assert sweep.dense_saturated([row(0, 8, 100.0), row(0, 16, 104.0), row(1, 8, 100.0), row(1, 16, 105.0)], 400)
+    assert not sweep.dense_saturated([row(0, 8, 100.0), row(0, 16, 110.0)], 400)
+    assert not sweep.dense_saturated([row(0, 8, 100.0)], 400)  # no 2x checkpoint: not shown saturated
+
+
+def _snapshot(run_dir):
+    """Every file of a run directory with its modification time and size."""
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path):
+    out = tmp_path / "sweep"
+    argv = [
+        "--people", "4", "--seeds", "0", "--exposures", "1", "--arms", "dense,mem", "--dense-factor", "1",
+        "--max-runs", "1", "--jobs", "1", "--out", str(out), "data.val_docs=2",
+    ]  # fmt: skip
+    # Sitting 1: --max-runs 1 trains the first run (dense) and stops; the mem run is not started.
+    sweep.main(argv)
+    dense_dir, mem_dir = out / "runs" / "dense-N4-s0", out / "runs" / "mem-N4-s0"
+    plans = sweep.plan_level(sweep.parse_args(argv), out, 4)
+    max_steps = {p["arm"]: p["max_steps"] for p in plans}
+    assert sweep.run_finished(dense_dir, max_steps["dense"]) and not mem_dir.exists()
+    cache = (dense_dir / "sweep_recall.jsonl").read_text().splitlines()
+    assert len(cache) == sweep.CHECKPOINTS_PER_RUN
+    dense_files = _snapshot(dense_dir)
+    # The mem run is then left half-finished, as a sweep killed in the middle of it leaves it.
+    mem_plan = next(p for p in plans if p["arm"] == "mem")
+    half = max_steps["mem"] // 2
+    import subprocess
+
+    subprocess.run([*mem_plan["command"], f"train.stop_at_step={half}"], check=True, capture_output=True)
+    assert not sweep.run_finished(mem_dir, max_steps["mem"])
+    half_ckpt = mem_dir / "checkpoints" / f"step_{half:08d}.dcp"
+    half_files = {k: v for k, v in _snapshot(mem_dir).items() if k.startswith(f"checkpoints/{half_ckpt.name}")}
+    assert half_files
+    # Sitting 2, the same command: the finished dense run and its evaluations are left alone, the mem
+    # run resumes from its checkpoint (its step-`half` checkpoint is not rewritten) and finishes.
+    sweep.main(argv)
+    assert _snapshot(dense_dir) == dense_files
+    assert sweep.run_finished(mem_dir, max_steps["mem"])
+    assert {k: v for k, v in _snapshot(mem_dir).items() if k in half_files} == half_files
+    # Each step trained once: steps 1..half before the stop, the rest after the resume, none twice.
+    trained = [row["step"] for row in map(json.loads, (mem_dir / "metrics.jsonl").read_text().splitlines())]
+    trained = [
+        s for s, line in zip(trained, (mem_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in line
+    ]
+    assert trained == list(range(1, max_steps["mem"] + 1))
+    # Sitting 3: nothing left to train or evaluate; the results hold both runs' checkpoints.
+    mem_files = _snapshot(mem_dir)
+    sweep.main(argv)
+    assert _snapshot(dense_dir) == dense_files and _snapshot(mem_dir) == mem_files
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["arm"] for r in rows}) == ["dense", "mem"]
+    assert len(rows) == 2 * sweep.CHECKPOINTS_PER_RUN
+    table = (out / "table.md").read_text()
+    assert "| 4 |" in table and "dense (equal exposures)" in table and "mem (equal exposures)" in table
