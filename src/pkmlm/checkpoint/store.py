@@ -18,9 +18,13 @@ Everything but the tensors is JSON, and the tensors are read without running cod
 into place after its manifest, so a directory with the final name is complete.
 
 Rules that keep the directory one consistent timeline (docs/reliability.md):
-- loading verifies every file against the manifest first; `resume=auto` skips a damaged or
-  incomplete checkpoint with a warning and takes the previous one; when none verifies but one was
-  complete once (it has its manifest), it refuses rather than start over;
+- loading verifies every file against the manifest first (which must list every file of the
+  directory, each a regular file), then the schema of meta.json and of DCP's index (storage entries
+  confined to the listed files); `resume=auto` skips a damaged checkpoint with a warning and takes
+  the previous one; when none verifies it refuses rather than start over (a directory gets a
+  checkpoint's name only after its manifest: each was complete once);
+- only a checkpoint that verifies is ever deleted: one that does not is set aside as
+  `step_XXXXXXXX.dcp.unverified` (`set_aside`), out of the timeline, for the user to inspect;
 - a valid checkpoint of a step is never replaced (the state at a step is reproducible from it);
 - saving step s removes checkpoints of later steps (another timeline: they were unusable, or the
   run was rewound with `resume=PATH`), then all but the newest `keep_last`; a directory is renamed
