@@ -307,3 +307,14 @@ def test_peer_down_vectors_move_with_their_value_rows():
     assert moved == {"blocks.1.memory.values.weight", "blocks.1.memory.down.weight"}
     for key in moved:
         assert torch.equal((before[key] != after[key]).any(1), masks[name]), key
+
+
+def test_default_background_count_is_proportionate_to_the_source_run():
+    from pkmlm.finetune.config import BACKGROUND_MAX, background_batch_count
+
+    assert background_batch_count(None, 1500) == 150  # the default run
+    assert background_batch_count(None, 3) == 1
+    assert background_batch_count(None, 10**7) == BACKGROUND_MAX
+    assert background_batch_count(64, 1500) == 64  # given: taken as is
+    ok = {"init_from": "runs/a", "memory_layers": [1], "shard_values": False}
+    check_finetune_config("sparse_memory", FinetuneConfig(background_batches=None), **ok)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -112,9 +113,14 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
 def test_auto_resume_refuses_when_every_checkpoint_is_damaged(tmp_path):
     ckpt = tmp_path / "checkpoints"
     save_checkpoint(ckpt, 1, _payload(1), keep_last=2)
-    (ckpt / "step_00000001.dcp" / "checksums.sha256").unlink()  # killed before its manifest: a fresh start
-    with pytest.warns(UserWarning, match="no checksums.sha256"):
-        assert store.resolve("auto", tmp_path) is None
+    # A checkpoint's name comes after its manifest (write, then rename): a missing manifest is damage
+    # since, not a killed write, and is refused like any other (issue 25: it used to start over and
+    # then prune the checkpoint at the first save).
+    (ckpt / "step_00000001.dcp" / "checksums.sha256").unlink()
+    with pytest.warns(UserWarning, match="no checksums.sha256"), pytest.raises(UserError, match="nothing was deleted"):
+        store.resolve("auto", tmp_path)
+    assert (ckpt / "step_00000001.dcp" / "meta.json").is_file()
+    shutil.rmtree(ckpt / "step_00000001.dcp")
     save_checkpoint(ckpt, 1, _payload(1), keep_last=2)
     shard = next((ckpt / "step_00000001.dcp").glob("*.distcp"))
     shard.write_bytes(b"\0" * 100)  # complete once, damaged since
@@ -177,12 +183,20 @@ def test_stale_temporaries_and_newer_checkpoints_are_cleared(tmp_path):
     stale = tmp_path / ".step_00000003.dcp.tmp"  # a writer killed mid-write
     stale.mkdir()
     (stale / "__0_0.distcp").write_bytes(b"half a checkpoint")
-    with pytest.warns(UserWarning, match="removing checkpoint step_00000005"):
+    # Unverified, so set aside (out of the timeline), never deleted (issue 25).
+    with pytest.warns(
+        UserWarning, match="step_00000005.dcp does not verify .*set aside as step_00000005.dcp.unverified"
+    ):
         save_checkpoint(tmp_path, 3, _payload(3), keep_last=5)
     assert not stale.exists()
+    assert (tmp_path / "step_00000005.dcp.unverified" / "meta.json").read_bytes() == b"corrupt"
     save_checkpoint(tmp_path, 4, _payload(4), keep_last=2)
     # resume=auto can never jump onto the abandoned step 5; keep_last counts from the new newest.
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.dcp", "step_00000004.dcp"]
+    save_checkpoint(tmp_path, 8, _payload(8), keep_last=5)
+    with pytest.warns(UserWarning, match="removing checkpoint step_00000008"):  # a verified newer one goes
+        save_checkpoint(tmp_path, 6, _payload(6), keep_last=5)
+    assert not (tmp_path / "step_00000008.dcp").exists()
 
 
 def test_valid_checkpoint_is_never_overwritten(tmp_path):
@@ -191,9 +205,11 @@ def test_valid_checkpoint_is_never_overwritten(tmp_path):
     before = _files(ckpt)
     save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)  # e.g. a stop signal right after resuming
     assert _files(ckpt) == before
-    (ckpt / "checksums.sha256").unlink()  # an incomplete one is replaced
-    save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)
+    (ckpt / "checksums.sha256").unlink()  # a damaged one is replaced, and kept aside
+    with pytest.warns(UserWarning, match="set aside"):
+        save_checkpoint(tmp_path, 3, _payload(30), keep_last=2)
     assert store.verify(ckpt) is None
+    assert _files(tmp_path / "step_00000003.dcp.unverified").keys() <= before.keys()
     assert torch.equal(store.read(ckpt)["weights"], _payload(30)["weights"])
 
 
@@ -328,8 +344,8 @@ def test_damaged_newest_dcp_checkpoint_falls_back_to_previous(dcp_run, tmp_path,
 
 def test_dcp_resume_refuses_damaged_checkpoints(dcp_run, tmp_path):
     """resume=PATH to a damaged DCP checkpoint is one line; resume=auto with every DCP checkpoint
-    damaged refuses to start over (they were complete once), as for .pt files; one that never got
-    its manifest (killed during the first checkpoint) is a fresh start."""
+    damaged refuses to start over (they were complete once: a checkpoint gets its name after its
+    manifest), also when only their manifests were deleted."""
     import shutil
 
     resolve_resume_any = store.resolve
@@ -343,13 +359,14 @@ def test_dcp_resume_refuses_damaged_checkpoints(dcp_run, tmp_path):
         _damage_dcp(ckpt, "truncate")
     with (
         pytest.warns(UserWarning, match="skipping unusable"),
-        pytest.raises(UserError, match="step_00000003.dcp was written completely and has been damaged since"),
+        pytest.raises(UserError, match="step_00000003.dcp were written completely and have been damaged since"),
     ):
         resolve_resume_any("auto", run_dir)
-    for ckpt in ckpts:
+    for ckpt in ckpts:  # every manifest deleted, the data intact: refused too, nothing deleted (issue 25)
         (ckpt / "checksums.sha256").unlink()
-    with pytest.warns(UserWarning, match="no checksums.sha256"):
-        assert resolve_resume_any("auto", run_dir) is None
+    with pytest.warns(UserWarning, match="no checksums.sha256"), pytest.raises(UserError, match="nothing was deleted"):
+        resolve_resume_any("auto", run_dir)
+    assert sorted((run_dir / "checkpoints").glob("step_*.dcp")) == ckpts
 
 
 def test_auto_refuses_a_run_dir_of_another_config_without_checkpoints(tmp_path):

@@ -178,6 +178,50 @@ class PkmlmLM(LM):
         return texts
 
 
+def _leaf_tasks(tree: Any) -> list[Any]:
+    """The tasks of lm-eval's (possibly nested: groups) task dict."""
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _leaf_tasks(value)]
+    return [tree]
+
+
+def check_tasks(manager: Any, tasks: list[str], num_fewshot: int | None) -> None:
+    """Load every task's data (a local task's missing or unreadable data file fails here, not after
+    the model loads) and check that `num_fewshot` examples can be drawn from each task's few-shot
+    documents. One-line `UserError`."""
+    import datasets
+    from lm_eval.tasks import get_task_dict
+
+    from pkmlm.errors import UserError
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a refusal stays one line; the evaluation shows its own bars
+    try:
+        task_dict = get_task_dict(tasks, manager)
+    except Exception as e:  # noqa: BLE001 - datasets and lm-eval raise many kinds for an unreadable source
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(
+            f"--tasks {','.join(tasks)}: cannot load the task data ({type(e).__name__}: {first}); check the data "
+            "files its YAML names (or the Hub connection for lm-eval's own tasks)"
+        ) from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    if not num_fewshot:
+        return
+    for task in _leaf_tasks(task_dict):
+        docs = task.fewshot_docs() if hasattr(task, "fewshot_docs") else None
+        if docs is None:
+            docs = task.eval_docs
+        n = len(docs)
+        # drawn from the evaluated split, one document (the one asked) is left out
+        if num_fewshot > n - 1:
+            raise UserError(
+                f"--num-fewshot={num_fewshot}: task {getattr(task, 'task_name', task)!r} has only {n} documents to "
+                f"draw examples from (at most {max(0, n - 1)}); give a smaller --num-fewshot"
+            )
+
+
 def run_harness(
     run: str | Path,
     tasks: list[str],
@@ -201,6 +245,7 @@ def run_harness(
             f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}{where}; "
             "list them with `lm-eval ls tasks`, or give --include-path DIR with your task YAMLs"
         )
+    check_tasks(manager, tasks, num_fewshot)  # their data read and --num-fewshot checked, before the model
     lm = PkmlmLM.from_run(run, batch_size=batch_size, device=device)
     results = simple_evaluate(
         model=lm,

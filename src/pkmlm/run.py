@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from pkmlm.checkpoint.export import is_export, load_export_weights, model_config_from_dict, read_export
+from pkmlm.checkpoint.export import (
+    checked_model_config,
+    is_export,
+    load_export_weights,
+    model_config_from_dict,
+    read_export,
+)
 from pkmlm.errors import UserError
 from pkmlm.model.transformer import Transformer
 
@@ -36,24 +42,34 @@ class Run:
 
 
 def _load_export(path: Path) -> tuple[Transformer, dict, str]:
+    from pkmlm.data.tokenizer import checked_tokenizer
+
     info = read_export(path)
-    model = Transformer(model_config_from_dict(info["model_config"]))
+    model_cfg = checked_model_config(info["model_config"], f"{path / 'config.json'}")
+    checked_tokenizer(info["tokenizer"], str(path / "tokenizer.json"), model_cfg.vocab_size)
+    model = Transformer(model_cfg)
     load_export_weights(model, path)
     return model, info, info["tokenizer"]
 
 
 def _load_checkpoint(path: Path) -> tuple[Transformer, dict, str, Path]:
     from pkmlm.checkpoint import pieces, store
+    from pkmlm.data.tokenizer import checked_tokenizer
 
     ckpt = store.find_for_reading(path)
     meta = store.read_meta(ckpt)
-    try:
-        model = Transformer(model_config_from_dict(meta["model_config"]))
-        tokenizer = meta["tokenizer"]
-    except (KeyError, TypeError) as e:
+    missing = [k for k in ("model_config", "tokenizer") if k not in meta]
+    if missing:
         raise UserError(
-            f"checkpoint={str(ckpt)!r}: its meta.json lacks the model config or tokenizer ({type(e).__name__}: {e})"
-        ) from None
+            f"checkpoint={str(ckpt)!r}: its meta.json lacks {' and '.join(missing)} (not a training run's checkpoint)"
+        )
+    # Every file checked before anything is allocated: the model config (and its size), the tokenizer
+    # against the model's vocabulary, the tensor index against the model (in load_tensors).
+    where = str(ckpt / store.META)
+    model_cfg = checked_model_config(meta["model_config"], where)
+    tokenizer = meta["tokenizer"]
+    checked_tokenizer(tokenizer, where, model_cfg.vocab_size)
+    model = Transformer(model_cfg)
     template = pieces.model_state_template(model)
     store.load_tensors(ckpt, template)
     pieces.load_model_state(model, template)

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,12 +99,32 @@ def read_manifest(path: Path) -> dict[str, str]:
     return entries
 
 
-def verify_manifest(root: Path, required: tuple[str, ...]) -> str | None:
+def files_under(root: Path) -> tuple[list[str], str | None]:
+    """Every file under `root` (relative POSIX paths, sorted) and, when there is one, why an entry is
+    not a plain file of the directory: a symlink, FIFO, socket or device (`lstat` only: nothing is
+    opened, so a FIFO cannot block the reader, and a link cannot point outside the directory)."""
+    names: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            mode = os.lstat(full).st_mode
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file (a FIFO, socket or device)"
+                return names, f"{full}: {kind}; a checkpoint holds regular files only (it was edited)"
+            names.append(full.relative_to(root).as_posix())
+    return sorted(names), None
+
+
+def verify_manifest(root: Path, required: tuple[str, ...], complete: bool = True) -> str | None:
     """None when `root` has its manifest, the manifest lists every `required` file and every file it
-    lists matches; otherwise why not (one line). Reads every file; deserialises nothing."""
+    lists matches; with `complete`, also every file under `root` is listed and each is a regular file
+    (a manifest that omits a file would let that file be damaged unnoticed). Otherwise why not (one
+    line). Reads every file; deserialises nothing."""
     root = Path(root)
     if not (root / MANIFEST).is_file():
-        return f"{root}: no {MANIFEST} (the write did not finish)"
+        return f"{root}: no {MANIFEST} (the write did not finish, or the file was deleted)"
     try:
         entries = read_manifest(root / MANIFEST)
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -112,9 +133,19 @@ def verify_manifest(root: Path, required: tuple[str, ...]) -> str | None:
         if name not in entries:
             return f"{root / MANIFEST}: does not list {name} (truncated or corrupt)"
     names = sorted(entries)
+    if complete:
+        try:
+            present, problem = files_under(root)
+        except OSError as e:
+            return f"{root}: cannot be read ({e.strerror or e})"
+        if problem is not None:
+            return problem
+        unlisted = sorted(set(present) - set(names) - {MANIFEST})
+        if unlisted:
+            return f"{root / unlisted[0]}: not listed in {MANIFEST} (the manifest lists every file of a checkpoint)"
     for name in names:
-        if not (root / name).is_file():
-            return f"{root / name}: missing (the checkpoint was damaged)"
+        if not (root / name).is_file() or (root / name).is_symlink():
+            return f"{root / name}: missing or not a regular file (the checkpoint was damaged)"
     try:
         digests = _hash_files(root, names)
     except OSError as e:

@@ -18,9 +18,13 @@ Everything but the tensors is JSON, and the tensors are read without running cod
 into place after its manifest, so a directory with the final name is complete.
 
 Rules that keep the directory one consistent timeline (docs/reliability.md):
-- loading verifies every file against the manifest first; `resume=auto` skips a damaged or
-  incomplete checkpoint with a warning and takes the previous one; when none verifies but one was
-  complete once (it has its manifest), it refuses rather than start over;
+- loading verifies every file against the manifest first (which must list every file of the
+  directory, each a regular file), then the schema of meta.json and of DCP's index (storage entries
+  confined to the listed files); `resume=auto` skips a damaged checkpoint with a warning and takes
+  the previous one; when none verifies it refuses rather than start over (a directory gets a
+  checkpoint's name only after its manifest: each was complete once);
+- only a checkpoint that verifies is ever deleted: one that does not is set aside as
+  `step_XXXXXXXX.dcp.unverified` (`set_aside`), out of the timeline, for the user to inspect;
 - a valid checkpoint of a step is never replaced (the state at a step is reproducible from it);
 - saving step s removes checkpoints of later steps (another timeline: they were unusable, or the
   run was rewound with `resume=PATH`), then all but the newest `keep_last`; a directory is renamed
@@ -49,6 +53,7 @@ from pkmlm.checkpoint.files import (
     MANIFEST,
     atomic_write,
     fsync_dir,
+    read_manifest,
     verify_manifest,
     write_manifest,
 )
@@ -141,7 +146,69 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise NotACheckpointError(
             f"{file}: checkpoint format {meta['format_version']!r}, this pkmlm reads {FORMAT_VERSION}"
         )
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise NotACheckpointError(f"{file}: {problem}; the file was edited or is not a pkmlm checkpoint's")
     return meta
+
+
+# meta.json's fields and the JSON types a pkmlm checkpoint gives them (the schema check of meta.json;
+# a field may be absent: checkpoints of tests and conversions hold only what they need).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "tokens": (int,),
+    "config": (dict,),
+    "model_config": (dict,),
+    "tokenizer": (str,),
+    "world_size": (int,),
+    "data_shards": (int,),
+    "init_from": (str, type(None)),
+    "stale_slots": (list,),
+    "code_version": (dict,),
+    "wandb_run_id": (str, type(None)),
+}
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """Why `meta` is not a meta.json pkmlm writes (a field of the wrong type or range), or None."""
+    for key, types in _META_TYPES.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            return f"field {key!r} is {type(value).__name__} {str(value)[:40]!r}, expected {allowed}"
+        if isinstance(value, int) and value < (1 if key in ("world_size", "data_shards") else 0):
+            return f"field {key!r} is {value}, out of range"
+    if "stale_slots" in meta and not all(isinstance(i, int) and not isinstance(i, bool) for i in meta["stale_slots"]):
+        return "field 'stale_slots' must list layer numbers"
+    return None
+
+
+def index_problem(path: Path, metadata: Any) -> str | None:
+    """Why DCP's index of checkpoint `path` cannot be followed safely, or None: every storage entry
+    must name a file of the checkpoint that its manifest lists (no absolute path, no `..`, no FIFO
+    or file outside it: opening one would block or read another file), and lie within that file."""
+    try:
+        listed = set(read_manifest(path / MANIFEST))
+    except (OSError, UnicodeDecodeError, ValueError):
+        listed = set()
+    sizes: dict[str, int] = {}
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        relative = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not isinstance(relative, str) or relative.startswith("/") or ".." in relative.split("/"):
+            return f"{path / '.metadata'}: a storage entry points at {str(relative)[:80]!r}, outside the checkpoint"
+        if relative not in listed:
+            return f"{path / '.metadata'}: a storage entry names {relative!r}, which {MANIFEST} does not list"
+        if relative not in sizes:
+            sizes[relative] = (path / relative).stat().st_size
+        if not all(isinstance(v, int) and v >= 0 for v in (offset, length)) or offset + length > sizes[relative]:
+            return (
+                f"{path / '.metadata'}: the entry {getattr(index, 'fqn', '?')!r} lies outside {relative} "
+                f"({sizes[relative]} bytes)"
+            )
+    return None
 
 
 def read_json(path: Path, relative: str) -> Any:
@@ -186,10 +253,43 @@ def _refusing_unsafe_content(path: Path) -> Iterator[None]:
         raise UnsafeCheckpointError(f"{path}: refused to load: {str(e).strip().splitlines()[0][:300]}") from None
 
 
+def template_problem(path: Path, tensors: dict[str, Any]) -> str | None:
+    """The schema check of `.metadata` against the model: every tensor of the template `tensors`
+    has an entry of the same (global) shape in the checkpoint's index, or why not (one line). From
+    the index alone: nothing is read before it passes."""
+    import torch
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    file = Path(path) / ".metadata"
+    entries = load_metadata(str(file), str(file)).state_dict_metadata
+    flat, _ = flatten_state_dict(tensors)
+    for key, value in flat.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        entry = entries.get(key)
+        if entry is None:
+            return f"{file}: has no entry {key!r}, which the model needs (the index of another model, or edited)"
+        if not isinstance(entry, TensorStorageMetadata):
+            continue  # a value stored as bytes: read by torch.load(weights_only=True), which refuses objects
+        if tuple(entry.size) != tuple(value.shape):
+            size = tuple(entry.size)
+            return (
+                f"{file}: {key!r} has shape {size} in the index, the model {tuple(value.shape)} "
+                "(another model's, or edited)"
+            )
+    return None
+
+
 def load_tensors(path: Path, tensors: dict[str, Any], info: DistInfo = DistInfo()) -> None:
     """Fill the state dict `tensors` (templates: the live model's and optimizer's state dicts,
-    DTensors sharded as this rank holds them) from the checkpoint, in place (a collective)."""
+    DTensors sharded as this rank holds them) from the checkpoint, in place (a collective). The index
+    is checked against the templates first (`template_problem`): one line, nothing read."""
     import torch.distributed.checkpoint as dcp
+
+    problem = template_problem(path, tensors)
+    if problem is not None:
+        raise UserError(f"{path}: cannot be loaded into this model: {problem}")
 
     with _quiet_single_process(), _refusing_unsafe_content(path):
         dcp.load(tensors, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=not info.distributed)
@@ -217,7 +317,7 @@ def _usable(path: Path) -> str | None:
     if reason is None:
         try:
             read_meta(path)
-            load_metadata(str(path / ".metadata"), str(path / ".metadata"))
+            reason = index_problem(path, load_metadata(str(path / ".metadata"), str(path / ".metadata")))
         except NotACheckpointError as e:
             reason = str(e)
     return reason
@@ -244,12 +344,15 @@ def _refuse_old_format(directory: Path) -> None:
         raise old_format_error(old[-1])
 
 
-def damaged_checkpoints_error(directory: Path, damaged: list[str]) -> UserError:
-    """`resume=auto` found no valid checkpoint, but the `damaged` ones were complete once."""
+def damaged_checkpoints_error(directory: Path, damaged: list[str], why: str = "") -> UserError:
+    """`resume=auto` found no valid checkpoint, but the `damaged` ones were complete once (a
+    checkpoint gets its name only once written whole, manifest included). Nothing is deleted."""
+    one = len(damaged[-3:]) == 1
     return UserError(
         f"resume=auto: no checkpoint in {directory} verifies, though {', '.join(damaged[-3:])} "
-        "was written completely and has been damaged since; restore it from a copy, give another with "
-        "resume=PATH, or start over with resume=never"
+        f"{'was' if one else 'were'} written completely and {'has' if one else 'have'} been damaged since"
+        f"{f' ({why})' if why else ''}; nothing was deleted: restore it from a copy, give another with "
+        "resume=PATH, or move checkpoints/ away and start over with resume=never"
     )
 
 
@@ -274,11 +377,16 @@ def resolve(resume: str, run_dir: Path) -> Path | None:
         found = latest_valid(directory)
         if found is None:
             _refuse_old_format(directory)
-            # None valid: a fresh start, unless one was complete once (it has its manifest) and was
-            # damaged since; starting over silently would throw that training away.
-            damaged = [p.name for p in list_checkpoints(directory) if (p / MANIFEST).is_file()]
+            # None valid: a fresh start, unless there is one. A directory has a checkpoint's name only
+            # once it was written whole (its manifest last, then the rename), so each was complete
+            # once and was damaged since (a deleted manifest included): starting over would throw that
+            # training away, and its first save would prune them. Refuse, deleting nothing.
+            damaged = list_checkpoints(directory)
             if damaged:
-                raise damaged_checkpoints_error(directory, damaged)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    why = _usable(damaged[-1]) or ""
+                raise damaged_checkpoints_error(directory, [p.name for p in damaged], why)
         return found
     path = Path(resume).expanduser()
     if is_checkpoint(path) or path.is_file():
@@ -328,22 +436,61 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Move checkpoint `path`, which does not verify, out of the timeline without deleting it:
+    renamed to `step_XXXXXXXX.dcp.unverified[.N]` beside it (never read as a checkpoint), with a
+    warning saying where it is. Only what verifies is ever deleted (docs/reliability.md)."""
+    target = path.with_name(f"{path.name}.unverified")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.unverified.{n}"), n + 1
+    os.replace(path, target)
+    warnings.warn(
+        f"checkpoint {path.name} does not verify ({why}): set aside as {target.name}, not deleted "
+        "(only verified checkpoints are deleted); inspect or restore it, or delete it by hand",
+        stacklevel=4,
+    )
+    return target
+
+
+def _unverified(path: Path) -> str | None:
+    """Why checkpoint `path` may not be deleted (None: it verifies and is a checkpoint pkmlm reads)."""
+    try:
+        return _usable(path)
+    except UserError as e:  # a crafted file: kept for the user to look at, never deleted by us
+        return str(e)
+
+
+def _remove_verified(path: Path) -> None:
+    """Delete checkpoint `path` if it verifies; set it aside (kept) if it does not."""
+    reason = _unverified(path)
+    if reason is None:
+        _remove_dir(path)
+    else:
+        set_aside(path, reason)
+
+
 def prune(directory: Path, step: int, keep_last: int) -> None:
     """The retention rule, after writing `step`: checkpoints newer than `step` go (the run continued
-    from an older one), then all but the last `keep_last`."""
+    from an older one), then all but the last `keep_last`. Only checkpoints that verify are deleted;
+    one that does not is set aside under another name (`set_aside`), never deleted."""
     kept = []
     for path in list_checkpoints(directory):
         if step_of(path) > step:
+            reason = _unverified(path)
+            if reason is not None:
+                set_aside(path, reason)
+                continue
             warnings.warn(
                 f"removing checkpoint {path.name}: newer than step {step}, which this run continued "
-                "from (it was unusable, or the run was rewound with resume=PATH)",
+                "from (the run was rewound with resume=PATH)",
                 stacklevel=3,
             )
             _remove_dir(path)
         else:
             kept.append(path)
     for old in kept[:-keep_last]:
-        _remove_dir(old)
+        _remove_verified(old)
 
 
 def _write_refused(final: Path, e: OSError) -> CheckpointWriteError:
@@ -460,8 +607,8 @@ def save(
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written directory stays behind
             raise
-        if final.exists():  # an incomplete or damaged directory of this step
-            _remove_dir(final)
+        if final.exists():  # a damaged directory of this step (it did not verify): kept, under another name
+            set_aside(final, verify(final) or "damaged")
         os.replace(tmp, final)
         fsync_dir(directory)
         prune(directory, step, keep_last)

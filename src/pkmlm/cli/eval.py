@@ -133,6 +133,10 @@ def evaluate_run(cfg: EvalAppConfig) -> dict:
     except ConfigError as e:  # the same checks as train.device, under this tool's own key
         raise ConfigError("device", cfg.device, e.allowed) from None
     run = load_run(cfg.checkpoint, device=device)
+    if questions is not None:  # every answer fits the window: refused before evaluating anything
+        from pkmlm.metrics.recall import check_recall_fits
+
+        check_recall_fits(questions, run.tokenizer, run.model.cfg.max_seq_len, cfg.eval.recall)
     files, batches = evaluation_batches(cfg, run)
     result = evaluate(run.model, batches, device, autocast_dtype=autocast_dtype(cfg.precision, device))
     byte_len = torch.tensor(token_byte_lengths(run.tokenizer), dtype=torch.float64)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 from pkmlm.cli._common import ArgumentParser, fail
@@ -37,6 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _available_ram() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            return float(next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")))
+    except (OSError, StopIteration, ValueError):
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.people < 1:
@@ -46,7 +56,23 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         fail(f"--out={args.out!r} is a file; give a directory")
-    from pkmlm.knowledge.facts import write_corpus
+    from pkmlm.knowledge.facts import MAX_DOCUMENTS, estimate_corpus, write_corpus
+
+    if args.people * args.templates > MAX_DOCUMENTS:
+        fail(
+            f"--people={args.people} --templates={args.templates}: {args.people * args.templates:,} biographies, "
+            f"more than the limit of {MAX_DOCUMENTS:,}; give fewer people or templates"
+        )
+    need = estimate_corpus(args.people, args.templates, args.seed)  # before anything is generated
+    have_ram = _available_ram()
+    probe = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    have_disk = float(shutil.disk_usage(probe).free)
+    if need["memory"] > have_ram or need["disk"] > have_disk:
+        fail(
+            f"--people={args.people} --templates={args.templates}: about {need['memory'] / 1e9:,.1f} GB of memory "
+            f"and {need['disk'] / 1e9:,.1f} GB on disk, but {have_ram / 1e9:,.1f} GB of RAM and "
+            f"{have_disk / 1e9:,.1f} GB of disk are available; give fewer people or templates"
+        )
 
     try:
         meta = write_corpus(out, args.people, args.seed, args.templates)

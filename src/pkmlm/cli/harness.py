@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -45,14 +46,26 @@ def _check(args: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError(f"--tasks={args.tasks!r}: give one or more task names, comma-separated")
-    if args.limit is not None and not args.limit > 0:
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
         raise UserError(f"--limit={args.limit}: give a positive number of documents (or a fraction < 1)")
+    if args.limit is not None and args.limit >= 1 and args.limit != int(args.limit):
+        raise UserError(f"--limit={args.limit}: a number of documents is a whole number (or a fraction < 1)")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise UserError(f"--num-fewshot={args.num_fewshot}: give an integer >= 0")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size}: give an integer >= 1")
     if re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device) is None:
         raise UserError(f"--device={args.device!r}: give cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(args.device.split(":")[1]) if ":" in args.device else 0
+        if index >= count:
+            raise UserError(
+                f"--device={args.device!r}: this machine has {count} CUDA device(s){'' if count else ' (no CUDA)'}; "
+                "give --device cpu" + (f" or cuda:0..{count - 1}" if count else "")
+            )
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path={args.include_path!r}: no such directory (it holds task YAMLs)")
     if not Path(args.run).exists():

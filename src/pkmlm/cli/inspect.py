@@ -87,7 +87,8 @@ def checkpoint_history(run_path: Path, batches: list, device, progress: bool) ->
     for path in _progress(progress, "checkpoints")(checkpoints):
         try:
             run = load_run(path, device=device)
-        except UserError:  # damaged or unfinished: not a point of the history
+        except UserError as e:  # damaged or edited: not a point of the history, and the user is told
+            print(f"pkmlm-inspect: skipping checkpoint {path.name} in the history: {e}", file=sys.stderr, flush=True)
             continue
         counts = count_reads(run.model, batches, device)
         points.append(

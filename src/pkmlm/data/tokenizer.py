@@ -79,6 +79,25 @@ def tokenizer_from_str(text: str) -> Tokenizer:
     return tok
 
 
+def checked_tokenizer(text: object, where: str, vocab_size: int | None = None) -> Tokenizer:
+    """The schema check of a saved tokenizer (a checkpoint's `tokenizer`, an export's
+    tokenizer.json): it parses, and (given the model's `vocab_size`) none of its ids lies outside
+    the model's embedding (ids past it would be silently wrong, then an IndexError). One-line
+    `DataError` naming `where` otherwise."""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: the tokenizer is {type(text).__name__}, not a tokenizer's JSON; the file was edited")
+    try:
+        tok = tokenizer_from_str(text)
+    except Exception as e:  # noqa: BLE001 - the Rust parser's errors are plain Exceptions
+        raise DataError(f"{where}: not a tokenizer ({str(e).splitlines()[0][:120]}); the file was edited") from None
+    if vocab_size is not None and tok.get_vocab_size() > vocab_size:
+        raise DataError(
+            f"{where}: the tokenizer has {tok.get_vocab_size()} tokens, more than the model's vocabulary of "
+            f"{vocab_size}; the file was edited or belongs to another model"
+        )
+    return tok
+
+
 def _texts_hash(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()) -> Tuple[str, int]:
     """sha256 over the recipe version, vocab size, special tokens (when any) and the
     length-prefixed UTF-8 of each text."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from pkmlm.errors import ConfigError, require
 
@@ -35,10 +35,23 @@ class FinetuneConfig:
     the background with the finetuning batch size.
     """
 
-    background_batches: int = 1000  # batches of the init_from run's training data, counted once
+    # The default run of 1,500 steps gets 150 (counting is a forward pass per batch, a fraction of
+    # the source's training time; 1,000 took 12 CPU-minutes before the first step).
+    background_batches: Optional[int] = None  # init_from data batches counted once; null: a tenth of its steps, <= 1000
     top_t: int = 500  # value rows trained per batch and table (sparse_memory)
     optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: pkmlm.optim.LazyAdam)
     lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
+
+
+BACKGROUND_MAX = 1000  # Lin et al. 2025's count of background batches
+
+
+def background_batch_count(configured: Optional[int], source_steps: int) -> int:
+    """`finetune.background_batches`, or (null) the default proportionate to the source run: a tenth
+    of the batches it trained on, at least 1 and at most `BACKGROUND_MAX`."""
+    if configured is not None:
+        return configured
+    return max(1, min(BACKGROUND_MAX, source_steps // 10))
 
 
 def check_finetune_config(
@@ -47,10 +60,16 @@ def check_finetune_config(
     """`train.finetune` and `finetune.*` against each other and the model (`model.memory.*`)."""
     require(mode in FINETUNE_MODES, "train.finetune", mode, f"one of {', '.join(FINETUNE_MODES)}")
     require(
-        isinstance(cfg.background_batches, int) and cfg.background_batches >= 1,
+        cfg.background_batches is None
+        or (
+            isinstance(cfg.background_batches, int)
+            and not isinstance(cfg.background_batches, bool)
+            and cfg.background_batches >= 1
+        ),
         "finetune.background_batches",
         cfg.background_batches,
-        ">= 1 (batches of pretraining data for the slots' document frequencies)",
+        "null (a tenth of the source run's steps, at most 1000) or an integer >= 1 (batches of pretraining "
+        "data for the slots' document frequencies)",
     )
     require(
         isinstance(cfg.top_t, int) and cfg.top_t >= 1,

@@ -313,6 +313,32 @@ def corpus_meta(n_people: int, seed: int, templates: int, attributes: Sequence[A
     }
 
 
+MAX_DOCUMENTS = 10**8  # people x templates: beyond this the shuffle alone needs tens of GB
+
+
+def estimate_corpus(n_people: int, templates: int, seed: int = 0) -> dict[str, float]:
+    """About how large `write_corpus(out, n_people, seed, templates)` is, from 20 people generated
+    now: bytes on disk (bios.jsonl + qa.jsonl) and bytes of memory while writing (every biography is
+    held for the shuffle: its text plus about 300 bytes of Python objects; each person about 2 kB)."""
+    sample = min(n_people, 20)
+    people, attributes = make_people(sample, seed)
+    rng = random.Random(f"pkmlm-facts/bios/{seed}")
+    bio_bytes = (
+        sum(
+            len(json.dumps({"text": biography(p, attributes, rng), "person": p.name, "template": 0})) + 1
+            for p in people
+        )
+        / sample
+    )
+    qa_bytes = sum(len(json.dumps(q)) + 1 for p in people for q in questions(p, attributes)) / sample
+    documents = float(n_people) * templates
+    return {
+        "documents": documents,
+        "disk": documents * bio_bytes + n_people * qa_bytes,
+        "memory": documents * (bio_bytes + 300) + n_people * 2000.0,
+    }
+
+
 def write_corpus(out: str | Path, n_people: int, seed: int, templates: int = 5) -> dict:
     """Write bios.jsonl, qa.jsonl and meta.json into `out` (created); returns the meta."""
     people, attributes = make_people(n_people, seed)

@@ -65,26 +65,45 @@ def read_questions(path: str | Path) -> list[Question]:
             "pkmlm-facts --people N --seed S --out DIR (DIR/qa.jsonl)"
         )
     questions = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"eval.recall={str(path)!r} line {line_no}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{where}: not a JSON object") from None
-            if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r.get(k) for k in ("prompt", "answer")):
-                raise DataError(f"{where}: needs non-empty string fields 'prompt' and 'answer'")
-            n = r.get("n_values")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise DataError(f"{where}: 'n_values' must be an integer >= 1 (the answer's value-set size), got {n!r}")
-            questions.append(
-                Question(r["prompt"], r["answer"], n, str(r.get("attribute", "")), str(r.get("person", "")))
-            )
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"eval.recall={str(path)!r}: not UTF-8 text (byte {e.start}); give a qa.jsonl written by pkmlm-facts"
+        ) from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"eval.recall={str(path)!r} line {line_no}"
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: not a JSON object") from None
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r.get(k) for k in ("prompt", "answer")):
+            raise DataError(f"{where}: needs non-empty string fields 'prompt' and 'answer'")
+        n = r.get("n_values")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DataError(f"{where}: 'n_values' must be an integer >= 1 (the answer's value-set size), got {n!r}")
+        questions.append(Question(r["prompt"], r["answer"], n, str(r.get("attribute", "")), str(r.get("person", ""))))
     if not questions:
         raise DataError(f"eval.recall={str(path)!r}: no questions in the file")
     return questions
+
+
+def check_recall_fits(
+    questions: Sequence[Question], tokenizer: Any, window: int, path: Any, delimiter: str = " "
+) -> None:
+    """Every answer (`delimiter + answer`, as scored) fits the model's window of `window` tokens, or
+    one `DataError` naming the file's first offender: checked before training or evaluation starts,
+    not at the first evaluation (issue 25)."""
+    for number, q in enumerate(questions, 1):
+        n = len(tokenizer.encode(delimiter + q.answer).ids)
+        if n > window:
+            raise DataError(
+                f"eval.recall={str(path)!r} question {number}: its answer is {n} tokens, longer than the "
+                f"model's window of {window}; shorten the answer or use a longer data.seq_len"
+            )
 
 
 def stored_bits(nll_nats: float, n_values: int) -> float:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,9 @@ class StopSignals:
     """SIGTERM, SIGINT and SIGUSR1 ask the loop to finish its step, checkpoint and exit.
 
     SLURM sends SIGUSR1/SIGTERM some time before killing a job; Ctrl-C is SIGINT. A second SIGINT
-    falls through to Python's default (KeyboardInterrupt) for a user who really wants out.
+    falls through to Python's default (KeyboardInterrupt) for a user who really wants out, except
+    during a checkpoint write (`writing`): interrupting that left a temporary directory and an I/O
+    error; now the write finishes (seconds), then the run stops with one line saying so.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -61,9 +65,21 @@ class StopSignals:
         # tokenized) nothing can be checkpointed yet, and waiting could take minutes: a stop signal
         # then ends the run at once (`first_batch`).
         self.interrupt_now = False
+        self.writing_step: int | None = None  # the step whose checkpoint is being written
+        self.deferred = False  # a second SIGINT came during that write
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None and signum == signal.SIGINT:
+            if self.writing_step is not None:
+                if not self.deferred:
+                    print(
+                        f"second Ctrl-C during the checkpoint write of step {self.writing_step}: finishing "
+                        "the write first (it cannot be resumed half-written), then stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self.deferred = True
+                return
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
         if self.interrupt_now:
@@ -71,6 +87,20 @@ class StopSignals:
             raise UserError(
                 f"{self.received} received while the first batch was being read (the shuffle buffer "
                 "filling): stopped before step 1, nothing to checkpoint; run again to start"
+            )
+
+    @contextlib.contextmanager
+    def writing(self, step: int) -> Iterator[None]:
+        """A checkpoint write that a second Ctrl-C does not cut: it finishes, then the run stops."""
+        self.writing_step = step
+        try:
+            yield
+        finally:
+            self.writing_step = None
+        if self.deferred:
+            raise UserError(
+                f"second Ctrl-C: stopped after the checkpoint of step {step} was written completely; "
+                "resume with resume=auto"
             )
 
     def first_batch(self, batches: Any) -> Any:
@@ -136,10 +166,10 @@ def run_loop(t: Trainer, signals: StopSignals) -> dict:
         if out is None:  # skipped: non-finite loss or gradient
             on_skipped_step(t, window)
         else:
-            budget = after_step(t, out, batch, window, last_val)
+            budget = after_step(t, out, batch, window, last_val, signals)
         stop_signal, budget = agree_on_stop(signals.received, budget, t.info)
     stop_signal, _ = agree_on_stop(signals.received, None, t.info)  # one that came during the last step too
-    return finish(t, stop_signal, budget, last_val)
+    return finish(t, stop_signal, budget, last_val, signals)
 
 
 def loss_terms(t: Trainer, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
@@ -219,7 +249,9 @@ def on_skipped_step(t: Trainer, window: Window) -> None:
         )
 
 
-def after_step(t: Trainer, out: StepOutput, batch: Tensor, window: Window, last_val: dict) -> str | None:
+def after_step(
+    t: Trainer, out: StepOutput, batch: Tensor, window: Window, last_val: dict, signals: StopSignals | None = None
+) -> str | None:
     """Count the completed step; log, evaluate and checkpoint when due. Returns the budget used up
     (None while there is budget left)."""
     cfg, state = t.cfg, t.state
@@ -240,7 +272,7 @@ def after_step(t: Trainer, out: StepOutput, batch: Tensor, window: Window, last_
         last_val.clear()
         last_val.update(evaluate_all(t))
     if state.step % cfg.checkpoint.interval == 0 or final:
-        save_checkpoint(t)
+        save_checkpoint(t, signals)
     return budget
 
 
@@ -324,9 +356,10 @@ def evaluate_all(t: Trainer) -> dict:
     return row
 
 
-def save_checkpoint(t: Trainer) -> Path:
-    """Every rank writes its part of the checkpoint of the current step (a collective)."""
-    with t.clock.paused():
+def save_checkpoint(t: Trainer, signals: StopSignals | None = None) -> Path:
+    """Every rank writes its part of the checkpoint of the current step (a collective), a second
+    Ctrl-C deferred until it is written (`StopSignals.writing`)."""
+    with t.clock.paused(), signals.writing(t.state.step) if signals is not None else contextlib.nullcontext():
         t.par.sync_buffers()  # rank 0's BatchNorm statistics are the ones saved
         t.state.wall_time_s, t.state.train_time_s = t.clock.wall_s(), t.clock.train_s()
         rank_files = {f"data/shard_{s:05d}.json": st for s, st in shard_states(t.batches).items()}
@@ -343,11 +376,13 @@ def save_checkpoint(t: Trainer) -> Path:
         )
 
 
-def finish(t: Trainer, stop_signal: str | None, budget: str | None, last_val: dict) -> dict:
+def finish(
+    t: Trainer, stop_signal: str | None, budget: str | None, last_val: dict, signals: StopSignals | None = None
+) -> dict:
     """After the loop: a stop signal's checkpoint, or the final evaluation; the summary row."""
     cfg, state = t.cfg, t.state
     if stop_signal is not None:
-        save_checkpoint(t)
+        save_checkpoint(t, signals)
         t.sinks.notice(
             f"{stop_signal} received: checkpoint written at step {state.step}; "
             f"resume with resume=auto (same hydra.run.dir={t.run_dir})"

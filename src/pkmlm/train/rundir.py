@@ -172,6 +172,23 @@ def check_input_paths(cfg: Any) -> None:
         )
 
 
+def check_output_dirs(run_dir: Path) -> None:
+    """Where the run writes, checked before its first step: the run directory and its
+    `checkpoints/` are directories (or can be made) this user may write, so that no step is trained
+    only to be lost at the first save (a regular file named `checkpoints` used to be found there)."""
+    from pkmlm.paths import dir_problem
+
+    for path in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise UserError(
+                f"{path} is a file, not a directory; the run writes its checkpoints there: move the file "
+                "away or choose another hydra.run.dir"
+            )
+        problem = dir_problem(path)
+        if problem is not None:
+            raise UserError(f"run directory {path}: {problem}; choose another hydra.run.dir")
+
+
 def code_version() -> dict[str, Any]:
     """The git commit of the project and whether the tree had uncommitted changes (when known)."""
     try:

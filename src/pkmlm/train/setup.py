@@ -18,9 +18,11 @@ checkpoints.
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pkmlm.checkpoint import pieces, store
-from pkmlm.checkpoint.export import is_export, load_export_weights, read_export
+from pkmlm.checkpoint.export import checked_model_config, is_export, load_export_weights, read_export
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.config import Config
 from pkmlm.data.config import DataConfig
@@ -41,7 +43,7 @@ from pkmlm.data.loader import (
     resolve_data,
     validation_batches,
 )
-from pkmlm.data.tokenizer import tokenizer_from_str
+from pkmlm.data.tokenizer import checked_tokenizer, tokenizer_from_str
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.finetune import (
     BACKGROUND_FILE,
@@ -56,8 +58,10 @@ from pkmlm.finetune import (
     save_background,
     slot_pools,
 )
+from pkmlm.finetune.config import background_batch_count
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.metrics.memory_usage import StaleSlots, attach_stale_trackers, stale_metrics
+from pkmlm.metrics.recall import check_recall_fits, read_questions
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
 from pkmlm.model.kernels import resolve_kernel
 from pkmlm.model.transformer import ModelConfig, Transformer
@@ -78,7 +82,7 @@ from pkmlm.parallel.data_shards import (
 from pkmlm.parallel.env import DistInfo, rank_device
 from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
 from pkmlm.train.clock import RunClock
-from pkmlm.train.rundir import code_version, fresh_start_conflicts, resume_conflicts
+from pkmlm.train.rundir import check_output_dirs, code_version, fresh_start_conflicts, resume_conflicts
 from pkmlm.train.state import TrainState
 
 VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64: tensor-core friendly (nanoGPT: 50257 -> 50304)
@@ -205,6 +209,21 @@ def _check_resume(
             )
 
 
+def _check_resumed_meta(path: Path, meta: dict) -> None:
+    """A resumed checkpoint's meta.json holds what a resume reads, of the right kinds (field types:
+    `store.read_meta`): the config, the model config (a model that fits in memory) and a tokenizer
+    whose ids lie inside that model's vocabulary."""
+    where = str(path / store.META)
+    missing = [k for k in ("config", "model_config", "tokenizer") if k not in meta]
+    if missing:
+        raise UserError(
+            f"{where}: no {', '.join(missing)} (not a training run's checkpoint, or edited); give another "
+            "checkpoint with resume=PATH"
+        )
+    vocab = checked_model_config(meta["model_config"], where).vocab_size
+    checked_tokenizer(meta["tokenizer"], where, vocab)
+
+
 def build_model(
     cfg: Config, model_cfg: ModelConfig, init_from: Path | None = None, info: DistInfo | None = None
 ) -> Transformer:
@@ -249,6 +268,10 @@ def init_source(cfg: Config, meta: dict | None, info: DistInfo) -> tuple[Path | 
     found = run_on_main(lambda: str(store.find_for_reading(given, key="init_from")), info)
     source, source_meta = Path(found), store.read_meta(Path(found))
     missing = [k for k in ("model_config", "tokenizer", "config") if k not in source_meta]
+    if not missing:  # the schema of what a fresh start takes from it, before anything is built
+        where = f"init_from={cfg.init_from!r}: {source / store.META}"
+        vocab = checked_model_config(source_meta["model_config"], where).vocab_size
+        checked_tokenizer(source_meta["tokenizer"], where, vocab)
     if missing:
         raise UserError(
             f"init_from={cfg.init_from!r}: checkpoint {source} has no {', '.join(missing)} in its "
@@ -281,13 +304,14 @@ def finetune_background(
         )
     source_meta = read_export(source, key="init_from") if is_export(source) else store.read_meta(source)
     data_cfg = source_data_config(cfg, source_meta)
+    num_batches = background_batch_count(cfg.finetune.background_batches, int(source_meta["step"]))
     fingerprint = {
         "init_from": str(source),
         "step": source_meta["step"],
         "data": source_meta["config"].get("data"),
         "seq_len": cfg.data.seq_len,
         "batch_size": cfg.train.batch_size,
-        "num_batches": cfg.finetune.background_batches,
+        "num_batches": num_batches,
         "seed": cfg.seed,
     }
     path = run_dir / BACKGROUND_FILE
@@ -312,13 +336,22 @@ def finetune_background(
         ) from None
     if info.is_main and cfg.logging.progress:
         print(
-            f"pkmlm | sparse_memory: counting slot reads of {cfg.finetune.background_batches} background "
+            f"pkmlm | sparse_memory: counting slot reads of {num_batches} background "
             f"batches of {source}'s training data (once; cached in {path.name})",
             flush=True,
         )
     # Every rank counts the same batches (a forward may be a collective); rank 0 writes the cache.
     batches = build_train_batches(data_cfg, plan, tokenizer, batch_size=cfg.train.batch_size, seed=cfg.seed)
-    counts = count_background(model, batches, cfg.finetune.background_batches)
+    bar = None
+    if info.is_main and cfg.logging.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_batches, desc="background batches", file=sys.stderr, leave=False, dynamic_ncols=True)
+    try:
+        counts = count_background(model, batches, num_batches, progress=(lambda _: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     if info.is_main:
         save_background(path, counts, fingerprint)
     return counts
@@ -336,8 +369,11 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
     if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
         resolve_kernel(cfg.model.memory.kernel, device)
+    run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
     resumed = store.resolve_shared(cfg.resume, run_dir, info)  # rank 0 picks, all read it
     meta = store.read_meta(resumed) if resumed is not None else None
+    if meta is not None:  # the schema of what a resume reads, before anything is built
+        _check_resumed_meta(resumed, meta)
     _check_resume(cfg, run_dir, resolved, resumed, meta, info)
     source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
 
@@ -352,6 +388,10 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         )
         tok_source = tok_info["source"]
     model_cfg = model_config_for(cfg.model, tokenizer.get_vocab_size())
+    if cfg.eval.recall:  # every answer must fit the window: refused now, not at the first evaluation
+        check_recall_fits(
+            read_questions(Path(cfg.eval.recall).expanduser()), tokenizer, model_cfg.max_seq_len, cfg.eval.recall
+        )
     if source_meta is not None:  # the same model, or one line naming the keys that differ
         mismatch = init_from_mismatch(cfg.init_from, model_cfg, source_meta["model_config"])
         if mismatch is not None:
@@ -458,6 +498,28 @@ def restore(
 ) -> TrainState:
     """Model, optimizers, the staleness trackers, this rank's data shards and (same rank count) its
     RNG from checkpoint `path`; returns the loop's counters."""
+    # The JSON files first (their schema: one line naming the file), then the tensors.
+    mine = sorted(shard_states(batches))
+    shard_files = {s: f"data/shard_{s:05d}.json" for s in mine}
+    states = {s: store.read_json(path, f) for s, f in shard_files.items()}
+    try:
+        load_shard_states(batches, states)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, UserError) as e:
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:80]}"
+        raise UserError(
+            f"{path / shard_files[mine[0]]}: not the data pipeline state of this run ({why}); "
+            "give another checkpoint with resume=PATH"
+        ) from None
+    if meta.get("world_size") == info.world_size:
+        # Dropout masks continue exactly; with another rank count each rank keeps its fresh seed.
+        rng_file = f"rng/rank_{info.rank:05d}.json"
+        try:
+            pieces.set_rng_state(store.read_json(path, rng_file))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, binascii.Error) as e:
+            raise UserError(
+                f"{path / rng_file}: not the RNG states of a checkpoint ({type(e).__name__}: {str(e)[:80]}); "
+                "the file was edited: give another checkpoint with resume=PATH"
+            ) from None
     stateful = pieces.ModelAndOptimizers(model, torch_optimizers(optimizer))
     tensors = stateful.state_dict()  # templates, sharded as this rank holds them
     # A checkpoint saved by a run with staleness trackers lists their layers (one written before
@@ -470,11 +532,6 @@ def restore(
     if saved_stale:
         for i, tracker in stale.items():
             tracker.load_state_dict(tensors["stale"][f"layer{i}"])
-    mine = sorted(shard_states(batches))
-    load_shard_states(batches, {s: store.read_json(path, f"data/shard_{s:05d}.json") for s in mine})
-    if meta.get("world_size") == info.world_size:
-        # Dropout masks continue exactly; with another rank count each rank keeps its fresh seed.
-        pieces.set_rng_state(store.read_json(path, f"rng/rank_{info.rank:05d}.json"))
     return TrainState.from_meta(meta)
 
 
