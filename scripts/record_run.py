@@ -6,7 +6,9 @@
 One row per evaluation of each run (step, validation perplexity and loss, each memory layer's usage
 and KL weight / count), then the run's wall and training time. The commit is the one the run's
 newest checkpoint recorded (`code_version`); a run made from a tree with uncommitted changes is
-refused, because its numbers belong to no commit. The machine, torch and thread count are this
+refused when those changes touch the training code (src/, configs/, data/, pyproject.toml), because
+its numbers then belong to no commit; runs recorded before checkpoints listed the changed paths are
+refused whenever the tree was dirty. The machine, torch and thread count are this
 process's: run it on the machine that trained.
 """
 
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# What `make train` runs: uncommitted changes anywhere else (docs, tests) leave a run's numbers those of its commit.
+TRAINING_PATHS = ("src/", "configs/", "data/", "pyproject.toml")
 
 
 def machine() -> str:
@@ -39,7 +43,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
-def run_numbers(run_dir: Path) -> tuple[list[dict], dict, str]:
+def run_numbers(run_dir: Path, dirty_ok: str = "") -> tuple[list[dict], dict, str]:
     """The run's evaluation rows, its last row and the commit its newest checkpoint names."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*.dcp"))
@@ -49,7 +53,13 @@ def run_numbers(run_dir: Path) -> tuple[list[dict], dict, str]:
     if not version.get("commit"):
         sys.exit(f"record_run: {checkpoints[-1]} records no git commit; train from a git checkout")
     if version.get("dirty"):
-        sys.exit(f"record_run: {run_dir} was trained from a tree with uncommitted changes; commit, then train again")
+        paths = version.get("dirty_paths")
+        training = [p for p in paths or [] if p.startswith(TRAINING_PATHS)]
+        if (paths is None and not dirty_ok) or training or len(paths or []) >= 50:
+            sys.exit(
+                f"record_run: {run_dir} was trained from a tree with uncommitted changes"
+                f"{' to ' + ', '.join(training[:5]) if training else ''}; commit, then train again"
+            )
     return [r for r in rows if "val/ppl" in r], rows[-1], version["commit"][:7]
 
 
@@ -62,7 +72,7 @@ def same_code(commits: list[str]) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
 
     # src/pkmlm/results.py renders documents and is imported by nothing that trains.
-    paths = ["src", "configs", "data", "pyproject.toml", ":(exclude)src/pkmlm/results.py"]
+    paths = [*TRAINING_PATHS, ":(exclude)src/pkmlm/results.py"]
     newest = commits[0]
     for other in commits[1:]:
         if git("diff", "--quiet", newest, other, "--", *paths).returncode != 0:
@@ -80,6 +90,13 @@ def main(argv=None) -> int:
     parser.add_argument("--load", required=True, help="what else ran on the machine (uptime's load average)")
     parser.add_argument("--label", action="append", default=None, help="one per run: the first column")
     parser.add_argument("--note", default="")
+    parser.add_argument(
+        "--dirty-ok",
+        default="",
+        metavar="WHY",
+        help="record runs whose checkpoints predate the list of changed paths although the tree was dirty; "
+        "WHY (which files were changed) goes into the rendered note",
+    )
     args = parser.parse_args(argv)
     labels = args.label or [str(r) for r in args.runs]
     if len(labels) != len(args.runs):
@@ -87,7 +104,7 @@ def main(argv=None) -> int:
     table, commits, extra = [], set(), {}
     layers = None
     for label, run_dir in zip(labels, args.runs):
-        evals, last, commit = run_numbers(run_dir)
+        evals, last, commit = run_numbers(run_dir, args.dirty_ok)
         commits.add(commit)
         layers = layers or sorted(
             {k.split("/")[1] for r in evals for k in r if k.endswith("/usage") and k.count("/") == 2}
@@ -123,8 +140,11 @@ def main(argv=None) -> int:
         "rows": table,
         "times": extra,
     }
-    if args.note:
-        result["note"] = args.note
+    note = " ".join(
+        x for x in (args.note, f"Uncommitted changes when trained: {args.dirty_ok}" if args.dirty_ok else "") if x
+    )
+    if note:
+        result["note"] = note
     out = ROOT / "docs" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)} ({len(table)} rows)")

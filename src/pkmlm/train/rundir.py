@@ -190,21 +190,23 @@ def check_output_dirs(run_dir: Path) -> None:
 
 
 def code_version() -> dict[str, Any]:
-    """The git commit of the project and whether the tree had uncommitted changes (when known)."""
+    """The git commit of the project, whether the tree had uncommitted changes to tracked files
+    (when known), and which (the first 50 paths: scripts/record_run.py accepts a run whose changes
+    touch no training code)."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
         ).stdout.strip()
-        dirty = (
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=PROJECT_ROOT,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout.strip()
-            != ""
-        )
-        return {"commit": commit or None, "dirty": dirty if commit else None}
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.splitlines()
+        paths = [line[3:] for line in changed if line.strip()]
+        if not commit:
+            return {"commit": None, "dirty": None}
+        return {"commit": commit, "dirty": bool(paths), "dirty_paths": paths[:50]}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
