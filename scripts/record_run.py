@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--load", required=True, help="what else ran on the machine (uptime's load average)")
     parser.add_argument("--label", action="append", default=None, help="one per run: the first column")
     parser.add_argument("--note", default="")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument(
         "--dirty-ok",
         default="",
@@ -145,9 +146,9 @@ def main(argv=None) -> int:
     )
     if note:
         result["note"] = note
-    out = ROOT / "docs" / "results" / f"{args.name}.json"
+    out = args.results_dir / f"{args.name}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out.relative_to(ROOT)} ({len(table)} rows)")
+    print(f"wrote {out} ({len(table)} rows)")
     return 0
 
 
