@@ -57,6 +57,21 @@ def default(value, device: torch.device, cuda: int, cpu: int) -> int:
     return value if value is not None else (cuda if device.type == "cuda" else cpu)
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (else platform's guess) and the core count."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
+import benchlib
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,17 +30,7 @@ TRAINING_PATHS = ("src/", "configs/", "data/", "pyproject.toml")
 
 def machine() -> str:
     """The CPU in words, with its core count and the ATen kernels torch picked (what reproducibility depends on)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()} kernels"
+    return f"{benchlib.cpu_name()}, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
 def run_numbers(run_dir: Path, dirty_ok: str = "") -> tuple[list[dict], dict, str]:

@@ -30,7 +30,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in d.items() if k in fields and k != "memory"}, memory=memory)
 
 
-def _available_ram() -> float:
+def available_ram() -> float:
     """Bytes of RAM this process may still use (MemAvailable), for the loading guard."""
     try:
         with open("/proc/meminfo") as f:
@@ -55,7 +55,7 @@ def checked_model_config(d: object, where: str) -> ModelConfig:
             f"{where}: 'model_config' does not describe a model ({type(e).__name__}: {str(e)[:120]}); "
             "the file was edited"
         ) from None
-    need, have = n_params * 4.0, _available_ram()
+    need, have = n_params * 4.0, available_ram()
     if need > have:
         raise UserError(
             f"{where}: 'model_config' describes a model of {n_params:.3g} parameters, about {need / 1e9:,.1f} GB "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -39,14 +38,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _available_ram() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            return float(next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")))
-    except (OSError, StopIteration, ValueError):
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.people < 1:
@@ -64,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
             f"more than the limit of {MAX_DOCUMENTS:,}; give fewer people or templates"
         )
     need = estimate_corpus(args.people, args.templates, args.seed)  # before anything is generated
-    have_ram = _available_ram()
+    from pkmlm.checkpoint.export import available_ram
+
+    have_ram = available_ram()
     probe = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
     have_disk = float(shutil.disk_usage(probe).free)
     if need["memory"] > have_ram or need["disk"] > have_disk:
