@@ -14,11 +14,12 @@ PIP_TORCH_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # torch 2.13 CPU; 3.5.1 and 3.6.0 fail two interpreter tests). Empty: none.
 TRITON_SPEC ?= $(if $(HAS_GPU),,triton>=3.7)
 
-.PHONY: setup train test lint bench bench-data faults results clean help
+.PHONY: setup train test test-fast lint bench bench-data faults results clean help
 help:
 	@echo "make setup   create $(VENV) and install pkmlm (+dev, +hf: transformers) and torch"
 	@echo "make train   train the default experiment (model=tiny on the Wikipedia sample)"
-	@echo "make test    ruff (lint + format check), then the test suite on CPU"
+	@echo "make test    ruff (lint + format check), then the test suite on CPU: tests/unit and tests/e2e"
+	@echo "make test-fast  ruff, then tests/unit only (no training run; under 2 minutes)"
 	@echo "make bench   memory layer, model and generation (KV cache) speed tables (paper sizes on CUDA, CPU-sized otherwise)"
 	@echo "make bench-data  data pipeline tokens/s: bare encoding vs streaming vs prepared shards"
 	@echo "make faults  the long fault-injection run: 100 kill -9s, stop signals, a full disk (docs/reliability.md)"
@@ -36,8 +37,11 @@ $(BIN)/pkmlm-train: pyproject.toml
 train: setup
 	$(BIN)/pkmlm-train
 
-test: setup lint
+test: setup lint   # tests/unit (fast, no training run) and tests/e2e (training runs, CLIs in subprocesses)
 	$(BIN)/python -m pytest tests
+
+test-fast: setup lint   # tests/unit alone: the quick check while editing
+	$(BIN)/python -m pytest tests/unit
 
 lint: setup   # mechanical style: ruff's lint rules and formatter, settings in pyproject.toml
 	$(BIN)/ruff check src tests scripts

@@ -14,7 +14,7 @@ TOLERANCE (relative), a bound measured by running the same golden runs with othe
 CPU kernels (README "Reproducibility"); floating-point differences grow with the steps, which is why
 the golden runs are short.
 
-    python scripts/golden.py              # run every golden run and compare (tests/test_golden.py)
+    python scripts/golden.py              # run every golden run and compare (tests/e2e/test_golden.py)
     python scripts/golden.py --record     # re-record tests/golden/*.json (a change that moves them on purpose)
 """
 

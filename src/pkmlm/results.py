@@ -29,7 +29,7 @@ In a markdown document a block is written as::
     <!-- /results:NAME -->
 
 `python -m pkmlm.results` (`make results`) rewrites the blocks of README.md and docs/benchmarks.md;
-`--check` only compares, and tests/test_results.py runs that comparison. A table outside any block
+`--check` only compares, and tests/unit/test_results.py runs that comparison. A table outside any block
 must say why it is not a measurement: a `<!-- not-measured: reason -->` line right above it.
 """
 

@@ -11,7 +11,7 @@ none, qk norm, Memory+ gate, PEER experts, value pools shared across layers, par
 placement, value dims other than the model's, bfloat16 tables), with the same parameter names, so
 DIR/model.safetensors is the very file pkmlm reads. The memory's read is the torch path of pkmlm
 (`embedding_bag`); pkmlm's triton kernels and column-sharded tables are not here, nor the sub-key
-balance loss (a training-time auxiliary loss). Logits equal pkmlm's (tests/test_hf_export.py).
+balance loss (a training-time auxiliary loss). Logits equal pkmlm's (tests/e2e/test_hf_export.py).
 
 Generation: `model.generate` with transformers' `DynamicCache`; left-padded batches through the
 `attention_mask` (positions count the real tokens of a row). Memory layers act on each token alone

@@ -72,7 +72,7 @@ def finish_distributed_run() -> NoReturn:  # noqa: F821
 
     Why `os._exit`: with gloo, the interpreter's teardown after `destroy_process_group` now and
     then aborts a rank ("terminate called without an active exception", SIGABRT; in 6 of about
-    12 runs of tests/test_distributed.py on a loaded 2-core machine, always after the run's last
+    12 runs of tests/e2e/test_distributed.py on a loaded 2-core machine, always after the run's last
     collective), and torchrun then reports the finished job as failed. Nothing is left to do at
     this point: metrics, checkpoints, wandb and the run directory's lock are closed; stdio and
     logging are flushed here.
