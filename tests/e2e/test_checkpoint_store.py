@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_RUN_STEPS
-from helpers import run_cli, train_in_process
+from helpers import eval_in_process, run_cli, train_in_process
 
 from pkmlm.checkpoint import store
 from pkmlm.checkpoint.files import write_manifest
@@ -208,16 +208,13 @@ def test_stop_signal_is_reported_without_the_progress_bar(tmp_path, monkeypatch,
 def test_eval_reads_an_export_with_the_same_loss_as_its_run(run, tmp_path):
     """`pkmlm-eval checkpoint=EXPORT_DIR` (promised by pkmlm-export and docs/architecture.md):
     the same numbers as on the run it came from, on the run's own validation split."""
-    import json
 
     from pkmlm.run import export_run
 
     export = export_run(load_run(run), tmp_path / "export")
     results = []
-    for source in (run, export):
-        proc = run_cli("pkmlm.cli.eval", [f"checkpoint={source}", "max_batches=2"], cwd=tmp_path, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for source in (run, export):  # pkmlm-eval's evaluation, in this process
+        results.append(eval_in_process(f"checkpoint={source}", "max_batches=2"))
     on_run, on_export = results
     assert on_run["tokens"] > 0 and on_export["tokens"] == on_run["tokens"]
     assert on_export["loss"] == on_run["loss"] and on_export["ppl"] == on_run["ppl"]

@@ -15,7 +15,7 @@ import math
 import pytest
 import yaml
 from conftest import C4
-from helpers import TINY, read_rows, run_cli
+from helpers import TINY, eval_in_process, read_rows, run_cli
 
 from pkmlm.cli.compare import main as compare_main
 
@@ -157,9 +157,7 @@ def test_compare_user_errors_are_one_line_exit_2(sweeps, tmp_path, capsys, args,
 def test_eval_reports_both_kls_gini_and_top_counts_per_head(sweeps):
     _, position_dir, _ = sweeps
     run_dir = position_dir / "1"
-    proc = run_cli("pkmlm.cli.eval", [f"checkpoint={run_dir}", f"data.files=[{C4}]", "max_batches=2"], cwd=run_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = eval_in_process(f"checkpoint={run_dir}", f"data.files=[{C4}]", "max_batches=2")  # pkmlm-eval's numbers
     assert out["bpb"] > 0 and out["ppl"] > 1
     stats = ("usage", "kl_weight", "kl_count", "gini", "top50", "top90", "top99")
     for prefix in ["memory/layer1/"] + [f"memory/layer1/head{h}/" for h in range(2)]:  # TINY: 2 heads

@@ -10,7 +10,7 @@ import pytest
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
 from pkmlm.data.mixing import DataPlan
-from pkmlm.data.tokenizer import EOS_TOKEN, encode_documents, eos_id
+from pkmlm.data.tokenizer import EOS_TOKEN, encode_documents, eos_id, train_bpe
 from pkmlm.errors import ConfigError, DataError
 
 GIVEN = DataPlan(sources=[])  # the plan does not matter when data.tokenizer names a file
@@ -35,6 +35,11 @@ def corpus(n=300, seed=0):
 def write_corpus(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(corpus(), vocab_size=400)
 
 
 def test_round_trip_is_exact(tok):
