@@ -7,7 +7,7 @@
 # At most 8 minutes (the stages' limits: 90 + 110 + 90 + 180 s) on one H100 (torch 2.11, triton 3.6). Each stage has its own time limit and
 # writes its own file, so a stage that fails or runs out of time leaves the others' results:
 #   env.txt              GPU, driver, torch / triton / python versions
-#   tests.log            tests/unit/test_kernels.py + tests/unit/test_compile.py on CUDA: the real triton kernels
+#   tests.log            tests/e2e/test_kernels.py + tests/e2e/test_compile.py on CUDA: the real triton kernels
 #                        (gather forward and backward, lazy-Adam rows, the custom op, the whole layer)
 #                        against the torch references; the compiled layer against eager
 #   bench_memory.md      scripts/bench_memory.py at the paper's sizes (the docs/benchmarks.md tables)
@@ -51,7 +51,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 # 1. Correctness on the GPU (torch + triton imports only; -p no:cacheprovider: nothing written here).
-stage tests 90 tests.log "$PY" -m pytest -p no:cacheprovider -q tests/unit/test_kernels.py tests/unit/test_compile.py
+stage tests 90 tests.log "$PY" -m pytest -p no:cacheprovider -q tests/e2e/test_kernels.py tests/e2e/test_compile.py
 # 2. The memory layer at the paper's sizes (16,384 tokens, d=1024, 512^2 values, 4 heads, knn 32).
 stage bench_memory 110 bench_memory.md "$PY" scripts/bench_memory.py
 # 3. Whole models, eager then compiled (separate runs: compilation is what may not fit).

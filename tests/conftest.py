@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Without a GPU, triton kernels run through triton's interpreter on CPU tensors (tests/unit/test_kernels.py).
+# Without a GPU, triton kernels run through triton's interpreter on CPU tensors (tests/e2e/test_kernels.py).
 # It must be set before triton is first imported (it decides then, for its own library too), so
 # here, for the whole session; model.memory.kernel=auto still takes the torch path on CPU.
 if not torch.cuda.is_available():

@@ -1,7 +1,7 @@
 """`train.compile=true` end to end through the training loop (CPU, inductor): the compiled run's
 losses equal the eager run's, its checkpoint holds the plain model's parameter names (no
 `_orig_mod.` prefix, so it loads into an uncompiled model and resumes either way), and the loop
-logs the active-FLOPs throughput and MFU. (tests/unit/test_compile.py checks the memory layer alone,
+logs the active-FLOPs throughput and MFU. (tests/e2e/test_compile.py checks the memory layer alone,
 with torch and triton only, so that it also runs on a bare GPU machine; this file needs Hydra.)
 """
 

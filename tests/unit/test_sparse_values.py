@@ -1,7 +1,7 @@
 """Row-sparse value updates (`optim.sparse_values=true`): lazy Adam against AdamW where the two must
 agree, untouched rows left alone, clipping of sparse gradients, one optimizer state for checkpoints,
 and bitwise resume through the loop. (The triton row kernel against the torch formulation is in
-tests/unit/test_kernels.py, which imports torch and triton only and so runs on a bare GPU machine.)"""
+tests/e2e/test_kernels.py, which imports torch and triton only and so runs on a bare GPU machine.)"""
 
 from __future__ import annotations
 
