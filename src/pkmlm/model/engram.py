@@ -462,11 +462,23 @@ class EngramLayer(nn.Module):
 
     def short_conv(self, v_BTD: Tensor, start_BT: Tensor) -> Tensor:
         """`(B, T, D)`: SiLU(Conv1D(RMSNorm(v))), depthwise and causal, tap j at lag j * dilation;
-        a lag before the token's document start reads zero, as the window start's causal padding."""
+        a lag before the token's document start reads zero, as the window start's causal padding.
+
+        Written as K shifted views of one zero-padded copy, each masked by document and
+        multiply-added: three ops a tap (the masks are (B, T, 1)), where a masked shift built
+        with `shift_in_document` takes six, and CPU time here is mostly elementwise ops.
+        """
         x_BTD = self.norm_conv(v_BTD)
+        T = x_BTD.shape[1]
+        span = (self.kernel_size - 1) * self.dilation
+        padded_BPD = F.pad(x_BTD, (0, 0, span, 0))  # P = span + T: zeros before the window start
+        pos_T = torch.arange(T, device=x_BTD.device)
         out_BTD = x_BTD * self.conv_weight[:, 0]
         for j in range(1, self.kernel_size):
-            out_BTD = out_BTD + shift_in_document(x_BTD, j * self.dilation, start_BT, 0.0) * self.conv_weight[:, j]
+            lag = j * self.dilation
+            keep_BT1 = ((pos_T - lag) >= start_BT).unsqueeze(-1).to(x_BTD.dtype)  # inside t's document
+            shifted_BTD = padded_BPD[:, span - lag : span - lag + T]  # a view: x at t - lag
+            out_BTD = torch.addcmul(out_BTD, shifted_BTD * keep_BT1, self.conv_weight[:, j])
         return F.silu(out_BTD)
 
     def forward(self, h_BTD: Tensor, idx_BT: Tensor) -> Tensor:
