@@ -292,3 +292,30 @@ def test_usage_tracker_counts_every_read_and_the_mean_gate():
     assert set(stats) >= {"order3/usage", "order3/kl_count", "order3/gini", "kl_count", "gini"}
     tracker.reset()
     assert math.isnan(tracker.compute()["gate_mean"]) and tracker.compute()["usage"] == 0.0
+
+
+def test_collision_rates_match_a_dictionary_count():
+    from pkmlm.metrics.engram_usage import collision_rates
+
+    layer = _layer(table_size=5)  # tiny tables: many collisions, but not all
+    idx = _tokens(2, 24)
+    stats = collision_rates(layer, idx)
+    rows = layer.rows(idx).flatten(0, 1).tolist()
+    canon = layer.canonical_ids.tolist()
+    for n in (2, 3):
+        grams = {}
+        for b in range(2):
+            start = 0
+            for t in range(24):
+                start = t if t > 0 and idx[b, t - 1] == EOT else start
+                key = tuple(canon[idx[b, t - k]] if t - k >= start else layer.pad_id for k in range(n))
+                grams[key] = rows[b * 24 + t][(n - 2) * layer.heads : (n - 1) * layer.heads]
+        heads = list(zip(*grams.values()))
+        per_head = [sum(col.count(r) > 1 for r in col) / len(col) for col in heads]
+        tuples = list(map(tuple, grams.values()))
+        assert stats[f"order{n}/ngrams"] == len(grams)
+        assert stats[f"order{n}/collision"] == pytest.approx(sum(per_head) / len(per_head))
+        assert stats[f"order{n}/full_collision"] == pytest.approx(
+            sum(tuples.count(r) > 1 for r in tuples) / len(tuples)
+        )
+        assert 0 < stats[f"order{n}/collision"] < 1

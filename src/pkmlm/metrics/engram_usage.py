@@ -12,6 +12,10 @@ its own prime-sized part of one table. Over an evaluation set, per layer:
 - **gate_mean** = mean of the gate alpha_t over the tokens read: how much of the memory the
   context lets into the residual stream.
 
+`collision_rates` measures the hashing itself on a token sample (for `pkmlm-inspect`): per order,
+the fraction of the sample's distinct n-grams that share a head's row with another one (mean over
+heads), and the fraction that share the rows of every head (nothing tells them apart).
+
 `EngramUsage` is the layer's `observer` (`layer.observer = tracker`): it accumulates on the layer's
 device with no host synchronisation per batch; `compute` copies to the host once.
 
@@ -26,8 +30,9 @@ import torch
 from torch import Tensor
 
 from pkmlm.metrics.memory_usage import gini, kl_to_uniform, usage_fraction
+from pkmlm.model.engram import document_starts, suffix_ngrams
 
-__all__ = ["EngramUsage"]
+__all__ = ["EngramUsage", "collision_rates"]
 
 
 class EngramUsage:
@@ -87,3 +92,37 @@ class EngramUsage:
 
     def __repr__(self) -> str:
         return f"EngramUsage(rows={sum(self.sizes)}, heads={self.heads}, orders={len(self.sizes) // self.heads})"
+
+
+def _shared(values: Tensor) -> Tensor:
+    """`(U,)` bool: whether another entry (a row of a 2-D `values`) equals entry u."""
+    _, inverse_U, counts = torch.unique(values, dim=0, return_inverse=True, return_counts=True)
+    return counts[inverse_U] > 1
+
+
+@torch.no_grad()
+def collision_rates(layer, idx_BT: Tensor) -> dict[str, float]:
+    """Hash collisions of `layer` (an `EngramLayer`) among the distinct n-grams of `idx_BT`.
+
+    For each order n (`order{n}/...`): `collision` = the fraction of the distinct n-grams (of
+    canonical ids, document padding included) whose row in a head also holds another distinct
+    n-gram of the sample, averaged over the H heads; `full_collision` = the fraction that share
+    their rows in all H heads with another n-gram. With uniform hashing into tables of S rows, M
+    distinct n-grams collide in a head with probability about 1 - exp(-M / S).
+    """
+    start_BT = document_starts(idx_BT, layer.eot_id)
+    grams_MN = suffix_ngrams(layer.canonical_ids[idx_BT], start_BT, layer.pad_id, layer.max_ngram).flatten(0, 1)
+    rows_MR = layer.rows(idx_BT, start_BT).flatten(0, 1)
+    stats = {}
+    for n in range(2, layer.max_ngram + 1):
+        # One representative per distinct n-gram: the hash is a function of the n-gram.
+        _, inverse_M = torch.unique(grams_MN[:, :n], dim=0, return_inverse=True)
+        first_U = torch.full((int(inverse_M.max()) + 1,), len(inverse_M), dtype=torch.int64)
+        first_U.scatter_reduce_(0, inverse_M, torch.arange(len(inverse_M)), reduce="amin")
+        heads = slice((n - 2) * layer.heads, (n - 1) * layer.heads)
+        rows_UH = rows_MR[first_U, heads]
+        shared_UH = torch.stack([_shared(rows_UH[:, h]) for h in range(layer.heads)], dim=1)
+        stats[f"order{n}/collision"] = float(shared_UH.double().mean())
+        stats[f"order{n}/full_collision"] = float(_shared(rows_UH).double().mean())
+        stats[f"order{n}/ngrams"] = float(len(first_U))
+    return stats
