@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             "command": "python scripts/bench_engram.py --results docs/results",
             "commit": commit,
             "date": str(datetime.date.today()),
-            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_name()})",
+            "machine": f"{platform.machine()} CPU ({cpu_name()})",
             "torch": torch.__version__,
             "threads": "1 and 2 (per row)",
             "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",

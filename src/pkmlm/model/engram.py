@@ -4,21 +4,21 @@
 
 Where a product-key memory (model/memory.py) is addressed by the hidden state, an Engram layer is
 addressed by the last few token ids: its table rows are known from the input alone, the lookup is
-O(1) and needs no top-k. The file follows the paper's section 2 (Architecture):
+O(1) and needs no top-k. The file follows the paper's architecture section, step by step:
 
-  2.2 tokenizer compression   raw id -> canonical id (NFKC, accents stripped, lower case,
+  tokenizer compression       raw id -> canonical id (NFKC, accents stripped, lower case,
                               whitespace collapsed)                 `build_compression`
-  2.2 suffix n-grams          orders 2..N of the canonical ids, never across a document
-                              boundary                              `suffix_ngrams`
-  2.2 multi-head hashing      H heads per order, each a table of a distinct prime size, a
+  sparse retrieval via        suffix n-grams of orders 2..N of the canonical ids, never across a
+  hashed n-grams              document boundary                     `suffix_ngrams`
+  multi-head hashing          H heads per order, each a table of a distinct prime size, a
                               multiplicative-XOR hash with seeded odd multipliers
                                                                     `hash_rows`, `plan_table_sizes`
-  2.2 retrieval               the rows of all heads concatenated: e_t      `EngramLayer.lookup`
-  2.3 context-aware gating    alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(W_K e_t)> / sqrt(d));
+                              the rows of all heads concatenated: e_t      `EngramLayer.lookup`
+  context-aware gating        alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(W_K e_t)> / sqrt(d));
                               v~_t = alpha_t * W_V e_t                     `EngramLayer.forward`
-  2.3 short convolution       Y = SiLU(Conv1D(RMSNorm(V~))) + V~: depthwise, causal, kernel 4,
+                              Y = SiLU(Conv1D(RMSNorm(V~))) + V~: depthwise, causal, kernel 4,
                               dilation N                                   `EngramLayer.short_conv`
-  2.4 placement               Y is added to the residual stream before the block's attention
+  placement                   Y is added to the residual stream before the block's attention
                               (the caller adds it; `EngramConfig.layers`, early layers)
 
 References read, not copied: the authors' demo (deepseek-ai/Engram, engram_demo_v1.py) as described
@@ -89,8 +89,8 @@ class EngramConfig:
     """
 
     # 0-based transformer layers that get an Engram layer, added before the block's attention. The
-    # paper places them early (layers 2 and 15 of 30 in Engram-27B; its ablation finds an early
-    # layer the best single place): layer 1 here, the second block.
+    # paper places them early (the demo's layer_ids are [1, 15] of a 30-block model; the paper's
+    # placement ablation favours an early layer, as we read it): layer 1 here, the second block.
     layers: List[int] = field(default_factory=lambda: [1])
     max_ngram: int = 3  # N: suffix n-grams of orders 2..N (the paper's default N = 3)
     heads: int = 8  # H: hash heads per order (the demo's n_head_per_ngram = 8)
@@ -105,7 +105,7 @@ class EngramConfig:
     gate_signed_sqrt: bool = False
     # Learning-rate multiplier of the hashed tables over optim.lr; they take no weight decay. The
     # paper trains its Engram embeddings with Adam at a larger learning rate than the backbone and
-    # without weight decay; 5x is the factor as we read it (check the paper's section 4.1 before a
+    # without weight decay; 5x is the factor as we read it (check the paper's training setup before a
     # sweep relies on it).
     tables_lr_mult: float = 5.0
 
@@ -153,7 +153,7 @@ class EngramConfig:
         )
 
 
-# --- section 2.2: tokenizer compression --------------------------------------------------------------
+# --- tokenizer compression --------------------------------------------------------------
 
 
 def canonical_text(text: str) -> str:
@@ -261,7 +261,7 @@ def load_compression(path: str, tok) -> Compression:
     return Compression(torch.tensor(ids, dtype=torch.int64), size, payload["tokenizer_sha256"])
 
 
-# --- section 2.2: suffix n-grams and multi-head hashing -----------------------------------------------
+# --- suffix n-grams and multi-head hashing -----------------------------------------------
 
 
 def document_starts(idx_BT: Tensor, eot_id: int) -> Tensor:
@@ -339,7 +339,8 @@ def hash_multipliers(seed: int, layer: int, canonical_size: int, max_ngram: int)
 def hash_rows(grams_BTN: Tensor, multipliers_N: Tensor, sizes_R: Tensor, heads: int) -> Tensor:
     """`(B, T, R)` row ids, each within its own head's table: for order n, the multiplicative-XOR
     hash (g_0 m_0) ^ (g_1 m_1) ^ ... ^ (g_{n-1} m_{n-1}) of the n-gram's canonical ids, modulo each
-    of the order's H prime sizes (section 2.2; the demo's formulation). Orders 2..N, order-major."""
+    of the order's H prime sizes (the paper's multi-head hashing, in the demo's formulation). Orders
+    2..N, order-major."""
     mix_BT = grams_BTN[..., 0] * multipliers_N[0]
     rows = []
     for n in range(2, grams_BTN.shape[-1] + 1):
@@ -437,7 +438,7 @@ class EngramLayer(nn.Module):
             f"dilation={self.dilation}, eot_id={self.eot_id}, pad_id={self.pad_id}"
         )
 
-    # --- section 2.2: retrieval --------------------------------------------------------------------
+    # --- retrieval --------------------------------------------------------------------
 
     def rows(self, idx_BT: Tensor, start_BT: Optional[Tensor] = None) -> Tensor:
         """`(B, T, R)` int64 row ids into `tables` (each head's rows offset to its part)."""
@@ -451,7 +452,7 @@ class EngramLayer(nn.Module):
         e_BTRE = F.embedding(rows_BTR, self.tables.weight, sparse=self.sparse_grad)
         return e_BTRE.flatten(2)
 
-    # --- section 2.3: gating and the short convolution -----------------------------------------------
+    # --- context-aware gating and the short convolution -----------------------------------------------
 
     def gate(self, h_BTD: Tensor, k_BTD: Tensor) -> Tensor:
         """`(B, T)`: alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(k_t)> / sqrt(D))."""
