@@ -355,3 +355,14 @@ def test_layer_learns_a_trigram_language_that_only_its_lookup_can_see():
         assert _trigram_loss(break_hash=False) < 0.1 * math.log(16) < _trigram_loss(break_hash=True)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bf16_autocast_keeps_the_gate_in_fp32_and_stays_close():
+    layer = _layer()
+    idx, h = _tokens(2, 16), torch.randn(2, 16, DIM)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            e = layer.lookup(layer.rows(idx))
+            assert layer.gate(h, layer.key_proj(e)).dtype == torch.float32
+            out = layer(h, idx)
+        torch.testing.assert_close(out.float(), layer(h, idx), rtol=0.05, atol=0.05)

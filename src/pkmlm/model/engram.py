@@ -455,8 +455,11 @@ class EngramLayer(nn.Module):
     # --- context-aware gating and the short convolution -----------------------------------------------
 
     def gate(self, h_BTD: Tensor, k_BTD: Tensor) -> Tensor:
-        """`(B, T)`: alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(k_t)> / sqrt(D))."""
-        logit_BT = (self.norm_h(h_BTD) * self.norm_k(k_BTD)).sum(-1) / math.sqrt(self.dim)
+        """`(B, T)` fp32: alpha_t = sigmoid(<RMSNorm(h_t), RMSNorm(k_t)> / sqrt(D)).
+
+        In fp32 under any autocast: one scalar per token from a sum of D products, which bf16
+        would round (and the norms' fp32 gains would meet bf16 inputs, a slower unfused path)."""
+        logit_BT = (self.norm_h(h_BTD.float()) * self.norm_k(k_BTD.float())).sum(-1) / math.sqrt(self.dim)
         if self.gate_signed_sqrt:  # the demo's range compression (off by default: not in the paper)
             logit_BT = logit_BT.abs().clamp_min(1e-6).sqrt() * logit_BT.sign()
         return torch.sigmoid(logit_BT)
