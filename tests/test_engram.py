@@ -366,3 +366,9 @@ def test_bf16_autocast_keeps_the_gate_in_fp32_and_stays_close():
             assert layer.gate(h, layer.key_proj(e)).dtype == torch.float32
             out = layer(h, idx)
         torch.testing.assert_close(out.float(), layer(h, idx), rtol=0.05, atol=0.05)
+
+
+def test_config_messages_name_the_prefixed_key():
+    with pytest.raises(ConfigError, match=r"model\.memory\.engram_heads=0 is invalid"):
+        EngramConfig(heads=0).validate(prefix="model.memory.engram_")
+    EngramConfig().validate(n_layers=2)  # the defaults are valid

@@ -109,45 +109,47 @@ class EngramConfig:
     # sweep relies on it).
     tables_lr_mult: float = 5.0
 
-    def validate(self, prefix: str = "model.memory", n_layers: Optional[int] = None) -> None:
-        """Raise `ConfigError` on the first bad value; `n_layers` bounds the layer indices."""
+    def validate(self, prefix: str = "model.memory.", n_layers: Optional[int] = None) -> None:
+        """Raise `ConfigError` on the first bad value; `n_layers` bounds the layer indices. Keys are
+        named `prefix + field` (e.g. "model.memory.engram_" when the registry keeps these options
+        in the flat `model.memory` group under an `engram_` prefix)."""
         layers = list(self.layers)
         for index in layers:
             bound = f"[0, {n_layers - 1}] for model.n_layers={n_layers}" if n_layers is not None else ">= 0"
             ok = _is_int(index) and index >= 0 and (n_layers is None or index < n_layers)
-            require(ok, f"{prefix}.layers", layers, f"each index must be in {bound}")
-        require(len(set(layers)) == len(layers), f"{prefix}.layers", layers, "indices must be distinct")
+            require(ok, f"{prefix}layers", layers, f"each index must be in {bound}")
+        require(len(set(layers)) == len(layers), f"{prefix}layers", layers, "indices must be distinct")
         require(
             _is_int(self.max_ngram) and 2 <= self.max_ngram <= 8,
-            f"{prefix}.max_ngram",
+            f"{prefix}max_ngram",
             self.max_ngram,
             "an integer in [2, 8] (orders 2..max_ngram)",
         )
         for name in ("heads", "embed_dim", "kernel_size"):
             value = getattr(self, name)
-            require(_is_int(value) and value >= 1, f"{prefix}.{name}", value, "a positive integer")
+            require(_is_int(value) and value >= 1, f"{prefix}{name}", value, "a positive integer")
         require(
             self.embed_dim % self.heads == 0,
-            f"{prefix}.embed_dim",
+            f"{prefix}embed_dim",
             self.embed_dim,
             f"a multiple of {prefix}.heads={self.heads} (each head's rows are embed_dim / heads wide)",
         )
         require(
             _is_int(self.table_size) and self.table_size >= 2,
-            f"{prefix}.table_size",
+            f"{prefix}table_size",
             self.table_size,
             "an integer >= 2 (rows of one head's table, rounded up to a prime)",
         )
-        require(_is_int(self.seed) and self.seed >= 0, f"{prefix}.seed", self.seed, "an integer >= 0")
+        require(_is_int(self.seed) and self.seed >= 0, f"{prefix}seed", self.seed, "an integer >= 0")
         require(
             isinstance(self.gate_signed_sqrt, bool),
-            f"{prefix}.gate_signed_sqrt",
+            f"{prefix}gate_signed_sqrt",
             self.gate_signed_sqrt,
             "true or false",
         )
         require(
             _is_number(self.tables_lr_mult) and math.isfinite(self.tables_lr_mult) and self.tables_lr_mult > 0,
-            f"{prefix}.tables_lr_mult",
+            f"{prefix}tables_lr_mult",
             self.tables_lr_mult,
             "a finite number > 0",
         )
