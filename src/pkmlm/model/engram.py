@@ -342,7 +342,9 @@ def hash_rows(grams_BTN: Tensor, multipliers_N: Tensor, sizes_R: Tensor, heads: 
     """`(B, T, R)` row ids, each within its own head's table: for order n, the multiplicative-XOR
     hash (g_0 m_0) ^ (g_1 m_1) ^ ... ^ (g_{n-1} m_{n-1}) of the n-gram's canonical ids, modulo each
     of the order's H prime sizes (the paper's multi-head hashing, in the demo's formulation). Orders
-    2..N, order-major."""
+    2..N, order-major. The paper writes one hash function per head; here, as in the demo, an order's
+    heads share the mix and differ by their prime modulus, which already makes their collisions
+    (nearly) independent: two n-grams collide in two heads only if their mixes agree modulo both."""
     mix_BT = grams_BTN[..., 0] * multipliers_N[0]
     rows = []
     for n in range(2, grams_BTN.shape[-1] + 1):
