@@ -372,3 +372,43 @@ def test_config_messages_name_the_prefixed_key():
     with pytest.raises(ConfigError, match=r"model\.memory\.engram_heads=0 is invalid"):
         EngramConfig(heads=0).validate(prefix="model.memory.engram_")
     EngramConfig().validate(n_layers=2)  # the defaults are valid
+
+
+def test_decoding_in_steps_with_padding_equals_the_full_forward_of_each_row():
+    """Left-padded prompts, then token-by-token steps in which one row sits out once, then a chunk:
+    every real token's output equals the full forward of its row's real tokens (end-of-text tokens
+    included, so document starts are crossed during decoding too)."""
+    layer = _layer().eval()
+    g = torch.Generator().manual_seed(5)
+    lengths, prompt = [30, 22, 14], [9, 5, 1]  # real tokens per row, and of its prompt
+    seqs = [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
+    seqs[0][12] = seqs[1][3] = seqs[1][4] = seqs[2][0] = EOT
+    hs = [torch.randn(n, DIM, generator=g) for n in lengths]
+    with torch.no_grad():
+        expected = [layer(h[None], s[None])[0] for h, s in zip(hs, seqs)]
+    # The schedule of calls: (tokens per row this call) with a row's count 0 when it sits out.
+    calls = [prompt] + [[1, 1, 1]] * 4 + [[1, 0, 1], [1, 1, 1]] + [[6, 6, 6]] + [[10, 8, 4]]
+    state, done = layer.new_decode_state(3), [0, 0, 0]
+    got = [[] for _ in lengths]
+    for counts in calls:
+        T = max(counts)
+        idx, h, valid = (
+            torch.zeros(3, T, dtype=torch.int64),
+            torch.zeros(3, T, DIM),
+            torch.zeros(3, T, dtype=torch.bool),
+        )
+        for b, n in enumerate(counts):
+            n = min(n, lengths[b] - done[b])
+            idx[b, T - n :], h[b, T - n :], valid[b, T - n :] = (
+                seqs[b][done[b] : done[b] + n],
+                hs[b][done[b] : done[b] + n],
+                True,
+            )
+            done[b] += n
+        out = layer.decode(h, idx, state, valid)
+        assert not out[~valid].any()
+        for b in range(3):
+            got[b].append(out[b][valid[b]])
+    assert done == lengths
+    for b in range(3):
+        torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=1e-5, atol=1e-5)

@@ -354,6 +354,19 @@ def hash_rows(grams_BTN: Tensor, multipliers_N: Tensor, sizes_R: Tensor, heads: 
     return torch.cat(rows, dim=-1)
 
 
+@dataclass
+class EngramDecodeState:
+    """What an Engram layer keeps between decoding calls (`EngramLayer.decode`), per row: the raw ids
+    `(B, L)` of the last L real tokens and their convolution inputs RMSNorm(v) `(B, L, D)`."""
+
+    ids_BL: Tensor
+    x_BLD: Tensor
+
+    def keep(self, rows_R: Tensor) -> None:
+        """Keep only rows `rows_R` (as `KVCache.keep`)."""
+        self.ids_BL, self.x_BLD = self.ids_BL[rows_R], self.x_BLD[rows_R]
+
+
 # --- the layer -------------------------------------------------------------------------------------------
 
 
@@ -476,7 +489,10 @@ class EngramLayer(nn.Module):
         multiply-added: three ops a tap (the masks are (B, T, 1)), where a masked shift built
         with `shift_in_document` takes six, and CPU time here is mostly elementwise ops.
         """
-        x_BTD = self.norm_conv(v_BTD)
+        return self.conv_taps(self.norm_conv(v_BTD), start_BT)
+
+    def conv_taps(self, x_BTD: Tensor, start_BT: Tensor) -> Tensor:
+        """`short_conv` on an already normalised input `x` = RMSNorm(v)."""
         T = x_BTD.shape[1]
         span = (self.kernel_size - 1) * self.dilation
         padded_BPD = F.pad(x_BTD, (0, 0, span, 0))  # P = span + T: zeros before the window start
@@ -500,6 +516,57 @@ class EngramLayer(nn.Module):
             self.observer(rows_BTR.detach(), gate_BT.detach())
         v_BTD = gate_BT.unsqueeze(-1) * self.value_proj(e_BTM)
         return v_BTD + self.short_conv(v_BTD, start_BT)
+
+    # --- incremental decoding ------------------------------------------------------------------------
+
+    @property
+    def history(self) -> int:
+        """Real tokens a new token looks back at: N - 1 for its n-grams, (K - 1) x N for the taps."""
+        return max(self.max_ngram - 1, (self.kernel_size - 1) * self.dilation)
+
+    def new_decode_state(self, batch: int) -> "EngramDecodeState":
+        """The state of `batch` rows before their first token: a history of end-of-text tokens, so
+        the first real token starts a document (as at a window start)."""
+        device = self.tables.weight.device
+        ids_BL = torch.full((batch, self.history), self.eot_id, dtype=torch.int64, device=device)
+        return EngramDecodeState(ids_BL, torch.zeros(batch, self.history, self.dim, device=device))
+
+    @torch.no_grad()
+    def decode(
+        self, h_BTD: Tensor, idx_BT: Tensor, state: "EngramDecodeState", valid_BT: Optional[Tensor] = None
+    ) -> Tensor:
+        """`forward` for tokens that continue the rows of `state` (updated in place): the output at
+        each real token equals `forward`'s at its place in its row's sequence of real tokens
+        (tested). `valid_BT` (bool, default all true) marks the real tokens; a padding slot (left
+        padding of prompts, or a row that sits a step out) is skipped, its output zero.
+
+        Each row's real tokens are packed to the left behind its history (the last `history` real
+        tokens and their convolution inputs RMSNorm(v)), the layer runs on that, and the outputs go
+        back to their slots. The observer is not called (usage is measured on full forwards).
+        """
+        B, T = idx_BT.shape
+        L = self.history
+        if valid_BT is None:
+            valid_BT = torch.ones_like(idx_BT, dtype=torch.bool)
+        rank_BT = valid_BT.long().cumsum(1) - 1  # a real token's place among its row's new ones
+        slot_BT = torch.where(valid_BT, rank_BT, torch.full_like(rank_BT, T))  # padding -> a dump slot
+        ids_BT = idx_BT.new_full((B, T + 1), self.eot_id).scatter_(1, slot_BT, idx_BT)[:, :T]
+        h_packed_BTD = h_BTD.new_zeros(B, T + 1, self.dim)
+        h_packed_BTD.scatter_(1, slot_BT.unsqueeze(-1).expand(B, T, self.dim), h_BTD)
+        ids_BP = torch.cat([state.ids_BL, ids_BT], dim=1)  # P = L + T; after a row's real tokens: filler
+        start_BP = document_starts(ids_BP, self.eot_id)
+        e_BTM = self.lookup(self.rows(ids_BP, start_BP)[:, L:])
+        gate_BT = self.gate(h_packed_BTD[:, :T], self.key_proj(e_BTM))
+        v_BTD = gate_BT.unsqueeze(-1) * self.value_proj(e_BTM)
+        x_BPD = torch.cat([state.x_BLD, self.norm_conv(v_BTD).to(state.x_BLD.dtype)], dim=1)
+        packed_BTD = v_BTD + self.conv_taps(x_BPD, start_BP)[:, L:]
+        out_BTD = packed_BTD.gather(1, rank_BT.clamp(min=0).unsqueeze(-1).expand(B, T, self.dim))
+        out_BTD = out_BTD * valid_BT.unsqueeze(-1)
+        # The new history: each row's last L real tokens, entries [n, n + L) of the packed P.
+        keep_BL = valid_BT.long().sum(1, keepdim=True) + torch.arange(L, device=idx_BT.device)
+        state.ids_BL = ids_BP.gather(1, keep_BL)
+        state.x_BLD = x_BPD.gather(1, keep_BL.unsqueeze(-1).expand(B, L, self.dim))
+        return out_BTD
 
     # --- accounting ------------------------------------------------------------------------------------
 
