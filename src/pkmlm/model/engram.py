@@ -20,6 +20,8 @@ O(1) and needs no top-k. The file follows the paper's architecture section, step
                               dilation N                                   `EngramLayer.short_conv`
   placement                   Y is added to the residual stream before the block's attention
                               (the caller adds it; `EngramConfig.layers`, early layers)
+  decoding                    the same, token by token, from a per-row history
+                                                                   `EngramLayer.decode`
 
 References read, not copied: the authors' demo (deepseek-ai/Engram, engram_demo_v1.py) as described
 by Google's MaxText port (AI-Hypercomputer/maxtext, src/maxtext/layers/engram.py, Apache-2.0).
