@@ -412,3 +412,24 @@ def test_decoding_in_steps_with_padding_equals_the_full_forward_of_each_row():
     assert done == lengths
     for b in range(3):
         torch.testing.assert_close(torch.cat(got[b]), expected[b], rtol=1e-5, atol=1e-5)
+
+
+def test_most_read_rows_lists_the_ngrams_that_read_them():
+    from pkmlm.metrics.engram_usage import most_read_rows
+
+    layer = _layer(table_size=5)
+    idx = _tokens(2, 24)
+    top = most_read_rows(layer, idx, top=6)
+    rows = layer.rows(idx)
+    counts = torch.bincount(rows.flatten(), minlength=layer.tables.num_embeddings)
+    assert [t["reads"] for t in top] == counts.sort(descending=True).values[:6].tolist()
+    canon, mult, sizes = layer.canonical_ids.tolist(), layer.multipliers.tolist(), layer.sizes.tolist()
+    for t in top:
+        assert t["reads"] == counts[t["row"]] == sum(n for _, n in t["ngrams"])
+        col = (t["order"] - 2) * layer.heads + t["head"]
+        for raw, _ in t["ngrams"]:  # each listed n-gram hashes to the row (oldest id first, -1 = pad)
+            grams = [canon[i] if i >= 0 else layer.pad_id for i in reversed(raw)]
+            mix = grams[0] * mult[0]
+            for k in range(1, len(grams)):
+                mix ^= grams[k] * mult[k]
+            assert mix % sizes[col] + sum(sizes[:col]) == t["row"]

@@ -12,7 +12,8 @@ its own prime-sized part of one table. Over an evaluation set, per layer:
 - **gate_mean** = mean of the gate alpha_t over the tokens read: how much of the memory the
   context lets into the residual stream.
 
-`collision_rates` measures the hashing itself on a token sample (for `pkmlm-inspect`): per order,
+`most_read_rows` lists, on a token sample, the rows read most with the n-grams that hash to them,
+and `collision_rates` measures the hashing itself (both for `pkmlm-inspect`): per order,
 the fraction of the sample's distinct n-grams that share a head's row with another one (mean over
 heads), and the fraction that share the rows of every head (nothing tells them apart).
 
@@ -32,7 +33,7 @@ from torch import Tensor
 from pkmlm.metrics.memory_usage import gini, kl_to_uniform, usage_fraction
 from pkmlm.model.engram import document_starts, suffix_ngrams
 
-__all__ = ["EngramUsage", "collision_rates"]
+__all__ = ["EngramUsage", "collision_rates", "most_read_rows"]
 
 
 class EngramUsage:
@@ -126,3 +127,35 @@ def collision_rates(layer, idx_BT: Tensor) -> dict[str, float]:
         stats[f"order{n}/full_collision"] = float(_shared(rows_UH).double().mean())
         stats[f"order{n}/ngrams"] = float(len(first_U))
     return stats
+
+
+@torch.no_grad()
+def most_read_rows(layer, idx_BT: Tensor, top: int = 10) -> list[dict]:
+    """The `top` rows of `layer` (an `EngramLayer`) read most often on the sample `idx_BT`, most
+    read first, each a dict: `row` (flat, into `layer.tables`), `order`, `head` (within the order),
+    `reads`, and `ngrams`: the distinct n-grams that read it, most frequent first, each
+    `(raw_ids, reads)` with `raw_ids` the first occurrence's raw token ids, oldest first, -1 for
+    a position before the document start (decode them with the run's tokenizer). Several n-grams
+    on one row are collisions, or n-grams equal after compression (they show with different raw
+    ids but share one entry: compare their canonical ids)."""
+    start_BT = document_starts(idx_BT, layer.eot_id)
+    canon_MN = suffix_ngrams(layer.canonical_ids[idx_BT], start_BT, layer.pad_id, layer.max_ngram).flatten(0, 1)
+    raw_MN = suffix_ngrams(idx_BT, start_BT, -1, layer.max_ngram).flatten(0, 1)
+    rows_MR = layer.rows(idx_BT, start_BT).flatten(0, 1)
+    count_S = torch.zeros(layer.tables.num_embeddings, dtype=torch.int64, device=rows_MR.device)
+    count_S.index_add_(0, rows_MR.reshape(-1), torch.ones_like(rows_MR.reshape(-1)))
+    reads, rows = count_S.topk(min(top, count_S.numel()))
+    out = []
+    for count, row in zip(reads.tolist(), rows.tolist()):
+        if count == 0:
+            break
+        r = int(torch.searchsorted(layer.offsets, torch.tensor(row), right=True)) - 1  # its head column
+        order, head = 2 + r // layer.heads, r % layer.heads
+        found: dict[tuple, list] = {}  # canonical n-gram -> [first raw ids, reads]
+        for m in (rows_MR[:, r] == row).nonzero().flatten().tolist():
+            key = tuple(canon_MN[m, :order].tolist())
+            entry = found.setdefault(key, [tuple(reversed(raw_MN[m, :order].tolist())), 0])
+            entry[1] += 1
+        ngrams = sorted(((raw, n) for raw, n in found.values()), key=lambda x: -x[1])
+        out.append({"row": row, "order": order, "head": head, "reads": count, "ngrams": ngrams})
+    return out
