@@ -88,8 +88,8 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # stop after this step with a checkpoint, schedule unchanged
     batch_size: int = 16  # sequences per optimizer step (across all ranks)
     micro_batch_size: Optional[int] = None  # per forward/backward; None = batch_size (no accumulation)
-    device: str = "auto"  # DEVICES: auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # Precision: auto (bf16 autocast on CUDA, fp32 on CPU, `uses_bf16`) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model for the training steps
     max_consecutive_nonfinite: int = 5  # non-finite steps are skipped; this many in a row stop the run
     # Budgets for fair comparisons: after the first step that reaches one, evaluate, checkpoint and
@@ -100,14 +100,14 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # device peak FLOP/s for train/mfu; None = from the GPU's name
     # Several processes (torchrun): ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per
     # block: parameters, gradients and optimizer state split over the ranks). pkmlm/parallel/parallelize.py
-    parallel: str = "ddp"  # ParallelMode
+    parallel: str = "ddp"
     # Logical data streams making up the global batch, fixed for the run's life (saved in its
     # checkpoints) so that it resumes on any process count dividing it; None = the process count
     # at the start. pkmlm/parallel/data_shards.py
     data_shards: Optional[int] = None
     # With init_from: full (every parameter) | memory (the value tables only) | sparse_memory (the
     # finetune.top_t value rows per batch by TF-IDF, Lin et al. 2025). pkmlm/finetune/
-    finetune: str = "full"  # FinetuneMode, checked with init_from and the model by `validate`
+    finetune: str = "full"
 
     def validate(self) -> None:
         """Every `train.*` value on its own and against the other `train.*` values."""
@@ -198,7 +198,7 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # WandbMode: online | offline (files in the run dir, `wandb sync` later) | disabled
+    mode: str = "offline"  # online | offline (files in the run dir, `wandb sync` later) | disabled
     project: str = "pkmlm"  # wandb project
     entity: Optional[str] = None  # wandb team or user; None = your default
     group: Optional[str] = None  # wandb group; None = the run name

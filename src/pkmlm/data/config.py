@@ -66,7 +66,7 @@ class DataConfig:
     # Pre-tokenized shards written by pkmlm-prepare (data=prepared): the directory, and the order
     # of training windows: random (a seeded permutation per epoch) | sequential.
     prepared: Optional[str] = None
-    prepared_order: str = "random"  # PreparedOrder
+    prepared_order: str = "random"
 
     @checked_once  # resolve_data, pkmlm.config.validate, pkmlm-prepare and pkmlm-eval all ask
     def validate(self) -> None:

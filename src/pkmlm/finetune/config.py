@@ -41,7 +41,7 @@ class FinetuneConfig:
     # the source's training time; 1,000 took 12 CPU-minutes before the first step).
     background_batches: Optional[int] = None  # init_from data batches counted once; null: a tenth of its steps, <= 1000
     top_t: int = 500  # value rows trained per batch and table (sparse_memory)
-    optimizer: str = "sgd"  # FinetuneOptimizer: sgd (no momentum, no weight decay) | adam (lazy: pkmlm.optim.LazyAdam)
+    optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: pkmlm.optim.LazyAdam)
     lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
 
     def validate(self) -> None:

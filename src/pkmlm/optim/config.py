@@ -23,12 +23,12 @@ class OptimConfig:
     # follow: the values' LR follows the model's warmup + decay schedule (scaled to values_lr);
     # constant: values_lr at every step, warmup included, as XLM's sparse-Adam values and Memory
     # Layers at Scale (Berges et al. 2024) train them.
-    values_schedule: str = "follow"  # ValuesSchedule
+    values_schedule: str = "follow"
     weight_decay: float = 0.1  # on matrices only; norms, biases, embeddings and keys get none
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # 0.95 rather than 0.999: steadier LM training (GPT-3, nanoGPT)
     eps: float = 1e-8  # AdamW denominator epsilon
-    schedule: str = "cosine"  # Schedule: cosine | inv_sqrt | constant (all after a linear warmup)
+    schedule: str = "cosine"  # cosine | inv_sqrt | constant (all after a linear warmup)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of the peak LR
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
