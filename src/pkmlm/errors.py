@@ -67,7 +67,7 @@ def checked_once(check: Callable[[Any], T]) -> Callable[[Any], T]:
 
     The command line checks every job before Hydra starts and `train()` checks the config it is
     given (it is also called from Python); with this, a run started from the command line checks
-    its config once (tests/unit/test_config.py counts it)."""
+    its config once (tests/e2e/test_config_train.py counts it)."""
 
     @functools.wraps(check)
     def once(cfg: Any) -> T:

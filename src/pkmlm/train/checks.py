@@ -3,7 +3,7 @@
 `pkmlm-train` calls `check_run` for every job before Hydra writes anything (cli/_common.py) and
 `train()` calls it on the config it is given (it is also called from Python); `checked_once` makes
 the second call a lookup, so a run checks its config, data paths, tokenizer and memory estimate
-once per process (tests/unit/test_config.py counts it). The data plan found by the first check is the
+once per process (tests/e2e/test_config_train.py counts it). The data plan found by the first check is the
 run's.
 """
 
