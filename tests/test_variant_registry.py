@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from pkmlm.checkpoint.hf_export import check_hf_exportable
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.experiments.report import variant_name
+from pkmlm.finetune.config import init_from_mismatch
 from pkmlm.metrics.flops import memory_layer_costs
 from pkmlm.model import MemoryConfig, ModelConfig, ProductKeyMemory, Transformer, variants
 from pkmlm.model.variants import MemoryVariant
@@ -94,6 +95,9 @@ def test_an_export_saved_by_main_before_the_registry_loads_with_mains_logits(nam
     with torch.no_grad():
         logits = run.model(torch.tensor(recorded["ids"]))[0][0, -1]
     torch.testing.assert_close(logits, torch.tensor(recorded["logits"][name]), rtol=1e-5, atol=1e-5)
+    # ... and is a valid init_from source for a finetune of the same model (kind null here, absent there).
+    saved = json.loads((FIXTURES / name / "config.json").read_text())["model_config"]
+    assert init_from_mismatch(str(FIXTURES / name), run.model.cfg, saved) is None
 
 
 # --- a variant of this file's own: registered here, no edit anywhere else --------------------------

@@ -73,9 +73,9 @@ RETRIEVAL_PRECISIONS = ("fp32", "autocast")
 
 
 @dataclass
-class MemoryConfig(*variants.field_classes()):
-    """Where the memory layers go and their hyper-parameters (defaults: the paper's main setting).
-    Inherits every registered variant's options (`pkmlm.model.variants`), all off by default."""
+class LayerFields:
+    """Where the memory layers go and the 2019 layer's hyper-parameters (defaults: the paper's main
+    setting)."""
 
     # The registered variant the options describe (`variants.kind_of`): null names it from the
     # options (every config saved before the registry has none); a set kind must be that one.
@@ -104,6 +104,12 @@ class MemoryConfig(*variants.field_classes()):
     # Split each value table by columns across the processes of a distributed run (layout and
     # communication cost: pkmlm/model/sharded_values.py). Ignored with one process.
     shard_values: bool = False
+
+
+@dataclass
+class MemoryConfig(*reversed(variants.field_classes()), LayerFields):
+    """`model.memory`: `LayerFields`, then every registered variant's options (`pkmlm.model.variants`,
+    in registration order), all off by default: the 2019 layer."""
 
     def validate(self, prefix: str = "model.memory", n_layers: Optional[int] = None) -> None:
         """Raise `ConfigError` on the first bad value; `n_layers` bounds the layer indices."""
@@ -303,8 +309,7 @@ class ProductKeyMemory(nn.Module):
         owns_values: bool = True,
         **options,
     ):
-        """`options`: the registered variants' options (`variants.layer_options`: defaults, off, for
-        those not given; TypeError for a name no variant owns), kept as attributes of the same name."""
+        """`options`: the variants' options (`variants.layer_options`), kept as attributes of the same name."""
         super().__init__()
         self.dim, self.n_keys, self.heads, self.knn, self.k_dim = dim, n_keys, heads, knn, k_dim
         self.v_dim = dim if v_dim is None else v_dim
