@@ -182,3 +182,34 @@ def test_a_variant_registered_in_a_test_needs_no_edit_elsewhere(read_bias):
     idx = torch.randint(0, 32, (2, 6))
     model(idx, idx)[1].backward()
     assert model.memory_layers()[1].read_bias_param.grad.abs().sum() > 0
+
+
+def test_no_module_outside_the_variants_names_a_variant_or_its_options():
+    """Outside pkmlm/model/variants/, no code (docstrings and comments aside) holds a registered
+    kind as a string or reads a variant's option by name; checkpoint/modeling_pkmlm.py is the
+    stated exception (docs/architecture.md: the standalone Hugging Face file)."""
+    import ast
+
+    package = ROOT / "src" / "pkmlm"
+    names = {v.kind for v in variants.registered()} | set(variants.option_defaults())
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel.startswith("model/variants/") or rel == "checkpoint/modeling_pkmlm.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            text = node.attr if isinstance(node, ast.Attribute) else None
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value
+            if text in names:
+                found.append(f"{rel}:{node.lineno} {text!r}")
+    assert found == []

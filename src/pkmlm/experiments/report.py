@@ -445,20 +445,16 @@ def variant_name(memory: dict) -> str:
     """The memory recipe a run's `model.memory` config describes, e.g. `dense`, `PKM (replace)`,
     `Memory+ (replace, qk-norm, shared pool)`. The base name is the registered variant's
     (`pkmlm.model.variants.label_of`: the describing variant of highest precedence, e.g. PEER values
-    with a balance loss -> UltraMem-style); the details list placement, qk-norm, a pool shared by
-    several layers, the balance-loss coefficient."""
+    with a balance loss -> UltraMem-style); the details list the placement, the variants' own
+    (`MemoryVariant.details`: qk-norm, the balance-loss coefficient) and a pool shared by several
+    layers."""
     layers = memory.get("layers") or []
     if not layers:
         return "dense"
-    balance = memory.get("balance_loss") or 0
-    details = [str(memory.get("placement") or "replace")]
-    if memory.get("qk_norm"):
-        details.append("qk-norm")
+    extra = [(0, str(memory.get("placement") or "replace"))]
     if memory.get("share_values") and len(layers) > 1:
-        details.append("shared pool")
-    if balance > 0:
-        details.append(f"balance {balance:g}")
-    return f"{variants.label_of(memory)} ({', '.join(details)})"
+        extra.append((20, "shared pool"))
+    return f"{variants.label_of(memory)} ({', '.join(variants.details_of(memory, extra))})"
 
 
 def _recipes(names: list[str]) -> set[str]:

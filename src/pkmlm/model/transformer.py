@@ -336,6 +336,13 @@ class Transformer(nn.Module):
             )
         return cache.extend(valid_BT)
 
+    def aux_loss_name(self) -> Optional[str]:
+        """The name the training loop logs this model's auxiliary loss under (`return_aux=True`),
+        e.g. `balance_loss` (UltraMemV2's); None when no memory layer computes one. Several kinds
+        of auxiliary loss are summed into one term, `aux_loss`."""
+        names = variants.aux_names(list(self.memory_layers().values()))
+        return None if not names else names[0] if len(names) == 1 else "aux_loss"
+
     def memory_layers(self) -> Dict[int, ProductKeyMemory]:
         """Transformer layer index -> its memory, in layer order."""
         return {i: block.memory for i, block in enumerate(self.blocks) if block.memory is not None}

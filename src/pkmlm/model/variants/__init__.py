@@ -40,7 +40,9 @@ import importlib
 
 from pkmlm.model.variants.base import MemoryVariant, is_int, is_number, option
 from pkmlm.model.variants.registry import (
+    aux_names,
     check_kind,
+    details_of,
     down_dim,
     down_table,
     field_classes,
@@ -59,7 +61,9 @@ from pkmlm.model.variants.registry import (
 
 __all__ = [
     "MemoryVariant",
+    "aux_names",
     "check_kind",
+    "details_of",
     "down_dim",
     "down_table",
     "field_classes",

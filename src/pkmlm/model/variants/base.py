@@ -9,7 +9,9 @@ A variant is a class registered under its `kind` (`pkmlm.model.variants.register
   describes     whether a config's options make a run "this variant" (reports, `kind`), and
   precedence    which of several describing variants names the run (highest first).
   example       options that make a config this variant (tests build every registered kind).
-  label         the name a report prints (`display_name` unless the options make it another).
+  label         the name a report prints (`display_name` unless the options make it another),
+  details       and what it lists after it, e.g. "qk-norm", "balance 0.01".
+  aux_name      the name its auxiliary loss is logged under (train/<aux_name>), "" for none.
   down_dim      the columns of a second per-slot table the variant reads (PEER's down vectors), or
                 None: the model creates, shares, shards and counts that table like the values
                 (`down_name` names it in messages).
@@ -38,7 +40,7 @@ the forward hooks only for the variants whose options are on in that layer (`act
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -78,6 +80,7 @@ class MemoryVariant:
     # for a new variant until its forward is written there too: `pkmlm-export --format hf` then
     # refuses a model that uses its options.
     in_hf_export: ClassVar[bool] = False
+    aux_name: ClassVar[str] = ""
     # What its second per-slot table is, for messages, followed by "=<columns> columns" (`down_dim`)
     down_name: ClassVar[str] = ""
 
@@ -91,6 +94,12 @@ class MemoryVariant:
     @classmethod
     def label(cls, memory: Any) -> str:
         return cls.display_name
+
+    @classmethod
+    def details(cls, memory: Any) -> List[Tuple[int, str]]:
+        """What a report lists after the name, as `(position, text)`: the run's placement is at 0,
+        a shared pool at 20 (`pkmlm.experiments.report.variant_name`)."""
+        return []
 
     @classmethod
     def check(cls, memory: Any, prefix: str) -> None:

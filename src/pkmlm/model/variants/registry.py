@@ -90,6 +90,18 @@ def label_of(memory: Any) -> str:
     return variant_of(memory).label(memory)
 
 
+def details_of(memory: Any, extra: List[Tuple[int, str]]) -> List[str]:
+    """What every registered variant lists about a config after its name, plus `extra`'s
+    `(position, text)` pairs, in position order (a report's "(parallel, qk-norm, shared pool)")."""
+    pairs = list(extra) + [d for v in registered() for d in v.details(memory)]
+    return [text for _, text in sorted(pairs)]
+
+
+def aux_names(layers: List[Any]) -> List[str]:
+    """The names (`aux_name`) of the auxiliary losses built layers compute, sorted, each once."""
+    return sorted({v.aux_name for layer in layers for v in layer.variants if v.has_aux(layer) and v.aux_name})
+
+
 def check_kind(memory: Any, prefix: str) -> None:
     """`kind` null, or a registered kind that the options describe."""
     kind = option(memory, "kind")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +47,18 @@ class UltraMem(MemoryVariant):
     example = {"values_kind": "peer", "qk_norm": True, "balance_loss": 0.01}
     in_hf_export = True  # checkpoint/modeling_pkmlm.py mirrors it (tests/test_hf_export.py)
     Fields = UltraMemFields
+    aux_name = "balance_loss"  # logged as train/balance_loss (train/loop.py, loss_terms)
 
     @classmethod
     def describes(cls, memory: Any) -> bool:
         """UltraMemV2: PEER-style pre-values with the sub-key balance loss."""
         return PEER.describes(memory) and (option(memory, "balance_loss") or 0) > 0
+
+    @classmethod
+    def details(cls, memory: Any) -> List[Tuple[int, str]]:
+        out = [(10, "qk-norm")] if option(memory, "qk_norm") else []
+        balance = option(memory, "balance_loss") or 0
+        return out + ([(30, f"balance {balance:g}")] if balance > 0 else [])
 
     @classmethod
     def check(cls, memory: Any, prefix: str) -> None:
