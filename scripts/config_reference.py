@@ -27,7 +27,16 @@ Override any key on the command line: `pkmlm-train optim.lr=1e-3 model.memory.la
 
 
 def _comments(cls) -> dict[str, str]:
-    """Each field's inline comment, else the comment lines right above it."""
+    """Each field's inline comment, else the comment lines right above it, from the class that
+    declares it (a config may inherit fields: `MemoryConfig` those of the memory variants)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_comments(klass))
+    return out
+
+
+def _own_comments(cls) -> dict[str, str]:
     out, above = {}, []
     for line in inspect.getsource(cls).splitlines():
         stripped = line.strip()

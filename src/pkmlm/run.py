@@ -107,6 +107,10 @@ def export_run(run: Run, out: Path, fmt: str = "pkmlm") -> Path:
     what transformers needs to load it without pkmlm (`pkmlm.checkpoint.hf_export`)."""
     from safetensors.torch import save_model
 
+    if fmt == "hf":
+        from pkmlm.checkpoint.hf_export import check_hf_exportable
+
+        check_hf_exportable(dataclasses.asdict(run.model.cfg))  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(run.model, str(out / "model.safetensors"))  # shared tensors (tied embeddings) once

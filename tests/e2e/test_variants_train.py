@@ -27,6 +27,7 @@ from pkmlm.data.loader import resolve_data
 from pkmlm.errors import ConfigError
 from pkmlm.experiments.report import variant_name
 from pkmlm.metrics.formatting import si
+from pkmlm.model import MemoryConfig, variants
 from pkmlm.parallel.env import DistInfo
 from pkmlm.parallel.parallelize import check_parallel_config
 from pkmlm.train.loop import train_step
@@ -149,12 +150,15 @@ def test_balance_loss_under_gradient_accumulation_is_the_mean_over_micro_batches
     assert whole.item() != pytest.approx(expected_balance.item(), rel=1e-5)  # counts over the whole batch differ
 
 
+PEER_DOWN = variants.down_table(MemoryConfig(values_kind="peer"), 64)  # (what, 64 columns), as train's setup asks
+
+
 def test_sharded_peer_down_vectors_must_divide_into_the_processes():
     three = DistInfo(rank=0, world_size=3, backend="gloo")
     with pytest.raises(ConfigError, match="model.memory.shard_values.*PEER's down vectors.*model.dim=64"):
-        check_parallel_config("ddp", True, 66, three, down_dim=64)  # values split, down vectors do not
+        check_parallel_config("ddp", True, 66, three, down=PEER_DOWN)  # values split, down vectors do not
     check_parallel_config("ddp", True, 66, three)  # no down vectors: only v_dim counts
-    check_parallel_config("ddp", True, 64, DistInfo(rank=0, world_size=2, backend="gloo"), down_dim=64)
+    check_parallel_config("ddp", True, 64, DistInfo(rank=0, world_size=2, backend="gloo"), down=PEER_DOWN)
 
 
 ARMS = {  # the optimizer settings each arm's paper trains its values with, and the name compare gives it

@@ -14,7 +14,9 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from pkmlm.model import MemoryConfig, ModelConfig, ProductKeyMemory, Transformer, kernels
-from pkmlm.model.memory import GATES, PEER_ACTIVATIONS, ValueTables
+from pkmlm.model.memory import ValueTables
+from pkmlm.model.variants.memory_plus import GATES
+from pkmlm.model.variants.peer import PEER_ACTIVATIONS
 
 DIM = 12
 ROOT = Path(__file__).resolve().parents[2]

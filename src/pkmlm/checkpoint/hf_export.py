@@ -14,6 +14,12 @@ transformers loads DIR without pkmlm:
   generation_config.json  eos / pad token ids for `generate`
 
 The weights are pkmlm's file: modeling_pkmlm.py names its parameters as pkmlm does.
+
+modeling_pkmlm.py is the one file outside pkmlm/model/variants/ that writes each memory variant's
+forward (the stated exception to "a variant lives in its module"): a file transformers loads alone
+cannot import pkmlm. tests/e2e/test_hf_export.py checks its logits against pkmlm's for every preset;
+a variant it does not implement (`MemoryVariant.in_hf_export` false) is refused here, before
+anything is written (`check_hf_exportable`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.data.tokenizer import EOS_TOKEN, eos_id
+from pkmlm.errors import UserError
+from pkmlm.model import variants
 
 MODELING_FILE = "modeling_pkmlm.py"
 HF_FILES = (MODELING_FILE, "tokenizer_config.json", "generation_config.json")
@@ -32,6 +40,17 @@ HF_FILES = (MODELING_FILE, "tokenizer_config.json", "generation_config.json")
 def modeling_source() -> str:
     """The text of modeling_pkmlm.py (read, never imported: pkmlm does not need transformers)."""
     return (resources.files("pkmlm.checkpoint") / MODELING_FILE).read_text()
+
+
+def check_hf_exportable(model_config: dict) -> None:
+    """Refuse (one line) a model whose memory uses a variant that modeling_pkmlm.py lacks."""
+    memory = model_config.get("memory") or {}
+    missing = variants.not_in_hf_export(memory) if memory.get("layers") else []
+    if missing:
+        raise UserError(
+            f"--format hf: modeling_pkmlm.py does not implement the memory option(s) {', '.join(missing)}; "
+            "export without --format hf (pkmlm.load_run reads it), or add the variant's forward there"
+        )
 
 
 def hf_config(info: dict, eos: int) -> dict:

@@ -17,6 +17,7 @@ from pkmlm.experiments.runs import RunSummary, matching_report
 from pkmlm.metrics.formatting import duration as _duration
 from pkmlm.metrics.formatting import number as _num
 from pkmlm.metrics.formatting import si
+from pkmlm.model import variants
 
 __all__ = ["write_report", "table_rows", "markdown_table"]
 
@@ -442,36 +443,18 @@ def write_recall_report(runs: list[RunSummary], out: Path) -> dict[str, Any]:
 
 def variant_name(memory: dict) -> str:
     """The memory recipe a run's `model.memory` config describes, e.g. `dense`, `PKM (replace)`,
-    `Memory+ (replace, qk-norm, shared pool)`. The base name follows the knob that defines each
-    paper's layer: PEER values with a balance loss -> UltraMem-style (UltraMemV2: PEER-style
-    pre-values + the sub-key balance loss), a gate -> Memory+, PEER values -> PEER, else PKM (Lample
-    et al. 2019); the details list placement, qk-norm, a pool shared by several layers, the
-    balance-loss coefficient."""
+    `Memory+ (replace, qk-norm, shared pool)`. The base name is the registered variant's
+    (`pkmlm.model.variants.label_of`: the describing variant of highest precedence, e.g. PEER values
+    with a balance loss -> UltraMem-style); the details list the placement, the variants' own
+    (`MemoryVariant.details`: qk-norm, the balance-loss coefficient) and a pool shared by several
+    layers."""
     layers = memory.get("layers") or []
     if not layers:
         return "dense"
-    peer = memory.get("values_kind") == "peer"
-    balance = memory.get("balance_loss") or 0
-    gated = memory.get("gate", "none") not in (None, "none")
-    base = (
-        "UltraMem-style"
-        if peer and balance > 0
-        else "PEER + gate"
-        if peer and gated
-        else "Memory+"
-        if gated
-        else "PEER"
-        if peer
-        else "PKM"
-    )
-    details = [str(memory.get("placement") or "replace")]
-    if memory.get("qk_norm"):
-        details.append("qk-norm")
+    extra = [(0, str(memory.get("placement") or "replace"))]
     if memory.get("share_values") and len(layers) > 1:
-        details.append("shared pool")
-    if balance > 0:
-        details.append(f"balance {balance:g}")
-    return f"{base} ({', '.join(details)})"
+        extra.append((20, "shared pool"))
+    return f"{variants.label_of(memory)} ({', '.join(variants.details_of(memory, extra))})"
 
 
 def _recipes(names: list[str]) -> set[str]:

@@ -9,8 +9,8 @@ the whole value table. So a 12-layer model with a 268M-value memory is charged a
 "is the hardware busy", and it is why MFU of a memory model is lower than a dense one's: a
 gather reads bytes without multiplying much.
 
-`memory_layer_costs` breaks one memory layer's share down by part, for every variant (the 2019
-layer, Memory+'s gate, PEER's down vectors): the same accounting as `flops_per_token`, whose 6 * N
+`memory_layer_costs` breaks one memory layer's share down by part (the 2019 layer's, then each
+registered variant's, `ProductKeyMemory.macs`): the same accounting as `flops_per_token`, whose 6 * N
 rule it reproduces for the layer (`macs` = its active non-value parameters + the value rows read).
 
 Needs torch only. Peaks are per GPU: divide the FLOP/s of a multi-GPU job by the number of GPUs.
@@ -101,30 +101,21 @@ def memory_layer_costs(memory) -> Dict[str, int]:
 
     query   D * H * Q           the query projection (norms and biases not counted)
     keys    H * S * Q           every sub-key of both halves scored (= the key parameter count)
-    down    H * K * D           PEER: x . u_i for the H*K slots read (0 otherwise)
     read    H * K * V           the weighted read of the selected value rows
-    gate    D * V + V * D       Memory+: gate_proj and out_proj (0 without a gate)
+    ...     each registered variant's parts (`MemoryVariant.macs`, 0 when its options are off),
+            e.g. PEER's down H * K * D (x . u_i for the H*K slots read), Memory+'s gate
+            D * V + V * D (gate_proj and out_proj)
     macs    their sum; training FLOPs per token = 6 * macs (forward 2 *, backward 4 *), as
             `Transformer.flops_per_token` counts the layer
     params  the layer's parameters, its value tables included when it owns them
     value_params  those in its value tables (0 for a layer reading a shared pool)
-    active_params  params - value_params + the value rows one token reads (H * K * (V [+ D]))
+    active_params  params - value_params + the table parameters one token reads (`read_params`)
     Top-k selections, candidate sums, softmaxes and norms have no multiplies worth counting.
     """
-    H, K, S, Q, D, V = memory.heads, memory.knn, memory.n_keys, memory.k_dim, memory.dim, memory.v_dim
-    peer = memory.values_kind == "peer"
-    costs = {
-        "query": D * H * Q,
-        "keys": H * S * Q,
-        "down": H * K * D if peer else 0,
-        "read": H * K * V,
-        "gate": 2 * D * V if memory.gate_proj is not None else 0,
-    }
+    costs = memory.macs()
     costs["macs"] = sum(costs.values())
     tables = [t for t in (memory.values, memory.down) if t is not None]
     params = sum(p.numel() for p in memory.parameters())
     value_params = sum(t.weight.numel() for t in tables)
-    costs.update(
-        params=params, value_params=value_params, active_params=params - value_params + H * K * (V + (D if peer else 0))
-    )
+    costs.update(params=params, value_params=value_params, active_params=params - value_params + memory.read_params())
     return costs

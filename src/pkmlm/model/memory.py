@@ -11,15 +11,17 @@ O(n_keys**2) thanks to product keys. The file follows the paper:
   section 3.3  multi-head memory        every step above runs for H independent heads, whose
                                         reads are summed
 
-and adds, each as an orthogonal option of `MemoryConfig` (all off by default: the 2019 layer):
+The variants later papers built on it (PEER, Memory+, UltraMem) are registered types, one module
+each under pkmlm/model/variants/ (the contract: variants/base.py). Each owns its options (fields of
+`MemoryConfig`, all off by default: the 2019 layer), their checks and counts, and hooks that this
+layer calls at fixed points, in paper order:
 
-  qk_norm       LayerNorm on each query half and each sub-key (UltraMem, Huang et al. 2024; also
-                Memory+ for small models)                                  `query`, `sub_keys`
-  values_kind   "peer": each slot is a single-neuron expert, down vector u_i and up vector v_i,
-                read as sum_hk w_hk * act(x . u_i) * v_i (PEER, He 2024)   `_read`
-  gate          out_proj(read * act(gate_proj(x))) (Memory+, Berges et al. 2024, "Memory
-                Layers at Scale", section 3.3)                             `forward`
-  balance_loss  a sub-key usage balance loss (UltraMemV2, Huang et al. 2025) `balance`
+  section 3.1  after the query network       `build_query`, `query`, `keys`
+  section 3.2  after the exact top-k         `aux_loss` (UltraMemV2's balance loss)
+  section 3.1  the weighted read             `slot_weights` (PEER's act(x . u_i))
+  section 3.3  after the read                `build_output`, `output` (Memory+'s gate)
+
+This file never names a variant.
 
 Reference implementations: facebookresearch/XLM `xlm/model/memory/memory.py` (HashingMemory with
 the "pq_fast" product-quantised lookup); for the variants, facebookresearch/memory (Memory+ and its
@@ -48,26 +50,22 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.errors import require
-from pkmlm.model import kernels
+from pkmlm.model import kernels, variants
+from pkmlm.model.variants import is_int as _is_int
+from pkmlm.model.variants import is_number as _is_number
 
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 PLACEMENTS = ("replace", "parallel")
 # Storage dtype of the value table. bfloat16 halves the bytes every read and update moves; the
 # table's AdamW moments then are bfloat16 too (updates below half a bf16 step of a value are lost).
 VALUES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Memory+'s gate: silu is the paper's "swilu" (section 3.3); sigmoid the classic GLU gate.
-GATES = {"none": None, "silu": F.silu, "sigmoid": torch.sigmoid}
-VALUES_KINDS = ("embedding", "peer")
-# PEER's expert activation act(x . u_i): GELU in lucidrains/PEER-pytorch and in the PEER variant of
-# facebookresearch/memory (whose comment allows ReLU too).
-PEER_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 # fp32: the query network and the sub-key scores run in fp32 under any autocast, so that the slots
 # chosen are exactly those of an fp32 run (issue 11: in bf16, ~10% of (token, head) rows chose a
 # different slot set). autocast: they follow autocast (bf16 matmuls: faster, approximate ranking).
@@ -75,9 +73,13 @@ RETRIEVAL_PRECISIONS = ("fp32", "autocast")
 
 
 @dataclass
-class MemoryConfig:
-    """Where the memory layers go and their hyper-parameters (defaults: the paper's main setting)."""
+class LayerFields:
+    """Where the memory layers go and the 2019 layer's hyper-parameters (defaults: the paper's main
+    setting)."""
 
+    # The registered variant the options describe (`variants.kind_of`): null names it from the
+    # options (every config saved before the registry has none); a set kind must be that one.
+    kind: Optional[str] = None
     layers: List[int] = field(default_factory=list)  # 0-based transformer layer indices, [] = dense
     # replace (the paper: memory instead of the FFN) | parallel (FFN + memory, summed)
     placement: str = "replace"
@@ -95,19 +97,6 @@ class MemoryConfig:
     # fp32 (exact: the same slots as an fp32 run) | autocast (query and sub-key scores in bf16 under
     # bf16 autocast: faster, a few % of rows choose other slots)
     retrieval_precision: str = "fp32"
-    # Memory+ (Berges et al. 2024): none | silu | sigmoid. With a gate the layer owns gate_proj
-    # (dim -> v_dim) and out_proj (v_dim -> dim): out = out_proj(read * act(gate_proj(x))).
-    gate: str = "none"
-    # LayerNorm (gain only) over each query half and each sub-key before scoring (UltraMem; Memory+
-    # for small models). Usually with query_norm=none.
-    qk_norm: bool = False
-    # embedding: a slot is a value row (the paper) | peer: a single-neuron expert with a down vector
-    # u_i (n_keys**2 x dim) and an up vector v_i (the values), read as act(x . u_i) * v_i (He 2024)
-    values_kind: str = "embedding"
-    peer_activation: str = "gelu"  # gelu | relu | silu: PEER's act
-    # Coefficient of the sub-key usage balance loss (UltraMemV2); 0 = off. The model returns the
-    # weighted loss of a forward with `return_aux=True`; the training loop adds it to the loss.
-    balance_loss: float = 0.0
     # One set of value tables read by every memory layer, owned by the Transformer (Memory+'s
     # shared pool, UltraMem's shared values: more layers query the same n_keys**2 slots; each layer
     # keeps its own query network, keys and gate).
@@ -115,6 +104,12 @@ class MemoryConfig:
     # Split each value table by columns across the processes of a distributed run (layout and
     # communication cost: pkmlm/model/sharded_values.py). Ignored with one process.
     shard_values: bool = False
+
+
+@dataclass
+class MemoryConfig(*reversed(variants.field_classes()), LayerFields):
+    """`model.memory`: `LayerFields`, then every registered variant's options (`pkmlm.model.variants`,
+    in registration order), all off by default: the 2019 layer."""
 
     def validate(self, prefix: str = "model.memory", n_layers: Optional[int] = None) -> None:
         """Raise `ConfigError` on the first bad value; `n_layers` bounds the layer indices."""
@@ -133,39 +128,34 @@ class MemoryConfig:
         for name in ("share_values", "shard_values"):
             require(isinstance(getattr(self, name), bool), f"{prefix}.{name}", getattr(self, name), "true or false")
         require(self.placement in PLACEMENTS, f"{prefix}.placement", self.placement, f"one of {'|'.join(PLACEMENTS)}")
-        check_memory_args(prefix, **_layer_args(self))
+        check_memory_args(prefix, **{name: getattr(self, name) for name in _LAYER_ARGS})
+        for variant in variants.registered():
+            variant.check(self, prefix)
+        variants.check_kind(self, prefix)
+
+
+# The fields of `MemoryConfig` that are the 2019 layer's `ProductKeyMemory` arguments (the variants'
+# options are arguments too; the rest place the layers).
+_LAYER_ARGS = (
+    "n_keys",
+    "heads",
+    "knn",
+    "k_dim",
+    "v_dim",
+    "query_norm",
+    "input_dropout",
+    "query_dropout",
+    "value_dropout",
+    "kernel",
+    "values_dtype",
+    "retrieval_precision",
+)
 
 
 def _layer_args(cfg: MemoryConfig) -> dict:
-    """The fields of `cfg` that are `ProductKeyMemory` arguments (the rest place the layers)."""
-    names = (
-        "n_keys",
-        "heads",
-        "knn",
-        "k_dim",
-        "v_dim",
-        "query_norm",
-        "input_dropout",
-        "query_dropout",
-        "value_dropout",
-        "kernel",
-        "values_dtype",
-        "retrieval_precision",
-        "gate",
-        "qk_norm",
-        "values_kind",
-        "peer_activation",
-        "balance_loss",
-    )
+    """The fields of `cfg` that are `ProductKeyMemory` arguments: the 2019 layer's and the variants'."""
+    names = (*_LAYER_ARGS, *variants.option_defaults())
     return {name: getattr(cfg, name) for name in names}
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_memory_args(
@@ -183,14 +173,9 @@ def check_memory_args(
     kernel: str,
     values_dtype: str = "float32",
     retrieval_precision: str = "fp32",
-    gate: str = "none",
-    qk_norm: bool = False,
-    values_kind: str = "embedding",
-    peer_activation: str = "gelu",
-    balance_loss: float = 0.0,
 ) -> None:
-    """The memory layer's argument checks (called by `MemoryConfig.validate`, the config boundary;
-    `ProductKeyMemory` trusts its arguments)."""
+    """The 2019 layer's argument checks (called by `MemoryConfig.validate`, the config boundary,
+    before each variant's `check`; `ProductKeyMemory` trusts its arguments)."""
     for name, value in (("n_keys", n_keys), ("heads", heads)):
         require(_is_int(value) and value >= 1, f"{prefix}.{name}", value, "a positive integer")
     require(
@@ -226,21 +211,6 @@ def check_memory_args(
         retrieval_precision,
         f"one of {'|'.join(RETRIEVAL_PRECISIONS)}",
     )
-    require(gate in GATES, f"{prefix}.gate", gate, f"one of {'|'.join(GATES)}")
-    require(isinstance(qk_norm, bool), f"{prefix}.qk_norm", qk_norm, "true or false")
-    require(values_kind in VALUES_KINDS, f"{prefix}.values_kind", values_kind, f"one of {'|'.join(VALUES_KINDS)}")
-    require(
-        peer_activation in PEER_ACTIVATIONS,
-        f"{prefix}.peer_activation",
-        peer_activation,
-        f"one of {'|'.join(PEER_ACTIVATIONS)}",
-    )
-    require(
-        _is_number(balance_loss) and math.isfinite(balance_loss) and balance_loss >= 0,
-        f"{prefix}.balance_loss",
-        balance_loss,
-        "a finite number >= 0 (0 turns the balance loss off)",
-    )
 
 
 def eligible_rank_pairs(knn: int) -> Tuple[Tensor, Tensor]:
@@ -262,30 +232,32 @@ def eligible_rank_pairs(knn: int) -> Tuple[Tensor, Tensor]:
 
 
 class ValueTables(NamedTuple):
-    """The tables a memory layer reads: `values` `(n_keys**2, V)` (PEER: the up vectors) and, for
-    `values_kind=peer`, `down` `(n_keys**2, D)` (None otherwise). Each is an `nn.EmbeddingBag` or a
-    table with the same `weight` whose `read` / `dot` methods do the work (`ShardedValues`)."""
+    """The tables a memory layer reads: `values` `(n_keys**2, V)` and, for a variant that reads a
+    second per-slot vector (`MemoryVariant.down_dim`: PEER's down vectors), `down` (None otherwise).
+    Each is an `nn.EmbeddingBag` or a table with the same `weight` whose `read` / `dot` methods do
+    the work (`ShardedValues`)."""
 
     values: nn.Module
     down: Optional[nn.Module] = None
 
 
 def new_value_tables(
-    n_keys: int, dim: int, v_dim: int, values_kind: str = "embedding", values_dtype: str = "float32"
+    n_keys: int, v_dim: int, down_dim: Optional[int] = None, values_dtype: str = "float32"
 ) -> ValueTables:
-    """Fresh, initialised tables of one memory layer, or of the pool several layers share."""
-    tables = _make_value_tables(n_keys, dim, v_dim, values_kind, values_dtype)
+    """Fresh, initialised tables of one memory layer, or of the pool several layers share.
+    `down_dim`: the columns of the second per-slot table (`variants.down_dim`), None for none."""
+    tables = _make_value_tables(n_keys, v_dim, down_dim, values_dtype)
     init_value_tables(tables)
     return tables
 
 
-def _make_value_tables(n_keys: int, dim: int, v_dim: int, values_kind: str, values_dtype: str) -> ValueTables:
+def _make_value_tables(n_keys: int, v_dim: int, down_dim: Optional[int], values_dtype: str) -> ValueTables:
     """The tables, not yet initialised (`init_value_tables`). `down` is an `EmbeddingBag` like the
     values, so that every path that handles a value table (optimizer groups, sparse row updates,
-    column sharding, checkpoints) handles PEER's down vectors the same way."""
+    column sharding, checkpoints) handles a variant's second table (PEER's down vectors) the same way."""
     dtype = VALUES_DTYPES[values_dtype]
     values = nn.EmbeddingBag(n_keys**2, v_dim, mode="sum", dtype=dtype)
-    down = nn.EmbeddingBag(n_keys**2, dim, mode="sum", dtype=dtype) if values_kind == "peer" else None
+    down = nn.EmbeddingBag(n_keys**2, down_dim, mode="sum", dtype=dtype) if down_dim is not None else None
     return ValueTables(values, down)
 
 
@@ -334,23 +306,22 @@ class ProductKeyMemory(nn.Module):
         kernel: str = "auto",
         values_dtype: str = "float32",
         retrieval_precision: str = "fp32",
-        gate: str = "none",
-        qk_norm: bool = False,
-        values_kind: str = "embedding",
-        peer_activation: str = "gelu",
-        balance_loss: float = 0.0,
         owns_values: bool = True,
+        **options,
     ):
+        """`options`: the variants' options (`variants.layer_options`), kept as attributes of the same name."""
         super().__init__()
         self.dim, self.n_keys, self.heads, self.knn, self.k_dim = dim, n_keys, heads, knn, k_dim
         self.v_dim = dim if v_dim is None else v_dim
+        self.out_dim = self.v_dim  # a variant that projects the read back sets its own (Memory+)
         self.query_norm = query_norm
         self.input_dropout = input_dropout  # XLM's three memory dropouts (see `forward`)
         self.query_dropout = query_dropout
         self.value_dropout = value_dropout
         self.retrieval_precision = retrieval_precision
-        self.gate, self.values_kind, self.peer_activation = gate, values_kind, peer_activation
-        self.balance_loss_weight = float(balance_loss)
+        self.options = variants.layer_options(options)
+        for name, value in self.options.items():
+            setattr(self, name, value)
         # The read's path, resolved once here for each kind of device the layer may run on (a model
         # is built on the CPU and moved afterwards): `kernels.resolve_kernels`.
         self.kernel = kernel
@@ -370,35 +341,28 @@ class ProductKeyMemory(nn.Module):
             self.query_norm_layer = nn.GroupNorm(heads, heads * k_dim)
         else:
             self.query_norm_layer = None
-        # qk_norm: LayerNorm over the P features of each query half and of each sub-key, with a
-        # learned gain and no bias (a bias on the keys would only shift a half's scores), one norm
-        # shared by heads and halves: UltraMem's `query_norm` / `keys_norm` (authors' code,
-        # olmo/ultramem_layer.py; also their Memory+ reimplementation, olmo/memory_plus_layer.py).
-        self.query_half_norm: Optional[nn.LayerNorm] = None
-        self.key_norm: Optional[nn.LayerNorm] = None
-        if qk_norm:
-            self.query_half_norm = nn.LayerNorm(k_dim // 2, bias=False)
-            self.key_norm = nn.LayerNorm(k_dim // 2, bias=False)
+        # Every variant builds its query-side modules here, before the keys: the parameter order
+        # (saved in optimizer states) is the one this layer always had.
+        for variant in variants.registered():
+            variant.build_query(self)
 
         # Section 3.2, product keys: per head, two sets of S sub-keys of P = Q/2 dims each; the
         # full keys are the S*S concatenations (sub-key i of half 0, sub-key j of half 1).
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
-        # Section 3.1, values: one row per slot, slot id = i * S + j (PEER: the up vectors, and the
-        # down vectors in `down`). EmbeddingBags, so that a token's H*K weighted rows are gathered
-        # and summed in one kernel (the torch path).
+        # Section 3.1, values: one row per slot, slot id = i * S + j (and a variant's second per-slot
+        # table in `down`: PEER's down vectors). EmbeddingBags, so that a token's H*K weighted rows
+        # are gathered and summed in one kernel (the torch path).
         self.values_dtype = values_dtype
         self.owns_values = owns_values
         self.values: Optional[nn.Module] = None
         self.down: Optional[nn.Module] = None
         if owns_values:
-            self.values, self.down = _make_value_tables(n_keys, dim, self.v_dim, values_kind, values_dtype)
-        # Memory+ (section 3.3): the read is gated by a projection of the input and projected back.
-        self.gate_proj: Optional[nn.Linear] = None
-        self.out_proj: Optional[nn.Linear] = None
-        if gate != "none":
-            self.gate_proj = nn.Linear(dim, self.v_dim)  # with bias (facebookresearch/memory's Linear)
-            self.out_proj = nn.Linear(self.v_dim, dim, bias=False)  # a residual projection, as attn.out
-        self.out_dim = dim if gate != "none" else self.v_dim
+            down_dim = variants.down_dim(self.options, dim)
+            self.values, self.down = _make_value_tables(n_keys, self.v_dim, down_dim, values_dtype)
+        for variant in variants.registered():
+            variant.build_output(self)  # e.g. Memory+'s gate_proj and out_proj (section 3.3)
+        # The variants whose forward hooks this layer calls (their options are on here).
+        self.variants = tuple(variant for variant in variants.registered() if variant.active(self))
         # The only (a, b) rank pairs of the two per-half top-K lists that can reach the top-K
         # (see `_product_topk`): derived from K, so not saved in checkpoints.
         pair_a_C, pair_b_C = eligible_rank_pairs(knn)
@@ -420,27 +384,33 @@ class ProductKeyMemory(nn.Module):
         # Uniform keys in +-1/sqrt(P), independently per head and half (XLM get_uniform_keys).
         bound = 1.0 / math.sqrt(self.k_dim // 2)
         nn.init.uniform_(self.keys, -bound, bound)
-        if self.query_half_norm is not None and self.key_norm is not None:
-            # Gains start at P^(-1/3) (UltraMem's init, olmo/ultramem_layer.py): a half's score,
-            # a dot product of two normalised P-vectors, then starts with standard deviation
-            # P^(1/2 - 2/3) = P^(-1/6) instead of sqrt(P), so the softmax over the K winners starts soft.
-            for norm in (self.query_half_norm, self.key_norm):
-                nn.init.constant_(norm.weight, (self.k_dim // 2) ** (-1 / 3))
         if self.owns_values:  # a shared pool is initialised by its owner, once
             init_value_tables(self.own_tables())
-        if self.gate_proj is not None and self.out_proj is not None:
-            # facebookresearch/memory (Memory+): both projections ~ N(0, 1/D); the gate's bias 0.
-            nn.init.normal_(self.gate_proj.weight, mean=0.0, std=self.dim**-0.5)
-            nn.init.zeros_(self.gate_proj.bias)
-            nn.init.normal_(self.out_proj.weight, mean=0.0, std=self.dim**-0.5)
+        for variant in self.variants:  # after the values: the RNG order this layer always had
+            variant.reset_parameters(self)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, n_keys={self.n_keys} ({self.n_keys**2} slots), heads={self.heads}, "
             f"knn={self.knn}, k_dim={self.k_dim}, v_dim={self.v_dim}, query_norm={self.query_norm}, "
-            f"qk_norm={self.key_norm is not None}, values_kind={self.values_kind}, gate={self.gate}, "
-            f"kernel={self.kernel}, values_dtype={self.values_dtype}, owns_values={self.owns_values}"
+            + "".join(f"{name}={value}, " for name, value in self.options.items())
+            + f"kernel={self.kernel}, values_dtype={self.values_dtype}, owns_values={self.owns_values}"
         )
+
+    def read_params(self) -> int:
+        """Table parameters one token reads: H * K rows of v_dim, plus the variants' columns per
+        slot (`read_columns`: PEER's down vectors, D)."""
+        columns = self.v_dim + sum(variant.read_columns(self) for variant in variants.registered())
+        return self.heads * self.knn * columns
+
+    def macs(self) -> Dict[str, int]:
+        """Multiply-adds per token, by part: the 2019 layer's (query D * H * Q, keys H * S * Q, read
+        H * K * V) and each variant's (`MemoryVariant.macs`); metrics/flops.py documents them."""
+        H, K, S, Q, D, V = self.heads, self.knn, self.n_keys, self.k_dim, self.dim, self.v_dim
+        macs = {"query": D * H * Q, "keys": H * S * Q, "read": H * K * V}
+        for variant in variants.registered():
+            macs.update(variant.macs(self))
+        return macs
 
     def own_tables(self) -> ValueTables:
         """The tables this layer registers (`owns_values=True`)."""
@@ -451,7 +421,7 @@ class ProductKeyMemory(nn.Module):
             )
         return ValueTables(self.values, self.down)
 
-    # --- section 3.1: query network (+ UltraMem's qk norm) ----------------------------------------
+    # --- section 3.1: query network (+ the variants' `query` and `keys` hooks) --------------------
 
     def _retrieval_precision(self, device: torch.device):
         """`retrieval_precision=fp32`: autocast off for the query network and the sub-key scores."""
@@ -474,14 +444,16 @@ class ProductKeyMemory(nn.Module):
         if self.query_norm_layer is not None:
             q_NF = self.query_norm_layer(q_NF)
         q_NHQ = q_NF.view(-1, self.heads, self.k_dim)  # split features into heads
-        if self.query_half_norm is not None:
-            P = self.k_dim // 2
-            q_NHQ = self.query_half_norm(q_NHQ.view(-1, self.heads, 2, P)).view(-1, self.heads, self.k_dim)
+        for variant in self.variants:  # e.g. UltraMem's qk norm of each query half
+            q_NHQ = variant.query(self, q_NHQ)
         return F.dropout(q_NHQ, p=self.query_dropout, training=self.training)
 
     def sub_keys(self) -> Tensor:
-        """`(H, 2, S, P)`: the sub-keys the scores use (normalised with `qk_norm`)."""
-        return self.keys if self.key_norm is None else self.key_norm(self.keys)
+        """`(H, 2, S, P)`: the sub-keys the scores use (e.g. normalised by UltraMem's qk norm)."""
+        keys_H2SP = self.keys
+        for variant in self.variants:
+            keys_H2SP = variant.keys(self, keys_H2SP)
+        return keys_H2SP
 
     # --- section 3.2: exact top-k over product keys ----------------------------------------------
 
@@ -497,13 +469,13 @@ class ProductKeyMemory(nn.Module):
         K scores, computed in fp32; indices are int64 slot ids i * S + j.
         """
         x_ND = F.dropout(x.reshape(-1, self.dim), p=self.input_dropout, training=self.training)
-        weights_NHK, indices_NHK, _ = self._lookup(x_ND, with_balance=False)
+        weights_NHK, indices_NHK, _ = self._lookup(x_ND, with_aux=False)
         out_shape = (*x.shape[:-1], self.heads, self.knn)  # restore leading dims
         return weights_NHK.view(out_shape), indices_NHK.view(out_shape)
 
-    def _lookup(self, x_ND: Tensor, with_balance: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def _lookup(self, x_ND: Tensor, with_aux: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """`(N, D)` (input dropout applied) -> weights `(N, H, K)` fp32, slot ids `(N, H, K)`, and
-        the weighted balance loss (None unless `with_balance`)."""
+        the sum of the variants' weighted auxiliary losses (None unless `with_aux`)."""
         with self._retrieval_precision(x_ND.device):
             q_NHQ = self._project_query(x_ND)
             keys_H2SP = self.sub_keys()
@@ -515,8 +487,13 @@ class ProductKeyMemory(nn.Module):
         s1_NHS, s2_NHS = s_NH2S[:, :, 0], s_NH2S[:, :, 1]
         # Softmax in fp32 even under bf16 autocast: K close scores need the mantissa.
         weights_NHK = F.softmax(scores_NHK.float(), dim=-1)
-        balance = self.balance(s1_NHS, s2_NHS, i_NHK, j_NHK) if with_balance else None
-        return weights_NHK, indices_NHK, balance
+        aux = None
+        if with_aux:
+            for variant in self.variants:  # e.g. UltraMemV2's sub-key balance loss
+                if variant.has_aux(self):
+                    loss = variant.aux_loss(self, s1_NHS, s2_NHS, i_NHK, j_NHK)
+                    aux = loss if aux is None else aux + loss
+        return weights_NHK, indices_NHK, aux
 
     def _product_topk(self, s_NH2S: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """From the sub-key scores of both halves `(N, H, 2, S)`: scores `(N, H, K)` (fp32,
@@ -540,34 +517,7 @@ class ProductKeyMemory(nn.Module):
         slot_NHK = i_NHK.gather(-1, a_NHK) * S + j_NHK.gather(-1, b_NHK)
         return scores_NHK, slot_NHK, i_NHK, j_NHK
 
-    # --- UltraMemV2: sub-key usage balance loss ---------------------------------------------------
-
-    def balance(self, s1_NHS: Tensor, s2_NHS: Tensor, top1_NHK: Tensor, top2_NHK: Tensor) -> Tensor:
-        """`balance_loss` x the sub-key balance loss of one batch: a 0-d fp32 tensor.
-
-        For each head h and half c, the load-balancing loss of Switch Transformer (Fedus et al.
-        2022, eq. 4) over the S sub-keys, as UltraMemV2 applies it to sub-keys (authors' code,
-        olmo/ultramem_layer_v2.py, `key_balance_reg_coef`):
-            S * sum_s f[h, c, s] * p[h, c, s]
-        f = the fraction of the batch's N*K per-half top-K selections that chose sub-key s (a count:
-        no gradient), p = the mean over the N tokens of the softmax over all S scores (fp32; the
-        gradient reaches the query network and the keys). It is 1 when usage and probability are
-        uniform and grows as both concentrate on the same sub-keys. The loss is the sum over the
-        two halves of the mean over heads (UltraMemV2 pools the heads' counts in one histogram;
-        here each head's own sub-keys get their own, the same with one head), so 2 at balance.
-        """
-        N, H, S = s1_NHS.shape
-        total = s1_NHS.new_zeros((), dtype=torch.float32)
-        for s_NHS, top_NHK in ((s1_NHS, top1_NHK), (s2_NHS, top2_NHK)):
-            p_HS = F.softmax(s_NHS.float(), dim=-1).mean(0)
-            ids_HNK = top_NHK.detach().transpose(0, 1).reshape(H, -1)  # (H, N*K) sub-key ids
-            count_HS = torch.zeros(H, S, dtype=torch.float32, device=s_NHS.device)
-            count_HS.scatter_add_(1, ids_HNK, torch.ones_like(ids_HNK, dtype=torch.float32))
-            f_HS = count_HS / ids_HNK.shape[1]
-            total = total + (S * (f_HS * p_HS).sum(-1)).mean()
-        return self.balance_loss_weight * total
-
-    # --- section 3.1 / 3.3: weighted read of the values, summed over heads (+ PEER, Memory+) -----
+    # --- section 3.1 / 3.3: weighted read of the values, summed over heads (+ the variants' hooks) --
 
     def _kernel(self, weight: Tensor) -> str:
         """The read's path for a table on `weight`'s device, as resolved when the layer was built."""
@@ -579,16 +529,13 @@ class ProductKeyMemory(nn.Module):
     def _read(self, tables: ValueTables, x_ND: Tensor, weights_NHK: Tensor, indices_NHK: Tensor) -> Tensor:
         """`(N, V)`: one bag per token over all its R = H*K slots (heads summed, section 3.3).
 
-        PEER (values_kind=peer): slot i is an expert act(x . u_i) * v_i, so the read is the same
-        weighted read of the up vectors with weights w_hk * act(x . u_{i_hk}) (He 2024, eq. 4-5).
+        A variant may reweigh the slots first (`slot_weights`; PEER: w_hk * act(x . u_{i_hk}), the
+        same weighted read of the up vectors, He 2024, eq. 4-5).
         """
         indices_NR = indices_NHK.flatten(1)
         weights_NR = weights_NHK.flatten(1)  # fp32
-        if tables.down is not None:
-            down = tables.down
-            dot = getattr(down, "dot", None) or functools.partial(kernels.dot, down.weight)
-            h_NR = dot(indices_NR, x_ND, sparse_grad=self.sparse_grad)  # x . u_i, fp32
-            weights_NR = weights_NR * PEER_ACTIVATIONS[self.peer_activation](h_NR)
+        for variant in self.variants:
+            weights_NR = variant.slot_weights(self, tables, x_ND, weights_NR, indices_NR)
         values = tables.values
         weight = values.weight
         # A table that reads itself (`ShardedValues`: its columns live on several ranks) takes the
@@ -598,7 +545,8 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x: Tensor, tables: Optional[ValueTables] = None, *, return_aux: bool = False):
         """`(..., D)` -> `(..., out_dim)`; with `return_aux=True`, `(out, aux)` where `aux` is the
-        0-d fp32 weighted balance loss of this call (zero when `balance_loss` is 0).
+        0-d fp32 sum of the variants' weighted auxiliary losses of this call (UltraMemV2's balance
+        loss; zero when none is on).
 
         `tables`: the value tables to read, for a layer built with `owns_values=False`; a layer
         that owns its tables reads them (then `tables` must be None).
@@ -608,21 +556,20 @@ class ProductKeyMemory(nn.Module):
         elif self.owns_values:
             raise ValueError("this memory layer owns its value tables; call it without `tables`")
         lead_shape = x.shape[:-1]
-        # XLM's input dropout, once: the query, Memory+'s gate and PEER's down vectors all see it.
+        # XLM's input dropout, once: the query and every variant's hooks (Memory+'s gate, PEER's
+        # down vectors) see it.
         x_ND = F.dropout(x.reshape(-1, self.dim), p=self.input_dropout, training=self.training)
-        with_balance = return_aux and self.balance_loss_weight > 0
-        weights_NHK, indices_NHK, balance = self._lookup(x_ND, with_balance)
+        with_aux = return_aux and any(variant.has_aux(self) for variant in self.variants)
+        weights_NHK, indices_NHK, aux = self._lookup(x_ND, with_aux)
         if self.observer is not None:
             self.observer(indices_NHK.detach(), weights_NHK.detach())
         out_NV = self._read(tables, x_ND, weights_NHK, indices_NHK)
-        if self.gate_proj is not None and self.out_proj is not None:
-            # Memory+ (Berges et al. 2024, section 3.3): out_proj(read * act(gate_proj(x))).
-            gate_NV = GATES[self.gate](self.gate_proj(x_ND))
-            out_NV = self.out_proj(out_NV.to(gate_NV.dtype) * gate_NV)
+        for variant in self.variants:  # e.g. Memory+'s gate and projection back (section 3.3)
+            out_NV = variant.output(self, x_ND, out_NV)
         out_NV = F.dropout(out_NV, p=self.value_dropout, training=self.training)
         out = out_NV.view(*lead_shape, self.out_dim)  # restore leading dims
         if not return_aux:
             return out
-        if balance is None:
-            balance = torch.zeros((), dtype=torch.float32, device=x.device)
-        return out, balance
+        if aux is None:
+            aux = torch.zeros((), dtype=torch.float32, device=x.device)
+        return out, aux

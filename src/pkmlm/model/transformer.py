@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.errors import require
+from pkmlm.model import variants
 from pkmlm.model.kv_cache import KVCache, LayerKV
 from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, _is_int, _is_number, new_value_tables
 
@@ -228,7 +229,7 @@ class Transformer(nn.Module):
         mem = cfg.memory
         if mem.share_values and len(mem.layers) > 0:
             self.shared_values, self.shared_down = new_value_tables(
-                mem.n_keys, cfg.dim, mem.v_dim or cfg.dim, mem.values_kind, mem.values_dtype
+                mem.n_keys, mem.v_dim or cfg.dim, variants.down_dim(mem, cfg.dim), mem.values_dtype
             )
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -335,6 +336,13 @@ class Transformer(nn.Module):
             )
         return cache.extend(valid_BT)
 
+    def aux_loss_name(self) -> Optional[str]:
+        """The name the training loop logs this model's auxiliary loss under (`return_aux=True`),
+        e.g. `balance_loss` (UltraMemV2's); None when no memory layer computes one. Several kinds
+        of auxiliary loss are summed into one term, `aux_loss`."""
+        names = variants.aux_names(list(self.memory_layers().values()))
+        return None if not names else names[0] if len(names) == 1 else "aux_loss"
+
     def memory_layers(self) -> Dict[int, ProductKeyMemory]:
         """Transformer layer index -> its memory, in layer order."""
         return {i: block.memory for i, block in enumerate(self.blocks) if block.memory is not None}
@@ -375,10 +383,7 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         # Each table once (a pool counts once); a DTensor's numel is the whole table's.
         memory_values = sum(t.weight.numel() for t in self.value_tables().values())
-        read_rows = sum(
-            m.heads * m.knn * (m.v_dim + (m.dim if m.values_kind == "peer" else 0))
-            for m in self.memory_layers().values()
-        )
+        read_rows = sum(m.read_params() for m in self.memory_layers().values())
         embedding = self.tok_emb.weight.numel()
         if self.pos_emb is not None:
             embedding += self.pos_emb.weight.numel()
@@ -398,13 +403,14 @@ class Transformer(nn.Module):
         parameter count, i.e. what the token really multiplies:
           - attention q, k, v, out projections: 4 * D^2 per layer; FFN: 2 * D * F per layer;
           - memory query network: D * H * Q (+ bias and norms, negligible);
-          - Memory+ gate: gate_proj D * v_dim and out_proj v_dim * D (dense weights);
+          - what a memory variant adds (`ProductKeyMemory.macs`, `read_params`), e.g. Memory+'s
+            gate_proj D * v_dim and out_proj v_dim * D (dense weights);
           - memory key scores: each token scores every sub-key of every half and head once,
             H * 2 * S * (Q/2) = H * S * Q multiply-adds, exactly the key parameter count
             (2 * H * S * Q FLOPs forward; the backward gives q and the keys their gradients);
           - memory value read: H * K * v_dim multiply-adds (the selected rows only, never the
-            whole table); the backward gives the rows and the weights their gradients; PEER adds
-            the dot products with the H * K selected down vectors, H * K * D;
+            whole table); the backward gives the rows and the weights their gradients; a variant
+            that reads a second per-slot vector adds its columns (PEER: H * K * D);
           - the lm_head: D * V (the tied embedding's only matmul; a lookup costs nothing).
           Not counted: the top-K selections and K*K candidate sums (no multiplies, O(H*K^2)),
           softmaxes, norms and residual adds, as in the references.

@@ -35,10 +35,11 @@ ParallelMode = Literal["ddp", "fsdp"]  # train.parallel (checked with the config
 
 
 def check_parallel_config(
-    parallel: ParallelMode, shard_values: bool, v_dim: int, info: DistInfo, down_dim: int | None = None
+    parallel: ParallelMode, shard_values: bool, v_dim: int, info: DistInfo, down: tuple[str, int] | None = None
 ) -> None:
-    """Refuse what cannot run on this many processes, before any tensor is built. `down_dim`: the
-    columns of PEER's down vectors (model.dim), sharded like the values; None without them."""
+    """Refuse what cannot run on this many processes, before any tensor is built. `down`: what a
+    memory variant's second per-slot table is and its columns (`pkmlm.model.variants.down_table`),
+    sharded like the values; None without one."""
     if shard_values and info.distributed and v_dim % info.world_size:
         raise ConfigError(
             "model.memory.shard_values",
@@ -47,13 +48,13 @@ def check_parallel_config(
             f"the {info.world_size} processes; change the process count or v_dim, or turn "
             "sharding off",
         )
-    if shard_values and info.distributed and down_dim is not None and down_dim % info.world_size:
+    if shard_values and info.distributed and down is not None and down[1] % info.world_size:
+        what, columns = down
         raise ConfigError(
             "model.memory.shard_values",
             True,
-            f"PEER's down vectors (model.memory.values_kind=peer) have model.dim={down_dim} "
-            f"columns, which must divide into the {info.world_size} processes; change the "
-            "process count or model.dim, or turn sharding off",
+            f"{what}={columns} columns, which must divide into the {info.world_size} processes; "
+            "change the process count or that size, or turn sharding off",
         )
 
 
@@ -63,10 +64,11 @@ def _value_tables(model: nn.Module) -> dict:
 
 
 def shard_value_tables(model: nn.Module, mesh, device: torch.device) -> list[str]:
-    """Replace every value table (PEER's down vectors included) by a `ShardedValues` over `mesh`,
-    in place, under its owner's name; returns the parameter names of the sharded tables. A pool
-    shared by several memory layers (`model.memory.share_values`) is owned by the model, which
-    passes it to them at every call, so it becomes one sharded table that they all read."""
+    """Replace every value table (a variant's second table, PEER's down vectors, included) by a
+    `ShardedValues` over `mesh`, in place, under its owner's name; returns the parameter names of
+    the sharded tables. A pool shared by several memory layers (`model.memory.share_values`) is
+    owned by the model, which passes it to them at every call, so it becomes one sharded table that
+    they all read."""
     for name, table in _value_tables(model).items():
         model.set_submodule(name, ShardedValues(table.weight, mesh, device))
     return [name for name, p in model.named_parameters() if _is_dtensor(p)]

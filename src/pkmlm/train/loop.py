@@ -184,16 +184,17 @@ def loss_terms(t: Trainer, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]
     `train/<name>` (averaged over the row's steps). An auxiliary term goes here: add it to `loss`
     and return it under its own name.
 
-    `balance_loss`: the memory layers' sub-key balance loss (UltraMemV2), already weighted by
-    `model.memory.balance_loss` inside the model, asked for only when that coefficient is above 0
-    (a run without it keeps its forward unchanged). `loss` is then cross entropy + balance loss;
+    The memory variants' auxiliary loss, under the name `Transformer.aux_loss_name` gives (e.g.
+    `balance_loss`: UltraMemV2's sub-key balance loss, already weighted by `model.memory.balance_loss`
+    inside the model), asked for only when a memory layer computes one (a run without it keeps its
+    forward unchanged). `loss` is then cross entropy + balance loss;
     the cross entropy alone is `train/loss - train/balance_loss` (validation reports it alone).
     Like Switch Transformer's and UltraMem's, the balance loss is computed per micro-batch (per
     rank under DDP): its token counts are those of the batch the forward sees."""
-    memory = t.cfg.model.memory
-    if memory.layers and memory.balance_loss > 0:
-        _, loss, balance = t.step_fn(inputs, targets, return_aux=True)
-        return {"loss": loss + balance, "balance_loss": balance}
+    aux_name = t.model.aux_loss_name()  # the memory variants' (`Transformer.aux_loss_name`), or None
+    if aux_name is not None:
+        _, loss, aux = t.step_fn(inputs, targets, return_aux=True)
+        return {"loss": loss + aux, aux_name: aux}
     _, loss = t.step_fn(inputs, targets)
     return {"loss": loss}
 

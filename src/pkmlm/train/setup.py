@@ -63,6 +63,7 @@ from pkmlm.metrics.flops import peak_flops
 from pkmlm.metrics.memory_usage import StaleSlots, attach_stale_trackers, stale_metrics
 from pkmlm.metrics.recall import check_recall_fits, read_questions
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
+from pkmlm.model import variants
 from pkmlm.model.kernels import resolve_kernel
 from pkmlm.model.transformer import ModelConfig, Transformer
 from pkmlm.optim import (
@@ -362,7 +363,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         cfg.model.memory.shard_values,
         cfg.model.memory.v_dim or cfg.model.dim,
         info,
-        down_dim=cfg.model.dim if cfg.model.memory.values_kind == "peer" else None,
+        down=variants.down_table(cfg.model.memory, cfg.model.dim),
     )
     check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
     if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
