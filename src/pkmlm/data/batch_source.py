@@ -36,12 +36,15 @@ from pkmlm.data.packing import Window
 class BatchSource(Protocol):
     """Endless `(batch_size, seq_len + 1)` int64 training batches with an exact, plain position."""
 
-    tokens: int
-    batches: int
-
     def __iter__(self) -> Iterator[torch.Tensor]: ...
 
     def __next__(self) -> torch.Tensor: ...
+
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def batches(self) -> int: ...
 
     @property
     def epoch(self) -> int: ...
