@@ -100,18 +100,6 @@ def check_eval_config(cfg: EvalAppConfig) -> None:
         )
 
 
-def _check_same_tokenizer(directory: str, tokenizer) -> None:
-    """Prepared token ids mean something only under the tokenizer that wrote them."""
-    from pkmlm.data.prepared import load_prepared_tokenizer
-
-    theirs, _ = load_prepared_tokenizer(directory)
-    if theirs.get_vocab() != tokenizer.get_vocab():
-        raise DataError(
-            f"data.prepared={directory!r} was tokenized with another tokenizer than the run's; "
-            "prepare it with the run's (pkmlm-prepare data.tokenizer=RUN_DIR/tokenizer.json out=DIR)"
-        )
-
-
 def evaluate_run(cfg: EvalAppConfig) -> dict:
     import torch
 
@@ -167,18 +155,22 @@ def evaluation_batches(cfg: EvalAppConfig, run) -> tuple[list[str], list]:
     (files, sources, a prepared directory, or the run's validation split), and what they came
     from. Shared with pkmlm-inspect, so that both read the same data the same way."""
     from pkmlm.data.config import DataConfig
-    from pkmlm.data.loader import resolve_data, validation_batches
+    from pkmlm.data.loader import data_input, resolve_data, validation_batches
 
     saved = run.config["data"]
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
     data_cfg = DataConfig(**{k: v for k, v in saved.items() if k in data_fields})
-    if cfg.data.files or cfg.data.sources:
-        # All of every given file or source: no held-out split, nothing skipped.
+    if cfg.data.files or cfg.data.sources or cfg.data.prepared:
+        # The given input replaces the run's (check_eval_config: one of the three at most): all of
+        # every file or source (no held-out split, nothing skipped), or a prepared directory's
+        # validation shards.
         data_cfg = dataclasses.replace(
-            data_cfg, files=list(cfg.data.files), sources=list(cfg.data.sources), prepared=None, val_docs=10**18
+            data_cfg,
+            files=list(cfg.data.files),
+            sources=list(cfg.data.sources),
+            prepared=cfg.data.prepared,
+            val_docs=10**18,
         )
-    elif cfg.data.prepared:
-        data_cfg = dataclasses.replace(data_cfg, files=[], sources=[], prepared=cfg.data.prepared)
     if cfg.data.text_field is not None:
         data_cfg = dataclasses.replace(data_cfg, text_field=cfg.data.text_field)
     if cfg.data.seq_len is not None:
@@ -191,9 +183,9 @@ def evaluation_batches(cfg: EvalAppConfig, run) -> tuple[list[str], list]:
             f"at most the run's model.max_seq_len={run.model.cfg.max_seq_len} (null: the run's data.seq_len)",
         )
     plan = resolve_data(data_cfg)  # the same sources as training: files, mixtures, Hub, prepared shards
-    if plan.prepared:
-        _check_same_tokenizer(plan.prepared, run.tokenizer)
-    files = [plan.prepared] if plan.prepared else [f for s in plan.sources for f in (s.files or [s.name])]
+    source = data_input(plan)
+    source.check_tokenizer(run.tokenizer)  # prepared ids mean something only under the tokenizer that wrote them
+    files = source.inputs
 
     batches = validation_batches(data_cfg, plan, run.tokenizer, batch_size=cfg.batch_size, max_batches=cfg.max_batches)
     if not batches:  # nothing to score: no perplexity, rather than "tokens": 0 and exit 0

@@ -2,22 +2,27 @@
 
     plan = resolve_data(cfg)                                # checked up front: globs, values, prepared index
     tok, info = load_or_train_tokenizer(cfg, plan, cache_dir)
-    train = build_train_batches(cfg, plan, tok, batch_size, seed, rank, world_size)
+    train = build_train_batches(cfg, plan, tok, batch_size, seed, rank, world_size)  # a BatchSource
     val = validation_batches(cfg, plan, tok, batch_size)
     batch = next(train)                                     # (batch_size, seq_len + 1) int64
     state = train.state_dict()                              # plain JSON-able; load_state_dict resumes exactly
 
+`data_input(plan)` is the one place that picks how a plan is read (text sources or prepared
+shards: a `DataInput`, `batch_source.py`); every training source is a `BatchSource`.
 Everything that advances has `state_dict()` / `load_state_dict()` of plain lists, ints and dicts.
 See docs/data.md.
 """
 
+from pkmlm.data.batch_source import BatchSource, DataInput
 from pkmlm.data.cleaning import Cleaner
 from pkmlm.data.config import DataConfig, SourceConfig
 from pkmlm.data.loader import (
+    TextInput,
     TokenBatches,
     WorkerBatches,
     build_train_batches,
     check_data_config,
+    data_input,
     load_or_train_tokenizer,
     resolve_data,
     stats_row,
@@ -25,7 +30,7 @@ from pkmlm.data.loader import (
 )
 from pkmlm.data.mixing import DataPlan, MixedDocuments, Source, SourceStream, resolve_sources
 from pkmlm.data.packing import Packer, ShuffleBuffer
-from pkmlm.data.prepared import PreparedBatches, prepare
+from pkmlm.data.prepared import PreparedBatches, PreparedInput, prepare
 from pkmlm.data.sources import BAD_KINDS, Document, DocumentStream, HubSpec, expand_files, file_kind
 from pkmlm.data.tokenizer import (
     EOS_TOKEN,
@@ -39,8 +44,10 @@ from pkmlm.data.tokenizer import (
 
 __all__ = [
     "BAD_KINDS",
+    "BatchSource",
     "Cleaner",
     "DataConfig",
+    "DataInput",
     "DataPlan",
     "Document",
     "DocumentStream",
@@ -49,14 +56,17 @@ __all__ = [
     "MixedDocuments",
     "Packer",
     "PreparedBatches",
+    "PreparedInput",
     "ShuffleBuffer",
     "Source",
     "SourceConfig",
     "SourceStream",
+    "TextInput",
     "TokenBatches",
     "WorkerBatches",
     "build_train_batches",
     "check_data_config",
+    "data_input",
     "default_cache_dir",
     "encode_documents",
     "eos_id",

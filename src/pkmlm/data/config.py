@@ -8,7 +8,7 @@ from typing import List, Literal, Optional
 
 from pkmlm.errors import checked_once, require, require_one_of
 
-PreparedOrder = Literal["random", "sequential"]  # data.prepared_order (pkmlm/data/prepared.py)
+PreparedOrder = Literal["random", "sequential"]  # data.prepared_order (pkmlm/data/prepared/reader.py)
 
 
 @dataclass

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from pkmlm.data.batch_source import BatchSource, DataInput
 from pkmlm.data.config import DataConfig, check_data_config
 from pkmlm.data.mixing import (
     DataPlan,
@@ -50,6 +51,7 @@ from pkmlm.data.mixing import (
     validation_documents,
 )
 from pkmlm.data.packing import TOKEN_DTYPE, Packer, ShuffleBuffer, Window, to_plain
+from pkmlm.data.prepared import PreparedInput, load_index
 from pkmlm.data.sources import BAD_KINDS
 from pkmlm.data.tokenizer import cached_bpe, check_special_tokens, encode_documents, eos_id, load_tokenizer
 from pkmlm.errors import DataError, UserError
@@ -73,7 +75,7 @@ def stats_row(stats: Dict[str, int]) -> Dict[str, int]:
 
 
 class TokenBatches:
-    """One reader's endless training batches: `next()` gives an int64 tensor `(batch_size, seq_len + 1)`.
+    """One reader's endless training batches (a `BatchSource`): `next()` gives `(batch_size, seq_len + 1)` int64.
 
     Counters: `epoch` (completed passes over the training split; for a mixture, of the source
     with the fewest), `documents` (training documents this reader has read), `tokens` (target
@@ -344,7 +346,7 @@ def _die_with_parent(parent_pid: int, worker_id: int) -> None:
 
 
 class WorkerBatches:
-    """Training batches from `num_workers` DataLoader worker processes; same interface as TokenBatches."""
+    """Training batches from `num_workers` DataLoader worker processes: a `BatchSource`, as TokenBatches."""
 
     def __init__(
         self,
@@ -490,11 +492,70 @@ def resolve_data(cfg: DataConfig) -> DataPlan:
     here, in a second. Everything that reads the data takes this plan."""
     check_data_config(cfg)
     if cfg.prepared:
-        from pkmlm.data.prepared import load_index
-
         load_index(cfg.prepared)
         return DataPlan(sources=[], prepared=cfg.prepared)
     return DataPlan(sources=resolve_sources(cfg))
+
+
+def data_input(plan: DataPlan) -> DataInput:
+    """How the plan's data is read: pre-tokenized shards (`data.prepared`) or text sources. The
+    one place that picks a kind of input (and so a kind of `BatchSource`); docs/architecture.md,
+    "How to add a batch source"."""
+    if plan.prepared:
+        return PreparedInput(plan.prepared)
+    return TextInput(plan)
+
+
+class TextInput:
+    """Text sources (files, mixtures, Hub datasets) as a `DataInput`: tokenized as they are read."""
+
+    def __init__(self, plan: DataPlan):
+        self.plan = plan
+
+    @property
+    def inputs(self) -> List[str]:
+        return [f for s in self.plan.sources for f in (s.files or [s.name])]
+
+    def tokenizer(self, cfg: DataConfig, cache_dir: str) -> Tuple[Tokenizer, Dict[str, Any]]:
+        if cfg.tokenizer:
+            tok = load_tokenizer(cfg.tokenizer)
+            check_special_tokens(tok, cfg)
+            path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
+            return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
+        sources = self.plan.sources
+        return cached_bpe(
+            lambda: sample_documents(sources, cfg, cfg.tokenizer_docs),
+            cfg,
+            cache_dir,
+            f"the data sources {[s.name for s in sources]} hold no document to train the tokenizer on; check "
+            "data.text_field and the cleaning settings (data.min_chars)",
+        )
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Any tokenizer reads text."""
+
+    def train_batches(
+        self, cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, seed: int, rank: int, world_size: int
+    ) -> BatchSource:
+        if cfg.num_workers > 0:
+            return WorkerBatches(cfg, self.plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
+        return TokenBatches(cfg, self.plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
+
+    def validation_windows(self, cfg: DataConfig, tokenizer: Tokenizer, max_windows: Optional[int]) -> List[Window]:
+        if cfg.val_docs == 0:
+            return []
+        packer = Packer(cfg.seq_len, eos_id(tokenizer))
+        texts = itertools.chain.from_iterable(validation_documents(s, cfg) for s in self.plan.sources)
+        windows: List[Window] = []
+        while chunk := list(itertools.islice(texts, cfg.encode_batch_docs)):
+            for ids in encode_documents(tokenizer, chunk, cfg.max_doc_chars):
+                windows.extend(packer.push(ids))
+            if max_windows is not None and len(windows) >= max_windows:
+                return windows[:max_windows]
+        tail = packer.flush()
+        if tail is not None:
+            windows.append(tail)
+        return windows
 
 
 def load_or_train_tokenizer(cfg: DataConfig, plan: DataPlan, cache_dir: str) -> Tuple[Tokenizer, Dict[str, Any]]:
@@ -508,30 +569,7 @@ def load_or_train_tokenizer(cfg: DataConfig, plan: DataPlan, cache_dir: str) -> 
     for a given file or a small corpus may differ from `cfg.vocab_size`: size the model from this
     one (the loop pads it to a multiple of 64).
     """
-    if plan.prepared:
-        from pkmlm.data.prepared import load_index, load_prepared_tokenizer
-
-        index = load_index(plan.prepared)
-        tok, path = load_prepared_tokenizer(plan.prepared, index)
-        return tok, {
-            "source": "prepared",
-            "path": path,
-            "hash": index.get("tokenizer_hash"),
-            "vocab_size": tok.get_vocab_size(),
-        }
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-        check_special_tokens(tok, cfg)
-        path = os.path.abspath(os.path.expanduser(cfg.tokenizer))
-        return tok, {"source": "file", "path": path, "hash": None, "vocab_size": tok.get_vocab_size()}
-    names = [s.name for s in plan.sources]
-    return cached_bpe(
-        lambda: sample_documents(plan.sources, cfg, cfg.tokenizer_docs),
-        cfg,
-        cache_dir,
-        f"the data sources {names} hold no document to train the tokenizer on; check "
-        "data.text_field and the cleaning settings (data.min_chars)",
-    )
+    return data_input(plan).tokenizer(cfg, cache_dir)
 
 
 def build_train_batches(
@@ -542,41 +580,20 @@ def build_train_batches(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
-):
+) -> BatchSource:
     """The training batches for this rank: pre-tokenized shards (`data.prepared`), DataLoader
-    workers (`data.num_workers > 0`) or in-process reading, from the plan of `resolve_data`. All
-    share `next()`, `state_dict()`, `load_state_dict()`, `stats`, `epoch`, `tokens`."""
-    if plan.prepared:
-        from pkmlm.data.prepared import PreparedBatches
-
-        return PreparedBatches(cfg, plan.prepared, batch_size, seed, rank=rank, world_size=world_size)
-    if cfg.num_workers > 0:
-        return WorkerBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
-    return TokenBatches(cfg, plan, tokenizer, batch_size, seed, rank=rank, world_size=world_size)
+    workers (`data.num_workers > 0`) or in-process reading, from the plan of `resolve_data`."""
+    return data_input(plan).train_batches(cfg, tokenizer, batch_size, seed, rank, world_size)
 
 
 def validation_windows(
     cfg: DataConfig, plan: DataPlan, tokenizer: Tokenizer, max_windows: Optional[int] = None
 ) -> List[Window]:
     """All windows of the validation split (the first `cfg.val_docs` documents of each source, the
-    sources in order), packed as one stream; the last may be shorter than `seq_len + 1` (at least
-    2 tokens). `max_windows` stops reading once that many full windows are packed."""
-    if plan.prepared:
-        from pkmlm.data.prepared import prepared_validation_windows
-
-        return prepared_validation_windows(plan.prepared, cfg.seq_len, max_windows)
-    packer = Packer(cfg.seq_len, eos_id(tokenizer))
-    texts = itertools.chain.from_iterable(validation_documents(s, cfg) for s in plan.sources)
-    windows: List[Window] = []
-    while chunk := list(itertools.islice(texts, cfg.encode_batch_docs)):
-        for ids in encode_documents(tokenizer, chunk, cfg.max_doc_chars):
-            windows.extend(packer.push(ids))
-        if max_windows is not None and len(windows) >= max_windows:
-            return windows[:max_windows]
-    tail = packer.flush()
-    if tail is not None:
-        windows.append(tail)
-    return windows
+    sources in order; or the prepared directory's val shards), packed as one stream; the last may
+    be shorter than `seq_len + 1` (at least 2 tokens). `max_windows` stops reading once that many
+    full windows are packed."""
+    return data_input(plan).validation_windows(cfg, tokenizer, max_windows)
 
 
 def validation_batches(
@@ -585,10 +602,8 @@ def validation_batches(
     """The validation split as int64 tensors `(b, seq_len + 1)`, b <= batch_size, in stream order,
     unshuffled, every window kept. The final partial window, when there is one, is a batch of its
     own of shape `(1, L)` with 2 <= L <= seq_len (tensors cannot be ragged, and padding would need
-    the loss to know about it). `[]` when `cfg.val_docs == 0`. `max_batches` reads only as many
-    documents as that many batches need."""
-    if cfg.val_docs == 0 and not plan.prepared:
-        return []
+    the loss to know about it). `[]` when `cfg.val_docs == 0` (text sources). `max_batches` reads
+    only as many documents as that many batches need."""
     limit = None if max_batches is None else max_batches * batch_size
     windows = validation_windows(cfg, plan, tokenizer, max_windows=limit)
     width = cfg.seq_len + 1

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
+from pkmlm.data.batch_source import BatchSource
 from pkmlm.errors import ConfigError, DataError, UserError
 from pkmlm.parallel.env import DistInfo
 
-# make_shard(shard index, number of shards, sequences per shard and step) -> an endless iterator of
-# (b, seq_len + 1) int64 batches with state_dict() / load_state_dict() (a TokenBatches).
-ShardFactory = Callable[[int, int, int], Any]
+# make_shard(shard index, number of shards, sequences per shard and step) -> that shard's batches
+# (a BatchSource of `b` sequences per batch: `pkmlm.data.loader.build_train_batches`).
+ShardFactory = Callable[[int, int, int], BatchSource]
 
 
 def plan_data_shards(configured: int | None, batch_size: int, info: DistInfo, resumed: int | None = None) -> int:
@@ -61,12 +62,14 @@ def plan_data_shards(configured: int | None, batch_size: int, info: DistInfo, re
 
 
 class DataShards:
-    """This rank's shards of the global batch: `next()` gives `(batch_size / W, seq_len + 1)`."""
+    """This rank's shards of the global batch: `next()` gives `(batch_size / W, seq_len + 1)`. A
+    `BatchSource` itself: its counters are the sums (`tokens`) or the first shard's (`batches`,
+    `epoch`), its state one entry per shard."""
 
     def __init__(self, make_shard: ShardFactory, batch_size: int, n_shards: int, info: DistInfo):
         self.n_shards = n_shards
         per_shard = batch_size // n_shards
-        self.shards: dict[int, Any] = {
+        self.shards: dict[int, BatchSource] = {
             s: make_shard(s, n_shards, per_shard) for s in range(info.rank, n_shards, info.world_size)
         }
 
@@ -85,13 +88,21 @@ class DataShards:
                 total[key] = total.get(key, 0) + value
         return total
 
-    def __getattr__(self, name: str) -> Any:
-        # Counters of the pipeline (epoch, documents, tokens, batches, stats) read by the loop:
-        # the first shard's, as a representative.
-        shards = self.__dict__.get("shards")
-        if not shards:
-            raise AttributeError(name)
-        return getattr(shards[min(shards)], name)
+    @property
+    def _first(self) -> BatchSource:
+        return self.shards[min(self.shards)]
+
+    @property
+    def epoch(self) -> int:
+        return self._first.epoch
+
+    @property
+    def batches(self) -> int:
+        return self._first.batches  # every shard gives one batch per step
+
+    @property
+    def tokens(self) -> int:
+        return sum(shard.tokens for shard in self.shards.values())
 
     # -- state: one entry per shard, keyed by shard index ---------------------------------------
 
@@ -117,21 +128,21 @@ class DataShards:
         self.load_shard_states({int(s): st for s, st in state["shards"].items()})
 
 
-def build_batches(make_shard: ShardFactory, batch_size: int, n_shards: int, info: DistInfo) -> Any:
+def build_batches(make_shard: ShardFactory, batch_size: int, n_shards: int, info: DistInfo) -> BatchSource:
     """A plain `make_shard(0, 1, batch_size)` for one shard on one process, else `DataShards`."""
     if n_shards == 1 and not info.distributed:
         return make_shard(0, 1, batch_size)
     return DataShards(make_shard, batch_size, n_shards, info)
 
 
-def shard_states(batches: Any) -> dict[int, Any]:
+def shard_states(batches: BatchSource) -> dict[int, Any]:
     """Shard index -> state, for `DataShards` and for a single plain pipeline (shard 0)."""
     if isinstance(batches, DataShards):
         return batches.shard_states()
     return {0: batches.state_dict()}
 
 
-def load_shard_states(batches: Any, states: dict[int, Any]) -> None:
+def load_shard_states(batches: BatchSource, states: dict[int, Any]) -> None:
     if isinstance(batches, DataShards):
         batches.load_shard_states(states)
     else:

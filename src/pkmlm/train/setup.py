@@ -36,6 +36,7 @@ from pkmlm.checkpoint import pieces, store
 from pkmlm.checkpoint.export import checked_model_config, is_export, load_export_weights, read_export
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.config import DEVICES, Config, uses_bf16
+from pkmlm.data.batch_source import BatchSource
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import (
     build_train_batches,
@@ -136,7 +137,7 @@ class Trainer:
     par: Parallelized
     step_fn: nn.Module
     optimizer: Optimizer
-    batches: Any  # endless (B, T+1) batches of this rank, with state: TokenBatches or DataShards
+    batches: BatchSource  # endless (B, T+1) batches of this rank, with state (one source, or DataShards)
     val: list
     tokenizer: Any
     sinks: Sinks
@@ -356,6 +357,7 @@ def finetune_background(
     return counts
 
 
+# Over 80 lines: one ordered sequence of builds, each needing the previous ones (module docstring, "Order").
 def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
     device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
     check_parallel_config(
