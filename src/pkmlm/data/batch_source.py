@@ -13,7 +13,7 @@ raises `DataError`, one line naming what changed. Counters: `tokens` (target tok
 skipped or changed, by kind: `loader.stats_row` logs them). Implemented by `loader.TokenBatches`
 (streamed text, read in the training process), `loader.WorkerBatches` (streamed text, read in
 DataLoader workers), `prepared.PreparedBatches` (pre-tokenized shards) and, over several data
-shards, `parallel.data_shards.DataShards`; `tests/test_batch_source.py` checks each against it.
+shards, `parallel.data_shards.DataShards`; `tests/unit/test_batch_source.py` checks each against it.
 
 A `DataInput` is what a `DataPlan` is read as: its tokenizer, its training `BatchSource`, its
 validation windows. `loader.data_input(plan)` is the one place that picks one (`loader.TextInput`

@@ -18,16 +18,10 @@ from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import TextInput, TokenBatches, WorkerBatches, build_train_batches, data_input, resolve_data
 from pkmlm.data.mixing import resolve_sources
 from pkmlm.data.prepared import PreparedBatches, PreparedInput, prepare
-from pkmlm.data.tokenizer import train_bpe
 from pkmlm.parallel.data_shards import DataShards, build_batches
 from pkmlm.parallel.env import DistInfo
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "pkmlm"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_bpe(make_docs(200, seed=5), vocab_size=300)
+SRC = Path(__file__).resolve().parents[2] / "src" / "pkmlm"
 
 
 @pytest.fixture(scope="module")
