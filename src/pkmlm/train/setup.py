@@ -334,26 +334,23 @@ def finetune_background(
     return counts
 
 
-def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
-    device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
-    check_parallel_config(
-        cfg.train.parallel,
-        cfg.model.memory.shard_values,
-        cfg.model.memory.v_dim or cfg.model.dim,
-        info,
-        down_dim=cfg.model.dim if cfg.model.memory.values_kind == "peer" else None,
-    )
-    check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
-    if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
-        resolve_kernel(cfg.model.memory.kernel, device)
-    run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
+def resume_point(cfg: Config, run_dir: Path, resolved: dict, info: DistInfo) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume (rank 0 picks, all read it) and its checked meta.json, or None, None
+    for a fresh start (checked not to mix with another run's files)."""
     resumed = store.resolve_shared(cfg.resume, run_dir, info)  # rank 0 picks, all read it
     meta = store.read_meta(resumed) if resumed is not None else None
     if meta is not None:  # the schema of what a resume reads, before anything is built
         _check_resumed_meta(resumed, meta)
     _check_resume(cfg, run_dir, resolved, resumed, meta, info)
-    source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
+    return resumed, meta
 
+
+def run_tokenizer(
+    cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo, meta: dict | None, source_meta: dict | None
+) -> tuple[Any, str, ModelConfig]:
+    """The run's tokenizer, where it came from, and the model config sized to it; checked against
+    the recall questions and the `init_from` source's model; `tokenizer.json` and `config.yaml`
+    written into the run directory (rank 0)."""
     # Tokenizer: a resumed run keeps its own, whatever the cache holds now; init_from takes the source's.
     if meta is not None:
         tokenizer, tok_source = tokenizer_from_str(meta["tokenizer"]), "checkpoint"
@@ -378,6 +375,83 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         # config.yaml shows the vocabulary actually built; checkpoints keep the config as given.
         written = {**resolved, "model": {**resolved["model"], "vocab_size": model_cfg.vocab_size}}
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(written)).encode())
+    return tokenizer, tok_source, model_cfg
+
+
+def finetune_selection(
+    cfg: Config,
+    run_dir: Path,
+    model: Transformer,
+    source: Path | None,
+    tokenizer: Any,
+    info: DistInfo,
+    meta: dict | None,
+) -> RowSelection:
+    """The memory modes' row selection; `sparse_memory`'s with its background counts: those of the
+    resumed checkpoint (its `background` piece, filled in by the restore), else the run directory's
+    cache or a count (`finetune_background`), made before any observer is attached (these reads are
+    not training reads)."""
+    background = None
+    if cfg.train.finetune == "sparse_memory" and meta is not None and "background" in saved_names(meta):
+        device = next(iter(slot_pools(model).values())).device
+        background = BackgroundCounts.zeros({n: p.n_slots for n, p in slot_pools(model).items()}, device)
+    elif cfg.train.finetune == "sparse_memory":
+        background = finetune_background(cfg, run_dir, model, source, tokenizer, info, weights_loaded=meta is None)
+    return row_selection(model, cfg.train.finetune, cfg.finetune, background)
+
+
+def run_clock(
+    cfg: Config,
+    model: Transformer,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    info: DistInfo,
+    state: TrainState,
+) -> RunClock:
+    """The run's clock, continuing the times of its earlier segments (`state`, restored)."""
+    device_peak = peak_flops(device, amp_dtype, cfg.train.peak_flops)
+    clock = RunClock(
+        device,
+        model.flops_per_token(cfg.data.seq_len),
+        # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
+        device_peak * info.world_size if device_peak is not None else None,
+        wall_before_s=state.wall_time_s,
+        train_before_s=state.train_time_s,
+    )
+    return clock
+
+
+def run_meta(
+    resolved: dict, model_cfg: ModelConfig, tokenizer: Any, info: DistInfo, n_shards: int, source: Path | None
+) -> dict:
+    """What every checkpoint of the run records beside its states: the run's constants."""
+    return {
+        "config": resolved,
+        "model_config": dataclasses.asdict(model_cfg),
+        "tokenizer": tokenizer.to_str(),
+        "code_version": code_version(),
+        "world_size": info.world_size,
+        "data_shards": n_shards,
+        **({"init_from": str(source)} if source is not None else {}),
+    }
+
+
+def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
+    device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
+    check_parallel_config(
+        cfg.train.parallel,
+        cfg.model.memory.shard_values,
+        cfg.model.memory.v_dim or cfg.model.dim,
+        info,
+        down_dim=cfg.model.dim if cfg.model.memory.values_kind == "peer" else None,
+    )
+    check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
+    if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
+        resolve_kernel(cfg.model.memory.kernel, device)
+    run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
+    resumed, meta = resume_point(cfg, run_dir, resolved, info)
+    source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
+    tokenizer, tok_source, model_cfg = run_tokenizer(cfg, run_dir, resolved, files, info, meta, source_meta)
 
     model = build_model(cfg, model_cfg, init_from=source if meta is None else None, info=info)
     # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
@@ -388,13 +462,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     if cfg.optim.sparse_values:
         use_sparse_value_grads(model)
     mode = cfg.train.finetune
-    background = None
-    if mode == "sparse_memory" and meta is not None and "background" in saved_names(meta):
-        # the resumed checkpoint holds the counts (the `background` piece): restored below
-        background = BackgroundCounts.zeros({n: p.n_slots for n, p in slot_pools(model).items()}, device)
-    elif mode == "sparse_memory":  # before any observer is attached: these reads are not training reads
-        background = finetune_background(cfg, run_dir, model, source, tokenizer, info, weights_loaded=meta is None)
-    selection = row_selection(model, mode, cfg.finetune, background) if mode != "full" else None
+    selection = finetune_selection(cfg, run_dir, model, source, tokenizer, info, meta) if mode != "full" else None
     optimizer = finetune_optimizer(model, cfg.finetune) if mode != "full" else build_optimizer(model, cfg.optim, device)
     # The global batch is `n_shards` data streams; each rank runs its share (pkmlm.parallel.data_shards).
     n_shards = plan_data_shards(
@@ -421,15 +489,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     step_fn = torch.compile(par.module) if cfg.train.compile else par.module
 
     amp_dtype = autocast_dtype(cfg.train.precision, device)
-    device_peak = peak_flops(device, amp_dtype, cfg.train.peak_flops)
-    clock = RunClock(
-        device,
-        model.flops_per_token(cfg.data.seq_len),
-        # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
-        device_peak * info.world_size if device_peak is not None else None,
-        wall_before_s=trainer_state.wall_time_s,
-        train_before_s=trainer_state.train_time_s,
-    )
+    clock = run_clock(cfg, model, device, amp_dtype, info, trainer_state)
     sinks = make_sinks(cfg, run_dir, resolved, info, trainer_state)
     trainer = Trainer(
         cfg=cfg,
@@ -449,15 +509,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         states=states,
         clock=clock,
         resumed_from=resumed,
-        meta={
-            "config": resolved,
-            "model_config": dataclasses.asdict(model_cfg),
-            "tokenizer": tokenizer.to_str(),
-            "code_version": code_version(),
-            "world_size": info.world_size,
-            "data_shards": n_shards,
-            **({"init_from": str(source)} if source is not None else {}),
-        },
+        meta=run_meta(resolved, model_cfg, tokenizer, info, n_shards, source),
         init_from=source,
         selection=selection,
         kept_fresh=kept_fresh,
