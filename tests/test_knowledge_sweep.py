@@ -43,7 +43,7 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     out = tmp_path / "sweep"
     argv = [
         "--people", "4", "--seeds", "0", "--exposures", "1", "--arms", "dense,mem", "--dense-factor", "1",
-        "--max-runs", "1", "--jobs", "1", "--out", str(out), "data.val_docs=2",
+        "--max-runs", "1", "--jobs", "1", "--step-time-repeats", "2", "--out", str(out), "data.val_docs=2",
     ]  # fmt: skip
     # Sitting 1: --max-runs 1 trains the first run (dense) and stops; the mem run is not started.
     sweep.main(argv)
@@ -54,6 +54,9 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     cache = (dense_dir / "sweep_recall.jsonl").read_text().splitlines()
     assert len(cache) == sweep.CHECKPOINTS_PER_RUN
     dense_files = _snapshot(dense_dir)
+    step_times = out / "step_times.json"  # both arms' reference step times, measured in sitting 1
+    assert sorted(json.loads(step_times.read_text())["step_ms"]) == ["dense", "mem"]
+    step_times_stat = step_times.stat().st_mtime_ns
     # The mem run is then left half-finished, as a sweep killed in the middle of it leaves it.
     mem_plan = next(p for p in plans if p["arm"] == "mem")
     half = max_steps["mem"] // 2
@@ -80,8 +83,44 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     mem_files = _snapshot(mem_dir)
     sweep.main(argv)
     assert _snapshot(dense_dir) == dense_files and _snapshot(mem_dir) == mem_files
+    assert step_times.stat().st_mtime_ns == step_times_stat  # measured once per sweep directory
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    step_ms = json.loads(step_times.read_text())["step_ms"]
+    assert all(r["ref_time_s"] == pytest.approx(r["step"] * step_ms[r["arm"]] / 1e3) for r in rows)
     assert sorted({r["arm"] for r in rows}) == ["dense", "mem"]
     assert len(rows) == 2 * sweep.CHECKPOINTS_PER_RUN
     table = (out / "table.md").read_text()
     assert "| 4 |" in table and "dense (equal exposures)" in table and "mem (equal exposures)" in table
+
+
+def test_equal_time_uses_the_reference_step_times_not_the_loaded_wall_clock():
+    def row(arm, step, wall, ref=None):
+        r = {"arm": arm, "step": step, "train_time_s": wall}
+        return r if ref is None else {**r, "ref_time_s": ref}
+
+    # A dense run trained on a busy machine: its wall clock says step 40 matches the memory's time,
+    # its reference step time (half the memory's) says step 80.
+    mem = row("mem", 40, wall=100.0, ref=40.0)
+    dense = [row("dense", s, wall=2.5 * s, ref=0.5 * s) for s in (20, 40, 60, 80, 100)]
+    assert sweep.equal_time_pick(mem, dense)["step"] == 80
+    # Without reference times (a sweep measured before step_times.json existed): the wall clock.
+    strip = [{k: v for k, v in r.items() if k != "ref_time_s"} for r in [mem, *dense]]
+    assert sweep.equal_time_pick(strip[0], strip[1:])["step"] == 40
+    # A dense run that stopped before the memory's time has no equal-time point.
+    assert sweep.equal_time_pick(mem, dense[:3]) is None
+
+
+def test_reference_step_times_are_measured_once_and_a_broken_file_is_refused(tmp_path):
+    from pkmlm.knowledge import step_time
+
+    configs = {arm: sweep._compose([f"experiment=knowledge/{arm}"]) for arm in ("dense", "mem")}
+    data = step_time.measure_step_times(tmp_path, configs, threads=1, warmup=1, repeats=2)
+    assert sorted(data["step_ms"]) == ["dense", "mem"] and all(v > 0 for v in data["step_ms"].values())
+    assert data["measured"][0]["threads"] == 1 and "load average" in data["measured"][0]["load"]
+    before = (tmp_path / "step_times.json").read_text()
+    assert step_time.measure_step_times(tmp_path, configs, threads=1, repeats=2) == data  # nothing re-measured
+    assert (tmp_path / "step_times.json").read_text() == before
+    (tmp_path / "step_times.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not a step-times file: move it aside"):
+        step_time.measure_step_times(tmp_path, configs, threads=1, repeats=2)
+    assert (tmp_path / "step_times.json").read_text() == "{not json"  # left as it was

@@ -152,7 +152,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + f"\n\nLin et al. 2025, NaturalQuestions F1 drop after learning TriviaQA: {paper}.\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pkmlm.knowledge.forgetting", description=__doc__.split("\n\n")[0])
     p.add_argument("--people", type=int, default=100, help="people per facts set (A and B)")
     p.add_argument("--seed", type=int, default=0, help="facts corpus and runs")
@@ -181,7 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (model.* reach both phases)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _train(overrides: list[str], log: Path, threads: int) -> None:
+    """One `pkmlm-train` run with `overrides`, its output in `log`."""
+    _run_jobs([([sys.executable, "-m", "pkmlm.cli.train", *overrides], log)], 1, threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out).resolve()
     t0 = time.time()
     facts_a, facts_b = split_facts(out / "facts", args.people, args.seed, args.templates)
@@ -189,26 +198,15 @@ def main(argv: list[str] | None = None) -> None:
     common = ["logging.progress=false", f"seed={args.seed}", *args.overrides]
     pretrain = out / "runs" / "pretrain"
     if not (pretrain / "checkpoints").is_dir():
-        _run_jobs(
-            [
-                (
-                    [
-                        sys.executable,
-                        "-m",
-                        "pkmlm.cli.train",
-                        "experiment=forgetting/pretrain",
-                        f"data.sources.0.files=[{facts_a / 'bios.jsonl'}]",
-                        f"data.sources.1.files=[{web_train}]",
-                        f"train.max_steps={args.pretrain_steps}",
-                        f"hydra.run.dir={pretrain}",
-                        *common,
-                    ],
-                    out / "logs" / "pretrain.log",
-                )
-            ],
-            1,
-            args.threads,
-        )
+        pretrain_overrides = [
+            "experiment=forgetting/pretrain",
+            f"data.sources.0.files=[{facts_a / 'bios.jsonl'}]",
+            f"data.sources.1.files=[{web_train}]",
+            f"train.max_steps={args.pretrain_steps}",
+            f"hydra.run.dir={pretrain}",
+            *common,
+        ]
+        _train(pretrain_overrides, out / "logs" / "pretrain.log", args.threads)
         if not (pretrain / "checkpoints").is_dir():
             raise SystemExit(f"pretraining failed: see {out / 'logs' / 'pretrain.log'}")
     times = {"pretrain_wall_s": time.time() - t0}
@@ -216,35 +214,23 @@ def main(argv: list[str] | None = None) -> None:
     names = {arm: arm + args.suffix for arm in args.arms.split(",")}
     for arm, name in names.items():
         t_arm = time.time()
-        _run_jobs(
-            [
-                (
-                    [
-                        sys.executable,
-                        "-m",
-                        "pkmlm.cli.train",
-                        f"experiment=forgetting/{arm}",
-                        f"init_from={pretrain}",
-                        f"data.files=[{facts_b / 'bios.jsonl'}]",
-                        f"train.max_steps={args.finetune_steps}",
-                        f"hydra.run.dir={out / 'runs' / name}",
-                        *common,
-                        *arm_overrides,
-                    ],
-                    out / "logs" / f"{name}.log",
-                )
-            ],
-            1,
-            args.threads,
-        )
+        finetune_overrides = [
+            f"experiment=forgetting/{arm}",
+            f"init_from={pretrain}",
+            f"data.files=[{facts_b / 'bios.jsonl'}]",
+            f"train.max_steps={args.finetune_steps}",
+            f"hydra.run.dir={out / 'runs' / name}",
+            *common,
+            *arm_overrides,
+        ]
+        _train(finetune_overrides, out / "logs" / f"{name}.log", args.threads)
         times[f"{name}_wall_s"] = time.time() - t_arm
     t_eval = time.time()
-    rows = [measure("pretrained", pretrain, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl", args.threads)]
+    qa_a, qa_b = facts_a / "qa.jsonl", facts_b / "qa.jsonl"
+    rows = [measure("pretrained", pretrain, heldout, qa_a, qa_b, args.threads)]
     for name in names.values():
         if (out / "runs" / name / "checkpoints").is_dir():
-            rows.append(
-                measure(name, out / "runs" / name, heldout, facts_a / "qa.jsonl", facts_b / "qa.jsonl", args.threads)
-            )
+            rows.append(measure(name, out / "runs" / name, heldout, qa_a, qa_b, args.threads))
     times.update(eval_wall_s=time.time() - t_eval, total_wall_s=time.time() - t0)
     results = {"args": vars(args), "times": times, "rows": rows}
     (out / f"results{args.suffix}.json").write_text(json.dumps(results, indent=1) + "\n")

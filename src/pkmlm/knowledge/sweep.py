@@ -12,7 +12,10 @@ exposures and at equal training time.
 3. per arm a `pkmlm-train experiment=knowledge/<arm>` run in `DIR/runs/<arm>-N<N>-s<seed>/`, with a
    checkpoint every quarter of those steps. The schedule is constant after warmup (the presets), so
    a checkpoint at step S is the S-step run: the dense arm runs `--dense-factor` times longer and
-   its checkpoint nearest to the memory arm's training time is the equal-time point;
+   its checkpoint nearest to the memory arm's training time is the equal-time point. Training time
+   here is the reference time (steps x the arm's step time, all arms timed in turns once per sweep
+   directory, `DIR/step_times.json`, see step_time.py), not the runs' wall clock, which the
+   machine's load moves as much as the arm does;
 4. recall (`pkmlm.metrics.recall.evaluate_recall`) of every checkpoint, into `DIR/results.jsonl`
    (one row per checkpoint) and `<run>/recall.json` (the final one, which pkmlm-compare reads);
    `DIR/table.md`: per N, dense and memory at equal exposures and dense at equal time;
@@ -54,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.config import config_dir
+from pkmlm.knowledge.step_time import load_step_times, measure_step_times, with_reference_times
 
 CHECKPOINTS_PER_RUN = 4  # checkpoints at each quarter of the equal-exposure steps
 
@@ -235,6 +239,26 @@ def evaluate_run(
     return rows
 
 
+def time_key(rows: list[dict]) -> str | None:
+    """The training time the rows are compared by: the reference time (`ref_time_s`: steps x the
+    arm's step time measured with all arms in turns, step_time.py) when every row has one, else the
+    runs' wall-clock time (`train_time_s`, which the machine's load at training time moves too)."""
+    for key in ("ref_time_s", "train_time_s"):
+        if rows and all(r.get(key) for r in rows):
+            return key
+    return None
+
+
+def equal_time_pick(mem: dict, dense: list[dict]) -> dict | None:
+    """The dense checkpoint nearest the memory row's training time; None when the dense run stopped
+    before that time (its last checkpoint is then only the longest the dense arm ran, not an
+    equal-time point) or the times are not known."""
+    key = time_key([mem, *dense])
+    if key is None or not dense or max(r[key] for r in dense) < mem[key]:
+        return None
+    return min(dense, key=lambda r: abs(r[key] - mem[key]))
+
+
 def _fmt(row: dict | None, key: str, spec: str) -> str:
     return "n/a" if row is None or row.get(key) is None else format(row[key], spec)
 
@@ -242,10 +266,10 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 def summary_table(results: list[dict]) -> str:
     """Per N and seed: dense and memory at equal exposures, dense at the memory's training time."""
     head = (
-        "| N | bits available | arm | exposures | train time | exact match | bits stored | "
+        "| N | bits available | arm | exposures | train time (reference) | wall time | exact match | bits stored | "
         "bits / param (total) | bits / param (non-embedding) |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     keys = sorted({(r["people"], r["seed"]) for r in results})
     for people, seed in keys:
         rows = [r for r in results if r["people"] == people and r["seed"] == seed]
@@ -256,14 +280,10 @@ def summary_table(results: list[dict]) -> str:
             ("dense (equal exposures)", dense_eq[0] if dense_eq else None),
             ("memory (equal exposures)", mem[0] if mem else None),
         ]
-        if mem and mem[0].get("train_time_s"):
-            dense = [r for r in rows if r["arm"] == "dense" and r.get("train_time_s")]
-            # Only when the dense run reached the memory's time (--dense-factor > 1): else its last
-            # checkpoint is not an equal-time point, only the longest the dense arm ran.
-            if dense and max(r["train_time_s"] for r in dense) >= mem[0]["train_time_s"]:
-                picks.append(
-                    ("dense (equal time)", min(dense, key=lambda r: abs(r["train_time_s"] - mem[0]["train_time_s"])))
-                )
+        if mem:
+            pick = equal_time_pick(mem[0], [r for r in rows if r["arm"] == "dense"])
+            if pick is not None:
+                picks.append(("dense (equal time)", pick))
         for label, r in picks:
             non_emb = None
             if r is not None:
@@ -271,7 +291,8 @@ def summary_table(results: list[dict]) -> str:
                 non_emb = {"v": r["recall/bits"] / n} if n > 0 else None
             lines.append(
                 f"| {people} (seed {seed}) | {_fmt(r, 'recall/bits_available', ',.0f')} | {label} | "
-                f"{_fmt(r, 'exposures', '.0f')} | {_fmt(r, 'train_time_s', '.0f')} s | "
+                f"{_fmt(r, 'exposures', '.0f')} | {_fmt(r, 'ref_time_s', '.0f')} s | "
+                f"{_fmt(r, 'train_time_s', '.0f')} s | "
                 f"{_fmt(r, 'recall/exact_match', '.1%')} | {_fmt(r, 'recall/bits', ',.0f')} | "
                 f"{_fmt(r, 'recall/bits_per_param/total', '.4f')} | {_fmt(non_emb, 'v', '.4f')} |"
             )
@@ -372,9 +393,25 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
                     "run_dir": run_dir,
                     "facts": facts,
                     "command": command,
+                    "overrides": [f"experiment={experiment}", *overrides, *extra],
                 }
             )
     return plans
+
+
+def reference_step_times(out: Path, plans: list[dict], threads: int, repeats: int) -> dict:
+    """`out/step_times.json`, with the step times of the plans' arms it lacked measured now (one
+    config per arm: the first seed's; an arm's step does not depend on the seed; `repeats` 0: none
+    measured, the wall-clock times are compared)."""
+    if repeats <= 0:
+        return load_step_times(out)
+    configs = {}
+    for plan in plans:
+        configs.setdefault(plan["arm"], plan["overrides"])
+    missing = {arm: o for arm, o in configs.items() if arm not in load_step_times(out).get("step_ms", {})}
+    if missing:
+        print(f"measuring the reference step time of {', '.join(sorted(missing))}", file=sys.stderr, flush=True)
+    return measure_step_times(out, {arm: _compose(o) for arm, o in missing.items()}, threads, repeats=repeats)
 
 
 def evaluate_cached(plan: dict, templates: int) -> list[dict]:
@@ -399,7 +436,7 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
             for row in fresh:
                 rows[row["step"]] = row
                 f.write(json.dumps(row) + "\n")
-    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items() if k != "command"}
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items() if k not in ("command", "overrides")}
     return [{**meta, **rows[step]} for step in sorted(rows)]
 
 
@@ -441,6 +478,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-people", type=int, default=25600, help="the largest N --until-saturated tries")
     p.add_argument("--max-runs", type=int, default=None, help="train at most this many runs in this sitting, then stop")
+    p.add_argument(
+        "--step-time-repeats",
+        type=int,
+        default=15,
+        help="turns of the arms' reference step-time measurement (DIR/step_times.json, the equal-time "
+        "comparison's clock; 0: compare the runs' wall-clock times instead)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -477,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     levels = sorted((int(n) for n in args.people.split(",")), reverse=True)  # longest first: its tokenizer
     budget = args.max_runs
     results: list[dict[str, Any]] = []
+    step_ms = load_step_times(out).get("step_ms", {})
     stopped = False
     while levels:
         people = levels.pop(0)
@@ -486,6 +531,8 @@ def main(argv: list[str] | None = None) -> None:
             todo, stopped = todo[:budget], stopped or len(todo) > budget
             budget -= len(todo)
         print(f"N={people}: {len(plans)} runs, {len(todo)} to train now", file=sys.stderr, flush=True)
+        if todo:  # every arm's reference step time, once per sweep directory (see step_time.py)
+            step_ms = reference_step_times(out, plans, args.threads, args.step_time_repeats).get("step_ms", {})
         _run_jobs(
             [(plan["command"], out / "logs" / f"{plan['run_dir'].name}.log") for plan in todo], args.jobs, args.threads
         )
@@ -501,6 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"dense arm saturated at N={largest}", file=sys.stderr, flush=True)
             elif 2 * largest <= args.max_people:
                 levels.append(2 * largest)
+    results = with_reference_times(results, step_ms)
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
@@ -516,12 +564,11 @@ def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
         for arm, r in sorted(equal.items()):
             points.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
         for mem_arm, m in sorted(equal.items()):
-            if "mem" not in mem_arm or not m.get("train_time_s"):
+            if "mem" not in mem_arm:
                 continue
             for dense_arm in sorted({r["arm"] for r in rows if "dense" in r["arm"]}):
-                dense = [r for r in rows if r["arm"] == dense_arm and r.get("train_time_s")]
-                if dense and max(r["train_time_s"] for r in dense) >= m["train_time_s"]:
-                    pick = min(dense, key=lambda r: abs(r["train_time_s"] - m["train_time_s"]))
+                pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
+                if pick is not None:
                     points.setdefault((people, f"{dense_arm} (equal time to {mem_arm})"), []).append(pick)
     return points
 
@@ -539,10 +586,10 @@ def mean_table(results: list[dict]) -> str:
     """Per N and point (see `_points`): the number of seeds, and each metric's mean over seeds with
     its spread (min-max) in brackets."""
     head = (
-        "| N | bits available | arm | seeds | exposures | train time s | exact match | bits stored | "
-        "bits / param (total) | bits / param (non-embedding) |"
+        "| N | bits available | arm | seeds | exposures | train time s (reference) | wall time s | exact match | "
+        "bits stored | bits / param (total) | bits / param (non-embedding) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for (people, label), rows in sorted(_points(results).items()):
         non_emb = [
             r["recall/bits"] / (r["recall/params/total"] - r["recall/params/embedding"])
@@ -552,6 +599,7 @@ def mean_table(results: list[dict]) -> str:
         lines.append(
             f"| {people} | {rows[0]['recall/bits_available']:,.0f} | {label} | {len(rows)} | "
             f"{_mean_spread([r['exposures'] for r in rows], '.0f')} | "
+            f"{_mean_spread([r['ref_time_s'] for r in rows if r.get('ref_time_s')], '.0f')} | "
             f"{_mean_spread([r['train_time_s'] for r in rows if r.get('train_time_s')], '.0f')} | "
             f"{_mean_spread([r['recall/exact_match'] for r in rows], '.1%')} | "
             f"{_mean_spread([r['recall/bits'] for r in rows], ',.0f')} | "
@@ -617,13 +665,14 @@ def exposure_plot(results: list[dict], path: Path) -> None:
         rows = sorted((r for r in results if (r["arm"], r["people"], r["seed"]) == key), key=lambda r: r["step"])
         label = f"{key[0]}, N={key[1]}, seed {key[2]}"
         ax_e.plot([r["exposures"] for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
-        ax_t.plot([r["train_time_s"] for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
+        key = time_key(rows) or "train_time_s"
+        ax_t.plot([r.get(key) for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
     for people in sorted({r["people"] for r in results}):
         available = next(r["recall/bits_available"] for r in results if r["people"] == people)
         for ax in (ax_e, ax_t):
             ax.axhline(available, linestyle="--", color="gray", linewidth=1)
     ax_e.set_xlabel("exposures per person (biographies read)")
-    ax_t.set_xlabel("training time, s (shared CPU)")
+    ax_t.set_xlabel("training time, s (reference step times where measured, else wall clock)")
     save_bits_figure(fig, (ax_e, ax_t), path)
 
 
