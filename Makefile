@@ -43,10 +43,11 @@ lint: setup   # mechanical style: ruff's lint rules and formatter, settings in p
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
-bench: setup   # memory layer vs FFN, dense vs memory models, generation with/without KV cache: docs/benchmarks.md (CPU ~6 min)
+bench: setup   # memory layer vs FFN, dense vs memory models, Engram vs FFN, generation with/without KV cache: docs/benchmarks.md (CPU ~6 min)
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_model.py
 	$(BIN)/python scripts/bench_step.py
+	$(BIN)/python scripts/bench_engram.py
 	$(BIN)/python scripts/bench_generate.py
 
 bench-data: setup   # data pipeline tokens/s: bare encode_batch vs streaming vs prepared shards (~2 min)

@@ -1,4 +1,5 @@
-"""The benchmarks (scripts/bench_memory.py, bench_model.py, bench_step.py, bench_generate.py) run with torch alone.
+"""The benchmarks (scripts/bench_memory.py, bench_model.py, bench_step.py, bench_engram.py, bench_generate.py) run
+with torch alone.
 
 A GPU machine may hold torch and triton and nothing of pkmlm's training stack, so neither script
 may import Hydra, omegaconf, datasets, wandb (nor the data pipeline's tokenizers) anywhere along its
@@ -71,6 +72,11 @@ def test_benchlib_imports_torch_only():
             "bench_model",
             ["--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "0", "--batch", "1"],
             ["| dense4 | no |", "| dense8 | no |", "| mem4 | no | torch | float32 |", "train speed-up"],
+        ),
+        (
+            "bench_engram",
+            ["--repeats", "1", "--warmup", "0", "--batch", "1", "--no-default"],
+            ["| FFN d -> 4d -> d (GELU) | 1 |", "| Engram, tiny tables (4.2M), sparse grad | 2 |", "| hashing alone"],
         ),
         (
             "bench_generate",

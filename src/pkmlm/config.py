@@ -15,16 +15,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 from omegaconf import OmegaConf
 
-from pkmlm.data.config import DataConfig, check_data_config, default_cache_dir
-from pkmlm.errors import UserError, require
+from pkmlm.data.config import DataConfig, default_cache_dir
+from pkmlm.errors import UserError, checked_once, require, require_one_of
 from pkmlm.finetune.config import FinetuneConfig, check_finetune_config  # finetune.*: with its modes
 from pkmlm.metrics.memory_usage import MetricsConfig  # metrics.*: beside the trackers it configures
+from pkmlm.metrics.sinks import WandbMode
 from pkmlm.model.transformer import ModelConfig
 from pkmlm.optim.config import OptimConfig  # beside the optimizer: torch-only for the benchmarks
+from pkmlm.parallel.parallelize import ParallelMode
 from pkmlm.paths import dir_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/pkmlm/config.py -> project root
@@ -41,10 +43,43 @@ def config_dir() -> str:
     return os.environ.get("PKMLM_CONFIG_DIR") or str(PROJECT_ROOT / "configs")
 
 
+# Integers beyond 2**53 lose their value in JSON readers, wandb and float arithmetic (the LR
+# schedule divides by train.max_steps): no count in a config is meant to be that large.
+MAX_INT = 2**53
+# More optimizer steps than any run takes (1e10 steps at 1 ms each is 116 days); a typo like
+# train.max_steps=1e23 is refused instead of scheduling a learning rate nobody will see.
+MAX_STEPS = 10**10
+
+
 @dataclass
 class PathsConfig:
     sample_dir: str = "${pkmlm_sample_dir:}"  # $PKMLM_SAMPLE_DIR, else the repository's data/
     cache_dir: str = "${pkmlm_cache_dir:}"  # $PKMLM_CACHE_DIR, else ~/.cache/pkmlm (tokenizer cache)
+
+    def validate(self) -> None:
+        reason = dir_problem(self.cache_dir)
+        require(
+            reason is None,
+            "paths.cache_dir",
+            self.cache_dir,
+            f"a directory this user can create or write ({reason}); set paths.cache_dir or PKMLM_CACHE_DIR",
+        )
+
+
+# train.device: auto, cpu, cuda or cuda:N (pkmlm-eval's `device` too); checked by `check_device`.
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+DEVICES = "auto, cpu, cuda or cuda:N"
+Precision = Literal["auto", "fp32", "bf16"]  # train.precision (pkmlm-eval's `precision` too)
+
+
+def check_device(key: str, device: str) -> None:
+    """The device string's form; whether that device exists is `pkmlm.train.setup.pick_device`'s."""
+    require(re.fullmatch(DEVICE_PATTERN, device) is not None, key, device, DEVICES)
+
+
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """The precision rule: bf16 autocast on CUDA by default, fp32 on CPU unless bf16 is asked for."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
 @dataclass
@@ -74,6 +109,62 @@ class TrainConfig:
     # finetune.top_t value rows per batch by TF-IDF, Lin et al. 2025). pkmlm/finetune/
     finetune: str = "full"
 
+    def validate(self) -> None:
+        """Every `train.*` value on its own and against the other `train.*` values."""
+        require(
+            1 <= self.max_steps <= MAX_STEPS, "train.max_steps", self.max_steps, f"an integer in [1, {MAX_STEPS:.0e}]"
+        )
+        require(
+            self.stop_at_step is None or 1 <= self.stop_at_step <= self.max_steps,
+            "train.stop_at_step",
+            self.stop_at_step,
+            f"null or in [1, train.max_steps={self.max_steps}]",
+        )
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        mb = self.micro_batch_size
+        require(
+            mb is None or (1 <= mb <= self.batch_size and self.batch_size % mb == 0),
+            "train.micro_batch_size",
+            mb,
+            f"null or a divisor of train.batch_size={self.batch_size}",
+        )
+        check_device("train.device", self.device)
+        require_one_of("train.precision", self.precision, Precision)
+        require(
+            self.max_consecutive_nonfinite >= 1,
+            "train.max_consecutive_nonfinite",
+            self.max_consecutive_nonfinite,
+            ">= 1",
+        )
+        self._validate_budgets()
+        require_one_of("train.parallel", self.parallel, ParallelMode)
+        require(
+            self.data_shards is None or (self.data_shards >= 1 and self.batch_size % self.data_shards == 0),
+            "train.data_shards",
+            self.data_shards,
+            f"null (the process count) or a divisor of train.batch_size={self.batch_size}",
+        )
+
+    def _validate_budgets(self) -> None:
+        require(
+            self.max_tokens is None or self.max_tokens >= 1,
+            "train.max_tokens",
+            self.max_tokens,
+            "null (no token budget) or a positive number of training tokens",
+        )
+        require(
+            self.max_time is None or (self.max_time > 0 and math.isfinite(self.max_time)),
+            "train.max_time",
+            self.max_time,
+            "null (no time budget) or a positive number of seconds",
+        )
+        require(
+            self.peak_flops is None or (self.peak_flops > 0 and math.isfinite(self.peak_flops)),
+            "train.peak_flops",
+            self.peak_flops,
+            "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12",
+        )
+
 
 @dataclass
 class EvalConfig:
@@ -83,11 +174,26 @@ class EvalConfig:
     recall: Optional[str] = None  # a qa.jsonl (pkmlm-facts): recall/* metrics at each evaluation
     recall_max_questions: Optional[int] = None  # score only the first questions (time per eval); None = all
 
+    def validate(self) -> None:
+        require(self.interval >= 1, "eval.interval", self.interval, ">= 1")
+        require(self.max_batches is None or self.max_batches >= 1, "eval.max_batches", self.max_batches, "null or >= 1")
+        require(self.batch_size is None or self.batch_size >= 1, "eval.batch_size", self.batch_size, "null or >= 1")
+        require(
+            self.recall_max_questions is None or self.recall_max_questions >= 1,
+            "eval.recall_max_questions",
+            self.recall_max_questions,
+            "null (all) or >= 1",
+        )
+
 
 @dataclass
 class CheckpointConfig:
     interval: int = 200  # steps between checkpoints (and one at the end / at stop_at_step)
     keep_last: int = 2  # the newest checkpoints kept (one format: pkmlm/checkpoint/store.py)
+
+    def validate(self) -> None:
+        require(self.interval >= 1, "checkpoint.interval", self.interval, ">= 1")
+        require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
 
 
 @dataclass
@@ -99,12 +205,19 @@ class WandbConfig:
     name: Optional[str] = None  # wandb run name; None = <name>/<run dir name>
     tags: List[str] = field(default_factory=list)  # wandb tags
 
+    def validate(self) -> None:
+        require_one_of("logging.wandb.mode", self.mode, WandbMode)
+
 
 @dataclass
 class LoggingConfig:
     interval: int = 10  # steps between training rows (loss averaged over the interval)
     progress: bool = True  # console progress bar (a plain line every 30 s when not a terminal)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        require(self.interval >= 1, "logging.interval", self.interval, ">= 1")
+        self.wandb.validate()
 
 
 @dataclass
@@ -177,13 +290,6 @@ def register_configs() -> None:
 
 # --- validation: every value, once, before any work (one style: pkmlm.errors.require) ---------------
 
-# Integers beyond 2**53 lose their value in JSON readers, wandb and float arithmetic (the LR
-# schedule divides by train.max_steps): no count in a config is meant to be that large.
-MAX_INT = 2**53
-# More optimizer steps than any run takes (1e10 steps at 1 ms each is 116 days); a typo like
-# train.max_steps=1e23 is refused instead of scheduling a learning rate nobody will see.
-MAX_STEPS = 10**10
-
 
 def _check_ints(node: Any, key: str = "") -> None:
     """Every integer of the config tree (dataclasses, lists) within [-MAX_INT, MAX_INT]."""
@@ -210,24 +316,51 @@ def check_name(name: str) -> None:
     )
 
 
+@checked_once  # the command line's check of each job and train() ask for it; it runs once
 def validate(cfg: Config) -> None:
-    """Check every value that would otherwise fail late; raise ConfigError on the first problem."""
-    check_name(cfg.name)
-    reason = dir_problem(cfg.paths.cache_dir)
-    require(
-        reason is None,
-        "paths.cache_dir",
-        cfg.paths.cache_dir,
-        f"a directory this user can create or write ({reason}); set paths.cache_dir or PKMLM_CACHE_DIR",
-    )
+    """Check every value that would otherwise fail late; raise ConfigError on the first problem.
 
+    Each group checks its own values (`cfg.<group>.validate()`); this adds the rules that span
+    several groups."""
+    check_name(cfg.name)
+    cfg.paths.validate()
     model = cfg.model
     require(model.vocab_size >= 0, "model.vocab_size", model.vocab_size, "0 (from the tokenizer) or a positive size")
     # The model's vocabulary comes from the tokenizer when 0; validate the rest with a placeholder.
     dataclasses.replace(model, vocab_size=model.vocab_size or 1).validate()
+    cfg.data.validate()  # every data.* value that needs no file; paths are checked by resolve_data
+    _check_data_and_model(cfg.data, model)
+    cfg.optim.validate()
+    cfg.train.validate()
+    require(
+        not (model.memory.shard_values and cfg.optim.sparse_values),
+        "model.memory.shard_values",
+        model.memory.shard_values,
+        "false with optim.sparse_values=true (a sharded table takes dense gradients)",
+    )
+    for group in (cfg.eval, cfg.checkpoint, cfg.logging, cfg.metrics):
+        group.validate()
+    require(
+        cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume, "auto, never or a checkpoint path"
+    )
+    require(
+        cfg.init_from is None or len(cfg.init_from) > 0,
+        "init_from",
+        cfg.init_from,
+        "null or a run directory or checkpoint whose weights to start from",
+    )
+    check_finetune_config(
+        cfg.train.finetune,
+        cfg.finetune,
+        init_from=cfg.init_from,
+        memory_layers=model.memory.layers,
+        shard_values=model.memory.shard_values,
+    )
+    _check_ints(cfg)  # the backstop for every other count: 2**53 at most
 
-    d = cfg.data
-    check_data_config(d)  # every data.* value that needs no file; paths are checked by resolve_data
+
+def _check_data_and_model(d: DataConfig, model: ModelConfig) -> None:
+    """The data group against the model: sequence length, where the data comes from, vocabulary."""
     require(d.seq_len <= model.max_seq_len, "data.seq_len", d.seq_len, f"at most model.max_seq_len={model.max_seq_len}")
     if not d.files and not d.sources:  # data=prepared sets files: [] and needs data.prepared=DIR
         require(
@@ -245,140 +378,6 @@ def validate(cfg: Config) -> None:
         model.vocab_size,
         f"0 (the tokenizer's size) or at least data.vocab_size={d.vocab_size}, the tokenizer's",
     )
-
-    o = cfg.optim
-    require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a positive finite number")
-    require(o.values_lr >= 0 and math.isfinite(o.values_lr), "optim.values_lr", o.values_lr, ">= 0")
-    require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
-    require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "in [0, 1)")
-    require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "in [0, 1)")
-    require(o.eps > 0 and math.isfinite(o.eps), "optim.eps", o.eps, "a positive finite number (AdamW's denominator)")
-    require(
-        o.schedule in ("cosine", "inv_sqrt", "constant"),
-        "optim.schedule",
-        o.schedule,
-        "one of cosine, inv_sqrt, constant",
-    )
-    require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, ">= 0")
-    require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]")
-    require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, ">= 0 (0 disables clipping)")
-    require(
-        o.values_grad_clip >= 0 and math.isfinite(o.values_grad_clip),
-        "optim.values_grad_clip",
-        o.values_grad_clip,
-        ">= 0 (0: the values are clipped with the rest by optim.grad_clip)",
-    )
-    require(
-        o.values_schedule in ("follow", "constant"),
-        "optim.values_schedule",
-        o.values_schedule,
-        "one of follow, constant",
-    )
-
-    t = cfg.train
-    require(1 <= t.max_steps <= MAX_STEPS, "train.max_steps", t.max_steps, f"an integer in [1, {MAX_STEPS:.0e}]")
-    require(
-        t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
-        "train.stop_at_step",
-        t.stop_at_step,
-        f"null or in [1, train.max_steps={t.max_steps}]",
-    )
-    require(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
-    mb = t.micro_batch_size
-    require(
-        mb is None or (1 <= mb <= t.batch_size and t.batch_size % mb == 0),
-        "train.micro_batch_size",
-        mb,
-        f"null or a divisor of train.batch_size={t.batch_size}",
-    )
-    require(
-        re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", t.device) is not None,
-        "train.device",
-        t.device,
-        "auto, cpu, cuda or cuda:N",
-    )
-    require(t.precision in ("auto", "fp32", "bf16"), "train.precision", t.precision, "one of auto, fp32, bf16")
-    require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite, ">= 1")
-    require(
-        t.max_tokens is None or t.max_tokens >= 1,
-        "train.max_tokens",
-        t.max_tokens,
-        "null (no token budget) or a positive number of training tokens",
-    )
-    require(
-        t.max_time is None or (t.max_time > 0 and math.isfinite(t.max_time)),
-        "train.max_time",
-        t.max_time,
-        "null (no time budget) or a positive number of seconds",
-    )
-    require(
-        t.peak_flops is None or (t.peak_flops > 0 and math.isfinite(t.peak_flops)),
-        "train.peak_flops",
-        t.peak_flops,
-        "null (from the GPU's name) or the device's peak FLOP/s, e.g. 989e12",
-    )
-    require(t.parallel in ("ddp", "fsdp"), "train.parallel", t.parallel, "one of ddp, fsdp")
-    require(
-        t.data_shards is None or (t.data_shards >= 1 and t.batch_size % t.data_shards == 0),
-        "train.data_shards",
-        t.data_shards,
-        f"null (the process count) or a divisor of train.batch_size={t.batch_size}",
-    )
-    require(
-        not (model.memory.shard_values and getattr(cfg.optim, "sparse_values", False)),
-        "model.memory.shard_values",
-        model.memory.shard_values,
-        "false with optim.sparse_values=true (a sharded table takes dense gradients)",
-    )
-
-    require(cfg.eval.interval >= 1, "eval.interval", cfg.eval.interval, ">= 1")
-    require(
-        cfg.eval.max_batches is None or cfg.eval.max_batches >= 1,
-        "eval.max_batches",
-        cfg.eval.max_batches,
-        "null or >= 1",
-    )
-    require(
-        cfg.eval.batch_size is None or cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "null or >= 1"
-    )
-    require(
-        cfg.eval.recall_max_questions is None or cfg.eval.recall_max_questions >= 1,
-        "eval.recall_max_questions",
-        cfg.eval.recall_max_questions,
-        "null (all) or >= 1",
-    )
-    require(cfg.checkpoint.interval >= 1, "checkpoint.interval", cfg.checkpoint.interval, ">= 1")
-    require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
-    require(cfg.logging.interval >= 1, "logging.interval", cfg.logging.interval, ">= 1")
-    require(
-        cfg.metrics.stale_window >= 1,
-        "metrics.stale_window",
-        cfg.metrics.stale_window,
-        ">= 1 (optimizer steps without a read before a slot counts as stale)",
-    )
-    require(
-        cfg.logging.wandb.mode in ("online", "offline", "disabled"),
-        "logging.wandb.mode",
-        cfg.logging.wandb.mode,
-        "one of online, offline, disabled",
-    )
-    require(
-        cfg.resume in ("auto", "never") or len(cfg.resume) > 0, "resume", cfg.resume, "auto, never or a checkpoint path"
-    )
-    require(
-        cfg.init_from is None or len(cfg.init_from) > 0,
-        "init_from",
-        cfg.init_from,
-        "null or a run directory or checkpoint whose weights to start from",
-    )
-    check_finetune_config(
-        t.finetune,
-        cfg.finetune,
-        init_from=cfg.init_from,
-        memory_layers=model.memory.layers,
-        shard_values=model.memory.shard_values,
-    )
-    _check_ints(cfg)  # the backstop for every other count: 2**53 at most
 
 
 # --- does the run fit the device? (checked before anything is allocated) ----------------------------
@@ -453,7 +452,7 @@ def check_fits_device(cfg: Config, device: Any, world_size: int = 1) -> None:
     (`estimate_train_memory`, an estimate: a run that only just fits may still run out) exceed the
     memory `device` has: one line, before anything allocates, instead of an allocator traceback
     minutes later."""
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(cfg.train.precision, device.type)
     need = estimate_train_memory(cfg, world_size, act_bytes=2 if bf16 else 4)
     have, where = device_memory(device)
     if need["total"] <= have:

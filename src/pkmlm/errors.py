@@ -4,12 +4,23 @@ A `UserError` is a mistake in what the user gave us (a config value, a path, an 
 CLI prints its one-line message on stderr and exits with status 2, without a traceback. Anything
 else that escapes is a bug and keeps its traceback.
 
-Config values are checked once, at the config boundary (`pkmlm.config.validate`, and
-`pkmlm.data.config.check_data_config` for the data group that pkmlm-prepare and pkmlm-eval share),
-each with `require(ok, key, value, allowed)`; constructors trust their typed arguments.
+Config values are checked once, at the config boundary: each typed sub-config owns its rules in
+its own `validate()` (`DataConfig.validate` for the data group that pkmlm-prepare and pkmlm-eval
+share, `TrainConfig.validate`, ...), and `pkmlm.config.validate` adds the rules that span several
+groups. Each rule is one `require(ok, key, value, allowed)`; a value with a fixed set of choices is
+declared once, as a `Literal` beside the code that branches on it, and checked by `require_one_of`,
+whose message lists them. Constructors trust their typed arguments. `checked_once` makes a check of
+a config value run once per process however many entry points ask for it (docs/architecture.md,
+"How config rules are owned").
 """
 
 from __future__ import annotations
+
+import functools
+import typing
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -32,3 +43,37 @@ def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise `ConfigError(key, value, allowed)` unless `ok`: the one way a config value is checked."""
     if not ok:
         raise ConfigError(key, value, allowed)
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a `Literal[...]` type: the one declaration of a setting's allowed values."""
+    return typing.get_args(literal)
+
+
+def require_one_of(key: str, value: object, literal: Any) -> None:
+    """`require` for a setting with a fixed set of values, read from its `Literal` (never retyped)."""
+    allowed = choices(literal)
+    require(value in allowed, key, value, "one of " + ", ".join(allowed))
+
+
+# The checks of config values that passed in this process, by check and value (the repr of the
+# config dataclass, which shows every field): the process-level memo behind `checked_once`. Only a
+# pass is remembered, so a bad value is refused every time it is asked about.
+_PASSED: dict[tuple[str, str], Any] = {}
+
+
+def checked_once(check: Callable[[Any], T]) -> Callable[[Any], T]:
+    """Run `check(cfg)` once per process for each distinct config value and return its first result.
+
+    The command line checks every job before Hydra starts and `train()` checks the config it is
+    given (it is also called from Python); with this, a run started from the command line checks
+    its config once (tests/test_config.py counts it)."""
+
+    @functools.wraps(check)
+    def once(cfg: Any) -> T:
+        key = (f"{check.__module__}.{check.__qualname__}", repr(cfg))
+        if key not in _PASSED:
+            _PASSED[key] = check(cfg)
+        return _PASSED[key]
+
+    return once

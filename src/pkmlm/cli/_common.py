@@ -1,21 +1,21 @@
 """What every Hydra entry point shares: config checks before Hydra runs, one-line user errors.
 
 Hydra reports a bad override (a misspelt key, a wrong type, a missing `???` value) with a
-multi-line message or a traceback and exit status 1, and it writes the run directory's `.hydra/`
-files (config.yaml, hydra.yaml, overrides.yaml) and its log before the task runs. The contract is
-one line on stderr, exit status 2, and nothing written for a refused run. So `precheck` composes
-the config first, exactly as Hydra will (its own config loader; for a sweep, `-m` or
-`hydra.mode: MULTIRUN`, every job of the basic sweeper, each composed from the master config as
-Hydra composes it), and checks each job: no key added with `+` that the schema lacks, no missing
-mandatory value, the entry point's own checks (`pkmlm-train`: every value, data paths, the memory
-estimate). Only then does Hydra run; a run that the task refuses later (a resume conflict, a held
-lock) gets its `.hydra/` files back as they were (`hydra_files_kept_on_refusal`).
+multi-line message or a traceback and exit status 1. The contract is one line on stderr, exit
+status 2, and nothing written for a refused run. So `precheck_overrides` composes the config
+first, exactly as Hydra will (its own config loader; for a sweep, `-m` or `hydra.mode: MULTIRUN`,
+every job of the basic sweeper, each composed from the master config as Hydra composes it: the
+sweeper composes a job only when it launches it, and every job is checked before any trains), and
+checks each job: no key added with `+` that the schema lacks, no missing mandatory value, the entry
+point's own checks (`pkmlm-train`: `pkmlm.train.checks.check_run`, the same function `train()`
+calls, once per process). Only then does Hydra run. Hydra itself writes nothing a refusal could
+clobber: configs/config.yaml turns its `.hydra/` files off (pkmlm-train writes them once the task
+has accepted the run: `hydra_files`) and opens its log file at the first record.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -23,7 +23,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from pkmlm.errors import UserError
 
@@ -137,7 +137,12 @@ def added_keys(cfg: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def check_job(cfg: Any, check: Optional[Callable[[Any], None]], required: dict[str, str]) -> None:
+# An entry point's own check of one job: its task config (a DictConfig without the `hydra` node)
+# and, for a job of a sweep, the sweep's directory (None for a single run).
+JobCheck = Callable[[Any, Optional[str]], None]
+
+
+def check_job(cfg: Any, check: Optional[JobCheck], required: dict[str, str], sweep_dir: Optional[str] = None) -> None:
     """Raise UserError on the first problem of one composed task config (no `hydra` node)."""
     from omegaconf import OmegaConf
 
@@ -154,19 +159,10 @@ def check_job(cfg: Any, check: Optional[Callable[[Any], None]], required: dict[s
         key = missing[0]
         raise UserError(f"{key} is required: give {key}={required.get(key, 'VALUE')} on the command line")
     if check is not None:
-        check(OmegaConf.to_object(cfg))
+        check(cfg, sweep_dir)
 
 
 # --- composing as Hydra will ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Planned:
-    """What precheck found: the directories Hydra will write (a run's, or each job's of a sweep)."""
-
-    multirun: bool
-    job_dirs: list[Path]
-    sweep_dir: Optional[Path] = None
 
 
 def _jobs(loader: Any, master: Any) -> list[list[str]]:
@@ -218,13 +214,13 @@ def _task(cfg: Any) -> Any:
 def precheck_overrides(
     config_dir: str,
     config_name: str,
-    check: Optional[Callable[[Any], None]] = None,
+    check: Optional[JobCheck] = None,
     required: Optional[dict[str, str]] = None,
-) -> Optional[Planned]:
+) -> None:
     """Compose and check the config of every job before Hydra runs; a failure is one line on
-    stderr and exit status 2. `check` takes a job's typed config (the entry point's own checks);
-    `required` gives, per mandatory key, what to write after `key=` in the message. Returns the
-    directories Hydra will write, or None when Hydra takes over itself (help, info, another config)."""
+    stderr and exit status 2. `check` is the entry point's own check of a job (`JobCheck`);
+    `required` gives, per mandatory key, what to write after `key=` in the message. Hydra's own
+    flags (help, info, another config) are left to Hydra."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
@@ -233,7 +229,7 @@ def precheck_overrides(
 
     argv = sys.argv[1:]
     if any(a.split("=", 1)[0] in HYDRA_ONLY_FLAGS for a in argv):
-        return None
+        return
     multirun = any(a in ("-m", "--multirun") for a in argv)
     overrides = [a for a in argv if not a.startswith("-")]
     # `${pkmlm_now:...}` in hydra.run.dir: the same moment here and when Hydra resolves it again.
@@ -254,118 +250,39 @@ def precheck_overrides(
                 jobs = _jobs(loader, master) if multirun else [list(master.hydra.overrides.task)]
             except Exception as e:  # noqa: BLE001 - any composition failure is about the user's overrides
                 fail(f"bad config override: {one_line(e)}{_nearest_hint(loader, config_name, e)}")
-            if not multirun:
-                job_dirs = [Path(str(master.hydra.run.dir))]
-                where = f"hydra.run.dir={str(job_dirs[0])!r}"
-                sweep_dir = None
-            else:
-                sweep_dir = Path(str(master.hydra.sweep.dir))
-                where = f"hydra.sweep.dir={str(sweep_dir)!r}"
-                job_dirs = [sweep_dir / str(i) for i in range(len(jobs))]
-            reason = dir_problem(job_dirs[0] if job_dirs else sweep_dir)
+            key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            where = str(master.hydra.sweep.dir if multirun else master.hydra.run.dir)
+            sweep_dir = where if multirun else None
+            reason = dir_problem(Path(where) / "0" if multirun and jobs else Path(where))
             if reason is not None:
-                fail(
-                    f"{where} cannot hold the run: {reason}; choose another "
-                    + ("hydra.sweep.dir" if multirun else "hydra.run.dir")
-                )
+                fail(f"{key}={where!r} cannot hold the run: {reason}; choose another {key}")
             for i, job in enumerate(jobs):
                 try:
                     cfg = master if not multirun else loader.load_sweep_config(master, list(job))
-                    check_job(_task(cfg.copy()), check, {**REQUIRED_VALUES, **(required or {})})
+                    check_job(_task(cfg.copy()), check, {**REQUIRED_VALUES, **(required or {})}, sweep_dir)
                 except UserError as e:
                     fail(f"{_job_label(jobs, i)}: {e}" if multirun else str(e))
                 except Exception as e:  # noqa: BLE001 - a composition or type error in one job's overrides
                     fail(f"bad config override{f' in {_job_label(jobs, i)}' if multirun else ''}: {one_line(e)}")
     finally:
         GlobalHydra.instance().clear()
-    return Planned(multirun=multirun, job_dirs=job_dirs, sweep_dir=sweep_dir)
 
 
-# --- a refused run leaves its directory as it was ---------------------------------------------------
-
-HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+# --- Hydra's files, written by the task once it accepts the run ------------------------------------
 
 
-def _snapshot(directory: Path) -> dict[Path, Optional[bytes]]:
-    """The bytes of the files Hydra writes in `directory` (None: absent), and of its log files."""
-    names = list(HYDRA_FILES) + ([p.name for p in directory.glob("*.log")] if directory.is_dir() else [])
-    state: dict[Path, Optional[bytes]] = {}
-    for name in names:
-        path = directory / name
-        state[path] = path.read_bytes() if path.is_file() else None
-    return state
+def hydra_files(task_cfg: Any) -> dict[str, bytes]:
+    """The `.hydra/` files Hydra writes before a job (config.yaml: `task_cfg`, as the task function
+    received it; hydra.yaml; overrides.yaml), as Hydra writes them (`hydra.core.utils.run_job`),
+    for the task to write once it has accepted the run: configs/config.yaml sets
+    `hydra.output_subdir: null`, so that a run refused by the task (a held lock, a resume conflict)
+    leaves a sweep job's `.hydra/overrides.yaml`, from which pkmlm-compare labels the job, as it
+    was. {} when the user gave `hydra.output_subdir` (then Hydra wrote them itself)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
-
-def _restore(directory: Path, state: dict[Path, Optional[bytes]], existed: bool) -> None:
-    for path in [*state, *(directory.glob("*.log") if directory.is_dir() else [])]:
-        before = state.get(path)
-        with contextlib.suppress(OSError):
-            if before is None:
-                path.unlink(missing_ok=True)
-            elif path.read_bytes() != before:
-                path.write_bytes(before)
-    if not existed:  # a directory Hydra made for this refused run: removed when nothing else is in it
-        for empty in (directory / ".hydra", directory):
-            with contextlib.suppress(OSError):
-                empty.rmdir()
-
-
-def _size(path: Path) -> Optional[int]:
-    return path.stat().st_size if path.is_file() else None
-
-
-@contextlib.contextmanager
-def hydra_files_kept_on_refusal(planned: Optional[Planned]) -> Iterator[None]:
-    """Around Hydra: when the task refuses the run (exit status 2) before it logged a metrics row,
-    put back the `.hydra/` files and log Hydra wrote into its directories (pkmlm-compare labels a
-    sweep's jobs from their overrides.yaml; a refused relaunch must not relabel them), and remove a
-    directory that only this refused run created. A run that trained and then stopped with a user
-    error (a non-finite streak) keeps Hydra's files: they describe it."""
-    if planned is None:
-        yield
-        return
-    extra = [planned.sweep_dir / "multirun.yaml"] if planned.sweep_dir is not None else []
-    saved = {d: (_snapshot(d), d.exists()) for d in planned.job_dirs}
-    saved_extra = {p: p.read_bytes() if p.is_file() else None for p in extra}
-    metrics = {d: _size(d / "metrics.jsonl") for d in planned.job_dirs}
-    try:
-        yield
-    except SystemExit as e:
-        if e.code == 2:
-            for directory, (state, existed) in saved.items():
-                if _size(directory / "metrics.jsonl") == metrics[directory]:  # refused before its first row
-                    _restore(directory, state, existed)
-            for path, before in saved_extra.items():
-                with contextlib.suppress(OSError):
-                    if before is None:
-                        path.unlink(missing_ok=True)
-                    else:
-                        path.write_bytes(before)
-        raise
-
-
-# --- pkmlm-train's own checks -----------------------------------------------------------------------
-
-
-def check_train_job(cfg: Any) -> None:
-    """Everything a training run can be refused for before it starts, cheapest first: every value
-    (`pkmlm.config.validate`), the data's inputs (globs expanded, files stat'd, the prepared index
-    read), the tokenizer and resume paths (a given tokenizer must define data.special_tokens), and
-    whether the model fits the device's memory."""
-    import torch
-
-    from pkmlm.config import check_fits_device, validate
-    from pkmlm.data.loader import resolve_data
-    from pkmlm.data.tokenizer import check_special_tokens, load_tokenizer
-    from pkmlm.train.rundir import check_input_paths
-    from pkmlm.train.setup import pick_device
-
-    validate(cfg)
-    resolve_data(cfg.data)
-    check_input_paths(cfg)
-    if cfg.data.tokenizer and cfg.data.special_tokens:  # a given tokenizer is not extended: it must have them
-        check_special_tokens(load_tokenizer(cfg.data.tokenizer), cfg.data)
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda" and device.index is None:  # torchrun: this process's GPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    check_fits_device(cfg, device, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}: what Hydra saves as hydra.yaml
+    if hydra_cfg.hydra.output_subdir is not None:
+        return {}
+    files = {"config.yaml": task_cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
+    return {f".hydra/{name}": OmegaConf.to_yaml(node).encode() for name, node in files.items()}

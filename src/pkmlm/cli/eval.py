@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +24,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pkmlm.cli._common import precheck_overrides, user_errors_exit_2
-from pkmlm.config import PathsConfig, config_dir, register_configs
+from pkmlm.config import PathsConfig, Precision, check_device, config_dir, register_configs
 from pkmlm.data.config import SourceConfig
-from pkmlm.errors import ConfigError, DataError
+from pkmlm.errors import ConfigError, DataError, require_one_of
 
 
 @dataclass
@@ -53,8 +52,8 @@ class EvalAppConfig:
     eval: EvalExtrasConfig = field(default_factory=EvalExtrasConfig)
     batch_size: int = 16
     max_batches: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
+    device: str = "auto"  # pkmlm.config.DEVICES, as train.device
+    precision: str = "auto"  # pkmlm.config.Precision, as train.precision
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -85,10 +84,8 @@ def check_eval_config(cfg: EvalAppConfig) -> None:
         raise ConfigError("batch_size", cfg.batch_size, "an integer >= 1 (validation windows per batch)")
     if cfg.max_batches is not None and cfg.max_batches < 1:
         raise ConfigError("max_batches", cfg.max_batches, "null (every batch) or an integer >= 1")
-    if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", cfg.device) is None:
-        raise ConfigError("device", cfg.device, "auto, cpu, cuda or cuda:N")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError("precision", cfg.precision, "one of auto, fp32, bf16")
+    check_device("device", cfg.device)
+    require_one_of("precision", cfg.precision, Precision)
     if cfg.eval.recall_max_questions is not None and cfg.eval.recall_max_questions < 1:
         raise ConfigError("eval.recall_max_questions", cfg.eval.recall_max_questions, "null (all) or an integer >= 1")
     if cfg.data.seq_len is not None and cfg.data.seq_len < 1:

@@ -10,17 +10,33 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pkmlm.cli._common import check_train_job, fail, hydra_files_kept_on_refusal, precheck_overrides, user_errors_exit_2
-from pkmlm.config import config_dir, register_configs
+from pkmlm.cli._common import fail, hydra_files, precheck_overrides, user_errors_exit_2
+from pkmlm.config import Config, config_dir, register_configs
 from pkmlm.experiments.sweep import sweep_group
 
 register_configs()
+
+
+def job_config(cfg: DictConfig, sweep_dir: Optional[str]) -> Config:
+    """The typed config a job trains with, the same in the precheck and in the job (so that its
+    checks run once): the jobs of a sweep (`sweep_dir`) share one wandb group, that directory."""
+    if sweep_dir is not None and cfg.logging.wandb.group is None:
+        cfg.logging.wandb.group = sweep_group(sweep_dir)
+    return OmegaConf.to_object(cfg)
+
+
+def check_job(cfg: DictConfig, sweep_dir: Optional[str]) -> None:
+    """pkmlm-train's check of one job before Hydra runs: the one `train()` makes (`check_run`)."""
+    from pkmlm.train.checks import check_run
+
+    check_run(job_config(cfg, sweep_dir))
 
 
 @user_errors_exit_2
@@ -29,11 +45,10 @@ def _run(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.logging.wandb.group is None:
-        cfg.logging.wandb.group = sweep_group(hydra_cfg.sweep.dir)  # one wandb group per sweep
+    files = hydra_files(cfg)  # written by train() once it accepts the run (cli/_common.py)
+    typed = job_config(cfg, str(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    typed = OmegaConf.to_object(cfg)
-    summary = train(typed, run_dir, resolved)
+    summary = train(typed, run_dir, resolved, run_files=files)
     stopped = summary.get("stopped_by")
     if hydra_cfg.mode == RunMode.MULTIRUN and stopped in ("SIGTERM", "SIGINT", "SIGUSR1"):
         # The job has checkpointed; a stop signal ends the sweep too, rather than starting its next
@@ -61,7 +76,7 @@ def main() -> None:
     except UserError as e:
         fail(str(e))
     # Every job's config, data paths and memory estimate, before Hydra writes anything (cli/_common.py).
-    planned = precheck_overrides(config_dir(), "config", check=check_train_job)
+    precheck_overrides(config_dir(), "config", check=check_job)
     # torchrun (several processes): one process group, one shared run directory.
 
     try:
@@ -69,8 +84,7 @@ def main() -> None:
     except UserError as e:
         fail(str(e))
     try:
-        with hydra_files_kept_on_refusal(planned):  # a run refused later leaves .hydra/ as it was
-            _hydra_main()
+        _hydra_main()
     except BaseException:  # a user error (exit 2) or a bug: leave the group, keep the exit status
         shutdown_distributed()
         raise

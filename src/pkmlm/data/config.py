@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Literal, Optional
 
-from pkmlm.errors import require
+from pkmlm.errors import checked_once, require, require_one_of
+
+PreparedOrder = Literal["random", "sequential"]  # data.prepared_order (pkmlm/data/prepared.py)
 
 
 @dataclass
@@ -66,6 +68,80 @@ class DataConfig:
     prepared: Optional[str] = None
     prepared_order: str = "random"
 
+    @checked_once  # resolve_data, pkmlm.config.validate, pkmlm-prepare and pkmlm-eval all ask
+    def validate(self) -> None:
+        """Range checks of every `data.*` value that needs no file (the schema checks the types); a
+        `ConfigError` naming the first bad key. Paths and sources are checked by `resolve_data`."""
+        require(self.seq_len >= 1, "data.seq_len", self.seq_len, "an integer >= 1 (tokens per training sequence)")
+        require(
+            bool(self.text_field), "data.text_field", self.text_field, "the name of the records' text field, e.g. text"
+        )
+        specials = list(self.special_tokens)
+        require(
+            all(isinstance(t, str) and t for t in specials),
+            "data.special_tokens",
+            specials,
+            "non-empty strings, e.g. ['<|pad|>']",
+        )
+        require(
+            len(set(specials)) == len(specials), "data.special_tokens", specials, "distinct tokens (each listed once)"
+        )
+        n_special = len(extra_special_tokens(self))
+        require(
+            self.vocab_size >= MIN_VOCAB_SIZE + n_special,
+            "data.vocab_size",
+            self.vocab_size,
+            f"an integer >= {MIN_VOCAB_SIZE + n_special} (256 bytes + {EOS_TOKEN}"
+            + (f" + {n_special} data.special_tokens)" if n_special else ")"),
+        )
+        require(
+            self.tokenizer_docs >= 1,
+            "data.tokenizer_docs",
+            self.tokenizer_docs,
+            "an integer >= 1 (documents to train the tokenizer on)",
+        )
+        require(self.val_docs >= 0, "data.val_docs", self.val_docs, "an integer >= 0 (0: no validation split)")
+        require(
+            1 <= self.encode_batch_docs <= MAX_ENCODE_BATCH_DOCS,
+            "data.encode_batch_docs",
+            self.encode_batch_docs,
+            f"an integer in [1, {MAX_ENCODE_BATCH_DOCS}]",
+        )
+        most = MAX_SHUFFLE_TOKENS // (self.seq_len + 1)
+        require(
+            0 <= self.shuffle_buffer <= most,
+            "data.shuffle_buffer",
+            self.shuffle_buffer,
+            f"an integer in [0, {most}] (0 turns shuffling off; the buffer is filled before the first batch and "
+            f"holds at most 2**26 tokens: {most} windows of data.seq_len + 1 = {self.seq_len + 1})",
+        )
+        require(
+            self.max_record_bytes >= 1024,
+            "data.max_record_bytes",
+            self.max_record_bytes,
+            "an integer >= 1024 (longer records are skipped and counted as too_long)",
+        )
+        require(
+            self.max_doc_chars >= 64,
+            "data.max_doc_chars",
+            self.max_doc_chars,
+            "an integer >= 64 (longer documents are tokenized in pieces of this many characters)",
+        )
+        require(self.min_chars >= 0, "data.min_chars", self.min_chars, "an integer >= 0 (0 keeps every document)")
+        require(
+            self.dedup_window >= 0,
+            "data.dedup_window",
+            self.dedup_window,
+            "an integer >= 0 (0 turns deduplication off)",
+        )
+        require(
+            0 <= self.num_workers <= MAX_NUM_WORKERS,
+            "data.num_workers",
+            self.num_workers,
+            f"an integer in [0, {MAX_NUM_WORKERS}] (0 reads in the training process)",
+        )
+        require_one_of("data.prepared_order", self.prepared_order, PreparedOrder)
+
 
 # 256 byte tokens + <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
 MIN_VOCAB_SIZE = 257
@@ -88,71 +164,4 @@ def extra_special_tokens(cfg: DataConfig) -> List[str]:
     return [t for t in cfg.special_tokens if t != EOS_TOKEN]
 
 
-def check_data_config(cfg: DataConfig) -> None:
-    """Range checks of every `data.*` value that needs no file (the schema checks the types); a
-    `ConfigError` naming the first bad key. Paths and sources are checked by `resolve_data`."""
-    require(cfg.seq_len >= 1, "data.seq_len", cfg.seq_len, "an integer >= 1 (tokens per training sequence)")
-    require(bool(cfg.text_field), "data.text_field", cfg.text_field, "the name of the records' text field, e.g. text")
-    specials = list(cfg.special_tokens)
-    require(
-        all(isinstance(t, str) and t for t in specials),
-        "data.special_tokens",
-        specials,
-        "non-empty strings, e.g. ['<|pad|>']",
-    )
-    require(len(set(specials)) == len(specials), "data.special_tokens", specials, "distinct tokens (each listed once)")
-    n_special = len(extra_special_tokens(cfg))
-    require(
-        cfg.vocab_size >= MIN_VOCAB_SIZE + n_special,
-        "data.vocab_size",
-        cfg.vocab_size,
-        f"an integer >= {MIN_VOCAB_SIZE + n_special} (256 bytes + {EOS_TOKEN}"
-        + (f" + {n_special} data.special_tokens)" if n_special else ")"),
-    )
-    require(
-        cfg.tokenizer_docs >= 1,
-        "data.tokenizer_docs",
-        cfg.tokenizer_docs,
-        "an integer >= 1 (documents to train the tokenizer on)",
-    )
-    require(cfg.val_docs >= 0, "data.val_docs", cfg.val_docs, "an integer >= 0 (0: no validation split)")
-    require(
-        1 <= cfg.encode_batch_docs <= MAX_ENCODE_BATCH_DOCS,
-        "data.encode_batch_docs",
-        cfg.encode_batch_docs,
-        f"an integer in [1, {MAX_ENCODE_BATCH_DOCS}]",
-    )
-    most = MAX_SHUFFLE_TOKENS // (cfg.seq_len + 1)
-    require(
-        0 <= cfg.shuffle_buffer <= most,
-        "data.shuffle_buffer",
-        cfg.shuffle_buffer,
-        f"an integer in [0, {most}] (0 turns shuffling off; the buffer is filled before the first batch and "
-        f"holds at most 2**26 tokens: {most} windows of data.seq_len + 1 = {cfg.seq_len + 1})",
-    )
-    require(
-        cfg.max_record_bytes >= 1024,
-        "data.max_record_bytes",
-        cfg.max_record_bytes,
-        "an integer >= 1024 (longer records are skipped and counted as too_long)",
-    )
-    require(
-        cfg.max_doc_chars >= 64,
-        "data.max_doc_chars",
-        cfg.max_doc_chars,
-        "an integer >= 64 (longer documents are tokenized in pieces of this many characters)",
-    )
-    require(cfg.min_chars >= 0, "data.min_chars", cfg.min_chars, "an integer >= 0 (0 keeps every document)")
-    require(cfg.dedup_window >= 0, "data.dedup_window", cfg.dedup_window, "an integer >= 0 (0 turns deduplication off)")
-    require(
-        0 <= cfg.num_workers <= MAX_NUM_WORKERS,
-        "data.num_workers",
-        cfg.num_workers,
-        f"an integer in [0, {MAX_NUM_WORKERS}] (0 reads in the training process)",
-    )
-    require(
-        cfg.prepared_order in ("random", "sequential"),
-        "data.prepared_order",
-        cfg.prepared_order,
-        "random or sequential",
-    )
+check_data_config = DataConfig.validate  # the name pkmlm-prepare, pkmlm-eval and resolve_data call

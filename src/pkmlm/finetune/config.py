@@ -14,14 +14,16 @@ Checks follow the project's one style (`pkmlm.errors.require`, at the config bou
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pkmlm.errors import ConfigError, require
+from pkmlm.errors import ConfigError, choices, require, require_one_of
 
-FINETUNE_MODES = ("full", "memory", "sparse_memory")
-FINETUNE_OPTIMIZERS = ("sgd", "adam")
+FinetuneMode = Literal["full", "memory", "sparse_memory"]  # train.finetune
+FINETUNE_MODES = choices(FinetuneMode)
+FinetuneOptimizer = Literal["sgd", "adam"]  # finetune.optimizer
 
 
 @dataclass
@@ -42,6 +44,30 @@ class FinetuneConfig:
     optimizer: str = "sgd"  # sgd (no momentum, no weight decay) | adam (lazy: pkmlm.optim.LazyAdam)
     lr: float = 2.0  # the values' learning rate (the paper's for SGD; for adam, ~1e-3)
 
+    def validate(self) -> None:
+        """`finetune.*` on their own (`check_finetune_config` adds the rules that involve the model)."""
+        b = self.background_batches
+        require(
+            b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 1),
+            "finetune.background_batches",
+            b,
+            "null (a tenth of the source run's steps, at most 1000) or an integer >= 1 (batches of pretraining "
+            "data for the slots' document frequencies)",
+        )
+        require(
+            isinstance(self.top_t, int) and self.top_t >= 1,
+            "finetune.top_t",
+            self.top_t,
+            ">= 1 (value rows trained per batch)",
+        )
+        require_one_of("finetune.optimizer", self.optimizer, FinetuneOptimizer)
+        require(
+            self.lr > 0 and math.isfinite(self.lr),
+            "finetune.lr",
+            self.lr,
+            "a positive finite number",
+        )
+
 
 BACKGROUND_MAX = 1000  # Lin et al. 2025's count of background batches
 
@@ -58,34 +84,8 @@ def check_finetune_config(
     mode: str, cfg: FinetuneConfig, *, init_from: str | None, memory_layers: list, shard_values: bool
 ) -> None:
     """`train.finetune` and `finetune.*` against each other and the model (`model.memory.*`)."""
-    require(mode in FINETUNE_MODES, "train.finetune", mode, f"one of {', '.join(FINETUNE_MODES)}")
-    require(
-        cfg.background_batches is None
-        or (
-            isinstance(cfg.background_batches, int)
-            and not isinstance(cfg.background_batches, bool)
-            and cfg.background_batches >= 1
-        ),
-        "finetune.background_batches",
-        cfg.background_batches,
-        "null (a tenth of the source run's steps, at most 1000) or an integer >= 1 (batches of pretraining "
-        "data for the slots' document frequencies)",
-    )
-    require(
-        isinstance(cfg.top_t, int) and cfg.top_t >= 1,
-        "finetune.top_t",
-        cfg.top_t,
-        ">= 1 (value rows trained per batch)",
-    )
-    require(
-        cfg.optimizer in FINETUNE_OPTIMIZERS,
-        "finetune.optimizer",
-        cfg.optimizer,
-        f"one of {', '.join(FINETUNE_OPTIMIZERS)}",
-    )
-    require(
-        cfg.lr > 0 and cfg.lr == cfg.lr and cfg.lr != float("inf"), "finetune.lr", cfg.lr, "a positive finite number"
-    )
+    require_one_of("train.finetune", mode, FinetuneMode)
+    FinetuneConfig.validate(cfg)
     if mode == "full":
         return
     require(

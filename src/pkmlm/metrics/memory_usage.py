@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pkmlm.errors import require
+
 __all__ = [
     "MemoryUsage",
     "MetricsConfig",
@@ -412,6 +414,14 @@ class MetricsConfig:
     # 100 steps of the default run (16 x 128 tokens, 4 heads x knn 16 reads each) are ~13M reads into
     # 16,384 slots (800 per slot): a slot unread for that long is not being used (Kim & Jung 2020's dead keys).
     stale_window: int = 100
+
+    def validate(self) -> None:
+        require(
+            self.stale_window >= 1,
+            "metrics.stale_window",
+            self.stale_window,
+            ">= 1 (optimizer steps without a read before a slot counts as stale)",
+        )
 
 
 # Last-read step of a slot never read: far below any step minus any window, and no overflow when

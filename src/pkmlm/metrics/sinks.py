@@ -19,11 +19,11 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, TextIO
+from typing import Any, Iterable, Literal, Mapping, TextIO
 
 from tqdm import tqdm
 
-from pkmlm.errors import ConfigError, UserError
+from pkmlm.errors import UserError, require_one_of
 from pkmlm.metrics.formatting import duration as _duration
 from pkmlm.metrics.formatting import number as _number
 from pkmlm.metrics.formatting import si as _si
@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 REQUIRED_KEYS = ("step", "tokens")
-WANDB_MODES = ("online", "offline", "disabled")
+# logging.wandb.mode: online | offline (files in the run dir, `wandb sync` later) | disabled
+WandbMode = Literal["online", "offline", "disabled"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +322,7 @@ class WandbSink:
         tags: Iterable[str] | None = None,
         run_id: str | None = None,
     ):
-        if mode not in WANDB_MODES:
-            raise ConfigError("logging.wandb.mode", mode, "one of " + "|".join(WANDB_MODES))
+        require_one_of("logging.wandb.mode", mode, WandbMode)  # also built directly, not only from a config
         self.mode = mode
         self.run = None
         if mode == "disabled":

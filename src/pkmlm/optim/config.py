@@ -4,9 +4,14 @@ without building anything (`scripts/bench_model.py` builds the training optimize
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
-VALUES_SCHEDULES = ("follow", "constant")
+from pkmlm.errors import require, require_one_of
+
+Schedule = Literal["cosine", "inv_sqrt", "constant"]  # optim.schedule (pkmlm/optim/schedule.py)
+ValuesSchedule = Literal["follow", "constant"]  # optim.values_schedule
 
 
 @dataclass
@@ -34,3 +39,28 @@ class OptimConfig:
     # Memory values get row-sparse gradients and a lazy Adam step that touches only the rows read
     # this step (moments of unread rows are not decayed; see pkmlm/optim/lazy_adam.py). False: AdamW.
     sparse_values: bool = False
+
+    def validate(self) -> None:
+        """Raise `ConfigError` on the first bad `optim.*` value."""
+        require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", self.lr, "a positive finite number")
+        require(self.values_lr >= 0 and math.isfinite(self.values_lr), "optim.values_lr", self.values_lr, ">= 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "in [0, 1)")
+        require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "in [0, 1)")
+        require(
+            self.eps > 0 and math.isfinite(self.eps),
+            "optim.eps",
+            self.eps,
+            "a positive finite number (AdamW's denominator)",
+        )
+        require_one_of("optim.schedule", self.schedule, Schedule)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 disables clipping)")
+        require(
+            self.values_grad_clip >= 0 and math.isfinite(self.values_grad_clip),
+            "optim.values_grad_clip",
+            self.values_grad_clip,
+            ">= 0 (0: the values are clipped with the rest by optim.grad_clip)",
+        )
+        require_one_of("optim.values_schedule", self.values_schedule, ValuesSchedule)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -30,16 +31,14 @@ from pkmlm.errors import ConfigError
 from pkmlm.model.sharded_values import ShardedValues
 from pkmlm.parallel.env import DistInfo
 
-PARALLEL_MODES = ("ddp", "fsdp")
+ParallelMode = Literal["ddp", "fsdp"]  # train.parallel (checked with the config: TrainConfig.validate)
 
 
 def check_parallel_config(
-    parallel: str, shard_values: bool, v_dim: int, info: DistInfo, down_dim: int | None = None
+    parallel: ParallelMode, shard_values: bool, v_dim: int, info: DistInfo, down_dim: int | None = None
 ) -> None:
     """Refuse what cannot run on this many processes, before any tensor is built. `down_dim`: the
     columns of PEER's down vectors (model.dim), sharded like the values; None without them."""
-    if parallel not in PARALLEL_MODES:
-        raise ConfigError("train.parallel", parallel, f"one of {'|'.join(PARALLEL_MODES)}")
     if shard_values and info.distributed and v_dim % info.world_size:
         raise ConfigError(
             "model.memory.shard_values",
@@ -132,7 +131,7 @@ class Parallelized:
 
 def parallelize(
     model: nn.Module,
-    parallel: str,
+    parallel: ParallelMode,
     info: DistInfo,
     device: torch.device,
     *,

@@ -17,7 +17,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pkmlm.config import Config, validate
-from pkmlm.data.loader import resolve_data, stats_row
+from pkmlm.checkpoint.files import atomic_write
+from pkmlm.config import Config
+from pkmlm.data.loader import stats_row
 from pkmlm.errors import UserError
 from pkmlm.metrics.evaluate import evaluate
 from pkmlm.metrics.memory_usage import observers_set_aside
@@ -41,8 +42,9 @@ from pkmlm.parallel.agree import (
     main_rank_holds,
 )
 from pkmlm.parallel.env import init_distributed
+from pkmlm.train.checks import check_run
 from pkmlm.train.clock import budget_reached, stop_reason
-from pkmlm.train.rundir import RunLock, check_input_paths, disk_full_error
+from pkmlm.train.rundir import RunLock, disk_full_error
 from pkmlm.train.setup import Trainer, setup
 
 
@@ -121,11 +123,13 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def train(cfg: Config, run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any]:
-    """Train per `cfg` (typed) into `run_dir`; `resolved` is the same config as plain data."""
-    validate(cfg)
-    check_input_paths(cfg)
-    files = resolve_data(cfg.data)  # every source checked (globs, values, prepared index) before any work
+def train(
+    cfg: Config, run_dir: Path, resolved: dict[str, Any], run_files: Mapping[str, bytes] | None = None
+) -> dict[str, Any]:
+    """Train per `cfg` (typed) into `run_dir`; `resolved` is the same config as plain data.
+    `run_files` (relative path: bytes) are written into `run_dir` once the run is accepted (locked,
+    set up, resume checked), never by a refused run: pkmlm-train's `.hydra/` files."""
+    files = check_run(cfg)  # every value, data path and the memory estimate, before any work (once per process)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = init_distributed()  # torchrun's processes join one group; a single process gets DistInfo()
     check_same_run_dir(run_dir, info)
@@ -133,6 +137,9 @@ def train(cfg: Config, run_dir: Path, resolved: dict[str, Any]) -> dict[str, Any
     with main_rank_holds(lambda: RunLock(run_dir), info), StopSignals() as signals:
         try:
             t = setup(cfg, run_dir, resolved, files, info)
+            for name, data in (run_files or {}).items() if info.is_main else ():
+                (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(run_dir / name, data)
             with t.sinks:  # closed on every exit; a failed run is marked failed in wandb
                 return run_loop(t, signals)
         except OSError as e:  # a full disk is the user's to fix (one line); other OS errors are bugs

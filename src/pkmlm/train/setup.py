@@ -38,7 +38,7 @@ from pkmlm.checkpoint import pieces, store
 from pkmlm.checkpoint.export import checked_model_config, is_export, load_export_weights, read_export
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.checkpoint.states import States, saved_names
-from pkmlm.config import Config
+from pkmlm.config import DEVICES, Config, uses_bf16
 from pkmlm.data.config import DataConfig
 from pkmlm.data.loader import (
     build_train_batches,
@@ -87,7 +87,7 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError("train.device", name, "auto, cpu, cuda or cuda:N") from None
+        raise ConfigError("train.device", name, DEVICES) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device", name, "cuda needs a CUDA build of torch and a GPU; use cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -96,10 +96,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 (no autocast) on CPU unless bf16 is asked for."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """bf16 autocast or none (fp32), by the one precision rule `pkmlm.config.uses_bf16`."""
+    return torch.bfloat16 if uses_bf16(precision, device.type) else None
 
 
 def model_config_for(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
