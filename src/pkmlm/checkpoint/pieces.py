@@ -1,13 +1,13 @@
-"""The stateful pieces of a training run, each as a checkpoint stores it.
+"""The stateful pieces of a training run that the checkpoint layer knows (`states.States` holds
+them with the others: data position, staleness, the loop's counters; train/states.py registers them).
 
-- `ModelAndOptimizers`: model and optimizer state through `torch.distributed.checkpoint.state_dict`
-  (`get_state_dict` / `set_state_dict`), which names parameters the same way with and without DDP
-  or FSDP2 wrappers and keeps DTensors sharded, so save and load never gather a model on one rank;
-  saved as the checkpoint's tensors.
-- RNG states (`rng_state` / `set_rng_state`): python, numpy, torch CPU and every CUDA device, as
+- `ModelState`, `OptimizerState`: model and optimizer state through
+  `torch.distributed.checkpoint.state_dict` (`get_*_state_dict` / `set_*_state_dict`), which names
+  parameters the same way with and without DDP or FSDP2 wrappers and keeps DTensors sharded, so
+  save and load never gather a model on one rank; saved as the checkpoint's tensors `model`, `optim`
+  (torchtitan's ModelWrapper and OptimizersContainer, one piece each).
+- `RngStreams`: python, numpy, torch CPU and every CUDA device (`rng_state` / `set_rng_state`), as
   plain JSON (a rank's file `rng/rank_XXXXX.json`).
-The data pipeline's state is already plain JSON (`data/shard_XXXXX.json`), and the loop's counters
-are `pkmlm.train.state.TrainState` (in `meta.json`).
 """
 
 from __future__ import annotations
@@ -22,23 +22,52 @@ import torch
 from torch import nn
 
 
-class ModelAndOptimizers:
-    """`state_dict()` -> `{"model": ..., "optim": ...}` (fully qualified names, DTensors kept
-    sharded); `load_state_dict` puts such a dict back. Frozen parameters are saved like any other."""
+class ModelState:
+    """The model's weights and buffers (fully qualified names, DTensors kept sharded). Frozen
+    parameters are saved like any other."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """The optimizers' state, keyed by parameter names (as `ModelState`), so it loads on any wrapper."""
 
     def __init__(self, model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]):
         self.model, self.optimizers = model, list(optimizers)
 
     def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
-        return {"model": model_sd, "optim": optim_sd}
+        return get_optimizer_state_dict(self.model, self.optimizers)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_state_dict(self.model, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_optimizer_state_dict(self.model, self.optimizers, state)
+
+
+class RngStreams:
+    """This rank's RNG streams: `state_dict()` -> `{"rank_XXXXX": rng_state()}` (one file per rank)."""
+
+    def __init__(self, rank: int):
+        self.key = f"rank_{rank:05d}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.key: rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state[self.key])
 
 
 def model_state_template(model: nn.Module) -> dict[str, Any]:

@@ -7,7 +7,8 @@ A checkpoint is the directory `checkpoints/step_XXXXXXXX.dcp/`:
                                    table sharded over 2 ranks loads whole into one process)
     meta.json                      the run's common state (step, tokens, clocks, config, model
                                    config, tokenizer, code version, world size, data shards, wandb
-                                   run id), written by rank 0 once every rank is done
+                                   run id, the names of the saved pieces: `states`), written by
+                                   rank 0 once every rank is done
     data/shard_XXXXX.json          each data shard's pipeline state, written by the rank running it
     rng/rank_XXXXX.json            each rank's RNG states
     checksums.sha256               the SHA-256 of every other file (`sha256sum -c` checks it by hand),
@@ -163,7 +164,8 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
     "world_size": (int,),
     "data_shards": (int,),
     "init_from": (str, type(None)),
-    "stale_slots": (list,),
+    "stale_slots": (list,),  # checkpoints written before `states`: the layers whose staleness they hold
+    "states": (list,),  # the Stateful pieces saved (pkmlm.checkpoint.states)
     "code_version": (dict,),
     "wandb_run_id": (str, type(None)),
 }
@@ -182,6 +184,8 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
             return f"field {key!r} is {value}, out of range"
     if "stale_slots" in meta and not all(isinstance(i, int) and not isinstance(i, bool) for i in meta["stale_slots"]):
         return "field 'stale_slots' must list layer numbers"
+    if "states" in meta and not all(isinstance(name, str) for name in meta["states"]):
+        return "field 'states' must list the names of saved pieces"
     return None
 
 

@@ -10,7 +10,9 @@ gradient) over those batches and counts, per slot pool (`tables.py`):
 
 Computed once per finetuning run and cached in its run directory as safetensors (tensors only, no
 pickle) with the batch count and a caller-given fingerprint (which checkpoint, which data, which
-batch size) in its metadata; a cache whose fingerprint, pools or shapes differ is recomputed.
+batch size) in its metadata; a cache whose fingerprint, pools or shapes differ is recomputed. The
+counts are also a Stateful piece of the run (`state_dict`), saved in its checkpoints: a resume
+reads them from there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +45,28 @@ class BackgroundCounts:
             {k: v.to(device) for k, v in self.batches_with_slot.items()},
             {k: v.to(device) for k, v in self.reads.items()},
         )
+
+    @classmethod
+    def zeros(cls, tables: Mapping[str, int], device: torch.device | str) -> BackgroundCounts:
+        """Counts of no batch for the pools `tables` ({name: n_slots}): a template `load_state_dict` fills."""
+        empty = {n: torch.zeros(s, dtype=torch.int64, device=device) for n, s in tables.items()}
+        return cls(0, empty, {n: t.clone() for n, t in empty.items()})
+
+    def state_dict(self) -> dict[str, Any]:
+        """As checkpoint tensors (a Stateful piece of a finetuning run: train/states.py)."""
+        return {
+            "num_batches": torch.tensor(self.num_batches, dtype=torch.int64),
+            "batches_with_slot": dict(self.batches_with_slot),
+            "reads": dict(self.reads),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """In place (the tensors keep their devices)."""
+        self.num_batches = int(state["num_batches"])
+        for name, t in self.batches_with_slot.items():
+            t.copy_(state["batches_with_slot"][name])
+        for name, t in self.reads.items():
+            t.copy_(state["reads"][name])
 
 
 class _PoolCounter:

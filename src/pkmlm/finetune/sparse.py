@@ -114,15 +114,29 @@ class RowSelection:
         self.pools: dict[str, SlotPool] = slot_pools(model)
         self.top_t = top_t
         self.counts = {n: _StepCounts(pool.n_slots, pool.device) for n, pool in self.pools.items()}
+        self.background = background
         self.idf: dict[str, Tensor] | None = None
         if background is not None:
             missing = set(self.pools) - set(background.batches_with_slot)
             if missing:
                 raise ValueError(f"background counts have no slot pool {sorted(missing)}")
-            self.idf = {
-                n: idf(background.batches_with_slot[n].to(pool.device), background.num_batches)
-                for n, pool in self.pools.items()
-            }
+            self._set_idf()
+
+    def _set_idf(self) -> None:
+        background = self.background
+        self.idf = {
+            n: idf(background.batches_with_slot[n].to(pool.device), background.num_batches)
+            for n, pool in self.pools.items()
+        }
+
+    # sparse_memory's saved state: the background counts (the IDF follows from them).
+    def state_dict(self) -> dict:
+        return self.background.state_dict() if self.background is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.background is not None:
+            self.background.load_state_dict(state)
+            self._set_idf()
 
     def attach(self) -> None:
         for name, pool in self.pools.items():

@@ -508,3 +508,36 @@ def stale_metrics(trackers: Mapping[int, StaleSlots]) -> dict[str, float]:
     layers = sorted(trackers)
     values = torch.stack([trackers[i].stale_fraction() for i in layers]).tolist()
     return {f"memory/layer{i}/stale": value for i, value in zip(layers, values)}
+
+
+class StaleTrackers:
+    """Staleness of every memory layer as one Stateful piece of a training run (train/states.py
+    registers it): a :class:`StaleSlots` observer on each layer; :meth:`step_done` after each
+    optimizer step; :meth:`metrics` (``memory/layer{i}/stale``) and :meth:`state_dict`
+    (``{"layer{i}": ...}``) merge the ranks' last reads first (collectives with several processes:
+    a slot is fresh when any rank read it, and every rank saves and resumes the same state)."""
+
+    def __init__(self, model: torch.nn.Module, window: int):
+        self.trackers = attach_stale_trackers(model, window)
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+    def step_done(self) -> None:
+        advance_stale_trackers(self.trackers)
+
+    def _merge_ranks(self) -> None:
+        for tracker in self.trackers.values():
+            tracker.all_reduce_()
+
+    def metrics(self) -> dict[str, float]:
+        self._merge_ranks()
+        return stale_metrics(self.trackers)
+
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        self._merge_ranks()
+        return {f"layer{i}": tracker.state_dict() for i, tracker in self.trackers.items()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        for i, tracker in self.trackers.items():
+            tracker.load_state_dict(state[f"layer{i}"])

@@ -6,8 +6,9 @@
     finish()      the last evaluation or stop-signal checkpoint, the summary row
 
 A research change to the step touches `train_step` (and `loss_terms` for a new loss term); a new
-periodic evaluation touches `evaluate_all`; a new piece of saved state touches `save_checkpoint`
-and `restore` (train/setup.py). docs/architecture.md lists these extension points.
+periodic evaluation touches `evaluate_all`; a new piece of saved state is one registration in
+train/states.py (saved, restored and logged through `Trainer.states`). docs/architecture.md lists
+these extension points.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pkmlm.checkpoint import pieces, store
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.config import Config
+from pkmlm.data.batch_source import BatchSource
 from pkmlm.data.loader import stats_row
 from pkmlm.errors import UserError
 from pkmlm.metrics.evaluate import evaluate
-from pkmlm.metrics.memory_usage import advance_stale_trackers, observers_set_aside
+from pkmlm.metrics.memory_usage import observers_set_aside
 from pkmlm.metrics.recall import evaluate_recall, read_questions
 from pkmlm.metrics.sinks import format_summary
 from pkmlm.optim import clip_gradients_, set_lr
@@ -41,7 +42,6 @@ from pkmlm.parallel.agree import (
     check_same_run_dir,
     main_rank_holds,
 )
-from pkmlm.parallel.data_shards import shard_states
 from pkmlm.parallel.env import init_distributed
 from pkmlm.train.checks import check_run
 from pkmlm.train.clock import budget_reached, stop_reason
@@ -105,7 +105,7 @@ class StopSignals:
                 "resume with resume=auto"
             )
 
-    def first_batch(self, batches: Any) -> Any:
+    def first_batch(self, batches: BatchSource) -> Any:
         """`next(batches)`, interrupted by a stop signal (see `interrupt_now`)."""
         self.interrupt_now = self.received is None
         try:
@@ -237,7 +237,7 @@ def train_step(t: Trainer, batch: Tensor) -> StepOutput | None:
         t.optimizer.zero_grad(set_to_none=True)
         return None
     t.optimizer.step()
-    advance_stale_trackers(t.stale)  # memory/layer{i}/stale: one step done (on device, no sync)
+    t.states.step_done()  # e.g. memory/layer{i}/stale: one step done (on device, no sync)
     t.optimizer.zero_grad(set_to_none=True)
     return StepOutput(terms=terms, grad_norm=grad_norm, values_grad_norm=values_norm)
 
@@ -329,7 +329,7 @@ def evaluate_all(t: Trainer) -> dict:
         result = evaluate(t.model, shares, t.device, autocast_dtype=t.amp_dtype, reduce_across_ranks=summed)
         row.update({"val/loss": result["loss"], "val/ppl": result["ppl"], "val/tokens": result["tokens"]})
         row.update({k: v for k, v in result.items() if k.startswith("memory/")})
-        row.update(t.stale_row())  # memory/layer{i}/stale: slots not read in the last metrics.stale_window steps
+        row.update(t.states.metrics())  # e.g. memory/layer{i}/stale: slots unread in metrics.stale_window steps
         if ecfg.recall is not None:  # the file was checked before training (check_input_paths)
             with torch.autocast(
                 t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None and t.device.type == "cuda"
@@ -370,18 +370,7 @@ def save_checkpoint(t: Trainer, signals: StopSignals | None = None) -> Path:
     with t.clock.paused(), signals.writing(t.state.step) if signals is not None else contextlib.nullcontext():
         t.par.sync_buffers()  # rank 0's BatchNorm statistics are the ones saved
         t.state.wall_time_s, t.state.train_time_s = t.clock.wall_s(), t.clock.train_s()
-        rank_files = {f"data/shard_{s:05d}.json": st for s, st in shard_states(t.batches).items()}
-        rank_files[f"rng/rank_{t.info.rank:05d}.json"] = pieces.rng_state()
-        tensors = {**t.stateful().state_dict(), **t.stale_tensors()}  # model, optimizers, staleness trackers
-        return store.save(
-            t.run_dir / "checkpoints",
-            t.state.step,
-            tensors=tensors,
-            meta={**t.meta, **t.state.to_meta()},
-            rank_files=rank_files,
-            info=t.info,
-            keep_last=t.cfg.checkpoint.keep_last,
-        )
+        return t.states.save(t.run_dir / "checkpoints", t.state.step, t.meta, t.info, t.cfg.checkpoint.keep_last)
 
 
 def finish(

@@ -12,13 +12,15 @@ the source checkpoint's tokenizer and weights (its model config must match, one 
 keys that differ), the memory modes freeze all but the value tables and train them with
 `finetune_optimizer`, and `sparse_memory` counts the background once (cached in the run directory)
 and restricts each step's value gradients to its top rows (`Trainer.selection`, used by
-`train_step`). Every run with memory layers tracks staleness (`Trainer.stale`), saved in its
-checkpoints.
+`train_step`).
+
+Saved state: `Trainer.states` (train/states.py registers its pieces: model, optimizers, data
+position, RNG streams, `TrainState`, staleness, ...), restored here and saved by the loop through
+the same `States` object.
 """
 
 from __future__ import annotations
 
-import binascii
 import dataclasses
 import functools
 import math
@@ -35,6 +37,7 @@ from torch import nn
 from pkmlm.checkpoint import pieces, store
 from pkmlm.checkpoint.export import checked_model_config, is_export, load_export_weights, read_export
 from pkmlm.checkpoint.files import atomic_write
+from pkmlm.checkpoint.states import States, saved_names
 from pkmlm.config import DEVICES, Config, uses_bf16
 from pkmlm.data.batch_source import BatchSource
 from pkmlm.data.config import DataConfig
@@ -61,31 +64,21 @@ from pkmlm.finetune import (
 )
 from pkmlm.finetune.config import background_batch_count
 from pkmlm.metrics.flops import peak_flops
-from pkmlm.metrics.memory_usage import StaleSlots, attach_stale_trackers, stale_metrics
 from pkmlm.metrics.recall import check_recall_fits, read_questions
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
 from pkmlm.model import variants
 from pkmlm.model.kernels import resolve_kernel
 from pkmlm.model.transformer import ModelConfig, Transformer
-from pkmlm.optim import (
-    build_optimizer,
-    torch_optimizers,
-    use_sparse_value_grads,
-    value_parameters,
-)
+from pkmlm.optim import build_optimizer, use_sparse_value_grads, value_parameters
 from pkmlm.optim.groups import Optimizer
 from pkmlm.parallel.agree import check_batch_split, run_on_main
-from pkmlm.parallel.data_shards import (
-    build_batches,
-    load_shard_states,
-    plan_data_shards,
-    shard_states,
-)
+from pkmlm.parallel.data_shards import build_batches, plan_data_shards
 from pkmlm.parallel.env import DistInfo, rank_device
 from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
 from pkmlm.train.clock import RunClock
 from pkmlm.train.rundir import check_output_dirs, code_version, fresh_start_conflicts, resume_conflicts
 from pkmlm.train.state import TrainState
+from pkmlm.train.states import StateParts, build_states
 
 VOCAB_MULTIPLE = 64  # pad the embedding to a multiple of 64: tensor-core friendly (nanoGPT: 50257 -> 50304)
 
@@ -141,27 +134,14 @@ class Trainer:
     val: list
     tokenizer: Any
     sinks: Sinks
-    state: TrainState
+    state: TrainState  # the loop's counters (also the `train` piece of `states`)
+    states: States  # every piece of saved state (train/states.py): saved, restored and logged together
     clock: RunClock
     resumed_from: Path | None
     meta: dict  # what every checkpoint of this run records beside the state (config, tokenizer, ...)
     init_from: Path | None = None  # the checkpoint whose weights the run started from (init_from)
     selection: RowSelection | None = None  # train.finetune=memory|sparse_memory: the rows a step may change
-    stale: dict[int, StaleSlots] = dataclasses.field(default_factory=dict)  # memory/layer{i}/stale
-
-    def stale_row(self) -> dict[str, float]:
-        """`memory/layer{i}/stale` of every memory layer. A collective with several processes (a
-        slot is fresh when any rank read it: the ranks' last reads are merged first)."""
-        for tracker in self.stale.values():
-            tracker.all_reduce_()
-        return stale_metrics(self.stale)
-
-    def stale_tensors(self) -> dict[str, Any]:
-        """The staleness trackers' state as checkpoint tensors (`stale/layer{i}/...`), merged over
-        ranks first (a collective), so that every rank saves and resumes the same state."""
-        for tracker in self.stale.values():
-            tracker.all_reduce_()
-        return {"stale": {f"layer{i}": s.state_dict() for i, s in self.stale.items()}} if self.stale else {}
+    kept_fresh: list[str] = dataclasses.field(default_factory=list)  # pieces a resume left as built
 
     @property
     def micro_batch_size(self) -> int:
@@ -171,9 +151,6 @@ class Trainer:
     def stop_at(self) -> int:
         t = self.cfg.train
         return min(t.stop_at_step or t.max_steps, t.max_steps)
-
-    def stateful(self) -> pieces.ModelAndOptimizers:
-        return pieces.ModelAndOptimizers(self.model, torch_optimizers(self.optimizer))
 
     @functools.cached_property
     def value_params(self) -> list:
@@ -357,27 +334,23 @@ def finetune_background(
     return counts
 
 
-# Over 80 lines: one ordered sequence of builds, each needing the previous ones (module docstring, "Order").
-def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
-    device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
-    check_parallel_config(
-        cfg.train.parallel,
-        cfg.model.memory.shard_values,
-        cfg.model.memory.v_dim or cfg.model.dim,
-        info,
-        down=variants.down_table(cfg.model.memory, cfg.model.dim),
-    )
-    check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
-    if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
-        resolve_kernel(cfg.model.memory.kernel, device)
-    run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
+def resume_point(cfg: Config, run_dir: Path, resolved: dict, info: DistInfo) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume (rank 0 picks, all read it) and its checked meta.json, or None, None
+    for a fresh start (checked not to mix with another run's files)."""
     resumed = store.resolve_shared(cfg.resume, run_dir, info)  # rank 0 picks, all read it
     meta = store.read_meta(resumed) if resumed is not None else None
     if meta is not None:  # the schema of what a resume reads, before anything is built
         _check_resumed_meta(resumed, meta)
     _check_resume(cfg, run_dir, resolved, resumed, meta, info)
-    source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
+    return resumed, meta
 
+
+def run_tokenizer(
+    cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo, meta: dict | None, source_meta: dict | None
+) -> tuple[Any, str, ModelConfig]:
+    """The run's tokenizer, where it came from, and the model config sized to it; checked against
+    the recall questions and the `init_from` source's model; `tokenizer.json` and `config.yaml`
+    written into the run directory (rank 0)."""
     # Tokenizer: a resumed run keeps its own, whatever the cache holds now; init_from takes the source's.
     if meta is not None:
         tokenizer, tok_source = tokenizer_from_str(meta["tokenizer"]), "checkpoint"
@@ -402,6 +375,83 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         # config.yaml shows the vocabulary actually built; checkpoints keep the config as given.
         written = {**resolved, "model": {**resolved["model"], "vocab_size": model_cfg.vocab_size}}
         atomic_write(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(written)).encode())
+    return tokenizer, tok_source, model_cfg
+
+
+def finetune_selection(
+    cfg: Config,
+    run_dir: Path,
+    model: Transformer,
+    source: Path | None,
+    tokenizer: Any,
+    info: DistInfo,
+    meta: dict | None,
+) -> RowSelection:
+    """The memory modes' row selection; `sparse_memory`'s with its background counts: those of the
+    resumed checkpoint (its `background` piece, filled in by the restore), else the run directory's
+    cache or a count (`finetune_background`), made before any observer is attached (these reads are
+    not training reads)."""
+    background = None
+    if cfg.train.finetune == "sparse_memory" and meta is not None and "background" in saved_names(meta):
+        device = next(iter(slot_pools(model).values())).device
+        background = BackgroundCounts.zeros({n: p.n_slots for n, p in slot_pools(model).items()}, device)
+    elif cfg.train.finetune == "sparse_memory":
+        background = finetune_background(cfg, run_dir, model, source, tokenizer, info, weights_loaded=meta is None)
+    return row_selection(model, cfg.train.finetune, cfg.finetune, background)
+
+
+def run_clock(
+    cfg: Config,
+    model: Transformer,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    info: DistInfo,
+    state: TrainState,
+) -> RunClock:
+    """The run's clock, continuing the times of its earlier segments (`state`, restored)."""
+    device_peak = peak_flops(device, amp_dtype, cfg.train.peak_flops)
+    clock = RunClock(
+        device,
+        model.flops_per_token(cfg.data.seq_len),
+        # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
+        device_peak * info.world_size if device_peak is not None else None,
+        wall_before_s=state.wall_time_s,
+        train_before_s=state.train_time_s,
+    )
+    return clock
+
+
+def run_meta(
+    resolved: dict, model_cfg: ModelConfig, tokenizer: Any, info: DistInfo, n_shards: int, source: Path | None
+) -> dict:
+    """What every checkpoint of the run records beside its states: the run's constants."""
+    return {
+        "config": resolved,
+        "model_config": dataclasses.asdict(model_cfg),
+        "tokenizer": tokenizer.to_str(),
+        "code_version": code_version(),
+        "world_size": info.world_size,
+        "data_shards": n_shards,
+        **({"init_from": str(source)} if source is not None else {}),
+    }
+
+
+def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
+    device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
+    check_parallel_config(
+        cfg.train.parallel,
+        cfg.model.memory.shard_values,
+        cfg.model.memory.v_dim or cfg.model.dim,
+        info,
+        down=variants.down_table(cfg.model.memory, cfg.model.dim),
+    )
+    check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
+    if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
+        resolve_kernel(cfg.model.memory.kernel, device)
+    run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
+    resumed, meta = resume_point(cfg, run_dir, resolved, info)
+    source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
+    tokenizer, tok_source, model_cfg = run_tokenizer(cfg, run_dir, resolved, files, info, meta, source_meta)
 
     model = build_model(cfg, model_cfg, init_from=source if meta is None else None, info=info)
     # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
@@ -412,11 +462,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     if cfg.optim.sparse_values:
         use_sparse_value_grads(model)
     mode = cfg.train.finetune
-    background = None
-    if mode == "sparse_memory":  # before any observer is attached: these reads are not training reads
-        background = finetune_background(cfg, run_dir, model, source, tokenizer, info, weights_loaded=meta is None)
-    selection = row_selection(model, mode, cfg.finetune, background) if mode != "full" else None
-    stale = attach_stale_trackers(model, cfg.metrics.stale_window)  # {} without memory layers
+    selection = finetune_selection(cfg, run_dir, model, source, tokenizer, info, meta) if mode != "full" else None
     optimizer = finetune_optimizer(model, cfg.finetune) if mode != "full" else build_optimizer(model, cfg.optim, device)
     # The global batch is `n_shards` data streams; each rank runs its share (pkmlm.parallel.data_shards).
     n_shards = plan_data_shards(
@@ -438,20 +484,12 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         max_batches=cfg.eval.max_batches,
     )
     trainer_state = TrainState()
-    if resumed is not None:
-        trainer_state = restore(resumed, meta, model, optimizer, batches, info, stale)
+    states = build_states(StateParts(cfg, info, model, optimizer, batches, trainer_state, selection))
+    kept_fresh = states.restore(resumed, meta, info) if resumed is not None else []
     step_fn = torch.compile(par.module) if cfg.train.compile else par.module
 
     amp_dtype = autocast_dtype(cfg.train.precision, device)
-    device_peak = peak_flops(device, amp_dtype, cfg.train.peak_flops)
-    clock = RunClock(
-        device,
-        model.flops_per_token(cfg.data.seq_len),
-        # tokens/s counts all ranks' tokens, so MFU is against all devices' peak
-        device_peak * info.world_size if device_peak is not None else None,
-        wall_before_s=trainer_state.wall_time_s,
-        train_before_s=trainer_state.train_time_s,
-    )
+    clock = run_clock(cfg, model, device, amp_dtype, info, trainer_state)
     sinks = make_sinks(cfg, run_dir, resolved, info, trainer_state)
     trainer = Trainer(
         cfg=cfg,
@@ -468,72 +506,16 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         tokenizer=tokenizer,
         sinks=sinks,
         state=trainer_state,
+        states=states,
         clock=clock,
         resumed_from=resumed,
-        meta={
-            "config": resolved,
-            "model_config": dataclasses.asdict(model_cfg),
-            "tokenizer": tokenizer.to_str(),
-            "code_version": code_version(),
-            "world_size": info.world_size,
-            "data_shards": n_shards,
-            **({"init_from": str(source)} if source is not None else {}),
-            **({"stale_slots": sorted(stale)} if stale else {}),
-        },
+        meta=run_meta(resolved, model_cfg, tokenizer, info, n_shards, source),
         init_from=source,
         selection=selection,
-        stale=stale,
+        kept_fresh=kept_fresh,
     )
     sinks.console.write(_start_line(trainer, tok_source, n_shards))
     return trainer
-
-
-def restore(
-    path: Path,
-    meta: dict,
-    model: nn.Module,
-    optimizer: Optimizer,
-    batches: Any,
-    info: DistInfo,
-    stale: dict[int, StaleSlots] | None = None,
-) -> TrainState:
-    """Model, optimizers, the staleness trackers, this rank's data shards and (same rank count) its
-    RNG from checkpoint `path`; returns the loop's counters."""
-    # The JSON files first (their schema: one line naming the file), then the tensors.
-    mine = sorted(shard_states(batches))
-    shard_files = {s: f"data/shard_{s:05d}.json" for s in mine}
-    states = {s: store.read_json(path, f) for s, f in shard_files.items()}
-    try:
-        load_shard_states(batches, states)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, UserError) as e:
-        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e)[:80]}"
-        raise UserError(
-            f"{path / shard_files[mine[0]]}: not the data pipeline state of this run ({why}); "
-            "give another checkpoint with resume=PATH"
-        ) from None
-    if meta.get("world_size") == info.world_size:
-        # Dropout masks continue exactly; with another rank count each rank keeps its fresh seed.
-        rng_file = f"rng/rank_{info.rank:05d}.json"
-        try:
-            pieces.set_rng_state(store.read_json(path, rng_file))
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, binascii.Error) as e:
-            raise UserError(
-                f"{path / rng_file}: not the RNG states of a checkpoint ({type(e).__name__}: {str(e)[:80]}); "
-                "the file was edited: give another checkpoint with resume=PATH"
-            ) from None
-    stateful = pieces.ModelAndOptimizers(model, torch_optimizers(optimizer))
-    tensors = stateful.state_dict()  # templates, sharded as this rank holds them
-    # A checkpoint saved by a run with staleness trackers lists their layers (one written before
-    # them, or by another model, leaves the trackers fresh).
-    saved_stale = bool(stale) and meta.get("stale_slots") == sorted(stale)
-    if saved_stale:
-        tensors["stale"] = {f"layer{i}": tracker.state_dict() for i, tracker in stale.items()}
-    store.load_tensors(path, tensors, info)
-    stateful.load_state_dict(tensors)
-    if saved_stale:
-        for i, tracker in stale.items():
-            tracker.load_state_dict(tensors["stale"][f"layer{i}"])
-    return TrainState.from_meta(meta)
 
 
 def make_sinks(cfg: Config, run_dir: Path, resolved: dict, info: DistInfo, state: TrainState) -> Sinks:
@@ -569,6 +551,7 @@ def _start_line(t: Trainer, tok_source: str, n_shards: int) -> str:
         f"{list(t.model.memory_layers()) or 'none'} | tokenizer {tok_source} "
         f"(vocab {t.tokenizer.get_vocab_size()}) | {len(t.val)} validation batches"
         + (f" | resumed from {t.resumed_from.name} at step {t.state.step}" if t.resumed_from is not None else "")
+        + (f" (left as built: {', '.join(t.kept_fresh)})" if t.kept_fresh else "")
         + (f" | init_from {t.init_from} (train.finetune={t.cfg.train.finetune})" if t.init_from is not None else "")
         + (
             f" | {t.info.world_size} processes ({t.par.mode}, {n_shards} data shards"

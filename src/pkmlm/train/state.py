@@ -1,7 +1,7 @@
 """`TrainState`: the loop's counters, saved in every checkpoint's `meta.json`.
 
-Everything else a run carries across a resume is a stateful piece of its own (model and
-optimizers, data pipeline, RNG: `pkmlm.checkpoint.pieces`); a new counter is one field here.
+A Stateful piece of the run's `states` (train/states.py) like the model, optimizers, data position
+and RNG streams; a new counter is one field here.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ class TrainState:
     train_time_s: float = 0.0  # of which training (evaluation and checkpoints excluded)
     wandb_run_id: str | None = None  # so that a resumed run continues its own wandb run
 
-    def to_meta(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
+        """meta.json's fields (JSON values)."""
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> TrainState:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in meta.items() if k in names})
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        """This state's fields of `meta` (a meta.json: other fields are ignored), in place."""
+        for field in dataclasses.fields(self):
+            if field.name in meta:
+                setattr(self, field.name, meta[field.name])
