@@ -134,11 +134,8 @@ def _free_bytes(path: str) -> int:
     return shutil.disk_usage(parent).free
 
 
-def run_prepare(cfg: PrepareAppConfig) -> dict:
-    from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
-    from pkmlm.data.prepared import check_out, estimate, partial_dir, partial_tokenizer, prepare
-    from pkmlm.data.sources import open_hub_dataset
-
+def _check_args(cfg: PrepareAppConfig) -> None:
+    """pkmlm-prepare's own values, before any work."""
     if cfg.data.prepared:
         raise ConfigError(
             "data.prepared",
@@ -150,6 +147,38 @@ def run_prepare(cfg: PrepareAppConfig) -> dict:
         raise ConfigError("shard_tokens", cfg.shard_tokens, "an integer >= 1024 (tokens per training shard)")
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise ConfigError("max_tokens", cfg.max_tokens, "an integer >= 1 (training tokens to write), or null for all")
+
+
+def _say_estimate(cfg: PrepareAppConfig, plan_est: dict, out: str) -> None:
+    """The estimate of what will be written, and a refusal when the disk cannot hold it."""
+    free = _free_bytes(out)
+    dtype = f"uint{8 * plan_est['itemsize']}"
+    if plan_est["train_tokens"] is None:
+        unknown = [s["name"] for s in plan_est["sources"] if s["tokens"] is None]
+        say(
+            f"estimate: the size of {', '.join(unknown)} is not stated up front, so tokens are counted as they "
+            f"come ({dtype}, {plan_est['itemsize']} bytes per token; {_bytes(free)} free at {out}); set "
+            "max_tokens=N to bound the run"
+        )
+    else:
+        say(
+            f"estimate: ~{_si(plan_est['train_tokens'])} training tokens"
+            + (f" (max_tokens={cfg.max_tokens:,})" if cfg.max_tokens is not None else "")
+            + f" -> ~{_bytes(plan_est['disk_bytes'])} of {dtype} shards in {out} ({_bytes(free)} free there)"
+        )
+        if plan_est["disk_bytes"] * 0.75 > free:  # the estimate is within about 20%
+            raise DataError(
+                f"out={cfg.out!r}: the shards need about {_bytes(plan_est['disk_bytes'])} and "
+                f"{_bytes(free)} is free there; free space, choose another out, or set max_tokens=N"
+            )
+
+
+def run_prepare(cfg: PrepareAppConfig) -> dict:
+    from pkmlm.data.loader import load_or_train_tokenizer, resolve_data
+    from pkmlm.data.prepared import check_out, estimate, partial_dir, partial_tokenizer, prepare
+    from pkmlm.data.sources import open_hub_dataset
+
+    _check_args(cfg)
     out = os.path.abspath(os.path.expanduser(cfg.out))
     check_out(out)
     plan = resolve_data(cfg.data)  # globs and values checked before any work
@@ -172,26 +201,7 @@ def run_prepare(cfg: PrepareAppConfig) -> dict:
     say(f"tokenizer: {tokenizer.get_vocab_size():,} tokens ({info['source']})")
 
     plan_est = estimate(cfg.data, plan.sources, tokenizer, cfg.max_tokens)
-    free = _free_bytes(out)
-    dtype = f"uint{8 * plan_est['itemsize']}"
-    if plan_est["train_tokens"] is None:
-        unknown = [s["name"] for s in plan_est["sources"] if s["tokens"] is None]
-        say(
-            f"estimate: the size of {', '.join(unknown)} is not stated up front, so tokens are counted as they "
-            f"come ({dtype}, {plan_est['itemsize']} bytes per token; {_bytes(free)} free at {out}); set "
-            "max_tokens=N to bound the run"
-        )
-    else:
-        say(
-            f"estimate: ~{_si(plan_est['train_tokens'])} training tokens"
-            + (f" (max_tokens={cfg.max_tokens:,})" if cfg.max_tokens is not None else "")
-            + f" -> ~{_bytes(plan_est['disk_bytes'])} of {dtype} shards in {out} ({_bytes(free)} free there)"
-        )
-        if plan_est["disk_bytes"] * 0.75 > free:  # the estimate is within about 20%
-            raise DataError(
-                f"out={cfg.out!r}: the shards need about {_bytes(plan_est['disk_bytes'])} and "
-                f"{_bytes(free)} is free there; free space, choose another out, or set max_tokens=N"
-            )
+    _say_estimate(cfg, plan_est, out)
     progress = PrepareProgress(plan_est["train_tokens"])
     try:
         index = prepare(
