@@ -161,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         q = layer._project_query(xk).view(N, layer.heads, 2, P)
         keys = layer.sub_keys()
         s = torch.einsum("nhcp,hcsp->nhcs", q, keys)
-        w, idx, _ = layer._lookup(xk, with_balance=False)
+        w, idx, _ = layer._lookup(xk, with_aux=False)
     mem.backward()
     dense.backward()
     # forward-only parts without autograd; layers and optimizers as in training
