@@ -240,6 +240,26 @@ def test_refused_run_keeps_the_sweep_jobs_overrides(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_relaunched_sweep_with_a_locked_job_keeps_its_multirun_yaml(tmp_path):
+    from filelock import FileLock
+
+    sweep = tmp_path / "multirun" / "sweep"
+    (sweep / "1").mkdir(parents=True)
+    original = b"# the sweep's record from its first launch\n"
+    (sweep / "multirun.yaml").write_bytes(original)
+    with FileLock(str(sweep / "1" / ".lock")):  # job 1 is still training in another process
+        proc = run_cli(
+            "pkmlm.cli.train",
+            ["-m", *overrides("train.max_steps=4"), f"hydra.sweep.dir={sweep}", "seed=1,2"],
+            cwd=tmp_path,
+        )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "in use by another process" in lines[0], proc.stderr[-2000:]
+    assert "seed=2" in lines[0] and str(sweep / "1") in lines[0]  # names the job and its directory
+    assert (sweep / "multirun.yaml").read_bytes() == original  # refused before Hydra's sweeper wrote
+    assert sorted(p.name for p in sweep.rglob("*")) == [".lock", "1", "multirun.yaml"]  # no job started
+
+
 def test_stop_signal_while_the_shuffle_buffer_fills(tmp_path):
     run_dir = tmp_path / "run"
     args = [*overrides("data.shuffle_buffer=1000000", "data.seq_len=32"), f"hydra.run.dir={run_dir}"]

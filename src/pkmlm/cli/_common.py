@@ -211,6 +211,19 @@ def _task(cfg: Any) -> Any:
     return cfg
 
 
+def _job_dir(cfg: Any, num: int, multirun: bool) -> Path:
+    """The directory Hydra gives job `num` (`hydra.sweep.dir/hydra.sweep.subdir`, the subdir
+    resolved with `hydra.job.num` as Hydra's launcher sets it), or `hydra.run.dir` for one run."""
+    from omegaconf import open_dict
+
+    if not multirun:
+        return Path(str(cfg.hydra.run.dir))
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.hydra.job.num = num
+    return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+
+
 def precheck_overrides(
     config_dir: str,
     config_name: str,
@@ -226,6 +239,7 @@ def precheck_overrides(
     from hydra.types import RunMode
 
     from pkmlm.paths import dir_problem
+    from pkmlm.train.rundir import check_not_locked
 
     argv = sys.argv[1:]
     if any(a.split("=", 1)[0] in HYDRA_ONLY_FLAGS for a in argv):
@@ -260,6 +274,8 @@ def precheck_overrides(
                 try:
                     cfg = master if not multirun else loader.load_sweep_config(master, list(job))
                     check_job(_task(cfg.copy()), check, {**REQUIRED_VALUES, **(required or {})}, sweep_dir)
+                    # A held lock refused now, before Hydra's sweeper rewrites the sweep's multirun.yaml.
+                    check_not_locked(_job_dir(cfg, i, multirun))
                 except UserError as e:
                     fail(f"{_job_label(jobs, i)}: {e}" if multirun else str(e))
                 except Exception as e:  # noqa: BLE001 - a composition or type error in one job's overrides

@@ -25,6 +25,29 @@ RESUME_MAY_DIFFER = (
 )
 
 
+def in_use_message(run_dir: Path) -> str:
+    return (
+        f"run directory {run_dir} is in use by another process (its .lock is held); "
+        "wait for it to finish or choose another hydra.run.dir"
+    )
+
+
+def check_not_locked(run_dir: Path) -> None:
+    """Refuse (UserError) a run directory whose `.lock` another process holds, writing nothing: the
+    command line asks before Hydra writes a sweep's `multirun.yaml` (RunLock takes the lock later)."""
+    import fcntl
+
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return
+    with open(lock, "rb") as f:  # read-only: the file is neither created nor truncated
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(in_use_message(run_dir)) from None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class RunLock:
     """An OS file lock on `run_dir/.lock`: two processes never write one run directory.
 
@@ -43,10 +66,7 @@ class RunLock:
         try:
             self._lock.acquire(timeout=0)
         except self._timeout:
-            raise UserError(
-                f"run directory {self.run_dir} is in use by another process (its .lock is held); "
-                "wait for it to finish or choose another hydra.run.dir"
-            ) from None
+            raise UserError(in_use_message(self.run_dir)) from None
         return self
 
     def __exit__(self, *exc) -> None:
