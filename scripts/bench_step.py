@@ -39,6 +39,7 @@ from torch import nn
 from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
 from pkmlm.model.memory import MemoryConfig
 from pkmlm.optim import OptimConfig, build_optimizer, clip_grad_norm_
+from pkmlm.results import cpu_model
 
 CPU = torch.device("cpu")
 # configs/experiment/knowledge/common.yaml: 2 layers, d=64, 4 attention heads, vocab 1024, 32 x 128.
@@ -94,17 +95,6 @@ def layer_step(module: nn.Module, x, g) -> None:
 
 def layer_forward(module: nn.Module, x) -> None:
     module(x)  # with autograd recording, as in training
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown model"
 
 
 def main(argv: Optional[List[str]] = None) -> None:

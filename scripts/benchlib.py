@@ -58,18 +58,10 @@ def default(value, device: torch.device, cuda: int, cpu: int) -> int:
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (else platform's guess) and the core count."""
-    import platform
+    """The CPU model (pkmlm.results.cpu_model) and the core count."""
+    from pkmlm.results import cpu_model
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def device_name(device: torch.device) -> str:

@@ -45,6 +45,22 @@ from typing import Any, Dict, List, Sequence, Union
 
 from pkmlm.errors import UserError
 
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows: the machine
+    named in a results file's provenance."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # The provenance every results file must carry, and each key's JSON type (the check below).
 REQUIRED = {
     "command": str,

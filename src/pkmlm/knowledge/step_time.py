@@ -19,24 +19,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
+from pkmlm.results import cpu_model
+
 STEP_TIMES = "step_times.json"
 WARMUP, REPEATS = 3, 15  # medians of 15 turns: within a few % between repeated measurements here
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def training_step(cfg) -> Callable[[], None]:
@@ -116,7 +107,7 @@ def measure_step_times(
         torch.set_num_threads(previous)
     conditions = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": _cpu_name(),
+        "machine": cpu_model(),
         "torch": torch.__version__,
         "threads": threads,
         "load": "load average %.2f, %.2f, %.2f" % os.getloadavg(),
