@@ -11,6 +11,10 @@
 (the down vectors of its single-neuron experts), a gather and a batched matmul on the torch path
 for every device (it materialises the (N, R, D) rows; no triton kernel yet).
 
+`topk(x, k, impl=...)` is `torch.topk(x, k, dim=-1)` (largest, sorted), by the C++ CPU kernel of
+`cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto` takes it where it
+builds), by torch otherwise: the same values, indices and gradients either way, bit for bit.
+
 `model.memory.kernel=auto` takes triton on CUDA when triton is installed, torch otherwise. The triton
 kernels also run on CPU tensors under `TRITON_INTERPRET=1` (how the tests check them without a GPU).
 Everything here imports with torch alone (neither triton nor torch._dynamo); triton is imported
@@ -27,10 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pkmlm.errors import ConfigError
-from pkmlm.model.kernels import ops  # registers torch.ops.pkmlm.memory_read (torch only)
+from pkmlm.model.kernels import cpu_topk, ops  # ops registers torch.ops.pkmlm.memory_read (torch only)
 from pkmlm.model.kernels.reference import read_torch
 
 KERNELS = ("auto", "torch", "triton")
+# The top-k of the memory's retrieval on CPU tensors: auto (the C++ kernel where it builds, else
+# torch.topk) | torch | cpp (refused where it cannot be built). CUDA tensors always take torch.topk.
+TOPK_IMPLS = ("auto", "torch", "cpp")
 
 
 # Both answers are cached in plain globals, found once when a memory layer is built (by
@@ -102,6 +109,40 @@ def resolve_kernel(kernel: str, device: torch.device, key: str = "model.memory.k
     return kernel
 
 
+def check_topk_impl(impl: str, key: str = "model.memory.topk_impl") -> None:
+    """Raise `ConfigError` for an unknown `impl`, or `cpp` where the C++ kernel cannot be built."""
+    if impl not in TOPK_IMPLS:
+        raise ConfigError(key, impl, f"one of {'|'.join(TOPK_IMPLS)}")
+    if impl == "cpp" and not cpu_topk.load():
+        raise ConfigError(
+            key, impl, f"the C++ CPU top-k could not be built ({cpu_topk.unavailable_reason()}); use auto or torch"
+        )
+
+
+def resolve_topk(impl: str, key: str = "model.memory.topk_impl") -> str:
+    """The top-k path of CPU tensors for a configured `impl`, resolved once (when a memory layer is
+    built): `cpp` or `torch`. `auto` builds (first time on a machine) or loads the C++ kernel and
+    takes it where that works; `cpu_topk.unavailable_reason()` then says why not."""
+    check_topk_impl(impl, key)
+    if impl == "torch":
+        return "torch"
+    return "cpp" if cpu_topk.load() else "torch"
+
+
+def topk(x: Tensor, k: int, impl: str) -> Tuple[Tensor, Tensor]:
+    """`torch.topk(x, k, dim=-1)` (largest, sorted): by the C++ kernel for a CPU tensor of its dtypes
+    when `impl` is the resolved `cpp`, by torch otherwise (CUDA, other dtypes, k out of range)."""
+    if (
+        impl == "cpp"
+        and x.device.type == "cpu"
+        and x.dtype in cpu_topk.DTYPES
+        and x.dim() >= 1
+        and 0 < k <= x.shape[-1]
+    ):
+        return cpu_topk.topk(x, k)
+    return torch.topk(x, k, dim=-1)
+
+
 def read(
     values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False
 ) -> Tensor:
@@ -145,6 +186,10 @@ def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor,
 
 __all__ = [
     "KERNELS",
+    "TOPK_IMPLS",
+    "check_topk_impl",
+    "resolve_topk",
+    "topk",
     "check_kernel",
     "dot",
     "read",

@@ -1,0 +1,175 @@
+// pkmlm_cpu::topk(x, k): the k largest entries of each row of a CPU tensor (last dim), sorted by
+// descending value, with their indices: the same values AND indices as torch.topk(x, k, dim=-1,
+// largest=True, sorted=True), bit for bit, ties and NaNs included (pkmlm/model/kernels/cpu_topk.py
+// builds this file once and says why a row takes which path).
+//
+// Why: ATen's CPU top-k (ATen/native/TopKImpl.h, topk_impl_loop) copies every row into a vector of
+// (value, index) pairs, then std::nth_element + std::sort of the first k-1 (or std::partial_sort
+// when k * 64 <= n): ~2.7 us for a top-16 of 128 on the 2-core EPYC of docs/benchmarks.md, half of
+// the memory layer's forward+backward there (issue 21). Here a row is one pass that keeps the k best
+// in a sorted buffer (k ln(n / k) insertions on average), then a check that the answer is unique.
+//
+// Exactness: when the k best values are pairwise distinct and no other entry equals the k-th, the
+// answer (sorted values and their indices) is unique, so every correct algorithm returns ATen's.
+// Otherwise (a tie that touches the k best, a NaN anywhere in the row) the row runs ATen's own
+// algorithm below, copied from TopKImpl.h (largest=true, sorted=true): the same libstdc++
+// nth_element / sort / partial_sort with the same comparator on the same (acc value, index) pairs,
+// so ties come out in ATen's order (tests/unit/test_cpu_topk.py checks tie-heavy rows against
+// torch.topk). Rows are independent: the result does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// ATen's topk_impl_loop for one row, largest=true, sorted=true.
+template <typename acc_t>
+void topk_row_aten(const acc_t* row, int64_t n, int64_t k, std::vector<std::pair<acc_t, int64_t>>& queue,
+                   acc_t* best_v, int64_t* best_i) {
+  using elem_t = std::pair<acc_t, int64_t>;
+  for (int64_t j = 0; j < n; ++j) {
+    queue[j].first = row[j];
+    queue[j].second = j;
+  }
+  // NaN sorts as the largest value (numpy's convention, ATen's comparator).
+  auto comp = [](const elem_t& x, const elem_t& y) -> bool {
+    return ((at::_isnan<acc_t>(x.first) && !at::_isnan<acc_t>(y.first)) || (x.first > y.first));
+  };
+  if (k * 64 <= n) {
+    std::partial_sort(queue.begin(), queue.begin() + k, queue.end(), comp);
+  } else {
+    std::nth_element(queue.begin(), queue.begin() + k - 1, queue.end(), comp);
+    std::sort(queue.begin(), queue.begin() + k - 1, comp);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    best_v[j] = queue[j].first;
+    best_i[j] = queue[j].second;
+  }
+}
+
+// A lower bound of the k-th largest of v[0..m): split the entries into k lanes (positions j with
+// j % k == lane, over the first floor(m / k) * k entries); the smallest lane maximum is <= the
+// k-th largest value (the k lane maxima are k entries at least that large). Needs m >= k.
+template <typename acc_t>
+acc_t kth_lower_bound(const acc_t* v, int64_t m, int64_t k, acc_t* lane_max) {
+  for (int64_t lane = 0; lane < k; ++lane) lane_max[lane] = v[lane];
+  for (int64_t c = 1; c < m / k; ++c) {
+    const acc_t* chunk = v + c * k;
+    for (int64_t lane = 0; lane < k; ++lane) lane_max[lane] = std::max(lane_max[lane], chunk[lane]);
+  }
+  acc_t bound = lane_max[0];
+  for (int64_t lane = 1; lane < k; ++lane) bound = std::min(bound, lane_max[lane]);
+  return bound;
+}
+
+// The k best of a row when they are unique, branch-free (the loops vectorise):
+// 1. candidates: the entries >= `kth_lower_bound` (a superset of the k best: ~43 of 128 for k=16
+//    on random rows), compacted with their indices, and filtered so again while that bound still
+//    has two or more chunks to work with (~33 left);
+// 2. each candidate's rank = how many candidates beat it; rank < k places it in the output.
+// Returns false (the caller then runs ATen's algorithm) when the answer is not unique: a NaN in the
+// row, or two candidates of equal value (every entry equal to one of the k best is a candidate).
+template <typename acc_t>
+__attribute__((target_clones("avx2", "default"))) bool topk_row_fast(const acc_t* row, int64_t n, int64_t k, acc_t* lane_max, acc_t* cand_v, int64_t* cand_i,
+                   acc_t* best_v, int64_t* best_i) {
+  int32_t nans = 0;
+  for (int64_t j = 0; j < n; ++j) nans += row[j] != row[j];
+  if (nans != 0) return false;
+  acc_t bound = kth_lower_bound(row, n, k, lane_max);
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    cand_v[m] = row[j];
+    cand_i[m] = j;
+    m += row[j] >= bound;
+  }
+  while (m >= 2 * k) {  // another round on the candidates, in place
+    bound = kth_lower_bound(cand_v, m, k, lane_max);
+    int64_t kept = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      const bool keep = cand_v[j] >= bound;
+      cand_v[kept] = cand_v[j];
+      cand_i[kept] = cand_i[j];
+      kept += keep;
+    }
+    if (kept == m) break;
+    m = kept;
+  }
+  for (int64_t a = 0; a < m; ++a) {
+    const acc_t v = cand_v[a];
+    int32_t above = 0;
+    int32_t equal = 0;
+    for (int64_t b = 0; b < m; ++b) {
+      above += cand_v[b] > v;
+      equal += cand_v[b] == v;
+    }
+    if (equal != 1) return false;  // a tie
+    if (above < k) {
+      best_v[above] = v;
+      best_i[above] = cand_i[a];
+    }
+  }
+  return true;
+}
+
+template <typename scalar_t>
+void topk_rows(const scalar_t* in, int64_t rows, int64_t n, int64_t k, scalar_t* out_v, int64_t* out_i) {
+  using acc_t = at::opmath_type<scalar_t>;  // ATen compares in this type too (float for bf16/fp16)
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const int64_t grain = std::max<int64_t>(1, 32768 / n);  // ATen's grain for topk (GRAIN_SIZE / n)
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row_acc(same ? 0 : n);
+    std::vector<acc_t> best_v(k), lane_max(k), cand_v(n);
+    std::vector<int64_t> best_i(k), cand_i(n);
+    std::vector<std::pair<acc_t, int64_t>> queue;
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* row;
+      if constexpr (same) {
+        row = in + r * n;
+      } else {
+        for (int64_t j = 0; j < n; ++j) row_acc[j] = static_cast<acc_t>(in[r * n + j]);
+        row = row_acc.data();
+      }
+      if (!topk_row_fast(row, n, k, lane_max.data(), cand_v.data(), cand_i.data(), best_v.data(), best_i.data())) {
+        queue.resize(n);
+        topk_row_aten(row, n, k, queue, best_v.data(), best_i.data());
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        out_v[r * k + j] = static_cast<scalar_t>(best_v[j]);
+        out_i[r * k + j] = best_i[j];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu(), "pkmlm_cpu::topk: a CPU tensor is needed");
+  TORCH_CHECK(x.dim() >= 1, "pkmlm_cpu::topk: a tensor of at least one dimension is needed");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(k >= 0 && k <= n, "pkmlm_cpu::topk: k must be in [0, ", n, "], got ", k);
+  const at::Tensor input = x.contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = k;
+  at::Tensor values = at::empty(out_shape, x.options());
+  at::Tensor indices = at::empty(out_shape, x.options().dtype(at::kLong));
+  const int64_t rows = n == 0 ? 0 : input.numel() / n;
+  if (k == 0 || rows == 0) return {values, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pkmlm_cpu_topk", [&] {
+    topk_rows<scalar_t>(input.const_data_ptr<scalar_t>(), rows, n, k, values.mutable_data_ptr<scalar_t>(),
+                        indices.mutable_data_ptr<int64_t>());
+  });
+  return {values, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pkmlm_cpu, m) { m.def("topk(Tensor x, int k) -> (Tensor values, Tensor indices)"); }
+
+TORCH_LIBRARY_IMPL(pkmlm_cpu, CPU, m) { m.impl("topk", &topk); }

@@ -1,0 +1,103 @@
+"""The C++ CPU top-k: `torch.ops.pkmlm_cpu.topk(x, k)`, the same values and indices as
+`torch.topk(x, k, dim=-1, largest=True, sorted=True)`, bit for bit, ties and NaNs included, ~2-3x
+faster on the memory's rows (top-16 of 128 sub-key scores, top-16 of 50 candidate sums: issue 21,
+docs/benchmarks.md). How it stays exact is written in cpu_topk.cpp, beside the code.
+
+Built from cpu_topk.cpp by `torch.utils.cpp_extension.load` the first time a process asks for it
+(`load()`; one file, -O3: ~15-25 s on a 2-core machine), then cached on disk by torch under
+`$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions) and rebuilt only when the source, the
+flags or torch change. Where it cannot be built (no C++ compiler, no ninja, a failed build) `load()`
+returns False and `unavailable_reason()` says why in one line; `model.memory.topk_impl=auto` then
+keeps `torch.topk` (train/setup.py prints that line).
+
+The operator is registered by the C++ file (`TORCH_LIBRARY(pkmlm_cpu, ...)`, CPU only); this module
+adds its fake implementation (so that `torch.compile` traces around it) and its autograd formula:
+ATen's for topk (`value_selecting_reduction_backward`: zeros, then the values' gradient scattered to
+their indices), so gradients are bit for bit those of `torch.topk` too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_topk.cpp")
+NAME = "pkmlm_cpu_topk"
+# The dtypes the kernel dispatches on (AT_DISPATCH_FLOATING_TYPES_AND2(BFloat16, Half)).
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Found once per process (the first `load()`); under torch.compile the traced forward only reads it.
+_loaded: Optional[bool] = None
+_reason: Optional[str] = None
+
+
+def load() -> bool:
+    """Build (first time on this machine) or load (cached) the kernel; False where it cannot be."""
+    global _loaded, _reason
+    if _loaded is None:
+        try:
+            _build()
+            _register_python_parts()
+            _loaded, _reason = True, None
+        except Exception as e:  # no compiler, no ninja, a failed build: torch.topk it is
+            _loaded = False
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            _reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+    return _loaded
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the kernel could not be built or loaded (one line), or None (it loaded, or was not tried)."""
+    return _reason
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    path = os.environ.get("PATH", "")
+    venv_bin = str(Path(sys.executable).parent)
+    # The ninja the builder runs is found on PATH; a venv that is not activated still has the one
+    # pip installed with pkmlm (the `ninja` dependency) next to its python.
+    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin) is not None:
+        os.environ["PATH"] = venv_bin + os.pathsep + path
+    try:
+        cpp_extension.load(
+            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False
+        )
+    finally:
+        os.environ["PATH"] = path
+
+
+def _register_python_parts() -> None:
+    op = "pkmlm_cpu::topk"
+
+    @torch.library.register_fake(op)
+    def _fake(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        shape = (*x.shape[:-1], k)
+        return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, _ = inputs
+        ctx.x_shape = x.shape
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    def _backward(ctx, grad_values: Tensor, grad_indices: Optional[Tensor]):
+        (indices,) = ctx.saved_tensors
+        # ATen's topk backward (value_selecting_reduction_backward): zeros, then scatter_.
+        grad_x = grad_values.new_zeros(ctx.x_shape).scatter_(-1, indices, grad_values)
+        return grad_x, None
+
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+def topk(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """`(values, indices)` of the k largest entries along the last dim, sorted (the kernel must be
+    loaded and `x` a CPU tensor of one of `DTYPES`; `kernels.topk` checks and falls back)."""
+    return torch.ops.pkmlm_cpu.topk(x, k)

@@ -1,0 +1,147 @@
+"""The C++ CPU top-k (pkmlm/model/kernels/cpu_topk.cpp): bit for bit `torch.topk(x, k, dim=-1)`, values,
+indices (ties and NaNs in ATen's order) and gradients; the memory layer's outputs and gradients the
+same with either path; a failed build falls back to torch.topk with the reason."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pkmlm.errors import ConfigError
+from pkmlm.model import ProductKeyMemory, kernels
+from pkmlm.model.kernels import cpu_topk
+
+pytestmark = pytest.mark.skipif(not cpu_topk.load(), reason=f"no C++ build here: {cpu_topk.unavailable_reason()}")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (NaN == NaN, -0.0 != 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point:
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
+    return torch.equal(a, b)
+
+
+def assert_like_torch(x: torch.Tensor, k: int) -> None:
+    values, indices = cpu_topk.topk(x, k)
+    ref_values, ref_indices = torch.topk(x, k, dim=-1)
+    assert torch.equal(indices, ref_indices), (x.dtype, x.shape, k)
+    assert same_bits(values, ref_values), (x.dtype, x.shape, k)
+
+
+def tie_rows(rows: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows of few distinct values (many ties, at the k-th too), -inf, +-0.0, NaN, and whole rows of one value."""
+    kind = torch.randint(0, 4, (rows, 1), generator=generator)
+    levels = torch.randint(0, 6, (rows, n), generator=generator).float()
+    x = torch.where(kind == 0, levels, levels / 2 - 1)  # {0..5} or {-1, -0.5, .., 1.5}
+    x = torch.where((kind == 2) & (levels == 5), torch.tensor(float("-inf")), x)
+    x = torch.where((kind == 3) & (levels == 0), torch.tensor(float("nan")), x)
+    x = torch.where((kind == 1) & (levels == 2), torch.tensor(-0.0), x)  # -0.0 ties 0.0
+    x[0] = 7.0  # a row of one value
+    x[1] = float("-inf")
+    x[2] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_values_and_indices_as_torch_topk(dtype, threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n, k in [(128, 16), (50, 16), (128, 1), (16, 16), (7, 3), (1, 1), (300, 32), (1024, 16)]:
+            assert_like_torch(torch.randn(3000 if n <= 128 else 200, n, generator=g).to(dtype), k)
+            assert_like_torch(tie_rows(400, n, g).to(dtype), k)
+        # leading dims, a non-contiguous input
+        x = torch.randn(5, 4, 2, 64, generator=g).to(dtype)
+        assert_like_torch(x, 9)
+        assert_like_torch(x.transpose(0, 1), 9)
+        assert_like_torch(tie_rows(64, 128, g).to(dtype).view(8, 8, 128)[:, ::2], 16)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_every_k_of_a_tie_heavy_row():
+    g = torch.Generator().manual_seed(1)
+    x = tie_rows(64, 40, g)
+    for k in range(1, 41):  # k = row width included
+        assert_like_torch(x, k)
+
+
+def test_gradient_is_torch_topks():
+    g = torch.Generator().manual_seed(2)
+    for x0 in (torch.randn(64, 4, 128, generator=g), tie_rows(256, 50, g)):
+        upstream = torch.randn(*x0.shape[:-1], 16, generator=g)
+        upstream[0, 0] = -0.0  # a signed zero reaches the input as it is
+        grads = []
+        for fn in (cpu_topk.topk, lambda t, k: torch.topk(t, k, dim=-1)):
+            x = x0.clone().requires_grad_(True)
+            values, indices = fn(x, 16)
+            assert not indices.requires_grad
+            (values * upstream).sum().backward()
+            grads.append(x.grad)
+        assert same_bits(grads[0], grads[1])
+
+
+def test_dispatch_and_config():
+    x = torch.randn(6, 20)
+    assert same_bits(kernels.topk(x, 5, "cpp")[0], torch.topk(x, 5).values)
+    ints = torch.randint(0, 9, (6, 20))  # not a kernel dtype: torch.topk
+    assert torch.equal(kernels.topk(ints, 5, "cpp")[1], torch.topk(ints, 5).indices)
+    assert kernels.resolve_topk("torch") == "torch"
+    assert kernels.resolve_topk("auto") == "cpp" == kernels.resolve_topk("cpp")
+    with pytest.raises(ConfigError, match=r"model\.memory\.topk_impl"):
+        kernels.check_topk_impl("fast")
+
+
+@pytest.mark.parametrize("levels", [0, 3])  # random sub-key scores; integer ones (ties, at the K-th too)
+def test_memory_layer_is_bitwise_the_same_with_either_top_k(levels):
+    """Outputs and every gradient of a training-mode forward+backward, with the C++ and the torch top-k."""
+    results = []
+    for impl in ("cpp", "torch"):
+        torch.manual_seed(3)
+        norm = "none" if levels else "batchnorm"
+        memory = ProductKeyMemory(32, n_keys=24, heads=2, knn=8, k_dim=16, query_norm=norm, topk_impl=impl)
+        assert memory.topk_cpu == impl
+        x = torch.randn(96, 32)
+        if levels:
+            with torch.no_grad():
+                memory.keys.copy_(torch.randint(-1, levels - 1, memory.keys.shape).float())
+                memory.query_proj.weight.copy_(torch.randint(-1, 2, memory.query_proj.weight.shape).float())
+                memory.query_proj.bias.zero_()
+            x = torch.randint(-2, 3, (96, 32)).float()
+        x.requires_grad_(True)
+        out = memory(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, x.grad] + [p.grad for p in memory.parameters()])
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+
+
+def test_a_failed_build_falls_back_to_torch_with_the_reason(tmp_path):
+    """A real failed build (the compiler is `false`) in a fresh cache: auto keeps torch.topk and
+    says why; cpp is refused with that reason."""
+    code = (
+        "from pkmlm.model import kernels\n"
+        "from pkmlm.model.kernels import cpu_topk\n"
+        "from pkmlm.errors import ConfigError\n"
+        "assert kernels.resolve_topk('auto') == 'torch'\n"
+        "print(cpu_topk.unavailable_reason())\n"
+        "try:\n"
+        "    kernels.check_topk_impl('cpp')\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason, refusal = done.stdout.strip().splitlines()[-2:]
+    assert reason and "\n" not in reason
+    assert "model.memory.topk_impl" in refusal and "could not be built" in refusal
