@@ -15,7 +15,8 @@ medians), on the CPU in fp32:
      tokens) forward+backward against the FFN d -> 4d -> d it replaces; target <= 1.0x, 1 and 2
      threads;
 2. the knowledge memory step, part by part (1 thread): query network, sub-key scores, top-k (both
-   halves' and the candidates'), value read (forward), the layer's backward (its forward+backward
+   halves' and the candidates', on the layer's path, `model.memory.topk_impl`, and with torch.topk),
+   value read (forward), the layer's backward (its forward+backward
    minus its forward), and the optimizer step of the memory model minus the dense model's; next to
    the FFN's forward, backward and the dense model's optimizer step.
 """
@@ -154,11 +155,24 @@ def main(argv: Optional[List[str]] = None) -> None:
         w, idx, _ = layer._lookup(xk, with_aux=False)
     mem.backward()
     dense.backward()
+
     # forward-only parts without autograd; layers and optimizers as in training
+    def product_topk(impl: str):  # the layer's top-k on one path (`topk_impl`: cpp, its default here, or torch)
+        def run():
+            layer.topk_cpu = impl
+            try:
+                layer._product_topk(s)
+            finally:
+                layer.topk_cpu = default_topk
+
+        return run
+
+    default_topk = layer.topk_cpu
     retrieval = {
         "query": lambda: layer._project_query(xk),
         "scores": lambda: torch.einsum("nhcp,hcsp->nhcs", q, keys),
-        "topk": lambda: layer._product_topk(s),
+        "topk": product_topk(default_topk),
+        "topk torch": product_topk("torch"),
         "read": lambda: layer._read(tables, xk, w, idx),
     }
     training = {
@@ -175,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     breakdown = [
         ["query network", timed["query"]],
         ["sub-key scores", timed["scores"]],
-        ["top-k (halves + candidates)", timed["topk"]],
+        [f"top-k (halves + candidates), topk_impl={default_topk}", timed["topk"]],
+        ["  the same with torch.topk (topk_impl=torch)", timed["topk torch"]],
         ["value read", timed["read"]],
         ["backward (layer fwd+bwd - fwd)", timed["layer fwd+bwd"] - timed["layer fwd"]],
         ["optimizer (memory model - dense model)", timed["opt mem"] - timed["opt dense"]],

@@ -67,7 +67,7 @@ from pkmlm.metrics.flops import peak_flops
 from pkmlm.metrics.recall import check_recall_fits, read_questions
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
 from pkmlm.model import variants
-from pkmlm.model.kernels import resolve_kernel
+from pkmlm.model.kernels import cpu_topk, resolve_kernel, resolve_topk
 from pkmlm.model.transformer import ModelConfig, Transformer
 from pkmlm.optim import build_optimizer, use_sparse_value_grads, value_parameters
 from pkmlm.optim.groups import Optimizer
@@ -448,6 +448,11 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
     if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
         resolve_kernel(cfg.model.memory.kernel, device)
+        # topk_impl=auto on CPU: the C++ top-k, built here on first use; where it cannot be, one line why.
+        if device.type == "cpu" and resolve_topk(cfg.model.memory.topk_impl) == "torch" and info.is_main:
+            reason = cpu_topk.unavailable_reason()
+            if reason is not None:
+                print(f"pkmlm | model.memory.topk_impl=auto: torch.topk (the C++ CPU top-k: {reason})", file=sys.stderr)
     run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
     resumed, meta = resume_point(cfg, run_dir, resolved, info)
     source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes

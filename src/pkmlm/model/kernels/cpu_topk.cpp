@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -76,7 +77,8 @@ acc_t kth_lower_bound(const acc_t* v, int64_t m, int64_t k, acc_t* lane_max) {
 //    has two or more chunks to work with (~33 left);
 // 2. each candidate's rank = how many candidates beat it; rank < k places it in the output.
 // Returns false (the caller then runs ATen's algorithm) when the answer is not unique: a NaN in the
-// row, or two candidates of equal value (every entry equal to one of the k best is a candidate).
+// row, or a tie that touches the k best (every entry equal to one of the k best is a candidate: two
+// of them share a rank, which leaves the next rank empty, or places k + 1 at the k-th).
 template <typename acc_t>
 __attribute__((target_clones("avx2", "default"))) bool topk_row_fast(const acc_t* row, int64_t n, int64_t k, acc_t* lane_max, acc_t* cand_v, int64_t* cand_i,
                    acc_t* best_v, int64_t* best_i) {
@@ -102,19 +104,26 @@ __attribute__((target_clones("avx2", "default"))) bool topk_row_fast(const acc_t
     if (kept == m) break;
     m = kept;
   }
+  // Pad to a multiple of 8 with -inf (beats no candidate) so that the rank loop vectorises whole.
+  const int64_t padded = (m + 7) / 8 * 8;
+  for (int64_t j = m; j < padded; ++j) cand_v[j] = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < k; ++j) best_v[j] = std::numeric_limits<acc_t>::quiet_NaN();
+  int64_t placed = 0;
   for (int64_t a = 0; a < m; ++a) {
     const acc_t v = cand_v[a];
     int32_t above = 0;
-    int32_t equal = 0;
-    for (int64_t b = 0; b < m; ++b) {
-      above += cand_v[b] > v;
-      equal += cand_v[b] == v;
-    }
-    if (equal != 1) return false;  // a tie
+    for (int64_t b = 0; b < padded; ++b) above += cand_v[b] > v;
     if (above < k) {
       best_v[above] = v;
       best_i[above] = cand_i[a];
+      ++placed;
     }
+  }
+  // A tie among the k best leaves a rank unfilled (NaN) or places more than k; otherwise the k
+  // best are distinct and above every other entry.
+  if (placed != k) return false;
+  for (int64_t j = 0; j + 1 < k; ++j) {
+    if (!(best_v[j] > best_v[j + 1])) return false;
   }
   return true;
 }
@@ -126,7 +135,7 @@ void topk_rows(const scalar_t* in, int64_t rows, int64_t n, int64_t k, scalar_t*
   const int64_t grain = std::max<int64_t>(1, 32768 / n);  // ATen's grain for topk (GRAIN_SIZE / n)
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row_acc(same ? 0 : n);
-    std::vector<acc_t> best_v(k), lane_max(k), cand_v(n);
+    std::vector<acc_t> best_v(k), lane_max(k), cand_v(n + 8);
     std::vector<int64_t> best_i(k), cand_i(n);
     std::vector<std::pair<acc_t, int64_t>> queue;
     for (int64_t r = begin; r < end; ++r) {

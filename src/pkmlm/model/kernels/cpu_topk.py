@@ -3,10 +3,10 @@
 faster on the memory's rows (top-16 of 128 sub-key scores, top-16 of 50 candidate sums: issue 21,
 docs/benchmarks.md). How it stays exact is written in cpu_topk.cpp, beside the code.
 
-Built from cpu_topk.cpp by `torch.utils.cpp_extension.load` the first time a process asks for it
-(`load()`; one file, -O3: ~15-25 s on a 2-core machine), then cached on disk by torch under
-`$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions) and rebuilt only when the source, the
-flags or torch change. Where it cannot be built (no C++ compiler, no ninja, a failed build) `load()`
+Built from cpu_topk.cpp by `torch.utils.cpp_extension.load` the first time a machine asks for it
+(`load()`; one file, -O3: ~15-25 s on a 2-core machine) into `build_dir()`, under
+`$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions), keyed by a hash of the source, the
+flags, torch and python; every later process loads the built library directly (milliseconds). Where it cannot be built (no C++ compiler, no ninja, a failed build) `load()`
 returns False and `unavailable_reason()` says why in one line; `model.memory.topk_impl=auto` then
 keeps `torch.topk` (train/setup.py prints that line).
 
@@ -18,6 +18,7 @@ their indices), so gradients are bit for bit those of `torch.topk` too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -29,6 +30,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_topk.cpp")
 NAME = "pkmlm_cpu_topk"
+FLAGS = ("-O3",)
 # The dtypes the kernel dispatches on (AT_DISPATCH_FLOATING_TYPES_AND2(BFloat16, Half)).
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -57,9 +59,31 @@ def unavailable_reason() -> Optional[str]:
     return _reason
 
 
+def build_dir() -> Path:
+    """Where the kernel is built: `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/pkmlm/
+    <name>, the name keyed by a hash of the source, the flags, torch and python, so that a change of
+    any of them builds afresh beside the old build, and a build is never loaded by another torch."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"
+    )
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + repr((FLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
+    ).hexdigest()[:16]
+    return Path(root) / "pkmlm" / f"{NAME}_{key}"
+
+
 def _build() -> None:
+    """Load the built library; build it first where it is not there (or another process is building
+    it: cpp_extension's lock file, which `load` waits on). Loading a built library takes milliseconds;
+    `cpp_extension.load` (importing it, checking the build with ninja) about a second of CPU."""
+    directory = build_dir()
+    library = directory / f"{directory.name}.so"
+    if library.is_file() and not (directory / "lock").exists():
+        torch.ops.load_library(str(library))
+        return
     from torch.utils import cpp_extension
 
+    directory.mkdir(parents=True, exist_ok=True)
     path = os.environ.get("PATH", "")
     venv_bin = str(Path(sys.executable).parent)
     # The ninja the builder runs is found on PATH; a venv that is not activated still has the one
@@ -68,7 +92,12 @@ def _build() -> None:
         os.environ["PATH"] = venv_bin + os.pathsep + path
     try:
         cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False
+            name=directory.name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(FLAGS),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
         )
     finally:
         os.environ["PATH"] = path
