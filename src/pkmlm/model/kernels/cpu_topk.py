@@ -1,14 +1,15 @@
 """The C++ CPU top-k: `torch.ops.pkmlm_cpu.topk(x, k)`, the same values and indices as
-`torch.topk(x, k, dim=-1, largest=True, sorted=True)`, bit for bit, ties and NaNs included, ~2-3x
-faster on the memory's rows (top-16 of 128 sub-key scores, top-16 of 50 candidate sums: issue 21,
-docs/benchmarks.md). How it stays exact is written in cpu_topk.cpp, beside the code.
+`torch.topk(x, k, dim=-1, largest=True, sorted=True)`, bit for bit, ties and NaNs included; ~2x
+faster on the memory's top-16 of 128 sub-key scores (issue 21, docs/benchmarks.md). How it stays
+exact is written in cpu_topk.cpp, beside the code.
 
 Built from cpu_topk.cpp by `torch.utils.cpp_extension.load` the first time a machine asks for it
 (`load()`; one file, -O3: ~15-25 s on a 2-core machine) into `build_dir()`, under
 `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions), keyed by a hash of the source, the
-flags, torch and python; every later process loads the built library directly (milliseconds). Where it cannot be built (no C++ compiler, no ninja, a failed build) `load()`
-returns False and `unavailable_reason()` says why in one line; `model.memory.topk_impl=auto` then
-keeps `torch.topk` (train/setup.py prints that line).
+flags, torch and python; every later process loads the built library directly (milliseconds).
+Where it cannot be built (no C++ compiler, no ninja, a failed build) `load()` returns False and
+`unavailable_reason()` says why in one line; `model.memory.topk_impl=auto` then keeps `torch.topk`
+(train/setup.py prints that line).
 
 The operator is registered by the C++ file (`TORCH_LIBRARY(pkmlm_cpu, ...)`, CPU only); this module
 adds its fake implementation (so that `torch.compile` traces around it) and its autograd formula:
