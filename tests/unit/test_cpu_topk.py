@@ -14,6 +14,7 @@ import torch
 from pkmlm.errors import ConfigError
 from pkmlm.model import ProductKeyMemory, kernels
 from pkmlm.model.kernels import cpu_topk
+from pkmlm.model.memory import eligible_rank_pairs
 
 pytestmark = pytest.mark.skipif(not cpu_topk.load(), reason=f"no C++ build here: {cpu_topk.unavailable_reason()}")
 
@@ -90,6 +91,27 @@ def test_gradient_is_torch_topks():
         assert same_bits(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_product_topk_is_the_torch_ops_bit_for_bit(dtype):
+    """The fused product-key search: both halves' top-k, the candidate sums' top-k and its (a, b)
+    ranks, and the gradient to the scores, against the torch ops (`kernels.product_topk`'s torch path)."""
+    g = torch.Generator().manual_seed(4)
+    for knn, n_keys in [(16, 128), (4, 9), (8, 8)]:
+        pair_a, pair_b = eligible_rank_pairs(knn)
+        random = torch.randn(300, 3, 2, n_keys, generator=g)
+        ties = torch.randint(-2, 3, (300, 3, 2, n_keys), generator=g).float()  # ties in both searches
+        for s0 in (random, ties):
+            results = []
+            for impl in ("cpp", "torch"):
+                s = s0.to(dtype).requires_grad_(True)
+                top, ids, a, b = kernels.product_topk(s, pair_a, pair_b, knn, impl)
+                upstream = torch.linspace(-1, 1, top.numel()).view_as(top).to(dtype)
+                (grad,) = torch.autograd.grad((top * upstream).sum(), s)
+                results.append((top.detach(), ids, a, b, grad))
+            for got, want in zip(*results):
+                assert same_bits(got, want)
+
+
 def test_dispatch_and_config():
     x = torch.randn(6, 20)
     assert same_bits(kernels.topk(x, 5, "cpp")[0], torch.topk(x, 5).values)
@@ -101,14 +123,21 @@ def test_dispatch_and_config():
         kernels.check_topk_impl("fast")
 
 
-@pytest.mark.parametrize("levels", [0, 3])  # random sub-key scores; integer ones (ties, at the K-th too)
-def test_memory_layer_is_bitwise_the_same_with_either_top_k(levels):
+@pytest.mark.parametrize(
+    "levels,options",
+    [
+        (0, {}),  # random sub-key scores
+        (3, {}),  # integer ones: ties, at the K-th too
+        (0, dict(qk_norm=True, balance_loss=0.1, query_norm="none")),  # UltraMem: the aux loss reads the halves too
+    ],
+)
+def test_memory_layer_is_bitwise_the_same_with_either_top_k(levels, options):
     """Outputs and every gradient of a training-mode forward+backward, with the C++ and the torch top-k."""
     results = []
     for impl in ("cpp", "torch"):
         torch.manual_seed(3)
-        norm = "none" if levels else "batchnorm"
-        memory = ProductKeyMemory(32, n_keys=24, heads=2, knn=8, k_dim=16, query_norm=norm, topk_impl=impl)
+        args = {"query_norm": "none" if levels else "batchnorm", **options}
+        memory = ProductKeyMemory(32, n_keys=24, heads=2, knn=8, k_dim=16, topk_impl=impl, **args)
         assert memory.topk_cpu == impl
         x = torch.randn(96, 32)
         if levels:
@@ -118,9 +147,9 @@ def test_memory_layer_is_bitwise_the_same_with_either_top_k(levels):
                 memory.query_proj.bias.zero_()
             x = torch.randint(-2, 3, (96, 32)).float()
         x.requires_grad_(True)
-        out = memory(x)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append([out, x.grad] + [p.grad for p in memory.parameters()])
+        out, aux = memory(x, return_aux=True)
+        ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + aux).backward()
+        results.append([out, aux, x.grad] + [p.grad for p in memory.parameters()])
     for a, b in zip(*results):
         assert same_bits(a, b)
 

@@ -143,6 +143,27 @@ def topk(x: Tensor, k: int, impl: str) -> Tuple[Tensor, Tensor]:
     return torch.topk(x, k, dim=-1)
 
 
+def product_topk(
+    s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int, impl: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The product-key top-k's two searches (`ProductKeyMemory._product_topk`) from the sub-key scores
+    `s` `(..., 2, S)` of both halves: `(top (..., 2, k), ids (..., 2, k))` = `torch.topk(s, k)`, and the
+    ranks `(a (..., k), b (..., k))` in the two half lists of the k best candidate sums
+    `float(top[0][pair_a]) + float(top[1][pair_b])` (fp32), sorted by descending sum, in torch.topk's
+    order. On CPU with the resolved `cpp` one C++ pass per (token, head) row, bit for bit the torch ops
+    below (which every other device runs); only `top` carries a gradient (to `s`, as torch.topk's)."""
+    if impl == "cpp" and s_N2S.device.type == "cpu" and s_N2S.dtype in cpu_topk.DTYPES and s_N2S.dim() >= 2:
+        return cpu_topk.product_topk(s_N2S, pair_a_C, pair_b_C, k)
+    top_N2K, ids_N2K = torch.topk(s_N2S, k, dim=-1)
+    with torch.no_grad():  # the ranking needs no gradient
+        # index_select rather than advanced indexing: the same values, a cheaper op on CPU.
+        cand_NC = top_N2K[..., 0, :].float().index_select(-1, pair_a_C) + top_N2K[..., 1, :].float().index_select(
+            -1, pair_b_C
+        )
+        best_NK = cand_NC.topk(k, dim=-1).indices  # sorted by descending score
+    return top_N2K, ids_N2K, pair_a_C[best_NK], pair_b_C[best_NK]
+
+
 def read(
     values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False
 ) -> Tensor:
@@ -190,6 +211,7 @@ __all__ = [
     "check_topk_impl",
     "resolve_topk",
     "topk",
+    "product_topk",
     "check_kernel",
     "dot",
     "read",

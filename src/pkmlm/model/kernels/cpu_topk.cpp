@@ -128,31 +128,81 @@ __attribute__((target_clones("avx2", "default"))) bool topk_row_fast(const acc_t
   return true;
 }
 
+// Per-thread scratch of `topk_row`.
+template <typename acc_t>
+struct Scratch {
+  explicit Scratch(int64_t n, int64_t k) : lane_max(k), cand_v(n + 8), cand_i(n), queue(n) {}
+  std::vector<acc_t> lane_max, cand_v;
+  std::vector<int64_t> cand_i;
+  std::vector<std::pair<acc_t, int64_t>> queue;
+};
+
+// torch.topk of one row (sorted, largest): the fast path where the answer is unique, else ATen's.
+template <typename acc_t>
+void topk_row(const acc_t* row, int64_t n, int64_t k, Scratch<acc_t>& scratch, acc_t* best_v, int64_t* best_i) {
+  if (!topk_row_fast(row, n, k, scratch.lane_max.data(), scratch.cand_v.data(), scratch.cand_i.data(), best_v,
+                     best_i)) {
+    topk_row_aten(row, n, k, scratch.queue, best_v, best_i);
+  }
+}
+
+// A row of scalar_t as acc_t: the row itself, or converted into `buffer`.
+template <typename scalar_t, typename acc_t>
+const acc_t* as_acc(const scalar_t* src, int64_t n, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buffer[j] = static_cast<acc_t>(src[j]);
+    return buffer.data();
+  }
+}
+
 template <typename scalar_t>
 void topk_rows(const scalar_t* in, int64_t rows, int64_t n, int64_t k, scalar_t* out_v, int64_t* out_i) {
   using acc_t = at::opmath_type<scalar_t>;  // ATen compares in this type too (float for bf16/fp16)
-  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const int64_t grain = std::max<int64_t>(1, 32768 / n);  // ATen's grain for topk (GRAIN_SIZE / n)
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row_acc(same ? 0 : n);
-    std::vector<acc_t> best_v(k), lane_max(k), cand_v(n + 8);
-    std::vector<int64_t> best_i(k), cand_i(n);
-    std::vector<std::pair<acc_t, int64_t>> queue;
+    Scratch<acc_t> scratch(n, k);
+    std::vector<acc_t> row_acc(n), best_v(k);
     for (int64_t r = begin; r < end; ++r) {
-      const acc_t* row;
-      if constexpr (same) {
-        row = in + r * n;
-      } else {
-        for (int64_t j = 0; j < n; ++j) row_acc[j] = static_cast<acc_t>(in[r * n + j]);
-        row = row_acc.data();
+      topk_row(as_acc(in + r * n, n, row_acc), n, k, scratch, best_v.data(), out_i + r * k);
+      for (int64_t j = 0; j < k; ++j) out_v[r * k + j] = static_cast<scalar_t>(best_v[j]);
+    }
+  });
+}
+
+// The memory's product-key top-k (ProductKeyMemory._product_topk), one (token, head) row at a time:
+// the top-k of both halves' sub-key scores s (2, S), then the top-k of the C candidate sums
+// float(top0[pair_a[c]]) + float(top1[pair_b[c]]), each exactly as torch.topk would (`topk_row`), the
+// sums in fp32 as torch adds them. Outputs: the halves' top-k values and ids (2, k), as torch.topk
+// of s; the winning candidates' ranks in the two half lists, a = pair_a[best] and b = pair_b[best].
+template <typename scalar_t>
+void product_topk_rows(const scalar_t* in, int64_t rows, int64_t S, int64_t k, const int64_t* pair_a,
+                       const int64_t* pair_b, int64_t C, scalar_t* out_v, int64_t* out_i, int64_t* out_a,
+                       int64_t* out_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (2 * S + C));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch(S, k);
+    Scratch<float> cand_scratch(C, k);
+    std::vector<acc_t> row_acc(S), best_v(k);
+    std::vector<float> top_f(2 * k), cand(C), best_c(k);
+    std::vector<int64_t> best(k);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t offset = (r * 2 + half);
+        topk_row(as_acc(in + offset * S, S, row_acc), S, k, scratch, best_v.data(), out_i + offset * k);
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t v = static_cast<scalar_t>(best_v[j]);
+          out_v[offset * k + j] = v;
+          top_f[half * k + j] = static_cast<float>(v);  // `.float()` of the top-k values
+        }
       }
-      if (!topk_row_fast(row, n, k, lane_max.data(), cand_v.data(), cand_i.data(), best_v.data(), best_i.data())) {
-        queue.resize(n);
-        topk_row_aten(row, n, k, queue, best_v.data(), best_i.data());
-      }
+      for (int64_t c = 0; c < C; ++c) cand[c] = top_f[pair_a[c]] + top_f[k + pair_b[c]];
+      topk_row(cand.data(), C, k, cand_scratch, best_c.data(), best.data());
       for (int64_t j = 0; j < k; ++j) {
-        out_v[r * k + j] = static_cast<scalar_t>(best_v[j]);
-        out_i[r * k + j] = best_i[j];
+        out_a[r * k + j] = pair_a[best[j]];
+        out_b[r * k + j] = pair_b[best[j]];
       }
     }
   });
@@ -177,8 +227,47 @@ std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& x, int64_t k) {
   return {values, indices};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_topk(const at::Tensor& s, const at::Tensor& pair_a,
+                                                                       const at::Tensor& pair_b, int64_t k) {
+  TORCH_CHECK(s.device().is_cpu() && s.dim() >= 2 && s.size(-2) == 2, "pkmlm_cpu::product_topk: CPU scores (..., 2, S)");
+  TORCH_CHECK(pair_a.scalar_type() == at::kLong && pair_b.scalar_type() == at::kLong && pair_a.dim() == 1 &&
+                  pair_a.sizes() == pair_b.sizes(),
+              "pkmlm_cpu::product_topk: int64 rank pairs (C,)");
+  const int64_t S = s.size(-1);
+  const int64_t C = pair_a.size(0);
+  TORCH_CHECK(k >= 1 && k <= S && k <= C, "pkmlm_cpu::product_topk: k must be in [1, min(S, C)]");
+  const at::Tensor input = s.contiguous();
+  const at::Tensor pa = pair_a.contiguous(), pb = pair_b.contiguous();
+  TORCH_CHECK(pa.min().item<int64_t>() >= 0 && pa.max().item<int64_t>() < k && pb.min().item<int64_t>() >= 0 &&
+                  pb.max().item<int64_t>() < k,
+              "pkmlm_cpu::product_topk: ranks must be in [0, k)");
+  std::vector<int64_t> top_shape(s.sizes().begin(), s.sizes().end());
+  top_shape.back() = k;
+  std::vector<int64_t> pair_shape(s.sizes().begin(), s.sizes().end() - 2);
+  pair_shape.push_back(k);
+  at::Tensor values = at::empty(top_shape, s.options());
+  at::Tensor indices = at::empty(top_shape, s.options().dtype(at::kLong));
+  at::Tensor a = at::empty(pair_shape, s.options().dtype(at::kLong));
+  at::Tensor b = at::empty(pair_shape, s.options().dtype(at::kLong));
+  const int64_t rows = input.numel() / (2 * S);
+  if (rows == 0) return {values, indices, a, b};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "pkmlm_cpu_product_topk", [&] {
+    product_topk_rows<scalar_t>(input.const_data_ptr<scalar_t>(), rows, S, k, pa.const_data_ptr<int64_t>(),
+                                pb.const_data_ptr<int64_t>(), C, values.mutable_data_ptr<scalar_t>(),
+                                indices.mutable_data_ptr<int64_t>(), a.mutable_data_ptr<int64_t>(),
+                                b.mutable_data_ptr<int64_t>());
+  });
+  return {values, indices, a, b};
+}
+
 }  // namespace
 
-TORCH_LIBRARY(pkmlm_cpu, m) { m.def("topk(Tensor x, int k) -> (Tensor values, Tensor indices)"); }
+TORCH_LIBRARY(pkmlm_cpu, m) {
+  m.def("topk(Tensor x, int k) -> (Tensor values, Tensor indices)");
+  m.def("product_topk(Tensor s, Tensor pair_a, Tensor pair_b, int k) -> (Tensor values, Tensor indices, Tensor a, Tensor b)");
+}
 
-TORCH_LIBRARY_IMPL(pkmlm_cpu, CPU, m) { m.impl("topk", &topk); }
+TORCH_LIBRARY_IMPL(pkmlm_cpu, CPU, m) {
+  m.impl("topk", &topk);
+  m.impl("product_topk", &product_topk);
+}

@@ -105,29 +105,53 @@ def _build() -> None:
 
 
 def _register_python_parts() -> None:
-    op = "pkmlm_cpu::topk"
+    for op, n_extra in (("pkmlm_cpu::topk", 1), ("pkmlm_cpu::product_topk", 3)):
+        torch.library.register_autograd(op, _backward, setup_context=_setup_context(n_extra))
 
-    @torch.library.register_fake(op)
-    def _fake(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    @torch.library.register_fake("pkmlm_cpu::topk")
+    def _fake_topk(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         shape = (*x.shape[:-1], k)
         return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
-    def _setup_context(ctx, inputs, output) -> None:
-        x, _ = inputs
-        ctx.x_shape = x.shape
-        ctx.mark_non_differentiable(output[1])
+    @torch.library.register_fake("pkmlm_cpu::product_topk")
+    def _fake_product_topk(s: Tensor, pair_a: Tensor, pair_b: Tensor, k: int):
+        top, pair = (*s.shape[:-1], k), (*s.shape[:-2], k)
+        long = torch.int64
+        return (
+            s.new_empty(top),
+            s.new_empty(top, dtype=long),
+            s.new_empty(pair, dtype=long),
+            s.new_empty(pair, dtype=long),
+        )
+
+
+def _setup_context(n_extra: int):
+    """Both operators' first output is the top-k values of their first input along its last dim, at
+    the indices of their second output; the rest are integer tensors (no gradient)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.x_shape = inputs[0].shape
+        ctx.n_inputs = len(inputs)
+        ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(output[1])
 
-    def _backward(ctx, grad_values: Tensor, grad_indices: Optional[Tensor]):
-        (indices,) = ctx.saved_tensors
-        # ATen's topk backward (value_selecting_reduction_backward): zeros, then scatter_.
-        grad_x = grad_values.new_zeros(ctx.x_shape).scatter_(-1, indices, grad_values)
-        return grad_x, None
+    return setup_context
 
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+def _backward(ctx, grad_values: Tensor, *grad_rest):
+    (indices,) = ctx.saved_tensors
+    # ATen's topk backward (value_selecting_reduction_backward): zeros, then scatter_.
+    grad_x = grad_values.new_zeros(ctx.x_shape).scatter_(-1, indices, grad_values)
+    return (grad_x, *([None] * (ctx.n_inputs - 1)))
 
 
 def topk(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """`(values, indices)` of the k largest entries along the last dim, sorted (the kernel must be
     loaded and `x` a CPU tensor of one of `DTYPES`; `kernels.topk` checks and falls back)."""
     return torch.ops.pkmlm_cpu.topk(x, k)
+
+
+def product_topk(s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The memory's product-key top-k in one pass (`kernels.product_topk` documents it; the kernel must
+    be loaded and `s` a CPU tensor of one of `DTYPES`)."""
+    return torch.ops.pkmlm_cpu.product_topk(s_N2S, pair_a_C, pair_b_C, k)
