@@ -80,7 +80,7 @@ acc_t kth_lower_bound(const acc_t* v, int64_t m, int64_t k, acc_t* lane_max) {
 // row, or a tie that touches the k best (every entry equal to one of the k best is a candidate: two
 // of them share a rank, which leaves the next rank empty, or places k + 1 at the k-th).
 template <typename acc_t>
-__attribute__((target_clones("avx2", "default"))) bool topk_row_fast(const acc_t* row, int64_t n, int64_t k, acc_t* lane_max, acc_t* cand_v, int64_t* cand_i,
+bool topk_row_fast(const acc_t* row, int64_t n, int64_t k, acc_t* lane_max, acc_t* cand_v, int64_t* cand_i,
                    acc_t* best_v, int64_t* best_i) {
   int32_t nans = 0;
   for (int64_t j = 0; j < n; ++j) nans += row[j] != row[j];
