@@ -14,6 +14,8 @@ medians), on the CPU in fp32:
    - the default run's memory layer (configs/memory/tiny.yaml at d=256, one batch of 16 x 128
      tokens) forward+backward against the FFN d -> 4d -> d it replaces; target <= 1.0x, 1 and 2
      threads;
+   each memory contender twice, with the layer's top-k (`model.memory.topk_impl=auto`: the C++
+   kernel where it builds) and with torch.topk (`topk_impl=torch`, the retrieval before it);
 2. the knowledge memory step, part by part (1 thread): query network, sub-key scores, top-k (both
    halves' and the candidates', on the layer's path, `model.memory.topk_impl`, and with torch.topk),
    value read (forward), the layer's backward (its forward+backward
@@ -24,6 +26,7 @@ medians), on the CPU in fp32:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -110,30 +113,32 @@ def main(argv: Optional[List[str]] = None) -> None:
     reps, warm = args.repeats, args.warmup
     print(f"# bench_step | {datetime.date.today()} | torch {torch.__version__} | load average {load_start:.1f}\n")
 
-    # 1a. the knowledge family's training step, 1 thread
+    # 1a. the knowledge family's training step, 1 thread; the same memory model with torch.topk
+    # (topk_impl=torch: the retrieval before the C++ top-k) timed in the same turns, for comparison
     torch.set_num_threads(1)
     dense, mem = Step(MemoryConfig(layers=[])), Step(KNOWLEDGE_MEMORY)
-    dense_ms, mem_ms = interleaved_ms([dense.step, mem.step], CPU, warm, reps)
-    rows = [["knowledge step (fwd, bwd, clip, AdamW), 128^2 memory vs dense", 1, mem_ms, dense_ms, 1.15]]
+    mem_torch = Step(dataclasses.replace(KNOWLEDGE_MEMORY, topk_impl="torch"))
+    impl = mem.model.memory_layers()[1].topk_cpu
+    dense_ms, mem_ms, mem_torch_ms = interleaved_ms([dense.step, mem.step, mem_torch.step], CPU, warm, reps)
+    name = "knowledge step (fwd, bwd, clip, AdamW), 128^2 memory vs dense"
+    rows = [[f"{name}, topk_impl={impl}", 1, mem_ms, dense_ms, 1.15]]
+    rows.append([f"{name}, topk_impl=torch", 1, mem_torch_ms, dense_ms, 1.15])
 
-    # 1b. the default run's layer vs its FFN, 1 and 2 threads
+    # 1b. the default run's layer vs its FFN, 1 and 2 threads (and the layer with torch.topk)
     torch.manual_seed(0)
     pkm = ProductKeyMemory(kernel="torch", **DEFAULT_LAYER)
+    torch.manual_seed(0)
+    pkm_torch = ProductKeyMemory(kernel="torch", topk_impl="torch", **DEFAULT_LAYER)
     ffn = FFN(DEFAULT_LAYER["dim"])
     x = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"], requires_grad=True)
     g = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"])
+    name = f"default run's memory layer fwd+bwd vs FFN (d=256, {DEFAULT_TOKENS} tokens)"
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        ffn_ms, pkm_ms = interleaved_ms([lambda: layer_step(ffn, x, g), lambda: layer_step(pkm, x, g)], CPU, warm, reps)
-        rows.append(
-            [
-                f"default run's memory layer fwd+bwd vs FFN (d=256, {DEFAULT_TOKENS} tokens)",
-                threads,
-                pkm_ms,
-                ffn_ms,
-                1.0,
-            ]
-        )
+        contenders = [lambda: layer_step(ffn, x, g), lambda: layer_step(pkm, x, g), lambda: layer_step(pkm_torch, x, g)]
+        ffn_ms, pkm_ms, pkm_torch_ms = interleaved_ms(contenders, CPU, warm, reps)
+        rows.append([f"{name}, topk_impl={pkm.topk_cpu}", threads, pkm_ms, ffn_ms, 1.0])
+        rows.append([f"{name}, topk_impl=torch", threads, pkm_torch_ms, ffn_ms, 1.0])
     table = [
         [name, t, m, d, m / d, f"<= {target:.2f}x", "met" if m / d <= target else "not met"]
         for name, t, m, d, target in rows
