@@ -11,9 +11,10 @@
 (the down vectors of its single-neuron experts), a gather and a batched matmul on the torch path
 for every device (it materialises the (N, R, D) rows; no triton kernel yet).
 
-`topk(x, k, impl=...)` is `torch.topk(x, k, dim=-1)` (largest, sorted), by the C++ CPU kernel of
-`cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto` takes it where it
-builds), by torch otherwise: the same values, indices and gradients either way, bit for bit.
+`topk(x, k, impl=...)` is `torch.topk(x, k, dim=-1)` (largest, sorted), and `product_topk(s, ...)`
+the retrieval's two searches (both halves' top-k, then the top-k of the candidate sums), by the C++
+CPU kernel of `cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto`
+takes it where it builds), by torch otherwise: the same values, indices and gradients, bit for bit.
 
 `model.memory.kernel=auto` takes triton on CUDA when triton is installed, torch otherwise. The triton
 kernels also run on CPU tensors under `TRITON_INTERPRET=1` (how the tests check them without a GPU).
