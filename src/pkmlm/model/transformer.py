@@ -25,6 +25,7 @@ Shape legend (suffixes on tensor names):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
@@ -33,12 +34,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import require
+from pkmlm.errors import checked_once, require
 from pkmlm.model import variants
 from pkmlm.model.kv_cache import KVCache, LayerKV
 from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, _is_int, _is_number, new_value_tables
 
 POS_EMBS = ("rope", "learned")
+
+
+def _rules_key(cfg: ModelConfig) -> str:
+    """`ModelConfig.validate`'s memo key (`checked_once`): every field, a valid vocabulary size
+    written as `valid`. No other rule reads it, so the config's check (with a placeholder size), the
+    memory estimate's model and the model sized to its tokenizer check the config once per process."""
+    vocab = cfg.vocab_size
+    valid = _is_int(vocab) and vocab >= 1
+    return repr(
+        [
+            (f.name, "valid" if f.name == "vocab_size" and valid else getattr(cfg, f.name))
+            for f in dataclasses.fields(ModelConfig)
+        ]
+    )
 
 
 @dataclass
@@ -56,6 +71,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
+    @checked_once(key=_rules_key)  # pkmlm.config.validate, the memory estimate and Transformer ask
     def validate(self) -> None:
         """Raise `ConfigError` on the first bad value; nothing is allocated before it passes."""
         for name in ("vocab_size", "n_layers", "dim", "n_heads"):
