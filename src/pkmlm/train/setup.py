@@ -91,7 +91,9 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError("train.device", name, DEVICES) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", name, "cuda needs a CUDA build of torch and a GPU; use cpu or auto")
+        raise ConfigError(
+            "train.device", name, "cuda needs a CUDA build of torch and a GPU (no CUDA here); use cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError("train.device", name, f"cuda:N with N < {torch.cuda.device_count()} (the GPUs visible)")
     return device
