@@ -144,41 +144,44 @@ def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
         _assert_close(grad, _by_step(tmp_path / "one", "train/grad_norm"), [1, 2, 3, 4])
 
 
-def test_memory_model_with_replicated_values_two_processes_equal_one(tmp_path):
+# A memory model of one table per layer, 3 steps: its 1-process reference is trained once for the
+# module (`memory_one`) and compared with 2 processes replicating, sharding and compiling it.
+MEMORY_3 = (
+    "train.max_steps=3",
+    "eval.interval=3",
+    "checkpoint.interval=3",
+    "model.memory.layers=[0,1]",
+    "model.memory.query_norm=layernorm",
+)
+
+
+@pytest.fixture(scope="module")
+def memory_one(tmp_path_factory) -> Path:
+    """`MEMORY_3` on 1 process with the 2 data shards of 2 processes' global batch."""
+    run_dir = tmp_path_factory.mktemp("memory_3") / "one"
+    _train_in_process(run_dir, *MEMORY_3, "train.data_shards=2")
+    return run_dir
+
+
+def test_memory_model_with_replicated_values_two_processes_equal_one(tmp_path, memory_one):
     """Memory model with its value tables replicated (no shard_values: DDP averages their gradients
     like every other parameter), one table per layer, 2 processes = 1 process."""
-    steps = (
-        "train.max_steps=3",
-        "eval.interval=3",
-        "checkpoint.interval=3",
-        "model.memory.layers=[0,1]",
-        "model.memory.query_norm=layernorm",
-    )
-    _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
-    _torchrun(tmp_path / "two", *steps)
+    _torchrun(tmp_path / "two", *MEMORY_3)
     for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3]), ("train/grad_norm", [1, 2, 3])):
-        _assert_close(_by_step(tmp_path / "two", key), _by_step(tmp_path / "one", key), at)
+        _assert_close(_by_step(tmp_path / "two", key), _by_step(memory_one, key), at)
     _assert_states_close(
         _checkpoint_state(tmp_path / "two" / "checkpoints" / "step_00000003.dcp"),
-        _checkpoint_state(tmp_path / "one" / "checkpoints" / "step_00000003.dcp"),
+        _checkpoint_state(memory_one / "checkpoints" / "step_00000003.dcp"),
     )
 
 
-def test_compiled_two_processes_equal_one(tmp_path):
+def test_compiled_two_processes_equal_one(tmp_path, memory_one):
     """`train.compile=true` with DDP + sharded values and with FSDP2 (the wrapped model is compiled;
     the sharded read is a collective inside the graph's caller): same losses as 1 eager process."""
-    steps = (
-        "train.max_steps=3",
-        "eval.interval=3",
-        "checkpoint.interval=3",
-        "model.memory.layers=[0,1]",
-        "model.memory.query_norm=layernorm",
-    )
-    _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
     for name, extra in (("ddp", ("model.memory.shard_values=true",)), ("fsdp", ("train.parallel=fsdp",))):
-        _torchrun(tmp_path / name, *steps, "train.compile=true", *extra)
+        _torchrun(tmp_path / name, *MEMORY_3, "train.compile=true", *extra)
         for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3])):
-            _assert_close(_by_step(tmp_path / name, key), _by_step(tmp_path / "one", key), at)
+            _assert_close(_by_step(tmp_path / name, key), _by_step(memory_one, key), at)
 
 
 # --- sharded values, unit level: 2 spawned processes -----------------------------------------------

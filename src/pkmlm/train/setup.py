@@ -76,7 +76,14 @@ from pkmlm.parallel.data_shards import build_batches, plan_data_shards
 from pkmlm.parallel.env import DistInfo, rank_device
 from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
 from pkmlm.train.clock import RunClock
-from pkmlm.train.rundir import check_output_dirs, code_version, fresh_start_conflicts, resume_conflicts
+from pkmlm.train.rundir import (
+    check_output_dirs,
+    code_version,
+    fresh_start_conflicts,
+    fresh_start_refusal,
+    resume_conflicts,
+    resume_refusal,
+)
 from pkmlm.train.state import TrainState
 from pkmlm.train.states import StateParts, build_states
 
@@ -174,18 +181,11 @@ def _check_resume(
     if resumed is not None:
         diffs = resume_conflicts(meta["config"], meta["step"], resolved)
         if diffs:
-            raise UserError(
-                f"cannot resume from {resumed}: the run was made with another config ({'; '.join(diffs[:3])}"
-                f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never"
-            )
+            raise resume_refusal(resumed, diffs)
     elif cfg.resume == "auto":  # no checkpoint: a fresh start, unless the directory is another run's
         diffs = run_on_main(lambda: fresh_start_conflicts(run_dir, resolved), info)
         if diffs:
-            raise UserError(
-                f"run directory {run_dir} holds a run made with another config ({'; '.join(diffs[:3])}"
-                f"{'; ...' if len(diffs) > 3 else ''}) and no checkpoint of it; use a new run directory, "
-                "or resume=never to start over in this one"
-            )
+            raise fresh_start_refusal(run_dir, diffs)
 
 
 def _check_resumed_meta(path: Path, meta: dict) -> None:
