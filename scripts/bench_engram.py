@@ -25,14 +25,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
-from benchlib import cpu_name, interleaved_ms  # first: finds src/
+from benchlib import interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
 from pkmlm.model.engram import Compression, EngramConfig, EngramLayer, plan_table_sizes
@@ -121,20 +119,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.results:
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
         result = {
-            "command": "python scripts/bench_engram.py --results docs/results",
-            "commit": commit,
-            "date": str(datetime.date.today()),
-            "machine": f"{platform.machine()} CPU ({cpu_name()})",
-            "torch": torch.__version__,
+            **provenance("python scripts/bench_engram.py --results docs/results", load_start, load_end),
             "threads": "1 and 2 (per row)",
-            "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
             "columns": ["contender", "threads", {"name": "ms", "format": ".1f"}, {"name": "x FFN", "format": ".2f"}],
             "rows": rows,
             "note": f"forward+backward on {tokens} tokens at d={DIM} (the default run's batch), fp32",

@@ -10,9 +10,12 @@ the repository.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +65,26 @@ def cpu_name() -> str:
     from pkmlm.results import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def provenance(command: str, load_start: float, load_end: float, machine: str | None = None) -> dict:
+    """What a results file (docs/results/*.json, `pkmlm.results`) says about its measurement: the
+    command, the git commit, the date, the machine (default: this CPU), torch and the load average
+    at start and end. The caller adds threads, columns, rows and a note."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=SRC.parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    return {
+        "command": command,
+        "commit": commit or "unknown",
+        "date": str(datetime.date.today()),
+        "machine": machine or f"{platform.machine()} CPU ({cpu_name()})",
+        "torch": torch.__version__,
+        "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
+    }
 
 
 def device_name(device: torch.device) -> str:
