@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
-from benchlib import interleaved_ms, provenance  # first: finds src/
+from benchlib import FFN, interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
 from pkmlm.model.engram import Compression, EngramConfig, EngramLayer, plan_table_sizes
@@ -40,17 +39,6 @@ DIM, VOCAB, EOT = 256, 8192, 0
 BATCH, SEQ = 16, 128
 TINY = EngramConfig(layers=[1], heads=4, embed_dim=256, table_size=8192)  # ~4.2M rows x dims, as tiny.yaml
 DEFAULT = EngramConfig()  # ~67M
-
-
-class FFN(nn.Module):
-    """What the Engram layer sits beside: d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
 
 
 def engram(cfg: EngramConfig, sparse: bool) -> EngramLayer:

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
-from benchlib import interleaved_ms, provenance  # first: finds src/
+from benchlib import FFN, interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
 from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
@@ -46,17 +45,6 @@ KNOWLEDGE_BATCH, KNOWLEDGE_SEQ = 32, 128
 # configs/memory/tiny.yaml on configs/model/tiny.yaml (d=256), one default batch of 16 x 128 tokens.
 DEFAULT_LAYER = dict(dim=256, n_keys=128, heads=4, knn=16, k_dim=128, query_norm="batchnorm")
 DEFAULT_TOKENS = 16 * 128
-
-
-class FFN(nn.Module):
-    """What the memory replaces: d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
 
 
 class Step:

@@ -28,6 +28,19 @@ if importlib.util.find_spec("pkmlm") is None and (SRC / "pkmlm").is_dir():
     sys.path.insert(0, str(SRC))
 
 
+class FFN(torch.nn.Module):
+    """The dense contender: a block's FFN d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward),
+    which a memory layer replaces or an Engram layer sits beside."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up = torch.nn.Linear(dim, 4 * dim, bias=False)
+        self.down = torch.nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
 def add_common_args(parser: argparse.ArgumentParser, unit: str) -> None:
     """--device, --threads and --warmup (`unit`: what one warm-up repetition is, for the help)."""
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
