@@ -1,5 +1,6 @@
-"""What scripts/bench_memory.py and scripts/bench_model.py share: the common command-line options,
-device selection, the CPU load note, synchronisation and timing in turns.
+"""What the benchmarks (scripts/bench_*.py) share: the common command-line options, device
+selection, the CPU load note, synchronisation, timing in turns, the dense FFN contender and the
+provenance of a results file.
 
 Imports torch alone (no Hydra, omegaconf, datasets or wandb along the way), so the benchmarks run
 on a bare PyTorch (+ triton) machine. When pkmlm is not installed there, importing this module puts
