@@ -186,11 +186,22 @@ def test_compiled_two_processes_equal_one(tmp_path, memory_one):
 
 # --- sharded values, unit level: 2 spawned processes -----------------------------------------------
 
+# The models whose value tables are sharded, one spawn for all (was two: this file's and
+# tests/unit/test_variants.py's): the 2019 layer with per-layer and shared tables (d=32); Memory+
+# with its shared pool, PEER with per-layer tables and shared with a gate (d=16). `atol` per case.
+SHARDED = {
+    "pkm": (32, dict(), 1e-6),
+    "pkm_shared": (32, dict(share_values=True), 1e-6),
+    "memory_plus": (16, dict(gate="silu", qk_norm=True, query_norm="none", share_values=True), 1e-5),
+    "peer": (16, dict(values_kind="peer"), 1e-5),
+    "peer_shared_gated": (16, dict(values_kind="peer", share_values=True, gate="sigmoid", v_dim=8), 1e-5),
+}
+
 
 def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
-    """Per-layer and shared tables: each rank's logits equal the unsharded model's rows for its
-    tokens; the local columns' gradient equals the same columns of the unsharded gradient of the
-    summed losses; replicated parameters' gradients summed over ranks equal the unsharded ones."""
+    """Each rank's logits equal the unsharded model's rows for its tokens; the local columns'
+    gradient equals the same columns of the unsharded gradient of the summed losses; replicated
+    parameters' gradients summed over ranks equal the unsharded ones."""
     from pkmlm import MemoryConfig, ModelConfig, Transformer
     from pkmlm.parallel.parallelize import shard_value_tables
 
@@ -199,19 +210,17 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
-        for share in (False, True):
+        for case, (dim, options, atol) in SHARDED.items():
             torch.manual_seed(0)
-            memory = MemoryConfig(
-                layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, query_norm="layernorm", share_values=share
-            )
-            ref = Transformer(ModelConfig(vocab_size=64, n_layers=3, dim=32, n_heads=2, memory=memory))
+            memory = dict(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, query_norm="layernorm")
+            memory = MemoryConfig(**{**memory, **options})
+            ref = Transformer(ModelConfig(vocab_size=64, n_layers=3, dim=dim, n_heads=2, memory=memory))
             sharded = copy.deepcopy(ref)
             names = shard_value_tables(sharded, mesh, torch.device("cpu"))
-            assert names == (
-                ["shared_values.weight"]
-                if share
-                else ["blocks.0.memory.values.weight", "blocks.2.memory.values.weight"]
-            ), names
+            assert names == [f"{name}.weight" for name in ref.value_tables()], (case, names)
+            if case.startswith("pkm"):
+                tables = ["blocks.0.memory.values.weight", "blocks.2.memory.values.weight"]
+                assert names == (["shared_values.weight"] if memory.share_values else tables), names
             assert sharded.count_parameters() == ref.count_parameters()  # DTensor numel: the whole table
             x = torch.randint(0, 64, (2 * world, 6), generator=torch.Generator().manual_seed(1))
             ref_logits, ref_loss = ref(x, x)
@@ -219,18 +228,18 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
             mine = x[2 * rank : 2 * rank + 2]
             logits, loss = sharded(mine, mine)
             loss.backward()
-            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=1e-6, rtol=0)
+            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=atol, rtol=0, msg=case)
             ref_params = dict(ref.named_parameters())
             for name, p in sharded.named_parameters():
                 if name in names:
                     local = p.grad.to_local()
                     cols = local.shape[1]
                     expected = ref_params[name].grad[:, rank * cols : (rank + 1) * cols]
-                    torch.testing.assert_close(local, expected, atol=1e-6, rtol=0)
+                    torch.testing.assert_close(local, expected, atol=atol, rtol=0, msg=f"{case} {name}")
                 else:
                     summed = p.grad.clone()
                     dist.all_reduce(summed)
-                    torch.testing.assert_close(summed, ref_params[name].grad, atol=1e-6, rtol=0, msg=name)
+                    torch.testing.assert_close(summed, ref_params[name].grad, atol=atol, rtol=0, msg=f"{case} {name}")
     except BaseException:
         dist.destroy_process_group()
         raise
