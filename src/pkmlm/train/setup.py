@@ -47,7 +47,7 @@ from pkmlm.data.loader import (
     resolve_data,
     validation_batches,
 )
-from pkmlm.data.tokenizer import checked_tokenizer, tokenizer_from_str
+from pkmlm.data.tokenizer import checked_tokenizer, eos_id, tokenizer_from_str
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.finetune import (
     BACKGROUND_FILE,
@@ -454,6 +454,8 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     tokenizer, tok_source, model_cfg = run_tokenizer(cfg, run_dir, resolved, files, info, meta, source_meta)
 
     model = build_model(cfg, model_cfg, init_from=source if meta is None else None, info=info)
+    for side in model.side_layers().values():  # e.g. Engram's tokenizer compression, saved in the run directory
+        side.adapt_to_tokenizer(tokenizer, eos_id(tokenizer), str(run_dir), write=info.is_main)
     # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
     # process only the move. `model` stays the unwrapped model (state dicts, evaluation).
     par = parallelize(

@@ -1,4 +1,4 @@
-"""The Engram layer (pkmlm/model/engram.py) against a written-out loop, its document boundaries and
+"""The Engram layer (pkmlm/model/variants/engram.py) against a written-out loop, its document boundaries and
 causality, the tokenizer compression and its saved mapping, sparse row updates and usage metrics."""
 
 from __future__ import annotations
@@ -11,16 +11,18 @@ import torch
 from tokenizers import Tokenizer, models
 
 from pkmlm.errors import ConfigError, DataError
-from pkmlm.metrics.engram_usage import EngramUsage
-from pkmlm.model.engram import (
+from pkmlm.metrics.table_usage import TableUsage
+from pkmlm.model.variants.engram import (
     Compression,
     EngramConfig,
     EngramLayer,
     build_compression,
     canonical_text,
+    collision_rates,
     hash_multipliers,
     is_prime,
     load_compression,
+    most_read_rows,
     plan_table_sizes,
     save_compression,
 )
@@ -40,7 +42,8 @@ def _layer(seed: int = 0, **overrides) -> EngramLayer:
     canonical = torch.randint(0, 25, (VOCAB,), generator=g)
     canonical[EOT] = 25  # the end-of-text token has a canonical id of its own
     compression = Compression(canonical, 26, "test")
-    layer = EngramLayer(DIM, cfg, 2, compression, EOT, plan_table_sizes(cfg)[2])
+    layer = EngramLayer(DIM, cfg, 2, VOCAB, plan_table_sizes(cfg)[2])
+    layer.install_compression(compression, EOT)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim == 2 else 1.0))
@@ -184,7 +187,7 @@ def test_counts_and_flops():
 
 def test_fresh_layer_starts_as_the_gated_value_alone():
     cfg = EngramConfig(layers=[0], heads=2, embed_dim=8, table_size=13)
-    layer = EngramLayer(DIM, cfg, 0, Compression(torch.arange(VOCAB), VOCAB, "x"), EOT, plan_table_sizes(cfg)[0])
+    layer = EngramLayer(DIM, cfg, 0, VOCAB, plan_table_sizes(cfg)[0])
     assert not layer.conv_weight.any()
     idx, h = _tokens(2, 10), torch.randn(2, 10, DIM)
     e = layer.lookup(layer.rows(idx))
@@ -276,7 +279,7 @@ def test_mapping_saves_loads_and_refuses_another_tokenizer(tmp_path):
 
 def test_usage_tracker_counts_every_read_and_the_mean_gate():
     layer = _layer()
-    tracker = EngramUsage.of(layer)
+    tracker = TableUsage.of(layer)
     gates = []
     layer.observer = lambda rows, gate: (tracker(rows, gate), gates.append(gate))
     idx, h = _tokens(2, 16), torch.randn(2, 16, DIM)
@@ -295,8 +298,6 @@ def test_usage_tracker_counts_every_read_and_the_mean_gate():
 
 
 def test_collision_rates_match_a_dictionary_count():
-    from pkmlm.metrics.engram_usage import collision_rates
-
     layer = _layer(table_size=5)  # tiny tables: many collisions, but not all
     idx = _tokens(2, 24)
     stats = collision_rates(layer, idx)
@@ -333,7 +334,8 @@ def _trigram_loss(break_hash: bool) -> float:
         seq[:, t] = rule[seq[:, t - 3], seq[:, t - 2], seq[:, t - 1]]
     idx, targets = seq[:, 2:-1], seq[:, 3:]
     cfg = EngramConfig(layers=[0], heads=2, embed_dim=32, table_size=2048)
-    layer = EngramLayer(dim, cfg, 0, Compression(torch.arange(V), V, "x"), -1, plan_table_sizes(cfg)[0])
+    layer = EngramLayer(dim, cfg, 0, V, plan_table_sizes(cfg)[0])
+    layer.eot_id.fill_(-1)  # no end-of-text token in this language
     if break_hash:
         layer.multipliers.zero_()  # every n-gram reads the same rows
     emb, head = torch.nn.Embedding(V, dim), torch.nn.Linear(dim, V)
@@ -415,8 +417,6 @@ def test_decoding_in_steps_with_padding_equals_the_full_forward_of_each_row():
 
 
 def test_most_read_rows_lists_the_ngrams_that_read_them():
-    from pkmlm.metrics.engram_usage import most_read_rows
-
     layer = _layer(table_size=5)
     idx = _tokens(2, 24)
     top = most_read_rows(layer, idx, top=6)
