@@ -33,11 +33,12 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from benchlib import cpu_name, interleaved_ms  # first: finds src/
-from pkmlm.model.variants.engram import EngramConfig, EngramLayer, plan_table_sizes
 from torch import nn
 
+from pkmlm.model.variants.engram import EngramConfig, EngramLayer, plan_table_sizes
+
 CPU = torch.device("cpu")
-DIM, VOCAB = 256, 8192
+DIM, VOCAB, EOT = 256, 8192, 0  # pkmlm's BPE puts the end-of-text token at id 0 (the layer's default)
 BATCH, SEQ = 16, 128
 TINY = EngramConfig(layers=[1], heads=4, embed_dim=256, table_size=8192)  # ~4.2M rows x dims, as tiny.yaml
 DEFAULT = EngramConfig()  # ~67M
