@@ -433,7 +433,7 @@ class EngramLayer(SideLayer):
         self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         # The hashed tables: one nn.Embedding, so that a sparse gradient and the lazy Adam see one
         # parameter of whole rows (as a product-key memory's values).
-        self.tables = nn.Embedding(int(sizes.sum()), self.row_dim)
+        self.tables = nn.Embedding(sum(int(n) for n in table_sizes), self.row_dim)  # no .item(): meta-device builds
         self.key_proj = nn.Linear(self.memory_dim, dim, bias=False)  # W_K; differs: no bias (the paper)
         self.value_proj = nn.Linear(self.memory_dim, dim, bias=False)  # W_V
         self.norm_h = nn.RMSNorm(dim)  # RMSNorm(h_t), the query
