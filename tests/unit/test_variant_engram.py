@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -433,3 +434,37 @@ def test_most_read_rows_lists_the_ngrams_that_read_them():
             for k in range(1, len(grams)):
                 mix ^= grams[k] * mult[k]
             assert mix % sizes[col] + sum(sizes[:col]) == t["row"]
+
+
+# --- in a model: pkmlm-inspect's section ------------------------------------------------------------
+
+
+def test_inspect_lists_usage_collisions_and_the_most_read_rows_with_their_decoded_ngrams(tok, tmp_path):
+    from pkmlm.analysis.report import write_report
+    from pkmlm.analysis.side import inspect_side_layers
+    from pkmlm.data.tokenizer import eos_id
+    from pkmlm.model import MemoryConfig, ModelConfig, Transformer
+
+    V = tok.get_vocab_size()
+    memory = MemoryConfig(engram_layers=[1], engram_heads=2, engram_embed_dim=16, engram_table_size=29)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, n_layers=2, dim=16, n_heads=2, max_seq_len=32, memory=memory))
+    engram = model.side_layers()["blocks.1.engram"]
+    engram.adapt_to_tokenizer(tok, eos_id(tok), str(tmp_path), write=True)
+    assert (tmp_path / "engram_compression.json").is_file() and int(engram.eot_id) == eos_id(tok)
+    ids = tok.encode(" the cat sat on the mat. The Cat sat on the mat." * 8).ids[:64]
+    batches = [torch.tensor(ids[:33])[None], torch.tensor(ids[31:64])[None]]
+    side = inspect_side_layers(model, batches, "cpu", tok, top=3)
+    entry = side["memory/layer1/engram"]
+    assert entry["stats"]["usage"] > 0 and 0 < entry["stats"]["gate_mean"] < 1
+    lines = entry["lines"]
+    assert lines[0].startswith("order 2: ") and lines[1].startswith("order 3: ") and len(lines) == 5
+    assert all(" reads: " in line for line in lines[2:])
+    pieces = set(re.findall(r"'[^']*'", "".join(lines[2:])))  # the n-grams, decoded token by token
+    assert pieces and pieces <= {repr(tok.decode([i])) for i in ids}
+    report = write_report(
+        tmp_path / "report", source={}, counts={}, contexts={}, n_most={}, history=[], batches=batches,
+        tokenizer=tok, window=4, side=side,
+    )  # fmt: skip
+    text = report.read_text()
+    assert "## memory/layer1/engram" in text and lines[2] in text and "| layer | slots |" not in text
