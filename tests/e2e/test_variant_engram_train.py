@@ -49,7 +49,8 @@ def test_engram_trains_with_its_metrics_and_compression_and_resumes_bitwise(tmp_
     rows = read_rows(tmp_path / "straight")
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 6 and all(isinstance(v, float) for v in losses)  # null = non-finite
-    for key in ("train/loss", "val/loss", "memory/layer0/engram/usage", "memory/layer0/engram/gate_mean"):
+    keys = ("train/loss", "val/loss", "memory/layer0/engram/usage", "memory/layer0/engram/gate_mean")
+    for key in (*keys, "train/memory/layer0/engram/usage", "train/memory/layer0/engram/order3/gini"):
         a = {r["step"]: r[key] for r in rows if key in r}
         b = {r["step"]: r[key] for r in read_rows(tmp_path / "split") if key in r}
         assert a and a == b, key  # float equality: bitwise
@@ -57,6 +58,10 @@ def test_engram_trains_with_its_metrics_and_compression_and_resumes_bitwise(tmp_
     for stat in ("usage", "order2/usage", "order3/usage", "gini", "order3/gini", "kl_count"):
         assert 0 <= val[f"memory/layer0/engram/{stat}"] <= (1 if "usage" in stat or "gini" in stat else 20)
     assert 0 < val["memory/layer0/engram/gate_mean"] < 1
+    # Training rows: the reads of the window's steps (one step per row here: B x T tokens x R rows).
+    first = next(r for r in rows if "train/loss" in r)
+    assert 0 < first["train/memory/layer0/engram/usage"] <= 1 and 0 < first["train/memory/layer0/engram/gate_mean"] < 1
+    assert all("train/memory/layer0/engram/usage" in r for r in rows if "train/loss" in r)
     assert 0 < val["memory/layer1/usage"] <= 1  # the product-key memory's keys, beside it, unchanged
     a, b = _model_state(tmp_path / "straight"), _model_state(tmp_path / "split")
     assert a.keys() == b.keys()

@@ -17,7 +17,9 @@ an evaluation set, per layer:
 device with no host synchronisation per batch; `compute` copies to the host once.
 `track_side_usage` attaches one to every side layer of a model for an evaluation pass; the keys are
 `memory/layer{i}/<side_name>/<stat>` (`side_metrics`), beside the product-key memory's
-`memory/layer{i}/<stat>` of the same layer.
+`memory/layer{i}/<stat>` of the same layer. During training, `SideUsageWindow` keeps one on every
+side layer and the loop logs the reads of the steps since its last training row as
+`train/memory/layer{i}/<side_name>/<stat>`, then starts a new window.
 
 Shape legend: B batch, T sequence length, R rows read per token, S rows of the whole table.
 """
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from pkmlm.metrics.memory_usage import gini, kl_to_uniform, unwrap_model, usage_fraction
 
-__all__ = ["TableUsage", "side_metrics", "track_side_usage"]
+__all__ = ["SideUsageWindow", "TableUsage", "side_metrics", "side_observers_set_aside", "track_side_usage"]
 
 
 class TableUsage:
@@ -139,3 +141,41 @@ def side_metrics(trackers: Mapping[str, TableUsage]) -> dict[str, float]:
     return {
         f"{prefix}/{key}": value for prefix in sorted(trackers) for key, value in trackers[prefix].compute().items()
     }
+
+
+@contextlib.contextmanager
+def side_observers_set_aside(model: torch.nn.Module) -> Iterator[None]:
+    """Every side layer without its observer for the block (evaluation reads are not training
+    reads), put back on the way out, also on an exception."""
+    layers = _side_layers(model)
+    saved = {name: layer.observer for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.observer = None
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.observer = saved[name]
+
+
+class SideUsageWindow:
+    """The training reads of every side layer since the last training row: a `TableUsage` observer
+    on each (attached at construction); `row()` gives `train/memory/layer{i}/<side_name>/<stat>`
+    over all ranks and starts a new window. Empty (falsy) for a model without side layers."""
+
+    def __init__(self, model: torch.nn.Module):
+        layers = {_metric_prefix(name): layer for name, layer in _side_layers(model).items()}
+        self.trackers = {prefix: TableUsage.of(layer) for prefix, layer in layers.items()}
+        for prefix, layer in layers.items():
+            layer.observer = self.trackers[prefix]
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+    def row(self) -> dict[str, float]:
+        for tracker in self.trackers.values():
+            tracker.all_reduce_()
+        out = {f"train/{key}": value for key, value in side_metrics(self.trackers).items()}
+        for tracker in self.trackers.values():
+            tracker.reset()
+        return out

@@ -66,6 +66,7 @@ from pkmlm.finetune.config import background_batch_count
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.metrics.recall import check_recall_fits, read_questions
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
+from pkmlm.metrics.table_usage import SideUsageWindow
 from pkmlm.model import variants
 from pkmlm.model.kernels import resolve_kernel
 from pkmlm.model.transformer import ModelConfig, Transformer
@@ -142,6 +143,7 @@ class Trainer:
     init_from: Path | None = None  # the checkpoint whose weights the run started from (init_from)
     selection: RowSelection | None = None  # train.finetune=memory|sparse_memory: the rows a step may change
     kept_fresh: list[str] = dataclasses.field(default_factory=list)  # pieces a resume left as built
+    side_usage: SideUsageWindow | None = None  # the side layers' reads since the last training row
 
     @property
     def micro_batch_size(self) -> int:
@@ -515,6 +517,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         init_from=source,
         selection=selection,
         kept_fresh=kept_fresh,
+        side_usage=SideUsageWindow(model),
     )
     sinks.console.write(_start_line(trainer, tok_source, n_shards))
     return trainer
