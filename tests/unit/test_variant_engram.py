@@ -468,3 +468,27 @@ def test_inspect_lists_usage_collisions_and_the_most_read_rows_with_their_decode
     )  # fmt: skip
     text = report.read_text()
     assert "## memory/layer1/engram" in text and lines[2] in text and "| layer | slots |" not in text
+
+
+def test_registered_options_are_checked_at_the_config_boundary_and_name_the_run():
+    from pkmlm.experiments.report import variant_name
+    from pkmlm.model import MemoryConfig, ModelConfig, variants
+
+    on = {"engram_layers": [1], "engram_heads": 2, "engram_embed_dim": 16}
+    ModelConfig(n_layers=2, memory=MemoryConfig(**on, kind="engram")).validate()
+    refusals = {
+        r"model\.memory\.engram_layers=\[2\] is invalid: each index must be in \[0, 1\]": {"engram_layers": [2]},
+        r"model\.memory\.engram_embed_dim=15 is invalid": {"engram_embed_dim": 15},
+        r"model\.memory\.shard_values=True is invalid: false with Engram layers": {"shard_values": True},
+    }
+    for message, change in refusals.items():
+        with pytest.raises(ConfigError, match=message) as info:
+            ModelConfig(n_layers=2, memory=MemoryConfig(**{**on, **change})).validate()
+        assert "\n" not in str(info.value)
+    assert (
+        variants.kind_of({"layers": [], **on}) == "engram"
+        and variant_name({"layers": [], **on}) == "Engram (engram L1)"
+    )
+    both = {"layers": [0], "values_kind": "peer", **on}
+    assert variant_name(both) == "PEER + Engram (replace, engram L1)"
+    assert variant_name({"layers": [], "engram_heads": 2}) == "dense"  # options without layers: off
