@@ -742,15 +742,15 @@ class EngramFields:
     `model.memory` group (an Engram layer sits beside a block, so it combines with any product-key
     memory). `engram_layers: []` (the default) is off. Defaults and their sources: `EngramConfig`."""
 
-    engram_layers: List[int] = field(default_factory=list)
-    engram_max_ngram: int = 3
-    engram_heads: int = 8
-    engram_embed_dim: int = 512
-    engram_table_size: int = 65536
-    engram_kernel_size: int = 4
-    engram_seed: int = 0
-    engram_gate_signed_sqrt: bool = False
-    engram_tables_lr_mult: float = 5.0
+    engram_layers: List[int] = field(default_factory=list)  # 0-based layers with an Engram layer beside them; [] = off
+    engram_max_ngram: int = 3  # N: suffix n-grams of orders 2..N (the paper's N = 3)
+    engram_heads: int = 8  # hash heads per order (the demo's n_head_per_ngram)
+    engram_embed_dim: int = 512  # width of one order's concatenated heads (the demo's n_embed_per_ngram)
+    engram_table_size: int = 65536  # minimum rows of one head's table, rounded up to distinct primes
+    engram_kernel_size: int = 4  # taps of the short causal convolution (dilation = engram_max_ngram)
+    engram_seed: int = 0  # seed of the hash multipliers (with the layer index)
+    engram_gate_signed_sqrt: bool = False  # the demo's signed square root of the gate logit (not the paper's)
+    engram_tables_lr_mult: float = 5.0  # the tables' learning rate = optim.lr x this; no weight decay
 
 
 PREFIX = "engram_"
