@@ -492,3 +492,28 @@ def test_registered_options_are_checked_at_the_config_boundary_and_name_the_run(
     both = {"layers": [0], "values_kind": "peer", **on}
     assert variant_name(both) == "PEER + Engram (replace, engram L1)"
     assert variant_name({"layers": [], "engram_heads": 2}) == "dense"  # options without layers: off
+
+
+@pytest.mark.parametrize("percent", [0, 25, 50, 75, 100])
+def test_each_allocation_arm_splits_the_same_table_budget(percent):
+    """experiment=sweep/engram_allocation: every arm composes and validates, its table parameters
+    (product-key values + Engram tables) are memory=tiny's 4.19M to 2%, `percent` of them Engram."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from pkmlm.config import config_dir, register_configs, validate
+    from pkmlm.model import Transformer
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[f"+experiment/engram_alloc=p{percent}"])
+    cfg = OmegaConf.to_object(composed)
+    validate(cfg)
+    with torch.device("meta"):
+        counts = Transformer(dataclasses.replace(cfg.model, vocab_size=8192)).count_parameters()
+    assert counts["memory_values"] == pytest.approx(128**2 * 256, rel=0.02)
+    assert counts["side_tables"] / counts["memory_values"] == pytest.approx(percent / 100, abs=0.02)
