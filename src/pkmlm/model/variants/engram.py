@@ -385,6 +385,11 @@ class EngramDecodeState:
         self.ids_BL, self.x_BLD = self.ids_BL[rows_R], self.x_BLD[rows_R]
 
 
+def _sparse_lookup(rows_BTR: Tensor, table_SE: Tensor) -> Tensor:
+    """`EngramLayer.lookup` with a sparse gradient, outside any compiled graph."""
+    return F.embedding(rows_BTR, table_SE, sparse=True).flatten(2)
+
+
 # --- the layer -------------------------------------------------------------------------------------------
 
 
@@ -512,8 +517,11 @@ class EngramLayer(SideLayer):
 
     def lookup(self, rows_BTR: Tensor) -> Tensor:
         """`(B, T, R * E)`: the R rows read, concatenated (e_t)."""
-        e_BTRE = F.embedding(rows_BTR, self.tables.weight, sparse=self.sparse_grad)
-        return e_BTRE.flatten(2)
+        if self.sparse_grad and torch.compiler.is_compiling():
+            # Inductor cannot lower a sparse gradient: under train.compile the lookup runs eagerly
+            # (a graph break), as the product-key read's sparse path does (pkmlm.model.kernels).
+            return torch.compiler.disable(_sparse_lookup)(rows_BTR, self.tables.weight)
+        return F.embedding(rows_BTR, self.tables.weight, sparse=self.sparse_grad).flatten(2)
 
     # --- context-aware gating and the short convolution -----------------------------------------------
 
