@@ -7,7 +7,7 @@ On the default run's shape (model/tiny: d=256, one batch of 16 x 128 tokens, voc
 the contenders timed in turns (A, B, C, A, B, C, ...; medians) at 1 and 2 threads:
 
 - the FFN d -> 4d -> d (GELU) of a block, forward+backward;
-- the Engram layer (pkmlm/model/engram.py) sized like configs/memory/tiny.yaml's value table
+- the Engram layer (pkmlm/model/variants/engram.py) sized like configs/memory/tiny.yaml's value table
   (4 heads x 2 orders of ~8,192 rows x 64 dims = 4.2M parameters, N = 3), forward+backward with a
   dense table gradient, and with the sparse row gradient of `optim.sparse_values`;
 - the same layer at EngramConfig's defaults (8 heads x 2 orders of ~65,536 rows x 64 = 67M, the
@@ -32,10 +32,10 @@ import torch
 from benchlib import FFN, interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
-from pkmlm.model.engram import Compression, EngramConfig, EngramLayer, plan_table_sizes
+from pkmlm.model.variants.engram import EngramConfig, EngramLayer, plan_table_sizes
 
 CPU = torch.device("cpu")
-DIM, VOCAB, EOT = 256, 8192, 0
+DIM, VOCAB, EOT = 256, 8192, 0  # pkmlm's BPE puts the end-of-text token at id 0 (the layer's default)
 BATCH, SEQ = 16, 128
 TINY = EngramConfig(layers=[1], heads=4, embed_dim=256, table_size=8192)  # ~4.2M rows x dims, as tiny.yaml
 DEFAULT = EngramConfig()  # ~67M
@@ -43,7 +43,7 @@ DEFAULT = EngramConfig()  # ~67M
 
 def engram(cfg: EngramConfig, sparse: bool) -> EngramLayer:
     torch.manual_seed(0)
-    layer = EngramLayer(DIM, cfg, 1, Compression(torch.arange(VOCAB), VOCAB, "bench"), EOT, plan_table_sizes(cfg)[1])
+    layer = EngramLayer(DIM, cfg, 1, VOCAB, plan_table_sizes(cfg)[1])
     with torch.no_grad():  # a trained layer's convolution is not zero: time the full path
         layer.conv_weight.normal_(0.0, 0.1)
     layer.sparse_grad = sparse
