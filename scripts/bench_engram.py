@@ -7,7 +7,7 @@ On the default run's shape (model/tiny: d=256, one batch of 16 x 128 tokens, voc
 the contenders timed in turns (A, B, C, A, B, C, ...; medians) at 1 and 2 threads:
 
 - the FFN d -> 4d -> d (GELU) of a block, forward+backward;
-- the Engram layer (pkmlm/model/engram.py) sized like configs/memory/tiny.yaml's value table
+- the Engram layer (pkmlm/model/variants/engram.py) sized like configs/memory/tiny.yaml's value table
   (4 heads x 2 orders of ~8,192 rows x 64 dims = 4.2M parameters, N = 3), forward+backward with a
   dense table gradient, and with the sparse row gradient of `optim.sparse_values`;
 - the same layer at EngramConfig's defaults (8 heads x 2 orders of ~65,536 rows x 64 = 67M, the
@@ -25,39 +25,25 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
-from benchlib import cpu_name, interleaved_ms  # first: finds src/
+from benchlib import FFN, interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
-from pkmlm.model.engram import Compression, EngramConfig, EngramLayer, plan_table_sizes
+from pkmlm.model.variants.engram import EngramConfig, EngramLayer, plan_table_sizes
 
 CPU = torch.device("cpu")
-DIM, VOCAB, EOT = 256, 8192, 0
+DIM, VOCAB, EOT = 256, 8192, 0  # pkmlm's BPE puts the end-of-text token at id 0 (the layer's default)
 BATCH, SEQ = 16, 128
 TINY = EngramConfig(layers=[1], heads=4, embed_dim=256, table_size=8192)  # ~4.2M rows x dims, as tiny.yaml
 DEFAULT = EngramConfig()  # ~67M
 
 
-class FFN(nn.Module):
-    """What the Engram layer sits beside: d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
-
-
 def engram(cfg: EngramConfig, sparse: bool) -> EngramLayer:
     torch.manual_seed(0)
-    layer = EngramLayer(DIM, cfg, 1, Compression(torch.arange(VOCAB), VOCAB, "bench"), EOT, plan_table_sizes(cfg)[1])
+    layer = EngramLayer(DIM, cfg, 1, VOCAB, plan_table_sizes(cfg)[1])
     with torch.no_grad():  # a trained layer's convolution is not zero: time the full path
         layer.conv_weight.normal_(0.0, 0.1)
     layer.sparse_grad = sparse
@@ -121,20 +107,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.results:
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
         result = {
-            "command": "python scripts/bench_engram.py --results docs/results",
-            "commit": commit,
-            "date": str(datetime.date.today()),
-            "machine": f"{platform.machine()} CPU ({cpu_name()})",
-            "torch": torch.__version__,
+            **provenance("python scripts/bench_engram.py --results docs/results", load_start, load_end),
             "threads": "1 and 2 (per row)",
-            "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
             "columns": ["contender", "threads", {"name": "ms", "format": ".1f"}, {"name": "x FFN", "format": ".2f"}],
             "rows": rows,
             "note": f"forward+backward on {tokens} tokens at d={DIM} (the default run's batch), fp32",

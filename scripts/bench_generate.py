@@ -16,21 +16,13 @@ one token's forward reads the cached keys (linear).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import benchlib
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    return benchlib.cpu_name()
 
 
 def build_model(args: argparse.Namespace, device: torch.device):
@@ -94,17 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {n} | {cached:,.1f} | {uncached:,.1f} | {cached / uncached:.1f}x |", flush=True)
     load_end = os.getloadavg()[0]
     if args.results:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+        command = "python scripts/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
         result = {
-            "command": "python scripts/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": commit or "unknown",
-            "date": datetime.date.today().isoformat(),
-            "machine": machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "torch": torch.__version__,
+            **benchlib.provenance(command, load_start, load_end, machine=gpu),
             "threads": torch.get_num_threads(),
-            "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (machine shared)",
             "columns": [
                 "new tokens",
                 {"name": "with KV cache (tok/s)", "format": ",.1f"},

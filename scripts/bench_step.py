@@ -30,20 +30,16 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
-from benchlib import interleaved_ms  # first: finds src/
+from benchlib import FFN, interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
 from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
 from pkmlm.model.memory import MemoryConfig
 from pkmlm.optim import OptimConfig, build_optimizer, clip_grad_norm_
-from pkmlm.results import cpu_model
 
 CPU = torch.device("cpu")
 # configs/experiment/knowledge/common.yaml: 2 layers, d=64, 4 attention heads, vocab 1024, 32 x 128.
@@ -53,17 +49,6 @@ KNOWLEDGE_BATCH, KNOWLEDGE_SEQ = 32, 128
 # configs/memory/tiny.yaml on configs/model/tiny.yaml (d=256), one default batch of 16 x 128 tokens.
 DEFAULT_LAYER = dict(dim=256, n_keys=128, heads=4, knn=16, k_dim=128, query_norm="batchnorm")
 DEFAULT_TOKENS = 16 * 128
-
-
-class FFN(nn.Module):
-    """What the memory replaces: d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
 
 
 class Step:
@@ -225,20 +210,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.results:
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-        common = {
-            "command": "python scripts/bench_step.py --results docs/results",
-            "commit": commit,
-            "date": str(datetime.date.today()),
-            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model()})",
-            "torch": torch.__version__,
-            "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
-        }
+        common = provenance("python scripts/bench_step.py --results docs/results", load_start, load_end)
         step = {
             **common,
             "threads": "1 and 2 (per row)",

@@ -1,5 +1,6 @@
-"""What scripts/bench_memory.py and scripts/bench_model.py share: the common command-line options,
-device selection, the CPU load note, synchronisation and timing in turns.
+"""What the benchmarks (scripts/bench_*.py) share: the common command-line options, device
+selection, the CPU load note, synchronisation, timing in turns, the dense FFN contender and the
+provenance of a results file.
 
 Imports torch alone (no Hydra, omegaconf, datasets or wandb along the way), so the benchmarks run
 on a bare PyTorch (+ triton) machine. When pkmlm is not installed there, importing this module puts
@@ -10,9 +11,12 @@ the repository.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +27,19 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 if importlib.util.find_spec("pkmlm") is None and (SRC / "pkmlm").is_dir():
     sys.path.insert(0, str(SRC))
+
+
+class FFN(torch.nn.Module):
+    """The dense contender: a block's FFN d -> 4d -> d with GELU (pkmlm.model.transformer.FeedForward),
+    which a memory layer replaces or an Engram layer sits beside."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.up = torch.nn.Linear(dim, 4 * dim, bias=False)
+        self.down = torch.nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
 def add_common_args(parser: argparse.ArgumentParser, unit: str) -> None:
@@ -62,6 +79,26 @@ def cpu_name() -> str:
     from pkmlm.results import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def provenance(command: str, load_start: float, load_end: float, machine: str | None = None) -> dict:
+    """What a results file (docs/results/*.json, `pkmlm.results`) says about its measurement: the
+    command, the git commit, the date, the machine (default: this CPU), torch and the load average
+    at start and end. The caller adds threads, columns, rows and a note."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=SRC.parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    return {
+        "command": command,
+        "commit": commit or "unknown",
+        "date": str(datetime.date.today()),
+        "machine": machine or f"{platform.machine()} CPU ({cpu_name()})",
+        "torch": torch.__version__,
+        "load": f"load average {load_start:.1f} at start, {load_end:.1f} at end (shared machine)",
+    }
 
 
 def device_name(device: torch.device) -> str:

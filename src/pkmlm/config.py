@@ -23,7 +23,7 @@ from pkmlm.data.config import DataConfig, default_cache_dir
 from pkmlm.errors import UserError, checked_once, require, require_one_of
 from pkmlm.finetune.config import FinetuneConfig, check_finetune_config  # finetune.*: with its modes
 from pkmlm.metrics.memory_usage import MetricsConfig  # metrics.*: beside the trackers it configures
-from pkmlm.metrics.sinks import WandbMode
+from pkmlm.metrics.sinks import check_wandb_mode
 from pkmlm.model.transformer import ModelConfig
 from pkmlm.optim.config import OptimConfig  # beside the optimizer: torch-only for the benchmarks
 from pkmlm.parallel.parallelize import ParallelMode
@@ -206,7 +206,7 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)  # wandb tags
 
     def validate(self) -> None:
-        require_one_of("logging.wandb.mode", self.mode, WandbMode)
+        check_wandb_mode(self.mode)
 
 
 @dataclass

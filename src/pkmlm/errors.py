@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import typing
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -57,23 +57,27 @@ def require_one_of(key: str, value: object, literal: Any) -> None:
 
 
 # The checks of config values that passed in this process, by check and value (the repr of the
-# config dataclass, which shows every field): the process-level memo behind `checked_once`. Only a
-# pass is remembered, so a bad value is refused every time it is asked about.
+# config dataclass, which shows every field, or the check's own `key`): the process-level memo
+# behind `checked_once`. Only a pass is remembered, so a bad value is refused every time it is asked about.
 _PASSED: dict[tuple[str, str], Any] = {}
 
 
-def checked_once(check: Callable[[Any], T]) -> Callable[[Any], T]:
+def checked_once(check: Optional[Callable[[Any], T]] = None, *, key: Callable[[Any], str] = repr) -> Any:
     """Run `check(cfg)` once per process for each distinct config value and return its first result.
 
     The command line checks every job before Hydra starts and `train()` checks the config it is
     given (it is also called from Python); with this, a run started from the command line checks
-    its config once (tests/e2e/test_config_train.py counts it)."""
+    its config once (tests/e2e/test_config_train.py counts it). `key(cfg)` names the value
+    (default `repr`); a check whose rules ignore part of its value leaves that part out of the key
+    (`@checked_once(key=...)`; `ModelConfig.validate` does, for the vocabulary size)."""
+    if check is None:
+        return functools.partial(checked_once, key=key)
 
     @functools.wraps(check)
     def once(cfg: Any) -> T:
-        key = (f"{check.__module__}.{check.__qualname__}", repr(cfg))
-        if key not in _PASSED:
-            _PASSED[key] = check(cfg)
-        return _PASSED[key]
+        memo = (f"{check.__module__}.{check.__qualname__}", key(cfg))
+        if memo not in _PASSED:
+            _PASSED[memo] = check(cfg)
+        return _PASSED[memo]
 
     return once

@@ -260,6 +260,40 @@ def test_a_relaunched_sweep_with_a_locked_job_keeps_its_multirun_yaml(tmp_path):
     assert sorted(p.name for p in sweep.rglob("*")) == [".lock", "1", "multirun.yaml"]  # no job started
 
 
+def test_a_relaunched_sweep_refused_for_a_resume_conflict_keeps_its_multirun_yaml(
+    tmp_path, capsys, monkeypatch, tiny_run
+):
+    """The resume check made by the command line before Hydra runs (`rundir.check_resume_early`;
+    the task makes it again under the lock): a job whose directory holds a checkpoint, or a
+    config.yaml, of another config is refused before Hydra's sweeper rewrites multirun.yaml; a job
+    whose checkpoint has its own config passes (job 0 of the first launch: it would resume)."""
+    import shutil
+
+    from conftest import TINY_RUN_STEPS
+
+    sweep = tmp_path / "multirun" / "sweep"
+    shutil.copytree(tiny_run, sweep / "0")  # trained with seed 1337 (the default)
+    (sweep / "1").mkdir()
+    shutil.copy(tiny_run / "config.yaml", sweep / "1" / "config.yaml")  # a run killed before its first checkpoint
+    original = b"# the sweep's record from its first launch\n"
+    (sweep / "multirun.yaml").write_bytes(original)
+    before = sorted(str(p) for p in sweep.rglob("*"))
+    for seeds, needle in [
+        ("seed=1337,1", "sweep job 1 (seed=1): run directory"),  # job 0 matches its checkpoint
+        ("seed=1,1337", "sweep job 0 (seed=1): cannot resume from"),
+    ]:
+        args = ["-m", *overrides(*TINY_RUN_STEPS), f"hydra.sweep.dir={sweep}", seeds]
+        line = refused(capsys, monkeypatch, tmp_path, "pkmlm.cli.train", args, needle)
+        assert "made with another config (seed: 1337 -> 1)" in line, line
+        assert (sweep / "multirun.yaml").read_bytes() == original  # refused before Hydra's sweeper wrote
+        assert sorted(str(p) for p in sweep.rglob("*")) == before  # no job started
+
+
+def test_a_user_set_hydra_output_subdir_is_refused(tmp_path, capsys, monkeypatch):
+    """Hydra would write `.hydra/` there before the task accepts the run; pkmlm-train writes it itself."""
+    train_refused(capsys, monkeypatch, tmp_path, "hydra.output_subdir='.hydra'", "hydra.output_subdir=.hydra")
+
+
 def test_stop_signal_while_the_shuffle_buffer_fills(tmp_path):
     run_dir = tmp_path / "run"
     args = [*overrides("data.shuffle_buffer=1000000", "data.seq_len=32"), f"hydra.run.dir={run_dir}"]

@@ -341,7 +341,7 @@ def _harness_task(root: Path, data: Path) -> Path:
     return tasks
 
 
-@pytest.mark.parametrize("case", ["--limit inf", "--device cuda", "missing data file"])
+@pytest.mark.parametrize("case", ["--limit inf", "--device cuda", "--device gpu", "missing data file"])
 def test_harness_arguments_are_one_line_before_the_model_loads(tmp_path, capsys, case):
     """RUN is an empty directory: had the model been loaded first, the error would name RUN. (The
     data-file case indexes lm-eval's own tasks too: about 12 s.)"""
@@ -360,6 +360,7 @@ def test_harness_arguments_are_one_line_before_the_model_loads(tmp_path, capsys,
     extra, words = {
         "--limit inf": (["--limit", "inf"], "--limit=inf"),
         "--device cuda": (["--device", "cuda"], "no CUDA"),
+        "--device gpu": (["--device", "gpu"], "auto, cpu, cuda or cuda:N"),  # train.device's values
         "missing data file": ([], "cannot load the task data"),
     }[case]
     if case == "missing data file":

@@ -75,21 +75,29 @@ def test_benchlib_imports_torch_only():
         ),
         (
             "bench_engram",
-            ["--repeats", "1", "--warmup", "0", "--batch", "1", "--no-default"],
+            ["--repeats", "1", "--warmup", "0", "--batch", "1", "--no-default", "--results", "{tmp}"],
             ["| FFN d -> 4d -> d (GELU) | 1 |", "| Engram, tiny tables (4.2M), sparse grad | 2 |", "| hashing alone"],
         ),
         (
             "bench_generate",
             ["--device", "cpu", "--threads", "1", "--warmup", "0", "--repeats", "1", "--new-tokens", "3"]
-            + ["--dim", "32", "--layers", "2", "--heads", "2", "--vocab", "64", "--n-keys", "8"],
+            + ["--dim", "32", "--layers", "2", "--heads", "2", "--vocab", "64", "--n-keys", "8"]
+            + ["--results", "{tmp}/bench_generate.json"],
             ["| new tokens | cached tok/s | uncached tok/s | speed-up |", "| 3 |"],
         ),
     ],
 )
-def test_bench_runs_without_the_training_stack(module, argv, expected):
-    out = _run(module, argv)
+def test_bench_runs_without_the_training_stack(module, argv, expected, tmp_path):
+    """...and the results files they write (`--results`) load (`pkmlm.results`), with their provenance
+    (`benchlib.provenance`)."""
+    from pkmlm.results import load
+
+    out = _run(module, [a.replace("{tmp}", str(tmp_path)) for a in argv])
     for line in expected:
         assert line in out, out
+    for path in tmp_path.glob("*.json"):
+        result = load(str(path))
+        assert result.commit and "CPU (" in result.machine and "load average" in result.load, path
 
 
 def test_bench_refuses_cuda_without_a_gpu():

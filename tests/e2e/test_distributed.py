@@ -144,50 +144,64 @@ def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
         _assert_close(grad, _by_step(tmp_path / "one", "train/grad_norm"), [1, 2, 3, 4])
 
 
-def test_memory_model_with_replicated_values_two_processes_equal_one(tmp_path):
+# A memory model of one table per layer, 3 steps: its 1-process reference is trained once for the
+# module (`memory_one`) and compared with 2 processes replicating, sharding and compiling it.
+MEMORY_3 = (
+    "train.max_steps=3",
+    "eval.interval=3",
+    "checkpoint.interval=3",
+    "model.memory.layers=[0,1]",
+    "model.memory.query_norm=layernorm",
+)
+
+
+@pytest.fixture(scope="module")
+def memory_one(tmp_path_factory) -> Path:
+    """`MEMORY_3` on 1 process with the 2 data shards of 2 processes' global batch."""
+    run_dir = tmp_path_factory.mktemp("memory_3") / "one"
+    _train_in_process(run_dir, *MEMORY_3, "train.data_shards=2")
+    return run_dir
+
+
+def test_memory_model_with_replicated_values_two_processes_equal_one(tmp_path, memory_one):
     """Memory model with its value tables replicated (no shard_values: DDP averages their gradients
     like every other parameter), one table per layer, 2 processes = 1 process."""
-    steps = (
-        "train.max_steps=3",
-        "eval.interval=3",
-        "checkpoint.interval=3",
-        "model.memory.layers=[0,1]",
-        "model.memory.query_norm=layernorm",
-    )
-    _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
-    _torchrun(tmp_path / "two", *steps)
+    _torchrun(tmp_path / "two", *MEMORY_3)
     for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3]), ("train/grad_norm", [1, 2, 3])):
-        _assert_close(_by_step(tmp_path / "two", key), _by_step(tmp_path / "one", key), at)
+        _assert_close(_by_step(tmp_path / "two", key), _by_step(memory_one, key), at)
     _assert_states_close(
         _checkpoint_state(tmp_path / "two" / "checkpoints" / "step_00000003.dcp"),
-        _checkpoint_state(tmp_path / "one" / "checkpoints" / "step_00000003.dcp"),
+        _checkpoint_state(memory_one / "checkpoints" / "step_00000003.dcp"),
     )
 
 
-def test_compiled_two_processes_equal_one(tmp_path):
+def test_compiled_two_processes_equal_one(tmp_path, memory_one):
     """`train.compile=true` with DDP + sharded values and with FSDP2 (the wrapped model is compiled;
     the sharded read is a collective inside the graph's caller): same losses as 1 eager process."""
-    steps = (
-        "train.max_steps=3",
-        "eval.interval=3",
-        "checkpoint.interval=3",
-        "model.memory.layers=[0,1]",
-        "model.memory.query_norm=layernorm",
-    )
-    _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
     for name, extra in (("ddp", ("model.memory.shard_values=true",)), ("fsdp", ("train.parallel=fsdp",))):
-        _torchrun(tmp_path / name, *steps, "train.compile=true", *extra)
+        _torchrun(tmp_path / name, *MEMORY_3, "train.compile=true", *extra)
         for key, at in (("train/loss", [1, 2, 3]), ("val/loss", [3])):
-            _assert_close(_by_step(tmp_path / name, key), _by_step(tmp_path / "one", key), at)
+            _assert_close(_by_step(tmp_path / name, key), _by_step(memory_one, key), at)
 
 
 # --- sharded values, unit level: 2 spawned processes -----------------------------------------------
 
+# The models whose value tables are sharded, one spawn for all (was two: this file's and
+# tests/unit/test_variants.py's): the 2019 layer with per-layer and shared tables (d=32); Memory+
+# with its shared pool, PEER with per-layer tables and shared with a gate (d=16). `atol` per case.
+SHARDED = {
+    "pkm": (32, dict(), 1e-6),
+    "pkm_shared": (32, dict(share_values=True), 1e-6),
+    "memory_plus": (16, dict(gate="silu", qk_norm=True, query_norm="none", share_values=True), 1e-5),
+    "peer": (16, dict(values_kind="peer"), 1e-5),
+    "peer_shared_gated": (16, dict(values_kind="peer", share_values=True, gate="sigmoid", v_dim=8), 1e-5),
+}
+
 
 def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
-    """Per-layer and shared tables: each rank's logits equal the unsharded model's rows for its
-    tokens; the local columns' gradient equals the same columns of the unsharded gradient of the
-    summed losses; replicated parameters' gradients summed over ranks equal the unsharded ones."""
+    """Each rank's logits equal the unsharded model's rows for its tokens; the local columns'
+    gradient equals the same columns of the unsharded gradient of the summed losses; replicated
+    parameters' gradients summed over ranks equal the unsharded ones."""
     from pkmlm import MemoryConfig, ModelConfig, Transformer
     from pkmlm.parallel.parallelize import shard_value_tables
 
@@ -196,19 +210,17 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
-        for share in (False, True):
+        for case, (dim, options, atol) in SHARDED.items():
             torch.manual_seed(0)
-            memory = MemoryConfig(
-                layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, query_norm="layernorm", share_values=share
-            )
-            ref = Transformer(ModelConfig(vocab_size=64, n_layers=3, dim=32, n_heads=2, memory=memory))
+            memory = dict(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=8, query_norm="layernorm")
+            memory = MemoryConfig(**{**memory, **options})
+            ref = Transformer(ModelConfig(vocab_size=64, n_layers=3, dim=dim, n_heads=2, memory=memory))
             sharded = copy.deepcopy(ref)
             names = shard_value_tables(sharded, mesh, torch.device("cpu"))
-            assert names == (
-                ["shared_values.weight"]
-                if share
-                else ["blocks.0.memory.values.weight", "blocks.2.memory.values.weight"]
-            ), names
+            assert names == [f"{name}.weight" for name in ref.value_tables()], (case, names)
+            if case.startswith("pkm"):
+                tables = ["blocks.0.memory.values.weight", "blocks.2.memory.values.weight"]
+                assert names == (["shared_values.weight"] if memory.share_values else tables), names
             assert sharded.count_parameters() == ref.count_parameters()  # DTensor numel: the whole table
             x = torch.randint(0, 64, (2 * world, 6), generator=torch.Generator().manual_seed(1))
             ref_logits, ref_loss = ref(x, x)
@@ -216,18 +228,18 @@ def _sharded_values_worker(rank: int, world: int, init_file: str) -> None:
             mine = x[2 * rank : 2 * rank + 2]
             logits, loss = sharded(mine, mine)
             loss.backward()
-            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=1e-6, rtol=0)
+            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=atol, rtol=0, msg=case)
             ref_params = dict(ref.named_parameters())
             for name, p in sharded.named_parameters():
                 if name in names:
                     local = p.grad.to_local()
                     cols = local.shape[1]
                     expected = ref_params[name].grad[:, rank * cols : (rank + 1) * cols]
-                    torch.testing.assert_close(local, expected, atol=1e-6, rtol=0)
+                    torch.testing.assert_close(local, expected, atol=atol, rtol=0, msg=f"{case} {name}")
                 else:
                     summed = p.grad.clone()
                     dist.all_reduce(summed)
-                    torch.testing.assert_close(summed, ref_params[name].grad, atol=1e-6, rtol=0, msg=name)
+                    torch.testing.assert_close(summed, ref_params[name].grad, atol=atol, rtol=0, msg=f"{case} {name}")
     except BaseException:
         dist.destroy_process_group()
         raise

@@ -168,6 +168,8 @@ def test_pkmlm_harness_runs_local_tasks_and_agrees_with_pkmlm_eval_bpb(trained):
             str(tasks),
             "--batch-size",
             "4",
+            "--device",
+            "auto",  # train.device's values (here: the CPU)
             "--output",
             str(out),
         ],

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pkmlm.knowledge import sweep
+from pkmlm.model import Transformer
 
 
 def test_parameter_matched_dense_arm_has_the_128_squared_memory_models_parameters():
@@ -20,6 +21,10 @@ def test_parameter_matched_dense_arm_has_the_128_squared_memory_models_parameter
     assert sweep.arm_spec("mem256", [])[1][0] == "model.memory.n_keys=256"
     with pytest.raises(SystemExit, match="unknown arm 'mem512'"):
         sweep.arm_spec("mem512", [])
+    # A preset of the family is an arm by its name (Engram's, issue 23), at the 128^2 arm's table size
+    assert sweep.arm_spec("engram", []) == ("knowledge/engram", [])
+    _, engram = sweep._total_params(["experiment=knowledge/engram"])
+    assert Transformer(engram).count_parameters()["side_tables"] == pytest.approx(128**2 * engram.dim, rel=0.02)
 
 
 def test_dense_saturation_compares_mean_bits_at_twice_the_exposures():

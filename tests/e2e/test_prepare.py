@@ -128,27 +128,12 @@ def test_damaged_or_missing_directory_is_a_data_error(tmp_path, tok):
 def test_cli_prepare_then_train_and_eval(tmp_path):
     texts = make_docs(120)
     corpus = write_texts_jsonl(tmp_path / "corpus.jsonl.gz", texts, compress=True)
-    env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true"}
     common = [f"data.files=[{corpus}]", "data.vocab_size=300", "data.tokenizer_docs=50", "data.val_docs=4"]
-    result = subprocess.run(
-        [sys.executable, "-m", "pkmlm.cli.prepare", *common, "out=prep"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("pkmlm.cli.prepare", [*common, "out=prep"], tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["documents"] == {"val": 4, "train": 116} and summary["dtype"] == "uint16"
-    again = subprocess.run(
-        [sys.executable, "-m", "pkmlm.cli.prepare", *common, "out=prep"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_cli("pkmlm.cli.prepare", [*common, "out=prep"], tmp_path, timeout=120)
     assert again.returncode == 2 and "exists and is not an empty directory" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
 
@@ -170,25 +155,11 @@ def test_cli_prepare_then_train_and_eval(tmp_path):
         "logging.progress=false",
         "hydra.run.dir=run",
     ]
-    train = subprocess.run(
-        [sys.executable, "-m", "pkmlm.cli.train", "data=prepared", "data.prepared=prep", *tiny],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    train = run_cli("pkmlm.cli.train", ["data=prepared", "data.prepared=prep", *tiny], tmp_path, timeout=300)
     assert train.returncode == 0, train.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val/ppl" in r for r in rows) and rows[-1]["step"] == 3
-    ev = subprocess.run(
-        [sys.executable, "-m", "pkmlm.cli.eval", "checkpoint=run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    ev = run_cli("pkmlm.cli.eval", ["checkpoint=run"], tmp_path, timeout=300)
     assert ev.returncode == 0, ev.stderr
     out = json.loads(ev.stdout.strip().splitlines()[-1])
     val_row = [r for r in rows if "val/ppl" in r][-1]
@@ -401,7 +372,8 @@ def test_malformed_index_is_one_line(tmp_path, tok, damage, message):
     assert "\n" not in str(err.value) and "prepare it again" in str(err.value)
 
 
-def run_cli(module, args, tmp_path, **env):
+def run_cli(module, args, tmp_path, timeout=180, **env):
+    """A pkmlm CLI in a subprocess in `tmp_path`, with its own tokenizer cache there."""
     env = {**os.environ, "PKMLM_CACHE_DIR": str(tmp_path / "cache"), "WANDB_SILENT": "true", **env}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -409,7 +381,7 @@ def run_cli(module, args, tmp_path, **env):
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         check=False,
     )
 

@@ -174,6 +174,8 @@ ARMS = {  # the optimizer settings each arm's paper trains its values with, and 
         {"values_lr": 3e-3, "values_schedule": "follow", "values_grad_clip": 0.0},
         "UltraMem-style (parallel, qk-norm, shared pool, balance 0.01)",
     ),
+    # Engram's tables: their own group at optim.lr x model.memory.engram_tables_lr_mult (no values table)
+    "engram": ({"values_lr": 1e-3, "values_schedule": "follow", "values_grad_clip": 0.0}, "Engram (engram L1)"),
 }
 
 
@@ -185,7 +187,7 @@ def test_sweep_arms_set_memory_and_their_papers_optimizer(arm):
         cfg = compose(config_name="config", overrides=[f"+experiment/variants={arm}"])
         sweep = compose(config_name="config", overrides=["experiment=sweep/variants"], return_hydra_config=True)
     arms = sweep.hydra.sweeper.params["+experiment/variants"].split(",")
-    assert arms[0] == "dense" and arm in arms and len(arms) == 6  # the baseline first
+    assert arms[0] == "dense" and arm in arms and len(arms) == len(ARMS)  # the baseline first
     typed = OmegaConf.to_object(cfg)
     validate(typed)
     assert {k: getattr(typed.optim, k) for k in expected} == expected
@@ -193,7 +195,7 @@ def test_sweep_arms_set_memory_and_their_papers_optimizer(arm):
     # every arm: the same data, seed, batch and steps (tiny/common), the other optimizer settings equal
     assert (typed.train.max_steps, typed.train.batch_size, typed.optim.lr, typed.data.seq_len) == (600, 16, 3e-3, 128)
     memory = typed.model.memory
-    assert bool(memory.layers) == (arm != "dense")
+    assert bool(memory.layers) == (arm not in ("dense", "engram"))  # Engram sits beside the FFNs
     if arm == "ultramem":
         assert memory.balance_loss > 0 and memory.values_kind == "peer"
     assert variant_name(OmegaConf.to_container(cfg.model.memory)) == name

@@ -36,7 +36,7 @@ def _layer(seed: int = 0, **options) -> ProductKeyMemory:
     return ProductKeyMemory(DIM, **SMALL, **options)
 
 
-@pytest.mark.parametrize("variant", variants.registered(), ids=lambda v: v.kind)
+@pytest.mark.parametrize("variant", [v for v in variants.registered() if not v.side_name], ids=lambda v: v.kind)
 def test_every_registered_kind_builds_and_counts_the_table_parameters_a_token_reads(variant):
     """One token, one head: the rows of every table that get a gradient are the K rows read, so
     their parameters are exactly what `read_params` (active parameters, FLOPs) counts."""
@@ -53,6 +53,48 @@ def test_every_registered_kind_builds_and_counts_the_table_parameters_a_token_re
     assert variants.get(variant.kind) is variant
 
 
+@pytest.mark.parametrize("variant", variants.side_variants(), ids=lambda v: v.kind)
+def test_every_side_layer_kind_builds_beside_its_blocks_and_counts_what_a_token_reads(variant):
+    """A variant that is not a product-key memory (`side_name`): its `SideLayer` sits at
+    `blocks.<i>.<side_name>` of the layers its example names, and nowhere in a model without its
+    options; one token's gradient reaches exactly the table entries its counts call active; the
+    model's counts, FLOPs and optimizer groups take it in without naming it."""
+    from pkmlm.optim import OptimConfig, param_groups, use_sparse_value_grads
+
+    memory = {"layers": [], **variant.example}
+    assert variants.kind_of(memory) == variant.kind and variant.side_layers(memory)
+    cfg = ModelConfig(vocab_size=32, n_layers=2, dim=DIM, n_heads=2, max_seq_len=8)
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    cfg.memory = MemoryConfig(**memory)
+    model = Transformer(cfg)
+    names = {f"blocks.{i}.{variant.side_name}" for i in variant.side_layers(memory)}
+    assert set(model.side_layers()) == names and plain.side_layers() == {}
+    extra = {k for k in model.state_dict() if not any(k.startswith(n + ".") for n in names)}
+    assert extra == set(plain.state_dict())  # the rest of the model is the model without it
+    use_sparse_value_grads(model)
+    model(torch.tensor([[3]]), torch.tensor([[4]]))[1].backward()
+    counts = model.count_parameters()
+    for side in model.side_layers().values():
+        own = side.count_parameters()
+        (table,) = side.table_parameters()
+        read = int(table.grad.coalesce().indices()[0].unique().numel()) * table.shape[1]
+        assert own["active"] == own["total"] - own["tables"] + read
+        assert own["total"] == sum(p.numel() for p in side.parameters())
+    side_counts = [s.count_parameters() for s in model.side_layers().values()]
+    assert counts["side_tables"] == counts["memory_values"] == sum(c["tables"] for c in side_counts)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    dense_flops = plain.flops_per_token(8) - 6 * 0
+    assert model.flops_per_token(8) == dense_flops + sum(s.flops_per_token() for s in model.side_layers().values())
+    groups = {g["name"]: g for g in param_groups(model, OptimConfig(lr=1e-3))}
+    side_group = groups["side_tables"]
+    assert side_group["weight_decay"] == 0.0
+    assert side_group["lr"] == pytest.approx(1e-3 * next(iter(model.side_layers().values())).tables_lr_mult)
+    assert {id(p) for p in side_group["params"]} == {
+        id(p) for s in model.side_layers().values() for p in s.table_parameters()
+    }
+
+
 @pytest.mark.parametrize(
     "preset, kind",
     [
@@ -63,6 +105,7 @@ def test_every_registered_kind_builds_and_counts_the_table_parameters_a_token_re
         ("memory_plus", "memory_plus"),
         ("peer", "peer"),
         ("ultramem", "ultramem"),
+        ("engram", "engram"),
     ],
 )
 def test_each_preset_names_its_registered_variant(preset, kind):
@@ -79,7 +122,11 @@ def test_kind_is_null_a_registered_kind_the_options_describe_or_refused():
     MemoryConfig(layers=[0], values_kind="peer", kind="peer").validate()
     with pytest.raises(ConfigError, match=r"model.memory.kind.*the options describe 'pkm'"):
         MemoryConfig(layers=[0], kind="peer").validate()
-    with pytest.raises(ConfigError, match=r"model.memory.kind.*null or one of pkm\|peer\|memory_plus\|ultramem$"):
+    with pytest.raises(
+        ConfigError, match=r"model.memory.kind.*null or one of pkm\|peer\|memory_plus\|ultramem\|engram$"
+    ):
+        MemoryConfig(layers=[0], kind="hash_layer").validate()
+    with pytest.raises(ConfigError, match=r"model.memory.kind.*the options describe 'pkm'"):
         MemoryConfig(layers=[0], kind="engram").validate()
     with pytest.raises(TypeError, match="unknown memory option"):
         ProductKeyMemory(DIM, **SMALL, gates="silu")
@@ -192,7 +239,8 @@ def test_no_module_outside_the_variants_names_a_variant_or_its_options():
     import ast
 
     package = ROOT / "src" / "pkmlm"
-    names = {v.kind for v in variants.registered()} | set(variants.option_defaults())
+    kinds = {v.kind for v in variants.registered()}
+    names = kinds | set(variants.option_defaults())
     found = []
     for path in sorted(package.rglob("*.py")):
         rel = path.relative_to(package).as_posix()
@@ -215,4 +263,9 @@ def test_no_module_outside_the_variants_names_a_variant_or_its_options():
                 text = node.value
             if text in names:
                 found.append(f"{rel}:{node.lineno} {text!r}")
+            # nor imports a variant's module (its names reach the rest only through the registry)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pkmlm.model.variants."):
+                found.append(f"{rel}:{node.lineno} imports {node.module}")
+        # nor is named after one (a module of its own outside variants/, e.g. metrics/<kind>_usage.py)
+        found += [f"{rel}: file name" for kind in kinds if kind in path.stem.split("_") and kind != "pkm"]
     assert found == []

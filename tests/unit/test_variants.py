@@ -1,5 +1,6 @@
-"""Memory variants (issue 14): Memory+ gate, qk norm, PEER experts, the sub-key balance loss, shared
-pools and sharded tables, each against a naive formula written out with loops over heads and slots."""
+"""Memory variants (issue 14): Memory+ gate, qk norm, PEER experts, the sub-key balance loss and
+shared pools, each against a naive formula written out with loops over heads and slots (their
+sharded tables: tests/e2e/test_distributed.py, which spawns processes)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from pkmlm.model import MemoryConfig, ModelConfig, ProductKeyMemory, Transformer, kernels
@@ -302,62 +301,6 @@ def test_presets_validate_and_build_the_tiny_model(preset):
     with torch.device("meta"):
         model = Transformer(cfg)
     assert list(model.memory_layers()) == cfg.memory.layers
-
-
-# --- sharded == unsharded for Memory+ and PEER: 2 gloo processes -------------------------------------
-
-
-def _sharded_worker(rank: int, world: int, init_file: str) -> None:
-    """Each rank's logits equal the unsharded model's rows for its tokens; the local columns'
-    gradients equal the same columns of the unsharded gradient of the summed losses; replicated
-    parameters' gradients summed over ranks equal the unsharded ones."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from pkmlm.model.sharded_values import ShardedValues
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        variants = {  # Memory+ with its shared pool; PEER with per-layer tables, and shared
-            "memory_plus": dict(gate="silu", qk_norm=True, query_norm="none", share_values=True),
-            "peer": dict(values_kind="peer"),
-            "peer_shared_gated": dict(values_kind="peer", share_values=True, gate="sigmoid", v_dim=8),
-        }
-        for variant, memory in variants.items():
-            torch.manual_seed(0)
-            ref = Transformer(model_config(**memory))
-            sharded = copy.deepcopy(ref)
-            for name, table in sharded.value_tables().items():
-                sharded.set_submodule(name, ShardedValues(table.weight, mesh))
-            names = [f"{name}.weight" for name in sharded.value_tables()]
-            assert names == [n for n, p in sharded.named_parameters() if hasattr(p, "to_local")], variant
-            x = torch.randint(0, 64, (2 * world, 6), generator=torch.Generator().manual_seed(1))
-            ref_logits, ref_loss = ref(x, x)
-            (ref_loss * world).backward()  # = the sum of the ranks' mean losses
-            mine = x[2 * rank : 2 * rank + 2]
-            logits, loss = sharded(mine, mine)
-            loss.backward()
-            torch.testing.assert_close(logits, ref_logits[2 * rank : 2 * rank + 2], atol=1e-5, rtol=0, msg=variant)
-            ref_params = dict(ref.named_parameters())
-            for name, p in sharded.named_parameters():
-                if name in names:
-                    local = p.grad.to_local()
-                    cols = local.shape[1]
-                    expected = ref_params[name].grad[:, rank * cols : (rank + 1) * cols]
-                    torch.testing.assert_close(local, expected, atol=1e-5, rtol=0, msg=f"{variant} {name}")
-                else:
-                    summed = p.grad.clone()
-                    dist.all_reduce(summed)
-                    torch.testing.assert_close(
-                        summed, ref_params[name].grad, atol=1e-5, rtol=0, msg=f"{variant} {name}"
-                    )
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
-def test_sharded_tables_equal_unsharded_for_memory_plus_and_peer(tmp_path):
-    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -204,9 +204,11 @@ def write_report(
     batches: Sequence[Tensor],
     tokenizer,
     window: int,
+    side: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write the report into `out` (created); returns `out/report.md`. `contexts[i]` lists the
-    most-read slots first (`n_most[i]` of them), then the random sample."""
+    most-read slots first (`n_most[i]` of them), then the random sample. `side`: the side layers'
+    statistics and description lines (`pkmlm.analysis.side.inspect_side_layers`), a section each."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"source": source, "layers": {}, "history": history}
@@ -217,10 +219,9 @@ def write_report(
             f"Step {source.get('step')}; data: {', '.join(map(str, source.get('files', []))) or 'n/a'}; "
             f"{source.get('tokens', 0):,} tokens in {len(batches)} batches."
         ),
-        "",
-        "| layer | slots | usage | dead | KL weight | Gini | report |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if counts:  # product-key memory layers (a model may have only side layers)
+        index += ["", "| layer | slots | usage | dead | KL weight | Gini | report |", "|---|---|---|---|---|---|---|"]
     for layer in sorted(counts):
         c = counts[layer]
         most, sampled = contexts[layer][: n_most[layer]], contexts[layer][n_most[layer] :]
@@ -258,6 +259,11 @@ def write_report(
             "most_read": slots_json(most),
             "random": slots_json(sampled),
         }
+    summary["side_layers"] = side or {}
+    for prefix, entry in (side or {}).items():
+        stats = entry["stats"]
+        usage = ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in stats.items())
+        index += ["", f"## {prefix}", "", f"Usage statistics: {usage}.", "", "```", *entry["lines"], "```"]
     (out / "summary.json").write_text(json.dumps(summary, allow_nan=True) + "\n")
     (out / "report.md").write_text("\n".join(index) + "\n")
     return out / "report.md"

@@ -45,7 +45,9 @@ def modeling_source() -> str:
 def check_hf_exportable(model_config: dict) -> None:
     """Refuse (one line) a model whose memory uses a variant that modeling_pkmlm.py lacks."""
     memory = model_config.get("memory") or {}
-    missing = variants.not_in_hf_export(memory) if memory.get("layers") else []
+    # Options count where a layer uses them: memory layers, or a variant's side layers (no `layers` needed)
+    used = memory.get("layers") or any(v.side_layers(memory) for v in variants.side_variants())
+    missing = variants.not_in_hf_export(memory) if used else []
     if missing:
         raise UserError(
             f"--format hf: modeling_pkmlm.py does not implement the memory option(s) {', '.join(missing)}; "

@@ -137,12 +137,14 @@ def added_keys(cfg: Any, prefix: str = "") -> list[str]:
     return found
 
 
-# An entry point's own check of one job: its task config (a DictConfig without the `hydra` node)
-# and, for a job of a sweep, the sweep's directory (None for a single run).
-JobCheck = Callable[[Any, Optional[str]], None]
+# An entry point's own check of one job: its task config (a DictConfig without the `hydra` node),
+# for a job of a sweep the sweep's directory (None for a single run), and the job's directory.
+JobCheck = Callable[[Any, Optional[str], Path], None]
 
 
-def check_job(cfg: Any, check: Optional[JobCheck], required: dict[str, str], sweep_dir: Optional[str] = None) -> None:
+def check_job(
+    cfg: Any, check: Optional[JobCheck], required: dict[str, str], sweep_dir: Optional[str], job_dir: Path
+) -> None:
     """Raise UserError on the first problem of one composed task config (no `hydra` node)."""
     from omegaconf import OmegaConf
 
@@ -159,7 +161,7 @@ def check_job(cfg: Any, check: Optional[JobCheck], required: dict[str, str], swe
         key = missing[0]
         raise UserError(f"{key} is required: give {key}={required.get(key, 'VALUE')} on the command line")
     if check is not None:
-        check(cfg, sweep_dir)
+        check(cfg, sweep_dir, job_dir)
 
 
 # --- composing as Hydra will ------------------------------------------------------------------------
@@ -229,10 +231,13 @@ def precheck_overrides(
     config_name: str,
     check: Optional[JobCheck] = None,
     required: Optional[dict[str, str]] = None,
+    writes_hydra_files: bool = False,
 ) -> None:
     """Compose and check the config of every job before Hydra runs; a failure is one line on
     stderr and exit status 2. `check` is the entry point's own check of a job (`JobCheck`);
-    `required` gives, per mandatory key, what to write after `key=` in the message. Hydra's own
+    `required` gives, per mandatory key, what to write after `key=` in the message;
+    `writes_hydra_files`: the task writes `.hydra/` itself (`hydra_files`), so a `hydra.output_subdir`
+    the user sets (Hydra would write there before the task accepts the run) is refused. Hydra's own
     flags (help, info, another config) are left to Hydra."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -264,6 +269,12 @@ def precheck_overrides(
                 jobs = _jobs(loader, master) if multirun else [list(master.hydra.overrides.task)]
             except Exception as e:  # noqa: BLE001 - any composition failure is about the user's overrides
                 fail(f"bad config override: {one_line(e)}{_nearest_hint(loader, config_name, e)}")
+            subdir = master.hydra.output_subdir
+            if writes_hydra_files and subdir is not None:
+                fail(
+                    f"hydra.output_subdir={subdir!r}: pkmlm-train writes the run's .hydra/ files itself, once it "
+                    "accepts the run (a refused run leaves its directory as it was); leave hydra.output_subdir unset"
+                )
             key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
             where = str(master.hydra.sweep.dir if multirun else master.hydra.run.dir)
             sweep_dir = where if multirun else None
@@ -273,9 +284,11 @@ def precheck_overrides(
             for i, job in enumerate(jobs):
                 try:
                     cfg = master if not multirun else loader.load_sweep_config(master, list(job))
-                    check_job(_task(cfg.copy()), check, {**REQUIRED_VALUES, **(required or {})}, sweep_dir)
-                    # A held lock refused now, before Hydra's sweeper rewrites the sweep's multirun.yaml.
-                    check_not_locked(_job_dir(cfg, i, multirun))
+                    # A held lock (and the entry point's checks: a resume conflict) refused now,
+                    # before Hydra's sweeper rewrites the sweep's multirun.yaml.
+                    job_dir = _job_dir(cfg, i, multirun)
+                    check_not_locked(job_dir)
+                    check_job(_task(cfg.copy()), check, {**REQUIRED_VALUES, **(required or {})}, sweep_dir, job_dir)
                 except UserError as e:
                     fail(f"{_job_label(jobs, i)}: {e}" if multirun else str(e))
                 except Exception as e:  # noqa: BLE001 - a composition or type error in one job's overrides
@@ -293,12 +306,10 @@ def hydra_files(task_cfg: Any) -> dict[str, bytes]:
     for the task to write once it has accepted the run: configs/config.yaml sets
     `hydra.output_subdir: null`, so that a run refused by the task (a held lock, a resume conflict)
     leaves a sweep job's `.hydra/overrides.yaml`, from which pkmlm-compare labels the job, as it
-    was. {} when the user gave `hydra.output_subdir` (then Hydra wrote them itself)."""
+    was (the command line refuses a `hydra.output_subdir` the user sets: `precheck_overrides`)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}: what Hydra saves as hydra.yaml
-    if hydra_cfg.hydra.output_subdir is not None:
-        return {}
     files = {"config.yaml": task_cfg, "hydra.yaml": hydra_cfg, "overrides.yaml": hydra_cfg.hydra.overrides.task}
     return {f".hydra/{name}": OmegaConf.to_yaml(node).encode() for name, node in files.items()}

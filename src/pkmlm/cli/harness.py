@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 from pkmlm.cli._common import ArgumentParser, fail
-from pkmlm.errors import UserError
+from pkmlm.config import DEVICES, check_device
+from pkmlm.errors import ConfigError, UserError
 
 USAGE = (
     "pkmlm-harness RUN --tasks T1,T2 [--include-path DIR] [--limit N] [--num-fewshot K] "
@@ -37,12 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward pass (default 16)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help=f"{DEVICES}, as train.device (default cpu)")
     p.add_argument("--output", default="harness_results.json", help="where to write the results JSON")
     return p
 
 
-def _check(args: argparse.Namespace) -> list[str]:
+def _check(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The task names and the device (`auto` resolved), or a one-line `UserError`."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError(f"--tasks={args.tasks!r}: give one or more task names, comma-separated")
@@ -54,18 +55,13 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise UserError(f"--num-fewshot={args.num_fewshot}: give an integer >= 0")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size}: give an integer >= 1")
-    if re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device) is None:
-        raise UserError(f"--device={args.device!r}: give cpu, cuda or cuda:N")
-    if args.device.startswith("cuda"):
-        import torch
+    from pkmlm.train.setup import pick_device
 
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(args.device.split(":")[1]) if ":" in args.device else 0
-        if index >= count:
-            raise UserError(
-                f"--device={args.device!r}: this machine has {count} CUDA device(s){'' if count else ' (no CUDA)'}; "
-                "give --device cpu" + (f" or cuda:0..{count - 1}" if count else "")
-            )
+    try:  # the checks of train.device and pkmlm-eval's device, under this tool's own flag
+        check_device("--device", args.device)
+        device = str(pick_device(args.device))
+    except ConfigError as e:
+        raise UserError(f"--device={args.device!r}: {e.allowed}") from None
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path={args.include_path!r}: no such directory (it holds task YAMLs)")
     if not Path(args.run).exists():
@@ -73,13 +69,13 @@ def _check(args: argparse.Namespace) -> list[str]:
     output = Path(args.output)
     if output.is_dir() or not output.parent.resolve().is_dir():
         raise UserError(f"--output={args.output!r}: give a file path in an existing directory")
-    return tasks
+    return tasks, device
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        tasks = _check(args)
+        tasks, device = _check(args)
         from lm_eval.utils import handle_non_serializable, make_table
 
         from pkmlm.harness import run_harness
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             limit=limit,
             num_fewshot=args.num_fewshot,
             batch_size=args.batch_size,
-            device=args.device,
+            device=device,
         )
     except UserError as error:
         fail(str(error))

@@ -2,7 +2,10 @@
 
 Writes `DIR/report.md` with one `DIR/layer{i}.md` per memory layer (read histogram, dead slots,
 per-head usage/KL/Gini, the contexts that read the most-read slots and a random sample of slots,
-usage/KL over the run's checkpoints) and `DIR/summary.json`. Reads the same data as pkmlm-eval,
+usage/KL over the run's checkpoints) and `DIR/summary.json`. A side layer (e.g. Engram's hashed
+n-gram tables) gets a section of report.md: its usage statistics and what it says of its reads
+(for Engram: the collision rate per order and the `--top` most-read rows with the n-grams that
+hash to them). Reads the same data as pkmlm-eval,
 through its code: DATA files (any format training reads), `--prepared DIR`, or without either the
 run's own validation split. Nothing is written into RUN.
 """
@@ -107,6 +110,7 @@ def checkpoint_history(run_path: Path, batches: list, device, progress: bool) ->
 def inspect_run(args: argparse.Namespace) -> Path:
     from pkmlm.analysis import collect_contexts, count_reads, pick_slots
     from pkmlm.analysis.report import write_report
+    from pkmlm.analysis.side import inspect_side_layers
     from pkmlm.cli.eval import (
         EvalAppConfig,
         EvalDataConfig,
@@ -129,7 +133,7 @@ def inspect_run(args: argparse.Namespace) -> Path:
     check_eval_config(cfg)
     device = pick_device(args.device)
     run = load_run(args.run, device=device)
-    if not run.model.memory_layers():
+    if not run.model.memory_layers() and not run.model.side_layers():
         raise UserError(f"{args.run!r}: its model has no memory layers (model.memory.layers=[]); nothing to inspect")
     files, batches = evaluation_batches(cfg, run)
     if not batches:
@@ -146,8 +150,9 @@ def inspect_run(args: argparse.Namespace) -> Path:
         reads={i: c.count for i, c in counts.items()},
         progress=_progress(progress, "finding contexts"),
     )
+    side = inspect_side_layers(run.model, batches, device, run.tokenizer, args.top)
     history = []
-    if not args.no_history:
+    if not args.no_history and run.model.memory_layers():
         history = checkpoint_history(Path(args.run).expanduser(), batches[: args.history_batches], device, progress)
     source = {
         "checkpoint": str(run.checkpoint),
@@ -162,6 +167,7 @@ def inspect_run(args: argparse.Namespace) -> Path:
         counts=counts,
         contexts=contexts,
         n_most={i: len(most) for i, (most, _) in picks.items()},
+        side=side,
         history=history,
         batches=batches,
         tokenizer=run.tokenizer,

@@ -32,11 +32,15 @@ def job_config(cfg: DictConfig, sweep_dir: Optional[str]) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-def check_job(cfg: DictConfig, sweep_dir: Optional[str]) -> None:
-    """pkmlm-train's check of one job before Hydra runs: the one `train()` makes (`check_run`)."""
+def check_job(cfg: DictConfig, sweep_dir: Optional[str], job_dir: Path) -> None:
+    """pkmlm-train's check of one job before Hydra runs: the one `train()` makes (`check_run`), and
+    the resume check that `train()` makes again under the run's lock (`check_resume_early`)."""
     from pkmlm.train.checks import check_run
+    from pkmlm.train.rundir import check_resume_early
 
-    check_run(job_config(cfg, sweep_dir))
+    typed = job_config(cfg, sweep_dir)
+    check_run(typed)
+    check_resume_early(typed.resume, job_dir, OmegaConf.to_container(cfg, resolve=True))
 
 
 @user_errors_exit_2
@@ -76,7 +80,7 @@ def main() -> None:
     except UserError as e:
         fail(str(e))
     # Every job's config, data paths and memory estimate, before Hydra writes anything (cli/_common.py).
-    precheck_overrides(config_dir(), "config", check=check_job)
+    precheck_overrides(config_dir(), "config", check=check_job, writes_hydra_files=True)
     # torchrun (several processes): one process group, one shared run directory.
 
     try:

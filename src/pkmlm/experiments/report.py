@@ -449,9 +449,9 @@ def variant_name(memory: dict) -> str:
     (`MemoryVariant.details`: qk-norm, the balance-loss coefficient) and a pool shared by several
     layers."""
     layers = memory.get("layers") or []
-    if not layers:
+    if not layers and not any(v.side_layers(memory) for v in variants.side_variants()):
         return "dense"
-    extra = [(0, str(memory.get("placement") or "replace"))]
+    extra = [(0, str(memory.get("placement") or "replace"))] if layers else []
     if memory.get("share_values") and len(layers) > 1:
         extra.append((20, "shared pool"))
     return f"{variants.label_of(memory)} ({', '.join(variants.details_of(memory, extra))})"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from pkmlm.errors import ConfigError, choices, require, require_one_of
+from pkmlm.model import ModelConfig
 
 FinetuneMode = Literal["full", "memory", "sparse_memory"]  # train.finetune
 FINETUNE_MODES = choices(FinetuneMode)
@@ -149,12 +150,17 @@ def model_config_diff(a: Any, b: Any) -> list[str]:
     """Keys (dotted, relative to `model.`) whose values differ between two model configs, sorted.
 
     `a` and `b` are `ModelConfig`s or their dicts (a checkpoint's `model_config`); a key present in
-    one only counts as different; keys in `MAY_DIFFER` are ignored. Compare resolved configs (the
-    vocabulary size from the tokenizer, not `model.vocab_size=0`).
+    one only counts as different unless it is at the schema's default (a key added after that run
+    was saved, e.g. a new variant's option: the older code ran with its default); keys in
+    `MAY_DIFFER` are ignored. Compare resolved configs (the vocabulary size from the tokenizer, not
+    `model.vocab_size=0`).
     """
     flat_a, flat_b = _flat(a), _flat(b)
+    defaults = _flat(ModelConfig())
     keys = (set(flat_a) | set(flat_b)) - MAY_DIFFER
-    return sorted(k for k in keys if flat_a.get(k, _MISSING) != flat_b.get(k, _MISSING))
+    return sorted(
+        k for k in keys if flat_a.get(k, defaults.get(k, _MISSING)) != flat_b.get(k, defaults.get(k, _MISSING))
+    )
 
 
 def init_from_mismatch(init_from: str, ours: Any, theirs: Any) -> ConfigError | None:

@@ -28,7 +28,9 @@ Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are), `mem64` 
 64x the value parameters of the FFN it replaces), `dense_pm` (the parameter-matched dense arm: the
 FFN widened, `model.ffn_mult` computed by `param_matched_ffn_mult`, until the model's total
 parameters equal the 128^2 memory model's: Csordas et al. 2023's baseline), and the mixture arms
-`mix_dense` / `mix_mem128` (the biographies diluted in the Wikipedia sample, knowledge/mix_*).
+`mix_dense` / `mix_mem128` (the biographies diluted in the Wikipedia sample, knowledge/mix_*), and
+any other preset of configs/experiment/knowledge/ by its name, as it is (e.g. `engram`: Engram
+tables of the 128^2 arm's table parameters beside layer 1, issue 23).
 The equal-compute dense arms (`dense`, `mix_dense`) run `--dense-factor` times the equal-exposure
 steps (dense_pm, slower per step than the memory arms, does not need to).
 `--one-seed-arms` names arms that run only the first seed. With `--until-saturated`, N doubles
@@ -118,6 +120,8 @@ def arm_spec(arm: str, overrides: list[str]) -> tuple[str, list[str]]:
     """`(experiment preset, extra overrides)` of an arm name (see the module docstring)."""
     if arm in ("dense", "mem", "mix_dense", "mix_mem"):
         return f"knowledge/{arm}", []
+    if arm != "common" and (Path(config_dir()) / "experiment" / "knowledge" / f"{arm}.yaml").is_file():
+        return f"knowledge/{arm}", []  # any other preset of the family, as it is (e.g. a memory variant's arm)
     if arm in MEMORY_SIZES:
         return "knowledge/mem", memory_overrides(MEMORY_SIZES[arm])
     if arm == "mix_mem128":
@@ -125,7 +129,8 @@ def arm_spec(arm: str, overrides: list[str]) -> tuple[str, list[str]]:
     if arm == "dense_pm":
         return "knowledge/dense", [f"model.ffn_mult={param_matched_ffn_mult(overrides)!r}"]
     raise SystemExit(
-        f"sweep: unknown arm {arm!r}: use dense, dense_pm, mem, mem64, mem128, mem256, mix_dense, mix_mem or mix_mem128"
+        f"sweep: unknown arm {arm!r}: use dense, dense_pm, mem, mem64, mem128, mem256, mix_dense, mix_mem, mix_mem128 "
+        "or a preset of configs/experiment/knowledge/"
     )
 
 

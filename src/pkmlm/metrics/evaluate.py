@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from pkmlm.metrics.memory_usage import memory_metrics, track_memory_usage
+from pkmlm.metrics.table_usage import side_metrics, track_side_usage
 
 __all__ = ["evaluate", "bits_per_byte", "perplexity"]
 
@@ -55,8 +56,8 @@ def evaluate(
     mean over the B·T targets, so the pass sums ``loss · B·T`` (float64, on device) and divides
     by the total token count: the result is the mean over tokens, not over batches.
 
-    Memory-usage trackers are attached to every memory layer for the whole pass and always
-    detached afterwards (also on an exception); the model's train/eval mode is restored.
+    Memory-usage trackers are attached to every memory layer and side layer for the whole pass and
+    always detached afterwards (also on an exception); the model's train/eval mode is restored.
     With ``autocast_dtype`` on a CUDA device, forwards run under ``torch.autocast``; on CPU the
     argument is ignored (fp32 evaluation).
     With ``reduce_across_ranks`` and an initialised process group, the loss sum, token count and
@@ -73,7 +74,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0  # from shapes only: no sync
     try:
-        with track_memory_usage(model) as trackers:
+        with track_memory_usage(model) as trackers, track_side_usage(model) as side:
             for batch_BT1 in batches:
                 batch_BT1 = batch_BT1.to(device, non_blocking=True)
                 inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
@@ -82,17 +83,17 @@ def evaluate(
                 loss_sum += loss.detach().to(torch.float64) * targets_BT.numel()
                 n_tokens += targets_BT.numel()
             if reduce_across_ranks:
-                n_tokens = _all_reduce_sum(loss_sum, n_tokens, trackers)
+                n_tokens = _all_reduce_sum(loss_sum, n_tokens, [*trackers.values(), *side.values()])
             if n_tokens == 0:
                 return {"loss": math.nan, "ppl": math.nan, "tokens": 0}
-            memory = memory_metrics(trackers)  # the host sync for the memory statistics
+            memory = {**memory_metrics(trackers), **side_metrics(side)}  # the host sync for the memory statistics
     finally:
         model.train(was_training)
     loss = loss_sum.item() / n_tokens
     return {"loss": loss, "ppl": perplexity(loss), "tokens": n_tokens, **memory}
 
 
-def _all_reduce_sum(loss_sum: Tensor, n_tokens: int, trackers: dict) -> int:
+def _all_reduce_sum(loss_sum: Tensor, n_tokens: int, trackers: list) -> int:
     """Sum loss, tokens and trackers over ranks in place; returns the global token count."""
     import torch.distributed as dist
 
@@ -101,6 +102,6 @@ def _all_reduce_sum(loss_sum: Tensor, n_tokens: int, trackers: dict) -> int:
     dist.all_reduce(loss_sum)
     tokens = torch.tensor(n_tokens, dtype=torch.int64, device=loss_sum.device)
     dist.all_reduce(tokens)
-    for tracker in trackers.values():
+    for tracker in trackers:
         tracker.all_reduce_()
     return int(tokens.item())

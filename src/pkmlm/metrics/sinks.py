@@ -23,7 +23,7 @@ from typing import Any, Iterable, Literal, Mapping, TextIO
 
 from tqdm import tqdm
 
-from pkmlm.errors import UserError, require_one_of
+from pkmlm.errors import UserError, checked_once, require_one_of
 from pkmlm.metrics.formatting import duration as _duration
 from pkmlm.metrics.formatting import number as _number
 from pkmlm.metrics.formatting import si as _si
@@ -41,6 +41,12 @@ __all__ = [
 REQUIRED_KEYS = ("step", "tokens")
 # logging.wandb.mode: online | offline (files in the run dir, `wandb sync` later) | disabled
 WandbMode = Literal["online", "offline", "disabled"]
+
+
+@checked_once  # the config's check (WandbConfig.validate) and WandbSink, built directly too, ask
+def check_wandb_mode(mode: str) -> None:
+    """`logging.wandb.mode` is one of `WandbMode`."""
+    require_one_of("logging.wandb.mode", mode, WandbMode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +328,7 @@ class WandbSink:
         tags: Iterable[str] | None = None,
         run_id: str | None = None,
     ):
-        require_one_of("logging.wandb.mode", mode, WandbMode)  # also built directly, not only from a config
+        check_wandb_mode(mode)  # also built directly, not only from a config: once per process
         self.mode = mode
         self.run = None
         if mode == "disabled":

@@ -21,7 +21,7 @@ Shape legend (suffixes on tensor names):
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,8 @@ class LayerKV:
         self.cache = cache
         self.k_BhCd: Optional[Tensor] = None
         self.v_BhCd: Optional[Tensor] = None
+        # The decode state of each side layer of this block, by its name (`SideLayer.new_decode_state`)
+        self.side: Dict[str, Any] = {}
 
     def update(self, k_BhTd: Tensor, v_BhTd: Tensor) -> Tuple[Tensor, Tensor]:
         """Write this forward's keys and values into their slots; all keys and values so far `(B, nh, L, hd)`."""
@@ -51,6 +53,8 @@ class LayerKV:
     def keep(self, rows_R: Tensor) -> None:
         if self.k_BhCd is not None:
             self.k_BhCd, self.v_BhCd = self.k_BhCd[rows_R], self.v_BhCd[rows_R]
+        for state in self.side.values():
+            state.keep(rows_R)
 
 
 class KVCache:

@@ -135,6 +135,8 @@ class MemoryConfig(*reversed(variants.field_classes()), LayerFields):
         check_memory_args(prefix, **{name: getattr(self, name) for name in _LAYER_ARGS})
         for variant in variants.registered():
             variant.check(self, prefix)
+            if n_layers is not None:
+                variant.check_layers(self, prefix, n_layers)
         variants.check_kind(self, prefix)
 
 
@@ -159,7 +161,7 @@ _LAYER_ARGS = (
 
 def _layer_args(cfg: MemoryConfig) -> dict:
     """The fields of `cfg` that are `ProductKeyMemory` arguments: the 2019 layer's and the variants'."""
-    names = (*_LAYER_ARGS, *variants.option_defaults())
+    names = (*_LAYER_ARGS, *variants.layer_option_defaults())
     return {name: getattr(cfg, name) for name in names}
 
 

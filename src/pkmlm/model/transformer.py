@@ -2,7 +2,10 @@
 
 Layer i's mixer (after attention) is an FFN, a `ProductKeyMemory` instead of the FFN
 (`memory.placement=replace`, as in Lample et al. 2019), or both summed
-(`memory.placement=parallel`). Everything else is GPT-2 as nanoGPT writes it, with rotary
+(`memory.placement=parallel`). A variant that is not a product-key memory (e.g. Engram's hashed
+n-gram tables) adds a `SideLayer` beside the block (`blocks.<i>.<side_name>`): it reads the residual
+stream and the token ids before the block's attention and its output is added to the stream
+(pkmlm/model/variants/base.py). Everything else is GPT-2 as nanoGPT writes it, with rotary
 position embeddings (Su et al. 2021, RoFormer) as the default. The model knows nothing of
 distribution, compilation, precision policy or logging.
 
@@ -14,9 +17,12 @@ Contracts for the code around the model:
   - `value_tables()`: every distinct memory value table by module name (PEER's down vectors
     included), for the optimizer's value group and sparse updates, and for column sharding, which
     swaps a table for its sharded twin with `model.set_submodule(name, sharded)`.
+  - `side_layers()`: every `SideLayer` by module name (`blocks.1.engram`), for the optimizer's side
+    tables group, usage metrics, inspection and the trainer's `adapt_to_tokenizer`.
   - incremental decoding: `model(idx, cache=model.new_cache(B, C), valid_BT=...)` appends the
     tokens to a `KVCache` (model/kv_cache.py) and returns their logits; attention reads the cached
-    keys, memory layers and FFNs need no cache (they act per token). Eval mode only.
+    keys, memory layers and FFNs need no cache (they act per token); a side layer keeps its own
+    decode state in the cache (`SideLayer.new_decode_state`). Eval mode only.
 
 Shape legend (suffixes on tensor names):
   B  batch            T  sequence length      D  model dim       V  vocabulary size
@@ -25,6 +31,7 @@ Shape legend (suffixes on tensor names):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
@@ -33,12 +40,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import require
+from pkmlm.errors import checked_once, require
 from pkmlm.model import variants
 from pkmlm.model.kv_cache import KVCache, LayerKV
 from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, _is_int, _is_number, new_value_tables
+from pkmlm.model.variants import SideLayer
 
 POS_EMBS = ("rope", "learned")
+
+
+def _rules_key(cfg: ModelConfig) -> str:
+    """`ModelConfig.validate`'s memo key (`checked_once`): every field, a valid vocabulary size
+    written as `valid`. No other rule reads it, so the config's check (with a placeholder size), the
+    memory estimate's model and the model sized to its tokenizer check the config once per process."""
+    vocab = cfg.vocab_size
+    valid = _is_int(vocab) and vocab >= 1
+    return repr(
+        [
+            (f.name, "valid" if f.name == "vocab_size" and valid else getattr(cfg, f.name))
+            for f in dataclasses.fields(ModelConfig)
+        ]
+    )
 
 
 @dataclass
@@ -56,6 +78,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
+    @checked_once(key=_rules_key)  # pkmlm.config.validate, the memory estimate and Transformer ask
     def validate(self) -> None:
         """Raise `ConfigError` on the first bad value; nothing is allocated before it passes."""
         for name in ("vocab_size", "n_layers", "dim", "n_heads"):
@@ -181,6 +204,13 @@ class Block(nn.Module):
         self.memory_proj: Optional[nn.Linear] = None
         if self.memory is not None and self.memory.out_dim != cfg.dim:
             self.memory_proj = nn.Linear(self.memory.out_dim, cfg.dim, bias=False)  # residual projection
+        # The side layers of the variants that name this layer (`MemoryVariant.build_side`), each
+        # under its variant's `side_name`; built last, so that a model without them is unchanged.
+        self.side_names: Tuple[str, ...] = ()
+        for variant in variants.side_variants():
+            if layer in variant.side_layers(mem):
+                self.add_module(variant.side_name, variant.build_side(cfg, layer))
+                self.side_names += (variant.side_name,)
 
     def forward(
         self,
@@ -189,10 +219,19 @@ class Block(nn.Module):
         tables: Optional[ValueTables] = None,
         return_aux: bool = False,
         kv: Optional[LayerKV] = None,
+        idx_BT: Optional[Tensor] = None,
+        valid_BT: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """`(x, aux)`: the block's output and, with `return_aux`, its memory's weighted auxiliary
         loss (else, or without a memory, None). `tables`: the shared value pool its memory reads
-        (share_values), else None. `kv`: the attention's cache (incremental decoding)."""
+        (share_values), else None. `kv`: the attention's cache (incremental decoding). `idx_BT`:
+        the token ids, which side layers read (`valid_BT`: the real ones, decoding with a cache)."""
+        for name in self.side_names:  # before the attention, added to the residual stream
+            side = getattr(self, name)
+            if kv is None:
+                x_BTD = x_BTD + side(x_BTD, idx_BT)
+            else:
+                x_BTD = x_BTD + side.decode(x_BTD, idx_BT, kv.side[name], valid_BT)
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD), rope, kv)
         h_BTD = self.ln2(x_BTD)
         mixed_BTD = self.ffn(h_BTD) if self.ffn is not None else None
@@ -250,8 +289,11 @@ class Transformer(nn.Module):
         projections that write into the residual stream (Radford et al. 2019, section 2.3: scale
         residual weights by 1/sqrt(N) for N residual layers; two per block). Memory layers keep
         their own init (uniform keys, N(0, 1/v_dim) values, PyTorch's default query network)."""
-        memory_modules = {id(m) for memory in self.memory_layers().values() for m in memory.modules()}
+        own_init = [*self.memory_layers().values(), *self.side_layers().values()]
+        memory_modules = {id(m) for memory in own_init for m in memory.modules()}
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for side in self.side_layers().values():  # their own init, given the residual projections' std
+            side.reset_parameters(residual_std)
         for name, module in self.named_modules():
             if id(module) in memory_modules:
                 continue
@@ -304,7 +346,9 @@ class Transformer(nn.Module):
         aux_loss = torch.zeros((), dtype=torch.float32, device=idx_BT.device)
         for i, block in enumerate(self.blocks):
             kv = cache.layers[i] if cache is not None else None
-            x_BTD, aux = block(x_BTD, rope, shared if block.memory is not None else None, return_aux, kv)
+            x_BTD, aux = block(
+                x_BTD, rope, shared if block.memory is not None else None, return_aux, kv, idx_BT, valid_BT
+            )
             if aux is not None:
                 aux_loss = aux_loss + aux
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
@@ -317,8 +361,13 @@ class Transformer(nn.Module):
         return logits_BTV, loss
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty `KVCache` for `batch` rows of up to `capacity` slots (padding included)."""
-        return KVCache(self.cfg.n_layers, batch, capacity, device=self.tok_emb.weight.device)
+        """An empty `KVCache` for `batch` rows of up to `capacity` slots (padding included), with
+        each side layer's decode state."""
+        cache = KVCache(self.cfg.n_layers, batch, capacity, device=self.tok_emb.weight.device)
+        for i, block in enumerate(self.blocks):
+            for name in block.side_names:
+                cache.layers[i].side[name] = getattr(block, name).new_decode_state(batch)
+        return cache
 
     def _cached_positions(self, idx_BT: Tensor, cache: KVCache, valid_BT: Optional[Tensor]) -> Tensor:
         """Positions `(B, T)` of tokens appended to `cache` (see `forward`); refusals first."""
@@ -346,6 +395,10 @@ class Transformer(nn.Module):
     def memory_layers(self) -> Dict[int, ProductKeyMemory]:
         """Transformer layer index -> its memory, in layer order."""
         return {i: block.memory for i, block in enumerate(self.blocks) if block.memory is not None}
+
+    def side_layers(self) -> Dict[str, SideLayer]:
+        """Every side layer (`MemoryVariant.build_side`) by module name, e.g. `blocks.1.engram`, in layer order."""
+        return {f"blocks.{i}.{name}": getattr(b, name) for i, b in enumerate(self.blocks) for name in b.side_names}
 
     def shared_tables(self) -> Optional[ValueTables]:
         """The value pool every memory layer reads with `share_values`, else None."""
@@ -375,21 +428,28 @@ class Transformer(nn.Module):
         """Parameter counts.
 
         total          unique parameters (a tied embedding counts once)
-        memory_values  all memory value tables (PEER: up and down vectors)
+        memory_values  all memory tables: the value tables (PEER: up and down vectors) and the side
+                       layers' tables (Engram's hashed rows)
+        side_tables    the side layers' part of memory_values
         active         what one token touches: total - memory_values + the value rows one token
-                       reads, H * K * v_dim per memory layer (PEER: H * K * (v_dim + dim))
+                       reads, H * K * v_dim per memory layer (PEER: H * K * (v_dim + dim)), + the
+                       table entries a side layer reads (`SideLayer.count_parameters`)
         embedding      token + learned position embeddings
         """
         total = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        side = [layer.count_parameters() for layer in self.side_layers().values()]
+        side_tables = sum(c["tables"] for c in side)
         # Each table once (a pool counts once); a DTensor's numel is the whole table's.
-        memory_values = sum(t.weight.numel() for t in self.value_tables().values())
+        memory_values = sum(t.weight.numel() for t in self.value_tables().values()) + side_tables
         read_rows = sum(m.read_params() for m in self.memory_layers().values())
+        read_rows += sum(c["active"] - (c["total"] - c["tables"]) for c in side)
         embedding = self.tok_emb.weight.numel()
         if self.pos_emb is not None:
             embedding += self.pos_emb.weight.numel()
         return {
             "total": total,
             "memory_values": memory_values,
+            "side_tables": side_tables,
             "active": total - memory_values + read_rows,
             "embedding": embedding,
         }
@@ -411,7 +471,9 @@ class Transformer(nn.Module):
           - memory value read: H * K * v_dim multiply-adds (the selected rows only, never the
             whole table); the backward gives the rows and the weights their gradients; a variant
             that reads a second per-slot vector adds its columns (PEER: H * K * D);
-          - the lm_head: D * V (the tied embedding's only matmul; a lookup costs nothing).
+          - the lm_head: D * V (the tied embedding's only matmul; a lookup costs nothing);
+          - a side layer: its own count (`SideLayer.flops_per_token`) in place of 6 x its active
+            parameters (Engram: its projections, gate and convolution; its lookup multiplies nothing).
           Not counted: the top-K selections and K*K candidate sums (no multiplies, O(H*K^2)),
           softmaxes, norms and residual adds, as in the references.
         The attention term: QK^T and AV each cost 2 * T * D FLOPs forward per token and layer,
@@ -423,4 +485,6 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             non_embedding += self.lm_head.weight.numel()  # the tied table is also the lm_head matmul
         attention = 12 * self.cfg.n_layers * self.cfg.dim * seq_len
-        return float(6 * non_embedding + attention)
+        sides = self.side_layers().values()
+        non_embedding -= sum(layer.count_parameters()["active"] for layer in sides)
+        return float(6 * non_embedding + attention + sum(layer.flops_per_token() for layer in sides))

@@ -132,14 +132,21 @@ class LazyAdam(torch.optim.Optimizer):
         return loss
 
 
+# The optimizer groups of tables that take row-sparse gradients: memory value tables
+# (pkmlm.optim.groups) and side layers' tables (`SideLayer.table_parameters`).
+VALUES_GROUP = "memory_values"
+SIDE_TABLES_GROUP = "side_tables"
+SPARSE_GROUPS = (VALUES_GROUP, SIDE_TABLES_GROUP)
+
+
 class SparseValuesAdamW:
-    """torch AdamW over the dense groups and `LazyAdam` over the `memory_values` group, as one
-    optimizer: `param_groups` (the same dicts, so `set_lr` reaches both), `step`, `zero_grad`,
-    `state_dict` / `load_state_dict` (`{"dense": ..., "values": ...}`)."""
+    """torch AdamW over the dense groups and `LazyAdam` over the `memory_values` and `side_tables`
+    groups (`SPARSE_GROUPS`), as one optimizer: `param_groups` (the same dicts, so `set_lr` reaches
+    both), `step`, `zero_grad`, `state_dict` / `load_state_dict` (`{"dense": ..., "values": ...}`)."""
 
     def __init__(self, groups: list[dict], betas, eps: float, fused: bool):
-        dense = [g for g in groups if g["name"] != "memory_values"]
-        values = [g for g in groups if g["name"] == "memory_values"]
+        dense = [g for g in groups if g["name"] not in SPARSE_GROUPS]
+        values = [g for g in groups if g["name"] in SPARSE_GROUPS]
         self.dense = torch.optim.AdamW(dense, betas=betas, eps=eps, fused=fused) if dense else None
         self.values = LazyAdam(values, betas=betas, eps=eps) if values else None
 

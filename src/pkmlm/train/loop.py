@@ -34,6 +34,7 @@ from pkmlm.metrics.evaluate import evaluate
 from pkmlm.metrics.memory_usage import observers_set_aside
 from pkmlm.metrics.recall import evaluate_recall, read_questions
 from pkmlm.metrics.sinks import format_summary
+from pkmlm.metrics.table_usage import side_observers_set_aside
 from pkmlm.optim import clip_gradients_, set_lr
 from pkmlm.parallel.agree import (
     agree_on_stop,
@@ -296,6 +297,7 @@ def log_training_row(t: Trainer, out: StepOutput, window: Window) -> None:
             **t.clock.window_row(),  # tokens/s, step time (data, compute), MFU, peak memory, times
             "train/nonfinite_skipped": t.state.nonfinite_skipped,
             **stats_row(t.batches.stats),  # data/skipped/<kind>: bad records and cleaning drops so far
+            **(t.side_usage.row() if t.side_usage else {}),  # train/memory/layer{i}/<side>/...: this window's reads
         }
     )
     t.sinks.log(row)
@@ -323,7 +325,8 @@ def evaluate_all(t: Trainer) -> dict:
     are no usage statistics of validation reads (`memory/layer{i}/usage`, `kl_*`)."""
     ecfg = t.cfg.eval
     row: dict = {"step": t.state.step, "tokens": t.state.tokens}
-    with t.clock.paused(), observers_set_aside(t.model):  # evaluation reads are not training reads
+    # evaluation reads are not training reads
+    with t.clock.paused(), observers_set_aside(t.model), side_observers_set_aside(t.model):
         t.par.sync_buffers()  # rank 0's BatchNorm statistics on every rank
         shares, summed = t.par.eval_batches(t.val)  # this rank's batches, or all of them in lockstep
         result = evaluate(t.model, shares, t.device, autocast_dtype=t.amp_dtype, reduce_across_ranks=summed)

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pkmlm.checkpoint import store
 from pkmlm.checkpoint.store import latest_valid
 from pkmlm.config import PROJECT_ROOT, Config
 from pkmlm.errors import UserError
@@ -146,6 +147,57 @@ def fresh_start_conflicts(run_dir: Path, current: dict) -> list[str]:
     if isinstance(model, dict) and model.get("vocab_size") == 0 and isinstance(saved.get("model"), dict):
         current = {**current, "model": {**model, "vocab_size": saved["model"].get("vocab_size", 0)}}
     return config_differences(saved, current)
+
+
+def resume_refusal(resumed: Path, diffs: list[str]) -> UserError:
+    """The one line refusing to resume checkpoint `resumed` under another config (`resume_conflicts`)."""
+    return UserError(
+        f"cannot resume from {resumed}: the run was made with another config ({'; '.join(diffs[:3])}"
+        f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never"
+    )
+
+
+def fresh_start_refusal(run_dir: Path, diffs: list[str]) -> UserError:
+    """The one line refusing a fresh start in a directory another run left (`fresh_start_conflicts`)."""
+    return UserError(
+        f"run directory {run_dir} holds a run made with another config ({'; '.join(diffs[:3])}"
+        f"{'; ...' if len(diffs) > 3 else ''}) and no checkpoint of it; use a new run directory, "
+        "or resume=never to start over in this one"
+    )
+
+
+def _newest_listed(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint `store.resolve` would try first for `resume` (auto or a path), unverified."""
+    if resume == "auto":
+        found = store.list_checkpoints(Path(run_dir) / "checkpoints")
+    else:
+        path = Path(resume).expanduser()
+        found = [path] if store.is_checkpoint(path) else store.list_checkpoints(path / "checkpoints")
+        found = found or store.list_checkpoints(path)
+    return found[-1] if found else None
+
+
+def check_resume_early(resume: str, run_dir: Path, resolved: dict) -> None:
+    """`setup`'s resume check, made by the command line before Hydra runs, so that a relaunched
+    sweep refused for a resume conflict leaves its `multirun.yaml` as it was. Read-only and cheap:
+    the newest checkpoint's meta.json (not verified: `setup` verifies the one it resumes, under the
+    lock, and checks again), or with resume=auto and no checkpoint the config.yaml another run
+    left. A meta.json that does not read is left to `setup`, which says why."""
+    if resume == "never":
+        return
+    newest = _newest_listed(resume, run_dir)
+    if newest is None:
+        diffs = fresh_start_conflicts(run_dir, resolved) if resume == "auto" else []
+        if diffs:
+            raise fresh_start_refusal(run_dir, diffs)
+        return
+    try:
+        meta = store.read_meta(newest)
+    except store.NotACheckpointError:
+        return
+    diffs = resume_conflicts(meta["config"], meta["step"], resolved) if isinstance(meta.get("config"), dict) else []
+    if diffs:
+        raise resume_refusal(newest, diffs)
 
 
 # errno values that mean "the file system is full or refuses to grow the file".

@@ -47,7 +47,7 @@ from pkmlm.data.loader import (
     resolve_data,
     validation_batches,
 )
-from pkmlm.data.tokenizer import checked_tokenizer, tokenizer_from_str
+from pkmlm.data.tokenizer import checked_tokenizer, eos_id, tokenizer_from_str
 from pkmlm.errors import ConfigError, UserError
 from pkmlm.finetune import (
     BACKGROUND_FILE,
@@ -66,6 +66,7 @@ from pkmlm.finetune.config import background_batch_count
 from pkmlm.metrics.flops import peak_flops
 from pkmlm.metrics.recall import check_recall_fits, read_questions
 from pkmlm.metrics.sinks import ConsoleProgress, MetricsFile, Sinks, WandbSink
+from pkmlm.metrics.table_usage import SideUsageWindow
 from pkmlm.model import variants
 from pkmlm.model.kernels import cpu_topk, resolve_kernel, resolve_topk
 from pkmlm.model.transformer import ModelConfig, Transformer
@@ -76,7 +77,14 @@ from pkmlm.parallel.data_shards import build_batches, plan_data_shards
 from pkmlm.parallel.env import DistInfo, rank_device
 from pkmlm.parallel.parallelize import Parallelized, check_parallel_config, parallelize
 from pkmlm.train.clock import RunClock
-from pkmlm.train.rundir import check_output_dirs, code_version, fresh_start_conflicts, resume_conflicts
+from pkmlm.train.rundir import (
+    check_output_dirs,
+    code_version,
+    fresh_start_conflicts,
+    fresh_start_refusal,
+    resume_conflicts,
+    resume_refusal,
+)
 from pkmlm.train.state import TrainState
 from pkmlm.train.states import StateParts, build_states
 
@@ -91,7 +99,9 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError("train.device", name, DEVICES) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", name, "cuda needs a CUDA build of torch and a GPU; use cpu or auto")
+        raise ConfigError(
+            "train.device", name, "cuda needs a CUDA build of torch and a GPU (no CUDA here); use cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError("train.device", name, f"cuda:N with N < {torch.cuda.device_count()} (the GPUs visible)")
     return device
@@ -142,6 +152,10 @@ class Trainer:
     init_from: Path | None = None  # the checkpoint whose weights the run started from (init_from)
     selection: RowSelection | None = None  # train.finetune=memory|sparse_memory: the rows a step may change
     kept_fresh: list[str] = dataclasses.field(default_factory=list)  # pieces a resume left as built
+    side_usage: SideUsageWindow | None = None  # the side layers' reads since the last training row
+
+    def __post_init__(self) -> None:
+        self.side_usage = SideUsageWindow(self.model)  # observers on the side layers (none: empty)
 
     @property
     def micro_batch_size(self) -> int:
@@ -172,18 +186,11 @@ def _check_resume(
     if resumed is not None:
         diffs = resume_conflicts(meta["config"], meta["step"], resolved)
         if diffs:
-            raise UserError(
-                f"cannot resume from {resumed}: the run was made with another config ({'; '.join(diffs[:3])}"
-                f"{'; ...' if len(diffs) > 3 else ''}); use a new run directory or resume=never"
-            )
+            raise resume_refusal(resumed, diffs)
     elif cfg.resume == "auto":  # no checkpoint: a fresh start, unless the directory is another run's
         diffs = run_on_main(lambda: fresh_start_conflicts(run_dir, resolved), info)
         if diffs:
-            raise UserError(
-                f"run directory {run_dir} holds a run made with another config ({'; '.join(diffs[:3])}"
-                f"{'; ...' if len(diffs) > 3 else ''}) and no checkpoint of it; use a new run directory, "
-                "or resume=never to start over in this one"
-            )
+            raise fresh_start_refusal(run_dir, diffs)
 
 
 def _check_resumed_meta(path: Path, meta: dict) -> None:
@@ -213,6 +220,13 @@ def build_model(
     if cfg.train.finetune != "full":  # memory modes: the value tables alone train (also on resume)
         apply_finetune_mode(model, cfg.train.finetune)
     return model
+
+
+def adapt_side_layers(model: Transformer, tokenizer: Any, run_dir: Path, info: DistInfo) -> None:
+    """What the side layers take from the run's tokenizer (`SideLayer.adapt_to_tokenizer`: Engram's
+    compression, loaded from the run directory or built and saved there by rank 0)."""
+    for side in model.side_layers().values():
+        side.adapt_to_tokenizer(tokenizer, eos_id(tokenizer), str(run_dir), write=info.is_main)
 
 
 def load_weights(model: nn.Module, path: Path, info: DistInfo) -> None:
@@ -457,8 +471,8 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
     resumed, meta = resume_point(cfg, run_dir, resolved, info)
     source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
     tokenizer, tok_source, model_cfg = run_tokenizer(cfg, run_dir, resolved, files, info, meta, source_meta)
-
     model = build_model(cfg, model_cfg, init_from=source if meta is None else None, info=info)
+    adapt_side_layers(model, tokenizer, run_dir, info)
     # Shard value tables, move to the device, wrap in DDP or FSDP2 (pkmlm.parallel); with one
     # process only the move. `model` stays the unwrapped model (state dicts, evaluation).
     par = parallelize(

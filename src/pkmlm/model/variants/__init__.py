@@ -10,6 +10,7 @@ FLOP counts, sharding and reports ask the registry.
   peer.py         PEER single-neuron experts (He 2024)                             kind "peer"
   memory_plus.py  Memory+'s gated read (Berges et al. 2024)                        kind "memory_plus"
   ultramem.py     UltraMem's qk norm and UltraMemV2's balance loss (Huang et al.)  kind "ultramem"
+  engram.py       Engram's hashed n-gram tables beside a block (Cheng et al. 2026)  kind "engram"
 
 Options of several variants combine (an UltraMem-style run is PEER's values plus UltraMem's
 balance loss and qk norm); the run's name (`kind_of`, `label_of`) is that of the describing variant
@@ -27,18 +28,16 @@ every registered kind from its `example`). Set `in_hf_export` only once
 pkmlm/checkpoint/modeling_pkmlm.py implements it too (the one stated exception to "a variant lives
 in its module": that file must stay standalone).
 
-Today every variant extends the 2019 layer through its hooks. A layer that is not a product-key
-memory (e.g. an Engram-style hashed n-gram table, which also needs the token ids) is not yet a
-hook: it needs one more contract method, the layer a variant builds in place of `ProductKeyMemory`
-(called where `Block` builds the memory, pkmlm/model/transformer.py), and, for token ids, a block
-that passes them; docs/architecture.md says so in its recipe.
+A layer that is not a product-key memory (Engram's hashed n-gram tables, which read the token ids)
+is a variant too: it sets `side_name` and builds a `SideLayer` that `Block` holds beside its
+attention and mixer (base.py: `side_layers`, `build_side`, the `SideLayer` protocol).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from pkmlm.model.variants.base import MemoryVariant, is_int, is_number, option
+from pkmlm.model.variants.base import MemoryVariant, SideLayer, is_int, is_number, option
 from pkmlm.model.variants.registry import (
     aux_names,
     check_kind,
@@ -49,18 +48,21 @@ from pkmlm.model.variants.registry import (
     get,
     kind_of,
     label_of,
+    layer_option_defaults,
     layer_options,
     not_in_hf_export,
     option_defaults,
     options_in_use,
     register,
     registered,
+    side_variants,
     unregister,
     variant_of,
 )
 
 __all__ = [
     "MemoryVariant",
+    "SideLayer",
     "aux_names",
     "check_kind",
     "details_of",
@@ -72,6 +74,7 @@ __all__ = [
     "is_number",
     "kind_of",
     "label_of",
+    "layer_option_defaults",
     "layer_options",
     "not_in_hf_export",
     "option",
@@ -79,12 +82,13 @@ __all__ = [
     "options_in_use",
     "register",
     "registered",
+    "side_variants",
     "unregister",
     "variant_of",
 ]
 
 # The registered variants, in the order their hooks run: importing a module registers its variant
 # (`@register`). A new variant: its module, and its name here.
-VARIANT_MODULES = ("pkm", "peer", "memory_plus", "ultramem")
+VARIANT_MODULES = ("pkm", "peer", "memory_plus", "ultramem", "engram")
 for _name in VARIANT_MODULES:
     importlib.import_module(f"{__name__}.{_name}")

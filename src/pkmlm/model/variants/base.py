@@ -5,7 +5,8 @@ A variant is a class registered under its `kind` (`pkmlm.model.variants.register
   Fields        a dataclass of its `model.memory.*` options, every default "off" (the 2019 layer).
                 `MemoryConfig` inherits the Fields of every registered variant, so presets, CLI
                 overrides and saved configs keep one flat `model.memory` group.
-  check         its options' checks (called by `MemoryConfig.validate`, the config boundary).
+  check         its options' checks (called by `MemoryConfig.validate`, the config boundary),
+  check_layers  and those that need `model.n_layers` (a side layer's indices).
   describes     whether a config's options make a run "this variant" (reports, `kind`), and
   precedence    which of several describing variants names the run (highest first).
   example       options that make a config this variant (tests build every registered kind).
@@ -35,14 +36,31 @@ order, each a no-op / identity by default:
 
 `build_*` run for every registered variant (so that each sets its attributes, None when off);
 the forward hooks only for the variants whose options are on in that layer (`active`).
+
+A variant whose layer is not a product-key memory (Engram's hashed n-gram tables: variants/engram.py)
+builds a module that sits *beside* a block instead of hooking into `ProductKeyMemory`:
+
+  side_name     the attribute the block holds it under (`blocks.<i>.<side_name>`); "" (the
+                default) for a variant that hooks into the product-key layer. Its options are
+                then not `ProductKeyMemory` arguments (`registry.layer_option_defaults`).
+  side_layers(memory) -> [layer indices]   the transformer layers that get one (from its options)
+  build_side(cfg, layer) -> SideLayer      built by `Block` (cfg: the `ModelConfig`) from the
+                config alone, so that every place that builds a model (train, eval, export,
+                inspect, harness, generate) builds the same one; what depends on the run's
+                tokenizer is installed afterwards (`SideLayer.adapt_to_tokenizer`) into persistent
+                buffers, which checkpoints carry.
+
+The module is a `SideLayer` (below): `Block` calls it before its attention with the residual stream
+and the token ids and adds its output to the residual stream; the code around the model reaches it
+through `Transformer.side_layers()` and this protocol, never by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_int(value: object) -> bool:
@@ -83,6 +101,8 @@ class MemoryVariant:
     aux_name: ClassVar[str] = ""
     # What its second per-slot table is, for messages, followed by "=<columns> columns" (`down_dim`)
     down_name: ClassVar[str] = ""
+    # A module beside the block instead of hooks into the product-key layer (module docstring)
+    side_name: ClassVar[str] = ""
 
     # --- config side (classmethods: they read a config object or a saved config's dict) ----------
 
@@ -106,8 +126,22 @@ class MemoryVariant:
         """Raise `ConfigError` on the first bad option of this variant."""
 
     @classmethod
+    def check_layers(cls, memory: Any, prefix: str, n_layers: int) -> None:
+        """Raise `ConfigError` when its options name a layer outside [0, n_layers) (side layers)."""
+
+    @classmethod
     def down_dim(cls, memory: Any, dim: int) -> Optional[int]:
         return None
+
+    @classmethod
+    def side_layers(cls, memory: Any) -> List[int]:
+        """The transformer layers that get this variant's `SideLayer` (none without `side_name`)."""
+        return []
+
+    @classmethod
+    def build_side(cls, cfg: Any, layer: int) -> "SideLayer":
+        """The `SideLayer` of transformer layer `layer`, from the `ModelConfig` `cfg` alone."""
+        raise NotImplementedError(f"memory variant {cls.kind!r} builds no module beside a block")
 
     # --- the built layer ----------------------------------------------------------------------------
 
@@ -159,3 +193,70 @@ class MemoryVariant:
     @classmethod
     def output(cls, layer: Any, x_ND: Tensor, out_NV: Tensor) -> Tensor:
         return out_NV
+
+
+class SideLayer(nn.Module):
+    """A module a variant builds beside a block (`MemoryVariant.side_name`): what `Block`,
+    `Transformer` and the code around the model (optimizer groups, counts, metrics, decoding,
+    inspection, training setup) need of it. A subclass implements every method.
+
+    forward(h_BTD, idx_BT) -> (B, T, D)   the residual stream entering the block and the raw token
+                          ids; the block adds the output to the residual stream before its attention
+    reset_parameters(residual_std)        its own init; `residual_std` is the Transformer's std of
+                          projections into the residual stream (0.02 / sqrt(2 n_layers))
+    table_parameters()    its sparse tables: the optimizer puts them in their own group
+                          (`optim.lr x tables_lr_mult`, no weight decay; lazy row-sparse Adam with
+                          `optim.sparse_values`, for which it gives the rows read sparse gradients
+                          when `sparse_grad` is set)
+    count_parameters()    {"total", "tables", "active"}: all its parameters, its tables', and what
+                          one token touches (dense parameters + the table entries it reads)
+    flops_per_token()     training FLOPs per token (6 x multiply-adds, `Transformer.flops_per_token`)
+    observer, usage_groups(), gate_name   usage metrics: every full forward calls
+                          `observer(rows_BTR, gate_BT)` when set (the flat table rows read, and one
+                          scalar per token, e.g. a gate); `usage_groups()` lists the table's row
+                          groups in order as `(name, rows)`, e.g. `("order2", 36864)`: the tracker
+                          (pkmlm/metrics/table_usage.py) gives usage, KL to uniform and Gini over
+                          all rows and per group, and the scalar's mean as `<gate_name>_mean`, logged
+                          as `memory/layer{i}/<side_name>/<stat>`
+    new_decode_state(batch), decode(h_BTD, idx_BT, state, valid_BT)   incremental decoding:
+                          `Transformer.new_cache` keeps one state per side layer in the `KVCache`
+                          (`state.keep(rows)` as `KVCache.keep`)
+    adapt_to_tokenizer(tok, eot_id, directory, write)   install what depends on the run's
+                          tokenizer (persistent buffers), from a file in `directory` when there is
+                          one (refused in one line, a `DataError`, when it does not fit `tok`), else
+                          built and, with `write`, saved there (the trainer, rank 0)
+    describe_reads(idx_BT, decode, top) -> [lines]   for `pkmlm-inspect`: what the layer reads on a
+                          token sample, `decode(ids) -> str` the run's tokenizer
+    """
+
+    tables_lr_mult: float = 1.0
+    gate_name: str = "gate"
+    sparse_grad: bool = False
+    observer: Optional[Callable[[Tensor, Tensor], None]] = None
+
+    def table_parameters(self) -> List[nn.Parameter]:
+        raise NotImplementedError
+
+    def count_parameters(self) -> Dict[str, int]:
+        raise NotImplementedError
+
+    def flops_per_token(self) -> float:
+        raise NotImplementedError
+
+    def reset_parameters(self, residual_std: Optional[float] = None) -> None:
+        raise NotImplementedError
+
+    def usage_groups(self) -> List[Tuple[str, int]]:
+        raise NotImplementedError
+
+    def new_decode_state(self, batch: int) -> Any:
+        raise NotImplementedError
+
+    def decode(self, h_BTD: Tensor, idx_BT: Tensor, state: Any, valid_BT: Optional[Tensor] = None) -> Tensor:
+        raise NotImplementedError
+
+    def adapt_to_tokenizer(self, tok: Any, eot_id: int, directory: str, write: bool) -> None:
+        raise NotImplementedError
+
+    def describe_reads(self, idx_BT: Tensor, decode: Callable[[List[int]], str], top: int = 10) -> List[str]:
+        raise NotImplementedError

@@ -50,9 +50,22 @@ def option_defaults() -> Dict[str, Any]:
     return out
 
 
+def side_variants() -> List[Type[MemoryVariant]]:
+    """The variants that build a module beside a block (`side_name` set), in registration order."""
+    return [v for v in registered() if v.side_name]
+
+
+def layer_option_defaults() -> Dict[str, Any]:
+    """The options of the variants that hook into `ProductKeyMemory` (its arguments) and their
+    defaults: every variant's but those of the variants that build a side layer."""
+    side = {f.name for v in side_variants() for f in dataclasses.fields(v.Fields)}
+    return {name: value for name, value in option_defaults().items() if name not in side}
+
+
 def layer_options(given: Dict[str, Any]) -> Dict[str, Any]:
-    """`given` variant options with the defaults of the rest; TypeError on a name no variant owns."""
-    defaults = option_defaults()
+    """`given` `ProductKeyMemory` options with the defaults of the rest; TypeError on a name no
+    variant hooking into it owns."""
+    defaults = layer_option_defaults()
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise TypeError(f"unknown memory option(s) {unknown}; the registered variants' options: {sorted(defaults)}")

@@ -19,9 +19,18 @@ O(1) and needs no top-k. The file follows the paper's architecture section, step
                               Y = SiLU(Conv1D(RMSNorm(V~))) + V~: depthwise, causal, kernel 4,
                               dilation N                                   `EngramLayer.short_conv`
   placement                   Y is added to the residual stream before the block's attention
-                              (the caller adds it; `EngramConfig.layers`, early layers)
+                              (`Block` adds it: a `SideLayer`; `EngramConfig.layers`, early layers)
   decoding                    the same, token by token, from a per-row history
                                                                    `EngramLayer.decode`
+
+The variant (`Engram`, kind "engram"): its options sit in the flat `model.memory` group with an
+`engram_` prefix (`EngramFields`; `engram_layers: []` is off), so an Engram layer can sit beside a
+product-key memory in one model (the sparsity-allocation sweep). The layer is built from the config
+alone: its canonical ids start as the identity over `model.vocab_size` ids (the pad id is
+`vocab_size`, the hash multipliers are bounded by it), and the trainer installs the run's tokenizer
+compression and end-of-text id into the persistent buffers (`EngramLayer.adapt_to_tokenizer`), which
+checkpoints carry: eval, export, inspect, the harness and generate build the model from the config
+and load the checkpoint as for any other model.
 
 References read, not copied: the authors' demo (deepseek-ai/Engram, engram_demo_v1.py) as described
 by Google's MaxText port (AI-Hypercomputer/maxtext, src/maxtext/layers/engram.py, Apache-2.0).
@@ -53,14 +62,16 @@ import math
 import os
 import re
 import unicodedata
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pkmlm.errors import DataError, require
+from pkmlm.model.variants.base import MemoryVariant, SideLayer, option
+from pkmlm.model.variants.registry import register, registered
 
 # Bump when the canonical form or the file layout changes: a saved mapping of another format is refused.
 COMPRESSION_FORMAT = 1
@@ -71,6 +82,11 @@ COMPRESSION_FILE = "engram_compression.json"
 LAYER_SEED_STRIDE = 10007
 # Keys of raw (undecodable) tokens carry this prefix, so they never equal a canonical text.
 _RAW_KEY = "\x00raw:"
+
+
+# The end-of-text id a layer assumes until the run's tokenizer is installed: pkmlm's BPE gives
+# it id 0 (`pkmlm.data.tokenizer.train_bpe`); a tokenizer that does not is installed by the trainer.
+DEFAULT_EOT_ID = 0
 
 
 def _is_int(value: object) -> bool:
@@ -134,7 +150,7 @@ class EngramConfig:
             self.embed_dim % self.heads == 0,
             f"{prefix}embed_dim",
             self.embed_dim,
-            f"a multiple of {prefix}.heads={self.heads} (each head's rows are embed_dim / heads wide)",
+            f"a multiple of {prefix}heads={self.heads} (each head's rows are embed_dim / heads wide)",
         )
         require(
             _is_int(self.table_size) and self.table_size >= 2,
@@ -369,34 +385,35 @@ class EngramDecodeState:
         self.ids_BL, self.x_BLD = self.ids_BL[rows_R], self.x_BLD[rows_R]
 
 
+def _sparse_lookup(rows_BTR: Tensor, table_SE: Tensor) -> Tensor:
+    """`EngramLayer.lookup` with a sparse gradient, outside any compiled graph."""
+    return F.embedding(rows_BTR, table_SE, sparse=True).flatten(2)
+
+
 # --- the layer -------------------------------------------------------------------------------------------
 
 
-class EngramLayer(nn.Module):
+class EngramLayer(SideLayer):
     """One Engram layer: `(h (B, T, D), token ids (B, T))` -> `(B, T, D)`, to be added to the
-    residual stream by the caller.
+    residual stream by the caller (`Block`: a `SideLayer`).
 
     Arguments are trusted (`EngramConfig.validate` checks the config; `plan_table_sizes` gives
-    `table_sizes`; `compression` comes from `build_compression` or `load_compression`). The
-    canonical ids and the hash multipliers are persistent buffers, so a checkpoint hashes exactly
-    as the run that wrote it did.
+    `table_sizes`). Shapes depend on the config alone: `vocab_size` raw ids, whose canonical ids
+    start as the identity; `install_compression` (or `adapt_to_tokenizer`, the trainer's call) puts
+    the run's tokenizer compression and end-of-text id in. The canonical ids, the end-of-text id
+    and the hash multipliers are persistent buffers, so a checkpoint hashes exactly as the run that
+    wrote it did.
 
-    `eot_id`: the raw end-of-text id; n-grams and the convolution never reach across it.
+    `eot_id` (a 0-d buffer): the raw end-of-text id; n-grams and the convolution never reach across it.
+    `pad_id` = `vocab_size`: above every canonical id (a compression has at most one per raw id),
+    so padding never collides with a real token.
     `sparse_grad`: the tables take sparse COO gradients of the rows read (for the lazy row-sparse
-    Adam of `optim.sparse_values`; the caller sets it, as for `ProductKeyMemory`).
+    Adam of `optim.sparse_values`; the optimizer sets it, as for `ProductKeyMemory`).
     `observer`: called with the detached row ids `(B, T, R)` (flat, into `tables`) and gate `(B, T)`
-    of every forward (usage metrics: metrics/engram_usage.py).
+    of every forward (usage metrics: pkmlm/metrics/table_usage.py).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        cfg: EngramConfig,
-        layer: int,
-        compression: Compression,
-        eot_id: int,
-        table_sizes: Sequence[int],
-    ):
+    def __init__(self, dim: int, cfg: EngramConfig, layer: int, vocab_size: int, table_sizes: Sequence[int]):
         super().__init__()
         self.dim = dim
         self.layer = layer
@@ -408,17 +425,20 @@ class EngramLayer(nn.Module):
         self.kernel_size = cfg.kernel_size
         self.dilation = cfg.max_ngram  # the paper: dilation = the largest n-gram order
         self.gate_signed_sqrt = cfg.gate_signed_sqrt
-        self.eot_id = eot_id
-        self.pad_id = compression.size  # one past the canonical ids: never a real token
-        self.register_buffer("canonical_ids", compression.canonical_ids.clone())
-        self.register_buffer("multipliers", hash_multipliers(cfg.seed, layer, compression.size, cfg.max_ngram))
+        self.tables_lr_mult = cfg.tables_lr_mult
+        self.vocab_size = vocab_size
+        self.pad_id = vocab_size  # above every canonical id: never a real token
+        self.register_buffer("canonical_ids", torch.arange(vocab_size, dtype=torch.int64))
+        self.register_buffer("eot_id", torch.tensor(DEFAULT_EOT_ID, dtype=torch.int64))
+        # Bounded by the pad id, the largest id hashed: no compression can make the products overflow.
+        self.register_buffer("multipliers", hash_multipliers(cfg.seed, layer, vocab_size, cfg.max_ngram))
         sizes = torch.tensor(list(table_sizes), dtype=torch.int64)
         # Derived from the config: not saved. One table holds every head's rows, head r from offset r.
         self.register_buffer("sizes", sizes, persistent=False)
         self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         # The hashed tables: one nn.Embedding, so that a sparse gradient and the lazy Adam see one
         # parameter of whole rows (as a product-key memory's values).
-        self.tables = nn.Embedding(int(sizes.sum()), self.row_dim)
+        self.tables = nn.Embedding(sum(int(n) for n in table_sizes), self.row_dim)  # no .item(): meta-device builds
         self.key_proj = nn.Linear(self.memory_dim, dim, bias=False)  # W_K; differs: no bias (the paper)
         self.value_proj = nn.Linear(self.memory_dim, dim, bias=False)  # W_V
         self.norm_h = nn.RMSNorm(dim)  # RMSNorm(h_t), the query
@@ -454,8 +474,37 @@ class EngramLayer(nn.Module):
         return (
             f"dim={self.dim}, layer={self.layer}, max_ngram={self.max_ngram}, heads={self.heads}, "
             f"rows={self.tables.num_embeddings} x {self.row_dim}, kernel={self.kernel_size}, "
-            f"dilation={self.dilation}, eot_id={self.eot_id}, pad_id={self.pad_id}"
+            f"dilation={self.dilation}, pad_id={self.pad_id}"
         )
+
+    # --- the run's tokenizer ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def install_compression(self, compression: Compression, eot_id: int) -> None:
+        """Hash the canonical ids of `compression` (raw id -> canonical id for the tokenizer's ids;
+        ids past the tokenizer's, the model's vocabulary padding, keep their identity: no text has
+        them) with `eot_id` as the end-of-text token."""
+        V = compression.canonical_ids.numel()
+        if V > self.vocab_size or compression.size > self.vocab_size:
+            raise DataError(
+                f"Engram compression of a {V}-token tokenizer does not fit model.vocab_size={self.vocab_size}; "
+                "use the run's own tokenizer"
+            )
+        self.canonical_ids[:V] = compression.canonical_ids.to(self.canonical_ids.device)
+        self.eot_id.fill_(eot_id)
+
+    def adapt_to_tokenizer(self, tok: Any, eot_id: int, directory: str, write: bool) -> None:
+        """The `SideLayer` hook: the compression saved in `directory` (`COMPRESSION_FILE`, checked
+        against `tok` by `load_compression`), else built from `tok` (and saved there with `write`),
+        installed with `eot_id`."""
+        path = os.path.join(directory, COMPRESSION_FILE)
+        if os.path.exists(path):
+            compression = load_compression(path, tok)
+        else:
+            compression = build_compression(tok)
+            if write:
+                save_compression(compression, path)
+        self.install_compression(compression, eot_id)
 
     # --- retrieval --------------------------------------------------------------------
 
@@ -468,8 +517,11 @@ class EngramLayer(nn.Module):
 
     def lookup(self, rows_BTR: Tensor) -> Tensor:
         """`(B, T, R * E)`: the R rows read, concatenated (e_t)."""
-        e_BTRE = F.embedding(rows_BTR, self.tables.weight, sparse=self.sparse_grad)
-        return e_BTRE.flatten(2)
+        if self.sparse_grad and torch.compiler.is_compiling():
+            # Inductor cannot lower a sparse gradient: under train.compile the lookup runs eagerly
+            # (a graph break), as the product-key read's sparse path does (pkmlm.model.kernels).
+            return torch.compiler.disable(_sparse_lookup)(rows_BTR, self.tables.weight)
+        return F.embedding(rows_BTR, self.tables.weight, sparse=self.sparse_grad).flatten(2)
 
     # --- context-aware gating and the short convolution -----------------------------------------------
 
@@ -530,7 +582,7 @@ class EngramLayer(nn.Module):
         """The state of `batch` rows before their first token: a history of end-of-text tokens, so
         the first real token starts a document (as at a window start)."""
         device = self.tables.weight.device
-        ids_BL = torch.full((batch, self.history), self.eot_id, dtype=torch.int64, device=device)
+        ids_BL = torch.full((batch, self.history), int(self.eot_id), dtype=torch.int64, device=device)
         return EngramDecodeState(ids_BL, torch.zeros(batch, self.history, self.dim, device=device))
 
     @torch.no_grad()
@@ -552,7 +604,7 @@ class EngramLayer(nn.Module):
             valid_BT = torch.ones_like(idx_BT, dtype=torch.bool)
         rank_BT = valid_BT.long().cumsum(1) - 1  # a real token's place among its row's new ones
         slot_BT = torch.where(valid_BT, rank_BT, torch.full_like(rank_BT, T))  # padding -> a dump slot
-        ids_BT = idx_BT.new_full((B, T + 1), self.eot_id).scatter_(1, slot_BT, idx_BT)[:, :T]
+        ids_BT = idx_BT.new_full((B, T + 1), int(self.eot_id)).scatter_(1, slot_BT, idx_BT)[:, :T]
         h_packed_BTD = h_BTD.new_zeros(B, T + 1, self.dim)
         h_packed_BTD.scatter_(1, slot_BT.unsqueeze(-1).expand(B, T, self.dim), h_BTD)
         ids_BP = torch.cat([state.ids_BL, ids_BT], dim=1)  # P = L + T; after a row's real tokens: filler
@@ -571,6 +623,33 @@ class EngramLayer(nn.Module):
         return out_BTD
 
     # --- accounting ------------------------------------------------------------------------------------
+
+    def usage_groups(self) -> List[Tuple[str, int]]:
+        """The table's rows by n-gram order, in order: `("order2", rows of its H heads)`, ..."""
+        sizes = self.sizes.tolist()
+        H = self.heads
+        return [(f"order{2 + g}", sum(sizes[g * H : (g + 1) * H])) for g in range(self.max_ngram - 1)]
+
+    def describe_reads(self, idx_BT: Tensor, decode: Callable[[List[int]], str], top: int = 10) -> List[str]:
+        """For `pkmlm-inspect`: the hash collision rates per order on the sample (`collision_rates`)
+        and the `top` rows read most with the n-grams that read them (`most_read_rows`), decoded."""
+        lines = []
+        rates = collision_rates(self, idx_BT)
+        for n in range(2, self.max_ngram + 1):
+            lines.append(
+                f"order {n}: {rates[f'order{n}/ngrams']:,.0f} distinct n-grams, "
+                f"{rates[f'order{n}/collision']:.1%} share a head's row with another, "
+                f"{rates[f'order{n}/full_collision']:.1%} share the rows of every head"
+            )
+        for entry in most_read_rows(self, idx_BT, top=top):
+            grams = ", ".join(
+                f"{'|'.join('<doc start>' if i < 0 else repr(decode([i])) for i in raw)} x{n}"
+                for raw, n in entry["ngrams"][:4]
+            )
+            more = f" (+{len(entry['ngrams']) - 4} more)" if len(entry["ngrams"]) > 4 else ""
+            where = f"row {entry['row']:>8} (order {entry['order']}, head {entry['head']})"
+            lines.append(f"{where}: {entry['reads']} reads: {grams}{more}")
+        return lines
 
     def table_parameters(self) -> List[nn.Parameter]:
         """The hashed tables: for the optimizer's sparse value group (lazy Adam, their own learning
@@ -591,3 +670,160 @@ class EngramLayer(nn.Module):
         counted, as in the references."""
         macs = 2 * self.memory_dim * self.dim + self.dim + self.kernel_size * self.dim
         return float(6 * macs)
+
+
+# --- inspection: collisions and the most-read rows -------------------------------------------
+
+
+def _shared(values: Tensor) -> Tensor:
+    """`(U,)` bool: whether another entry (a row of a 2-D `values`) equals entry u."""
+    _, inverse_U, counts = torch.unique(values, dim=0, return_inverse=True, return_counts=True)
+    return counts[inverse_U] > 1
+
+
+@torch.no_grad()
+def collision_rates(layer, idx_BT: Tensor) -> dict[str, float]:
+    """Hash collisions of `layer`  among the distinct n-grams of `idx_BT`.
+
+    For each order n (`order{n}/...`): `collision` = the fraction of the distinct n-grams (of
+    canonical ids, document padding included) whose row in a head also holds another distinct
+    n-gram of the sample, averaged over the H heads; `full_collision` = the fraction that share
+    their rows in all H heads with another n-gram. With uniform hashing into tables of S rows, M
+    distinct n-grams collide in a head with probability about 1 - exp(-M / S).
+    """
+    start_BT = document_starts(idx_BT, layer.eot_id)
+    grams_MN = suffix_ngrams(layer.canonical_ids[idx_BT], start_BT, layer.pad_id, layer.max_ngram).flatten(0, 1)
+    rows_MR = layer.rows(idx_BT, start_BT).flatten(0, 1)
+    stats = {}
+    for n in range(2, layer.max_ngram + 1):
+        # One representative per distinct n-gram: the hash is a function of the n-gram.
+        _, inverse_M = torch.unique(grams_MN[:, :n], dim=0, return_inverse=True)
+        first_U = torch.full((int(inverse_M.max()) + 1,), len(inverse_M), dtype=torch.int64)
+        first_U.scatter_reduce_(0, inverse_M, torch.arange(len(inverse_M)), reduce="amin")
+        heads = slice((n - 2) * layer.heads, (n - 1) * layer.heads)
+        rows_UH = rows_MR[first_U, heads]
+        shared_UH = torch.stack([_shared(rows_UH[:, h]) for h in range(layer.heads)], dim=1)
+        stats[f"order{n}/collision"] = float(shared_UH.double().mean())
+        stats[f"order{n}/full_collision"] = float(_shared(rows_UH).double().mean())
+        stats[f"order{n}/ngrams"] = float(len(first_U))
+    return stats
+
+
+@torch.no_grad()
+def most_read_rows(layer, idx_BT: Tensor, top: int = 10) -> list[dict]:
+    """The `top` rows of `layer`  read most often on the sample `idx_BT`, most
+    read first, each a dict: `row` (flat, into `layer.tables`), `order`, `head` (within the order),
+    `reads`, and `ngrams`: the distinct n-grams that read it, most frequent first, each
+    `(raw_ids, reads)` with `raw_ids` the first occurrence's raw token ids, oldest first, -1 for
+    a position before the document start (decode them with the run's tokenizer). Several n-grams
+    on one row are collisions, or n-grams equal after compression (they show with different raw
+    ids but share one entry: compare their canonical ids)."""
+    start_BT = document_starts(idx_BT, layer.eot_id)
+    canon_MN = suffix_ngrams(layer.canonical_ids[idx_BT], start_BT, layer.pad_id, layer.max_ngram).flatten(0, 1)
+    raw_MN = suffix_ngrams(idx_BT, start_BT, -1, layer.max_ngram).flatten(0, 1)
+    rows_MR = layer.rows(idx_BT, start_BT).flatten(0, 1)
+    count_S = torch.zeros(layer.tables.num_embeddings, dtype=torch.int64, device=rows_MR.device)
+    count_S.index_add_(0, rows_MR.reshape(-1), torch.ones_like(rows_MR.reshape(-1)))
+    reads, rows = count_S.topk(min(top, count_S.numel()))
+    out = []
+    for count, row in zip(reads.tolist(), rows.tolist()):
+        if count == 0:
+            break
+        r = int(torch.searchsorted(layer.offsets, torch.tensor(row), right=True)) - 1  # its head column
+        order, head = 2 + r // layer.heads, r % layer.heads
+        found: dict[tuple, list] = {}  # canonical n-gram -> [first raw ids, reads]
+        for m in (rows_MR[:, r] == row).nonzero().flatten().tolist():
+            key = tuple(canon_MN[m, :order].tolist())
+            entry = found.setdefault(key, [tuple(reversed(raw_MN[m, :order].tolist())), 0])
+            entry[1] += 1
+        ngrams = sorted(((raw, n) for raw, n in found.values()), key=lambda x: -x[1])
+        out.append({"row": row, "order": order, "head": head, "reads": count, "ngrams": ngrams})
+    return out
+
+
+# --- the registered variant ---------------------------------------------------------------------
+
+
+@dataclass
+class EngramFields:
+    """`model.memory.engram_*`: `EngramConfig`'s fields under an `engram_` prefix, in the flat
+    `model.memory` group (an Engram layer sits beside a block, so it combines with any product-key
+    memory). `engram_layers: []` (the default) is off. Defaults and their sources: `EngramConfig`."""
+
+    engram_layers: List[int] = field(default_factory=list)  # 0-based layers with an Engram layer beside them; [] = off
+    engram_max_ngram: int = 3  # N: suffix n-grams of orders 2..N (the paper's N = 3)
+    engram_heads: int = 8  # hash heads per order (the demo's n_head_per_ngram)
+    engram_embed_dim: int = 512  # width of one order's concatenated heads (the demo's n_embed_per_ngram)
+    engram_table_size: int = 65536  # minimum rows of one head's table, rounded up to distinct primes
+    engram_kernel_size: int = 4  # taps of the short causal convolution (dilation = engram_max_ngram)
+    engram_seed: int = 0  # seed of the hash multipliers (with the layer index)
+    engram_gate_signed_sqrt: bool = False  # the demo's signed square root of the gate logit (not the paper's)
+    engram_tables_lr_mult: float = 5.0  # the tables' learning rate = optim.lr x this; no weight decay
+
+
+PREFIX = "engram_"
+
+
+def engram_config(memory: Any) -> EngramConfig:
+    """The `EngramConfig` of a `model.memory` config (object or a saved config's dict)."""
+    defaults = EngramFields()
+    return EngramConfig(
+        **{f.name: option(memory, PREFIX + f.name, getattr(defaults, PREFIX + f.name)) for f in fields(EngramConfig)}
+    )
+
+
+@register
+class Engram(MemoryVariant):
+    kind = "engram"
+    display_name = "Engram"
+    # Highest: an Engram layer sits beside any product-key memory, and the run is named "<it> + Engram"
+    precedence = 100
+    Fields = EngramFields
+    example = {"engram_layers": [0], "engram_heads": 2, "engram_embed_dim": 16, "engram_table_size": 31}
+    in_hf_export = False  # checkpoint/modeling_pkmlm.py has no Engram layer: `--format hf` refuses it
+    side_name = "engram"
+
+    @classmethod
+    def describes(cls, memory: Any) -> bool:
+        return bool(option(memory, "engram_layers"))
+
+    @classmethod
+    def label(cls, memory: Any) -> str:
+        """ "Engram" alone, or "<the product-key variant> + Engram" beside memory layers."""
+        if not option(memory, "layers"):
+            return cls.display_name
+        others = [v for v in registered() if v is not cls and v.describes(memory)]
+        return f"{max(others, key=lambda v: v.precedence).label(memory)} + {cls.display_name}"
+
+    @classmethod
+    def details(cls, memory: Any) -> List[Tuple[int, str]]:
+        if not cls.describes(memory):
+            return []
+        layers = ",".join(f"L{i}" for i in option(memory, "engram_layers"))
+        return [(40, f"engram {layers}")]
+
+    @classmethod
+    def check(cls, memory: Any, prefix: str) -> None:
+        if not option(memory, "engram_layers"):
+            return
+        engram_config(memory).validate(prefix=f"{prefix}.{PREFIX}")
+        require(
+            not option(memory, "shard_values"),
+            f"{prefix}.shard_values",
+            option(memory, "shard_values"),
+            "false with Engram layers (model.memory.engram_layers): their tables are read by a plain "
+            "embedding lookup and are not sharded by columns",
+        )
+
+    @classmethod
+    def check_layers(cls, memory: Any, prefix: str, n_layers: int) -> None:
+        engram_config(memory).validate(prefix=f"{prefix}.{PREFIX}", n_layers=n_layers)
+
+    @classmethod
+    def side_layers(cls, memory: Any) -> List[int]:
+        return list(option(memory, "engram_layers") or [])
+
+    @classmethod
+    def build_side(cls, cfg: Any, layer: int) -> EngramLayer:
+        ecfg = engram_config(cfg.memory)
+        return EngramLayer(cfg.dim, ecfg, layer, cfg.vocab_size, plan_table_sizes(ecfg)[layer])

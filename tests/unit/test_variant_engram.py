@@ -1,26 +1,29 @@
-"""The Engram layer (pkmlm/model/engram.py) against a written-out loop, its document boundaries and
+"""The Engram layer (pkmlm/model/variants/engram.py) against a written-out loop, its document boundaries and
 causality, the tokenizer compression and its saved mapping, sparse row updates and usage metrics."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models
 
 from pkmlm.errors import ConfigError, DataError
-from pkmlm.metrics.engram_usage import EngramUsage
-from pkmlm.model.engram import (
+from pkmlm.metrics.table_usage import TableUsage
+from pkmlm.model.variants.engram import (
     Compression,
     EngramConfig,
     EngramLayer,
     build_compression,
     canonical_text,
+    collision_rates,
     hash_multipliers,
     is_prime,
     load_compression,
+    most_read_rows,
     plan_table_sizes,
     save_compression,
 )
@@ -40,7 +43,8 @@ def _layer(seed: int = 0, **overrides) -> EngramLayer:
     canonical = torch.randint(0, 25, (VOCAB,), generator=g)
     canonical[EOT] = 25  # the end-of-text token has a canonical id of its own
     compression = Compression(canonical, 26, "test")
-    layer = EngramLayer(DIM, cfg, 2, compression, EOT, plan_table_sizes(cfg)[2])
+    layer = EngramLayer(DIM, cfg, 2, VOCAB, plan_table_sizes(cfg)[2])
+    layer.install_compression(compression, EOT)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.ndim == 2 else 1.0))
@@ -184,7 +188,7 @@ def test_counts_and_flops():
 
 def test_fresh_layer_starts_as_the_gated_value_alone():
     cfg = EngramConfig(layers=[0], heads=2, embed_dim=8, table_size=13)
-    layer = EngramLayer(DIM, cfg, 0, Compression(torch.arange(VOCAB), VOCAB, "x"), EOT, plan_table_sizes(cfg)[0])
+    layer = EngramLayer(DIM, cfg, 0, VOCAB, plan_table_sizes(cfg)[0])
     assert not layer.conv_weight.any()
     idx, h = _tokens(2, 10), torch.randn(2, 10, DIM)
     e = layer.lookup(layer.rows(idx))
@@ -276,7 +280,7 @@ def test_mapping_saves_loads_and_refuses_another_tokenizer(tmp_path):
 
 def test_usage_tracker_counts_every_read_and_the_mean_gate():
     layer = _layer()
-    tracker = EngramUsage.of(layer)
+    tracker = TableUsage.of(layer)
     gates = []
     layer.observer = lambda rows, gate: (tracker(rows, gate), gates.append(gate))
     idx, h = _tokens(2, 16), torch.randn(2, 16, DIM)
@@ -295,8 +299,6 @@ def test_usage_tracker_counts_every_read_and_the_mean_gate():
 
 
 def test_collision_rates_match_a_dictionary_count():
-    from pkmlm.metrics.engram_usage import collision_rates
-
     layer = _layer(table_size=5)  # tiny tables: many collisions, but not all
     idx = _tokens(2, 24)
     stats = collision_rates(layer, idx)
@@ -333,7 +335,8 @@ def _trigram_loss(break_hash: bool) -> float:
         seq[:, t] = rule[seq[:, t - 3], seq[:, t - 2], seq[:, t - 1]]
     idx, targets = seq[:, 2:-1], seq[:, 3:]
     cfg = EngramConfig(layers=[0], heads=2, embed_dim=32, table_size=2048)
-    layer = EngramLayer(dim, cfg, 0, Compression(torch.arange(V), V, "x"), -1, plan_table_sizes(cfg)[0])
+    layer = EngramLayer(dim, cfg, 0, V, plan_table_sizes(cfg)[0])
+    layer.eot_id.fill_(-1)  # no end-of-text token in this language
     if break_hash:
         layer.multipliers.zero_()  # every n-gram reads the same rows
     emb, head = torch.nn.Embedding(V, dim), torch.nn.Linear(dim, V)
@@ -415,8 +418,6 @@ def test_decoding_in_steps_with_padding_equals_the_full_forward_of_each_row():
 
 
 def test_most_read_rows_lists_the_ngrams_that_read_them():
-    from pkmlm.metrics.engram_usage import most_read_rows
-
     layer = _layer(table_size=5)
     idx = _tokens(2, 24)
     top = most_read_rows(layer, idx, top=6)
@@ -433,3 +434,86 @@ def test_most_read_rows_lists_the_ngrams_that_read_them():
             for k in range(1, len(grams)):
                 mix ^= grams[k] * mult[k]
             assert mix % sizes[col] + sum(sizes[:col]) == t["row"]
+
+
+# --- in a model: pkmlm-inspect's section ------------------------------------------------------------
+
+
+def test_inspect_lists_usage_collisions_and_the_most_read_rows_with_their_decoded_ngrams(tok, tmp_path):
+    from pkmlm.analysis.report import write_report
+    from pkmlm.analysis.side import inspect_side_layers
+    from pkmlm.data.tokenizer import eos_id
+    from pkmlm.model import MemoryConfig, ModelConfig, Transformer
+
+    V = tok.get_vocab_size()
+    memory = MemoryConfig(engram_layers=[1], engram_heads=2, engram_embed_dim=16, engram_table_size=29)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, n_layers=2, dim=16, n_heads=2, max_seq_len=32, memory=memory))
+    engram = model.side_layers()["blocks.1.engram"]
+    engram.adapt_to_tokenizer(tok, eos_id(tok), str(tmp_path), write=True)
+    assert (tmp_path / "engram_compression.json").is_file() and int(engram.eot_id) == eos_id(tok)
+    ids = tok.encode(" the cat sat on the mat. The Cat sat on the mat." * 8).ids[:64]
+    batches = [torch.tensor(ids[:33])[None], torch.tensor(ids[31:64])[None]]
+    side = inspect_side_layers(model, batches, "cpu", tok, top=3)
+    entry = side["memory/layer1/engram"]
+    assert entry["stats"]["usage"] > 0 and 0 < entry["stats"]["gate_mean"] < 1
+    lines = entry["lines"]
+    assert lines[0].startswith("order 2: ") and lines[1].startswith("order 3: ") and len(lines) == 5
+    assert all(" reads: " in line for line in lines[2:])
+    pieces = set(re.findall(r"'[^']*'", "".join(lines[2:])))  # the n-grams, decoded token by token
+    assert pieces and pieces <= {repr(tok.decode([i])) for i in ids}
+    report = write_report(
+        tmp_path / "report", source={}, counts={}, contexts={}, n_most={}, history=[], batches=batches,
+        tokenizer=tok, window=4, side=side,
+    )  # fmt: skip
+    text = report.read_text()
+    assert "## memory/layer1/engram" in text and lines[2] in text and "| layer | slots |" not in text
+
+
+def test_registered_options_are_checked_at_the_config_boundary_and_name_the_run():
+    from pkmlm.experiments.report import variant_name
+    from pkmlm.model import MemoryConfig, ModelConfig, variants
+
+    on = {"engram_layers": [1], "engram_heads": 2, "engram_embed_dim": 16}
+    ModelConfig(n_layers=2, memory=MemoryConfig(**on, kind="engram")).validate()
+    refusals = {
+        r"model\.memory\.engram_layers=\[2\] is invalid: each index must be in \[0, 1\]": {"engram_layers": [2]},
+        r"model\.memory\.engram_embed_dim=15 is invalid": {"engram_embed_dim": 15},
+        r"model\.memory\.shard_values=True is invalid: false with Engram layers": {"shard_values": True},
+    }
+    for message, change in refusals.items():
+        with pytest.raises(ConfigError, match=message) as info:
+            ModelConfig(n_layers=2, memory=MemoryConfig(**{**on, **change})).validate()
+        assert "\n" not in str(info.value)
+    assert (
+        variants.kind_of({"layers": [], **on}) == "engram"
+        and variant_name({"layers": [], **on}) == "Engram (engram L1)"
+    )
+    both = {"layers": [0], "values_kind": "peer", **on}
+    assert variant_name(both) == "PEER + Engram (replace, engram L1)"
+    assert variant_name({"layers": [], "engram_heads": 2}) == "dense"  # options without layers: off
+
+
+@pytest.mark.parametrize("percent", [0, 25, 50, 75, 100])
+def test_each_allocation_arm_splits_the_same_table_budget(percent):
+    """experiment=sweep/engram_allocation: every arm composes and validates, its table parameters
+    (product-key values + Engram tables) are memory=tiny's 4.19M to 2%, `percent` of them Engram."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from pkmlm.config import config_dir, register_configs, validate
+    from pkmlm.model import Transformer
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[f"+experiment/engram_alloc=p{percent}"])
+    cfg = OmegaConf.to_object(composed)
+    validate(cfg)
+    with torch.device("meta"):
+        counts = Transformer(dataclasses.replace(cfg.model, vocab_size=8192)).count_parameters()
+    assert counts["memory_values"] == pytest.approx(128**2 * 256, rel=0.02)
+    assert counts["side_tables"] / counts["memory_values"] == pytest.approx(percent / 100, abs=0.02)
