@@ -338,10 +338,6 @@ class ProductKeyMemory(nn.Module):
         self.kernel_cuda, self.kernel_other = kernels.resolve_kernels(kernel)
         # Sparse COO gradients for the value tables (set by the optimizer for optim.sparse_values).
         self.sparse_grad = False
-        # The top-k's path on CPU tensors (`cpp` or `torch`), resolved once here: `auto` builds or
-        # loads the C++ kernel now, never inside a (traced) forward.
-        self.topk_impl = topk_impl
-        self.topk_cpu = kernels.resolve_topk(topk_impl)
 
         # Section 3.1, query network: a linear map to H queries of Q dims (XLM's QueryMLP with
         # mem_query_layer_sizes "0,0": one layer, with bias), then the query norm.
@@ -377,14 +373,21 @@ class ProductKeyMemory(nn.Module):
             variant.build_output(self)  # e.g. Memory+'s gate_proj and out_proj (section 3.3)
         # The variants whose forward hooks this layer calls (their options are on here).
         self.variants = tuple(variant for variant in variants.registered() if variant.active(self))
-        # The only (a, b) rank pairs of the two per-half top-K lists that can reach the top-K
-        # (see `_product_topk`): derived from K, so not saved in checkpoints.
-        pair_a_C, pair_b_C = eligible_rank_pairs(knn)
-        self.register_buffer("pair_a", pair_a_C, persistent=False)
-        self.register_buffer("pair_b", pair_b_C, persistent=False)
+        self._init_top_k(topk_impl)
 
         self.observer: Optional[Callable[[Tensor, Tensor], None]] = None
         self.reset_parameters()
+
+    def _init_top_k(self, topk_impl: str) -> None:
+        """The product-key top-k's state (section 3.2, `_product_topk`): its path on CPU tensors
+        (`cpp` or `torch`), resolved once here (`auto` builds or loads the C++ kernel now, never
+        inside a traced forward), and the only (a, b) rank pairs of the two per-half top-K lists
+        that can reach the top-K: derived from K, so not saved in checkpoints."""
+        self.topk_impl = topk_impl
+        self.topk_cpu = kernels.resolve_topk(topk_impl)
+        pair_a_C, pair_b_C = eligible_rank_pairs(self.knn)
+        self.register_buffer("pair_a", pair_a_C, persistent=False)
+        self.register_buffer("pair_b", pair_b_C, persistent=False)
 
     @classmethod
     def from_config(cls, dim: int, cfg: MemoryConfig, owns_values: bool = True) -> "ProductKeyMemory":

@@ -450,6 +450,19 @@ def run_meta(
     }
 
 
+def check_memory_paths(cfg: Config, device: torch.device, info: DistInfo) -> None:
+    """The memory's read kernel on this device (e.g. kernel=triton in a CPU run: refused now, not at
+    the first step) and, on CPU, its top-k (`topk_impl=auto`: the C++ kernel, built here on first
+    use); where that kernel cannot be built, one line says why torch.topk runs instead."""
+    if not cfg.model.memory.layers:
+        return
+    resolve_kernel(cfg.model.memory.kernel, device)
+    if device.type == "cpu" and resolve_topk(cfg.model.memory.topk_impl) == "torch" and info.is_main:
+        reason = cpu_topk.unavailable_reason()
+        if reason is not None:
+            print(f"pkmlm | model.memory.topk_impl=auto: torch.topk (the C++ CPU top-k: {reason})", file=sys.stderr)
+
+
 def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo) -> Trainer:
     device = rank_device(pick_device(cfg.train.device), info)  # several processes: cuda:LOCAL_RANK each
     check_parallel_config(
@@ -460,13 +473,7 @@ def setup(cfg: Config, run_dir: Path, resolved: dict, files: Any, info: DistInfo
         down=variants.down_table(cfg.model.memory, cfg.model.dim),
     )
     check_batch_split(cfg.train.batch_size, cfg.train.micro_batch_size, info)
-    if cfg.model.memory.layers:  # e.g. kernel=triton in a CPU run: refused now, not at the first step
-        resolve_kernel(cfg.model.memory.kernel, device)
-        # topk_impl=auto on CPU: the C++ top-k, built here on first use; where it cannot be, one line why.
-        if device.type == "cpu" and resolve_topk(cfg.model.memory.topk_impl) == "torch" and info.is_main:
-            reason = cpu_topk.unavailable_reason()
-            if reason is not None:
-                print(f"pkmlm | model.memory.topk_impl=auto: torch.topk (the C++ CPU top-k: {reason})", file=sys.stderr)
+    check_memory_paths(cfg, device, info)
     run_on_main(lambda: check_output_dirs(run_dir), info)  # before any step: where checkpoints go
     resumed, meta = resume_point(cfg, run_dir, resolved, info)
     source, source_meta = init_source(cfg, meta, info)  # init_from: the checkpoint whose weights a fresh run takes
