@@ -4,6 +4,7 @@ and the proof that a sparse_memory step moves only the selected value rows (SGD 
 Shape legend: B sequences, T positions, S slots.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -117,16 +118,19 @@ def test_model_config_diff_names_the_differing_keys():
     )
     assert model_config_diff(a, a) == []
     assert model_config_diff(a, b) == ["dim", "memory.n_keys"]  # kernel and dropout may differ
-    import dataclasses
 
     saved = dataclasses.asdict(b)  # a checkpoint's model_config, as a dict
     saved["memory"]["layers"] = [0, 1]
     del saved["norm_eps"]
-    assert model_config_diff(a, saved) == ["dim", "memory.layers", "memory.n_keys", "norm_eps"]
+    # A key absent from a saved config counts at the schema's default (a key added after that run was
+    # saved, e.g. a new variant's option): equal to a's default norm_eps, different from another one.
+    assert model_config_diff(a, saved) == ["dim", "memory.layers", "memory.n_keys"]
+    a_eps = dataclasses.replace(a, norm_eps=1e-6)
+    assert model_config_diff(a_eps, saved) == ["dim", "memory.layers", "memory.n_keys", "norm_eps"]
     assert init_from_mismatch("runs/x", a, dataclasses.asdict(a)) is None
-    error = init_from_mismatch("runs/x", a, saved)
+    error = init_from_mismatch("runs/x", a_eps, saved)
     assert isinstance(error, ConfigError) and "\n" not in str(error)
-    assert "model.dim (256 here, 128 there)" in str(error) and "model.norm_eps (1e-05 here, absent there)" in str(error)
+    assert "model.dim (256 here, 128 there)" in str(error) and "model.norm_eps (1e-06 here, absent there)" in str(error)
     assert str(error).startswith("config error: init_from='runs/x'")
 
 
