@@ -14,12 +14,13 @@ medians), on the CPU in fp32:
    - the default run's memory layer (configs/memory/tiny.yaml at d=256, one batch of 16 x 128
      tokens) forward+backward against the FFN d -> 4d -> d it replaces; target <= 1.0x, 1 and 2
      threads;
-   each memory contender twice, with the layer's top-k (`model.memory.topk_impl=auto`: the C++
-   kernel where it builds) and with torch.topk (`topk_impl=torch`, the retrieval before it);
+   each memory contender three times, with the layer's top-k (`model.memory.topk_impl=auto`: the C++
+   kernel where it builds), with torch.topk (`topk_impl=torch`, the retrieval before it), and with
+   the layer's top-k and the fused C++ read backward (`model.memory.read_impl=cpp`, opt-in);
 2. the knowledge memory step, part by part (1 thread): query network, sub-key scores, top-k (both
    halves' and the candidates', on the layer's path, `model.memory.topk_impl`, and with torch.topk),
-   value read (forward), the layer's backward (its forward+backward
-   minus its forward), and the optimizer step of the memory model minus the dense model's; next to
+   value read (forward), the layer's backward (its forward+backward minus its forward; and with
+   `read_impl=cpp`), and the optimizer step of the memory model minus the dense model's; next to
    the FFN's forward, backward and the dense model's optimizer step.
 """
 
@@ -103,27 +104,33 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.set_num_threads(1)
     dense, mem = Step(MemoryConfig(layers=[])), Step(KNOWLEDGE_MEMORY)
     mem_torch = Step(dataclasses.replace(KNOWLEDGE_MEMORY, topk_impl="torch"))
+    mem_read = Step(dataclasses.replace(KNOWLEDGE_MEMORY, read_impl="cpp"))  # the fused read backward
     impl = mem.model.memory_layers()[1].topk_cpu
-    dense_ms, mem_ms, mem_torch_ms = interleaved_ms([dense.step, mem.step, mem_torch.step], CPU, warm, reps)
+    contenders = [dense.step, mem.step, mem_torch.step, mem_read.step]
+    dense_ms, mem_ms, mem_torch_ms, mem_read_ms = interleaved_ms(contenders, CPU, warm, reps)
     name = "knowledge step (fwd, bwd, clip, AdamW), 128^2 memory vs dense"
     rows = [[f"{name}, topk_impl={impl}", 1, mem_ms, dense_ms, 1.15]]
     rows.append([f"{name}, topk_impl=torch", 1, mem_torch_ms, dense_ms, 1.15])
+    rows.append([f"{name}, topk_impl={impl}, read_impl=cpp", 1, mem_read_ms, dense_ms, 1.15])
 
     # 1b. the default run's layer vs its FFN, 1 and 2 threads (and the layer with torch.topk)
     torch.manual_seed(0)
     pkm = ProductKeyMemory(kernel="torch", **DEFAULT_LAYER)
     torch.manual_seed(0)
     pkm_torch = ProductKeyMemory(kernel="torch", topk_impl="torch", **DEFAULT_LAYER)
+    torch.manual_seed(0)
+    pkm_read = ProductKeyMemory(kernel="torch", read_impl="cpp", **DEFAULT_LAYER)
     ffn = FFN(DEFAULT_LAYER["dim"])
     x = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"], requires_grad=True)
     g = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"])
     name = f"default run's memory layer fwd+bwd vs FFN (d=256, {DEFAULT_TOKENS} tokens)"
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        contenders = [lambda: layer_step(ffn, x, g), lambda: layer_step(pkm, x, g), lambda: layer_step(pkm_torch, x, g)]
-        ffn_ms, pkm_ms, pkm_torch_ms = interleaved_ms(contenders, CPU, warm, reps)
+        contenders = [lambda m=m: layer_step(m, x, g) for m in (ffn, pkm, pkm_torch, pkm_read)]
+        ffn_ms, pkm_ms, pkm_torch_ms, pkm_read_ms = interleaved_ms(contenders, CPU, warm, reps)
         rows.append([f"{name}, topk_impl={pkm.topk_cpu}", threads, pkm_ms, ffn_ms, 1.0])
         rows.append([f"{name}, topk_impl=torch", threads, pkm_torch_ms, ffn_ms, 1.0])
+        rows.append([f"{name}, topk_impl={pkm.topk_cpu}, read_impl=cpp", threads, pkm_read_ms, ffn_ms, 1.0])
     table = [
         [name, t, m, d, m / d, f"<= {target:.2f}x", "met" if m / d <= target else "not met"]
         for name, t, m, d, target in rows
@@ -158,6 +165,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         return run
 
     default_topk = layer.topk_cpu
+
+    def fused_read_step():  # the layer's forward+backward with the fused C++ read (`read_impl=cpp`)
+        layer.read_impl = "cpp"
+        try:
+            layer_step(layer, xk, gk)
+        finally:
+            layer.read_impl = "torch"
+
     retrieval = {
         "query": lambda: layer._project_query(xk),
         "scores": lambda: torch.einsum("nhcp,hcsp->nhcs", q, keys),
@@ -168,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     training = {
         "layer fwd": lambda: layer_forward(layer, xk),
         "layer fwd+bwd": lambda: layer_step(layer, xk, gk),
+        "layer fwd+bwd read cpp": fused_read_step,
         "ffn fwd": lambda: layer_forward(ffn_k, xk),
         "ffn fwd+bwd": lambda: layer_step(ffn_k, xk, gk),
         "opt mem": mem.optimizer_step,
@@ -183,6 +199,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         ["  the same with torch.topk (topk_impl=torch)", timed["topk torch"]],
         ["value read", timed["read"]],
         ["backward (layer fwd+bwd - fwd)", timed["layer fwd+bwd"] - timed["layer fwd"]],
+        ["  the same with the fused C++ read (read_impl=cpp)", timed["layer fwd+bwd read cpp"] - timed["layer fwd"]],
         ["optimizer (memory model - dense model)", timed["opt mem"] - timed["opt dense"]],
         ["= memory layer fwd+bwd", timed["layer fwd+bwd"]],
         ["FFN it replaces: fwd", timed["ffn fwd"]],

@@ -122,6 +122,7 @@ MAY_DIFFER = frozenset(
         "memory.kernel",
         "memory.retrieval_precision",
         "memory.topk_impl",
+        "memory.read_impl",
         "memory.shard_values",
         "memory.balance_loss",
         # Only names the variant the options describe (checked against them); absent from runs

@@ -101,6 +101,10 @@ class LayerFields:
     # cpp (refused where it cannot be built). Bit for bit the same slots, outputs and gradients
     # either way (pkmlm/model/kernels/cpu_topk.cpp); CUDA always takes torch.topk.
     topk_impl: str = "auto"
+    # The value read's backward on CPU: torch (embedding_bag's; the default, the golden run's bits) |
+    # cpp (one fused C++ pass for the table's and the weights' gradients, pkmlm/model/kernels/
+    # cpu_read.cpp: faster, equal to rounding, not bit for bit; refused where it cannot be built).
+    read_impl: str = "torch"
     # One set of value tables read by every memory layer, owned by the Transformer (Memory+'s
     # shared pool, UltraMem's shared values: more layers query the same n_keys**2 slots; each layer
     # keeps its own query network, keys and gate).
@@ -156,6 +160,7 @@ _LAYER_ARGS = (
     "values_dtype",
     "retrieval_precision",
     "topk_impl",
+    "read_impl",
 )
 
 
@@ -181,6 +186,7 @@ def check_memory_args(
     values_dtype: str = "float32",
     retrieval_precision: str = "fp32",
     topk_impl: str = "auto",
+    read_impl: str = "torch",
 ) -> None:
     """The 2019 layer's argument checks (called by `MemoryConfig.validate`, the config boundary,
     before each variant's `check`; `ProductKeyMemory` trusts its arguments)."""
@@ -220,6 +226,7 @@ def check_memory_args(
         f"one of {'|'.join(RETRIEVAL_PRECISIONS)}",
     )
     kernels.check_topk_impl(topk_impl, f"{prefix}.topk_impl")  # also refuses cpp where it cannot be built
+    kernels.check_read_impl(read_impl, f"{prefix}.read_impl")  # the same
 
 
 def eligible_rank_pairs(knn: int) -> Tuple[Tensor, Tensor]:
@@ -316,6 +323,7 @@ class ProductKeyMemory(nn.Module):
         values_dtype: str = "float32",
         retrieval_precision: str = "fp32",
         topk_impl: str = "auto",
+        read_impl: str = "torch",
         owns_values: bool = True,
         **options,
     ):
@@ -374,6 +382,10 @@ class ProductKeyMemory(nn.Module):
         # The variants whose forward hooks this layer calls (their options are on here).
         self.variants = tuple(variant for variant in variants.registered() if variant.active(self))
         self._init_top_k(topk_impl)
+        # The read's backward on CPU tables (`kernels.read`): torch | cpp, whose C++ library is built
+        # or loaded here (as the top-k's), never inside a traced forward.
+        kernels.check_read_impl(read_impl)
+        self.read_impl = read_impl
 
         self.observer: Optional[Callable[[Tensor, Tensor], None]] = None
         self.reset_parameters()
@@ -555,7 +567,7 @@ class ProductKeyMemory(nn.Module):
         weight = values.weight
         # A table that reads itself (`ShardedValues`: its columns live on several ranks) takes the
         # same call; a plain table is read by the kernel.
-        read = getattr(values, "read", None) or functools.partial(kernels.read, weight)
+        read = getattr(values, "read", None) or functools.partial(kernels.read, weight, read_impl=self.read_impl)
         return read(indices_NR, weights_NR, kernel=self._kernel(weight), sparse_grad=self.sparse_grad)
 
     def forward(self, x: Tensor, tables: Optional[ValueTables] = None, *, return_aux: bool = False):

@@ -16,6 +16,10 @@ the retrieval's two searches (both halves' top-k, then the top-k of the candidat
 CPU kernel of `cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto`
 takes it where it builds), by torch otherwise: the same values, indices and gradients, bit for bit.
 
+`read(..., read_impl="cpp")` (`model.memory.read_impl`, opt-in) takes the fused CPU read of
+`cpu_read.py` for CPU tables on the torch path: `embedding_bag`'s output, a one-pass C++ backward
+(gradients equal to rounding, not bit for bit: hence not the default).
+
 `model.memory.kernel=auto` takes triton on CUDA when triton is installed, torch otherwise. The triton
 kernels also run on CPU tensors under `TRITON_INTERPRET=1` (how the tests check them without a GPU).
 Everything here imports with torch alone (neither triton nor torch._dynamo); triton is imported
@@ -32,13 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pkmlm.errors import ConfigError
-from pkmlm.model.kernels import cpu_topk, ops  # ops registers torch.ops.pkmlm.memory_read (torch only)
+from pkmlm.model.kernels import cpu_read, cpu_topk, ops  # ops registers torch.ops.pkmlm.memory_read (torch only)
 from pkmlm.model.kernels.reference import read_torch
 
 KERNELS = ("auto", "torch", "triton")
 # The top-k of the memory's retrieval on CPU tensors: auto (the C++ kernel where it builds, else
 # torch.topk) | torch | cpp (refused where it cannot be built). CUDA tensors always take torch.topk.
 TOPK_IMPLS = ("auto", "torch", "cpp")
+# The read's backward on CPU tables: torch (embedding_bag's, the default: the golden run's bits) |
+# cpp (the fused C++ backward of cpu_read.py; refused where it cannot be built).
+READ_IMPLS = ("torch", "cpp")
 
 
 # Both answers are cached in plain globals, found once when a memory layer is built (by
@@ -130,6 +137,16 @@ def resolve_topk(impl: str, key: str = "model.memory.topk_impl") -> str:
     return "cpp" if cpu_topk.load() else "torch"
 
 
+def check_read_impl(impl: str, key: str = "model.memory.read_impl") -> None:
+    """Raise `ConfigError` for an unknown `impl`, or `cpp` where the C++ library cannot be built."""
+    if impl not in READ_IMPLS:
+        raise ConfigError(key, impl, f"one of {'|'.join(READ_IMPLS)}")
+    if impl == "cpp" and not cpu_read.load():
+        raise ConfigError(
+            key, impl, f"the C++ CPU read could not be built ({cpu_topk.unavailable_reason()}); use torch"
+        )
+
+
 def topk(x: Tensor, k: int, impl: str) -> Tuple[Tensor, Tensor]:
     """`torch.topk(x, k, dim=-1)` (largest, sorted): by the C++ kernel for a CPU tensor of its dtypes
     when `impl` is the resolved `cpp`, by torch otherwise (CUDA, other dtypes, k out of range)."""
@@ -166,11 +183,19 @@ def product_topk(
 
 
 def read(
-    values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor, *, kernel: str, sparse_grad: bool = False
+    values_MV: Tensor,
+    indices_NR: Tensor,
+    weights_NR: Tensor,
+    *,
+    kernel: str,
+    sparse_grad: bool = False,
+    read_impl: str = "torch",
 ) -> Tensor:
     """`(N, V)` in the values' dtype: the weighted read by the resolved `kernel` (`torch|triton`).
 
-    `sparse_grad=True` gives the table a sparse COO gradient (for `optim.sparse_values`).
+    `sparse_grad=True` gives the table a sparse COO gradient (for `optim.sparse_values`; the torch
+    backward then, whatever `read_impl`). `read_impl="cpp"` (checked by `check_read_impl`): the fused
+    C++ backward for a CPU table of `cpu_read.DTYPES` on the torch path.
     """
     if kernel not in ("torch", "triton"):
         raise ValueError(f"read(): kernel must be resolved to torch or triton, got {kernel!r}")
@@ -181,6 +206,8 @@ def read(
             return torch.compiler.disable(_read_sparse_grad)(values_MV, indices_NR, weights_NR, kernel)
         return _read_sparse_grad(values_MV, indices_NR, weights_NR, kernel)
     if kernel == "torch":
+        if read_impl == "cpp" and values_MV.device.type == "cpu" and values_MV.dtype in cpu_read.DTYPES:
+            return cpu_read.read(values_MV, indices_NR, weights_NR)
         return read_torch(values_MV, indices_NR, weights_NR)
     # fp32 weights: their gradient accumulates in fp32 whatever the table's dtype
     return ops.memory_read(values_MV, indices_NR, weights_NR.float())
@@ -209,6 +236,8 @@ def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor,
 __all__ = [
     "KERNELS",
     "TOPK_IMPLS",
+    "READ_IMPLS",
+    "check_read_impl",
     "check_topk_impl",
     "resolve_topk",
     "topk",

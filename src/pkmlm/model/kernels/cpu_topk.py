@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_topk.cpp")
+# Built into the same library: the fused read backward of `model.memory.read_impl=cpp` (cpu_read.py).
+SOURCES = (SOURCE, Path(__file__).with_name("cpu_read.cpp"))
 NAME = "pkmlm_cpu_topk"
 FLAGS = ("-O3",)
 # The dtypes the kernel dispatches on (AT_DISPATCH_FLOATING_TYPES_AND2(BFloat16, Half)).
@@ -62,13 +64,14 @@ def unavailable_reason() -> Optional[str]:
 
 def build_dir() -> Path:
     """Where the kernel is built: `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/pkmlm/
-    <name>, the name keyed by a hash of the source, the flags, torch and python, so that a change of
+    <name>, the name keyed by a hash of the sources, the flags, torch and python, so that a change of
     any of them builds afresh beside the old build, and a build is never loaded by another torch."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"
     )
     key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
+        b"".join(source.read_bytes() for source in SOURCES)
+        + repr((FLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
     ).hexdigest()[:16]
     return Path(root) / "pkmlm" / f"{NAME}_{key}"
 
@@ -94,7 +97,7 @@ def _build() -> None:
     try:
         cpp_extension.load(
             name=directory.name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=list(FLAGS),
             build_directory=str(directory),
             is_python_module=False,
