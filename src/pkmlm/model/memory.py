@@ -382,10 +382,7 @@ class ProductKeyMemory(nn.Module):
         # The variants whose forward hooks this layer calls (their options are on here).
         self.variants = tuple(variant for variant in variants.registered() if variant.active(self))
         self._init_top_k(topk_impl)
-        # The read's backward on CPU tables (`kernels.read`): torch | cpp, whose C++ library is built
-        # or loaded here (as the top-k's), never inside a traced forward.
-        kernels.check_read_impl(read_impl)
-        self.read_impl = read_impl
+        self._init_read(read_impl)
 
         self.observer: Optional[Callable[[Tensor, Tensor], None]] = None
         self.reset_parameters()
@@ -400,6 +397,12 @@ class ProductKeyMemory(nn.Module):
         pair_a_C, pair_b_C = eligible_rank_pairs(self.knn)
         self.register_buffer("pair_a", pair_a_C, persistent=False)
         self.register_buffer("pair_b", pair_b_C, persistent=False)
+
+    def _init_read(self, read_impl: str) -> None:
+        """The read's backward on CPU tables (`kernels.read`): torch | cpp, whose C++ library is built
+        or loaded here (as the top-k's), never inside a traced forward."""
+        kernels.check_read_impl(read_impl)
+        self.read_impl = read_impl
 
     @classmethod
     def from_config(cls, dim: int, cfg: MemoryConfig, owns_values: bool = True) -> "ProductKeyMemory":
