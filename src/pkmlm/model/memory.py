@@ -102,8 +102,8 @@ class LayerFields:
     # either way (pkmlm/model/kernels/cpu_topk.cpp); CUDA always takes torch.topk.
     topk_impl: str = "auto"
     # The value read's backward on CPU: torch (embedding_bag's; the default, the golden run's bits) |
-    # cpp (one fused C++ pass for the table's and the weights' gradients, pkmlm/model/kernels/
-    # cpu_read.cpp: faster, equal to rounding, not bit for bit; refused where it cannot be built).
+    # cpp (one fused C++ pass for the table's and the weights' gradients, kernels/cpu_read.cpp:
+    # faster, equal to rounding, not bit for bit; refused where it cannot be built).
     read_impl: str = "torch"
     # One set of value tables read by every memory layer, owned by the Transformer (Memory+'s
     # shared pool, UltraMem's shared values: more layers query the same n_keys**2 slots; each layer
