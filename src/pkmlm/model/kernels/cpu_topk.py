@@ -116,6 +116,10 @@ def _register_python_parts() -> None:
         shape = (*x.shape[:-1], k)
         return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
 
+    @torch.library.register_fake("pkmlm_cpu::read_backward")  # cpu_read.cpp, in the same library
+    def _fake_read_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor):
+        return values.new_empty(values.shape), weights.new_empty(weights.shape)
+
     @torch.library.register_fake("pkmlm_cpu::product_topk")
     def _fake_product_topk(s: Tensor, pair_a: Tensor, pair_b: Tensor, k: int):
         top, pair = (*s.shape[:-1], k), (*s.shape[:-2], k)
