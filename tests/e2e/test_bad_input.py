@@ -160,6 +160,13 @@ def test_config_values_refused_before_anything_is_written(tmp_path, capsys, monk
         assert "GB" in line and "model.memory.n_keys" in line  # the estimate and the device's capacity
 
 
+def test_sparse_values_on_several_processes_is_refused(tmp_path, capsys, monkeypatch):
+    # Was: DDP failed at the first step ("Cannot access storage of SparseTensorImpl").
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    line = train_refused(capsys, monkeypatch, tmp_path, "optim.sparse_values", "optim.sparse_values=true")
+    assert "2 processes" in line
+
+
 def test_paths_under_a_file_are_refused(tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "file"
     a_file.write_text("not a directory")

@@ -17,7 +17,7 @@ from pkmlm.config import Config, check_fits_device, validate
 from pkmlm.data.loader import resolve_data
 from pkmlm.data.mixing import DataPlan
 from pkmlm.data.tokenizer import check_special_tokens, load_tokenizer
-from pkmlm.errors import checked_once
+from pkmlm.errors import checked_once, require
 from pkmlm.train.rundir import check_input_paths
 from pkmlm.train.setup import pick_device
 
@@ -36,5 +36,15 @@ def check_run(cfg: Config) -> DataPlan:
     device = pick_device(cfg.train.device)
     if device.type == "cuda" and device.index is None:  # torchrun: this process's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    check_fits_device(cfg, device, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    # DDP's gradient buckets cannot hold sparse COO gradients: with several processes the first step
+    # failed inside DDP ("Cannot access storage of SparseTensorImpl"), for any memory model.
+    require(
+        not (cfg.optim.sparse_values and world_size > 1),
+        "optim.sparse_values",
+        cfg.optim.sparse_values,
+        f"false when training on {world_size} processes (WORLD_SIZE={world_size}): DDP cannot reduce sparse "
+        "gradients; train on one process or with dense value gradients",
+    )
+    check_fits_device(cfg, device, world_size=world_size)
     return plan
