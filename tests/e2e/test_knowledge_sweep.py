@@ -129,3 +129,17 @@ def test_reference_step_times_are_measured_once_and_a_broken_file_is_refused(tmp
     with pytest.raises(SystemExit, match="not a step-times file: move it aside"):
         step_time.measure_step_times(tmp_path, configs, threads=1, repeats=2)
     assert (tmp_path / "step_times.json").read_text() == "{not json"  # left as it was
+
+
+def test_every_sparse_arm_meets_the_dense_arms_of_its_own_corpus_at_equal_time():
+    def row(arm, step, ref):
+        return {"arm": arm, "people": 400, "seed": 0, "step": step, "steps_equal": 40, "ref_time_s": ref}
+
+    rows = [row("engram", 40, 60.0), row("mix_mem128", 40, 80.0)]
+    for dense_arm in ("dense", "mix_dense"):
+        rows += [row(dense_arm, s, 1.0 * s) for s in (20, 40, 60, 80)]
+    labels = {label: [r["step"] for r in picked] for (_, label), picked in sweep._points(rows).items()}
+    # Engram (no "mem" in its name) is a sparse arm too; the mixture's memory meets the mixture's dense
+    assert labels["dense (equal time to engram)"] == [60]
+    assert labels["mix_dense (equal time to mix_mem128)"] == [80]
+    assert "dense (equal time to mix_mem128)" not in labels and "mix_dense (equal time to engram)" not in labels

@@ -559,6 +559,18 @@ def main(argv: list[str] | None = None) -> None:
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
 
 
+def _is_dense(arm: str) -> bool:
+    """Dense arms (`dense`, `dense_pm`, `mix_dense`): every other arm (the memory sizes, `engram`,
+    any preset by name) holds a sparse table and is compared with them at equal training time."""
+    return "dense" in arm
+
+
+def _same_data(arm: str, other: str) -> bool:
+    """Whether two arms train on the same corpus: the mixture arms (`mix_*`, biographies diluted in
+    web text) only with each other."""
+    return arm.startswith("mix_") == other.startswith("mix_")
+
+
 def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
     """Per (N, label): one row per seed. Every arm at its equal-exposure step; each dense arm also at
     the training time of each memory arm (its checkpoint nearest that time, when it ran that long)."""
@@ -569,9 +581,9 @@ def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
         for arm, r in sorted(equal.items()):
             points.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
         for mem_arm, m in sorted(equal.items()):
-            if "mem" not in mem_arm:
+            if _is_dense(mem_arm):
                 continue
-            for dense_arm in sorted({r["arm"] for r in rows if "dense" in r["arm"]}):
+            for dense_arm in sorted({r["arm"] for r in rows if _is_dense(r["arm"]) and _same_data(r["arm"], mem_arm)}):
                 pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
                 if pick is not None:
                     points.setdefault((people, f"{dense_arm} (equal time to {mem_arm})"), []).append(pick)
