@@ -143,3 +143,21 @@ def test_every_sparse_arm_meets_the_dense_arms_of_its_own_corpus_at_equal_time()
     assert labels["dense (equal time to engram)"] == [60]
     assert labels["mix_dense (equal time to mix_mem128)"] == [80]
     assert "dense (equal time to mix_mem128)" not in labels and "mix_dense (equal time to engram)" not in labels
+
+
+def test_an_arm_added_later_is_timed_against_an_arm_timed_before(tmp_path):
+    from pkmlm.knowledge import step_time
+
+    dense = sweep._compose(["experiment=knowledge/dense"])
+    step_time.measure_step_times(tmp_path, {"dense": dense}, threads=1, warmup=1, repeats=2)
+    engram = {"engram": sweep._compose(["experiment=knowledge/engram"])}
+    with pytest.raises(ValueError, match="time the new arms against 'dense'"):
+        step_time.measure_step_times(tmp_path, engram, threads=1, repeats=2)
+    data = step_time.measure_step_times(tmp_path, engram, threads=1, warmup=1, repeats=2, anchor_config=dense)
+    anchor = data["measured"][-1]["anchor"]
+    assert data["measured"][-1]["arms"] == ["engram"] and anchor["arm"] == "dense"
+    assert anchor["ms_before"] == data["step_ms"]["dense"]  # the anchor keeps its first time
+    raw = anchor[
+        "raw_ms"
+    ]  # the new arm's time is its ratio to the anchor, measured in turns, x the anchor's earlier time
+    assert data["step_ms"]["engram"] == pytest.approx(raw["engram"] / raw["dense"] * data["step_ms"]["dense"], rel=1e-3)

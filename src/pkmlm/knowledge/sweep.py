@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.config import config_dir
-from pkmlm.knowledge.step_time import load_step_times, measure_step_times, with_reference_times
+from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_times, with_reference_times
 
 CHECKPOINTS_PER_RUN = 4  # checkpoints at each quarter of the equal-exposure steps
 
@@ -399,6 +399,7 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
                     "facts": facts,
                     "command": command,
                     "overrides": [f"experiment={experiment}", *overrides, *extra],
+                    "base_overrides": overrides,
                 }
             )
     return plans
@@ -413,10 +414,18 @@ def reference_step_times(out: Path, plans: list[dict], threads: int, repeats: in
     configs = {}
     for plan in plans:
         configs.setdefault(plan["arm"], plan["overrides"])
-    missing = {arm: o for arm, o in configs.items() if arm not in load_step_times(out).get("step_ms", {})}
-    if missing:
-        print(f"measuring the reference step time of {', '.join(sorted(missing))}", file=sys.stderr, flush=True)
-    return measure_step_times(out, {arm: _compose(o) for arm, o in missing.items()}, threads, repeats=repeats)
+    known = load_step_times(out).get("step_ms", {})
+    missing = {arm: o for arm, o in configs.items() if arm not in known}
+    if not missing:
+        return load_step_times(out)
+    anchor, anchor_config = anchor_arm(known), None
+    if anchor is not None:  # a new arm on a sweep timed before: timed against one of its arms
+        experiment, extra = arm_spec(anchor, plans[0]["base_overrides"])
+        anchor_config = _compose([f"experiment={experiment}", *plans[0]["base_overrides"], *extra])
+    against = f" (in turns with {anchor}, scaled to its earlier time)" if anchor else ""
+    print(f"measuring the reference step time of {', '.join(sorted(missing))}{against}", file=sys.stderr, flush=True)
+    configs = {arm: _compose(o) for arm, o in missing.items()}
+    return measure_step_times(out, configs, threads, repeats=repeats, anchor_config=anchor_config)
 
 
 def evaluate_cached(plan: dict, templates: int) -> list[dict]:
