@@ -161,3 +161,22 @@ def test_an_arm_added_later_is_timed_against_an_arm_timed_before(tmp_path):
         "raw_ms"
     ]  # the new arm's time is its ratio to the anchor, measured in turns, x the anchor's earlier time
     assert data["step_ms"]["engram"] == pytest.approx(raw["engram"] / raw["dense"] * data["step_ms"]["dense"], rel=1e-3)
+
+
+def test_bios_share_sets_the_biographies_share_of_the_mixtures_tokens(tmp_path):
+    from pkmlm.knowledge.facts import write_corpus
+
+    write_corpus(tmp_path / "facts", 30, seed=0, templates=2)
+    bios, tokenizer = tmp_path / "facts" / "bios.jsonl", tmp_path / "tokenizer.json"
+    sweep.shared_tokenizer(bios, tokenizer, ["experiment=knowledge/dense", f"paths.cache_dir={tmp_path}/cache"])
+    overrides = [f"data.tokenizer={tokenizer}"]
+    _, per_bio = sweep.steps_for(bios, 1.0, 2, ["experiment=knowledge/dense", *overrides])
+    preset_share = sweep.bios_token_share(bios, overrides, per_bio, sample_docs=10)
+    assert preset_share < 0.1  # the presets' 4:1 documents: mostly Wikipedia by tokens
+    weight = sweep.bios_weight_for_share(0.5, overrides, per_bio, sample_docs=10)
+    mixture = sweep.mixture_overrides(bios, overrides, weight)
+    assert f"weight:{weight!r}" in mixture[1] and "weight:1.0" in mixture[1]  # only the bios weight moves
+    assert sweep.bios_token_share(bios, [*overrides, *mixture], per_bio, sample_docs=10) == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match=r"--bios-share must be in \(0, 1\)"):
+        sweep.main(["--bios-share", "1.5", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

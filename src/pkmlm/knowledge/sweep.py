@@ -313,13 +313,15 @@ def run_finished(run_dir: Path, max_steps: int) -> bool:
     return (_final_checkpoint(run_dir, max_steps) / ".metadata").is_file()
 
 
-def mixture_overrides(bios: Path, overrides: list[str]) -> list[str]:
-    """data.sources of the mix_* presets with the sweep's biographies as the bios source."""
+def mixture_overrides(bios: Path, overrides: list[str], bios_weight: float | None = None) -> list[str]:
+    """data.sources of the mix_* presets with the sweep's biographies as the bios source (its document
+    weight `bios_weight` where given: `--bios-share`)."""
     cfg = _compose(["experiment=knowledge/mix_dense", *overrides])
     parts = []
     for src in cfg.data.sources:
         files = [str(bios)] if src.name == "bios" else [str(Path(f).expanduser().resolve()) for f in src.files]
-        parts.append(f"{{name:{src.name},files:[{','.join(files)}],weight:{src.weight}}}")
+        weight = bios_weight if src.name == "bios" and bios_weight is not None else src.weight
+        parts.append(f"{{name:{src.name},files:[{','.join(files)}],weight:{weight!r}}}")
     return ["data.files=[]", f"data.sources=[{','.join(parts)}]"]
 
 
@@ -327,6 +329,21 @@ def bios_token_share(bios: Path, overrides: list[str], per_bio: float, sample_do
     """The biographies' share of the mixture's tokens: documents are drawn by weight (knowledge/mix_*),
     so share = w_bios x tokens per biography / sum over sources of w x mean tokens per document
     (the other sources' means over their first `sample_docs` documents, under the runs' tokenizer)."""
+    bios_weight, others = _mixture_token_mass(overrides, sample_docs)
+    return bios_weight * per_bio / (bios_weight * per_bio + others)
+
+
+def bios_weight_for_share(share: float, overrides: list[str], per_bio: float, sample_docs: int = 200) -> float:
+    """The bios source's document weight that makes the biographies `share` of the mixture's tokens
+    (the other sources' weights as the presets have them): solves share = w x per_bio / (w x per_bio
+    + sum over the others of w x mean tokens per document)."""
+    _, others = _mixture_token_mass(overrides, sample_docs)
+    return share * others / ((1.0 - share) * per_bio)
+
+
+def _mixture_token_mass(overrides: list[str], sample_docs: int) -> tuple[float, float]:
+    """`(the bios source's weight, sum over the other sources of weight x mean tokens per document)`,
+    the means over each source's first `sample_docs` documents under the runs' tokenizer."""
     import gzip
 
     from pkmlm.data.tokenizer import encode_documents, load_tokenizer
@@ -336,19 +353,19 @@ def bios_token_share(bios: Path, overrides: list[str], per_bio: float, sample_do
     bios_weight, total = 0.0, 0.0
     for src in cfg.data.sources:
         if src.name == "bios":
-            bios_weight, mean = src.weight, per_bio
-        else:  # the sample's jsonl(.gz) files, one {"text": ...} document a line
-            texts: list[str] = []
-            for name in src.files:
-                opener = gzip.open if str(name).endswith(".gz") else open
-                with opener(Path(name).expanduser(), "rt") as f:
-                    for line in f:
-                        if len(texts) >= sample_docs:
-                            break
-                        texts.append(json.loads(line)["text"])
-            mean = sum(len(ids) + 1 for ids in encode_documents(tokenizer, texts)) / max(len(texts), 1)
+            bios_weight = src.weight
+            continue
+        texts: list[str] = []  # the sample's jsonl(.gz) files, one {"text": ...} document a line
+        for name in src.files:
+            opener = gzip.open if str(name).endswith(".gz") else open
+            with opener(Path(name).expanduser(), "rt") as f:
+                for line in f:
+                    if len(texts) >= sample_docs:
+                        break
+                    texts.append(json.loads(line)["text"])
+        mean = sum(len(ids) + 1 for ids in encode_documents(tokenizer, texts)) / max(len(texts), 1)
         total += src.weight * mean
-    return bios_weight * per_bio / total
+    return bios_weight, total
 
 
 def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
@@ -377,8 +394,10 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
             experiment, extra = arm_spec(arm, overrides)
             arm_steps = steps
             if arm.startswith("mix_"):
-                extra = [*extra, *mixture_overrides((facts / "bios.jsonl").resolve(), overrides)]
-                share = bios_token_share(facts / "bios.jsonl", overrides, per_bio)
+                weight = None if args.bios_share is None else bios_weight_for_share(args.bios_share, overrides, per_bio)
+                mixture = mixture_overrides((facts / "bios.jsonl").resolve(), overrides, weight)
+                extra = [*extra, *mixture]
+                share = bios_token_share(facts / "bios.jsonl", [*overrides, *mixture], per_bio)
                 arm_steps = CHECKPOINTS_PER_RUN * math.ceil(steps / share / CHECKPOINTS_PER_RUN)
             run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
             # The equal-compute dense arms run longer for their equal-time point; dense_pm is slower
@@ -491,6 +510,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the --people values, double N until the dense arm saturates (or --max-people)",
     )
     p.add_argument("--max-people", type=int, default=25600, help="the largest N --until-saturated tries")
+    p.add_argument(
+        "--bios-share",
+        type=float,
+        default=None,
+        help="mix_* arms: the biographies' share of the mixture's tokens, in (0, 1) (the bios source's "
+        "document weight is set to give it); default: the presets' weights (~1/70 of the tokens)",
+    )
     p.add_argument("--max-runs", type=int, default=None, help="train at most this many runs in this sitting, then stop")
     p.add_argument(
         "--step-time-repeats",
@@ -527,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
         return
+    if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
+        raise SystemExit(f"sweep: --bios-share must be in (0, 1), got {args.bios_share}: e.g. 0.5 for half the tokens")
     if args.until_saturated and args.dense_factor < 2:
         raise SystemExit(
             "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
