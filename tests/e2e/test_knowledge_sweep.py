@@ -84,9 +84,10 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
         s for s, line in zip(trained, (mem_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in line
     ]
     assert trained == list(range(1, max_steps["mem"] + 1))
-    # Sitting 3: nothing left to train or evaluate; the results hold both runs' checkpoints.
+    # Sitting 3: nothing left to train or evaluate; the results hold both runs' checkpoints, and
+    # --results writes the README's table as a results file with the commit the runs ran at.
     mem_files = _snapshot(mem_dir)
-    sweep.main(argv)
+    sweep.main([*argv, "--results", str(tmp_path / "knowledge.json")])
     assert _snapshot(dense_dir) == dense_files and _snapshot(mem_dir) == mem_files
     assert step_times.stat().st_mtime_ns == step_times_stat  # measured once per sweep directory
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -96,6 +97,13 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     assert len(rows) == 2 * sweep.CHECKPOINTS_PER_RUN
     table = (out / "table.md").read_text()
     assert "| 4 |" in table and "dense (equal exposures)" in table and "mem (equal exposures)" in table
+    from pkmlm import results
+    from pkmlm.train.rundir import code_version
+
+    result = results.load(str(tmp_path / "knowledge.json"))
+    assert "--results" in result.command and result.commit.startswith(str(code_version()["commit"])[:7])
+    assert [row[2] for row in result.rows] == ["dense (equal exposures)", "mem (equal exposures)"]
+    assert results.render_table(result).count("\n| 4 |") == 2
 
 
 def test_equal_time_uses_the_reference_step_times_not_the_loaded_wall_clock():

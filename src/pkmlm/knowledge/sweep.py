@@ -536,6 +536,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train nothing: the table and "
         "figures of the results.jsonl of these earlier sweep directories together, into --out",
     )
+    p.add_argument(
+        "--results",
+        metavar="PATH",
+        default=None,
+        help="also write the mean table as a results file (docs/results/*.json: the README's table, with "
+        "the commits the runs were trained at); with --max-runs 0, a report of a sweep in progress",
+    )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -552,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         out.mkdir(parents=True, exist_ok=True)
         print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
+        _write_results(args, argv, results)
         return
     if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
         raise SystemExit(f"sweep: --bios-share must be in (0, 1), got {args.bios_share}: e.g. 0.5 for half the tokens")
@@ -594,6 +602,14 @@ def main(argv: list[str] | None = None) -> None:
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
+    _write_results(args, argv, results)
+
+
+def _write_results(args: argparse.Namespace, argv: list[str] | None, results: list[dict]) -> None:
+    if args.results:
+        command = "python -m pkmlm.knowledge.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_results(results, Path(args.results), command, args.threads, "mean over seeds (min-max)")
+        print(f"wrote {args.results}", file=sys.stderr)
 
 
 def _is_dense(arm: str) -> bool:
@@ -636,31 +652,106 @@ def _mean_spread(values: list[float], spec: str) -> str:
     return f"{format(mean, spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
 
 
-def mean_table(results: list[dict]) -> str:
+MEAN_COLUMNS = (
+    "N",
+    "bits available",
+    "arm",
+    "seeds",
+    "exposures",
+    "train time s (reference)",
+    "wall time s",
+    "exact match",
+    "bits stored",
+    "bits / param (total)",
+    "bits / param (active)",
+    "bits / table param",
+    "bits / param (non-embedding)",
+)
+
+
+def mean_rows(results: list[dict]) -> list[list[Any]]:
     """Per N and point (see `_points`): the number of seeds, and each metric's mean over seeds with
-    its spread (min-max) in brackets."""
-    head = (
-        "| N | bits available | arm | seeds | exposures | train time s (reference) | wall time s | exact match | "
-        "bits stored | bits / param (total) | bits / param (non-embedding) |"
-    )
-    lines = [head, "|" + "---|" * 11]
+    its spread (min-max) in brackets, in the order of `MEAN_COLUMNS`. Table params: a memory's value
+    tables and Engram's hashed tables (`recall/params/memory_values`); n/a for a dense arm."""
+    out = []
     for (people, label), rows in sorted(_points(results).items()):
         non_emb = [
             r["recall/bits"] / (r["recall/params/total"] - r["recall/params/embedding"])
             for r in rows
             if r["recall/params/total"] > r["recall/params/embedding"]
         ]
-        lines.append(
-            f"| {people} | {rows[0]['recall/bits_available']:,.0f} | {label} | {len(rows)} | "
-            f"{_mean_spread([r['exposures'] for r in rows], '.0f')} | "
-            f"{_mean_spread([r['ref_time_s'] for r in rows if r.get('ref_time_s')], '.0f')} | "
-            f"{_mean_spread([r['train_time_s'] for r in rows if r.get('train_time_s')], '.0f')} | "
-            f"{_mean_spread([r['recall/exact_match'] for r in rows], '.1%')} | "
-            f"{_mean_spread([r['recall/bits'] for r in rows], ',.0f')} | "
-            f"{_mean_spread([r['recall/bits_per_param/total'] for r in rows], '.4f')} | "
-            f"{_mean_spread(non_emb, '.4f')} |"
+        per_table = [
+            r["recall/bits_per_param/memory_values"] for r in rows if "recall/bits_per_param/memory_values" in r
+        ]
+        out.append(
+            [
+                people,
+                f"{rows[0]['recall/bits_available']:,.0f}",
+                label,
+                len(rows),
+                _mean_spread([r["exposures"] for r in rows], ".0f"),
+                _mean_spread([r["ref_time_s"] for r in rows if r.get("ref_time_s")], ".0f"),
+                _mean_spread([r["train_time_s"] for r in rows if r.get("train_time_s")], ".0f"),
+                _mean_spread([r["recall/exact_match"] for r in rows], ".1%"),
+                _mean_spread([r["recall/bits"] for r in rows], ",.0f"),
+                _mean_spread([r["recall/bits_per_param/total"] for r in rows], ".4f"),
+                _mean_spread([r["recall/bits_per_param/active"] for r in rows], ".4f"),
+                _mean_spread(per_table, ".4f"),
+                _mean_spread(non_emb, ".4f"),
+            ]
         )
+    return out
+
+
+def mean_table(results: list[dict]) -> str:
+    """`mean_rows` as a markdown table."""
+    lines = ["| " + " | ".join(MEAN_COLUMNS) + " |", "|" + "---|" * len(MEAN_COLUMNS)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in mean_rows(results)]
     return "\n".join(lines) + "\n"
+
+
+def run_commits(results: list[dict]) -> str:
+    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`;
+    `+dirty` for a tree with uncommitted changes), short, sorted, comma-separated; `unknown` for a
+    run whose checkpoints are not here (a merged sweep from another machine)."""
+    from pkmlm.checkpoint.store import list_checkpoints
+
+    commits = set()
+    for run_dir in sorted({r.get("run_dir", "") for r in results}):
+        checkpoints = list_checkpoints(Path(run_dir) / "checkpoints") if run_dir else []
+        try:
+            version = json.loads((checkpoints[-1] / "meta.json").read_text())["code_version"]
+            commits.add(version["commit"][:7] + ("+dirty" if version.get("dirty") else ""))
+        except (IndexError, OSError, ValueError, KeyError, TypeError):
+            commits.add("unknown")
+    return ", ".join(sorted(commits)) or "unknown"
+
+
+def write_results(results: list[dict], path: Path, command: str, threads: Any, note: str) -> None:
+    """`mean_rows` as a results file (`pkmlm.results`, docs/results/README.md): the README's table of
+    the sweep, with the commits the runs were trained at and the conditions of this report."""
+    import datetime
+
+    import torch
+
+    from pkmlm.results import cpu_model
+
+    data = {
+        "command": command,
+        "commit": run_commits(results),
+        "date": str(datetime.date.today()),
+        "machine": cpu_model(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load": "runs under changing load (times: reference step times, step_times.json); report at load average "
+        + "%.1f" % os.getloadavg()[0],
+        "columns": list(MEAN_COLUMNS),
+        "rows": mean_rows(results),
+        "note": note,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def mean_plot(results: list[dict], path: Path) -> None:
