@@ -269,38 +269,14 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 
 
 def summary_table(results: list[dict]) -> str:
-    """Per N and seed: dense and memory at equal exposures, dense at the memory's training time."""
-    head = (
-        "| N | bits available | arm | exposures | train time (reference) | wall time | exact match | bits stored | "
-        "bits / param (total) | bits / param (non-embedding) |"
-    )
-    lines = [head, "|" + "---|" * 10]
-    keys = sorted({(r["people"], r["seed"]) for r in results})
-    for people, seed in keys:
-        rows = [r for r in results if r["people"] == people and r["seed"] == seed]
-        target = max((r["steps_equal"] for r in rows), default=0)
-        mem = [r for r in rows if r["arm"] == "mem" and r["step"] == target]
-        dense_eq = [r for r in rows if r["arm"] == "dense" and r["step"] == target]
-        picks = [
-            ("dense (equal exposures)", dense_eq[0] if dense_eq else None),
-            ("memory (equal exposures)", mem[0] if mem else None),
-        ]
-        if mem:
-            pick = equal_time_pick(mem[0], [r for r in rows if r["arm"] == "dense"])
-            if pick is not None:
-                picks.append(("dense (equal time)", pick))
-        for label, r in picks:
-            non_emb = None
-            if r is not None:
-                n = r["recall/params/total"] - r["recall/params/embedding"]
-                non_emb = {"v": r["recall/bits"] / n} if n > 0 else None
-            lines.append(
-                f"| {people} (seed {seed}) | {_fmt(r, 'recall/bits_available', ',.0f')} | {label} | "
-                f"{_fmt(r, 'exposures', '.0f')} | {_fmt(r, 'ref_time_s', '.0f')} s | "
-                f"{_fmt(r, 'train_time_s', '.0f')} s | "
-                f"{_fmt(r, 'recall/exact_match', '.1%')} | {_fmt(r, 'recall/bits', ',.0f')} | "
-                f"{_fmt(r, 'recall/bits_per_param/total', '.4f')} | {_fmt(non_emb, 'v', '.4f')} |"
-            )
+    """Per N and seed, every point of `_points` (each arm at equal exposures, each dense arm at each
+    sparse arm's training time): `MEAN_COLUMNS` without the seed count, one seed a row."""
+    columns = ["N (seed)", *MEAN_COLUMNS[1:3], *MEAN_COLUMNS[4:]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
+        for row in mean_rows([r for r in results if r["people"] == people and r["seed"] == seed]):
+            cells = [f"{people} (seed {seed})", *row[1:3], *row[4:]]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -669,6 +645,9 @@ MEAN_COLUMNS = (
 )
 
 
+TABLE_KEY, ACTIVE_KEY = "recall/bits_per_param/memory_values", "recall/bits_per_param/active"
+
+
 def mean_rows(results: list[dict]) -> list[list[Any]]:
     """Per N and point (see `_points`): the number of seeds, and each metric's mean over seeds with
     its spread (min-max) in brackets, in the order of `MEAN_COLUMNS`. Table params: a memory's value
@@ -680,9 +659,9 @@ def mean_rows(results: list[dict]) -> list[list[Any]]:
             for r in rows
             if r["recall/params/total"] > r["recall/params/embedding"]
         ]
-        per_table = [
-            r["recall/bits_per_param/memory_values"] for r in rows if "recall/bits_per_param/memory_values" in r
-        ]
+        # absent: for a model without tables; for the rows of sweeps from before issue 21 (active)
+        per_table = [r[TABLE_KEY] for r in rows if TABLE_KEY in r]
+        per_active = [r[ACTIVE_KEY] for r in rows if ACTIVE_KEY in r]
         out.append(
             [
                 people,
@@ -695,7 +674,7 @@ def mean_rows(results: list[dict]) -> list[list[Any]]:
                 _mean_spread([r["recall/exact_match"] for r in rows], ".1%"),
                 _mean_spread([r["recall/bits"] for r in rows], ",.0f"),
                 _mean_spread([r["recall/bits_per_param/total"] for r in rows], ".4f"),
-                _mean_spread([r["recall/bits_per_param/active"] for r in rows], ".4f"),
+                _mean_spread(per_active, ".4f"),
                 _mean_spread(per_table, ".4f"),
                 _mean_spread(non_emb, ".4f"),
             ]
