@@ -36,12 +36,15 @@ TOL = 1e-5  # the issue's bound on loss differences between 2 processes and 1
 # Two memory layers reading one shared value table, LayerNorm queries (per-token, so per-rank
 # batches give the same reads as the whole batch).
 # Two memory layers sharing one table, and an Engram layer (issue 23) whose tables stay replicated
-# when the product-key table is sharded (model.memory.shard_values).
+# when the product-key table is sharded (model.memory.shard_values). Its tables start random
+# (engram_init=maxtext): from the default zero tables, W_K's gradients are exactly zero at step 1 and
+# tiny after, and Adam turns their float noise (2 processes' reduction order vs 1's) into lr-sized steps.
+ENGRAM = ("model.memory.engram_layers=[0]", "model.memory.engram_init=maxtext")
 MEMORY = (
     "model.memory.layers=[0,1]",
     "model.memory.share_values=true",
     "model.memory.query_norm=layernorm",
-    "model.memory.engram_layers=[0]",
+    *ENGRAM,
 )
 
 
@@ -146,7 +149,7 @@ def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
         "eval.interval=4",
         "checkpoint.interval=4",
         "model.memory.layers=[]",
-        "model.memory.engram_layers=[0]",
+        *ENGRAM,
     )
     _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
     ref = _by_step(tmp_path / "one", "train/loss")
