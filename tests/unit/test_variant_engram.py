@@ -533,12 +533,13 @@ def test_registered_options_are_checked_at_the_config_boundary_and_name_the_run(
     refusals = {
         r"model\.memory\.engram_layers=\[2\] is invalid: each index must be in \[0, 1\]": {"engram_layers": [2]},
         r"model\.memory\.engram_embed_dim=15 is invalid": {"engram_embed_dim": 15},
-        r"model\.memory\.shard_values=True is invalid: false with Engram layers": {"shard_values": True},
     }
     for message, change in refusals.items():
         with pytest.raises(ConfigError, match=message) as info:
             ModelConfig(n_layers=2, memory=MemoryConfig(**{**on, **change})).validate()
         assert "\n" not in str(info.value)
+    # shard_values shards the product-key tables; Engram's stay replicated (tests/e2e/test_distributed.py)
+    ModelConfig(n_layers=2, memory=MemoryConfig(**on, layers=[0], shard_values=True)).validate()
     assert (
         variants.kind_of({"layers": [], **on}) == "engram"
         and variant_name({"layers": [], **on}) == "Engram (engram L1)"

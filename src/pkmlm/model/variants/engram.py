@@ -850,14 +850,10 @@ class Engram(MemoryVariant):
     def check(cls, memory: Any, prefix: str) -> None:
         if not option(memory, "engram_layers"):
             return
+        # model.memory.shard_values shards the product-key tables only; Engram's are replicated like
+        # any parameter (DDP averages their gradients): tests/e2e/test_distributed.py trains both on
+        # 2 processes, resumes on 1 and 2, and compares with 1 process.
         engram_config(memory).validate(prefix=f"{prefix}.{PREFIX}")
-        require(
-            not option(memory, "shard_values"),
-            f"{prefix}.shard_values",
-            option(memory, "shard_values"),
-            "false with Engram layers (model.memory.engram_layers): their tables are read by a plain "
-            "embedding lookup and are not sharded by columns",
-        )
 
     @classmethod
     def check_layers(cls, memory: Any, prefix: str, n_layers: int) -> None:
