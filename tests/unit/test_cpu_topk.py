@@ -209,3 +209,20 @@ def test_product_search_is_the_torch_ops_bit_for_bit(dtype, threads):
                 assert same_bits(scores, sums)
     finally:
         torch.set_num_threads(old)
+
+
+def test_rows_far_from_normal_are_exact_too():
+    """The kernel first tries mean + z * std of a row as its bound (tight on the memory's near-normal
+    rows) and keeps it only when k entries reach it: rows where it is too high (a few outliers), far
+    too low (one huge negative entry), heavy-tailed or nearly constant, each against torch.topk."""
+    g = torch.Generator().manual_seed(6)
+    for n, k in [(128, 16), (50, 16), (300, 32)]:
+        rows = torch.randn(6, 200, n, generator=g)
+        rows[0, :, :3] *= 1e4  # 3 outliers: the bound above all but them, fewer than k
+        rows[1, :, 0] = -1e30  # the mean and std dominated by one entry: the bound far too low
+        rows[2] = torch.empty(200, n).exponential_(generator=g) ** 3  # heavy right tail
+        rows[3] = 1.0 + 1e-6 * rows[3]  # nearly constant
+        rows[4, :, : k - 1] += 50.0  # k - 1 clear winners, the k-th among the normal rest
+        rows[5] = -rows[5].abs()  # all negative
+        assert_like_torch(rows, k)
+        assert_like_torch(rows.double(), k)
