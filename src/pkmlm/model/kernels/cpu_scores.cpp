@@ -36,46 +36,135 @@ inline void axpy(acc_t* __restrict y, acc_t a, const scalar_t* __restrict x, int
   for (int64_t p = 0; p < P; ++p) y[p] += a * acc_t(x[p]);
 }
 
+// grad_q of one (token, head) row r: its K winners' sub-keys of both halves, weighted by their
+// scores' gradient. In blocks of kBlock columns whose sums stay in registers over the K reads.
+constexpr int64_t kBlock = 16;
+
+template <typename scalar_t, typename acc_t>
+inline void grad_query_row(const acc_t* g, const int32_t* sub_key, const scalar_t* table, int64_t K, int64_t P,
+                           scalar_t* out) {
+  int64_t p0 = 0;
+  for (; p0 + kBlock <= P; p0 += kBlock) {
+    acc_t acc[kBlock] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const scalar_t* key = table + sub_key[k] * P + p0;
+      for (int64_t p = 0; p < kBlock; ++p) acc[p] += g[k] * acc_t(key[p]);
+    }
+    for (int64_t p = 0; p < kBlock; ++p) out[p0 + p] = scalar_t(acc[p]);
+  }
+  for (int64_t p = p0; p < P; ++p) {  // the last P % kBlock columns
+    acc_t acc = 0;
+    for (int64_t k = 0; k < K; ++k) acc += g[k] * acc_t(table[sub_key[k] * P + p]);
+    out[p] = scalar_t(acc);
+  }
+}
+
+// The distinct sub-keys of each half among one row's K winners, each with the sum of its winners'
+// score gradients (in rank order): a few sub-keys win with many partners (the best of half 0 pairs
+// with most of half 1's top-K), so the loops below make one multiply-add of a P-row per distinct
+// sub-key instead of one per winner, and no chain of updates to one row. Branch-free: `pos[s]` (S
+// entries, all -1 between calls) is sub-key s's place in the list while the row is merged.
+template <typename acc_t>
+int32_t merge_half(const float* grad, const int32_t* ids, int64_t K, int32_t* pos, int32_t* sub, acc_t* g) {
+  int32_t count = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t s = ids[k];
+    const bool fresh = pos[s] < 0;
+    const int32_t e = fresh ? count : pos[s];
+    sub[e] = s;
+    g[e] = (fresh ? acc_t(0) : g[e]) + acc_t(grad[k]);
+    pos[s] = e;
+    count += fresh;
+  }
+  for (int32_t e = 0; e < count; ++e) pos[sub[e]] = -1;
+  return count;
+}
+
+// Merged lists of every (token, head) row: `sub` and `g` (N * H, 2, K) with `count` (N * H, 2) used
+// entries per half; written by `merge_rows`, read by both gradients.
+template <typename acc_t>
+struct Merged {
+  Merged(int64_t rows, int64_t K) : K(K), sub(rows * 2 * K), g(rows * 2 * K), count(rows * 2) {}
+  int64_t K;
+  std::vector<int32_t> sub;
+  std::vector<acc_t> g;
+  std::vector<int32_t> count;
+};
+
+template <typename acc_t>
+void merge_rows(int64_t r0, int64_t r1, const float* grad, const int64_t* slot, int64_t S, Merged<acc_t>& merged) {
+  const int64_t K = merged.K;
+  const pkmlm::SlotSplit split(S);
+  std::vector<int32_t> pos(S, -1), ids(2 * K);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t k = 0; k < K; ++k) {
+      const auto [i, j] = split(slot[r * K + k]);
+      ids[k] = static_cast<int32_t>(i);
+      ids[K + k] = static_cast<int32_t>(j);
+    }
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t at = (r * 2 + half) * K;
+      merged.count[r * 2 + half] =
+          merge_half(grad + r * K, ids.data() + half * K, K, pos.data(), merged.sub.data() + at, merged.g.data() + at);
+    }
+  }
+}
+
+// The two loops below are compiled twice, for AVX2 and the baseline, chosen when the library loads
+// (GCC's target_clones): 8-wide where the CPU has it (results may differ in the last bit between
+// the two, as any sum order may: this path is equal to rounding by contract).
+// grad_q of rows [r0, r1): each (token, head) row gathers its winners' sub-keys of both halves.
+template <typename scalar_t>
+__attribute__((target_clones("avx2", "default"))) void grad_query_rows(
+    int64_t r0, int64_t r1, const Merged<at::opmath_type<scalar_t>>& merged, const scalar_t* keys, int64_t H,
+    int64_t S, int64_t P, scalar_t* grad_q) {
+  const int64_t K = merged.K;
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* table = keys + (r % H) * 2 * S * P;  // head h's two sub-key tables
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t at = (r * 2 + half) * K;
+      grad_query_row(merged.g.data() + at, merged.sub.data() + at, table + half * S * P,
+                     merged.count[r * 2 + half], P, grad_q + (r * 2 + half) * P);
+    }
+  }
+}
+
+// grad_keys of head h: its reads summed in token order into `acc`, an fp32 / fp64 copy of the head's
+// two tables (2 * S * P entries, cache-resident), then written out.
+template <typename scalar_t>
+__attribute__((target_clones("avx2", "default"))) void grad_keys_head(
+    int64_t h, const Merged<at::opmath_type<scalar_t>>& merged, const scalar_t* q, int64_t N, int64_t H, int64_t S,
+    int64_t P, at::opmath_type<scalar_t>* acc, scalar_t* grad_keys) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = merged.K;
+  std::fill(acc, acc + 2 * S * P, acc_t(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t r = n * H + h;
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t at = (r * 2 + half) * K;
+      const scalar_t* q_half = q + (r * 2 + half) * P;
+      acc_t* table = acc + half * S * P;
+      for (int32_t e = 0; e < merged.count[r * 2 + half]; ++e) {
+        axpy(table + merged.sub[at + e] * P, merged.g[at + e], q_half, P);
+      }
+    }
+  }
+  scalar_t* out = grad_keys + h * 2 * S * P;
+  for (int64_t e = 0; e < 2 * S * P; ++e) out[e] = scalar_t(acc[e]);
+}
+
 template <typename scalar_t>
 void scores_backward_sparse_impl(const float* grad, const int64_t* slot, const scalar_t* q, const scalar_t* keys,
                                  int64_t N, int64_t H, int64_t K, int64_t S, int64_t P, scalar_t* grad_q,
                                  scalar_t* grad_keys) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const pkmlm::SlotSplit split(S);
-  // grad_q: each (token, head) row gathers its K winners' sub-keys of both halves.
+  Merged<at::opmath_type<scalar_t>> merged(N * H, K);
   at::parallel_for(0, N * H, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<acc_t> acc(2 * P);
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* table = keys + (r % H) * 2 * S * P;  // head h's two sub-key tables
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t g = acc_t(grad[r * K + k]);
-        const auto [i, j] = split(slot[r * K + k]);
-        axpy(acc.data(), g, table + i * P, P);
-        axpy(acc.data() + P, g, table + (S + j) * P, P);
-      }
-      for (int64_t p = 0; p < 2 * P; ++p) grad_q[r * 2 * P + p] = scalar_t(acc[p]);
-    }
+    merge_rows(r0, r1, grad, slot, S, merged);
+    grad_query_rows(r0, r1, merged, keys, H, S, P, grad_q);
   });
-  // grad_keys: one head's two tables per task, its reads summed in token order (in an fp32 / fp64
-  // copy of the tables: 2 * S * P entries, cache-resident).
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<acc_t> acc(2 * S * P);
-    for (int64_t h = h0; h < h1; ++h) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t r = n * H + h;
-        const scalar_t* q0 = q + r * 2 * P;
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t g = acc_t(grad[r * K + k]);
-          const auto [i, j] = split(slot[r * K + k]);
-          axpy(acc.data() + i * P, g, q0, P);
-          axpy(acc.data() + (S + j) * P, g, q0 + P, P);
-        }
-      }
-      scalar_t* out = grad_keys + h * 2 * S * P;
-      for (int64_t e = 0; e < 2 * S * P; ++e) out[e] = scalar_t(acc[e]);
-    }
+    std::vector<at::opmath_type<scalar_t>> acc(2 * S * P);
+    for (int64_t h = h0; h < h1; ++h) grad_keys_head(h, merged, q, N, H, S, P, acc.data(), grad_keys);
   });
 }
 
