@@ -391,9 +391,7 @@ class ProductKeyMemory(nn.Module):
         # The variants whose forward hooks this layer calls (their options are on here).
         self.variants = tuple(variant for variant in variants.registered() if variant.active(self))
         self._init_top_k(topk_impl)
-        self._init_read(read_impl)
-        kernels.check_scores_backward(scores_backward)  # builds or loads the C++ library now, as the read's
-        self.scores_backward = scores_backward
+        self._init_backward(read_impl, scores_backward)
 
         self.observer: Optional[Callable[[Tensor, Tensor], None]] = None
         self.reset_parameters()
@@ -409,11 +407,14 @@ class ProductKeyMemory(nn.Module):
         self.register_buffer("pair_a", pair_a_C, persistent=False)
         self.register_buffer("pair_b", pair_b_C, persistent=False)
 
-    def _init_read(self, read_impl: str) -> None:
-        """The read's backward on CPU tables (`kernels.read`): torch | cpp, whose C++ library is built
-        or loaded here (as the top-k's), never inside a traced forward."""
+    def _init_backward(self, read_impl: str, scores_backward: str) -> None:
+        """The CPU backward paths: the read's on CPU tables (`kernels.read`: torch | cpp) and the sub-key
+        scores' (`kernels.sparse_search`: dense | sparse), whose C++ library is built or loaded here
+        (as the top-k's), never inside a traced forward."""
         kernels.check_read_impl(read_impl)
+        kernels.check_scores_backward(scores_backward)
         self.read_impl = read_impl
+        self.scores_backward = scores_backward
 
     @classmethod
     def from_config(cls, dim: int, cfg: MemoryConfig, owns_values: bool = True) -> "ProductKeyMemory":
