@@ -38,7 +38,7 @@ train: setup
 	$(BIN)/pkmlm-train
 
 test: setup lint   # tests/unit (fast, no training run) and tests/e2e (training runs, CLIs in subprocesses)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15  # the slowest 15 listed: make test must stay under 15 min here
 
 test-fast: setup lint   # tests/unit alone: the quick check while editing
 	$(BIN)/python -m pytest tests/unit

@@ -1,8 +1,10 @@
 """`train.compile=true` end to end through the training loop (CPU, inductor): the compiled run's
 losses equal the eager run's, its checkpoint holds the plain model's parameter names (no
 `_orig_mod.` prefix, so it loads into an uncompiled model and resumes either way), and the loop
-logs the active-FLOPs throughput and MFU. (tests/e2e/test_compile.py checks the memory layer alone,
-with torch and triton only, so that it also runs on a bare GPU machine; this file needs Hydra.)
+logs the active-FLOPs throughput and MFU. The model has a product-key memory and an Engram layer
+(its hashing, gather, gate and convolution compiled with the rest). (tests/e2e/test_compile.py
+checks the memory layer alone, with torch and triton only, so that it also runs on a bare GPU
+machine; this file needs Hydra.)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def test_compiled_training_equals_eager_and_saves_plain_names(tmp_path):
         "checkpoint.interval=3",
         f"train.peak_flops={PEAK}",
         "model.memory.query_norm=layernorm",
+        "model.memory.engram_layers=[1]",  # an Engram side layer too (issue 23: compile gives eager's losses)
     )
     _train(tmp_path / "eager", *steps)
     _train(tmp_path / "compiled", *steps, "train.compile=true")

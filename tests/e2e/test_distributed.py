@@ -35,7 +35,14 @@ register_configs()
 TOL = 1e-5  # the issue's bound on loss differences between 2 processes and 1
 # Two memory layers reading one shared value table, LayerNorm queries (per-token, so per-rank
 # batches give the same reads as the whole batch).
-MEMORY = ("model.memory.layers=[0,1]", "model.memory.share_values=true", "model.memory.query_norm=layernorm")
+# Two memory layers sharing one table, and an Engram layer (issue 23) whose tables stay replicated
+# when the product-key table is sharded (model.memory.shard_values).
+MEMORY = (
+    "model.memory.layers=[0,1]",
+    "model.memory.share_values=true",
+    "model.memory.query_norm=layernorm",
+    "model.memory.engram_layers=[0]",
+)
 
 
 def _train_in_process(run_dir: Path, *extra: str) -> dict:
@@ -132,8 +139,15 @@ def test_two_processes_equal_one_then_resume_on_one_and_on_two(tmp_path):
 
 
 def test_dense_two_processes_equal_one_with_ddp_and_fsdp(tmp_path):
-    """Dense model, 2 processes with DDP (the default) and with FSDP2 = 1 process, same global batch."""
-    steps = ("train.max_steps=4", "eval.interval=4", "checkpoint.interval=4", "model.memory.layers=[]")
+    """Dense model with an Engram layer (issue 23), 2 processes with DDP (the default) and with FSDP2
+    = 1 process, same global batch."""
+    steps = (
+        "train.max_steps=4",
+        "eval.interval=4",
+        "checkpoint.interval=4",
+        "model.memory.layers=[]",
+        "model.memory.engram_layers=[0]",
+    )
     _train_in_process(tmp_path / "one", *steps, "train.data_shards=2")
     ref = _by_step(tmp_path / "one", "train/loss")
     for parallel in ("ddp", "fsdp"):

@@ -84,9 +84,10 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
         s for s, line in zip(trained, (mem_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in line
     ]
     assert trained == list(range(1, max_steps["mem"] + 1))
-    # Sitting 3: nothing left to train or evaluate; the results hold both runs' checkpoints.
+    # Sitting 3: nothing left to train or evaluate; the results hold both runs' checkpoints, and
+    # --results writes the README's table as a results file with the commit the runs ran at.
     mem_files = _snapshot(mem_dir)
-    sweep.main(argv)
+    sweep.main([*argv, "--results", str(tmp_path / "knowledge.json")])
     assert _snapshot(dense_dir) == dense_files and _snapshot(mem_dir) == mem_files
     assert step_times.stat().st_mtime_ns == step_times_stat  # measured once per sweep directory
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -96,6 +97,13 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     assert len(rows) == 2 * sweep.CHECKPOINTS_PER_RUN
     table = (out / "table.md").read_text()
     assert "| 4 |" in table and "dense (equal exposures)" in table and "mem (equal exposures)" in table
+    from pkmlm import results
+    from pkmlm.train.rundir import code_version
+
+    result = results.load(str(tmp_path / "knowledge.json"))
+    assert "--results" in result.command and result.commit.startswith(str(code_version()["commit"])[:7])
+    assert [row[2] for row in result.rows] == ["dense (equal exposures)", "mem (equal exposures)"]
+    assert results.render_table(result).count("\n| 4 |") == 2
 
 
 def test_equal_time_uses_the_reference_step_times_not_the_loaded_wall_clock():
@@ -129,3 +137,54 @@ def test_reference_step_times_are_measured_once_and_a_broken_file_is_refused(tmp
     with pytest.raises(SystemExit, match="not a step-times file: move it aside"):
         step_time.measure_step_times(tmp_path, configs, threads=1, repeats=2)
     assert (tmp_path / "step_times.json").read_text() == "{not json"  # left as it was
+
+
+def test_every_sparse_arm_meets_the_dense_arms_of_its_own_corpus_at_equal_time():
+    def row(arm, step, ref):
+        return {"arm": arm, "people": 400, "seed": 0, "step": step, "steps_equal": 40, "ref_time_s": ref}
+
+    rows = [row("engram", 40, 60.0), row("mix_mem128", 40, 80.0)]
+    for dense_arm in ("dense", "mix_dense"):
+        rows += [row(dense_arm, s, 1.0 * s) for s in (20, 40, 60, 80)]
+    labels = {label: [r["step"] for r in picked] for (_, label), picked in sweep._points(rows).items()}
+    # Engram (no "mem" in its name) is a sparse arm too; the mixture's memory meets the mixture's dense
+    assert labels["dense (equal time to engram)"] == [60]
+    assert labels["mix_dense (equal time to mix_mem128)"] == [80]
+    assert "dense (equal time to mix_mem128)" not in labels and "mix_dense (equal time to engram)" not in labels
+
+
+def test_an_arm_added_later_is_timed_against_an_arm_timed_before(tmp_path):
+    from pkmlm.knowledge import step_time
+
+    dense = sweep._compose(["experiment=knowledge/dense"])
+    step_time.measure_step_times(tmp_path, {"dense": dense}, threads=1, warmup=1, repeats=2)
+    engram = {"engram": sweep._compose(["experiment=knowledge/engram"])}
+    with pytest.raises(ValueError, match="time the new arms against 'dense'"):
+        step_time.measure_step_times(tmp_path, engram, threads=1, repeats=2)
+    data = step_time.measure_step_times(tmp_path, engram, threads=1, warmup=1, repeats=2, anchor_config=dense)
+    anchor = data["measured"][-1]["anchor"]
+    assert data["measured"][-1]["arms"] == ["engram"] and anchor["arm"] == "dense"
+    assert anchor["ms_before"] == data["step_ms"]["dense"]  # the anchor keeps its first time
+    raw = anchor[
+        "raw_ms"
+    ]  # the new arm's time is its ratio to the anchor, measured in turns, x the anchor's earlier time
+    assert data["step_ms"]["engram"] == pytest.approx(raw["engram"] / raw["dense"] * data["step_ms"]["dense"], rel=1e-3)
+
+
+def test_bios_share_sets_the_biographies_share_of_the_mixtures_tokens(tmp_path):
+    from pkmlm.knowledge.facts import write_corpus
+
+    write_corpus(tmp_path / "facts", 30, seed=0, templates=2)
+    bios, tokenizer = tmp_path / "facts" / "bios.jsonl", tmp_path / "tokenizer.json"
+    sweep.shared_tokenizer(bios, tokenizer, ["experiment=knowledge/dense", f"paths.cache_dir={tmp_path}/cache"])
+    overrides = [f"data.tokenizer={tokenizer}"]
+    _, per_bio = sweep.steps_for(bios, 1.0, 2, ["experiment=knowledge/dense", *overrides])
+    preset_share = sweep.bios_token_share(bios, overrides, per_bio, sample_docs=10)
+    assert preset_share < 0.1  # the presets' 4:1 documents: mostly Wikipedia by tokens
+    weight = sweep.bios_weight_for_share(0.5, overrides, per_bio, sample_docs=10)
+    mixture = sweep.mixture_overrides(bios, overrides, weight)
+    assert f"weight:{weight!r}" in mixture[1] and "weight:1.0" in mixture[1]  # only the bios weight moves
+    assert sweep.bios_token_share(bios, [*overrides, *mixture], per_bio, sample_docs=10) == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match=r"--bios-share must be in \(0, 1\)"):
+        sweep.main(["--bios-share", "1.5", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

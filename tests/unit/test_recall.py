@@ -256,8 +256,8 @@ def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
     lines = summary_table(rows).splitlines()[2:]
     assert len(lines) == 3
     assert "dense (equal exposures)" in lines[0] and "| 200 |" in lines[0] and "0.2500" in lines[0]
-    assert "memory (equal exposures)" in lines[1] and "| 220 |" in lines[1]
-    assert "dense (equal time)" in lines[2] and "| 300 |" in lines[2]  # 30 s is nearest the memory's 28 s
+    assert "dense (equal time to mem)" in lines[1] and "| 300 |" in lines[1]  # 30 s: nearest the memory's 28 s
+    assert "mem (equal exposures)" in lines[2] and "| 220 |" in lines[2]
     # --merge: two earlier sweeps' results.jsonl in one table and figures (bits vs exposures, vs N).
     for name, part in (("a", rows), ("b", [row("dense", 8, 20.0, 350.0, people=20), row("mem", 8, 28.0, 300.0, 20)])):
         (tmp_path / name).mkdir()
@@ -266,6 +266,6 @@ def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| 10 (seed 0) |" in table and "| 20 (seed 0) |" in table and "| 350 |" in table
     # N=20's dense run stopped at 20 s, before the memory's 28 s: no equal-time row for it.
-    assert table.count("dense (equal time)") == 1
+    assert table.split("Per seed:")[1].count("dense (equal time to mem)") == 1
     figures = ("bits_vs_exposures.png", "bits_vs_people.png", "bits_vs_parameters.png")
     assert all((tmp_path / "out" / f).stat().st_size > 0 for f in figures)

@@ -186,8 +186,9 @@ def test_counts_and_flops():
     assert layer.flops_per_token() == 6 * (2 * R * E * DIM + DIM + layer.kernel_size * DIM)
 
 
-def test_fresh_layer_starts_as_the_gated_value_alone():
-    cfg = EngramConfig(layers=[0], heads=2, embed_dim=8, table_size=13)
+@pytest.mark.parametrize("init", ["residual", "maxtext"])  # zero_tables: both sides zero (the next test)
+def test_fresh_layer_starts_as_the_gated_value_alone(init):
+    cfg = EngramConfig(layers=[0], heads=2, embed_dim=8, table_size=13, init=init)
     layer = EngramLayer(DIM, cfg, 0, VOCAB, plan_table_sizes(cfg)[0])
     assert not layer.conv_weight.any()
     idx, h = _tokens(2, 10), torch.randn(2, 10, DIM)
@@ -196,9 +197,61 @@ def test_fresh_layer_starts_as_the_gated_value_alone():
     torch.testing.assert_close(layer(h, idx), expected)
 
 
+def test_default_init_adds_nothing_at_step_zero_and_its_tables_learn_from_the_first_step():
+    """engram_init=zero_tables (the default): the output is exactly zero, so the model starts as
+    without the layer; the first backward reaches the rows read (and only those), not yet W_K or
+    W_V; after one Adam step the layer writes into the residual stream."""
+    cfg = EngramConfig(layers=[0], heads=2, embed_dim=8, table_size=13)
+    assert cfg.init == "zero_tables"
+    layer = EngramLayer(DIM, cfg, 0, VOCAB, plan_table_sizes(cfg)[0])
+    idx, h = _tokens(2, 10), torch.randn(2, 10, DIM)
+    out = layer(h, idx)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.mul(torch.randn_like(out)).sum().backward()
+    read = torch.zeros(layer.tables.num_embeddings, dtype=torch.bool)
+    read[layer.rows(idx).flatten()] = True
+    row_grad = layer.tables.weight.grad.abs().sum(1)
+    assert (row_grad[read] > 0).all() and not row_grad[~read].any()
+    assert not layer.value_proj.weight.grad.any() and not layer.key_proj.weight.grad.any()
+    torch.optim.Adam(layer.parameters(), lr=1e-2).step()
+    assert layer(h, idx).abs().amax() > 0
+
+
+def test_old_init_writes_random_rows_into_the_residual_stream_maxtext_rows_of_norm_one():
+    """engram_init=residual (pkmlm's init until 2026-12-07) and maxtext, at the paper's default
+    shape (R * E = 1024 rows' entries per token) and the tiny model's dim: the value W_V e has the
+    RMS that docs/engram.md ("Initialisation") reports, far above a zero_tables layer's 0."""
+    residual_std = 0.02 / math.sqrt(2 * 4)  # the tiny model's residual-projection std (4 layers)
+    idx = torch.randint(1, VOCAB, (4, 64), generator=torch.Generator().manual_seed(3))
+    value_rms = {}
+    for init in ("residual", "maxtext"):
+        cfg = EngramConfig(layers=[0], table_size=101, init=init)
+        cfg.validate()
+        torch.manual_seed(0)
+        layer = EngramLayer(256, cfg, 0, VOCAB, plan_table_sizes(cfg)[0])
+        layer.reset_parameters(residual_std)
+        with torch.no_grad():
+            value_rms[init] = layer.value_proj(layer.lookup(layer.rows(idx))).pow(2).mean().sqrt().item()
+        E = layer.row_dim
+        table_std = {"residual": 1.0, "maxtext": 1 / math.sqrt(E)}[init]
+        assert layer.tables.weight.std().item() == pytest.approx(table_std, rel=0.05)
+    # residual: sqrt(R * E) * residual_std = sqrt(1024) * 0.00707 = 0.226 (x the gate's ~0.5 = 2.6 x the
+    # 0.044 RMS entering block 1); maxtext: the rows' RMS, 1 / sqrt(E) = 0.125.
+    assert value_rms["residual"] == pytest.approx(math.sqrt(1024) * residual_std, rel=0.1)
+    assert value_rms["maxtext"] == pytest.approx(1 / math.sqrt(64), rel=0.1)
+
+
 @pytest.mark.parametrize(
     "field,value",
-    [("layers", [1, 1]), ("layers", [4]), ("max_ngram", 1), ("embed_dim", 7), ("table_size", 1), ("heads", 0)],
+    [
+        ("layers", [1, 1]),
+        ("layers", [4]),
+        ("max_ngram", 1),
+        ("embed_dim", 7),
+        ("table_size", 1),
+        ("heads", 0),
+        ("init", "zeros"),
+    ],
 )
 def test_config_refuses_bad_values(field, value):
     cfg = EngramConfig(**{field: value})
@@ -479,12 +532,13 @@ def test_registered_options_are_checked_at_the_config_boundary_and_name_the_run(
     refusals = {
         r"model\.memory\.engram_layers=\[2\] is invalid: each index must be in \[0, 1\]": {"engram_layers": [2]},
         r"model\.memory\.engram_embed_dim=15 is invalid": {"engram_embed_dim": 15},
-        r"model\.memory\.shard_values=True is invalid: false with Engram layers": {"shard_values": True},
     }
     for message, change in refusals.items():
         with pytest.raises(ConfigError, match=message) as info:
             ModelConfig(n_layers=2, memory=MemoryConfig(**{**on, **change})).validate()
         assert "\n" not in str(info.value)
+    # shard_values shards the product-key tables; Engram's stay replicated (tests/e2e/test_distributed.py)
+    ModelConfig(n_layers=2, memory=MemoryConfig(**on, layers=[0], shard_values=True)).validate()
     assert (
         variants.kind_of({"layers": [], **on}) == "engram"
         and variant_name({"layers": [], **on}) == "Engram (engram L1)"

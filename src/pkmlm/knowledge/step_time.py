@@ -11,7 +11,10 @@ tokens of the run's batch shape (data loading is not timed: the knowledge runs' 
 small in-memory corpus). A run's reference training time is its step count x its arm's step time.
 
 `DIR/step_times.json` keeps the measurement (with the threads, torch, machine, load and date it was
-taken under); a resumed sweep reads it and measures only arms it lacks.
+taken under); a resumed sweep reads it and measures only arms it lacks. An arm added to a sweep
+directory later (a new arm on a sweep that has run for days) is timed in turns with an *anchor*,
+an arm timed before (`dense` where it was), and scaled by the anchor's time then over its time now:
+its ratio to every earlier arm is the ratio measured in turns, whatever the load of either day.
 """
 
 from __future__ import annotations
@@ -86,25 +89,47 @@ def load_step_times(out: Path) -> dict:
     return data
 
 
+def anchor_arm(known: dict) -> str | None:
+    """The arm new arms are timed against (see the module docstring): `dense` where it was timed,
+    else the first timed arm by name; None for a directory with no step times yet."""
+    return "dense" if "dense" in known else min(known, default=None)
+
+
 def measure_step_times(
-    out: Path, arm_configs: dict, threads: int, warmup: int = WARMUP, repeats: int = REPEATS
+    out: Path,
+    arm_configs: dict,
+    threads: int,
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    anchor_config=None,
 ) -> dict:
     """Reference step times (ms) of the arms in `arm_configs` (arm -> composed config) that
     `out/step_times.json` lacks, all timed in one interleaved run with `threads` threads; merged into
-    that file (arms measured earlier keep their numbers and conditions) and returned."""
+    that file (arms measured earlier keep their numbers and conditions) and returned. Where the file
+    has arms already, `anchor_config` (the composed config of `anchor_arm`) is timed in the same
+    turns and the new times are scaled to its earlier time (`measured[-1]["anchor"]` keeps the
+    raw times)."""
     import torch
 
     data = load_step_times(out)
-    missing = {arm: cfg for arm, cfg in arm_configs.items() if arm not in data.get("step_ms", {})}
+    known = data.get("step_ms", {})
+    missing = {arm: cfg for arm, cfg in arm_configs.items() if arm not in known}
     if not missing:
         return data
+    anchor = anchor_arm(known)
+    if anchor is not None and anchor_config is None:
+        raise ValueError(f"measure_step_times: {out} has step times: time the new arms against {anchor!r}")
+    arms = sorted(missing)
+    timed = [*arms, anchor] if anchor is not None else arms
+    configs = {**missing, **({anchor: anchor_config} if anchor is not None else {})}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        arms = sorted(missing)
-        ms = interleaved_ms([training_step(missing[arm]) for arm in arms], warmup, repeats)
+        raw = interleaved_ms([training_step(configs[arm]) for arm in timed], warmup, repeats)
     finally:
         torch.set_num_threads(previous)
+    scale = known[anchor] / raw[-1] if anchor is not None else 1.0
+    ms = [m * scale for m in raw[: len(arms)]]
     conditions = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": cpu_model(),
@@ -113,6 +138,8 @@ def measure_step_times(
         "load": "load average %.2f, %.2f, %.2f" % os.getloadavg(),
         "repeats": repeats,
     }
+    if anchor is not None:
+        conditions["anchor"] = {"arm": anchor, "ms_before": known[anchor], "raw_ms": dict(zip(timed, raw))}
     data.setdefault("step_ms", {}).update({arm: round(m, 3) for arm, m in zip(arms, ms)})
     data.setdefault("measured", []).append({"arms": arms, **conditions})
     path = Path(out) / STEP_TIMES

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.config import config_dir
-from pkmlm.knowledge.step_time import load_step_times, measure_step_times, with_reference_times
+from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_times, with_reference_times
 
 CHECKPOINTS_PER_RUN = 4  # checkpoints at each quarter of the equal-exposure steps
 
@@ -269,38 +269,14 @@ def _fmt(row: dict | None, key: str, spec: str) -> str:
 
 
 def summary_table(results: list[dict]) -> str:
-    """Per N and seed: dense and memory at equal exposures, dense at the memory's training time."""
-    head = (
-        "| N | bits available | arm | exposures | train time (reference) | wall time | exact match | bits stored | "
-        "bits / param (total) | bits / param (non-embedding) |"
-    )
-    lines = [head, "|" + "---|" * 10]
-    keys = sorted({(r["people"], r["seed"]) for r in results})
-    for people, seed in keys:
-        rows = [r for r in results if r["people"] == people and r["seed"] == seed]
-        target = max((r["steps_equal"] for r in rows), default=0)
-        mem = [r for r in rows if r["arm"] == "mem" and r["step"] == target]
-        dense_eq = [r for r in rows if r["arm"] == "dense" and r["step"] == target]
-        picks = [
-            ("dense (equal exposures)", dense_eq[0] if dense_eq else None),
-            ("memory (equal exposures)", mem[0] if mem else None),
-        ]
-        if mem:
-            pick = equal_time_pick(mem[0], [r for r in rows if r["arm"] == "dense"])
-            if pick is not None:
-                picks.append(("dense (equal time)", pick))
-        for label, r in picks:
-            non_emb = None
-            if r is not None:
-                n = r["recall/params/total"] - r["recall/params/embedding"]
-                non_emb = {"v": r["recall/bits"] / n} if n > 0 else None
-            lines.append(
-                f"| {people} (seed {seed}) | {_fmt(r, 'recall/bits_available', ',.0f')} | {label} | "
-                f"{_fmt(r, 'exposures', '.0f')} | {_fmt(r, 'ref_time_s', '.0f')} s | "
-                f"{_fmt(r, 'train_time_s', '.0f')} s | "
-                f"{_fmt(r, 'recall/exact_match', '.1%')} | {_fmt(r, 'recall/bits', ',.0f')} | "
-                f"{_fmt(r, 'recall/bits_per_param/total', '.4f')} | {_fmt(non_emb, 'v', '.4f')} |"
-            )
+    """Per N and seed, every point of `_points` (each arm at equal exposures, each dense arm at each
+    sparse arm's training time): `MEAN_COLUMNS` without the seed count, one seed a row."""
+    columns = ["N (seed)", *MEAN_COLUMNS[1:3], *MEAN_COLUMNS[4:]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
+        for row in mean_rows([r for r in results if r["people"] == people and r["seed"] == seed]):
+            cells = [f"{people} (seed {seed})", *row[1:3], *row[4:]]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,13 +289,15 @@ def run_finished(run_dir: Path, max_steps: int) -> bool:
     return (_final_checkpoint(run_dir, max_steps) / ".metadata").is_file()
 
 
-def mixture_overrides(bios: Path, overrides: list[str]) -> list[str]:
-    """data.sources of the mix_* presets with the sweep's biographies as the bios source."""
+def mixture_overrides(bios: Path, overrides: list[str], bios_weight: float | None = None) -> list[str]:
+    """data.sources of the mix_* presets with the sweep's biographies as the bios source (its document
+    weight `bios_weight` where given: `--bios-share`)."""
     cfg = _compose(["experiment=knowledge/mix_dense", *overrides])
     parts = []
     for src in cfg.data.sources:
         files = [str(bios)] if src.name == "bios" else [str(Path(f).expanduser().resolve()) for f in src.files]
-        parts.append(f"{{name:{src.name},files:[{','.join(files)}],weight:{src.weight}}}")
+        weight = bios_weight if src.name == "bios" and bios_weight is not None else src.weight
+        parts.append(f"{{name:{src.name},files:[{','.join(files)}],weight:{weight!r}}}")
     return ["data.files=[]", f"data.sources=[{','.join(parts)}]"]
 
 
@@ -327,6 +305,21 @@ def bios_token_share(bios: Path, overrides: list[str], per_bio: float, sample_do
     """The biographies' share of the mixture's tokens: documents are drawn by weight (knowledge/mix_*),
     so share = w_bios x tokens per biography / sum over sources of w x mean tokens per document
     (the other sources' means over their first `sample_docs` documents, under the runs' tokenizer)."""
+    bios_weight, others = _mixture_token_mass(overrides, sample_docs)
+    return bios_weight * per_bio / (bios_weight * per_bio + others)
+
+
+def bios_weight_for_share(share: float, overrides: list[str], per_bio: float, sample_docs: int = 200) -> float:
+    """The bios source's document weight that makes the biographies `share` of the mixture's tokens
+    (the other sources' weights as the presets have them): solves share = w x per_bio / (w x per_bio
+    + sum over the others of w x mean tokens per document)."""
+    _, others = _mixture_token_mass(overrides, sample_docs)
+    return share * others / ((1.0 - share) * per_bio)
+
+
+def _mixture_token_mass(overrides: list[str], sample_docs: int) -> tuple[float, float]:
+    """`(the bios source's weight, sum over the other sources of weight x mean tokens per document)`,
+    the means over each source's first `sample_docs` documents under the runs' tokenizer."""
     import gzip
 
     from pkmlm.data.tokenizer import encode_documents, load_tokenizer
@@ -336,19 +329,19 @@ def bios_token_share(bios: Path, overrides: list[str], per_bio: float, sample_do
     bios_weight, total = 0.0, 0.0
     for src in cfg.data.sources:
         if src.name == "bios":
-            bios_weight, mean = src.weight, per_bio
-        else:  # the sample's jsonl(.gz) files, one {"text": ...} document a line
-            texts: list[str] = []
-            for name in src.files:
-                opener = gzip.open if str(name).endswith(".gz") else open
-                with opener(Path(name).expanduser(), "rt") as f:
-                    for line in f:
-                        if len(texts) >= sample_docs:
-                            break
-                        texts.append(json.loads(line)["text"])
-            mean = sum(len(ids) + 1 for ids in encode_documents(tokenizer, texts)) / max(len(texts), 1)
+            bios_weight = src.weight
+            continue
+        texts: list[str] = []  # the sample's jsonl(.gz) files, one {"text": ...} document a line
+        for name in src.files:
+            opener = gzip.open if str(name).endswith(".gz") else open
+            with opener(Path(name).expanduser(), "rt") as f:
+                for line in f:
+                    if len(texts) >= sample_docs:
+                        break
+                    texts.append(json.loads(line)["text"])
+        mean = sum(len(ids) + 1 for ids in encode_documents(tokenizer, texts)) / max(len(texts), 1)
         total += src.weight * mean
-    return bios_weight * per_bio / total
+    return bios_weight, total
 
 
 def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
@@ -377,8 +370,10 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
             experiment, extra = arm_spec(arm, overrides)
             arm_steps = steps
             if arm.startswith("mix_"):
-                extra = [*extra, *mixture_overrides((facts / "bios.jsonl").resolve(), overrides)]
-                share = bios_token_share(facts / "bios.jsonl", overrides, per_bio)
+                weight = None if args.bios_share is None else bios_weight_for_share(args.bios_share, overrides, per_bio)
+                mixture = mixture_overrides((facts / "bios.jsonl").resolve(), overrides, weight)
+                extra = [*extra, *mixture]
+                share = bios_token_share(facts / "bios.jsonl", [*overrides, *mixture], per_bio)
                 arm_steps = CHECKPOINTS_PER_RUN * math.ceil(steps / share / CHECKPOINTS_PER_RUN)
             run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
             # The equal-compute dense arms run longer for their equal-time point; dense_pm is slower
@@ -399,6 +394,7 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
                     "facts": facts,
                     "command": command,
                     "overrides": [f"experiment={experiment}", *overrides, *extra],
+                    "base_overrides": overrides,
                 }
             )
     return plans
@@ -413,10 +409,18 @@ def reference_step_times(out: Path, plans: list[dict], threads: int, repeats: in
     configs = {}
     for plan in plans:
         configs.setdefault(plan["arm"], plan["overrides"])
-    missing = {arm: o for arm, o in configs.items() if arm not in load_step_times(out).get("step_ms", {})}
-    if missing:
-        print(f"measuring the reference step time of {', '.join(sorted(missing))}", file=sys.stderr, flush=True)
-    return measure_step_times(out, {arm: _compose(o) for arm, o in missing.items()}, threads, repeats=repeats)
+    known = load_step_times(out).get("step_ms", {})
+    missing = {arm: o for arm, o in configs.items() if arm not in known}
+    if not missing:
+        return load_step_times(out)
+    anchor, anchor_config = anchor_arm(known), None
+    if anchor is not None:  # a new arm on a sweep timed before: timed against one of its arms
+        experiment, extra = arm_spec(anchor, plans[0]["base_overrides"])
+        anchor_config = _compose([f"experiment={experiment}", *plans[0]["base_overrides"], *extra])
+    against = f" (in turns with {anchor}, scaled to its earlier time)" if anchor else ""
+    print(f"measuring the reference step time of {', '.join(sorted(missing))}{against}", file=sys.stderr, flush=True)
+    configs = {arm: _compose(o) for arm, o in missing.items()}
+    return measure_step_times(out, configs, threads, repeats=repeats, anchor_config=anchor_config)
 
 
 def evaluate_cached(plan: dict, templates: int) -> list[dict]:
@@ -482,6 +486,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the --people values, double N until the dense arm saturates (or --max-people)",
     )
     p.add_argument("--max-people", type=int, default=25600, help="the largest N --until-saturated tries")
+    p.add_argument(
+        "--bios-share",
+        type=float,
+        default=None,
+        help="mix_* arms: the biographies' share of the mixture's tokens, in (0, 1) (the bios source's "
+        "document weight is set to give it); default: the presets' weights (~1/70 of the tokens)",
+    )
     p.add_argument("--max-runs", type=int, default=None, help="train at most this many runs in this sitting, then stop")
     p.add_argument(
         "--step-time-repeats",
@@ -501,6 +512,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train nothing: the table and "
         "figures of the results.jsonl of these earlier sweep directories together, into --out",
     )
+    p.add_argument(
+        "--results",
+        metavar="PATH",
+        default=None,
+        help="also write the mean table as a results file (docs/results/*.json: the README's table, with "
+        "the commits the runs were trained at); with --max-runs 0, a report of a sweep in progress",
+    )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -517,7 +535,10 @@ def main(argv: list[str] | None = None) -> None:
         ]
         out.mkdir(parents=True, exist_ok=True)
         print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
+        _write_results(args, argv, results)
         return
+    if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
+        raise SystemExit(f"sweep: --bios-share must be in (0, 1), got {args.bios_share}: e.g. 0.5 for half the tokens")
     if args.until_saturated and args.dense_factor < 2:
         raise SystemExit(
             "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
@@ -557,6 +578,26 @@ def main(argv: list[str] | None = None) -> None:
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
+    _write_results(args, argv, results)
+
+
+def _write_results(args: argparse.Namespace, argv: list[str] | None, results: list[dict]) -> None:
+    if args.results:
+        command = "python -m pkmlm.knowledge.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_results(results, Path(args.results), command, args.threads, "mean over seeds (min-max)")
+        print(f"wrote {args.results}", file=sys.stderr)
+
+
+def _is_dense(arm: str) -> bool:
+    """Dense arms (`dense`, `dense_pm`, `mix_dense`): every other arm (the memory sizes, `engram`,
+    any preset by name) holds a sparse table and is compared with them at equal training time."""
+    return "dense" in arm
+
+
+def _same_data(arm: str, other: str) -> bool:
+    """Whether two arms train on the same corpus: the mixture arms (`mix_*`, biographies diluted in
+    web text) only with each other."""
+    return arm.startswith("mix_") == other.startswith("mix_")
 
 
 def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
@@ -569,9 +610,9 @@ def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
         for arm, r in sorted(equal.items()):
             points.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
         for mem_arm, m in sorted(equal.items()):
-            if "mem" not in mem_arm:
+            if _is_dense(mem_arm):
                 continue
-            for dense_arm in sorted({r["arm"] for r in rows if "dense" in r["arm"]}):
+            for dense_arm in sorted({r["arm"] for r in rows if _is_dense(r["arm"]) and _same_data(r["arm"], mem_arm)}):
                 pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
                 if pick is not None:
                     points.setdefault((people, f"{dense_arm} (equal time to {mem_arm})"), []).append(pick)
@@ -587,31 +628,109 @@ def _mean_spread(values: list[float], spec: str) -> str:
     return f"{format(mean, spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
 
 
-def mean_table(results: list[dict]) -> str:
+MEAN_COLUMNS = (
+    "N",
+    "bits available",
+    "arm",
+    "seeds",
+    "exposures",
+    "train time s (reference)",
+    "wall time s",
+    "exact match",
+    "bits stored",
+    "bits / param (total)",
+    "bits / param (active)",
+    "bits / table param",
+    "bits / param (non-embedding)",
+)
+
+
+TABLE_KEY, ACTIVE_KEY = "recall/bits_per_param/memory_values", "recall/bits_per_param/active"
+
+
+def mean_rows(results: list[dict]) -> list[list[Any]]:
     """Per N and point (see `_points`): the number of seeds, and each metric's mean over seeds with
-    its spread (min-max) in brackets."""
-    head = (
-        "| N | bits available | arm | seeds | exposures | train time s (reference) | wall time s | exact match | "
-        "bits stored | bits / param (total) | bits / param (non-embedding) |"
-    )
-    lines = [head, "|" + "---|" * 11]
+    its spread (min-max) in brackets, in the order of `MEAN_COLUMNS`. Table params: a memory's value
+    tables and Engram's hashed tables (`recall/params/memory_values`); n/a for a dense arm."""
+    out = []
     for (people, label), rows in sorted(_points(results).items()):
         non_emb = [
             r["recall/bits"] / (r["recall/params/total"] - r["recall/params/embedding"])
             for r in rows
             if r["recall/params/total"] > r["recall/params/embedding"]
         ]
-        lines.append(
-            f"| {people} | {rows[0]['recall/bits_available']:,.0f} | {label} | {len(rows)} | "
-            f"{_mean_spread([r['exposures'] for r in rows], '.0f')} | "
-            f"{_mean_spread([r['ref_time_s'] for r in rows if r.get('ref_time_s')], '.0f')} | "
-            f"{_mean_spread([r['train_time_s'] for r in rows if r.get('train_time_s')], '.0f')} | "
-            f"{_mean_spread([r['recall/exact_match'] for r in rows], '.1%')} | "
-            f"{_mean_spread([r['recall/bits'] for r in rows], ',.0f')} | "
-            f"{_mean_spread([r['recall/bits_per_param/total'] for r in rows], '.4f')} | "
-            f"{_mean_spread(non_emb, '.4f')} |"
+        # absent: for a model without tables; for the rows of sweeps from before issue 21 (active)
+        per_table = [r[TABLE_KEY] for r in rows if TABLE_KEY in r]
+        per_active = [r[ACTIVE_KEY] for r in rows if ACTIVE_KEY in r]
+        out.append(
+            [
+                people,
+                f"{rows[0]['recall/bits_available']:,.0f}",
+                label,
+                len(rows),
+                _mean_spread([r["exposures"] for r in rows], ".0f"),
+                _mean_spread([r["ref_time_s"] for r in rows if r.get("ref_time_s")], ".0f"),
+                _mean_spread([r["train_time_s"] for r in rows if r.get("train_time_s")], ".0f"),
+                _mean_spread([r["recall/exact_match"] for r in rows], ".1%"),
+                _mean_spread([r["recall/bits"] for r in rows], ",.0f"),
+                _mean_spread([r["recall/bits_per_param/total"] for r in rows], ".4f"),
+                _mean_spread(per_active, ".4f"),
+                _mean_spread(per_table, ".4f"),
+                _mean_spread(non_emb, ".4f"),
+            ]
         )
+    return out
+
+
+def mean_table(results: list[dict]) -> str:
+    """`mean_rows` as a markdown table."""
+    lines = ["| " + " | ".join(MEAN_COLUMNS) + " |", "|" + "---|" * len(MEAN_COLUMNS)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in mean_rows(results)]
     return "\n".join(lines) + "\n"
+
+
+def run_commits(results: list[dict]) -> str:
+    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`;
+    `+dirty` for a tree with uncommitted changes), short, sorted, comma-separated; `unknown` for a
+    run whose checkpoints are not here (a merged sweep from another machine)."""
+    from pkmlm.checkpoint.store import list_checkpoints
+
+    commits = set()
+    for run_dir in sorted({r.get("run_dir", "") for r in results}):
+        checkpoints = list_checkpoints(Path(run_dir) / "checkpoints") if run_dir else []
+        try:
+            version = json.loads((checkpoints[-1] / "meta.json").read_text())["code_version"]
+            commits.add(version["commit"][:7] + ("+dirty" if version.get("dirty") else ""))
+        except (IndexError, OSError, ValueError, KeyError, TypeError):
+            commits.add("unknown")
+    return ", ".join(sorted(commits)) or "unknown"
+
+
+def write_results(results: list[dict], path: Path, command: str, threads: Any, note: str) -> None:
+    """`mean_rows` as a results file (`pkmlm.results`, docs/results/README.md): the README's table of
+    the sweep, with the commits the runs were trained at and the conditions of this report."""
+    import datetime
+
+    import torch
+
+    from pkmlm.results import cpu_model
+
+    data = {
+        "command": command,
+        "commit": run_commits(results),
+        "date": str(datetime.date.today()),
+        "machine": cpu_model(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load": "runs under changing load (times: reference step times, step_times.json); report at load average "
+        + "%.1f" % os.getloadavg()[0],
+        "columns": list(MEAN_COLUMNS),
+        "rows": mean_rows(results),
+        "note": note,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def mean_plot(results: list[dict], path: Path) -> None:

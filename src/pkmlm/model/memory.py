@@ -50,26 +50,27 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Literal, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import require
+from pkmlm.errors import choices, require, require_one_of
 from pkmlm.model import kernels, variants
 from pkmlm.model.variants import is_int as _is_int
 from pkmlm.model.variants import is_number as _is_number
 
-QUERY_NORMS = ("batchnorm", "layernorm", "none")
-PLACEMENTS = ("replace", "parallel")
+QueryNorm = Literal["batchnorm", "layernorm", "none"]
+Placement = Literal["replace", "parallel"]
 # Storage dtype of the value table. bfloat16 halves the bytes every read and update moves; the
 # table's AdamW moments then are bfloat16 too (updates below half a bf16 step of a value are lost).
-VALUES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ValuesDtype = Literal["float32", "bfloat16"]
+VALUES_DTYPES = dict(zip(choices(ValuesDtype), (torch.float32, torch.bfloat16)))
 # fp32: the query network and the sub-key scores run in fp32 under any autocast, so that the slots
 # chosen are exactly those of an fp32 run (issue 11: in bf16, ~10% of (token, head) rows chose a
 # different slot set). autocast: they follow autocast (bf16 matmuls: faster, approximate ranking).
-RETRIEVAL_PRECISIONS = ("fp32", "autocast")
+RetrievalPrecision = Literal["fp32", "autocast"]
 
 
 @dataclass
@@ -140,7 +141,7 @@ class MemoryConfig(*reversed(variants.field_classes()), LayerFields):
             )
         for name in ("share_values", "shard_values"):
             require(isinstance(getattr(self, name), bool), f"{prefix}.{name}", getattr(self, name), "true or false")
-        require(self.placement in PLACEMENTS, f"{prefix}.placement", self.placement, f"one of {'|'.join(PLACEMENTS)}")
+        require_one_of(f"{prefix}.placement", self.placement, Placement)
         check_memory_args(prefix, **{name: getattr(self, name) for name in _LAYER_ARGS})
         for variant in variants.registered():
             variant.check(self, prefix)
@@ -217,7 +218,7 @@ def check_memory_args(
         v_dim,
         "a positive integer, or null for model.dim",
     )
-    require(query_norm in QUERY_NORMS, f"{prefix}.query_norm", query_norm, f"one of {'|'.join(QUERY_NORMS)}")
+    require_one_of(f"{prefix}.query_norm", query_norm, QueryNorm)
     for name, p in (
         ("input_dropout", input_dropout),
         ("query_dropout", query_dropout),
@@ -225,13 +226,8 @@ def check_memory_args(
     ):
         require(_is_number(p) and 0.0 <= p < 1.0, f"{prefix}.{name}", p, "a probability in [0, 1)")
     kernels.check_kernel(kernel, f"{prefix}.kernel")  # also refuses triton where it does not import
-    require(values_dtype in VALUES_DTYPES, f"{prefix}.values_dtype", values_dtype, f"one of {'|'.join(VALUES_DTYPES)}")
-    require(
-        retrieval_precision in RETRIEVAL_PRECISIONS,
-        f"{prefix}.retrieval_precision",
-        retrieval_precision,
-        f"one of {'|'.join(RETRIEVAL_PRECISIONS)}",
-    )
+    require_one_of(f"{prefix}.values_dtype", values_dtype, ValuesDtype)
+    require_one_of(f"{prefix}.retrieval_precision", retrieval_precision, RetrievalPrecision)
     kernels.check_topk_impl(topk_impl, f"{prefix}.topk_impl")  # also refuses cpp where it cannot be built
     kernels.check_read_impl(read_impl, f"{prefix}.read_impl")  # the same
     kernels.check_scores_backward(scores_backward, f"{prefix}.scores_backward")  # the same
@@ -410,9 +406,10 @@ class ProductKeyMemory(nn.Module):
     def _init_backward(self, read_impl: str, scores_backward: str) -> None:
         """The CPU backward paths: the read's on CPU tables (`kernels.read`: torch | cpp) and the sub-key
         scores' (`kernels.sparse_search`: dense | sparse), whose C++ library is built or loaded here
-        (as the top-k's), never inside a traced forward."""
-        kernels.check_read_impl(read_impl)
-        kernels.check_scores_backward(scores_backward)
+        (as the top-k's), never inside a traced forward; both were checked at the config boundary
+        (`check_memory_args`), where a library that cannot be built is refused."""
+        if read_impl == "cpp" or scores_backward == "sparse":
+            kernels.cpu_read.load()  # the one library of the C++ CPU kernels
         self.read_impl = read_impl
         self.scores_backward = scores_backward
 

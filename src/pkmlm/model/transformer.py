@@ -34,19 +34,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import checked_once, require
+from pkmlm.errors import checked_once, require, require_one_of
 from pkmlm.model import variants
 from pkmlm.model.kv_cache import KVCache, LayerKV
 from pkmlm.model.memory import MemoryConfig, ProductKeyMemory, ValueTables, _is_int, _is_number, new_value_tables
 from pkmlm.model.variants import SideLayer
 
-POS_EMBS = ("rope", "learned")
+PosEmb = Literal["rope", "learned"]
 
 
 def _rules_key(cfg: ModelConfig) -> str:
@@ -85,7 +85,7 @@ class ModelConfig:
             value = getattr(self, name)
             require(_is_int(value) and value >= 1, f"model.{name}", value, "a positive integer")
         require(self.dim % self.n_heads == 0, "model.n_heads", self.n_heads, f"must divide model.dim={self.dim}")
-        require(self.pos_emb in POS_EMBS, "model.pos_emb", self.pos_emb, f"one of {'|'.join(POS_EMBS)}")
+        require_one_of("model.pos_emb", self.pos_emb, PosEmb)
         require(
             self.pos_emb != "rope" or (self.dim // self.n_heads) % 2 == 0,
             "model.n_heads",

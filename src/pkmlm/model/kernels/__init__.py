@@ -35,13 +35,13 @@ when its kernels first run.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pkmlm.errors import ConfigError
+from pkmlm.errors import ConfigError, require_one_of
 from pkmlm.model.kernels import (
     cpu_read,
     cpu_scores,
@@ -50,17 +50,17 @@ from pkmlm.model.kernels import (
 )  # ops registers torch.ops.pkmlm.memory_read (torch only)
 from pkmlm.model.kernels.reference import read_torch
 
-KERNELS = ("auto", "torch", "triton")
+Kernel = Literal["auto", "torch", "triton"]
 # The top-k of the memory's retrieval on CPU tensors: auto (the C++ kernel where it builds, else
 # torch.topk) | torch | cpp (refused where it cannot be built). CUDA tensors always take torch.topk.
-TOPK_IMPLS = ("auto", "torch", "cpp")
+TopkImpl = Literal["auto", "torch", "cpp"]
 # The read's backward on CPU tables: torch (embedding_bag's, the default: the golden run's bits) |
 # cpp (the fused C++ backward of cpu_read.py; refused where it cannot be built).
-READ_IMPLS = ("torch", "cpp")
+ReadImpl = Literal["torch", "cpp"]
 # The sub-key scores' backward on CPU: dense (the (N, H, 2, S) score gradient and two batched matmuls:
 # the golden run's bits, every device) | sparse (cpu_scores.py: the K winners' sub-keys only; refused
 # where the C++ library cannot be built).
-SCORES_BACKWARDS = ("dense", "sparse")
+ScoresBackward = Literal["dense", "sparse"]
 
 
 # Both answers are cached in plain globals, found once when a memory layer is built (by
@@ -91,8 +91,7 @@ def triton_interpreted() -> bool:
 
 def check_kernel(kernel: str, key: str = "model.memory.kernel") -> None:
     """Raise `ConfigError` for an unknown kernel, or `triton` where triton cannot be imported."""
-    if kernel not in KERNELS:
-        raise ConfigError(key, kernel, f"one of {'|'.join(KERNELS)}")
+    require_one_of(key, kernel, Kernel)
     if not triton_available():
         if kernel == "triton":
             raise ConfigError(key, kernel, "needs the triton package (pip install triton); or use auto or torch")
@@ -100,12 +99,12 @@ def check_kernel(kernel: str, key: str = "model.memory.kernel") -> None:
         triton_interpreted()  # imports the kernels now (explicitly asked for), not in a traced forward
 
 
-def resolve_kernels(kernel: str, key: str = "model.memory.kernel") -> Tuple[str, Optional[str]]:
+def resolve_kernels(kernel: str) -> Tuple[str, Optional[str]]:
     """`(path on CUDA, path on any other device)` for a configured `kernel`, resolved once (when a
     memory layer is built, before it knows where it will run). `auto`: triton on CUDA when triton
     is installed, torch elsewhere. An explicit `triton` off CUDA runs only under the interpreter;
-    otherwise the second path is None and `resolve_kernel` gives the refusal."""
-    check_kernel(kernel, key)
+    otherwise the second path is None and `resolve_kernel` gives the refusal. `kernel` was checked at
+    the config boundary (`check_kernel`)."""
     if kernel == "auto":
         return ("triton" if triton_available() else "torch"), "torch"
     if kernel == "torch":
@@ -117,9 +116,9 @@ def resolve_kernel(kernel: str, device: torch.device, key: str = "model.memory.k
     """The path a read on `device` takes: `torch` or `triton`.
 
     `auto` is triton on CUDA when triton is installed, else torch. An explicit `triton` on a non-CUDA
-    device works only under the interpreter; otherwise it is refused with a `ConfigError`.
+    device works only under the interpreter; otherwise it is refused with a `ConfigError`. `kernel`
+    was checked at the config boundary (`check_kernel`).
     """
-    check_kernel(kernel, key)
     if kernel == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if kernel == "triton" and device.type != "cuda" and not triton_interpreted():
@@ -134,19 +133,18 @@ def resolve_kernel(kernel: str, device: torch.device, key: str = "model.memory.k
 
 def check_topk_impl(impl: str, key: str = "model.memory.topk_impl") -> None:
     """Raise `ConfigError` for an unknown `impl`, or `cpp` where the C++ kernel cannot be built."""
-    if impl not in TOPK_IMPLS:
-        raise ConfigError(key, impl, f"one of {'|'.join(TOPK_IMPLS)}")
+    require_one_of(key, impl, TopkImpl)
     if impl == "cpp" and not cpu_topk.load():
         raise ConfigError(
             key, impl, f"the C++ CPU top-k could not be built ({cpu_topk.unavailable_reason()}); use auto or torch"
         )
 
 
-def resolve_topk(impl: str, key: str = "model.memory.topk_impl") -> str:
-    """The top-k path of CPU tensors for a configured `impl`, resolved once (when a memory layer is
-    built): `cpp` or `torch`. `auto` builds (first time on a machine) or loads the C++ kernel and
-    takes it where that works; `cpu_topk.unavailable_reason()` then says why not."""
-    check_topk_impl(impl, key)
+def resolve_topk(impl: str) -> str:
+    """The top-k path of CPU tensors for a checked `impl` (`check_topk_impl`, at the config
+    boundary), resolved once (when a memory layer is built): `cpp` or `torch`. `auto` builds (first
+    time on a machine) or loads the C++ kernel and takes it where that works;
+    `cpu_topk.unavailable_reason()` then says why not."""
     if impl == "torch":
         return "torch"
     return "cpp" if cpu_topk.load() else "torch"
@@ -154,8 +152,7 @@ def resolve_topk(impl: str, key: str = "model.memory.topk_impl") -> str:
 
 def check_read_impl(impl: str, key: str = "model.memory.read_impl") -> None:
     """Raise `ConfigError` for an unknown `impl`, or `cpp` where the C++ library cannot be built."""
-    if impl not in READ_IMPLS:
-        raise ConfigError(key, impl, f"one of {'|'.join(READ_IMPLS)}")
+    require_one_of(key, impl, ReadImpl)
     if impl == "cpp" and not cpu_read.load():
         raise ConfigError(
             key, impl, f"the C++ CPU read could not be built ({cpu_topk.unavailable_reason()}); use torch"
@@ -164,8 +161,7 @@ def check_read_impl(impl: str, key: str = "model.memory.read_impl") -> None:
 
 def check_scores_backward(value: str, key: str = "model.memory.scores_backward") -> None:
     """Raise `ConfigError` for an unknown value, or `sparse` where the C++ library cannot be built."""
-    if value not in SCORES_BACKWARDS:
-        raise ConfigError(key, value, f"one of {'|'.join(SCORES_BACKWARDS)}")
+    require_one_of(key, value, ScoresBackward)
     if value == "sparse" and not cpu_topk.load():
         raise ConfigError(
             key, value, f"the C++ CPU library could not be built ({cpu_topk.unavailable_reason()}); use dense"
@@ -296,10 +292,10 @@ def _read_sparse_grad(values_MV: Tensor, indices_NR: Tensor, weights_NR: Tensor,
 
 
 __all__ = [
-    "KERNELS",
-    "TOPK_IMPLS",
-    "READ_IMPLS",
-    "SCORES_BACKWARDS",
+    "Kernel",
+    "TopkImpl",
+    "ReadImpl",
+    "ScoresBackward",
     "check_read_impl",
     "check_scores_backward",
     "product_search",

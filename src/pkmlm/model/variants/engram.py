@@ -63,13 +63,13 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import DataError, require
+from pkmlm.errors import DataError, require, require_one_of
 from pkmlm.model.variants.base import MemoryVariant, SideLayer, option
 from pkmlm.model.variants.registry import register, registered
 
@@ -87,6 +87,15 @@ _RAW_KEY = "\x00raw:"
 # The end-of-text id a layer assumes until the run's tokenizer is installed: pkmlm's BPE gives
 # it id 0 (`pkmlm.data.tokenizer.train_bpe`); a tokenizer that does not is installed by the trainer.
 DEFAULT_EOT_ID = 0
+
+
+# How an Engram layer's parameters start (`engram_init`; `EngramLayer.reset_parameters` gives each
+# one's reasons and sources; measured in docs/engram.md, "Initialisation"):
+#   zero_tables  the tables at zero, W_K and W_V fan-in normal: the layer adds exactly nothing at step 0
+#   residual     tables N(0, 1) (the demo's nn.Embedding default), W_V at the residual-projection std
+#                (pkmlm's init until 2026-12-07: at step 0 the layer adds twice the residual stream's RMS)
+#   maxtext      MaxText's: tables N(0, 1/E) (flax's embedding default), W_K and W_V fan-in normal
+EngramInit = Literal["zero_tables", "residual", "maxtext"]
 
 
 def _is_int(value: object) -> bool:
@@ -126,6 +135,10 @@ class EngramConfig:
     # without weight decay; 5x is the factor as we read it (check the paper's training setup before a
     # sweep relies on it).
     tables_lr_mult: float = 5.0
+    # How the parameters start: one of `EngramInit` (`EngramLayer.reset_parameters`). zero_tables: the
+    # layer's output is exactly zero at step 0 (the residual stream as without it), as MaxText zero-inits
+    # the convolution "to strictly preserve the identity mapping at the start of training".
+    init: str = "zero_tables"
 
     def validate(self, prefix: str = "model.memory.", n_layers: Optional[int] = None) -> None:
         """Raise `ConfigError` on the first bad value; `n_layers` bounds the layer indices. Keys are
@@ -171,6 +184,7 @@ class EngramConfig:
             self.tables_lr_mult,
             "a finite number > 0",
         )
+        require_one_of(f"{prefix}init", self.init, EngramInit)
 
 
 # --- tokenizer compression --------------------------------------------------------------
@@ -426,6 +440,7 @@ class EngramLayer(SideLayer):
         self.dilation = cfg.max_ngram  # the paper: dilation = the largest n-gram order
         self.gate_signed_sqrt = cfg.gate_signed_sqrt
         self.tables_lr_mult = cfg.tables_lr_mult
+        self.init = cfg.init
         self.vocab_size = vocab_size
         self.pad_id = vocab_size  # above every canonical id: never a real token
         self.register_buffer("canonical_ids", torch.arange(vocab_size, dtype=torch.int64))
@@ -451,21 +466,47 @@ class EngramLayer(SideLayer):
         self.reset_parameters()
 
     def reset_parameters(self, residual_std: Optional[float] = None) -> None:
-        """The layer's own init.
+        """The layer's own init, by `init` (`EngramInit`; measured in docs/engram.md, "Initialisation").
 
-        Tables ~ N(0, 1) (the demo's nn.Embedding default): the key is RMS-normalised and the value
-        goes through W_V, so their scale only sets W_V's. W_K: PyTorch's Linear default (the gate
-        normalises it away). W_V writes into the residual stream: `residual_std` (the Transformer's
-        0.02 / sqrt(2 * n_layers) for residual projections, given by the caller), else PyTorch's
-        default. The convolution starts at zero, so the layer starts as the gated value alone
-        (SiLU(0) = 0: the paper's identity-preserving init of the convolution).
+        zero_tables (the default): the tables start at zero, so e_t = 0 and the output Y is exactly
+        zero at step 0: the model starts as it would without the layer, the principle MaxText states
+        for the convolution's zero init ("to strictly preserve the identity mapping at the start of
+        training"), here for the whole branch. Gradients still reach the tables at step 0 (dL/de =
+        W_V^T (alpha * dL/dY), W_V random), so every row read moves at the first step; W_K and W_V
+        take theirs from the second. A row holds only what training wrote into it: a row no n-gram
+        has read adds nothing, where random rows add noise to the residual stream (with N(0, 1)
+        tables and W_V at the residual std, twice its RMS entering block 1 of the tiny model). W_K
+        and W_V: fan-in normal, std 1 / sqrt(R * E) (MaxText's kernel_init, nd_dense_init(1.0,
+        "fan_in", "normal")), so the value's RMS equals the rows' RMS as they grow.
+
+        residual: tables N(0, 1) (the demo's nn.Embedding default; the key is RMS-normalised, so their
+        scale only sets W_V's), W_K PyTorch's Linear default, W_V N(0, `residual_std`) (the
+        Transformer's 0.02 / sqrt(2 * n_layers) for residual projections, given by the caller; else
+        PyTorch's default).
+
+        maxtext: MaxText's Engram (src/maxtext/layers/engram.py): tables N(0, 1/E), flax's embedding
+        default (variance_scaling(1.0, "fan_in", "normal"): rows of norm ~1; MaxText's is a
+        truncated normal, a plain one here), W_K and W_V fan-in normal as above (MaxText adds zero
+        biases; this layer has none).
+
+        Every init: the norms' gains 1, and the convolution's taps zero, so that the layer starts as
+        the gated value alone (SiLU(0) = 0; MaxText's zero kernel_init).
         """
-        nn.init.normal_(self.tables.weight, mean=0.0, std=1.0)
-        self.key_proj.reset_parameters()
-        if residual_std is None:
-            self.value_proj.reset_parameters()
+        fan_in_std = 1.0 / math.sqrt(self.memory_dim)
+        if self.init == "residual":
+            nn.init.normal_(self.tables.weight, mean=0.0, std=1.0)
+            self.key_proj.reset_parameters()
+            if residual_std is None:
+                self.value_proj.reset_parameters()
+            else:
+                nn.init.normal_(self.value_proj.weight, mean=0.0, std=residual_std)
         else:
-            nn.init.normal_(self.value_proj.weight, mean=0.0, std=residual_std)
+            if self.init == "maxtext":
+                nn.init.normal_(self.tables.weight, mean=0.0, std=1.0 / math.sqrt(self.row_dim))
+            else:  # zero_tables
+                nn.init.zeros_(self.tables.weight)
+            nn.init.normal_(self.key_proj.weight, mean=0.0, std=fan_in_std)
+            nn.init.normal_(self.value_proj.weight, mean=0.0, std=fan_in_std)
         for norm in (self.norm_h, self.norm_k, self.norm_conv):
             norm.reset_parameters()
         nn.init.zeros_(self.conv_weight)
@@ -759,6 +800,9 @@ class EngramFields:
     engram_seed: int = 0  # seed of the hash multipliers (with the layer index)
     engram_gate_signed_sqrt: bool = False  # the demo's signed square root of the gate logit (not the paper's)
     engram_tables_lr_mult: float = 5.0  # the tables' learning rate = optim.lr x this; no weight decay
+    # zero_tables (output exactly zero at step 0) | residual (tables N(0, 1), W_V at the residual std:
+    # the init until 2026-12-07) | maxtext (tables N(0, 1/E), fan-in W_K, W_V); docs/engram.md
+    engram_init: str = "zero_tables"
 
 
 PREFIX = "engram_"
@@ -806,14 +850,10 @@ class Engram(MemoryVariant):
     def check(cls, memory: Any, prefix: str) -> None:
         if not option(memory, "engram_layers"):
             return
+        # model.memory.shard_values shards the product-key tables only; Engram's are replicated like
+        # any parameter (DDP averages their gradients): tests/e2e/test_distributed.py trains both on
+        # 2 processes, resumes on 1 and 2, and compares with 1 process.
         engram_config(memory).validate(prefix=f"{prefix}.{PREFIX}")
-        require(
-            not option(memory, "shard_values"),
-            f"{prefix}.shard_values",
-            option(memory, "shard_values"),
-            "false with Engram layers (model.memory.engram_layers): their tables are read by a plain "
-            "embedding lookup and are not sharded by columns",
-        )
 
     @classmethod
     def check_layers(cls, memory: Any, prefix: str, n_layers: int) -> None:

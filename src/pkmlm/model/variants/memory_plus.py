@@ -14,19 +14,20 @@ Shape legend: as pkmlm/model/memory.py (N tokens, D model dim, V value dim).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pkmlm.errors import require
+from pkmlm.errors import choices, require_one_of
 from pkmlm.model.variants.base import MemoryVariant, option
 from pkmlm.model.variants.peer import PEER
 from pkmlm.model.variants.registry import register
 
 # Memory+'s gate: silu is the paper's "swilu" (section 3.3); sigmoid the classic GLU gate.
-GATES = {"none": None, "silu": F.silu, "sigmoid": torch.sigmoid}
+Gate = Literal["none", "silu", "sigmoid"]
+GATES = dict(zip(choices(Gate), (None, F.silu, torch.sigmoid)))
 
 
 @dataclass
@@ -55,7 +56,7 @@ class MemoryPlus(MemoryVariant):
 
     @classmethod
     def check(cls, memory: Any, prefix: str) -> None:
-        require(memory.gate in GATES, f"{prefix}.gate", memory.gate, f"one of {'|'.join(GATES)}")
+        require_one_of(f"{prefix}.gate", memory.gate, Gate)
 
     @classmethod
     def active(cls, layer: Any) -> bool:

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from pkmlm.errors import require
+from pkmlm.errors import choices, require_one_of
 from pkmlm.model import kernels
 from pkmlm.model.variants.base import MemoryVariant, option
 from pkmlm.model.variants.registry import register
 
-VALUES_KINDS = ("embedding", "peer")
+ValuesKind = Literal["embedding", "peer"]
 # PEER's expert activation act(x . u_i): GELU in lucidrains/PEER-pytorch and in the PEER variant of
 # facebookresearch/memory (whose comment allows ReLU too).
-PEER_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+PeerActivation = Literal["gelu", "relu", "silu"]
+PEER_ACTIVATIONS = dict(zip(choices(PeerActivation), (F.gelu, F.relu, F.silu)))
 
 
 @dataclass
@@ -56,13 +57,8 @@ class PEER(MemoryVariant):
     @classmethod
     def check(cls, memory: Any, prefix: str) -> None:
         values_kind, activation = memory.values_kind, memory.peer_activation
-        require(values_kind in VALUES_KINDS, f"{prefix}.values_kind", values_kind, f"one of {'|'.join(VALUES_KINDS)}")
-        require(
-            activation in PEER_ACTIVATIONS,
-            f"{prefix}.peer_activation",
-            activation,
-            f"one of {'|'.join(PEER_ACTIVATIONS)}",
-        )
+        require_one_of(f"{prefix}.values_kind", values_kind, ValuesKind)
+        require_one_of(f"{prefix}.peer_activation", activation, PeerActivation)
 
     @classmethod
     def down_dim(cls, memory: Any, dim: int) -> Optional[int]:
