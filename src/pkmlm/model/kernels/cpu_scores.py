@@ -38,6 +38,7 @@ class _SparseSearch(torch.autograd.Function):
         s_NH2S = scores(q_NH2P, keys_H2SP)
         scores_NHK, slot_NHK, i_NHK, j_NHK = cpu_topk.product_search(s_NH2S, pair_a_C, pair_b_C, k)
         ctx.mark_non_differentiable(slot_NHK, i_NHK, j_NHK)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the integer outputs' gradients
         ctx.save_for_backward(q_NH2P, keys_H2SP, slot_NHK)  # the winners' sub-keys: slot // S, slot % S
         return scores_NHK, slot_NHK, i_NHK, j_NHK
 

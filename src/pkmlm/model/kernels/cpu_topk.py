@@ -177,6 +177,7 @@ def _search_setup_context(ctx, inputs, output) -> None:
     s = inputs[0]
     ctx.S, ctx.dtype = s.shape[-1], s.dtype
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors made for the integer outputs' gradients
     ctx.save_for_backward(output[1])  # the slot ids: the winners' sub-keys are slot // S and slot % S
 
 
