@@ -14,13 +14,14 @@ medians), on the CPU in fp32:
    - the default run's memory layer (configs/memory/tiny.yaml at d=256, one batch of 16 x 128
      tokens) forward+backward against the FFN d -> 4d -> d it replaces; target <= 1.0x, 1 and 2
      threads;
-   each memory contender three times, with the layer's top-k (`model.memory.topk_impl=auto`: the C++
-   kernel where it builds), with torch.topk (`topk_impl=torch`, the retrieval before it), and with
-   the layer's top-k and the fused C++ read backward (`model.memory.read_impl=cpp`, opt-in);
+   each memory contender four times, with the layer's top-k (`model.memory.topk_impl=auto`: the C++
+   search where it builds), with torch.topk (`topk_impl=torch`, the retrieval before it), with
+   the layer's top-k and the fused C++ read backward (`model.memory.read_impl=cpp`, opt-in), and
+   with both CPU opt-ins (`read_impl=cpp` and the sparse score backward, `scores_backward=sparse`);
 2. the knowledge memory step, part by part (1 thread): query network, sub-key scores, top-k (both
    halves' and the candidates', on the layer's path, `model.memory.topk_impl`, and with torch.topk),
    value read (forward), the layer's backward (its forward+backward minus its forward; and with
-   `read_impl=cpp`), and the optimizer step of the memory model minus the dense model's; next to
+   `read_impl=cpp`, and with both opt-ins), and the optimizer step of the memory model minus the dense model's; next to
    the FFN's forward, backward and the dense model's optimizer step.
 """
 
@@ -50,6 +51,10 @@ KNOWLEDGE_BATCH, KNOWLEDGE_SEQ = 32, 128
 # configs/memory/tiny.yaml on configs/model/tiny.yaml (d=256), one default batch of 16 x 128 tokens.
 DEFAULT_LAYER = dict(dim=256, n_keys=128, heads=4, knn=16, k_dim=128, query_norm="batchnorm")
 DEFAULT_TOKENS = 16 * 128
+# The CPU opt-ins (gradients equal to rounding, not bit for bit): the fused read backward and the
+# sparse sub-key score backward.
+OPT_INS = dict(read_impl="cpp", scores_backward="sparse")
+OPT_INS_NAME = ", ".join(f"{name}={value}" for name, value in OPT_INS.items())
 
 
 class Step:
@@ -105,13 +110,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     dense, mem = Step(MemoryConfig(layers=[])), Step(KNOWLEDGE_MEMORY)
     mem_torch = Step(dataclasses.replace(KNOWLEDGE_MEMORY, topk_impl="torch"))
     mem_read = Step(dataclasses.replace(KNOWLEDGE_MEMORY, read_impl="cpp"))  # the fused read backward
+    mem_opt = Step(dataclasses.replace(KNOWLEDGE_MEMORY, **OPT_INS))  # and the sparse score backward
     impl = mem.model.memory_layers()[1].topk_cpu
-    contenders = [dense.step, mem.step, mem_torch.step, mem_read.step]
-    dense_ms, mem_ms, mem_torch_ms, mem_read_ms = interleaved_ms(contenders, CPU, warm, reps)
+    contenders = [dense.step, mem.step, mem_torch.step, mem_read.step, mem_opt.step]
+    dense_ms, mem_ms, mem_torch_ms, mem_read_ms, mem_opt_ms = interleaved_ms(contenders, CPU, warm, reps)
     name = "knowledge step (fwd, bwd, clip, AdamW), 128^2 memory vs dense"
     rows = [[f"{name}, topk_impl={impl}", 1, mem_ms, dense_ms, 1.15]]
     rows.append([f"{name}, topk_impl=torch", 1, mem_torch_ms, dense_ms, 1.15])
     rows.append([f"{name}, topk_impl={impl}, read_impl=cpp", 1, mem_read_ms, dense_ms, 1.15])
+    rows.append([f"{name}, topk_impl={impl}, {OPT_INS_NAME}", 1, mem_opt_ms, dense_ms, 1.15])
 
     # 1b. the default run's layer vs its FFN, 1 and 2 threads (and the layer with torch.topk)
     torch.manual_seed(0)
@@ -120,17 +127,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     pkm_torch = ProductKeyMemory(kernel="torch", topk_impl="torch", **DEFAULT_LAYER)
     torch.manual_seed(0)
     pkm_read = ProductKeyMemory(kernel="torch", read_impl="cpp", **DEFAULT_LAYER)
+    torch.manual_seed(0)
+    pkm_opt = ProductKeyMemory(kernel="torch", **OPT_INS, **DEFAULT_LAYER)
     ffn = FFN(DEFAULT_LAYER["dim"])
     x = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"], requires_grad=True)
     g = torch.randn(DEFAULT_TOKENS, DEFAULT_LAYER["dim"])
     name = f"default run's memory layer fwd+bwd vs FFN (d=256, {DEFAULT_TOKENS} tokens)"
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        contenders = [lambda m=m: layer_step(m, x, g) for m in (ffn, pkm, pkm_torch, pkm_read)]
-        ffn_ms, pkm_ms, pkm_torch_ms, pkm_read_ms = interleaved_ms(contenders, CPU, warm, reps)
+        contenders = [lambda m=m: layer_step(m, x, g) for m in (ffn, pkm, pkm_torch, pkm_read, pkm_opt)]
+        ffn_ms, pkm_ms, pkm_torch_ms, pkm_read_ms, pkm_opt_ms = interleaved_ms(contenders, CPU, warm, reps)
         rows.append([f"{name}, topk_impl={pkm.topk_cpu}", threads, pkm_ms, ffn_ms, 1.0])
         rows.append([f"{name}, topk_impl=torch", threads, pkm_torch_ms, ffn_ms, 1.0])
         rows.append([f"{name}, topk_impl={pkm.topk_cpu}, read_impl=cpp", threads, pkm_read_ms, ffn_ms, 1.0])
+        rows.append([f"{name}, topk_impl={pkm.topk_cpu}, {OPT_INS_NAME}", threads, pkm_opt_ms, ffn_ms, 1.0])
     table = [
         [name, t, m, d, m / d, f"<= {target:.2f}x", "met" if m / d <= target else "not met"]
         for name, t, m, d, target in rows
@@ -166,12 +176,18 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     default_topk = layer.topk_cpu
 
-    def fused_read_step():  # the layer's forward+backward with the fused C++ read (`read_impl=cpp`)
-        layer.read_impl = "cpp"
-        try:
-            layer_step(layer, xk, gk)
-        finally:
-            layer.read_impl = "torch"
+    def opt_in_step(**options):  # the layer's forward+backward with CPU opt-ins (`read_impl=cpp`, ...)
+        def run():
+            before = {name: getattr(layer, name) for name in options}
+            for name, value in options.items():
+                setattr(layer, name, value)
+            try:
+                layer_step(layer, xk, gk)
+            finally:
+                for name, value in before.items():
+                    setattr(layer, name, value)
+
+        return run
 
     retrieval = {
         "query": lambda: layer._project_query(xk),
@@ -183,7 +199,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     training = {
         "layer fwd": lambda: layer_forward(layer, xk),
         "layer fwd+bwd": lambda: layer_step(layer, xk, gk),
-        "layer fwd+bwd read cpp": fused_read_step,
+        "layer fwd+bwd read cpp": opt_in_step(read_impl="cpp"),
+        "layer fwd+bwd opt-ins": opt_in_step(**OPT_INS),
         "ffn fwd": lambda: layer_forward(ffn_k, xk),
         "ffn fwd+bwd": lambda: layer_step(ffn_k, xk, gk),
         "opt mem": mem.optimizer_step,
@@ -200,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         ["value read", timed["read"]],
         ["backward (layer fwd+bwd - fwd)", timed["layer fwd+bwd"] - timed["layer fwd"]],
         ["  the same with the fused C++ read (read_impl=cpp)", timed["layer fwd+bwd read cpp"] - timed["layer fwd"]],
+        [f"  the same with {OPT_INS_NAME}", timed["layer fwd+bwd opt-ins"] - timed["layer fwd"]],
         ["optimizer (memory model - dense model)", timed["opt mem"] - timed["opt dense"]],
         ["= memory layer fwd+bwd", timed["layer fwd+bwd"]],
         ["FFN it replaces: fwd", timed["ffn fwd"]],

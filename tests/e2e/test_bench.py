@@ -123,10 +123,11 @@ def test_bench_step_prints_the_ratios_and_parts_and_writes_results_files(tmp_pat
         assert line in out, out
     step, parts = load(str(tmp_path / "memory_step.json")), load(str(tmp_path / "memory_step_parts.json"))
     # the knowledge step at 1 thread, the layer at 1 and 2; each with the layer's top-k, with torch.topk,
-    # and with the fused C++ read
-    assert [row[1] for row in step.rows] == [1, 1, 1, 1, 1, 1, 2, 2, 2]
-    assert [row[0].rsplit("topk_impl=", 1)[1] for row in step.rows][1::3] == ["torch"] * 3
-    assert all(row[0].endswith("read_impl=cpp") for row in step.rows[2::3])
+    # with the fused C++ read, and with both CPU opt-ins (the fused read and the sparse score backward)
+    assert [row[1] for row in step.rows] == [1] * 8 + [2] * 4
+    assert [row[0].rsplit("topk_impl=", 1)[1] for row in step.rows][1::4] == ["torch"] * 3
+    assert all(row[0].endswith("read_impl=cpp") for row in step.rows[2::4])
+    assert all(row[0].endswith("read_impl=cpp, scores_backward=sparse") for row in step.rows[3::4])
     assert all(row[6] in ("met", "not met") for row in step.rows)
     assert {row[0] for row in parts.rows} >= {"query network", "sub-key scores", "value read", "= memory layer fwd+bwd"}
     assert "| top-k (halves + candidates), topk_impl=" in render_table(parts)

@@ -174,3 +174,55 @@ def test_a_failed_build_falls_back_to_torch_with_the_reason(tmp_path):
     reason, refusal = done.stdout.strip().splitlines()[-2:]
     assert reason and "\n" not in reason
     assert "model.memory.topk_impl" in refusal and "could not be built" in refusal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_product_search_is_the_torch_ops_bit_for_bit(dtype, threads):
+    """The whole search (`kernels.product_search`: scores, slot ids, both halves' top-k ids, and the
+    scores' gradient to `s`), C++ against the torch ops; on random and tie-heavy scores, on the
+    einsum's (head, half, token) layout read in place and on a contiguous copy, the upstream gradient
+    with repeated ranks in both halves (several winners share a sub-key) and a signed zero."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(5)
+        for knn, n_keys in [(16, 128), (4, 9), (8, 8)]:
+            pair_a, pair_b = eligible_rank_pairs(knn)
+            random = torch.randn(3, 2, 100, n_keys, generator=g).permute(2, 0, 1, 3)  # (N, H, 2, S), strided
+            ties = torch.randint(-2, 3, (100, 2, 2, n_keys), generator=g).float()
+            for s0 in (random, random.contiguous(), ties):
+                results = []
+                for impl in ("cpp", "torch"):
+                    s = s0.to(dtype).requires_grad_(True)
+                    scores, slot, i, j = kernels.product_search(s, pair_a, pair_b, knn, impl)
+                    assert scores.dtype == torch.float32 and not slot.requires_grad
+                    upstream = torch.linspace(-1, 1, scores.numel()).view_as(scores)
+                    upstream[0, 0, -1] = -0.0
+                    (grad,) = torch.autograd.grad((scores * upstream).sum(), s)
+                    results.append((scores.detach(), slot, i, j, grad))
+                for got, want in zip(*results):
+                    assert same_bits(got, want)
+                scores, slot, i, j, _ = results[0]
+                halves = s0.to(dtype).float()  # each score is the fp32 sum of its slot's two sub-key scores
+                sums = halves[..., 0, :].gather(-1, slot // n_keys) + halves[..., 1, :].gather(-1, slot % n_keys)
+                assert same_bits(scores, sums)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_rows_far_from_normal_are_exact_too():
+    """The kernel first tries mean + z * std of a row as its bound (tight on the memory's near-normal
+    rows) and keeps it only when k entries reach it: rows where it is too high (a few outliers), far
+    too low (one huge negative entry), heavy-tailed or nearly constant, each against torch.topk."""
+    g = torch.Generator().manual_seed(6)
+    for n, k in [(128, 16), (50, 16), (300, 32)]:
+        rows = torch.randn(6, 200, n, generator=g)
+        rows[0, :, :3] *= 1e4  # 3 outliers: the bound above all but them, fewer than k
+        rows[1, :, 0] = -1e30  # the mean and std dominated by one entry: the bound far too low
+        rows[2] = torch.empty(200, n).exponential_(generator=g) ** 3  # heavy right tail
+        rows[3] = 1.0 + 1e-6 * rows[3]  # nearly constant
+        rows[4, :, : k - 1] += 50.0  # k - 1 clear winners, the k-th among the normal rest
+        rows[5] = -rows[5].abs()  # all negative
+        assert_like_torch(rows, k)
+        assert_like_torch(rows.double(), k)

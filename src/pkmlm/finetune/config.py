@@ -123,6 +123,7 @@ MAY_DIFFER = frozenset(
         "memory.retrieval_precision",
         "memory.topk_impl",
         "memory.read_impl",
+        "memory.scores_backward",
         "memory.shard_values",
         "memory.balance_loss",
         # Only names the variant the options describe (checked against them); absent from runs

@@ -106,6 +106,11 @@ class LayerFields:
     # cpp (one fused C++ pass for the table's and the weights' gradients, kernels/cpu_read.cpp:
     # faster, equal to rounding, not bit for bit; refused where it cannot be built).
     read_impl: str = "torch"
+    # The sub-key scores' backward on CPU: dense (the (N, H, 2, S) score gradient and two batched
+    # matmuls: the default, the golden run's bits) | sparse (the K winners' sub-keys of each half only,
+    # kernels/cpu_scores.cpp: faster, equal to rounding, not bit for bit; refused where it cannot be
+    # built; dense with a variant's auxiliary loss, which reads every score).
+    scores_backward: str = "dense"
     # One set of value tables read by every memory layer, owned by the Transformer (Memory+'s
     # shared pool, UltraMem's shared values: more layers query the same n_keys**2 slots; each layer
     # keeps its own query network, keys and gate).
@@ -162,6 +167,7 @@ _LAYER_ARGS = (
     "retrieval_precision",
     "topk_impl",
     "read_impl",
+    "scores_backward",
 )
 
 
@@ -188,6 +194,7 @@ def check_memory_args(
     retrieval_precision: str = "fp32",
     topk_impl: str = "auto",
     read_impl: str = "torch",
+    scores_backward: str = "dense",
 ) -> None:
     """The 2019 layer's argument checks (called by `MemoryConfig.validate`, the config boundary,
     before each variant's `check`; `ProductKeyMemory` trusts its arguments)."""
@@ -223,6 +230,7 @@ def check_memory_args(
     require_one_of(f"{prefix}.retrieval_precision", retrieval_precision, RetrievalPrecision)
     kernels.check_topk_impl(topk_impl, f"{prefix}.topk_impl")  # also refuses cpp where it cannot be built
     kernels.check_read_impl(read_impl, f"{prefix}.read_impl")  # the same
+    kernels.check_scores_backward(scores_backward, f"{prefix}.scores_backward")  # the same
 
 
 def eligible_rank_pairs(knn: int) -> Tuple[Tensor, Tensor]:
@@ -320,6 +328,7 @@ class ProductKeyMemory(nn.Module):
         retrieval_precision: str = "fp32",
         topk_impl: str = "auto",
         read_impl: str = "torch",
+        scores_backward: str = "dense",
         owns_values: bool = True,
         **options,
     ):
@@ -378,7 +387,7 @@ class ProductKeyMemory(nn.Module):
         # The variants whose forward hooks this layer calls (their options are on here).
         self.variants = tuple(variant for variant in variants.registered() if variant.active(self))
         self._init_top_k(topk_impl)
-        self._init_read(read_impl)
+        self._init_backward(read_impl, scores_backward)
 
         self.observer: Optional[Callable[[Tensor, Tensor], None]] = None
         self.reset_parameters()
@@ -394,13 +403,15 @@ class ProductKeyMemory(nn.Module):
         self.register_buffer("pair_a", pair_a_C, persistent=False)
         self.register_buffer("pair_b", pair_b_C, persistent=False)
 
-    def _init_read(self, read_impl: str) -> None:
-        """The read's backward on CPU tables (`kernels.read`): torch | cpp, whose C++ library is built
-        or loaded here (as the top-k's), never inside a traced forward; `read_impl` was checked at the
-        config boundary (`check_memory_args`), where a library that cannot be built is refused."""
-        if read_impl == "cpp":
-            kernels.cpu_read.load()
+    def _init_backward(self, read_impl: str, scores_backward: str) -> None:
+        """The CPU backward paths: the read's on CPU tables (`kernels.read`: torch | cpp) and the sub-key
+        scores' (`kernels.sparse_search`: dense | sparse), whose C++ library is built or loaded here
+        (as the top-k's), never inside a traced forward; both were checked at the config boundary
+        (`check_memory_args`), where a library that cannot be built is refused."""
+        if read_impl == "cpp" or scores_backward == "sparse":
+            kernels.cpu_read.load()  # the one library of the C++ CPU kernels
         self.read_impl = read_impl
+        self.scores_backward = scores_backward
 
     @classmethod
     def from_config(cls, dim: int, cfg: MemoryConfig, owns_values: bool = True) -> "ProductKeyMemory":
@@ -510,18 +521,26 @@ class ProductKeyMemory(nn.Module):
             q_NHQ = self._project_query(x_ND)
             keys_H2SP = self.sub_keys()
             q_NH2P = q_NHQ.view(*q_NHQ.shape[:-1], 2, self.k_dim // 2)  # the two halves of each query
-            # Scores of every sub-key of both halves of every head: one batched matmul of 2H
-            # (N, P) x (P, S) products (fewer, larger ops than a matmul per half: issue 21).
-            s_NH2S = torch.einsum("nhcp,hcsp->nhcs", q_NH2P, keys_H2SP)
-        scores_NHK, indices_NHK, i_NHK, j_NHK = self._product_topk(s_NH2S)
-        s1_NHS, s2_NHS = s_NH2S[:, :, 0], s_NH2S[:, :, 1]
+            # `scores_backward=sparse` (opt-in, CPU): the scores and the search below as one op whose
+            # backward reads only the K winners' sub-keys (kernels/cpu_scores.py); not with an
+            # auxiliary loss, which reads every sub-key score. None where it does not apply.
+            sparse = self.scores_backward == "sparse" and not with_aux
+            found = kernels.sparse_search(q_NH2P, keys_H2SP, self.pair_a, self.pair_b, self.knn) if sparse else None
+            if found is None:
+                # Scores of every sub-key of both halves of every head: one batched matmul of 2H
+                # (N, P) x (P, S) products (fewer, larger ops than a matmul per half: issue 21).
+                s_NH2S = torch.einsum("nhcp,hcsp->nhcs", q_NH2P, keys_H2SP)
+        if found is not None:
+            scores_NHK, indices_NHK, i_NHK, j_NHK = found
+        else:
+            scores_NHK, indices_NHK, i_NHK, j_NHK = self._product_topk(s_NH2S)
         # Softmax in fp32 even under bf16 autocast: K close scores need the mantissa.
         weights_NHK = F.softmax(scores_NHK.float(), dim=-1)
         aux = None
         if with_aux:
             for variant in self.variants:  # e.g. UltraMemV2's sub-key balance loss
                 if variant.has_aux(self):
-                    loss = variant.aux_loss(self, s1_NHS, s2_NHS, i_NHK, j_NHK)
+                    loss = variant.aux_loss(self, s_NH2S[:, :, 0], s_NH2S[:, :, 1], i_NHK, j_NHK)
                     aux = loss if aux is None else aux + loss
         return weights_NHK, indices_NHK, aux
 
@@ -529,21 +548,16 @@ class ProductKeyMemory(nn.Module):
         """From the sub-key scores of both halves `(N, H, 2, S)`: scores `(N, H, K)` (fp32,
         descending) and slot ids `(N, H, K)` of the exact top-K, and each half's top-K sub-key ids
         `(N, H, K)`."""
-        K, S = self.knn, self.n_keys
         # Best K sub-keys of each half (sorted), both halves in one search (a top-k per row either
         # way). Then candidate sums top1[a] + top2[b], in fp32 so the final ranking is not made in
         # bf16, over the C ~ K ln K rank pairs that can win (`eligible_rank_pairs`) instead of all
-        # K*K, and their top-K: the winners' ranks (a, b) in the two half lists. The ranking needs no
-        # gradient; the K winners' scores are re-added below, the same fp32 sums. On CPU both
-        # searches are one C++ pass (`topk_impl`, `kernels.product_topk`): the same values, indices
-        # and gradients as the torch ops, bit for bit, ~2x faster (issue 21).
-        top_NH2K, ids_NH2K, a_NHK, b_NHK = kernels.product_topk(s_NH2S, self.pair_a, self.pair_b, K, self.topk_cpu)
-        top1_NHK, top2_NHK = top_NH2K[:, :, 0].float(), top_NH2K[:, :, 1].float()
-        i_NHK, j_NHK = ids_NH2K[:, :, 0], ids_NH2K[:, :, 1]
-        scores_NHK = top1_NHK.gather(-1, a_NHK) + top2_NHK.gather(-1, b_NHK)
-        # Map the ranks back to the sub-key ids of the two halves, then to the slot id.
-        slot_NHK = i_NHK.gather(-1, a_NHK) * S + j_NHK.gather(-1, b_NHK)
-        return scores_NHK, slot_NHK, i_NHK, j_NHK
+        # K*K, and their top-K: the winners' ranks (a, b) in the two half lists, mapped back to the
+        # sub-key ids of the two halves and the slot id i * S + j. The ranking needs no gradient;
+        # the K winners' scores are re-added, the same fp32 sums. On CPU the whole search is one C++
+        # pass forward and one backward (`topk_impl`, `kernels.product_search`): the same values,
+        # indices and gradients as the torch ops, bit for bit, without their copies, gathers and
+        # dense zero fills (issue 21).
+        return kernels.product_search(s_NH2S, self.pair_a, self.pair_b, self.knn, self.topk_cpu)
 
     # --- section 3.1 / 3.3: weighted read of the values, summed over heads (+ the variants' hooks) --
 

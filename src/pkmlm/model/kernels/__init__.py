@@ -16,6 +16,12 @@ the retrieval's two searches (both halves' top-k, then the top-k of the candidat
 CPU kernel of `cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto`
 takes it where it builds), by torch otherwise: the same values, indices and gradients, bit for bit.
 
+`product_search(s, ...)` is the whole search the memory layer makes of its sub-key scores: the top-k
+scores (fp32), slot ids and both halves' sub-key ids; on CPU with `cpp` one C++ pass for the forward
+and one for the backward (no dense zero fill, no gathers), bit for bit the torch ops.
+`sparse_search(q, keys, ...)` (`model.memory.scores_backward=sparse`, opt-in) computes the sub-key
+scores too, with a backward over the K winners' sub-keys only (cpu_scores.py; equal to rounding).
+
 `read(..., read_impl="cpp")` (`model.memory.read_impl`, opt-in) takes the fused CPU read of
 `cpu_read.py` for CPU tables on the torch path: `embedding_bag`'s output, a one-pass C++ backward
 (gradients equal to rounding, not bit for bit: hence not the default).
@@ -36,7 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pkmlm.errors import ConfigError, require_one_of
-from pkmlm.model.kernels import cpu_read, cpu_topk, ops  # ops registers torch.ops.pkmlm.memory_read (torch only)
+from pkmlm.model.kernels import (
+    cpu_read,
+    cpu_scores,
+    cpu_topk,
+    ops,
+)  # ops registers torch.ops.pkmlm.memory_read (torch only)
 from pkmlm.model.kernels.reference import read_torch
 
 Kernel = Literal["auto", "torch", "triton"]
@@ -46,6 +57,10 @@ TopkImpl = Literal["auto", "torch", "cpp"]
 # The read's backward on CPU tables: torch (embedding_bag's, the default: the golden run's bits) |
 # cpp (the fused C++ backward of cpu_read.py; refused where it cannot be built).
 ReadImpl = Literal["torch", "cpp"]
+# The sub-key scores' backward on CPU: dense (the (N, H, 2, S) score gradient and two batched matmuls:
+# the golden run's bits, every device) | sparse (cpu_scores.py: the K winners' sub-keys only; refused
+# where the C++ library cannot be built).
+ScoresBackward = Literal["dense", "sparse"]
 
 
 # Both answers are cached in plain globals, found once when a memory layer is built (by
@@ -144,6 +159,15 @@ def check_read_impl(impl: str, key: str = "model.memory.read_impl") -> None:
         )
 
 
+def check_scores_backward(value: str, key: str = "model.memory.scores_backward") -> None:
+    """Raise `ConfigError` for an unknown value, or `sparse` where the C++ library cannot be built."""
+    require_one_of(key, value, ScoresBackward)
+    if value == "sparse" and not cpu_topk.load():
+        raise ConfigError(
+            key, value, f"the C++ CPU library could not be built ({cpu_topk.unavailable_reason()}); use dense"
+        )
+
+
 def topk(x: Tensor, k: int, impl: str) -> Tuple[Tensor, Tensor]:
     """`torch.topk(x, k, dim=-1)` (largest, sorted): by the C++ kernel for a CPU tensor of its dtypes
     when `impl` is the resolved `cpp`, by torch otherwise (CUDA, other dtypes, k out of range)."""
@@ -177,6 +201,43 @@ def product_topk(
         )
         best_NK = cand_NC.topk(k, dim=-1).indices  # sorted by descending score
     return top_N2K, ids_N2K, pair_a_C[best_NK], pair_b_C[best_NK]
+
+
+def product_search(
+    s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int, impl: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The memory's search of its sub-key scores `s` `(..., 2, S)`: `(scores (..., k) fp32, slot ids,
+    i, j (..., k) int64)`, the k best sums `float(top0[a]) + float(top1[b])` over the eligible rank
+    pairs in descending order, their slot ids `ids0[a] * S + ids1[b]`, and each half's top-k sub-key
+    ids `ids0`, `ids1` (what UltraMemV2's balance loss counts); only `scores`
+    carries a gradient (to `s`). On CPU with the resolved `cpp` one C++ pass forward and backward
+    (`cpu_topk.product_search`), bit for bit the torch ops below, which every other device runs."""
+    if impl == "cpp" and s_N2S.device.type == "cpu" and s_N2S.dtype in cpu_topk.DTYPES and s_N2S.dim() >= 2:
+        return cpu_topk.product_search(s_N2S, pair_a_C, pair_b_C, k)
+    top_N2K, ids_N2K, a_NK, b_NK = product_topk(s_N2S, pair_a_C, pair_b_C, k, "torch")
+    top1_NK, top2_NK = top_N2K[..., 0, :].float(), top_N2K[..., 1, :].float()
+    i_NK, j_NK = ids_N2K[..., 0, :], ids_N2K[..., 1, :]
+    scores_NK = top1_NK.gather(-1, a_NK) + top2_NK.gather(-1, b_NK)
+    # Map the ranks back to the sub-key ids of the two halves, then to the slot id.
+    slot_NK = i_NK.gather(-1, a_NK) * s_N2S.shape[-1] + j_NK.gather(-1, b_NK)
+    return scores_NK, slot_NK, i_NK, j_NK
+
+
+def sparse_search(
+    q_NH2P: Tensor, keys_H2SP: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int
+) -> Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """`product_search(cpu_scores.scores(q, keys), ...)`'s outputs with the sparse backward to `q` and
+    `keys` (`cpu_scores.py`), or None where it does not apply (not CPU, dtypes other than
+    `cpu_scores.DTYPES`, the library not loaded): the caller then takes the dense path."""
+    if (
+        q_NH2P.device.type == "cpu"
+        and keys_H2SP.device.type == "cpu"
+        and q_NH2P.dtype == keys_H2SP.dtype
+        and q_NH2P.dtype in cpu_scores.DTYPES
+        and cpu_topk.load()
+    ):
+        return cpu_scores.search(q_NH2P, keys_H2SP, pair_a_C, pair_b_C, k)
+    return None
 
 
 def read(
@@ -234,7 +295,11 @@ __all__ = [
     "Kernel",
     "TopkImpl",
     "ReadImpl",
+    "ScoresBackward",
     "check_read_impl",
+    "check_scores_backward",
+    "product_search",
+    "sparse_search",
     "check_topk_impl",
     "resolve_topk",
     "topk",

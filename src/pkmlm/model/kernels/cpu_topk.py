@@ -30,8 +30,10 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("cpu_topk.cpp")
-# Built into the same library: the fused read backward of `model.memory.read_impl=cpp` (cpu_read.py).
-SOURCES = (SOURCE, Path(__file__).with_name("cpu_read.cpp"))
+# Built into the same library: the fused read backward of `model.memory.read_impl=cpp` (cpu_read.py)
+# and the sparse sub-key score backward of `model.memory.scores_backward=sparse` (cpu_scores.py).
+SOURCES = (SOURCE, Path(__file__).with_name("cpu_read.cpp"), Path(__file__).with_name("cpu_scores.cpp"))
+HEADERS = (Path(__file__).with_name("cpu_slots.h"),)  # included by the sources: part of the build's key
 NAME = "pkmlm_cpu_topk"
 FLAGS = ("-O3",)
 # The dtypes the kernel dispatches on (AT_DISPATCH_FLOATING_TYPES_AND2(BFloat16, Half)).
@@ -70,7 +72,7 @@ def build_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"
     )
     key = hashlib.sha256(
-        b"".join(source.read_bytes() for source in SOURCES)
+        b"".join(source.read_bytes() for source in SOURCES + HEADERS)
         + repr((FLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
     ).hexdigest()[:16]
     return Path(root) / "pkmlm" / f"{NAME}_{key}"
@@ -110,6 +112,12 @@ def _build() -> None:
 def _register_python_parts() -> None:
     for op, n_extra in (("pkmlm_cpu::topk", 1), ("pkmlm_cpu::product_topk", 3)):
         torch.library.register_autograd(op, _backward, setup_context=_setup_context(n_extra))
+    torch.library.register_autograd("pkmlm_cpu::product_search", _search_backward, setup_context=_search_setup_context)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Fake implementations (output shapes and dtypes), so that `torch.compile` traces around the ops."""
 
     @torch.library.register_fake("pkmlm_cpu::topk")
     def _fake_topk(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
@@ -130,6 +138,19 @@ def _register_python_parts() -> None:
             s.new_empty(pair, dtype=long),
             s.new_empty(pair, dtype=long),
         )
+
+    @torch.library.register_fake("pkmlm_cpu::product_search")
+    def _fake_product_search(s: Tensor, pair_a: Tensor, pair_b: Tensor, k: int):
+        shape = (*s.shape[:-2], k)
+        return (s.new_empty(shape, dtype=torch.float32), *(s.new_empty(shape, dtype=torch.int64) for _ in range(3)))
+
+    @torch.library.register_fake("pkmlm_cpu::product_search_backward")
+    def _fake_product_search_backward(grad: Tensor, slot: Tensor, S: int, dtype: torch.dtype):
+        return grad.new_empty((*grad.shape[:-1], 2, S), dtype=dtype)
+
+    @torch.library.register_fake("pkmlm_cpu::scores_backward_sparse")  # cpu_scores.cpp
+    def _fake_scores_backward_sparse(grad: Tensor, slot: Tensor, q: Tensor, keys: Tensor):
+        return q.new_empty(q.shape), keys.new_empty(keys.shape)
 
 
 def _setup_context(n_extra: int):
@@ -152,6 +173,23 @@ def _backward(ctx, grad_values: Tensor, *grad_rest):
     return (grad_x, *([None] * (ctx.n_inputs - 1)))
 
 
+def _search_setup_context(ctx, inputs, output) -> None:
+    s = inputs[0]
+    ctx.S, ctx.dtype = s.shape[-1], s.dtype
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero tensors made for the integer outputs' gradients
+    ctx.save_for_backward(output[1])  # the slot ids: the winners' sub-keys are slot // S and slot % S
+
+
+def _search_backward(ctx, grad_scores: Tensor, *grad_rest):
+    """The scores' gradient to `s` in one C++ pass, bit for bit the torch path's (cpu_topk.cpp says how)."""
+    (slot,) = ctx.saved_tensors
+    if grad_scores is None:
+        return None, None, None, None
+    grad_s = torch.ops.pkmlm_cpu.product_search_backward(grad_scores, slot, ctx.S, ctx.dtype)
+    return grad_s, None, None, None
+
+
 def topk(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """`(values, indices)` of the k largest entries along the last dim, sorted (the kernel must be
     loaded and `x` a CPU tensor of one of `DTYPES`; `kernels.topk` checks and falls back)."""
@@ -162,3 +200,9 @@ def product_topk(s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int) -> T
     """The memory's product-key top-k in one pass (`kernels.product_topk` documents it; the kernel must
     be loaded and `s` a CPU tensor of one of `DTYPES`)."""
     return torch.ops.pkmlm_cpu.product_topk(s_N2S, pair_a_C, pair_b_C, k)
+
+
+def product_search(s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The memory's whole product-key search in one pass (`kernels.product_search` documents it; the
+    kernel must be loaded and `s` a CPU tensor of one of `DTYPES`, any strides but the last dim's)."""
+    return torch.ops.pkmlm_cpu.product_search(s_N2S, pair_a_C, pair_b_C, k)
