@@ -101,7 +101,8 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     from pkmlm.train.rundir import code_version
 
     result = results.load(str(tmp_path / "knowledge.json"))
-    assert "--results" in result.command and result.commit.startswith(str(code_version()["commit"])[:7])
+    commit = str(code_version()["commit"])[:7]
+    assert "--results" in result.command and result.commit == commit and f"runs trained at {commit}" in result.note
     assert [row[2] for row in result.rows] == ["dense (equal exposures)", "mem (equal exposures)"]
     assert results.render_table(result).count("\n| 4 |") == 2
 

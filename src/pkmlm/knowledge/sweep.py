@@ -708,16 +708,19 @@ def run_commits(results: list[dict]) -> str:
 
 def write_results(results: list[dict], path: Path, command: str, threads: Any, note: str) -> None:
     """`mean_rows` as a results file (`pkmlm.results`, docs/results/README.md): the README's table of
-    the sweep, with the commits the runs were trained at and the conditions of this report."""
+    the sweep. Its `commit` is this process's (the code that scored recall and timed the steps); the
+    commits the runs were trained at (`run_commits`) are in its note."""
     import datetime
 
     import torch
 
     from pkmlm.results import cpu_model
+    from pkmlm.train.rundir import code_version
 
+    version = code_version()
     data = {
         "command": command,
-        "commit": run_commits(results),
+        "commit": (version["commit"] or "unknown")[:7],
         "date": str(datetime.date.today()),
         "machine": cpu_model(),
         "torch": torch.__version__,
@@ -726,7 +729,7 @@ def write_results(results: list[dict], path: Path, command: str, threads: Any, n
         + "%.1f" % os.getloadavg()[0],
         "columns": list(MEAN_COLUMNS),
         "rows": mean_rows(results),
-        "note": note,
+        "note": f"{note}; runs trained at {run_commits(results)}",
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
