@@ -24,8 +24,8 @@ exposures and at equal training time.
 Jobs run `--jobs` at a time, each with `--threads` threads, under `nice`.
 
 Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are), `mem64` / `mem128` / `mem256`
-(the memory preset with a 64^2 / 128^2 / 256^2-slot table, 4 heads, knn 16, k_dim 64: 4x, 16x and
-64x the value parameters of the FFN it replaces), `dense_pm` (the parameter-matched dense arm: the
+(the memory preset with a 64^2 / 128^2 / 256^2-slot table, 4 heads, knn 16, k_dim 64: 8x, 32x and
+128x the 32.8k parameters of the FFN it replaces), `dense_pm` (the parameter-matched dense arm: the
 FFN widened, `model.ffn_mult` computed by `param_matched_ffn_mult`, until the model's total
 parameters equal the 128^2 memory model's: Csordas et al. 2023's baseline), and the mixture arms
 `mix_dense` / `mix_mem128` (the biographies diluted in the Wikipedia sample, knowledge/mix_*), and
