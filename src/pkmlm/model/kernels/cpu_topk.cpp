@@ -345,20 +345,29 @@ std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& x, int64_t k) {
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_topk(const at::Tensor& s, const at::Tensor& pair_a,
-                                                                       const at::Tensor& pair_b, int64_t k) {
-  TORCH_CHECK(s.device().is_cpu() && s.dim() >= 2 && s.size(-2) == 2, "pkmlm_cpu::product_topk: CPU scores (..., 2, S)");
+// The searches' shared argument checks (one message style): CPU scores (..., 2, S), int64 rank pairs
+// (C,) within [0, k), k in [1, min(S, C)]; returns (S, C).
+static std::pair<int64_t, int64_t> check_search_args(const char* name, const at::Tensor& s, const at::Tensor& pair_a,
+                                                     const at::Tensor& pair_b, int64_t k) {
+  TORCH_CHECK(s.device().is_cpu() && s.dim() >= 2 && s.size(-2) == 2, "pkmlm_cpu::", name, ": CPU scores (..., 2, S)");
   TORCH_CHECK(pair_a.scalar_type() == at::kLong && pair_b.scalar_type() == at::kLong && pair_a.dim() == 1 &&
                   pair_a.sizes() == pair_b.sizes(),
-              "pkmlm_cpu::product_topk: int64 rank pairs (C,)");
+              "pkmlm_cpu::", name, ": int64 rank pairs (C,)");
   const int64_t S = s.size(-1);
   const int64_t C = pair_a.size(0);
-  TORCH_CHECK(k >= 1 && k <= S && k <= C, "pkmlm_cpu::product_topk: k must be in [1, min(S, C)]");
+  TORCH_CHECK(k >= 1 && k <= S && k <= C, "pkmlm_cpu::", name, ": k must be in [1, min(S, C)]");
+  TORCH_CHECK(pair_a.min().item<int64_t>() >= 0 && pair_a.max().item<int64_t>() < k &&
+                  pair_b.min().item<int64_t>() >= 0 && pair_b.max().item<int64_t>() < k,
+              "pkmlm_cpu::", name, ": ranks must be in [0, k)");
+  return {S, C};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_topk(const at::Tensor& s, const at::Tensor& pair_a,
+                                                                       const at::Tensor& pair_b, int64_t k) {
+  int64_t S, C;  // plain variables: the dispatch lambdas capture them (C++17 cannot capture bindings)
+  std::tie(S, C) = check_search_args("product_topk", s, pair_a, pair_b, k);
   const at::Tensor input = s.contiguous();
   const at::Tensor pa = pair_a.contiguous(), pb = pair_b.contiguous();
-  TORCH_CHECK(pa.min().item<int64_t>() >= 0 && pa.max().item<int64_t>() < k && pb.min().item<int64_t>() >= 0 &&
-                  pb.max().item<int64_t>() < k,
-              "pkmlm_cpu::product_topk: ranks must be in [0, k)");
   std::vector<int64_t> top_shape(s.sizes().begin(), s.sizes().end());
   top_shape.back() = k;
   std::vector<int64_t> pair_shape(s.sizes().begin(), s.sizes().end() - 2);
@@ -381,18 +390,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_topk(const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_search(const at::Tensor& s,
                                                                          const at::Tensor& pair_a,
                                                                          const at::Tensor& pair_b, int64_t k) {
-  TORCH_CHECK(s.device().is_cpu() && s.dim() >= 2 && s.size(-2) == 2, "pkmlm_cpu::product_search: CPU scores (..., 2, S)");
-  TORCH_CHECK(pair_a.scalar_type() == at::kLong && pair_b.scalar_type() == at::kLong && pair_a.dim() == 1 &&
-                  pair_a.sizes() == pair_b.sizes(),
-              "pkmlm_cpu::product_search: int64 rank pairs (C,)");
-  const int64_t S = s.size(-1);
-  const int64_t C = pair_a.size(0);
-  TORCH_CHECK(k >= 1 && k <= S && k <= C, "pkmlm_cpu::product_search: k must be in [1, min(S, C)]");
+  int64_t S, C;  // plain variables: the dispatch lambdas capture them (C++17 cannot capture bindings)
+  std::tie(S, C) = check_search_args("product_search", s, pair_a, pair_b, k);
   const at::Tensor input = s.stride(-1) == 1 ? s : s.contiguous();  // rows read in place, any leading strides
   const at::Tensor pa = pair_a.contiguous(), pb = pair_b.contiguous();
-  TORCH_CHECK(pa.min().item<int64_t>() >= 0 && pa.max().item<int64_t>() < k && pb.min().item<int64_t>() >= 0 &&
-                  pb.max().item<int64_t>() < k,
-              "pkmlm_cpu::product_search: ranks must be in [0, k)");
   std::vector<int64_t> shape(s.sizes().begin(), s.sizes().end() - 2);
   shape.push_back(k);
   const auto long_options = s.options().dtype(at::kLong);
