@@ -44,6 +44,9 @@ def test_compiled_training_equals_eager_and_saves_plain_names(tmp_path):
         "model.memory.query_norm=layernorm",
         "model.memory.engram_layers=[1]",  # an Engram side layer too (issue 23: compile gives eager's losses),
         "model.memory.engram_init=maxtext",  # random tables: zero ones give W_K float-noise gradients (see above)
+        "model.memory.engram_heads=2",  # small tables (the defaults are 67M parameters)
+        "model.memory.engram_embed_dim=16",
+        "model.memory.engram_table_size=512",
     )
     _train(tmp_path / "eager", *steps)
     _train(tmp_path / "compiled", *steps, "train.compile=true")

@@ -39,7 +39,13 @@ TOL = 1e-5  # the issue's bound on loss differences between 2 processes and 1
 # when the product-key table is sharded (model.memory.shard_values). Its tables start random
 # (engram_init=maxtext): from the default zero tables, W_K's gradients are exactly zero at step 1 and
 # tiny after, and Adam turns their float noise (2 processes' reduction order vs 1's) into lr-sized steps.
-ENGRAM = ("model.memory.engram_layers=[0]", "model.memory.engram_init=maxtext")
+ENGRAM = (  # small tables: the defaults (67M parameters) would dominate every step and checkpoint here
+    "model.memory.engram_layers=[0]",
+    "model.memory.engram_init=maxtext",
+    "model.memory.engram_heads=2",
+    "model.memory.engram_embed_dim=16",
+    "model.memory.engram_table_size=512",
+)
 MEMORY = (
     "model.memory.layers=[0,1]",
     "model.memory.share_values=true",
