@@ -91,27 +91,6 @@ def test_gradient_is_torch_topks():
         assert same_bits(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_product_topk_is_the_torch_ops_bit_for_bit(dtype):
-    """The fused product-key search: both halves' top-k, the candidate sums' top-k and its (a, b)
-    ranks, and the gradient to the scores, against the torch ops (`kernels.product_topk`'s torch path)."""
-    g = torch.Generator().manual_seed(4)
-    for knn, n_keys in [(16, 128), (4, 9), (8, 8)]:
-        pair_a, pair_b = eligible_rank_pairs(knn)
-        random = torch.randn(300, 3, 2, n_keys, generator=g)
-        ties = torch.randint(-2, 3, (300, 3, 2, n_keys), generator=g).float()  # ties in both searches
-        for s0 in (random, ties):
-            results = []
-            for impl in ("cpp", "torch"):
-                s = s0.to(dtype).requires_grad_(True)
-                top, ids, a, b = kernels.product_topk(s, pair_a, pair_b, knn, impl)
-                upstream = torch.linspace(-1, 1, top.numel()).view_as(top).to(dtype)
-                (grad,) = torch.autograd.grad((top * upstream).sum(), s)
-                results.append((top.detach(), ids, a, b, grad))
-            for got, want in zip(*results):
-                assert same_bits(got, want)
-
-
 def test_dispatch_and_config():
     x = torch.randn(6, 20)
     assert same_bits(kernels.topk(x, 5, "cpp")[0], torch.topk(x, 5).values)

@@ -11,14 +11,14 @@
 (the down vectors of its single-neuron experts), a gather and a batched matmul on the torch path
 for every device (it materialises the (N, R, D) rows; no triton kernel yet).
 
-`topk(x, k, impl=...)` is `torch.topk(x, k, dim=-1)` (largest, sorted), and `product_topk(s, ...)`
-the retrieval's two searches (both halves' top-k, then the top-k of the candidate sums), by the C++
-CPU kernel of `cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto`
-takes it where it builds), by torch otherwise: the same values, indices and gradients, bit for bit.
+`topk(x, k, impl=...)` is `torch.topk(x, k, dim=-1)` (largest, sorted), by the C++ CPU kernel of
+`cpu_topk.py` on CPU tensors when `impl` is `cpp` (`model.memory.topk_impl`: `auto` takes it where it
+builds), by torch otherwise: the same values, indices and gradients, bit for bit.
 
-`product_search(s, ...)` is the whole search the memory layer makes of its sub-key scores: the top-k
-scores (fp32), slot ids and both halves' sub-key ids; on CPU with `cpp` one C++ pass for the forward
-and one for the backward (no dense zero fill, no gathers), bit for bit the torch ops.
+`product_search(s, ...)` is the whole search the memory layer makes of its sub-key scores (both
+halves' top-k, then the top-k of the candidate sums): the top-k scores (fp32), slot ids and both
+halves' sub-key ids; on CPU with `cpp` one C++ pass for the forward and one for the backward (no
+dense zero fill, no gathers), bit for bit the torch ops.
 `sparse_search(q, keys, ...)` (`model.memory.scores_backward=sparse`, opt-in) computes the sub-key
 scores too, with a backward over the K winners' sub-keys only (cpu_scores.py; equal to rounding).
 
@@ -182,27 +182,6 @@ def topk(x: Tensor, k: int, impl: str) -> Tuple[Tensor, Tensor]:
     return torch.topk(x, k, dim=-1)
 
 
-def product_topk(
-    s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int, impl: str
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The product-key top-k's two searches (`ProductKeyMemory._product_topk`) from the sub-key scores
-    `s` `(..., 2, S)` of both halves: `(top (..., 2, k), ids (..., 2, k))` = `torch.topk(s, k)`, and the
-    ranks `(a (..., k), b (..., k))` in the two half lists of the k best candidate sums
-    `float(top[0][pair_a]) + float(top[1][pair_b])` (fp32), sorted by descending sum, in torch.topk's
-    order. On CPU with the resolved `cpp` one C++ pass per (token, head) row, bit for bit the torch ops
-    below (which every other device runs); only `top` carries a gradient (to `s`, as torch.topk's)."""
-    if impl == "cpp" and s_N2S.device.type == "cpu" and s_N2S.dtype in cpu_topk.DTYPES and s_N2S.dim() >= 2:
-        return cpu_topk.product_topk(s_N2S, pair_a_C, pair_b_C, k)
-    top_N2K, ids_N2K = torch.topk(s_N2S, k, dim=-1)
-    with torch.no_grad():  # the ranking needs no gradient
-        # index_select rather than advanced indexing: the same values, a cheaper op on CPU.
-        cand_NC = top_N2K[..., 0, :].float().index_select(-1, pair_a_C) + top_N2K[..., 1, :].float().index_select(
-            -1, pair_b_C
-        )
-        best_NK = cand_NC.topk(k, dim=-1).indices  # sorted by descending score
-    return top_N2K, ids_N2K, pair_a_C[best_NK], pair_b_C[best_NK]
-
-
 def product_search(
     s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int, impl: str
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -214,7 +193,17 @@ def product_search(
     (`cpu_topk.product_search`), bit for bit the torch ops below, which every other device runs."""
     if impl == "cpp" and s_N2S.device.type == "cpu" and s_N2S.dtype in cpu_topk.DTYPES and s_N2S.dim() >= 2:
         return cpu_topk.product_search(s_N2S, pair_a_C, pair_b_C, k)
-    top_N2K, ids_N2K, a_NK, b_NK = product_topk(s_N2S, pair_a_C, pair_b_C, k, "torch")
+    # Best k sub-keys of each half (sorted), both halves in one torch.topk; then the candidate sums
+    # top1[a] + top2[b] in fp32 over the eligible rank pairs, and their top-k: the winners' ranks
+    # (a, b) in the two half lists. The ranking needs no gradient; the winners' sums are re-added.
+    top_N2K, ids_N2K = torch.topk(s_N2S, k, dim=-1)
+    with torch.no_grad():
+        # index_select rather than advanced indexing: the same values, a cheaper op on CPU.
+        cand_NC = top_N2K[..., 0, :].float().index_select(-1, pair_a_C) + top_N2K[..., 1, :].float().index_select(
+            -1, pair_b_C
+        )
+        best_NK = cand_NC.topk(k, dim=-1).indices  # sorted by descending score
+    a_NK, b_NK = pair_a_C[best_NK], pair_b_C[best_NK]
     top1_NK, top2_NK = top_N2K[..., 0, :].float(), top_N2K[..., 1, :].float()
     i_NK, j_NK = ids_N2K[..., 0, :], ids_N2K[..., 1, :]
     scores_NK = top1_NK.gather(-1, a_NK) + top2_NK.gather(-1, b_NK)
@@ -303,7 +292,6 @@ __all__ = [
     "check_topk_impl",
     "resolve_topk",
     "topk",
-    "product_topk",
     "check_kernel",
     "dot",
     "read",

@@ -210,43 +210,6 @@ void topk_rows(const scalar_t* in, int64_t rows, int64_t n, int64_t k, scalar_t*
   });
 }
 
-// The memory's product-key top-k (ProductKeyMemory._product_topk), one (token, head) row at a time:
-// the top-k of both halves' sub-key scores s (2, S), then the top-k of the C candidate sums
-// float(top0[pair_a[c]]) + float(top1[pair_b[c]]), each exactly as torch.topk would (`topk_row`), the
-// sums in fp32 as torch adds them. Outputs: the halves' top-k values and ids (2, k), as torch.topk
-// of s; the winning candidates' ranks in the two half lists, a = pair_a[best] and b = pair_b[best].
-template <typename scalar_t>
-void product_topk_rows(const scalar_t* in, int64_t rows, int64_t S, int64_t k, const int64_t* pair_a,
-                       const int64_t* pair_b, int64_t C, scalar_t* out_v, int64_t* out_i, int64_t* out_a,
-                       int64_t* out_b) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, 32768 / (2 * S + C));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch(S, k);
-    Scratch<float> cand_scratch(C, k);
-    std::vector<acc_t> row_acc(S), best_v(k);
-    std::vector<float> top_f(2 * k), cand(C), best_c(k);
-    std::vector<int64_t> best(k);
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t half = 0; half < 2; ++half) {
-        const int64_t offset = (r * 2 + half);
-        topk_row(as_acc(in + offset * S, S, row_acc), S, k, scratch, best_v.data(), out_i + offset * k);
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t v = static_cast<scalar_t>(best_v[j]);
-          out_v[offset * k + j] = v;
-          top_f[half * k + j] = static_cast<float>(v);  // `.float()` of the top-k values
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) cand[c] = top_f[pair_a[c]] + top_f[k + pair_b[c]];
-      topk_row(cand.data(), C, k, cand_scratch, best_c.data(), best.data());
-      for (int64_t j = 0; j < k; ++j) {
-        out_a[r * k + j] = pair_a[best[j]];
-        out_b[r * k + j] = pair_b[best[j]];
-      }
-    }
-  });
-}
-
 // Where row r of the leading dims of a tensor starts (its offset in elements): rows of a (..., 2, S)
 // tensor taken in place, whatever the strides of its leading dims (the sub-key scores come out of
 // the einsum in (head, half, token) order: reading them where they are saves a 16 MB copy, issue 21).
@@ -345,53 +308,29 @@ std::tuple<at::Tensor, at::Tensor> topk(const at::Tensor& x, int64_t k) {
   return {values, indices};
 }
 
-// The searches' shared argument checks (one message style): CPU scores (..., 2, S), int64 rank pairs
+// product_search's argument checks: CPU scores (..., 2, S), int64 rank pairs
 // (C,) within [0, k), k in [1, min(S, C)]; returns (S, C).
-static std::pair<int64_t, int64_t> check_search_args(const char* name, const at::Tensor& s, const at::Tensor& pair_a,
+static std::pair<int64_t, int64_t> check_search_args(const at::Tensor& s, const at::Tensor& pair_a,
                                                      const at::Tensor& pair_b, int64_t k) {
-  TORCH_CHECK(s.device().is_cpu() && s.dim() >= 2 && s.size(-2) == 2, "pkmlm_cpu::", name, ": CPU scores (..., 2, S)");
+  TORCH_CHECK(s.device().is_cpu() && s.dim() >= 2 && s.size(-2) == 2,
+              "pkmlm_cpu::product_search: CPU scores (..., 2, S)");
   TORCH_CHECK(pair_a.scalar_type() == at::kLong && pair_b.scalar_type() == at::kLong && pair_a.dim() == 1 &&
                   pair_a.sizes() == pair_b.sizes(),
-              "pkmlm_cpu::", name, ": int64 rank pairs (C,)");
+              "pkmlm_cpu::product_search: int64 rank pairs (C,)");
   const int64_t S = s.size(-1);
   const int64_t C = pair_a.size(0);
-  TORCH_CHECK(k >= 1 && k <= S && k <= C, "pkmlm_cpu::", name, ": k must be in [1, min(S, C)]");
+  TORCH_CHECK(k >= 1 && k <= S && k <= C, "pkmlm_cpu::product_search: k must be in [1, min(S, C)]");
   TORCH_CHECK(pair_a.min().item<int64_t>() >= 0 && pair_a.max().item<int64_t>() < k &&
                   pair_b.min().item<int64_t>() >= 0 && pair_b.max().item<int64_t>() < k,
-              "pkmlm_cpu::", name, ": ranks must be in [0, k)");
+              "pkmlm_cpu::product_search: ranks must be in [0, k)");
   return {S, C};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_topk(const at::Tensor& s, const at::Tensor& pair_a,
-                                                                       const at::Tensor& pair_b, int64_t k) {
-  int64_t S, C;  // plain variables: the dispatch lambdas capture them (C++17 cannot capture bindings)
-  std::tie(S, C) = check_search_args("product_topk", s, pair_a, pair_b, k);
-  const at::Tensor input = s.contiguous();
-  const at::Tensor pa = pair_a.contiguous(), pb = pair_b.contiguous();
-  std::vector<int64_t> top_shape(s.sizes().begin(), s.sizes().end());
-  top_shape.back() = k;
-  std::vector<int64_t> pair_shape(s.sizes().begin(), s.sizes().end() - 2);
-  pair_shape.push_back(k);
-  at::Tensor values = at::empty(top_shape, s.options());
-  at::Tensor indices = at::empty(top_shape, s.options().dtype(at::kLong));
-  at::Tensor a = at::empty(pair_shape, s.options().dtype(at::kLong));
-  at::Tensor b = at::empty(pair_shape, s.options().dtype(at::kLong));
-  const int64_t rows = input.numel() / (2 * S);
-  if (rows == 0) return {values, indices, a, b};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "pkmlm_cpu_product_topk", [&] {
-    product_topk_rows<scalar_t>(input.const_data_ptr<scalar_t>(), rows, S, k, pa.const_data_ptr<int64_t>(),
-                                pb.const_data_ptr<int64_t>(), C, values.mutable_data_ptr<scalar_t>(),
-                                indices.mutable_data_ptr<int64_t>(), a.mutable_data_ptr<int64_t>(),
-                                b.mutable_data_ptr<int64_t>());
-  });
-  return {values, indices, a, b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> product_search(const at::Tensor& s,
                                                                          const at::Tensor& pair_a,
                                                                          const at::Tensor& pair_b, int64_t k) {
   int64_t S, C;  // plain variables: the dispatch lambdas capture them (C++17 cannot capture bindings)
-  std::tie(S, C) = check_search_args("product_search", s, pair_a, pair_b, k);
+  std::tie(S, C) = check_search_args(s, pair_a, pair_b, k);
   const at::Tensor input = s.stride(-1) == 1 ? s : s.contiguous();  // rows read in place, any leading strides
   const at::Tensor pa = pair_a.contiguous(), pb = pair_b.contiguous();
   std::vector<int64_t> shape(s.sizes().begin(), s.sizes().end() - 2);
@@ -437,14 +376,12 @@ at::Tensor product_search_backward(const at::Tensor& grad, const at::Tensor& slo
 
 TORCH_LIBRARY(pkmlm_cpu, m) {
   m.def("topk(Tensor x, int k) -> (Tensor values, Tensor indices)");
-  m.def("product_topk(Tensor s, Tensor pair_a, Tensor pair_b, int k) -> (Tensor values, Tensor indices, Tensor a, Tensor b)");
   m.def("product_search(Tensor s, Tensor pair_a, Tensor pair_b, int k) -> (Tensor scores, Tensor slot, Tensor i, Tensor j)");
   m.def("product_search_backward(Tensor grad, Tensor slot, int S, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pkmlm_cpu, CPU, m) {
   m.impl("topk", &topk);
-  m.impl("product_topk", &product_topk);
   m.impl("product_search", &product_search);
   m.impl("product_search_backward", &product_search_backward);
 }

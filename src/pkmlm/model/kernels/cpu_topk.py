@@ -110,8 +110,7 @@ def _build() -> None:
 
 
 def _register_python_parts() -> None:
-    for op, n_extra in (("pkmlm_cpu::topk", 1), ("pkmlm_cpu::product_topk", 3)):
-        torch.library.register_autograd(op, _backward, setup_context=_setup_context(n_extra))
+    torch.library.register_autograd("pkmlm_cpu::topk", _backward, setup_context=_setup_context)
     torch.library.register_autograd("pkmlm_cpu::product_search", _search_backward, setup_context=_search_setup_context)
     _register_fakes()
 
@@ -128,17 +127,6 @@ def _register_fakes() -> None:
     def _fake_read_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor):
         return values.new_empty(values.shape), weights.new_empty(weights.shape)
 
-    @torch.library.register_fake("pkmlm_cpu::product_topk")
-    def _fake_product_topk(s: Tensor, pair_a: Tensor, pair_b: Tensor, k: int):
-        top, pair = (*s.shape[:-1], k), (*s.shape[:-2], k)
-        long = torch.int64
-        return (
-            s.new_empty(top),
-            s.new_empty(top, dtype=long),
-            s.new_empty(pair, dtype=long),
-            s.new_empty(pair, dtype=long),
-        )
-
     @torch.library.register_fake("pkmlm_cpu::product_search")
     def _fake_product_search(s: Tensor, pair_a: Tensor, pair_b: Tensor, k: int):
         shape = (*s.shape[:-2], k)
@@ -153,24 +141,19 @@ def _register_fakes() -> None:
         return q.new_empty(q.shape), keys.new_empty(keys.shape)
 
 
-def _setup_context(n_extra: int):
-    """Both operators' first output is the top-k values of their first input along its last dim, at
-    the indices of their second output; the rest are integer tensors (no gradient)."""
-
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.x_shape = inputs[0].shape
-        ctx.n_inputs = len(inputs)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(output[1])
-
-    return setup_context
+def _setup_context(ctx, inputs, output) -> None:
+    """The first output is the top-k values of the input along its last dim, at the indices of the
+    second output (an integer tensor: no gradient)."""
+    ctx.x_shape = inputs[0].shape
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_values: Tensor, *grad_rest):
     (indices,) = ctx.saved_tensors
     # ATen's topk backward (value_selecting_reduction_backward): zeros, then scatter_.
     grad_x = grad_values.new_zeros(ctx.x_shape).scatter_(-1, indices, grad_values)
-    return (grad_x, *([None] * (ctx.n_inputs - 1)))
+    return grad_x, None
 
 
 def _search_setup_context(ctx, inputs, output) -> None:
@@ -194,12 +177,6 @@ def topk(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     """`(values, indices)` of the k largest entries along the last dim, sorted (the kernel must be
     loaded and `x` a CPU tensor of one of `DTYPES`; `kernels.topk` checks and falls back)."""
     return torch.ops.pkmlm_cpu.topk(x, k)
-
-
-def product_topk(s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The memory's product-key top-k in one pass (`kernels.product_topk` documents it; the kernel must
-    be loaded and `s` a CPU tensor of one of `DTYPES`)."""
-    return torch.ops.pkmlm_cpu.product_topk(s_N2S, pair_a_C, pair_b_C, k)
 
 
 def product_search(s_N2S: Tensor, pair_a_C: Tensor, pair_b_C: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
