@@ -39,6 +39,15 @@ class DataError(UserError):
     """A bad data file or record (in strict mode), naming the file and where in it."""
 
 
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file that would run code when loaded: refused, never skipped
+    (`pkmlm.checkpoint.safe`)."""
+
+
+class NotACheckpointError(UserError):
+    """A file with valid checksums that is not what a pkmlm checkpoint holds there (skippable)."""
+
+
 def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Raise `ConfigError(key, value, allowed)` unless `ok`: the one way a config value is checked."""
     if not ok:

@@ -64,7 +64,7 @@ def reports(tmp_path_factory):
     """Both passes at once: each runs its training on one thread (fault_inject.py --threads 1), so on
     a 2-core machine the two take the time of the longer one."""
     started = [
-        _start(tmp_path_factory, "faults", "--kills", "12", "--steps", "60"),
+        _start(tmp_path_factory, "faults", "--kills", "10", "--steps", "40"),
         _start(
             tmp_path_factory,
             "faults-workers",

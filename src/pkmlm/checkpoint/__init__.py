@@ -2,7 +2,6 @@
 loaded without running code) for one and many processes; the stateful pieces it holds."""
 
 from pkmlm.checkpoint.files import atomic_write
-from pkmlm.checkpoint.safe import NotACheckpointError, UnsafeCheckpointError
 from pkmlm.checkpoint.store import (
     CheckpointWriteError,
     checkpoint_path,
@@ -15,6 +14,7 @@ from pkmlm.checkpoint.store import (
     verify,
     write,
 )
+from pkmlm.errors import NotACheckpointError, UnsafeCheckpointError
 
 __all__ = [
     "CheckpointWriteError",

@@ -11,6 +11,10 @@ may execute code, whatever its checksums say:
   non-tensor values DCP stores beside them (optimizer hyper-parameters) are loaded here with
   `weights_only=True` too, where DCP's default planner uses `weights_only=False`.
 - everything else in a checkpoint is JSON.
+
+This module imports torch.distributed.checkpoint (and with it DTensor: ~1 s of a CLI's start-up), so
+`pkmlm.checkpoint.store` imports it where it reads a checkpoint, not at its own import: a CLI that
+exits on a bad value, or never touches a checkpoint, does not pay for it.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from pkmlm.errors import UserError
+from pkmlm.errors import NotACheckpointError, UnsafeCheckpointError  # noqa: F401  (raised and re-exported here)
 
 _DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
@@ -59,14 +63,6 @@ _DTYPES = {
     for name in dir(torch)
     if isinstance(getattr(torch, name, None), torch.dtype)
 }
-
-
-class UnsafeCheckpointError(UserError):
-    """A checkpoint file that would run code when loaded: refused, never skipped."""
-
-
-class NotACheckpointError(UserError):
-    """A file with valid checksums that is not what a pkmlm checkpoint holds there (skippable)."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):

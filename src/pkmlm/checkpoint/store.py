@@ -58,15 +58,7 @@ from pkmlm.checkpoint.files import (
     verify_manifest,
     write_manifest,
 )
-from pkmlm.checkpoint.safe import (
-    NotACheckpointError,
-    SafeLoadPlanner,
-    SafeReader,
-    SafeWholeLoadPlanner,
-    UnsafeCheckpointError,
-    load_metadata,
-)
-from pkmlm.errors import UserError
+from pkmlm.errors import NotACheckpointError, UnsafeCheckpointError, UserError
 from pkmlm.parallel.agree import run_on_main
 from pkmlm.parallel.env import DistInfo
 
@@ -265,6 +257,8 @@ def template_problem(path: Path, tensors: dict[str, Any]) -> str | None:
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from pkmlm.checkpoint.safe import load_metadata
+
     file = Path(path) / ".metadata"
     entries = load_metadata(str(file), str(file)).state_dict_metadata
     flat, _ = flatten_state_dict(tensors)
@@ -291,6 +285,8 @@ def load_tensors(path: Path, tensors: dict[str, Any], info: DistInfo = DistInfo(
     is checked against the templates first (`template_problem`): one line, nothing read."""
     import torch.distributed.checkpoint as dcp
 
+    from pkmlm.checkpoint.safe import SafeLoadPlanner, SafeReader
+
     problem = template_problem(path, tensors)
     if problem is not None:
         raise UserError(f"{path}: cannot be loaded into this model: {problem}")
@@ -303,6 +299,8 @@ def read_tensors(path: Path) -> dict[str, Any]:
     """Every tensor of the checkpoint, whole, as one nested dict (one process; for inspection,
     export and tests)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from pkmlm.checkpoint.safe import SafeReader, SafeWholeLoadPlanner
 
     state: dict[str, Any] = {}
     with _quiet_single_process(), _refusing_unsafe_content(path):
@@ -319,6 +317,8 @@ def _usable(path: Path) -> str | None:
     never skipped."""
     reason = verify(path)
     if reason is None:
+        from pkmlm.checkpoint.safe import load_metadata
+
         try:
             read_meta(path)
             reason = index_problem(path, load_metadata(str(path / ".metadata"), str(path / ".metadata")))
