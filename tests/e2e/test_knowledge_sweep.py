@@ -194,3 +194,22 @@ def test_bios_share_sets_the_biographies_share_of_the_mixtures_tokens(tmp_path):
     with pytest.raises(SystemExit, match=r"--bios-share must be in \(0, 1\)"):
         sweep.main(["--bios-share", "1.5", "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+
+
+def test_the_exposure_plot_gives_an_arm_one_colour_and_a_seed_one_line_style(tmp_path):
+    """12 arms x 3 seeds (past tab10's 10 colours): every arm its own colour, the same in each seed;
+    every seed its own line style; each arm named once in the legend; the figure is written."""
+    arms = [f"arm{i}" for i in range(12)]
+    results = [
+        {"arm": a, "people": 400, "seed": s, "step": step, "exposures": step, "recall/bits": float(step),
+         "recall/bits_available": 100.0, "train_time_s": float(step)}
+        for a in arms for s in (0, 1, 2) for step in (1, 2)
+    ]  # fmt: skip
+    styles = sweep.line_styles(results)
+    colours = {a: {styles[(a, 400, s)]["color"] for s in (0, 1, 2)} for a in arms}
+    assert all(len(c) == 1 for c in colours.values()) and len({c.pop() for c in colours.values()}) == 12
+    for a in arms:
+        assert len({(styles[(a, 400, s)]["linestyle"], styles[(a, 400, s)]["marker"]) for s in (0, 1, 2)}) == 3
+        assert [styles[(a, 400, s)]["label"] for s in (0, 1, 2)] == [f"{a}, N=400", None, None]
+    sweep.exposure_plot(results, tmp_path / "bits.png")
+    assert (tmp_path / "bits.png").stat().st_size > 0

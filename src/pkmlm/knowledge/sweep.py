@@ -777,9 +777,37 @@ def report(results: list[dict], out: Path, note: str) -> str:
     return table
 
 
+SEED_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "v")]  # (line style, marker) per seed
+
+
+def line_styles(results: list[dict]) -> dict[tuple, dict]:
+    """Per run (arm, N, seed): its line's matplotlib keywords. One colour per (arm, N) (tab10 up to 10
+    of them, tab20 beyond), one line style and marker per seed, and a legend label on each (arm, N)'s
+    first seed only (`label` None on the others)."""
+    import matplotlib
+
+    arms = sorted({(r["arm"], r["people"]) for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    cmap = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"]
+    styles = {}
+    for arm, people, seed in sorted({(r["arm"], r["people"], r["seed"]) for r in results}):
+        line, marker = SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)]
+        first = seed == min(r["seed"] for r in results if (r["arm"], r["people"]) == (arm, people))
+        styles[(arm, people, seed)] = dict(
+            color=cmap(arms.index((arm, people)) % cmap.N),
+            linestyle=line,
+            marker=marker,
+            markersize=4,
+            label=f"{arm}, N={people}" if first else None,
+        )
+    return styles
+
+
 def exposure_plot(results: list[dict], path: Path) -> None:
-    """Bits stored vs exposures (and vs training time), one line per arm and N: the checkpoints of
-    each run (constant schedule: each checkpoint is the run of that length)."""
+    """Bits stored vs exposures (and vs training time), one line per run: the checkpoints of each run
+    (constant schedule: each checkpoint is the run of that length). One colour per arm and N, one
+    line style per seed (the legend names each arm once and the styles once): with one colour per
+    line, a 10-colour cycle gave two arms one colour past 10 runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -788,18 +816,24 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     from pkmlm.experiments.report import save_bits_figure
 
     fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in sorted({(r["arm"], r["people"], r["seed"]) for r in results}):
+    styles = line_styles(results)
+    for key, style in styles.items():
         rows = sorted((r for r in results if (r["arm"], r["people"], r["seed"]) == key), key=lambda r: r["step"])
-        label = f"{key[0]}, N={key[1]}, seed {key[2]}"
-        ax_e.plot([r["exposures"] for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
-        key = time_key(rows) or "train_time_s"
-        ax_t.plot([r.get(key) for r in rows], [r["recall/bits"] for r in rows], marker="o", label=label)
+        label = style.pop("label")
+        ax_e.plot([r["exposures"] for r in rows], [r["recall/bits"] for r in rows], label=label, **style)
+        time = time_key(rows) or "train_time_s"
+        ax_t.plot([r.get(time) for r in rows], [r["recall/bits"] for r in rows], label=label, **style)
+    seeds = sorted({r["seed"] for r in results})
+    if len(seeds) > 1:  # the line styles' key, once
+        for seed in seeds:
+            line, marker = SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)]
+            ax_e.plot([], [], color="black", linestyle=line, marker=marker, markersize=4, label=f"seed {seed}")
     for people in sorted({r["people"] for r in results}):
         available = next(r["recall/bits_available"] for r in results if r["people"] == people)
         for ax in (ax_e, ax_t):
             ax.axhline(available, linestyle="--", color="gray", linewidth=1)
     ax_e.set_xlabel("exposures per person (biographies read)")
-    ax_t.set_xlabel("training time, s (reference step times where measured, else wall clock)")
+    ax_t.set_xlabel("training time, s (reference step times; else wall clock)")
     save_bits_figure(fig, (ax_e, ax_t), path)
 
 
