@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +220,12 @@ def test_eval_reads_an_export_with_the_same_loss_as_its_run(run, tmp_path):
     on_run, on_export = results
     assert on_run["tokens"] > 0 and on_export["tokens"] == on_run["tokens"]
     assert on_export["loss"] == on_run["loss"] and on_export["ppl"] == on_run["ppl"]
+
+
+def test_the_clis_import_the_checkpoint_reader_only_when_they_read_one():
+    """torch.distributed.checkpoint (and with it DTensor) is ~1 s of a CLI's start-up: imported where a
+    checkpoint is read or written (`store`'s functions), not when a CLI module loads, so a one-line
+    refusal of a bad value comes without it."""
+    clis = ", ".join(f"pkmlm.cli.{m}" for m in ("train", "eval", "prepare", "compare", "inspect", "export", "facts"))
+    code = f"import sys, pkmlm, {clis}; loaded = 'torch.distributed.checkpoint' in sys.modules; assert not loaded"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
