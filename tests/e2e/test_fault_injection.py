@@ -3,9 +3,9 @@
 `scripts/fault_inject.py` (the long version: 100 kills by default) runs in a subprocess: a tiny
 memory model trained with `checkpoint.interval=1` is killed with SIGKILL at random moments at
 least 10 times and resumed with `resume=auto` each time (every third kill is followed by damaging
-the newest checkpoint); stopped by SIGTERM, SIGUSR1 and SIGINT; and made to hit a file-size limit
-while writing a checkpoint. Every run must end bitwise equal to an uninterrupted one. A second,
-shorter pass does the same with `data.num_workers=2`.
+the newest checkpoint), and made to hit a file-size limit while writing a checkpoint. A second,
+shorter pass does the kills with `data.num_workers=2`, and the stops by SIGTERM, SIGUSR1 and
+SIGINT. Every run must end bitwise equal to an uninterrupted one.
 
 The kill times are random; the seed is printed with the summary (`PKMLM_FAULT_SEED` replays the
 choices, though not the timing of the machine).
@@ -62,9 +62,11 @@ def _finish(proc: subprocess.Popen, work: Path) -> dict:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     """Both passes at once: each runs its training on one thread (fault_inject.py --threads 1), so on
-    a 2-core machine the two take the time of the longer one."""
+    a 2-core machine the two take the time of the longer one. The stop signals run in the second pass
+    only (with dataloader workers: the harder case, the signal reaching the workers too), which
+    balances the two passes (~12 runs each)."""
     started = [
-        _start(tmp_path_factory, "faults", "--kills", "10", "--steps", "40"),
+        _start(tmp_path_factory, "faults", "--kills", "10", "--steps", "40", "--scenarios", "kills,disk_full"),
         _start(
             tmp_path_factory,
             "faults-workers",
@@ -119,7 +121,9 @@ def test_damaged_checkpoints_are_detected_and_skipped(report):
     assert report["corruptions_detected"] >= len(injected)
 
 
-def test_stop_signals_checkpoint_and_exit_cleanly(report):
+def test_stop_signals_checkpoint_and_exit_cleanly(workers_report):
+    """With dataloader workers (the second pass)."""
+    report = workers_report
     assert [s["signal"] for s in report["signals"]] == ["SIGTERM", "SIGUSR1", "SIGINT"]
     for s in report["signals"]:
         assert s["exit"] == 0 and s["seconds_to_exit"] < 60
