@@ -213,3 +213,52 @@ def test_the_exposure_plot_gives_an_arm_one_colour_and_a_seed_one_line_style(tmp
         assert [styles[(a, 400, s)]["label"] for s in (0, 1, 2)] == [f"{a}, N=400", None, None]
     sweep.exposure_plot(results, tmp_path / "bits.png")
     assert (tmp_path / "bits.png").stat().st_size > 0
+
+
+def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp_path):
+    """Per attribute: bits stored over N x the attribute's bits per person (the corpus's meta.json);
+    memory arms: the usage metrics of the evaluation row at the run's step, averaged over layers;
+    n/a where a corpus or a metrics row is missing. Written beside the sweep's results file."""
+    from pkmlm.knowledge.facts import ATTRIBUTES
+
+    facts = tmp_path / "facts"
+    facts.mkdir()
+    per_person = {a: float(i + 1) for i, a in enumerate(ATTRIBUTES)}  # 1, 2, ..., 6 bits
+    (facts / "meta.json").write_text(json.dumps({"bits_per_attribute": per_person}))
+    mem_dir = tmp_path / "mem"
+    mem_dir.mkdir()
+    (mem_dir / "metrics.jsonl").write_text(
+        json.dumps({"step": 10, "memory/layer0/usage": 0.9}) + "\n"  # an earlier evaluation
+        + "not json\n"
+        + json.dumps({"step": 20, "memory/layer0/usage": 0.5, "memory/layer2/usage": 0.7,
+                      "memory/layer0/kl_count": 1.0, "memory/layer2/kl_count": 2.0,
+                      "memory/layer0/head0/usage": 0.1}) + "\n"
+        + json.dumps({"step": 30, "memory/layer0/usage": 0.2, "memory/layer0/kl_count": 9.0}) + "\n"  # a later one
+    )  # fmt: skip
+
+    def row(arm, seed, share, run_dir, facts_dir=facts):
+        by_attribute = {f"recall/by_attribute/{a}/bits": share * 10 * per_person[a] for a in ATTRIBUTES}
+        return {"arm": arm, "people": 10, "seed": seed, "step": 20, "steps_equal": 20, "facts": str(facts_dir),
+                "run_dir": str(run_dir), "recall/bits": 1.0, "recall/bits_available": 210.0, "exposures": 1.0,
+                "recall/exact_match": 0.5, "recall/bits_per_param/total": 0.1, "recall/params/total": 100,
+                "recall/params/embedding": 10, **by_attribute}  # fmt: skip
+
+    results = [
+        row("mem128", 0, 0.5, mem_dir),
+        row("mem128", 1, 0.7, tmp_path / "gone"),  # a run directory not here: no usage from it
+        row("dense", 0, 0.25, tmp_path / "dense", facts_dir=tmp_path / "nowhere"),  # corpus not here
+    ]
+    table = {r[1]: r for r in sweep.attribute_rows(results)}
+    mem = table["mem128 (equal exposures)"]
+    assert mem[:3] == [10, "mem128 (equal exposures)", 2]
+    assert mem[3 : 3 + len(ATTRIBUTES)] == ["60% (50%-70%)"] * len(ATTRIBUTES)
+    assert mem[-2:] == ["60%", "1.50"]  # layers 0 and 2 at step 20, one seed; per-head keys ignored
+    assert table["dense (equal exposures)"][3:] == ["n/a"] * (len(ATTRIBUTES) + 2)
+    assert "| 60% (50%-70%) |" in sweep.attribute_table(results)
+
+    out = tmp_path / "docs" / "knowledge.json"
+    sweep.write_results(results, out, "python -m pkmlm.knowledge.sweep ...", 1, "mean over seeds (min-max)")
+    written = json.loads(sweep.attribute_results_path(out).read_text())
+    assert sweep.attribute_results_path(out).name == "knowledge_attributes.json"
+    assert written["columns"] == list(sweep.ATTRIBUTE_COLUMNS) and len(written["rows"]) == 2
+    assert json.loads(out.read_text())["columns"] == list(sweep.MEAN_COLUMNS)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.config import config_dir
+from pkmlm.knowledge.facts import ATTRIBUTES
 from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_times, with_reference_times
 
 CHECKPOINTS_PER_RUN = 4  # checkpoints at each quarter of the equal-exposure steps
@@ -585,7 +586,7 @@ def _write_results(args: argparse.Namespace, argv: list[str] | None, results: li
     if args.results:
         command = "python -m pkmlm.knowledge.sweep " + " ".join(sys.argv[1:] if argv is None else argv)
         write_results(results, Path(args.results), command, args.threads, "mean over seeds (min-max)")
-        print(f"wrote {args.results}", file=sys.stderr)
+        print(f"wrote {args.results} and {attribute_results_path(Path(args.results))}", file=sys.stderr)
 
 
 def _is_dense(arm: str) -> bool:
@@ -689,6 +690,99 @@ def mean_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Where the bits go (issue 21: "if the memory does not beat dense, show why with evidence"): per
+# attribute, and how much of a memory's table the runs read.
+
+
+def bits_per_attribute(facts: str | Path) -> dict[str, float] | None:
+    """Bits per person of each attribute, from the corpus's `meta.json`; None when the corpus is not
+    here (a merged sweep from another machine) or its meta is unreadable."""
+    try:
+        bits = json.loads((Path(facts) / "meta.json").read_text())["bits_per_attribute"]
+        return {a: float(bits[a]) for a in ATTRIBUTES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def memory_usage(run_dir: str | Path, step: int) -> dict[str, float]:
+    """The memory-usage metrics of the run's evaluation row at `step` (metrics.jsonl; a sweep run
+    evaluates at its last step, the equal-exposure step of a sparse arm), averaged over its memory
+    layers: `usage` (share of the table's slots read on the validation batches) and `kl_count` (KL
+    of the slots' read counts to uniform, nats). {} without such a row (dense arms, Engram, earlier
+    checkpoints, a run directory not here)."""
+    import re
+
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return {}
+    pattern = re.compile(r"^memory/(layer\d+)/(usage|kl_count)$")
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step") != step:
+            continue
+        per: dict[str, list[float]] = {}
+        for key, value in row.items():
+            match = pattern.match(key)
+            if match and isinstance(value, (int, float)):
+                per.setdefault(match.group(2), []).append(float(value))
+        if per:
+            return {name: sum(v) / len(v) for name, v in per.items()}
+    return {}
+
+
+ATTRIBUTE_COLUMNS = (
+    "N",
+    "arm",
+    "seeds",
+    *ATTRIBUTES,
+    "memory slots read",
+    "read counts: KL to uniform",
+)
+
+
+ATTRIBUTE_NOTE = (
+    "each attribute's bits stored as a share of the bits it holds (N x log2 of its number of values), "
+    "mean over seeds (min-max); memory arms: the share of the table's slots read on the validation "
+    "batches and the KL of the slots' read counts to uniform (nats), at the run's last step"
+)
+
+
+def attribute_rows(results: list[dict]) -> list[list[Any]]:
+    """Per N and point (see `_points`): each attribute's bits stored as a share of the bits it
+    holds (N x log2 of its values), and for memory arms the share of slots read and the read
+    counts' KL to uniform at that step, mean over seeds (min-max), in `ATTRIBUTE_COLUMNS` order."""
+    out = []
+    meta: dict[str, dict[str, float] | None] = {}
+    for (people, label), rows in sorted(_points(results).items()):
+        cells: list[Any] = [people, label, len(rows)]
+        for a in ATTRIBUTES:
+            shares = []
+            for r in rows:
+                facts = str(r.get("facts", ""))
+                if facts not in meta:
+                    meta[facts] = bits_per_attribute(facts) if facts else None
+                key = f"recall/by_attribute/{a}/bits"
+                if meta[facts] and key in r:
+                    shares.append(r[key] / (people * meta[facts][a]))
+            cells.append(_mean_spread(shares, ".0%"))
+        usages = [memory_usage(r["run_dir"], r["step"]) if r.get("run_dir") else {} for r in rows]
+        cells.append(_mean_spread([u["usage"] for u in usages if "usage" in u], ".0%"))
+        cells.append(_mean_spread([u["kl_count"] for u in usages if "kl_count" in u], ".2f"))
+        out.append(cells)
+    return out
+
+
+def attribute_table(results: list[dict]) -> str:
+    """`attribute_rows` as a markdown table."""
+    lines = ["| " + " | ".join(ATTRIBUTE_COLUMNS) + " |", "|" + "---|" * len(ATTRIBUTE_COLUMNS)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in attribute_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
 def run_commits(results: list[dict]) -> str:
     """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`;
     `+dirty` for a tree with uncommitted changes), short, sorted, comma-separated; `unknown` for a
@@ -706,10 +800,17 @@ def run_commits(results: list[dict]) -> str:
     return ", ".join(sorted(commits)) or "unknown"
 
 
+def attribute_results_path(path: Path) -> Path:
+    """Where `write_results` puts the where-the-bits-go table beside the sweep's: `<stem>_attributes.json`."""
+    path = Path(path)
+    return path.with_name(path.stem + "_attributes" + path.suffix)
+
+
 def write_results(results: list[dict], path: Path, command: str, threads: Any, note: str) -> None:
     """`mean_rows` as a results file (`pkmlm.results`, docs/results/README.md): the README's table of
-    the sweep. Its `commit` is this process's (the code that scored recall and timed the steps); the
-    commits the runs were trained at (`run_commits`) are in its note."""
+    the sweep, and `attribute_rows` beside it (`attribute_results_path`). Their `commit` is this
+    process's (the code that scored recall and timed the steps); the commits the runs were trained at
+    (`run_commits`) are in the note."""
     import datetime
 
     import torch
@@ -718,6 +819,7 @@ def write_results(results: list[dict], path: Path, command: str, threads: Any, n
     from pkmlm.train.rundir import code_version
 
     version = code_version()
+    trained = f"runs trained at {run_commits(results)}"
     data = {
         "command": command,
         "commit": (version["commit"] or "unknown")[:7],
@@ -729,11 +831,18 @@ def write_results(results: list[dict], path: Path, command: str, threads: Any, n
         + "%.1f" % os.getloadavg()[0],
         "columns": list(MEAN_COLUMNS),
         "rows": mean_rows(results),
-        "note": f"{note}; runs trained at {run_commits(results)}",
+        "note": f"{note}; {trained}",
+    }
+    attributes = {
+        **data,
+        "columns": list(ATTRIBUTE_COLUMNS),
+        "rows": attribute_rows(results),
+        "note": f"{ATTRIBUTE_NOTE}; {trained}",
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    attribute_results_path(path).write_text(json.dumps(attributes, indent=1, ensure_ascii=False) + "\n")
 
 
 def mean_plot(results: list[dict], path: Path) -> None:
@@ -769,6 +878,7 @@ def report(results: list[dict], out: Path, note: str) -> str:
     """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
     `out/bits_vs_people.png` and `out/bits_vs_parameters.png` for the sweep's rows; returns the table."""
     table = mean_table(results) + "\nPer seed:\n\n" + summary_table(results)
+    table += "\nWhere the bits go (" + ATTRIBUTE_NOTE + "):\n\n" + attribute_table(results)
     if results:
         mean_plot(results, out / "bits_vs_people_mean.png")
         exposure_plot(results, out / "bits_vs_exposures.png")
@@ -780,25 +890,33 @@ def report(results: list[dict], out: Path, note: str) -> str:
 SEED_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "v")]  # (line style, marker) per seed
 
 
+def seed_style(seed: int, seeds: list[int]) -> tuple[str, str]:
+    """(line style, marker) of a seed: its place among the sweep's sorted seeds, cycled."""
+    return SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)]
+
+
 def line_styles(results: list[dict]) -> dict[tuple, dict]:
     """Per run (arm, N, seed): its line's matplotlib keywords. One colour per (arm, N) (tab10 up to 10
     of them, tab20 beyond), one line style and marker per seed, and a legend label on each (arm, N)'s
     first seed only (`label` None on the others)."""
     import matplotlib
 
-    arms = sorted({(r["arm"], r["people"]) for r in results})
-    seeds = sorted({r["seed"] for r in results})
+    runs = sorted({(r["arm"], r["people"], r["seed"]) for r in results})
+    arms = sorted({(arm, people) for arm, people, _ in runs})
+    seeds = sorted({seed for _, _, seed in runs})
+    first_seed: dict[tuple, int] = {}
+    for arm, people, seed in runs:  # sorted: an (arm, N)'s first run has its first seed
+        first_seed.setdefault((arm, people), seed)
     cmap = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"]
     styles = {}
-    for arm, people, seed in sorted({(r["arm"], r["people"], r["seed"]) for r in results}):
-        line, marker = SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)]
-        first = seed == min(r["seed"] for r in results if (r["arm"], r["people"]) == (arm, people))
+    for arm, people, seed in runs:
+        line, marker = seed_style(seed, seeds)
         styles[(arm, people, seed)] = dict(
             color=cmap(arms.index((arm, people)) % cmap.N),
             linestyle=line,
             marker=marker,
             markersize=4,
-            label=f"{arm}, N={people}" if first else None,
+            label=f"{arm}, N={people}" if first_seed[(arm, people)] == seed else None,
         )
     return styles
 
@@ -826,7 +944,7 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     seeds = sorted({r["seed"] for r in results})
     if len(seeds) > 1:  # the line styles' key, once
         for seed in seeds:
-            line, marker = SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)]
+            line, marker = seed_style(seed, seeds)
             ax_e.plot([], [], color="black", linestyle=line, marker=marker, markersize=4, label=f"seed {seed}")
     for people in sorted({r["people"] for r in results}):
         available = next(r["recall/bits_available"] for r in results if r["people"] == people)
