@@ -271,3 +271,18 @@ def test_per_head_and_overall_statistics_on_hand_made_routing():
     assert stats[all_ + "kl_count"] == pytest.approx(log8 + xlogx([5 / 16, 5 / 16] + [1 / 16] * 6))
     assert stats[all_ + "gini"] == pytest.approx(26 / 64)
     assert (stats[all_ + "top50"], stats[all_ + "top90"], stats[all_ + "top99"]) == (2, 7, 8)
+
+
+def test_the_forgetting_benchmark_pins_its_memory_shape_rather_than_inheriting_the_knowledge_arms():
+    """forgetting/pretrain builds on knowledge/mem, whose size issue 21's capacity sweep decides: the
+    forgetting benchmark's memory (64^2 slots, 2 heads, knn 16, k_dim 32, as measured in the README)
+    is written in its own preset, so resizing knowledge/mem leaves it as it was."""
+    own = OmegaConf.load(EXPERIMENTS / "forgetting" / "pretrain.yaml").model.memory
+    assert {k: own.get(k) for k in ("n_keys", "heads", "knn", "k_dim")} == {
+        "n_keys": 64,
+        "heads": 2,
+        "knn": 16,
+        "k_dim": 32,
+    }
+    composed = _compose(["experiment=forgetting/pretrain"]).model.memory
+    assert (composed.n_keys, composed.heads, composed.knn, composed.k_dim) == (64, 2, 16, 32)
