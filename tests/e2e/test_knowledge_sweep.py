@@ -110,6 +110,14 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     labels = ["dense (equal exposures)", *["dense (equal time to mem)"] * equal_time, "mem (equal exposures)"]
     assert [row[2] for row in result.rows] == labels
     assert results.render_table(result).count("\n| 4 |") == len(labels)
+    # Where the bits go, beside it: the mem run's table read while answering the questions, measured
+    # once (sitting 2's report) and kept in the run; the dense arm has no table to read.
+    where = {row[1]: row for row in results.load(str(sweep.attribute_results_path(tmp_path / "knowledge.json"))).rows}
+    assert where["dense (equal exposures)"][-3:] == ["n/a"] * 3
+    usage = [json.loads(line) for line in (mem_dir / "sweep_usage.jsonl").read_text().splitlines()]
+    assert [u["step"] for u in usage] == [max_steps["mem"]] and 0.0 < usage[0]["usage"]["usage"] <= 1.0
+    assert where["mem (equal exposures)"][-3] == format(usage[0]["usage"]["usage"], ".0%")
+    assert not (dense_dir / "sweep_usage.jsonl").exists()
 
 
 def test_equal_time_uses_the_reference_step_times_not_the_loaded_wall_clock():
@@ -217,8 +225,9 @@ def test_the_exposure_plot_gives_an_arm_one_colour_and_a_seed_one_line_style(tmp
 
 def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp_path):
     """Per attribute: bits stored over N x the attribute's bits per person (the corpus's meta.json);
-    memory arms: the usage metrics of the evaluation row at the run's step, averaged over layers;
-    n/a where a corpus or a metrics row is missing. Written beside the sweep's results file."""
+    product-key memory arms at equal exposures: the usage measured on the questions, read from the
+    run's cache (a real measurement: the resume test), never measured again; n/a where a corpus or
+    a checkpoint is missing. Written beside the sweep's results file."""
     from pkmlm.knowledge.facts import ATTRIBUTES
 
     facts = tmp_path / "facts"
@@ -227,14 +236,11 @@ def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp
     (facts / "meta.json").write_text(json.dumps({"bits_per_attribute": per_person}))
     mem_dir = tmp_path / "mem"
     mem_dir.mkdir()
-    (mem_dir / "metrics.jsonl").write_text(
-        json.dumps({"step": 10, "memory/layer0/usage": 0.9}) + "\n"  # an earlier evaluation
-        + "not json\n"
-        + json.dumps({"step": 20, "memory/layer0/usage": 0.5, "memory/layer2/usage": 0.7,
-                      "memory/layer0/kl_count": 1.0, "memory/layer2/kl_count": 2.0,
-                      "memory/layer0/head0/usage": 0.1}) + "\n"
-        + json.dumps({"step": 30, "memory/layer0/usage": 0.2, "memory/layer0/kl_count": 9.0}) + "\n"  # a later one
-    )  # fmt: skip
+    cached = [
+        {"step": 10, "usage": {"usage": 0.9, "kl_count": 9.0, "top90": 9.0}},  # another checkpoint's
+        {"step": 20, "usage": {"usage": 0.6, "kl_count": 1.5, "top90": 1234.0}},
+    ]
+    (mem_dir / "sweep_usage.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cached))
 
     def row(arm, seed, share, run_dir, facts_dir=facts):
         by_attribute = {f"recall/by_attribute/{a}/bits": share * 10 * per_person[a] for a in ATTRIBUTES}
@@ -245,15 +251,16 @@ def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp
 
     results = [
         row("mem128", 0, 0.5, mem_dir),
-        row("mem128", 1, 0.7, tmp_path / "gone"),  # a run directory not here: no usage from it
+        row("mem128", 1, 0.7, tmp_path / "gone"),  # no checkpoint here: no usage from it, nothing written
         row("dense", 0, 0.25, tmp_path / "dense", facts_dir=tmp_path / "nowhere"),  # corpus not here
     ]
     table = {r[1]: r for r in sweep.attribute_rows(results)}
     mem = table["mem128 (equal exposures)"]
     assert mem[:3] == [10, "mem128 (equal exposures)", 2]
     assert mem[3 : 3 + len(ATTRIBUTES)] == ["60% (50%-70%)"] * len(ATTRIBUTES)
-    assert mem[-2:] == ["60%", "1.50"]  # layers 0 and 2 at step 20, one seed; per-head keys ignored
-    assert table["dense (equal exposures)"][3:] == ["n/a"] * (len(ATTRIBUTES) + 2)
+    assert mem[-3:] == ["60%", "1.50", "1,234"]  # step 20's, one seed
+    assert table["dense (equal exposures)"][3:] == ["n/a"] * (len(ATTRIBUTES) + 3)
+    assert not (tmp_path / "gone").exists() and len((mem_dir / "sweep_usage.jsonl").read_text().splitlines()) == 2
     assert "| 60% (50%-70%) |" in sweep.attribute_table(results)
 
     out = tmp_path / "docs" / "knowledge.json"

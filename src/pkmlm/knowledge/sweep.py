@@ -19,7 +19,11 @@ exposures and at equal training time.
 4. recall (`pkmlm.metrics.recall.evaluate_recall`) of every checkpoint, into `DIR/results.jsonl`
    (one row per checkpoint) and `<run>/recall.json` (the final one, which pkmlm-compare reads);
    `DIR/table.md`: per N, dense and memory at equal exposures and dense at equal time;
-   `DIR/bits_vs_exposures.png`: every checkpoint's bits stored vs exposures and vs training time.
+   `DIR/bits_vs_exposures.png`: every checkpoint's bits stored vs exposures and vs training time;
+   and where the bits go (`attribute_rows`): each attribute's share of its bits, and how each
+   product-key memory's table is read while answering the questions (`question_usage`, measured
+   once per run into `<run>/sweep_usage.jsonl`); `--results FILE` writes both tables as results
+   files (`FILE` and `<FILE stem>_attributes.json`).
 
 Jobs run `--jobs` at a time, each with `--threads` threads, under `nice`.
 
@@ -704,34 +708,44 @@ def bits_per_attribute(facts: str | Path) -> dict[str, float] | None:
         return None
 
 
-def memory_usage(run_dir: str | Path, step: int) -> dict[str, float]:
-    """The memory-usage metrics of the run's evaluation row at `step` (metrics.jsonl; a sweep run
-    evaluates at its last step, the equal-exposure step of a sparse arm), averaged over its memory
-    layers: `usage` (share of the table's slots read on the validation batches) and `kl_count` (KL
-    of the slots' read counts to uniform, nats). {} without such a row (dense arms, Engram, earlier
-    checkpoints, a run directory not here)."""
-    import re
+USAGE_STATS = ("usage", "kl_count", "top90")  # memory_usage.MemoryUsage's statistics the table shows
 
-    try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
+
+def question_usage(run_dir: str | Path, step: int, qa: str | Path) -> dict[str, float]:
+    """How the run's memory layers are read while its checkpoint at `step` answers the sweep's
+    questions (every question of `qa`, as `evaluate_recall` scores them): per `USAGE_STATS`, the
+    mean over memory layers of `usage` (share of the table's slots read), `kl_count` (KL of the
+    slots' read counts to uniform, nats) and `top90` (slots holding 90% of the read weight). The
+    questions are every fact of every person, so this is the part of the table the facts use, not
+    the 10 held-out biographies of the run's own evaluation. Measured once per (run, step), kept in
+    `<run>/sweep_usage.jsonl`; {} for a model without product-key memory layers (dense arms, Engram)
+    or a checkpoint not here (a merged sweep from another machine)."""
+    run_dir = Path(run_dir)
+    cache = run_dir / "sweep_usage.jsonl"
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("step") == step:
+                return row["usage"]
+    checkpoint = _final_checkpoint(run_dir, step)
+    if not (checkpoint / ".metadata").is_file():
         return {}
-    pattern = re.compile(r"^memory/(layer\d+)/(usage|kl_count)$")
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("step") != step:
-            continue
-        per: dict[str, list[float]] = {}
-        for key, value in row.items():
-            match = pattern.match(key)
-            if match and isinstance(value, (int, float)):
-                per.setdefault(match.group(2), []).append(float(value))
-        if per:
-            return {name: sum(v) / len(v) for name, v in per.items()}
-    return {}
+    from pkmlm.metrics.memory_usage import memory_layers_of, memory_metrics, track_memory_usage
+    from pkmlm.metrics.recall import evaluate_recall
+    from pkmlm.run import load_run
+
+    run = load_run(checkpoint)
+    usage: dict[str, float] = {}
+    if memory_layers_of(run.model):
+        with track_memory_usage(run.model) as trackers:
+            evaluate_recall(run.model, run.tokenizer, qa)
+        metrics = memory_metrics(trackers)
+        for stat in USAGE_STATS:
+            values = [metrics[f"memory/layer{i}/{stat}"] for i in sorted(trackers)]
+            usage[stat] = sum(values) / len(values)
+    with open(cache, "a") as f:
+        f.write(json.dumps({"step": step, "usage": usage}) + "\n")
+    return usage
 
 
 ATTRIBUTE_COLUMNS = (
@@ -739,22 +753,25 @@ ATTRIBUTE_COLUMNS = (
     "arm",
     "seeds",
     *ATTRIBUTES,
-    "memory slots read",
+    "slots read",
     "read counts: KL to uniform",
+    "slots with 90% of the weight",
 )
 
 
 ATTRIBUTE_NOTE = (
     "each attribute's bits stored as a share of the bits it holds (N x log2 of its number of values), "
-    "mean over seeds (min-max); memory arms: the share of the table's slots read on the validation "
-    "batches and the KL of the slots' read counts to uniform (nats), at the run's last step"
+    "mean over seeds (min-max); product-key memory arms at equal exposures, while answering every "
+    "question (all N x 6 facts): the share of the table's slots read, the KL of the slots' read counts to "
+    "uniform (nats) and the slots holding 90% of the read weight"
 )
 
 
 def attribute_rows(results: list[dict]) -> list[list[Any]]:
     """Per N and point (see `_points`): each attribute's bits stored as a share of the bits it
-    holds (N x log2 of its values), and for memory arms the share of slots read and the read
-    counts' KL to uniform at that step, mean over seeds (min-max), in `ATTRIBUTE_COLUMNS` order."""
+    holds (N x log2 of its values), and for product-key memory arms at equal exposures how their
+    table is read while answering the questions (`question_usage`), mean over seeds (min-max), in
+    `ATTRIBUTE_COLUMNS` order."""
     out = []
     meta: dict[str, dict[str, float] | None] = {}
     for (people, label), rows in sorted(_points(results).items()):
@@ -769,9 +786,15 @@ def attribute_rows(results: list[dict]) -> list[list[Any]]:
                 if meta[facts] and key in r:
                     shares.append(r[key] / (people * meta[facts][a]))
             cells.append(_mean_spread(shares, ".0%"))
-        usages = [memory_usage(r["run_dir"], r["step"]) if r.get("run_dir") else {} for r in rows]
+        usages = [
+            question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
+            if label.endswith("(equal exposures)") and not _is_dense(r["arm"]) and r.get("run_dir") and r.get("facts")
+            else {}
+            for r in rows
+        ]
         cells.append(_mean_spread([u["usage"] for u in usages if "usage" in u], ".0%"))
         cells.append(_mean_spread([u["kl_count"] for u in usages if "kl_count" in u], ".2f"))
+        cells.append(_mean_spread([u["top90"] for u in usages if "top90" in u], ",.0f"))
         out.append(cells)
     return out
 
