@@ -269,3 +269,14 @@ def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp
     assert sweep.attribute_results_path(out).name == "knowledge_attributes.json"
     assert written["columns"] == list(sweep.ATTRIBUTE_COLUMNS) and len(written["rows"]) == 2
     assert json.loads(out.read_text())["columns"] == list(sweep.MEAN_COLUMNS)
+
+
+def test_the_memory_preset_is_the_sweeps_128_squared_arm():
+    """knowledge/mem is sized from the capacity sweep (issue 21): the `mem` arm and the `mem128` arm
+    are one model, and the mixture preset inherits it."""
+    mem, mem128 = (
+        sweep._compose(["experiment=knowledge/mem"]),
+        sweep._compose(["experiment=knowledge/mem", *sweep.memory_overrides(128)]),
+    )
+    assert mem.model == mem128.model and mem.model.memory.n_keys == 128
+    assert sweep._compose(["experiment=knowledge/mix_mem"]).model == mem.model
