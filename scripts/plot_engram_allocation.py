@@ -33,7 +33,10 @@ def curve(result: dict) -> tuple[list[int], list[float]]:
 def dense_ppl(variants: dict) -> float:
     """The variants sweep's dense arm's final val ppl (its row starting with 'dense')."""
     at = _column(variants, "final val ppl")
-    return next(row[at] for row in variants["rows"] if row[0].startswith("dense"))
+    dense = [row[at] for row in variants["rows"] if row[0].startswith("dense")]
+    if not dense:
+        raise SystemExit(f"plot_engram_allocation: {VARIANTS} has no dense row: re-run the variants sweep's report")
+    return dense[0]
 
 
 def old_results(root: Path) -> dict:
@@ -41,7 +44,8 @@ def old_results(root: Path) -> dict:
     shown = subprocess.run(["git", "show", f"{OLD_COMMIT}:{RESULTS}"], cwd=root, capture_output=True, text=True)
     if shown.returncode:
         raise SystemExit(
-            f"plot_engram_allocation: cannot read {RESULTS} at commit {OLD_COMMIT} ({shown.stderr.strip()}): "
+            f"plot_engram_allocation: cannot read {RESULTS} at commit {OLD_COMMIT} "
+            f"({(shown.stderr.strip().splitlines() or ['git failed'])[-1]}): "
             "run it in a clone with the repository's history (not a shallow one)"
         )
     return json.loads(shown.stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -116,8 +117,21 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     assert where["dense (equal exposures)"][-3:] == ["n/a"] * 3
     usage = [json.loads(line) for line in (mem_dir / "sweep_usage.jsonl").read_text().splitlines()]
     assert [u["step"] for u in usage] == [max_steps["mem"]] and 0.0 < usage[0]["usage"]["usage"] <= 1.0
-    assert where["mem (equal exposures)"][-3] == format(usage[0]["usage"]["usage"], ".0%")
+    assert where["mem (equal exposures)"][-3] == format(usage[0]["usage"]["usage"], ".1%")
     assert not (dense_dir / "sweep_usage.jsonl").exists()
+    # ... and it is the reads of the questions' own tokens: the same as one question at a time (no padding)
+    from pkmlm.metrics.continuations import score_continuations
+    from pkmlm.metrics.memory_usage import memory_metrics, track_memory_usage
+    from pkmlm.metrics.recall import read_questions, recall_requests
+    from pkmlm.run import load_run
+
+    run = load_run(mem_dir / "checkpoints" / f"step_{max_steps['mem']:08d}.dcp")
+    with track_memory_usage(run.model) as trackers:
+        for context, answer in recall_requests(run.tokenizer, read_questions(Path(mem_plan["facts"]) / "qa.jsonl")):
+            score_continuations(run.model, [(context, answer)], max_len=len(context) + len(answer), batch_size=1)
+    alone = memory_metrics(trackers)
+    assert usage[0]["usage"]["usage"] == alone["memory/layer1/usage"]
+    assert usage[0]["usage"]["kl_count"] == pytest.approx(alone["memory/layer1/kl_count"], rel=1e-6)
 
 
 def test_equal_time_uses_the_reference_step_times_not_the_loaded_wall_clock():
@@ -226,8 +240,9 @@ def test_the_exposure_plot_gives_an_arm_one_colour_and_a_seed_one_line_style(tmp
 def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp_path):
     """Per attribute: bits stored over N x the attribute's bits per person (the corpus's meta.json);
     product-key memory arms at equal exposures: the usage measured on the questions, read from the
-    run's cache (a real measurement: the resume test), never measured again; n/a where a corpus or
-    a checkpoint is missing. Written beside the sweep's results file."""
+    run's cache line of that step and questions file (the measurement itself, and that it is not
+    repeated: the resume test); n/a where a corpus or a checkpoint is missing. Written beside the
+    sweep's results file."""
     from pkmlm.knowledge.facts import ATTRIBUTES
 
     facts = tmp_path / "facts"
@@ -236,11 +251,15 @@ def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp
     (facts / "meta.json").write_text(json.dumps({"bits_per_attribute": per_person}))
     mem_dir = tmp_path / "mem"
     mem_dir.mkdir()
+    qa = str(facts / "qa.jsonl")
     cached = [
-        {"step": 10, "usage": {"usage": 0.9, "kl_count": 9.0, "top90": 9.0}},  # another checkpoint's
-        {"step": 20, "usage": {"usage": 0.6, "kl_count": 1.5, "top90": 1234.0}},
+        {"step": 10, "qa": qa, "usage": {"usage": 0.9, "kl_count": 9.0, "top90": 9.0}},  # another checkpoint's
+        {"step": 20, "qa": "other/qa.jsonl", "usage": {"usage": 0.1, "kl_count": 9.0, "top90": 9.0}},  # other questions
+        {"step": 20, "usage": {"usage": 0.2}},  # an older line without its questions file: not trusted
+        {"step": 20, "qa": qa, "usage": {"usage": 0.6, "kl_count": 1.5, "top90": 1234.0}},
     ]
-    (mem_dir / "sweep_usage.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cached))
+    lines = [json.dumps(row) for row in cached]
+    (mem_dir / "sweep_usage.jsonl").write_text("\n".join([lines[0], '{"step": 20, "us', *lines[1:]]) + "\n")
 
     def row(arm, seed, share, run_dir, facts_dir=facts):
         by_attribute = {f"recall/by_attribute/{a}/bits": share * 10 * per_person[a] for a in ATTRIBUTES}
@@ -258,9 +277,9 @@ def test_where_the_bits_go_gives_each_attributes_share_and_the_memorys_usage(tmp
     mem = table["mem128 (equal exposures)"]
     assert mem[:3] == [10, "mem128 (equal exposures)", 2]
     assert mem[3 : 3 + len(ATTRIBUTES)] == ["60% (50%-70%)"] * len(ATTRIBUTES)
-    assert mem[-3:] == ["60%", "1.50", "1,234"]  # step 20's, one seed
+    assert mem[-3:] == ["60.0%", "1.50", "1,234"]  # step 20's for these questions, one seed
     assert table["dense (equal exposures)"][3:] == ["n/a"] * (len(ATTRIBUTES) + 3)
-    assert not (tmp_path / "gone").exists() and len((mem_dir / "sweep_usage.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "gone").exists() and len((mem_dir / "sweep_usage.jsonl").read_text().splitlines()) == 5
     assert "| 60% (50%-70%) |" in sweep.attribute_table(results)
 
     out = tmp_path / "docs" / "knowledge.json"

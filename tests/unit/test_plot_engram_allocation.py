@@ -3,15 +3,16 @@ reference line from the results files (nothing typed in), and says what to do wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import plot_engram_allocation as allocation  # noqa: E402
+_spec = importlib.util.spec_from_file_location("plot_engram_allocation", ROOT / "scripts" / "plot_engram_allocation.py")
+allocation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(allocation)  # loaded by path: sys.path stays as it was
 
 
 def test_the_curves_and_the_dense_line_come_from_the_results_files(tmp_path):
@@ -30,6 +31,11 @@ def test_the_curves_and_the_dense_line_come_from_the_results_files(tmp_path):
     assert (tmp_path / "allocation.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_without_the_old_commit_it_stops_with_what_to_do(tmp_path):
-    with pytest.raises(SystemExit, match="run it in a clone with the repository's history"):
+def test_without_the_old_commit_or_a_dense_row_it_stops_with_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="run it in a clone with the repository's history") as stop:
         allocation.old_results(tmp_path)  # not a git repository
+    assert "\n" not in str(stop.value)
+    variants = json.loads((ROOT / allocation.VARIANTS).read_text())
+    variants["rows"] = [row for row in variants["rows"] if not row[0].startswith("dense")]
+    with pytest.raises(SystemExit, match="has no dense row"):
+        allocation.dense_ppl(variants)

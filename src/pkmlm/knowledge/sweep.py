@@ -27,7 +27,10 @@ exposures and at equal training time.
 
 Jobs run `--jobs` at a time, each with `--threads` threads, under `nice`.
 
-Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are), `mem64` / `mem128` / `mem256`
+Arms (`--arms`, issue 21): `dense` and `mem` (the presets as they are: `knowledge/mem` is now the
+128^2 arm, so `mem` and `mem128` train the same model, as do `mix_mem` and `mix_mem128`; a sweep
+directory from before that change holds 32^2 `mem-*` runs, which a resumed sweep reuses as they
+are: start a new `--out` for the new preset), `mem64` / `mem128` / `mem256`
 (the memory preset with a 64^2 / 128^2 / 256^2-slot table, 4 heads, knn 16, k_dim 64: 8x, 32x and
 128x the 32.8k parameters of the FFN it replaces), `dense_pm` (the parameter-matched dense arm: the
 FFN widened, `model.ffn_mult` computed by `param_matched_ffn_mult`, until the model's total
@@ -713,38 +716,52 @@ USAGE_STATS = ("usage", "kl_count", "top90")  # memory_usage.MemoryUsage's stati
 
 def question_usage(run_dir: str | Path, step: int, qa: str | Path) -> dict[str, float]:
     """How the run's memory layers are read while its checkpoint at `step` answers the sweep's
-    questions (every question of `qa`, as `evaluate_recall` scores them): per `USAGE_STATS`, the
-    mean over memory layers of `usage` (share of the table's slots read), `kl_count` (KL of the
-    slots' read counts to uniform, nats) and `top90` (slots holding 90% of the read weight). The
-    questions are every fact of every person, so this is the part of the table the facts use, not
-    the 10 held-out biographies of the run's own evaluation. Measured once per (run, step), kept in
-    `<run>/sweep_usage.jsonl`; {} for a model without product-key memory layers (dense arms, Engram)
-    or a checkpoint not here (a merged sweep from another machine)."""
-    run_dir = Path(run_dir)
+    questions (every question of `qa`, the teacher-forced pass `evaluate_recall` scores, here in
+    batches of one length so that no padding is read): per `USAGE_STATS`, the mean over memory
+    layers of `usage` (share of the table's slots read), `kl_count` (KL of the slots' read counts to
+    uniform, nats) and `top90` (slots holding 90% of the read weight). The questions are every fact
+    of every person, so this is the part of the table the facts use, not the 10 held-out biographies
+    of the run's own evaluation. Measured once per (run, step, questions file), kept in
+    `<run>/sweep_usage.jsonl` (a line that does not parse is measured again); {} for a model without
+    product-key memory layers (dense arms, Engram), or where the checkpoint or `qa` is not here (a
+    merged sweep from another machine). A run directory that cannot be written to is measured, not cached."""
+    run_dir, qa = Path(run_dir), Path(qa)
     cache = run_dir / "sweep_usage.jsonl"
     if cache.is_file():
         for line in cache.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("step") == step:
-                return row["usage"]
+            try:
+                row = json.loads(line)
+                if row["step"] == step and row["qa"] == str(qa):
+                    return dict(row["usage"])
+            except (ValueError, KeyError, TypeError):
+                continue
     checkpoint = _final_checkpoint(run_dir, step)
-    if not (checkpoint / ".metadata").is_file():
+    if not (checkpoint / ".metadata").is_file() or not qa.is_file():
         return {}
+    from pkmlm.metrics.continuations import score_continuations
     from pkmlm.metrics.memory_usage import memory_layers_of, memory_metrics, track_memory_usage
-    from pkmlm.metrics.recall import evaluate_recall
+    from pkmlm.metrics.recall import read_questions, recall_requests
     from pkmlm.run import load_run
 
     run = load_run(checkpoint)
     usage: dict[str, float] = {}
     if memory_layers_of(run.model):
+        by_length: dict[int, list] = {}
+        for request in recall_requests(run.tokenizer, read_questions(qa)):
+            by_length.setdefault(len(request[0]) + len(request[1]), []).append(request)
+        window = run.model.cfg.max_seq_len  # as evaluate_recall: a longer question keeps its last tokens
         with track_memory_usage(run.model) as trackers:
-            evaluate_recall(run.model, run.tokenizer, qa)
+            for length, requests in sorted(by_length.items()):
+                score_continuations(run.model, requests, max_len=min(length, window), batch_size=64)
         metrics = memory_metrics(trackers)
         for stat in USAGE_STATS:
             values = [metrics[f"memory/layer{i}/{stat}"] for i in sorted(trackers)]
             usage[stat] = sum(values) / len(values)
-    with open(cache, "a") as f:
-        f.write(json.dumps({"step": step, "usage": usage}) + "\n")
+    try:
+        with open(cache, "a") as f:
+            f.write(json.dumps({"step": step, "qa": str(qa), "usage": usage}) + "\n")
+    except OSError:
+        pass  # a read-only run directory (another machine's sweep): reported, measured again next time
     return usage
 
 
@@ -792,7 +809,7 @@ def attribute_rows(results: list[dict]) -> list[list[Any]]:
             else {}
             for r in rows
         ]
-        cells.append(_mean_spread([u["usage"] for u in usages if "usage" in u], ".0%"))
+        cells.append(_mean_spread([u["usage"] for u in usages if "usage" in u], ".1%"))
         cells.append(_mean_spread([u["kl_count"] for u in usages if "kl_count" in u], ".2f"))
         cells.append(_mean_spread([u["top90"] for u in usages if "top90" in u], ",.0f"))
         out.append(cells)

@@ -153,6 +153,17 @@ def recall_metrics(
     return out
 
 
+def recall_requests(
+    tokenizer: Any, questions: Sequence[Question], delimiter: str = " "
+) -> list[tuple[list[int], list[int]]]:
+    """Each question as a `score_continuations` request: (end-of-text + the prompt's ids, the ids of
+    the delimiter + the answer), the pass `evaluate_recall` scores."""
+    from pkmlm.data.tokenizer import eos_id
+
+    eos = eos_id(tokenizer)
+    return [([eos] + tokenizer.encode(q.prompt).ids, tokenizer.encode(delimiter + q.answer).ids) for q in questions]
+
+
 def evaluate_recall(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -167,13 +178,10 @@ def evaluate_recall(
     `tokenizer` (a `tokenizers.Tokenizer` whose end-of-text starts every prompt). `max_questions`
     scores only the first that many (a quick check during training); the model's train/eval mode
     is restored. Runs on the model's device unless `device` is given."""
-    from pkmlm.data.tokenizer import eos_id
-
     questions = list(qa_path) if not isinstance(qa_path, (str, Path)) else read_questions(qa_path)
     if max_questions is not None:
         questions = questions[:max_questions]
-    eos = eos_id(tokenizer)
-    requests = [([eos] + tokenizer.encode(q.prompt).ids, tokenizer.encode(delimiter + q.answer).ids) for q in questions]
+    requests = recall_requests(tokenizer, questions, delimiter)
     max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None) or max(len(c) + len(a) for c, a in requests)
     scores = score_continuations(model, requests, max_len=max_len, batch_size=batch_size, device=device)
     return recall_metrics(questions, [-s.logprob for s in scores], [s.greedy for s in scores], parameter_counts(model))
