@@ -299,3 +299,18 @@ def test_the_memory_preset_is_the_sweeps_128_squared_arm():
     )
     assert mem.model == mem128.model and mem.model.memory.n_keys == 128
     assert sweep._compose(["experiment=knowledge/mix_mem"]).model == mem.model
+
+
+def test_a_mixtures_exposures_count_only_the_biographies_share_of_its_tokens(tmp_path):
+    """Exposures = biographies read per person: a mixture run at bios share 0.5 reads its 160
+    exposures in twice the tokens; rows cached before the share was counted are corrected."""
+    run_dir = tmp_path / "runs" / "mix_mem128-N10-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cached = [{"step": s, "tokens": 1000 * s, "exposures": 1000 * s / (100.0 * 10)} for s in (4, 8)]
+    (run_dir / "sweep_recall.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cached))
+    plan = {"arm": "mix_mem128", "people": 10, "seed": 0, "steps_equal": 8, "max_steps": 8,
+            "tokens_per_bio": 100.0, "bios_share": 0.5, "run_dir": run_dir, "facts": tmp_path / "facts",
+            "command": [], "overrides": []}  # fmt: skip
+    rows = sweep.evaluate_cached(plan, templates=5)
+    assert [r["exposures"] for r in rows] == [2.0, 4.0]  # 4,000 and 8,000 tokens, half of them biographies
+    assert [r["exposures"] for r in sweep.evaluate_cached({**plan, "bios_share": 1.0}, templates=5)] == [4.0, 8.0]

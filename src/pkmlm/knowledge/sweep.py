@@ -222,10 +222,18 @@ def _train_times(run_dir: Path) -> dict[int, float]:
 
 
 def evaluate_run(
-    run_dir: Path, qa: Path, per_bio: float, people: int, templates: int, skip: set[int] | None = None
+    run_dir: Path,
+    qa: Path,
+    per_bio: float,
+    people: int,
+    templates: int,
+    skip: set[int] | None = None,
+    bios_share: float = 1.0,
 ) -> list[dict]:
     """Recall of every checkpoint of a run (but the steps in `skip`), oldest first; writes
-    `<run>/recall.json` (the last evaluated)."""
+    `<run>/recall.json` (the last evaluated). `exposures`: biographies read per person, the run's
+    tokens x `bios_share` (the biographies' share of a mixture's tokens; 1 for the biographies
+    alone) over the tokens of one person's biographies."""
     from pkmlm.checkpoint.store import list_checkpoints
     from pkmlm.metrics.recall import evaluate_recall
     from pkmlm.run import load_run
@@ -242,7 +250,7 @@ def evaluate_run(
             {
                 "step": run.step,
                 "tokens": run.tokens,
-                "exposures": run.tokens / (per_bio * people),
+                "exposures": run.tokens * bios_share / (per_bio * people),
                 "train_time_s": step_time,
                 **metrics,
             }
@@ -376,7 +384,7 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
             if arm in one_seed and seed != seeds[0]:
                 continue
             experiment, extra = arm_spec(arm, overrides)
-            arm_steps = steps
+            arm_steps, share = steps, 1.0
             if arm.startswith("mix_"):
                 weight = None if args.bios_share is None else bios_weight_for_share(args.bios_share, overrides, per_bio)
                 mixture = mixture_overrides((facts / "bios.jsonl").resolve(), overrides, weight)
@@ -398,6 +406,7 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
                     "steps_equal": arm_steps,
                     "max_steps": max_steps,
                     "tokens_per_bio": per_bio,
+                    "bios_share": share,  # the biographies' share of the run's tokens (a mixture's < 1)
                     "run_dir": run_dir,
                     "facts": facts,
                     "command": command,
@@ -445,16 +454,25 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
                 row = json.loads(line)
                 rows[row["step"]] = row
     steps = {int(p.name[5:13]) for p in list_checkpoints(run_dir / "checkpoints")}
+    share = plan.get("bios_share", 1.0)
     if steps - set(rows):
         fresh = evaluate_run(
-            run_dir, Path(plan["facts"]) / "qa.jsonl", plan["tokens_per_bio"], plan["people"], templates, skip=set(rows)
+            run_dir,
+            Path(plan["facts"]) / "qa.jsonl",
+            plan["tokens_per_bio"],
+            plan["people"],
+            templates,
+            skip=set(rows),
+            bios_share=share,
         )
         with open(cache, "a") as f:
             for row in fresh:
                 rows[row["step"]] = row
                 f.write(json.dumps(row) + "\n")
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items() if k not in ("command", "overrides")}
-    return [{**meta, **rows[step]} for step in sorted(rows)]
+    # exposures from the tokens, here: rows cached before a mixture's share was counted said 2x for 0.5
+    per_person = plan["tokens_per_bio"] * plan["people"]
+    return [{**meta, **rows[step], "exposures": rows[step]["tokens"] * share / per_person} for step in sorted(rows)]
 
 
 def dense_saturated(results: list[dict], people: int) -> bool:
