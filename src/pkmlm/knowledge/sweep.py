@@ -394,7 +394,10 @@ def plan_level(args: argparse.Namespace, out: Path, people: int) -> list[dict]:
             run_dir = out / "runs" / f"{arm}-N{people}-s{seed}"
             # The equal-compute dense arms run longer for their equal-time point; dense_pm is slower
             # per step than any memory arm, so its equal-time point lies within its 1x run.
-            factor = args.dense_factor if arm in ("dense", "mix_dense") else 1.0
+            # --sparse-factor: the sparse arms past their equal-exposure steps too (their own saturation)
+            factor = (
+                args.dense_factor if arm in ("dense", "mix_dense") else 1.0 if _is_dense(arm) else args.sparse_factor
+            )
             max_steps = CHECKPOINTS_PER_RUN * math.ceil(arm_steps * factor / CHECKPOINTS_PER_RUN)
             bios = None if arm.startswith("mix_") else facts / "bios.jsonl"  # a mixture names its sources
             command = _train_command(experiment, run_dir, bios, arm_steps, max_steps, seed, [*overrides, *extra])
@@ -507,6 +510,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "equal-exposure steps (its checkpoints give the equal-time point; >= 2 for --until-saturated)",
     )
     p.add_argument(
+        "--sparse-factor",
+        type=float,
+        default=1.0,
+        help="the sparse arms (memories, Engram) train this many times the equal-exposure steps (2: "
+        "their bits at 2x the exposures, next to the dense arm's: does the memory saturate higher?); "
+        "raising it later extends their finished runs from their last checkpoint",
+    )
+    p.add_argument(
         "--until-saturated",
         action="store_true",
         help="after the --people values, double N until the dense arm saturates (or --max-people)",
@@ -565,6 +576,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
         raise SystemExit(f"sweep: --bios-share must be in (0, 1), got {args.bios_share}: e.g. 0.5 for half the tokens")
+    if args.sparse_factor < 1.0:
+        raise SystemExit(f"sweep: --sparse-factor must be >= 1 (got {args.sparse_factor}): 1 stops at equal exposures")
     if args.until_saturated and args.dense_factor < 2:
         raise SystemExit(
             "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
@@ -635,6 +648,9 @@ def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
         equal = {r["arm"]: r for r in rows if r["step"] == r["steps_equal"]}
         for arm, r in sorted(equal.items()):
             points.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
+        for r in rows:  # where an arm ran that long: its bits at twice the exposures (saturation)
+            if r["step"] == 2 * r["steps_equal"]:
+                points.setdefault((people, f"{r['arm']} (2x exposures)"), []).append(r)
         for mem_arm, m in sorted(equal.items()):
             if _is_dense(mem_arm):
                 continue
