@@ -314,3 +314,29 @@ def test_a_mixtures_exposures_count_only_the_biographies_share_of_its_tokens(tmp
     rows = sweep.evaluate_cached(plan, templates=5)
     assert [r["exposures"] for r in rows] == [2.0, 4.0]  # 4,000 and 8,000 tokens, half of them biographies
     assert [r["exposures"] for r in sweep.evaluate_cached({**plan, "bios_share": 1.0}, templates=5)] == [4.0, 8.0]
+
+
+def test_sparse_factor_runs_the_memory_past_equal_exposures_and_the_table_shows_every_arms_2x_point(tmp_path):
+    """--sparse-factor 2: the memory arms' max_steps double (dense_pm's do not); the table gains an
+    '(2x exposures)' row for each arm with a checkpoint at twice its equal-exposure steps."""
+
+    def plans(*extra):
+        argv = ["--people", "4", "--seeds", "0", "--exposures", "1", "--arms", "dense,mem,dense_pm",
+                "--dense-factor", "3", "--out", str(tmp_path / "sweep"), *extra]  # fmt: skip
+        return {p["arm"]: p for p in sweep.plan_level(sweep.parse_args(argv), tmp_path / "sweep", 4)}
+
+    one, two = plans(), plans("--sparse-factor", "2")
+    assert two["mem"]["max_steps"] == 2 * one["mem"]["max_steps"] == 2 * one["mem"]["steps_equal"]
+    assert two["dense"]["max_steps"] == one["dense"]["max_steps"] == 3 * one["dense"]["steps_equal"]
+    assert two["dense_pm"]["max_steps"] == one["dense_pm"]["max_steps"] == one["dense_pm"]["steps_equal"]
+    with pytest.raises(SystemExit, match="--sparse-factor must be >= 1"):
+        sweep.main(["--sparse-factor", "0.5", "--out", str(tmp_path / "never")])
+
+    def row(arm, step, bits):
+        return {"arm": arm, "people": 4, "seed": 0, "step": step, "steps_equal": 8, "recall/bits": bits}
+
+    rows = [row("dense", 8, 10.0), row("dense", 16, 11.0), row("mem", 8, 12.0), row("mem", 12, 13.0)]
+    labels = {label: [r["recall/bits"] for r in picked] for (_, label), picked in sweep._points(rows).items()}
+    assert labels["dense (2x exposures)"] == [11.0] and "mem (2x exposures)" not in labels  # mem stopped at 1.5x
+    rows.append(row("mem", 16, 14.0))
+    assert sweep._points(rows)[(4, "mem (2x exposures)")][0]["recall/bits"] == 14.0
