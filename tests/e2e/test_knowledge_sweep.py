@@ -340,3 +340,10 @@ def test_sparse_factor_runs_the_memory_past_equal_exposures_and_the_table_shows_
     assert labels["dense (2x exposures)"] == [11.0] and "mem (2x exposures)" not in labels  # mem stopped at 1.5x
     rows.append(row("mem", 16, 14.0))
     assert sweep._points(rows)[(4, "mem (2x exposures)")][0]["recall/bits"] == 14.0
+    # dense at the memory's 2x time, where dense ran that long: its checkpoint nearest that time
+    timed = [{**r, "ref_time_s": r["step"] * (2.0 if r["arm"] == "mem" else 1.0)} for r in rows]
+    timed += [{**row("dense", s, 10.0 + s), "ref_time_s": float(s)} for s in (24, 32)]
+    points = sweep._points(timed)
+    assert points[(4, "dense (equal time to mem)")][0]["step"] == 16  # the memory's 16 s at 1x
+    assert points[(4, "dense (equal time to mem at 2x)")][0]["step"] == 32  # its 32 s at 2x
+    assert (4, "dense (equal time to mem at 2x)") not in sweep._points([r for r in timed if r["step"] < 32])

@@ -640,24 +640,28 @@ def _same_data(arm: str, other: str) -> bool:
 
 
 def _points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
-    """Per (N, label): one row per seed. Every arm at its equal-exposure step; each dense arm also at
-    the training time of each memory arm (its checkpoint nearest that time, when it ran that long)."""
+    """Per (N, label): one row per seed. Every arm at its equal-exposure step and, where it ran that
+    long, at twice it; each dense arm also at the training time of each sparse arm's equal-exposure
+    point and of its 2x point (`... at 2x`; the dense checkpoint nearest that time, when it ran that long)."""
     points: dict[tuple[int, str], list[dict]] = {}
     for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
         rows = [r for r in results if r["people"] == people and r["seed"] == seed]
         equal = {r["arm"]: r for r in rows if r["step"] == r["steps_equal"]}
         for arm, r in sorted(equal.items()):
             points.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
-        for r in rows:  # where an arm ran that long: its bits at twice the exposures (saturation)
-            if r["step"] == 2 * r["steps_equal"]:
-                points.setdefault((people, f"{r['arm']} (2x exposures)"), []).append(r)
-        for mem_arm, m in sorted(equal.items()):
-            if _is_dense(mem_arm):
-                continue
-            for dense_arm in sorted({r["arm"] for r in rows if _is_dense(r["arm"]) and _same_data(r["arm"], mem_arm)}):
-                pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
-                if pick is not None:
-                    points.setdefault((people, f"{dense_arm} (equal time to {mem_arm})"), []).append(pick)
+        double = {r["arm"]: r for r in rows if r["step"] == 2 * r["steps_equal"]}
+        for arm, r in sorted(double.items()):  # where an arm ran that long: its bits at 2x (saturation)
+            points.setdefault((people, f"{arm} (2x exposures)"), []).append(r)
+        for suffix, sparse in (("", equal), (" at 2x", double)):  # dense at each sparse point's time
+            for mem_arm, m in sorted(sparse.items()):
+                if _is_dense(mem_arm):
+                    continue
+                dense_arms = {r["arm"] for r in rows if _is_dense(r["arm"]) and _same_data(r["arm"], mem_arm)}
+                for dense_arm in sorted(dense_arms):
+                    pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
+                    if pick is not None:
+                        label = f"{dense_arm} (equal time to {mem_arm}{suffix})"
+                        points.setdefault((people, label), []).append(pick)
     return points
 
 
