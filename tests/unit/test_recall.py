@@ -225,7 +225,8 @@ def test_bits_vs_parameters_axes_are_readable_and_show_both_arms(tmp_path, monke
 
 
 def test_sweep_table_picks_equal_exposures_and_equal_time(tmp_path):
-    from pkmlm.knowledge.sweep import main, summary_table
+    from pkmlm.knowledge.sweep import main
+    from pkmlm.knowledge.sweep_report import summary_table
 
     def row(arm, step, time_s, bits, people=10):
         return {

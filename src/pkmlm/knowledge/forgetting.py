@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.config import default_sample_dir
-from pkmlm.knowledge.sweep import _run_jobs
+from pkmlm.knowledge.sweep import run_jobs
 
 # Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning" (arXiv 2510.15103): held-out
 # NaturalQuestions F1 drop after learning TriviaQA facts, per method.
@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _train(overrides: list[str], log: Path, threads: int) -> None:
     """One `pkmlm-train` run with `overrides`, its output in `log`."""
-    _run_jobs([([sys.executable, "-m", "pkmlm.cli.train", *overrides], log)], 1, threads)
+    run_jobs([([sys.executable, "-m", "pkmlm.cli.train", *overrides], log)], 1, threads)
 
 
 def main(argv: list[str] | None = None) -> None:

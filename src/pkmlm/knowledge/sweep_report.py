@@ -1,0 +1,488 @@
+"""The knowledge sweep's report (sweep.py runs the sweep; this module reads its rows): the points
+compared (`points`: every arm at its equal-exposure step and at twice it, each dense arm at each
+sparse arm's training time), the tables (`mean_table`: mean over seeds with the min-max spread;
+`summary_table`: one seed a row), where the bits go (`attribute_rows`: each attribute's share of
+its bits, and how each product-key memory is read while answering the questions, `question_usage`),
+the results files (`write_results`) and the figures (`report`).
+
+A row is one checkpoint of one run, as `sweep.evaluate_cached` returns it: the plan's fields (`arm`,
+`people`, `seed`, `run_dir`, `facts`, `steps_equal`, ...), the checkpoint's `step`, `tokens`,
+`exposures`, `train_time_s`, the recall metrics (`recall/*`) and, once the sweep has its reference
+step times, `ref_time_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pkmlm.knowledge.facts import ATTRIBUTES
+
+
+def final_checkpoint(run_dir: Path, max_steps: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{max_steps:08d}.dcp"
+
+
+def time_key(rows: list[dict]) -> str | None:
+    """The training time the rows are compared by: the reference time (`ref_time_s`: steps x the
+    arm's step time measured with all arms in turns, step_time.py) when every row has one, else the
+    runs' wall-clock time (`train_time_s`, which the machine's load at training time moves too)."""
+    for key in ("ref_time_s", "train_time_s"):
+        if rows and all(r.get(key) for r in rows):
+            return key
+    return None
+
+
+def equal_time_pick(mem: dict, dense: list[dict]) -> dict | None:
+    """The dense checkpoint nearest the memory row's training time; None when the dense run stopped
+    before that time (its last checkpoint is then only the longest the dense arm ran, not an
+    equal-time point) or the times are not known."""
+    key = time_key([mem, *dense])
+    if key is None or not dense or max(r[key] for r in dense) < mem[key]:
+        return None
+    return min(dense, key=lambda r: abs(r[key] - mem[key]))
+
+
+def _fmt(row: dict | None, key: str, spec: str) -> str:
+    return "n/a" if row is None or row.get(key) is None else format(row[key], spec)
+
+
+def summary_table(results: list[dict]) -> str:
+    """Per N and seed, every point of `points` (each arm at equal exposures, each dense arm at each
+    sparse arm's training time): `MEAN_COLUMNS` without the seed count, one seed a row."""
+    columns = ["N (seed)", *MEAN_COLUMNS[1:3], *MEAN_COLUMNS[4:]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
+        for row in mean_rows([r for r in results if r["people"] == people and r["seed"] == seed]):
+            cells = [f"{people} (seed {seed})", *row[1:3], *row[4:]]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def is_dense(arm: str) -> bool:
+    """Dense arms (`dense`, `dense_pm`, `mix_dense`): every other arm (the memory sizes, `engram`,
+    any preset by name) holds a sparse table and is compared with them at equal training time."""
+    return "dense" in arm
+
+
+def same_data(arm: str, other: str) -> bool:
+    """Whether two arms train on the same corpus: the mixture arms (`mix_*`, biographies diluted in
+    web text) only with each other."""
+    return arm.startswith("mix_") == other.startswith("mix_")
+
+
+def points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
+    """Per (N, label): one row per seed. Every arm at its equal-exposure step and, where it ran that
+    long, at twice it; each dense arm also at the training time of each sparse arm's equal-exposure
+    point and of its 2x point (`... at 2x`; the dense checkpoint nearest that time, when it ran that long)."""
+    out: dict[tuple[int, str], list[dict]] = {}
+    for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
+        rows = [r for r in results if r["people"] == people and r["seed"] == seed]
+        equal = {r["arm"]: r for r in rows if r["step"] == r["steps_equal"]}
+        for arm, r in sorted(equal.items()):
+            out.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
+        double = {r["arm"]: r for r in rows if r["step"] == 2 * r["steps_equal"]}
+        for arm, r in sorted(double.items()):  # where an arm ran that long: its bits at 2x (saturation)
+            out.setdefault((people, f"{arm} (2x exposures)"), []).append(r)
+        for suffix, sparse in (("", equal), (" at 2x", double)):  # dense at each sparse point's time
+            for mem_arm, m in sorted(sparse.items()):
+                if is_dense(mem_arm):
+                    continue
+                dense_arms = {r["arm"] for r in rows if is_dense(r["arm"]) and same_data(r["arm"], mem_arm)}
+                for dense_arm in sorted(dense_arms):
+                    pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
+                    if pick is not None:
+                        label = f"{dense_arm} (equal time to {mem_arm}{suffix})"
+                        out.setdefault((people, label), []).append(pick)
+    return out
+
+
+def _mean_spread(values: list[float], spec: str) -> str:
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, spec)
+    return f"{format(mean, spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
+
+
+MEAN_COLUMNS = (
+    "N",
+    "bits available",
+    "arm",
+    "seeds",
+    "exposures",
+    "train time s (reference)",
+    "wall time s",
+    "exact match",
+    "bits stored",
+    "bits / param (total)",
+    "bits / param (active)",
+    "bits / table param",
+    "bits / param (non-embedding)",
+)
+
+
+TABLE_KEY, ACTIVE_KEY = "recall/bits_per_param/memory_values", "recall/bits_per_param/active"
+
+
+def mean_rows(results: list[dict]) -> list[list[Any]]:
+    """Per N and point (see `points`): the number of seeds, and each metric's mean over seeds with
+    its spread (min-max) in brackets, in the order of `MEAN_COLUMNS`. Table params: a memory's value
+    tables and Engram's hashed tables (`recall/params/memory_values`); n/a for a dense arm."""
+    out = []
+    for (people, label), rows in sorted(points(results).items()):
+        non_emb = [
+            r["recall/bits"] / (r["recall/params/total"] - r["recall/params/embedding"])
+            for r in rows
+            if r["recall/params/total"] > r["recall/params/embedding"]
+        ]
+        # absent: for a model without tables; for the rows of sweeps from before issue 21 (active)
+        per_table = [r[TABLE_KEY] for r in rows if TABLE_KEY in r]
+        per_active = [r[ACTIVE_KEY] for r in rows if ACTIVE_KEY in r]
+        out.append(
+            [
+                people,
+                f"{rows[0]['recall/bits_available']:,.0f}",
+                label,
+                len(rows),
+                _mean_spread([r["exposures"] for r in rows], ".0f"),
+                _mean_spread([r["ref_time_s"] for r in rows if r.get("ref_time_s")], ".0f"),
+                _mean_spread([r["train_time_s"] for r in rows if r.get("train_time_s")], ".0f"),
+                _mean_spread([r["recall/exact_match"] for r in rows], ".1%"),
+                _mean_spread([r["recall/bits"] for r in rows], ",.0f"),
+                _mean_spread([r["recall/bits_per_param/total"] for r in rows], ".4f"),
+                _mean_spread(per_active, ".4f"),
+                _mean_spread(per_table, ".4f"),
+                _mean_spread(non_emb, ".4f"),
+            ]
+        )
+    return out
+
+
+def mean_table(results: list[dict]) -> str:
+    """`mean_rows` as a markdown table."""
+    lines = ["| " + " | ".join(MEAN_COLUMNS) + " |", "|" + "---|" * len(MEAN_COLUMNS)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in mean_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+# Where the bits go (issue 21: "if the memory does not beat dense, show why with evidence"): per
+# attribute, and how much of a memory's table the runs read.
+
+
+def bits_per_attribute(facts: str | Path) -> dict[str, float] | None:
+    """Bits per person of each attribute, from the corpus's `meta.json`; None when the corpus is not
+    here (a merged sweep from another machine) or its meta is unreadable."""
+    try:
+        bits = json.loads((Path(facts) / "meta.json").read_text())["bits_per_attribute"]
+        return {a: float(bits[a]) for a in ATTRIBUTES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+USAGE_STATS = ("usage", "kl_count", "top90")  # memory_usage.MemoryUsage's statistics the table shows
+
+
+def question_usage(run_dir: str | Path, step: int, qa: str | Path) -> dict[str, float]:
+    """How the run's memory layers are read while its checkpoint at `step` answers the sweep's
+    questions (every question of `qa`, the teacher-forced pass `evaluate_recall` scores, here in
+    batches of one length so that no padding is read): per `USAGE_STATS`, the mean over memory
+    layers of `usage` (share of the table's slots read), `kl_count` (KL of the slots' read counts to
+    uniform, nats) and `top90` (slots holding 90% of the read weight). The questions are every fact
+    of every person, so this is the part of the table the facts use, not the 10 held-out biographies
+    of the run's own evaluation. Measured once per (run, step, questions file), kept in
+    `<run>/sweep_usage.jsonl` (a line that does not parse is measured again); {} for a model without
+    product-key memory layers (dense arms, Engram), or where the checkpoint or `qa` is not here (a
+    merged sweep from another machine). A run directory that cannot be written to is measured, not cached."""
+    run_dir, qa = Path(run_dir), Path(qa)
+    cache = run_dir / "sweep_usage.jsonl"
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if row["step"] == step and row["qa"] == str(qa):
+                    return dict(row["usage"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    checkpoint = final_checkpoint(run_dir, step)
+    if not (checkpoint / ".metadata").is_file() or not qa.is_file():
+        return {}
+    from pkmlm.metrics.continuations import score_continuations
+    from pkmlm.metrics.memory_usage import memory_layers_of, memory_metrics, track_memory_usage
+    from pkmlm.metrics.recall import read_questions, recall_requests
+    from pkmlm.run import load_run
+
+    run = load_run(checkpoint)
+    usage: dict[str, float] = {}
+    if memory_layers_of(run.model):
+        by_length: dict[int, list] = {}
+        for request in recall_requests(run.tokenizer, read_questions(qa)):
+            by_length.setdefault(len(request[0]) + len(request[1]), []).append(request)
+        window = run.model.cfg.max_seq_len  # as evaluate_recall: a longer question keeps its last tokens
+        with track_memory_usage(run.model) as trackers:
+            for length, requests in sorted(by_length.items()):
+                score_continuations(run.model, requests, max_len=min(length, window), batch_size=64)
+        metrics = memory_metrics(trackers)
+        for stat in USAGE_STATS:
+            values = [metrics[f"memory/layer{i}/{stat}"] for i in sorted(trackers)]
+            usage[stat] = sum(values) / len(values)
+    try:
+        with open(cache, "a") as f:
+            f.write(json.dumps({"step": step, "qa": str(qa), "usage": usage}) + "\n")
+    except OSError:
+        pass  # a read-only run directory (another machine's sweep): reported, measured again next time
+    return usage
+
+
+ATTRIBUTE_COLUMNS = (
+    "N",
+    "arm",
+    "seeds",
+    *ATTRIBUTES,
+    "slots read",
+    "read counts: KL to uniform",
+    "slots with 90% of the weight",
+)
+
+
+ATTRIBUTE_NOTE = (
+    "each attribute's bits stored as a share of the bits it holds (N x log2 of its number of values), "
+    "mean over seeds (min-max); product-key memory arms at equal exposures, while answering every "
+    "question (all N x 6 facts): the share of the table's slots read, the KL of the slots' read counts to "
+    "uniform (nats) and the slots holding 90% of the read weight"
+)
+
+
+def attribute_rows(results: list[dict]) -> list[list[Any]]:
+    """Per N and point (see `points`): each attribute's bits stored as a share of the bits it
+    holds (N x log2 of its values), and for product-key memory arms at equal exposures how their
+    table is read while answering the questions (`question_usage`), mean over seeds (min-max), in
+    `ATTRIBUTE_COLUMNS` order."""
+    out = []
+    meta: dict[str, dict[str, float] | None] = {}
+    for (people, label), rows in sorted(points(results).items()):
+        cells: list[Any] = [people, label, len(rows)]
+        for a in ATTRIBUTES:
+            shares = []
+            for r in rows:
+                facts = str(r.get("facts", ""))
+                if facts not in meta:
+                    meta[facts] = bits_per_attribute(facts) if facts else None
+                key = f"recall/by_attribute/{a}/bits"
+                if meta[facts] and key in r:
+                    shares.append(r[key] / (people * meta[facts][a]))
+            cells.append(_mean_spread(shares, ".0%"))
+        usages = [
+            question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
+            if label.endswith("(equal exposures)") and not is_dense(r["arm"]) and r.get("run_dir") and r.get("facts")
+            else {}
+            for r in rows
+        ]
+        cells.append(_mean_spread([u["usage"] for u in usages if "usage" in u], ".1%"))
+        cells.append(_mean_spread([u["kl_count"] for u in usages if "kl_count" in u], ".2f"))
+        cells.append(_mean_spread([u["top90"] for u in usages if "top90" in u], ",.0f"))
+        out.append(cells)
+    return out
+
+
+def attribute_table(results: list[dict]) -> str:
+    """`attribute_rows` as a markdown table."""
+    lines = ["| " + " | ".join(ATTRIBUTE_COLUMNS) + " |", "|" + "---|" * len(ATTRIBUTE_COLUMNS)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in attribute_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def run_commits(results: list[dict]) -> str:
+    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`;
+    `+dirty` for a tree with uncommitted changes), short, sorted, comma-separated; `unknown` for a
+    run whose checkpoints are not here (a merged sweep from another machine)."""
+    from pkmlm.checkpoint.store import list_checkpoints
+
+    commits = set()
+    for run_dir in sorted({r.get("run_dir", "") for r in results}):
+        checkpoints = list_checkpoints(Path(run_dir) / "checkpoints") if run_dir else []
+        try:
+            version = json.loads((checkpoints[-1] / "meta.json").read_text())["code_version"]
+            commits.add(version["commit"][:7] + ("+dirty" if version.get("dirty") else ""))
+        except (IndexError, OSError, ValueError, KeyError, TypeError):
+            commits.add("unknown")
+    return ", ".join(sorted(commits)) or "unknown"
+
+
+def attribute_results_path(path: Path) -> Path:
+    """Where `write_results` puts the where-the-bits-go table beside the sweep's: `<stem>_attributes.json`."""
+    path = Path(path)
+    return path.with_name(path.stem + "_attributes" + path.suffix)
+
+
+def write_results(results: list[dict], path: Path, command: str, threads: Any, note: str) -> None:
+    """`mean_rows` as a results file (`pkmlm.results`, docs/results/README.md): the README's table of
+    the sweep, and `attribute_rows` beside it (`attribute_results_path`). Their `commit` is this
+    process's (the code that scored recall and timed the steps); the commits the runs were trained at
+    (`run_commits`) are in the note."""
+    import datetime
+
+    import torch
+
+    from pkmlm.results import cpu_model
+    from pkmlm.train.rundir import code_version
+
+    version = code_version()
+    trained = f"runs trained at {run_commits(results)}"
+    data = {
+        "command": command,
+        "commit": (version["commit"] or "unknown")[:7],
+        "date": str(datetime.date.today()),
+        "machine": cpu_model(),
+        "torch": torch.__version__,
+        "threads": threads,
+        "load": "runs under changing load (times: reference step times, step_times.json); report at load average "
+        + "%.1f" % os.getloadavg()[0],
+        "columns": list(MEAN_COLUMNS),
+        "rows": mean_rows(results),
+        "note": f"{note}; {trained}",
+    }
+    attributes = {
+        **data,
+        "columns": list(ATTRIBUTE_COLUMNS),
+        "rows": attribute_rows(results),
+        "note": f"{ATTRIBUTE_NOTE}; {trained}",
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    attribute_results_path(path).write_text(json.dumps(attributes, indent=1, ensure_ascii=False) + "\n")
+
+
+def mean_plot(results: list[dict], path: Path) -> None:
+    """Bits stored vs N at equal exposures, one line per arm: the mean over seeds, the spread
+    (min-max) as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_arm: dict[str, list[tuple[int, list[float]]]] = {}
+    for (people, label), rows in sorted(points(results).items()):
+        if label.endswith("(equal exposures)"):
+            by_arm.setdefault(label.split(" ")[0], []).append((people, [r["recall/bits"] for r in rows]))
+    for arm, pts in sorted(by_arm.items()):
+        xs = [n for n, _ in pts]
+        means = [sum(v) / len(v) for _, v in pts]
+        err = [[m - min(v) for m, (_, v) in zip(means, pts)], [max(v) - m for m, (_, v) in zip(means, pts)]]
+        ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, label=arm)
+    available = sorted({(r["people"], r["recall/bits_available"]) for r in results})
+    ax.plot([n for n, _ in available], [b for _, b in available], linestyle="--", color="gray", label="available")
+    ax.set_xscale("log")
+    ax.set_xlabel("people N")
+    ax.set_ylabel("bits stored (mean over seeds, min-max bars)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results: list[dict], out: Path, note: str) -> str:
+    """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
+    `out/bits_vs_people.png` and `out/bits_vs_parameters.png` for the sweep's rows; returns the table."""
+    table = mean_table(results) + "\nPer seed:\n\n" + summary_table(results)
+    table += "\nWhere the bits go (" + ATTRIBUTE_NOTE + "):\n\n" + attribute_table(results)
+    if results:
+        mean_plot(results, out / "bits_vs_people_mean.png")
+        exposure_plot(results, out / "bits_vs_exposures.png")
+        people_plot(results, out / "bits_vs_people.png", out / "bits_vs_parameters.png")
+    (out / "table.md").write_text(table + f"\n{note}\n")
+    return table
+
+
+SEED_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "v")]  # (line style, marker) per seed
+
+
+def seed_style(seed: int, seeds: list[int]) -> tuple[str, str]:
+    """(line style, marker) of a seed: its place among the sweep's sorted seeds, cycled."""
+    return SEED_STYLES[seeds.index(seed) % len(SEED_STYLES)]
+
+
+def line_styles(results: list[dict]) -> dict[tuple, dict]:
+    """Per run (arm, N, seed): its line's matplotlib keywords. One colour per (arm, N) (tab10 up to 10
+    of them, tab20 beyond), one line style and marker per seed, and a legend label on each (arm, N)'s
+    first seed only (`label` None on the others)."""
+    import matplotlib
+
+    runs = sorted({(r["arm"], r["people"], r["seed"]) for r in results})
+    arms = sorted({(arm, people) for arm, people, _ in runs})
+    seeds = sorted({seed for _, _, seed in runs})
+    first_seed: dict[tuple, int] = {}
+    for arm, people, seed in runs:  # sorted: an (arm, N)'s first run has its first seed
+        first_seed.setdefault((arm, people), seed)
+    cmap = matplotlib.colormaps["tab10" if len(arms) <= 10 else "tab20"]
+    styles = {}
+    for arm, people, seed in runs:
+        line, marker = seed_style(seed, seeds)
+        styles[(arm, people, seed)] = dict(
+            color=cmap(arms.index((arm, people)) % cmap.N),
+            linestyle=line,
+            marker=marker,
+            markersize=4,
+            label=f"{arm}, N={people}" if first_seed[(arm, people)] == seed else None,
+        )
+    return styles
+
+
+def exposure_plot(results: list[dict], path: Path) -> None:
+    """Bits stored vs exposures (and vs training time), one line per run: the checkpoints of each run
+    (constant schedule: each checkpoint is the run of that length). One colour per arm and N, one
+    line style per seed (the legend names each arm once and the styles once): with one colour per
+    line, a 10-colour cycle gave two arms one colour past 10 runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pkmlm.experiments.report import save_bits_figure
+
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = line_styles(results)
+    for key, style in styles.items():
+        rows = sorted((r for r in results if (r["arm"], r["people"], r["seed"]) == key), key=lambda r: r["step"])
+        label = style.pop("label")
+        ax_e.plot([r["exposures"] for r in rows], [r["recall/bits"] for r in rows], label=label, **style)
+        time = time_key(rows) or "train_time_s"
+        ax_t.plot([r.get(time) for r in rows], [r["recall/bits"] for r in rows], label=label, **style)
+    seeds = sorted({r["seed"] for r in results})
+    if len(seeds) > 1:  # the line styles' key, once
+        for seed in seeds:
+            line, marker = seed_style(seed, seeds)
+            ax_e.plot([], [], color="black", linestyle=line, marker=marker, markersize=4, label=f"seed {seed}")
+    for people in sorted({r["people"] for r in results}):
+        available = next(r["recall/bits_available"] for r in results if r["people"] == people)
+        for ax in (ax_e, ax_t):
+            ax.axhline(available, linestyle="--", color="gray", linewidth=1)
+    ax_e.set_xlabel("exposures per person (biographies read)")
+    ax_t.set_xlabel("training time, s (reference step times; else wall clock)")
+    save_bits_figure(fig, (ax_e, ax_t), path)
+
+
+def people_plot(results: list[dict], path: Path, parameters_path: Path) -> list[Path]:
+    """Bits stored vs people N (`path`) and vs parameters (`parameters_path`) at equal exposures (each
+    arm's checkpoint at the equal-exposure step of its N), as pkmlm-compare draws them; returns the
+    files written, none with fewer than two points."""
+    from pkmlm.experiments.report import knowledge_plot
+    from pkmlm.experiments.runs import RunSummary
+
+    runs = [
+        RunSummary(
+            path=Path(r["run_dir"]),
+            label=f"{r['arm']} N={r['people']} seed {r['seed']}",
+            config={},
+            rows=[{"recall/people": r["people"], **r}],
+            name=f"{r['arm']} (equal exposures)",
+        )
+        for r in results
+        if r["step"] == r["steps_equal"]
+    ]
+    return knowledge_plot(runs, path, parameters_path)
