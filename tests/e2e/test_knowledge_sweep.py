@@ -229,3 +229,25 @@ def test_sparse_factor_runs_the_memory_past_equal_exposures(tmp_path):
     assert two["dense_pm"]["max_steps"] == one["dense_pm"]["max_steps"] == one["dense_pm"]["steps_equal"]
     with pytest.raises(SystemExit, match="--sparse-factor must be >= 1"):
         sweep.main(["--sparse-factor", "0.5", "--out", str(tmp_path / "never")])
+
+
+def test_the_remaining_time_counts_each_runs_steps_from_its_latest_complete_checkpoint(tmp_path):
+    """Thread-hours left = sum over runs to train of (max_steps - latest complete checkpoint) x the
+    arm's reference step time; unknown (no estimate printed) when an arm has no reference time."""
+
+    def plan(arm, max_steps, done=(), partial=()):
+        run_dir = tmp_path / f"{arm}-{max_steps}"
+        for step in (*done, *partial):
+            (run_dir / "checkpoints" / f"step_{step:08d}.dcp").mkdir(parents=True)
+        for step in done:
+            (run_dir / "checkpoints" / f"step_{step:08d}.dcp" / ".metadata").write_text("")
+        return {"arm": arm, "max_steps": max_steps, "run_dir": run_dir}
+
+    todo = [plan("dense", 3000, done=(1000, 2000), partial=(2500,)), plan("mem", 1000)]
+    assert sweep.steps_done(todo[0]["run_dir"]) == 2000 and sweep.steps_done(todo[1]["run_dir"]) == 0
+    step_ms = {"dense": 360.0, "mem": 720.0}  # 1,000 steps x 0.36 s + 1,000 x 0.72 s = 0.3 h
+    assert sweep.remaining_thread_hours(todo, step_ms) == pytest.approx(0.3)
+    assert "~0.3 thread-hours" in sweep._eta(todo, step_ms, jobs=2) and "~0.1 h or more at --jobs 2" in sweep._eta(
+        todo, step_ms, jobs=2
+    )
+    assert sweep.remaining_thread_hours(todo, {"dense": 360.0}) is None and sweep._eta(todo, {}, jobs=2) == ""

@@ -260,6 +260,34 @@ def evaluate_run(
     return rows
 
 
+def steps_done(run_dir: Path) -> int:
+    """The step of the run's latest complete checkpoint (its metadata written last: where a restarted
+    run resumes), 0 for none."""
+    from pkmlm.checkpoint.store import list_checkpoints
+
+    complete = [c for c in list_checkpoints(Path(run_dir) / "checkpoints") if (c / ".metadata").is_file()]
+    return int(complete[-1].name[5:13]) if complete else 0
+
+
+def remaining_thread_hours(todo: list[dict], step_ms: dict[str, float]) -> float | None:
+    """Thread-hours the plans in `todo` still need at the sweep's reference step times (each run's
+    steps from its latest checkpoint to its `max_steps`); None when an arm has no reference time
+    (`--step-time-repeats 0`). Reference times are for one quiet thread per job: a loaded machine
+    takes longer, and the recall evaluations come on top."""
+    if any(plan["arm"] not in step_ms for plan in todo):
+        return None
+    ms = sum(max(0, plan["max_steps"] - steps_done(plan["run_dir"])) * step_ms[plan["arm"]] for plan in todo)
+    return ms / 3.6e6
+
+
+def _eta(todo: list[dict], step_ms: dict[str, float], jobs: int) -> str:
+    hours = remaining_thread_hours(todo, step_ms) if todo else None
+    if hours is None:
+        return ""
+    wall = hours / max(1, min(jobs, len(todo)))  # the jobs kept busy to the end: a lower bound
+    return f" (~{hours:.1f} thread-hours at the reference step times: ~{wall:.1f} h or more at --jobs {jobs})"
+
+
 def run_finished(run_dir: Path, max_steps: int) -> bool:
     """Whether the run's final checkpoint is there, complete (its metadata written last)."""
     return (final_checkpoint(run_dir, max_steps) / ".metadata").is_file()
@@ -555,9 +583,13 @@ def main(argv: list[str] | None = None) -> None:
         if budget is not None:
             todo, stopped = todo[:budget], stopped or len(todo) > budget
             budget -= len(todo)
-        print(f"N={people}: {len(plans)} runs, {len(todo)} to train now", file=sys.stderr, flush=True)
         if todo:  # every arm's reference step time, once per sweep directory (see step_time.py)
             step_ms = reference_step_times(out, plans, args.threads, args.step_time_repeats).get("step_ms", {})
+        print(
+            f"N={people}: {len(plans)} runs, {len(todo)} to train now{_eta(todo, step_ms, args.jobs)}",
+            file=sys.stderr,
+            flush=True,
+        )
         run_jobs(
             [(plan["command"], out / "logs" / f"{plan['run_dir'].name}.log") for plan in todo], args.jobs, args.threads
         )
