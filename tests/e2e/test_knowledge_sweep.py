@@ -45,7 +45,7 @@ def _snapshot(run_dir):
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path):
+def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = [
         "--people", "4", "--seeds", "0", "--exposures", "1", "--arms", "dense,mem", "--dense-factor", "1",
@@ -53,6 +53,8 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     ]  # fmt: skip
     # Sitting 1: --max-runs 1 trains the first run (dense) and stops; the mem run is not started.
     sweep.main(argv)
+    line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("N=4:"))
+    assert line.startswith("N=4: 2 runs, 2 unfinished (~") and line.endswith(", 1 to train now")  # both runs' hours
     dense_dir, mem_dir = out / "runs" / "dense-N4-s0", out / "runs" / "mem-N4-s0"
     plans = sweep.plan_level(sweep.parse_args(argv), out, 4)
     max_steps = {p["arm"]: p["max_steps"] for p in plans}
@@ -214,6 +216,22 @@ def test_a_mixtures_exposures_count_only_the_biographies_share_of_its_tokens(tmp
     assert [r["exposures"] for r in sweep.evaluate_cached({**plan, "bios_share": 1.0}, templates=5)] == [4.0, 8.0]
 
 
+def test_recall_json_holds_the_equal_exposure_point_that_pkmlm_compare_shows(tmp_path):
+    """A dense run trains past its equal exposures (--dense-factor): pkmlm-compare reads
+    `<run>/recall.json`, which holds the equal-exposure checkpoint's row, as the other arms' do (the
+    last checkpoint's while the run has not reached it)."""
+    run_dir = tmp_path / "runs" / "dense-N10-s0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cached = [{"step": s, "tokens": 1000 * s, "recall/bits": float(s)} for s in (4, 8, 12)]
+    (run_dir / "sweep_recall.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cached))
+    plan = {"arm": "dense", "people": 10, "seed": 0, "steps_equal": 8, "max_steps": 12, "tokens_per_bio": 100.0,
+            "run_dir": run_dir, "facts": tmp_path / "facts", "command": [], "overrides": []}  # fmt: skip
+    sweep.evaluate_cached(plan, templates=5)
+    assert json.loads((run_dir / "recall.json").read_text())["step"] == 8
+    sweep.evaluate_cached({**plan, "steps_equal": 16, "max_steps": 32}, templates=5)
+    assert json.loads((run_dir / "recall.json").read_text())["step"] == 12
+
+
 def test_sparse_factor_runs_the_memory_past_equal_exposures(tmp_path):
     """--sparse-factor 2: the memory arms' max_steps double (dense_pm's do not); the table's 2x rows:
     tests/unit/test_sweep_report.py."""
@@ -232,8 +250,9 @@ def test_sparse_factor_runs_the_memory_past_equal_exposures(tmp_path):
 
 
 def test_the_remaining_time_counts_each_runs_steps_from_its_latest_complete_checkpoint(tmp_path):
-    """Thread-hours left = sum over runs to train of (max_steps - latest complete checkpoint) x the
-    arm's reference step time; unknown (no estimate printed) when an arm has no reference time."""
+    """Hours left per run = (max_steps - latest complete checkpoint) x the arm's reference step time;
+    the sitting takes at least their sum over the jobs and at least the longest run; unknown (no
+    estimate printed) when an arm has no reference time."""
 
     def plan(arm, max_steps, done=(), partial=()):
         run_dir = tmp_path / f"{arm}-{max_steps}"
@@ -245,9 +264,69 @@ def test_the_remaining_time_counts_each_runs_steps_from_its_latest_complete_chec
 
     todo = [plan("dense", 3000, done=(1000, 2000), partial=(2500,)), plan("mem", 1000)]
     assert sweep.steps_done(todo[0]["run_dir"]) == 2000 and sweep.steps_done(todo[1]["run_dir"]) == 0
-    step_ms = {"dense": 360.0, "mem": 720.0}  # 1,000 steps x 0.36 s + 1,000 x 0.72 s = 0.3 h
-    assert sweep.remaining_thread_hours(todo, step_ms) == pytest.approx(0.3)
-    assert "~0.3 thread-hours" in sweep._eta(todo, step_ms, jobs=2) and "~0.1 h or more at --jobs 2" in sweep._eta(
-        todo, step_ms, jobs=2
+    step_ms = {"dense": 360.0, "mem": 720.0}  # 1,000 steps x 0.36 s = 0.1 h; 1,000 x 0.72 s = 0.2 h
+    assert sweep.remaining_hours(todo, step_ms) == pytest.approx([0.1, 0.2])
+    eta = sweep._eta(todo, step_ms, jobs=2)
+    assert "~0.3 job-hours" in eta and "~0.2 h or more at --jobs 2" in eta  # the longest run, not 0.3 / 2
+    assert "~0.3 h or more at --jobs 1" in sweep._eta(todo, step_ms, jobs=1)
+    assert sweep.remaining_hours(todo, {"dense": 360.0}) is None and sweep._eta(todo, {}, jobs=2) == ""
+
+
+def test_the_sweep_says_when_the_dense_arm_stops_before_a_sparse_arms_time():
+    """A sparse arm whose training time (reference step times) lies past the dense arm's
+    --dense-factor gets a note naming the --dense-factor that reaches it: at its equal exposures, else
+    at its longest point (--sparse-factor); dense_pm and arms within reach get none."""
+
+    def plan(arm, factor=1.0):
+        return {"arm": arm, "steps_equal": 100, "max_steps": int(100 * factor)}
+
+    step_ms = {"dense": 100.0, "mem128": 167.5, "mem64": 146.0, "engram": 139.0, "dense_pm": 830.0}
+    plans = [plan("dense", 2.0), plan("dense_pm"), plan("mem128", 2.0), plan("mem64"), plan("engram")]
+    notes = sweep.equal_time_shortfalls(plans, step_ms, dense_factor=2.0)
+    assert len(notes) == 1 and "mem128 at 2x its exposures trains 3.35x dense's" in notes[0]
+    assert notes[0].endswith("--dense-factor 3.5 reaches it")
+    notes = sweep.equal_time_shortfalls(plans, step_ms, dense_factor=1.5)
+    assert [n.split()[2] for n in notes] == ["mem128"]  # 1.675x: past 1.5x at its equal exposures already
+    assert "at its equal exposures" in notes[0] and notes[0].endswith("--dense-factor 1.75 reaches it")
+    assert sweep.equal_time_shortfalls(plans, step_ms, dense_factor=3.5) == []
+    assert sweep.equal_time_shortfalls([p for p in plans if p["arm"] != "dense"], step_ms, 1.0) == []  # no dense arm
+
+
+def test_a_failed_run_stops_the_doubling_and_the_sweep_exits_non_zero(tmp_path, monkeypatch):
+    """A training job that fails: no larger N is tried on a broken level (--until-saturated would
+    otherwise double N, finding no 2x row), the report is still written, and the sweep exits with
+    one line naming the failed run's log."""
+    levels = []
+    plan_level = sweep.plan_level
+    monkeypatch.setattr(
+        sweep, "plan_level", lambda args, out, people: levels.append(people) or plan_level(args, out, people)
     )
-    assert sweep.remaining_thread_hours(todo, {"dense": 360.0}) is None and sweep._eta(todo, {}, jobs=2) == ""
+    argv = ["--people", "4", "--seeds", "0", "--exposures", "1", "--arms", "dense", "--dense-factor", "2",
+            "--until-saturated", "--max-people", "8", "--step-time-repeats", "0",
+            "--out", str(tmp_path / "sweep")]  # fmt: skip
+    monkeypatch.setattr(sweep, "run_jobs", lambda jobs, parallel, threads: [log for _, log in jobs])
+    with pytest.raises(SystemExit, match=r"sweep: 1 training run\(s\) failed \(logs: .*dense-N4-s0\.log\): fix"):
+        sweep.main(argv)
+    assert levels == [4] and (tmp_path / "sweep" / "table.md").is_file()
+    monkeypatch.setattr(sweep, "run_jobs", lambda jobs, parallel, threads: [])  # nothing failed: N doubles
+    levels.clear()
+    sweep.main(argv)
+    assert levels == [4, 8]
+
+
+def test_run_jobs_returns_the_logs_of_the_jobs_that_failed(tmp_path):
+    import sys
+
+    jobs = [([sys.executable, "-c", f"raise SystemExit({code})"], tmp_path / f"job{code}.log") for code in (0, 3)]
+    assert sweep.run_jobs(jobs, parallel=2, threads=1) == [tmp_path / "job3.log"]
+
+
+def test_merging_two_runs_of_one_arm_n_and_seed_is_refused(tmp_path):
+    row = {"arm": "dense", "people": 50, "seed": 0, "step": 4, "steps_equal": 4}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run = {**row, "run_dir": str(tmp_path / name / "runs" / "dense-N50-s0")}
+        (tmp_path / name / "results.jsonl").write_text(json.dumps(run) + "\n")
+    with pytest.raises(SystemExit, match=r"--merge: two runs of arm dense, N=50, seed 0 \(.*a/runs.* and .*b/runs"):
+        sweep.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()

@@ -90,8 +90,7 @@ def test_training_logs_recall_at_each_evaluation_without_a_validation_split(tmp_
 
     swept = evaluate_run(run, qa, per_bio=50.0, people=20, templates=2)
     assert [r["step"] for r in swept] == [3, 6] and swept[-1]["recall/questions"] == 120
-    assert json.loads((run / "recall.json").read_text())["recall/bits"] == swept[-1]["recall/bits"]
-    (run / "recall.json").unlink()  # compare below reads the metrics rows
+    assert not (run / "recall.json").exists()  # the sweep's evaluate_cached writes it; compare reads the rows here
     compare([str(run), "--out", str(tmp_path / "cmp")])
     assert "bits stored / available" in capsys.readouterr().out
     last = evals[-1]

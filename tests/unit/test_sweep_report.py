@@ -24,6 +24,10 @@ def test_equal_time_uses_the_reference_step_times_not_the_loaded_wall_clock():
     assert report.equal_time_pick(strip[0], strip[1:])["step"] == 40
     # A dense run that stopped before the memory's time has no equal-time point.
     assert report.equal_time_pick(mem, dense[:3]) is None
+    # Nor one whose nearest checkpoint is far from it: dense_pm's first checkpoint, 24% past the memory's
+    pm = [row("dense_pm", s, wall=1.0, ref=742.0 * s / 40) for s in (40, 80)]
+    assert report.equal_time_pick(row("mem128", 160, wall=1.0, ref=598.0), pm) is None
+    assert report.equal_time_pick(row("mem128", 160, wall=1.0, ref=700.0), pm)["step"] == 40  # 6% off: kept
 
 
 def test_every_sparse_arm_meets_the_dense_arms_of_its_own_corpus_at_equal_time():

@@ -4,9 +4,10 @@ exposures and at equal training time.
 `python -m pkmlm.knowledge.sweep --people 50,100,200 --seeds 0 --exposures 150 --out DIR`:
 
 1. per seed and N, a pkmlm-facts corpus in `DIR/facts/N<N>-s<seed>/` (seeded by the run's seed),
-   and one tokenizer per seed, trained as the presets say on the largest N's biographies
-   (`DIR/facts/tokenizer-s<seed>.json`): the smaller corpora hold the first people of the largest
-   (same value sets, same names), so every N is tokenized alike;
+   and one tokenizer per seed, trained as the presets say on the biographies of the largest
+   `--people` value (`DIR/facts/tokenizer-s<seed>.json`) and kept for every N, the larger ones of
+   `--until-saturated` too: a corpus holds the first people of every larger one (same value sets,
+   same names), so every N is tokenized alike;
 2. `train.max_steps` for E exposures per person: E x (tokens of one biography, end-of-text included,
    under the run's own tokenizer) x N / (batch x seq_len), rounded up to a multiple of 4;
 3. per arm a `pkmlm-train experiment=knowledge/<arm>` run in `DIR/runs/<arm>-N<N>-s<seed>/`, with a
@@ -17,7 +18,7 @@ exposures and at equal training time.
    directory, `DIR/step_times.json`, see step_time.py), not the runs' wall clock, which the
    machine's load moves as much as the arm does;
 4. recall (`pkmlm.metrics.recall.evaluate_recall`) of every checkpoint, into `DIR/results.jsonl`
-   (one row per checkpoint) and `<run>/recall.json` (the final one, which pkmlm-compare reads);
+   (one row per checkpoint) and `<run>/recall.json` (the equal-exposure one, which pkmlm-compare reads);
    then the report (sweep_report.py): `DIR/table.md`, per N, dense and memory at equal exposures
    and dense at equal time; `DIR/bits_vs_exposures.png`, every checkpoint's bits stored vs exposures
    and vs training time; and where the bits go (`sweep_report.attribute_rows`): each attribute's
@@ -167,7 +168,11 @@ def param_matched_ffn_mult(overrides: list[str]) -> float:
     )
     per_unit = wider - base
     hidden = int(model.ffn_mult * model.dim) + round((target - base) / per_unit)
-    return hidden / model.dim
+    # The model builds the width as int(ffn_mult * dim): hidden / dim can land a hair below hidden
+    # (29 / 100 * 100 = 28.999...); half a unit more truncates back to it (exact powers of two, such
+    # as the presets' d=64, keep hidden / dim: the runs' commands, and so their resume, unchanged).
+    mult = hidden / model.dim
+    return mult if int(mult * model.dim) == hidden else (hidden + 0.5) / model.dim
 
 
 def _train_command(
@@ -191,7 +196,10 @@ def _train_command(
     ]
 
 
-def run_jobs(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> None:
+def run_jobs(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> list[Path]:
+    """Run `(command, log file)` jobs `parallel` at a time under `nice`, each with `threads` threads;
+    returns the logs of the jobs that failed (non-zero exit), in the order they ended."""
+    failed = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     pending, running = list(jobs), []
     while pending or running:
@@ -210,6 +218,8 @@ def run_jobs(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) ->
                 running.remove(item)
                 if proc.returncode:
                     print(f"job failed ({proc.returncode}): see {log}", file=sys.stderr, flush=True)
+                    failed.append(log)
+    return failed
 
 
 def _train_times(run_dir: Path) -> dict[int, float]:
@@ -230,10 +240,9 @@ def evaluate_run(
     skip: set[int] | None = None,
     bios_share: float = 1.0,
 ) -> list[dict]:
-    """Recall of every checkpoint of a run (but the steps in `skip`), oldest first; writes
-    `<run>/recall.json` (the last evaluated). `exposures`: biographies read per person, the run's
-    tokens x `bios_share` (the biographies' share of a mixture's tokens; 1 for the biographies
-    alone) over the tokens of one person's biographies."""
+    """Recall of every checkpoint of a run (but the steps in `skip`), oldest first. `exposures`:
+    biographies read per person, the run's tokens x `bios_share` (the biographies' share of a
+    mixture's tokens; 1 for the biographies alone) over the tokens of one person's biographies."""
     from pkmlm.checkpoint.store import list_checkpoints
     from pkmlm.metrics.recall import evaluate_recall
     from pkmlm.run import load_run
@@ -255,8 +264,6 @@ def evaluate_run(
                 **metrics,
             }
         )
-    if rows:
-        (run_dir / "recall.json").write_text(json.dumps({"step": rows[-1]["step"], **rows[-1]}, indent=1) + "\n")
     return rows
 
 
@@ -269,23 +276,50 @@ def steps_done(run_dir: Path) -> int:
     return int(complete[-1].name[5:13]) if complete else 0
 
 
-def remaining_thread_hours(todo: list[dict], step_ms: dict[str, float]) -> float | None:
-    """Thread-hours the plans in `todo` still need at the sweep's reference step times (each run's
-    steps from its latest checkpoint to its `max_steps`); None when an arm has no reference time
-    (`--step-time-repeats 0`). Reference times are for one quiet thread per job: a loaded machine
-    takes longer, and the recall evaluations come on top."""
+def remaining_hours(todo: list[dict], step_ms: dict[str, float]) -> list[float] | None:
+    """Hours each plan in `todo` still needs at the sweep's reference step times (its steps from its
+    latest complete checkpoint to its `max_steps`); None when an arm has no reference time
+    (`--step-time-repeats 0`). A reference time is one job's step at `--threads` threads on a quiet
+    machine: a loaded machine takes longer, and the recall evaluations come on top."""
     if any(plan["arm"] not in step_ms for plan in todo):
         return None
-    ms = sum(max(0, plan["max_steps"] - steps_done(plan["run_dir"])) * step_ms[plan["arm"]] for plan in todo)
-    return ms / 3.6e6
+    return [max(0, plan["max_steps"] - steps_done(plan["run_dir"])) * step_ms[plan["arm"]] / 3.6e6 for plan in todo]
 
 
 def _eta(todo: list[dict], step_ms: dict[str, float], jobs: int) -> str:
-    hours = remaining_thread_hours(todo, step_ms) if todo else None
+    hours = remaining_hours(todo, step_ms) if todo else None
     if hours is None:
         return ""
-    wall = hours / max(1, min(jobs, len(todo)))  # the jobs kept busy to the end: a lower bound
-    return f" (~{hours:.1f} thread-hours at the reference step times: ~{wall:.1f} h or more at --jobs {jobs})"
+    # At --jobs J the sitting takes at least the total over J and at least its longest run.
+    wall = max(sum(hours) / max(1, min(jobs, len(todo))), max(hours))
+    return f" (~{sum(hours):.1f} job-hours at the reference step times: ~{wall:.1f} h or more at --jobs {jobs})"
+
+
+def equal_time_shortfalls(plans: list[dict], step_ms: dict[str, float], dense_factor: float) -> list[str]:
+    """One line per sparse arm of `plans` whose training time the equal-compute dense arm of its
+    corpus (`dense`, `mix_dense`) does not reach at `dense_factor` times its equal-exposure steps, at
+    the reference step times: at the arm's equal exposures (no equal-time row for it at all), else at
+    its longest point (`--sparse-factor`: no `equal time to <arm> at 2x` row). Each line gives the
+    --dense-factor that reaches it, in quarters (the checkpoints')."""
+    lines = []
+    for arm, plan in sorted({p["arm"]: p for p in plans}.items()):
+        dense = "mix_dense" if arm.startswith("mix_") else "dense"
+        if is_dense(arm) or arm not in step_ms or dense not in step_ms or all(p["arm"] != dense for p in plans):
+            continue
+        ratio = step_ms[arm] / step_ms[dense]
+        longest = plan["max_steps"] / plan["steps_equal"]
+        if ratio > dense_factor:
+            point, needed = "its equal exposures", ratio
+        elif ratio * longest > dense_factor:
+            point, needed = f"{longest:g}x its exposures", ratio * longest
+        else:
+            continue
+        quarters = math.ceil(needed * CHECKPOINTS_PER_RUN) / CHECKPOINTS_PER_RUN
+        lines.append(
+            f"sweep: note: {arm} at {point} trains {needed:.2f}x {dense}'s equal-exposure time, past its "
+            f"{dense_factor:g}x: no equal-time row there; --dense-factor {quarters:g} reaches it"
+        )
+    return lines
 
 
 def run_finished(run_dir: Path, max_steps: int) -> bool:
@@ -433,7 +467,10 @@ def reference_step_times(out: Path, plans: list[dict], threads: int, repeats: in
 
 def evaluate_cached(plan: dict, templates: int) -> list[dict]:
     """`evaluate_run`'s rows for the plan's run, each checkpoint evaluated once ever: the rows are
-    kept in `<run>/sweep_recall.jsonl` and only checkpoints not in it are evaluated."""
+    kept in `<run>/sweep_recall.jsonl` and only checkpoints not in it are evaluated. Writes
+    `<run>/recall.json`, which pkmlm-compare reads: the equal-exposure checkpoint's row (the last
+    checkpoint's while the run has not reached it), so that compare's table and figures set every arm
+    at equal exposures, although the dense arms run longer."""
     from pkmlm.checkpoint.store import list_checkpoints
 
     run_dir = Path(plan["run_dir"])
@@ -460,6 +497,11 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
             for row in fresh:
                 rows[row["step"]] = row
                 f.write(json.dumps(row) + "\n")
+    if rows:  # what pkmlm-compare shows of the run: its equal-exposure point, as the other arms'
+        shown = json.dumps(rows.get(plan["steps_equal"], rows[max(rows)]), indent=1) + "\n"
+        path = run_dir / "recall.json"
+        if not path.is_file() or path.read_text() != shown:  # a finished run's files are left as they are
+            path.write_text(shown)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in plan.items() if k not in ("command", "overrides")}
     # exposures from the tokens, here: rows cached before a mixture's share was counted said 2x for 0.5
     per_person = plan["tokens_per_bio"] * plan["people"]
@@ -493,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dense-factor",
         type=float,
-        default=1.5,
+        default=2.0,
         help="the dense arms train this many times the "
         "equal-exposure steps (its checkpoints give the equal-time point; >= 2 for --until-saturated)",
     )
@@ -558,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
             for line in (Path(d) / "results.jsonl").read_text().splitlines()
             if line.strip()
         ]
+        _refuse_duplicate_runs(results)
         out.mkdir(parents=True, exist_ok=True)
         print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
         _write_results(args, argv, results)
@@ -576,23 +619,27 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, Any]] = []
     step_ms = load_step_times(out).get("step_ms", {})
     stopped = False
+    failed: list[Path] = []
     while levels:
         people = levels.pop(0)
         plans = plan_level(args, out, people)
-        todo = [plan for plan in plans if not run_finished(plan["run_dir"], plan["max_steps"])]
+        unfinished = [plan for plan in plans if not run_finished(plan["run_dir"], plan["max_steps"])]
+        todo = unfinished
         if budget is not None:
             todo, stopped = todo[:budget], stopped or len(todo) > budget
             budget -= len(todo)
         if todo:  # every arm's reference step time, once per sweep directory (see step_time.py)
             step_ms = reference_step_times(out, plans, args.threads, args.step_time_repeats).get("step_ms", {})
         print(
-            f"N={people}: {len(plans)} runs, {len(todo)} to train now{_eta(todo, step_ms, args.jobs)}",
+            f"N={people}: {len(plans)} runs, {len(unfinished)} unfinished{_eta(unfinished, step_ms, args.jobs)}, "
+            f"{len(todo)} to train now",
             file=sys.stderr,
             flush=True,
         )
-        run_jobs(
-            [(plan["command"], out / "logs" / f"{plan['run_dir'].name}.log") for plan in todo], args.jobs, args.threads
-        )
+        for line in equal_time_shortfalls(plans, step_ms, args.dense_factor):
+            print(line, file=sys.stderr, flush=True)
+        logs = [out / "logs" / f"{plan['run_dir'].name}.log" for plan in todo]
+        failed += run_jobs([(plan["command"], log) for plan, log in zip(todo, logs)], args.jobs, args.threads)
         for plan in plans:
             if (plan["run_dir"] / "checkpoints").is_dir():
                 results.extend(evaluate_cached(plan, args.templates))
@@ -600,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
             break
         largest = max(r["people"] for r in results) if results else people
-        if args.until_saturated and not levels:
+        if args.until_saturated and not levels and not failed:  # a failed run: no larger N on a broken level
             if dense_saturated(results, largest):
                 print(f"dense arm saturated at N={largest}", file=sys.stderr, flush=True)
             elif 2 * largest <= args.max_people:
@@ -610,6 +657,24 @@ def main(argv: list[str] | None = None) -> None:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
     _write_results(args, argv, results)
+    if failed:
+        raise SystemExit(
+            f"sweep: {len(failed)} training run(s) failed (logs: {', '.join(str(log) for log in failed)}): "
+            "fix the cause and run the same command again (finished work is kept)"
+        )
+
+
+def _refuse_duplicate_runs(results: list[dict]) -> None:
+    """The report compares one run per (arm, N, seed): two of them (overlapping sweeps merged) would
+    be mixed silently, so they are refused, naming both."""
+    seen: dict[tuple, str] = {}
+    for r in results:
+        key, run_dir = (r["arm"], r["people"], r["seed"]), str(r.get("run_dir", ""))
+        if seen.setdefault(key, run_dir) != run_dir:
+            raise SystemExit(
+                f"sweep: --merge: two runs of arm {key[0]}, N={key[1]}, seed {key[2]} ({seen[key]} and {run_dir}): "
+                "merge sweep directories that do not overlap"
+            )
 
 
 def _write_results(args: argparse.Namespace, argv: list[str] | None, results: list[dict]) -> None:

@@ -35,14 +35,25 @@ def time_key(rows: list[dict]) -> str | None:
     return None
 
 
+# How far from the memory row's training time a dense checkpoint may be and still be its equal-time
+# point. The dense arms checkpoint every quarter of their equal-exposure steps, so where the dense
+# run covers the memory's time its nearest checkpoint is within 0.125 / ratio of it (ratio: the
+# arms' step-time ratio; <= 9% for every ratio >= 1.39 of the sweep, step_times.json). dense_pm's
+# step is 5x the memory arms': their whole training time falls before its first checkpoint, 24-49%
+# past it, which is a point at another time, not an equal-time one.
+EQUAL_TIME_TOLERANCE = 0.10
+
+
 def equal_time_pick(mem: dict, dense: list[dict]) -> dict | None:
     """The dense checkpoint nearest the memory row's training time; None when the dense run stopped
     before that time (its last checkpoint is then only the longest the dense arm ran, not an
-    equal-time point) or the times are not known."""
+    equal-time point), when the nearest is more than `EQUAL_TIME_TOLERANCE` away from it, or when
+    the times are not known."""
     key = time_key([mem, *dense])
     if key is None or not dense or max(r[key] for r in dense) < mem[key]:
         return None
-    return min(dense, key=lambda r: abs(r[key] - mem[key]))
+    pick = min(dense, key=lambda r: abs(r[key] - mem[key]))
+    return pick if abs(pick[key] - mem[key]) <= EQUAL_TIME_TOLERANCE * mem[key] else None
 
 
 def _fmt(row: dict | None, key: str, spec: str) -> str:
