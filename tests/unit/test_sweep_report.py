@@ -136,3 +136,23 @@ def test_the_table_shows_every_arms_2x_point_and_dense_at_the_memorys_2x_time():
     assert points[(4, "dense (equal time to mem)")][0]["step"] == 16  # the memory's 16 s at 1x
     assert points[(4, "dense (equal time to mem at 2x)")][0]["step"] == 32  # its 32 s at 2x
     assert (4, "dense (equal time to mem at 2x)") not in report.points([r for r in timed if r["step"] < 32])
+
+
+def test_twice_the_exposures_gives_each_arms_gain_and_the_dense_arms_saturation_test():
+    """Per N and arm with both points: mean bits at 1x and 2x over the seeds that have both (a seed
+    still training counts in neither); the saturation verdict for dense only (< +5%)."""
+
+    def row(arm, seed, step, bits, people=400):
+        return {"arm": arm, "people": people, "seed": seed, "step": step, "steps_equal": 8, "recall/bits": bits}
+
+    results = [row("dense", 0, 8, 100.0), row("dense", 0, 16, 110.0), row("dense", 1, 8, 200.0),  # seed 1: no 2x
+               row("mem128", 0, 8, 120.0), row("mem128", 0, 16, 126.0), row("mem128", 0, 12, 999.0),
+               row("dense", 0, 8, 100.0, people=800), row("dense", 0, 16, 104.0, people=800),
+               row("engram", 0, 8, 50.0)]  # fmt: skip
+    assert report.gain_at_2x(results, 400, "dense") == (100.0, 110.0, 1)
+    assert report.gain_at_2x(results, 400, "engram") is None
+    assert report.saturation_lines(results) == [
+        "N=400 dense: 100 -> 110 bits from 1x to 2x the exposures (+10.0%, 1 seed): not saturated (the test: < +5%)",
+        "N=400 mem128: 120 -> 126 bits from 1x to 2x the exposures (+5.0%, 1 seed)",
+        "N=800 dense: 100 -> 104 bits from 1x to 2x the exposures (+4.0%, 1 seed): saturated",
+    ]

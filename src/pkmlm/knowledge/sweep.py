@@ -68,7 +68,15 @@ from typing import Any
 
 from pkmlm.config import config_dir
 from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_times, with_reference_times
-from pkmlm.knowledge.sweep_report import attribute_results_path, final_checkpoint, is_dense, report, write_results
+from pkmlm.knowledge.sweep_report import (
+    SATURATION,
+    attribute_results_path,
+    final_checkpoint,
+    gain_at_2x,
+    is_dense,
+    report,
+    write_results,
+)
 
 CHECKPOINTS_PER_RUN = 4  # checkpoints at each quarter of the equal-exposure steps
 
@@ -117,7 +125,6 @@ def steps_for(bios: Path, exposures: float, templates: int, overrides: list[str]
 
 MEMORY_SIZES = {"mem64": 64, "mem128": 128, "mem256": 256}
 PARAM_MATCHED_TO = "mem128"  # the dense_pm arm's FFN is widened to this arm's total parameters
-SATURATION = 0.05  # the dense arm is saturated when 2x the exposures adds less than 5% bits
 
 
 def memory_overrides(n_keys: int) -> list[str]:
@@ -510,14 +517,10 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
 
 def dense_saturated(results: list[dict], people: int) -> bool:
     """Whether the dense arm at N=`people` is saturated: its mean bits over seeds at twice the
-    equal-exposure steps within `SATURATION` of those at the equal-exposure steps."""
-    rows = [r for r in results if r["arm"] == "dense" and r["people"] == people]
-    at_1 = [r["recall/bits"] for r in rows if r["step"] == r["steps_equal"]]
-    at_2 = [r["recall/bits"] for r in rows if r["step"] == 2 * r["steps_equal"]]
-    if not at_1 or not at_2:
-        return False
-    one, two = sum(at_1) / len(at_1), sum(at_2) / len(at_2)
-    return two <= (1 + SATURATION) * one
+    equal-exposure steps within `SATURATION` of those at the equal-exposure steps (the seeds that
+    have both points: `sweep_report.gain_at_2x`)."""
+    gain = gain_at_2x(results, people, "dense")
+    return gain is not None and gain[1] <= (1 + SATURATION) * gain[0]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -354,7 +354,7 @@ def write_results(results: list[dict], path: Path, command: str, threads: Any, n
         + "%.1f" % os.getloadavg()[0],
         "columns": list(MEAN_COLUMNS),
         "rows": mean_rows(results),
-        "note": f"{note}; {trained}",
+        "note": "; ".join([note, *saturation_lines(results), trained]),
     }
     attributes = {
         **data,
@@ -397,10 +397,49 @@ def mean_plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+SATURATION = 0.05  # the dense arm is saturated when 2x the exposures adds less than 5% bits (issue 21)
+
+
+def gain_at_2x(results: list[dict], people: int, arm: str) -> tuple[float, float, int] | None:
+    """The arm's mean bits over seeds at its equal-exposure step and at twice it, and the number of
+    seeds, over the seeds that have both points (a seed still training is left out of both); None
+    where no seed has both."""
+    rows = [r for r in results if r["arm"] == arm and r["people"] == people]
+    one = {r["seed"]: r["recall/bits"] for r in rows if r["step"] == r["steps_equal"]}
+    two = {r["seed"]: r["recall/bits"] for r in rows if r["step"] == 2 * r["steps_equal"]}
+    seeds = sorted(set(one) & set(two))
+    if not seeds:
+        return None
+    return sum(one[s] for s in seeds) / len(seeds), sum(two[s] for s in seeds) / len(seeds), len(seeds)
+
+
+def saturation_lines(results: list[dict]) -> list[str]:
+    """Per N and arm that ran to twice its exposures: its bits at 1x and 2x (mean over the seeds with
+    both) and the gain; for `dense`, whether it passes the saturation test (`SATURATION`)."""
+    lines = []
+    for people, arm in sorted({(r["people"], r["arm"]) for r in results}):
+        gain = gain_at_2x(results, people, arm)
+        if gain is None:
+            continue
+        one, two, seeds = gain
+        verdict = ""
+        if arm == "dense":
+            verdict = (
+                ": saturated" if two <= (1 + SATURATION) * one else f": not saturated (the test: < +{SATURATION:.0%})"
+            )
+        lines.append(
+            f"N={people} {arm}: {one:,.0f} -> {two:,.0f} bits from 1x to 2x the exposures "
+            f"({two / one - 1:+.1%}, {seeds} seed{'s' * (seeds != 1)}){verdict}"
+        )
+    return lines
+
+
 def report(results: list[dict], out: Path, note: str) -> str:
     """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
     `out/bits_vs_people.png` and `out/bits_vs_parameters.png` for the sweep's rows; returns the table."""
-    table = mean_table(results) + "\nPer seed:\n\n" + summary_table(results)
+    table = mean_table(results)
+    table += "".join(f"\n{line}" for line in ["Twice the exposures:", *saturation_lines(results)]) + "\n"
+    table += "\nPer seed:\n\n" + summary_table(results)
     table += "\nWhere the bits go (" + ATTRIBUTE_NOTE + "):\n\n" + attribute_table(results)
     if results:
         mean_plot(results, out / "bits_vs_people_mean.png")
