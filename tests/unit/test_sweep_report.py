@@ -156,3 +156,27 @@ def test_twice_the_exposures_gives_each_arms_gain_and_the_dense_arms_saturation_
         "N=400 mem128: 120 -> 126 bits from 1x to 2x the exposures (+5.0%, 1 seed)",
         "N=800 dense: 100 -> 104 bits from 1x to 2x the exposures (+4.0%, 1 seed): saturated",
     ]
+
+
+def test_the_payoff_figure_gives_each_arms_bits_over_dense_at_equal_exposures_and_at_equal_time(tmp_path):
+    """Per seed: the arm's equal-exposure bits over the dense arm's equal-exposure bits, and (sparse
+    arms) over the dense checkpoint at the arm's training time; the mixture's arms against mix_dense."""
+
+    def row(arm, seed, step, bits, ref):
+        return {"arm": arm, "people": 400, "seed": seed, "step": step, "steps_equal": 8, "recall/bits": bits,
+                "ref_time_s": ref}  # fmt: skip
+
+    results = []
+    for seed, (mem, dense_1x, dense_2x) in enumerate([(120.0, 100.0, 150.0), (132.0, 110.0, 165.0)]):
+        results += [row("mem128", seed, 8, mem, 16.0), row("dense_pm", seed, 8, 130.0, 80.0),
+                    row("dense", seed, 8, dense_1x, 8.0), row("dense", seed, 16, dense_2x, 16.0),
+                    row("mix_mem128", seed, 8, 60.0, 16.0), row("mix_dense", seed, 8, 50.0, 8.0),
+                    row("mix_dense", seed, 16, 75.0, 16.0)]  # fmt: skip
+    ratios = report.payoff_ratios(results)
+    assert ratios["equal exposures"]["mem128"][400] == [1.2, 1.2]
+    assert ratios["equal exposures"]["dense_pm"][400] == [1.3, 130.0 / 110.0]
+    assert ratios["equal exposures"]["mix_mem128"][400] == [1.2, 1.2]  # against mix_dense, not dense
+    assert ratios["equal time"]["mem128"][400] == [0.8, 0.8]  # dense at 2x: the memory's time
+    assert "dense_pm" not in ratios["equal time"] and "dense" not in ratios["equal exposures"]
+    assert report.payoff_plot(results, tmp_path / "payoff.png") and (tmp_path / "payoff.png").stat().st_size > 0
+    assert not report.payoff_plot(results[2:3], tmp_path / "none.png") and not (tmp_path / "none.png").exists()

@@ -434,15 +434,85 @@ def saturation_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """Where each arm pays off against the dense arm of its corpus (`dense`, `mix_dense`): per panel
+    (`equal exposures`, `equal time`), arm and N, one ratio per seed: the arm's bits at its equal
+    exposures over the dense arm's at its own equal exposures (every arm but the dense one), or over
+    the dense arm's at the arm's training time (`equal_time_pick`; sparse arms only)."""
+    by_seed = {
+        (people, label, r["seed"]): r["recall/bits"] for (people, label), rows in points(results).items() for r in rows
+    }
+    ratios: dict[str, dict[str, dict[int, list[float]]]] = {"equal exposures": {}, "equal time": {}}
+    for (people, label, seed), bits in sorted(by_seed.items()):
+        if not label.endswith(" (equal exposures)"):
+            continue
+        arm = label[: -len(" (equal exposures)")]
+        dense = "mix_dense" if arm.startswith("mix_") else "dense"
+        if arm == dense:
+            continue
+        against = {
+            "equal exposures": by_seed.get((people, f"{dense} (equal exposures)", seed)),
+            "equal time": None if is_dense(arm) else by_seed.get((people, f"{dense} (equal time to {arm})", seed)),
+        }
+        for panel, base in against.items():
+            if base:
+                ratios[panel].setdefault(arm, {}).setdefault(people, []).append(bits / base)
+    return ratios
+
+
+def payoff_plot(results: list[dict], path: Path) -> bool:
+    """`payoff_ratios` drawn against N, one line per arm, the mean over seeds with the spread
+    (min-max) as bars and 1 (the dense arm) as a grey line; False (nothing written) when there is
+    no ratio to draw."""
+    ratios = payoff_ratios(results)
+    if not any(ratios.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted({arm for panel in ratios.values() for arm in panel})
+    colours = {arm: matplotlib.colormaps["tab10"](i % 10) for i, arm in enumerate(arms)}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (panel, by_arm) in zip(axes, ratios.items()):
+        if not by_arm:
+            continue
+        for arm, by_n in sorted(by_arm.items()):
+            xs = sorted(by_n)
+            means = [sum(by_n[n]) / len(by_n[n]) for n in xs]
+            err = [[m - min(by_n[n]) for m, n in zip(means, xs)], [max(by_n[n]) - m for m, n in zip(means, xs)]]
+            dodge = 1 + 0.04 * (arms.index(arm) - (len(arms) - 1) / 2)  # arms side by side at each N
+            ax.errorbar([x * dodge for x in xs], means, yerr=err, marker="o", capsize=3, color=colours[arm], label=arm)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        every_n = sorted({n for by_n in by_arm.values() for n in by_n})
+        ax.set_xticks(every_n, [f"{n:,}" for n in every_n])
+        ax.minorticks_off()
+        ax.set_xlim(min(every_n) / 1.5, max(every_n) * 1.5)
+        ax.set_xlabel("people N")
+        ax.set_title(f"at {panel}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("bits stored / dense's (mean, min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def report(results: list[dict], out: Path, note: str) -> str:
     """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
-    `out/bits_vs_people.png` and `out/bits_vs_parameters.png` for the sweep's rows; returns the table."""
+    `out/bits_vs_people.png`, `out/bits_vs_parameters.png`, `out/bits_vs_people_mean.png` and
+    `out/payoff_vs_people.png` (each arm's bits over the dense arm's, at equal exposures and at
+    equal time) for the sweep's rows; returns the table."""
     table = mean_table(results)
     table += "".join(f"\n{line}" for line in ["Twice the exposures:", *saturation_lines(results)]) + "\n"
     table += "\nPer seed:\n\n" + summary_table(results)
     table += "\nWhere the bits go (" + ATTRIBUTE_NOTE + "):\n\n" + attribute_table(results)
     if results:
         mean_plot(results, out / "bits_vs_people_mean.png")
+        payoff_plot(results, out / "payoff_vs_people.png")
         exposure_plot(results, out / "bits_vs_exposures.png")
         people_plot(results, out / "bits_vs_people.png", out / "bits_vs_parameters.png")
     (out / "table.md").write_text(table + f"\n{note}\n")
