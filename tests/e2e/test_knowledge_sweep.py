@@ -314,11 +314,41 @@ def test_a_failed_run_stops_the_doubling_and_the_sweep_exits_non_zero(tmp_path, 
     assert levels == [4, 8]
 
 
-def test_run_jobs_returns_the_logs_of_the_jobs_that_failed(tmp_path):
+def test_run_jobs_runs_each_jobs_commands_in_turn_and_returns_the_logs_of_the_failed_ones(tmp_path):
+    """A job is a list of commands run one after the other in one slot, the next only when the one
+    before it succeeded; the logs of jobs with a failed command come back."""
     import sys
 
-    jobs = [([sys.executable, "-c", f"raise SystemExit({code})"], tmp_path / f"job{code}.log") for code in (0, 3)]
-    assert sweep.run_jobs(jobs, parallel=2, threads=1) == [tmp_path / "job3.log"]
+    def say(word, code=0):
+        return [sys.executable, "-c", f"print({word!r}); raise SystemExit({code})"]
+
+    jobs = [([say("a1"), say("a2")], tmp_path / "a.log"), ([say("b1", 3), say("b2")], tmp_path / "b.log")]
+    (tmp_path / "a.log").write_text("an earlier sitting\n")
+    assert sweep.run_jobs(jobs, parallel=2, threads=1) == [tmp_path / "b.log"]
+    assert (tmp_path / "a.log").read_text().split() == ["an", "earlier", "sitting", "a1", "a2"]  # appended
+    assert (tmp_path / "b.log").read_text().split() == ["b1"]  # b2 not run after b1 failed
+
+
+def test_a_run_stopped_part_way_finishes_at_its_own_max_steps_before_a_changed_factor_extends_it(tmp_path):
+    """Training resumes a run stopped part-way only under the max_steps it started with (the LR
+    schedule), so a plan whose max_steps changed meanwhile (a --dense-factor raised while the run
+    trained) first finishes the run at its recorded max_steps, then extends it; the commands differ
+    only in train.max_steps."""
+    run_dir = tmp_path / "dense-N800-s0"
+    (run_dir / "checkpoints" / "step_00000050.dcp").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000050.dcp" / ".metadata").write_text("")
+    (run_dir / "config.yaml").write_text("train:\n  max_steps: 100\n")
+    command = ["python", "-m", "pkmlm.cli.train", "experiment=knowledge/dense", "train.max_steps=200", "seed=0"]
+    plan = {"run_dir": run_dir, "max_steps": 200, "command": command}
+    finish = [a.replace("=200", "=100") for a in command]
+    assert sweep.recorded_max_steps(run_dir) == 100 and sweep.recorded_max_steps(tmp_path / "none") is None
+    assert sweep.run_commands(plan) == [finish, command]
+    assert sweep.run_commands({**plan, "max_steps": 80}) == [finish]  # the finished run passes step 80
+    assert sweep.run_commands({**plan, "max_steps": 100}) == [command]
+    (run_dir / "checkpoints" / "step_00000100.dcp" / ".metadata").parent.mkdir()
+    (run_dir / "checkpoints" / "step_00000100.dcp" / ".metadata").write_text("")
+    assert sweep.run_commands(plan) == [command]  # finished at 100: extended from there as it is
+    assert sweep.run_commands({**plan, "run_dir": tmp_path / "new"}) == [command]
 
 
 def test_merging_two_runs_of_one_arm_n_and_seed_is_refused(tmp_path):

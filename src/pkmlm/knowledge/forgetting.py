@@ -186,7 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _train(overrides: list[str], log: Path, threads: int) -> None:
     """One `pkmlm-train` run with `overrides`, its output in `log`."""
-    run_jobs([([sys.executable, "-m", "pkmlm.cli.train", *overrides], log)], 1, threads)
+    if run_jobs([([[sys.executable, "-m", "pkmlm.cli.train", *overrides]], log)], 1, threads):
+        raise SystemExit(f"forgetting: a training run failed: see {log} (fix the cause and run again)")
 
 
 def main(argv: list[str] | None = None) -> None:

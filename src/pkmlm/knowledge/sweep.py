@@ -203,29 +203,36 @@ def _train_command(
     ]
 
 
-def run_jobs(jobs: list[tuple[list[str], Path]], parallel: int, threads: int) -> list[Path]:
-    """Run `(command, log file)` jobs `parallel` at a time under `nice`, each with `threads` threads;
-    returns the logs of the jobs that failed (non-zero exit), in the order they ended."""
-    failed = []
+def run_jobs(jobs: list[tuple[list[list[str]], Path]], parallel: int, threads: int) -> list[Path]:
+    """Run jobs `parallel` at a time, each a list of commands run one after the other (the next only
+    when the one before it succeeded) under `nice` with `threads` threads, their output in the job's
+    log file; returns the logs of the jobs that failed (a command's non-zero exit), in the order
+    they ended."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    pending, running = list(jobs), []
+    pending, running, failed = list(jobs), [], []
+
+    def start(command: list[str], f) -> subprocess.Popen:
+        return subprocess.Popen(["nice", "-n", "5", *command], stdout=f, stderr=subprocess.STDOUT, env=env)
+
     while pending or running:
         while pending and len(running) < parallel:
-            cmd, log = pending.pop(0)
+            commands, log = pending.pop(0)
             log.parent.mkdir(parents=True, exist_ok=True)
-            f = open(log, "w")  # noqa: SIM115 - closed when its job ends
-            running.append(
-                (subprocess.Popen(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env), f, log)
-            )
+            f = open(log, "a")  # noqa: SIM115 - closed when its job ends; appended: a run's earlier sittings stay
+            running.append([start(commands[0], f), f, log, list(commands[1:])])
         time.sleep(1)
         for item in list(running):
-            proc, f, log = item
-            if proc.poll() is not None:
-                f.close()
-                running.remove(item)
-                if proc.returncode:
-                    print(f"job failed ({proc.returncode}): see {log}", file=sys.stderr, flush=True)
-                    failed.append(log)
+            proc, f, log, rest = item
+            if proc.poll() is None:
+                continue
+            if proc.returncode == 0 and rest:
+                item[0] = start(rest.pop(0), f)
+                continue
+            f.close()
+            running.remove(item)
+            if proc.returncode:
+                print(f"job failed ({proc.returncode}): see {log}", file=sys.stderr, flush=True)
+                failed.append(log)
     return failed
 
 
@@ -327,6 +334,31 @@ def equal_time_shortfalls(plans: list[dict], step_ms: dict[str, float], dense_fa
             f"{dense_factor:g}x: no equal-time row there; --dense-factor {quarters:g} reaches it"
         )
     return lines
+
+
+def recorded_max_steps(run_dir: Path) -> int | None:
+    """The `train.max_steps` the run in `run_dir` was last started with (its `config.yaml`), None
+    for a run not started."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    value = OmegaConf.select(OmegaConf.load(path), "train.max_steps")
+    return int(value) if value is not None else None
+
+
+def run_commands(plan: dict) -> list[list[str]]:
+    """The commands that bring the plan's run to its `max_steps`. A run stopped part-way resumes
+    only under the max_steps it was started with (the LR schedule; pkmlm.train.rundir), so a run
+    whose planned max_steps changed since (a --dense-factor or --sparse-factor changed while it was
+    training) first finishes at its recorded max_steps, then extends from its last checkpoint where
+    the plan wants more (where it wants less, that run passes the planned step's checkpoint)."""
+    recorded = recorded_max_steps(plan["run_dir"])
+    if recorded is None or recorded == plan["max_steps"] or steps_done(plan["run_dir"]) >= recorded:
+        return [plan["command"]]
+    finish = [f"train.max_steps={recorded}" if a.startswith("train.max_steps=") else a for a in plan["command"]]
+    return [finish, *([plan["command"]] if plan["max_steps"] > recorded else [])]
 
 
 def run_finished(run_dir: Path, max_steps: int) -> bool:
@@ -642,7 +674,7 @@ def main(argv: list[str] | None = None) -> None:
         for line in equal_time_shortfalls(plans, step_ms, args.dense_factor):
             print(line, file=sys.stderr, flush=True)
         logs = [out / "logs" / f"{plan['run_dir'].name}.log" for plan in todo]
-        failed += run_jobs([(plan["command"], log) for plan, log in zip(todo, logs)], args.jobs, args.threads)
+        failed += run_jobs([(run_commands(plan), log) for plan, log in zip(todo, logs)], args.jobs, args.threads)
         for plan in plans:
             if (plan["run_dir"] / "checkpoints").is_dir():
                 results.extend(evaluate_cached(plan, args.templates))
