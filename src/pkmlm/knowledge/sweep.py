@@ -71,6 +71,7 @@ from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_
 from pkmlm.knowledge.sweep_report import (
     SATURATION,
     attribute_results_path,
+    dense_arm_of,
     final_checkpoint,
     gain_at_2x,
     is_dense,
@@ -257,14 +258,14 @@ def evaluate_run(
     """Recall of every checkpoint of a run (but the steps in `skip`), oldest first. `exposures`:
     biographies read per person, the run's tokens x `bios_share` (the biographies' share of a
     mixture's tokens; 1 for the biographies alone) over the tokens of one person's biographies."""
-    from pkmlm.checkpoint.store import list_checkpoints
+    from pkmlm.checkpoint.store import list_checkpoints, step_of
     from pkmlm.metrics.recall import evaluate_recall
     from pkmlm.run import load_run
 
     times = _train_times(run_dir)
     rows = []
     for ckpt in list_checkpoints(run_dir / "checkpoints"):
-        if skip and int(ckpt.name[5:13]) in skip:
+        if skip and step_of(ckpt) in skip:
             continue
         run = load_run(ckpt)
         metrics = evaluate_recall(run.model, run.tokenizer, qa)
@@ -284,10 +285,10 @@ def evaluate_run(
 def steps_done(run_dir: Path) -> int:
     """The step of the run's latest complete checkpoint (its metadata written last: where a restarted
     run resumes), 0 for none."""
-    from pkmlm.checkpoint.store import list_checkpoints
+    from pkmlm.checkpoint.store import list_checkpoints, step_of
 
     complete = [c for c in list_checkpoints(Path(run_dir) / "checkpoints") if (c / ".metadata").is_file()]
-    return int(complete[-1].name[5:13]) if complete else 0
+    return step_of(complete[-1]) if complete else 0
 
 
 def remaining_hours(todo: list[dict], step_ms: dict[str, float]) -> list[float] | None:
@@ -317,7 +318,7 @@ def equal_time_shortfalls(plans: list[dict], step_ms: dict[str, float], dense_fa
     --dense-factor that reaches it, in quarters (the checkpoints')."""
     lines = []
     for arm, plan in sorted({p["arm"]: p for p in plans}.items()):
-        dense = "mix_dense" if arm.startswith("mix_") else "dense"
+        dense = dense_arm_of(arm)
         if is_dense(arm) or arm not in step_ms or dense not in step_ms or all(p["arm"] != dense for p in plans):
             continue
         ratio = step_ms[arm] / step_ms[dense]
@@ -510,7 +511,7 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
     `<run>/recall.json`, which pkmlm-compare reads: the equal-exposure checkpoint's row (the last
     checkpoint's while the run has not reached it), so that compare's table and figures set every arm
     at equal exposures, although the dense arms run longer."""
-    from pkmlm.checkpoint.store import list_checkpoints
+    from pkmlm.checkpoint.store import list_checkpoints, step_of
 
     run_dir = Path(plan["run_dir"])
     cache = run_dir / "sweep_recall.jsonl"
@@ -520,7 +521,7 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
             if line.strip():
                 row = json.loads(line)
                 rows[row["step"]] = row
-    steps = {int(p.name[5:13]) for p in list_checkpoints(run_dir / "checkpoints")}
+    steps = {step_of(p) for p in list_checkpoints(run_dir / "checkpoints")}
     share = plan.get("bios_share", 1.0)
     if steps - set(rows):
         fresh = evaluate_run(

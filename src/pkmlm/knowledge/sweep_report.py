@@ -22,7 +22,9 @@ from pkmlm.knowledge.facts import ATTRIBUTES
 
 
 def final_checkpoint(run_dir: Path, max_steps: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{max_steps:08d}.dcp"
+    from pkmlm.checkpoint.store import checkpoint_path
+
+    return checkpoint_path(Path(run_dir) / "checkpoints", max_steps)
 
 
 def time_key(rows: list[dict]) -> str | None:
@@ -76,6 +78,12 @@ def is_dense(arm: str) -> bool:
     """Dense arms (`dense`, `dense_pm`, `mix_dense`): every other arm (the memory sizes, `engram`,
     any preset by name) holds a sparse table and is compared with them at equal training time."""
     return "dense" in arm
+
+
+def dense_arm_of(arm: str) -> str:
+    """The equal-compute dense arm an arm is compared with: `mix_dense` for the mixture's arms (same
+    corpus, `same_data`), `dense` for the others."""
+    return "mix_dense" if arm.startswith("mix_") else "dense"
 
 
 def same_data(arm: str, other: str) -> bool:
@@ -447,7 +455,7 @@ def payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[flo
         if not label.endswith(" (equal exposures)"):
             continue
         arm = label[: -len(" (equal exposures)")]
-        dense = "mix_dense" if arm.startswith("mix_") else "dense"
+        dense = dense_arm_of(arm)
         if arm == dense:
             continue
         against = {
