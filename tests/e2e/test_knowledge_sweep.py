@@ -28,6 +28,13 @@ def test_parameter_matched_dense_arm_has_the_128_squared_memory_models_parameter
     assert Transformer(engram).count_parameters()["side_tables"] == pytest.approx(128**2 * engram.dim, rel=0.02)
 
 
+def test_the_ffn_mult_for_a_width_builds_that_width_at_any_dim():
+    assert sweep.ffn_mult_for(4419, 64) == 4419 / 64  # exact: kept as it is (the sweep's dense_pm commands)
+    assert int(29 / 100 * 100) == 28  # the plain quotient truncates one short ...
+    assert int(sweep.ffn_mult_for(29, 100) * 100) == 29  # ... the helper's does not
+    assert all(int(sweep.ffn_mult_for(h, d) * d) == h for d in (64, 100, 96, 120, 1000) for h in range(1, 5000))
+
+
 def test_dense_saturation_compares_mean_bits_at_twice_the_exposures():
     def row(seed, step, bits):
         return {"arm": "dense", "people": 400, "seed": seed, "step": step, "steps_equal": 8, "recall/bits": bits}

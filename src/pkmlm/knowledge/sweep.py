@@ -175,12 +175,16 @@ def param_matched_ffn_mult(overrides: list[str]) -> float:
         ["experiment=knowledge/dense", *overrides, f"model.ffn_mult={(model.ffn_mult * model.dim + 1) / model.dim!r}"]
     )
     per_unit = wider - base
-    hidden = int(model.ffn_mult * model.dim) + round((target - base) / per_unit)
-    # The model builds the width as int(ffn_mult * dim): hidden / dim can land a hair below hidden
-    # (29 / 100 * 100 = 28.999...); half a unit more truncates back to it (exact powers of two, such
-    # as the presets' d=64, keep hidden / dim: the runs' commands, and so their resume, unchanged).
-    mult = hidden / model.dim
-    return mult if int(mult * model.dim) == hidden else (hidden + 0.5) / model.dim
+    return ffn_mult_for(int(model.ffn_mult * model.dim) + round((target - base) / per_unit), model.dim)
+
+
+def ffn_mult_for(hidden: int, dim: int) -> float:
+    """The `model.ffn_mult` whose FFN is `hidden` wide at `dim`. The model builds the width as
+    int(ffn_mult * dim): hidden / dim can land a hair below hidden (29 / 100 * 100 = 28.999...); half a
+    unit more truncates back to it (where hidden / dim is exact, as at the presets' d=64, it is kept:
+    the runs' commands, and so their resume, unchanged)."""
+    mult = hidden / dim
+    return mult if int(mult * dim) == hidden else (hidden + 0.5) / dim
 
 
 def _train_command(
