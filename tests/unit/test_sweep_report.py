@@ -158,6 +158,40 @@ def test_twice_the_exposures_gives_each_arms_gain_and_the_dense_arms_saturation_
     ]
 
 
+def test_the_dense_arms_saturation_is_tested_again_on_the_far_end_of_its_curve():
+    """Dense run past 2x (`--dense-factor 3.5`): its bits at the last step against half of it, over
+    the finished seeds (a seed still training, whose last checkpoint is not its max_steps, counts
+    in neither); no such line where half the last step is the equal-exposure step (that is the
+    1x -> 2x line) or for the sparse arms."""
+
+    def row(arm, seed, step, bits, max_steps=28, people=800):
+        return {"arm": arm, "people": people, "seed": seed, "step": step, "steps_equal": 8, "max_steps": max_steps,
+                "exposures": 20.0 * step, "recall/bits": bits}  # fmt: skip
+
+    results = [row("dense", 0, 8, 50.0), row("dense", 0, 16, 80.0), row("dense", 0, 14, 90.0),
+               row("dense", 0, 28, 93.0), row("dense", 1, 14, 70.0), row("dense", 1, 28, 77.0),
+               row("dense", 2, 14, 10.0), row("dense", 2, 20, 999.0),  # seed 2: still training
+               row("mem128", 0, 8, 60.0, max_steps=16), row("mem128", 0, 16, 70.0, max_steps=16),
+               row("dense", 0, 8, 10.0, max_steps=16, people=400),
+               row("dense", 0, 16, 11.0, max_steps=16, people=400)]  # fmt: skip
+    assert report.gain_over_last_doubling(results, 800, "dense") == (80.0, 85.0, 560.0, 2)
+    assert report.gain_over_last_doubling(results, 400, "dense") is None  # half of 16 is the 1x step
+    assert report.gain_over_last_doubling(results, 800, "mem128") is None
+    assert report.saturation_lines(results) == [
+        "N=400 dense: 10 -> 11 bits from 1x to 2x the exposures (+10.0%, 1 seed): not saturated (the test: < +5%)",
+        "N=800 dense: 50 -> 80 bits from 1x to 2x the exposures (+60.0%, 1 seed): not saturated (the test: < +5%)",
+        "N=800 dense, its curve's last doubling: 80 -> 85 bits from 280 to 560 exposures (+6.2%, 2 seeds): "
+        "not saturated (the test: < +5%)",
+        "N=800 mem128: 60 -> 70 bits from 1x to 2x the exposures (+16.7%, 1 seed)",
+    ]
+    results += [row("dense", 3, 14, 76.0), row("dense", 3, 28, 76.5)]  # a third finished seed: 78.7 -> 82.2
+    assert report.saturation_lines(results)[2].endswith("(+4.4%, 3 seeds): saturated")
+    # a rounded max_steps: the checkpoint within 1% of half the last step stands for it
+    rounded = [row("dense", 0, 1400, 100.0, max_steps=2802), row("dense", 0, 2802, 104.0, max_steps=2802),
+               row("dense", 1, 1380, 100.0, max_steps=2802), row("dense", 1, 2802, 104.0, max_steps=2802)]  # fmt: skip
+    assert report.gain_over_last_doubling(rounded, 800, "dense")[1:] == (104.0, 56040.0, 1)  # 1,380 is 1.5% off
+
+
 def test_the_payoff_figure_gives_each_arms_bits_over_dense_at_equal_exposures_and_at_equal_time(tmp_path):
     """Per seed: the arm's equal-exposure bits over the dense arm's equal-exposure bits, and (sparse
     arms) over the dense checkpoint at the arm's training time; the mixture's arms against mix_dense."""

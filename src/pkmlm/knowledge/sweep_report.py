@@ -421,24 +421,57 @@ def gain_at_2x(results: list[dict], people: int, arm: str) -> tuple[float, float
     return sum(one[s] for s in seeds) / len(seeds), sum(two[s] for s in seeds) / len(seeds), len(seeds)
 
 
+HALF_TOLERANCE = 0.01  # a checkpoint within 1% of half the last step stands for it (0.5% of the exposures)
+
+
+def gain_over_last_doubling(results: list[dict], people: int, arm: str) -> tuple[float, float, float, int] | None:
+    """The saturation test on the far end of the arm's curve: mean bits over seeds at half its
+    last step and at its last step, the exposures at the last step (mean), and the number of
+    seeds, over the finished seeds (last checkpoint at `max_steps`) with a checkpoint at half of it;
+    None where no seed has both, or where half the last step is not past the equal-exposure step
+    (then `gain_at_2x` is the same test or an earlier one). Why a second test: the issue's (2x
+    against 1x at `--exposures`) asks whether dense has stopped gaining; where 1x is still on its
+    rise (N=800 at 160 exposures) it says "not yet", and only the run's later checkpoints (dense
+    to 3.5x: `--dense-factor`) can say whether it stops."""
+    rows = [r for r in results if r["arm"] == arm and r["people"] == people and "max_steps" in r]
+    last = {r["seed"]: r for r in rows if r["step"] == r["max_steps"]}
+    half = {}  # the checkpoint nearest half the last step (max_steps is rounded: 5,448 = 3.5 x 1,556 + 2)
+    for seed, end in last.items():
+        off = {abs(2 * r["step"] - end["step"]): r for r in rows if r["seed"] == seed}
+        if min(off) <= HALF_TOLERANCE * end["step"]:
+            half[seed] = off[min(off)]
+    seeds = sorted(s for s in half if half[s]["step"] > half[s]["steps_equal"])
+    if not seeds:
+        return None
+    one, two = (sum(d[s]["recall/bits"] for s in seeds) / len(seeds) for d in (half, last))
+    return one, two, sum(last[s]["exposures"] for s in seeds) / len(seeds), len(seeds)
+
+
 def saturation_lines(results: list[dict]) -> list[str]:
     """Per N and arm that ran to twice its exposures: its bits at 1x and 2x (mean over the seeds with
-    both) and the gain; for `dense`, whether it passes the saturation test (`SATURATION`)."""
+    both) and the gain; for `dense`, whether it passes the saturation test (`SATURATION`), then the
+    same test on the far end of its curve where it ran past 2x (`gain_over_last_doubling`)."""
+
+    def verdict(one: float, two: float) -> str:
+        return ": saturated" if two <= (1 + SATURATION) * one else f": not saturated (the test: < +{SATURATION:.0%})"
+
     lines = []
     for people, arm in sorted({(r["people"], r["arm"]) for r in results}):
         gain = gain_at_2x(results, people, arm)
-        if gain is None:
-            continue
-        one, two, seeds = gain
-        verdict = ""
-        if arm == "dense":
-            verdict = (
-                ": saturated" if two <= (1 + SATURATION) * one else f": not saturated (the test: < +{SATURATION:.0%})"
+        if gain is not None:
+            one, two, seeds = gain
+            lines.append(
+                f"N={people} {arm}: {one:,.0f} -> {two:,.0f} bits from 1x to 2x the exposures "
+                f"({two / one - 1:+.1%}, {seeds} seed{'s' * (seeds != 1)}){verdict(one, two) if arm == 'dense' else ''}"
             )
-        lines.append(
-            f"N={people} {arm}: {one:,.0f} -> {two:,.0f} bits from 1x to 2x the exposures "
-            f"({two / one - 1:+.1%}, {seeds} seed{'s' * (seeds != 1)}){verdict}"
-        )
+        far = gain_over_last_doubling(results, people, arm) if arm == "dense" else None
+        if far is not None:
+            one, two, exposures, seeds = far
+            lines.append(
+                f"N={people} {arm}, its curve's last doubling: {one:,.0f} -> {two:,.0f} bits from "
+                f"{exposures / 2:.0f} to {exposures:.0f} exposures ({two / one - 1:+.1%}, "
+                f"{seeds} seed{'s' * (seeds != 1)}){verdict(one, two)}"
+            )
     return lines
 
 
