@@ -50,6 +50,21 @@ def tie_rows(rows: int, n: int, generator: torch.Generator) -> torch.Tensor:
     return x
 
 
+def test_the_kernels_split_their_rows_over_torchs_threads():
+    """With torch's OpenMP threads (Linux builds) the library is built with OpenMP, so its
+    at::parallel_for runs on torch.set_num_threads threads; without the flag it ran every row on
+    the calling thread whatever the thread count (the 2-thread rows of docs/benchmarks.md)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cpu_topk.parallel_threads() == 1
+        torch.set_num_threads(2)
+        assert cpu_topk.parallel_threads() == (2 if cpu_topk.OPENMP else 1)
+        assert cpu_topk.parallel_threads(rows=1) == 1  # a single row is not split
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_same_values_and_indices_as_torch_topk(dtype, threads):

@@ -372,9 +372,20 @@ at::Tensor product_search_backward(const at::Tensor& grad, const at::Tensor& slo
   return grad_s;
 }
 
+// How many threads at::parallel_for spreads `rows` rows over (grain 1): torch's thread count where
+// the library was built with OpenMP (at::parallel_for's threads are OpenMP's when ATen's backend is
+// OpenMP, and without -fopenmp the header runs the whole range on the calling thread: every kernel
+// above ran on one thread until the build flags said otherwise); 1 where it was not.
+int64_t parallel_threads(int64_t rows) {
+  std::vector<char> used(std::max<int64_t>(1, at::get_num_threads()), 0);
+  at::parallel_for(0, rows, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  return std::count(used.begin(), used.end(), 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pkmlm_cpu, m) {
+  m.def("parallel_threads(int rows) -> int", &parallel_threads);  // no tensor to dispatch on: one kernel
   m.def("topk(Tensor x, int k) -> (Tensor values, Tensor indices)");
   m.def("product_search(Tensor s, Tensor pair_a, Tensor pair_b, int k) -> (Tensor scores, Tensor slot, Tensor i, Tensor j)");
   m.def("product_search_backward(Tensor grad, Tensor slot, int S, ScalarType dtype) -> Tensor");

@@ -35,7 +35,16 @@ SOURCE = Path(__file__).with_name("cpu_topk.cpp")
 SOURCES = (SOURCE, Path(__file__).with_name("cpu_read.cpp"), Path(__file__).with_name("cpu_scores.cpp"))
 HEADERS = (Path(__file__).with_name("cpu_slots.h"),)  # included by the sources: part of the build's key
 NAME = "pkmlm_cpu_topk"
-FLAGS = ("-O3",)
+# -fopenmp where ATen's threads are OpenMP's (torch's Linux builds): at::parallel_for in the kernels
+# is a header template that splits rows over OpenMP threads only when the including file is compiled
+# with OpenMP (_OPENMP defined), and otherwise runs every row on the calling thread, so without the
+# flag the kernels ran on one thread at any torch.set_num_threads (issue 21: the 2-thread rows of
+# docs/benchmarks.md). The library links the libgomp.so.1 torch has already loaded (one OpenMP
+# runtime, one thread pool). Elsewhere (macOS's clang has no -fopenmp) the flag is left out: serial
+# kernels, the same results. `parallel_threads()` says which build a process got.
+OPENMP = sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+FLAGS = ("-O3", "-fopenmp") if OPENMP else ("-O3",)
+LDFLAGS = ("-fopenmp",) if OPENMP else ()
 # The dtypes the kernel dispatches on (AT_DISPATCH_FLOATING_TYPES_AND2(BFloat16, Half)).
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -64,6 +73,12 @@ def unavailable_reason() -> Optional[str]:
     return _reason
 
 
+def parallel_threads(rows: int = 64) -> int:
+    """How many threads the built library's kernels split `rows` rows over at torch's current thread
+    count (1 where it was built without OpenMP: see FLAGS). Call after `load()` returned True."""
+    return torch.ops.pkmlm_cpu.parallel_threads(rows)
+
+
 def build_dir() -> Path:
     """Where the kernel is built: `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/pkmlm/
     <name>, the name keyed by a hash of the sources, the flags, torch and python, so that a change of
@@ -73,7 +88,7 @@ def build_dir() -> Path:
     )
     key = hashlib.sha256(
         b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-        + repr((FLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
+        + repr((FLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
     ).hexdigest()[:16]
     return Path(root) / "pkmlm" / f"{NAME}_{key}"
 
@@ -101,6 +116,7 @@ def _build() -> None:
             name=directory.name,
             sources=[str(source) for source in SOURCES],
             extra_cflags=list(FLAGS),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
