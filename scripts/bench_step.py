@@ -40,6 +40,7 @@ from benchlib import FFN, interleaved_ms, provenance  # first: finds src/
 from torch import nn
 
 from pkmlm.model import ModelConfig, ProductKeyMemory, Transformer
+from pkmlm.model.kernels import cpu_topk
 from pkmlm.model.memory import MemoryConfig
 from pkmlm.optim import OptimConfig, build_optimizer, clip_grad_norm_
 
@@ -90,6 +91,21 @@ def layer_step(module: nn.Module, x, g) -> None:
 
 def layer_forward(module: nn.Module, x) -> None:
     module(x)  # with autograd recording, as in training
+
+
+def kernels_line() -> str:
+    """Whether the C++ kernels' rows were split over the 2-thread rows' threads (an OpenMP build of
+    the library, docs/benchmarks.md), so a 2-thread ratio says what it measured."""
+    if not cpu_topk.load():
+        return f"C++ kernels: not built ({cpu_topk.unavailable_reason()})"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = cpu_topk.parallel_threads()
+    finally:
+        torch.set_num_threads(before)
+    build = "OpenMP build" if cpu_topk.OPENMP else "built without OpenMP"
+    return f"C++ kernels: {build}, rows split over {threads} thread{'s' * (threads != 1)} at 2 threads"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -226,6 +242,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         ["memory model's whole step", mem_ms],
     ]
     load_end = os.getloadavg()[0]
+    kernel_threads = kernels_line()
 
     print("## memory step vs the dense step it replaces (CPU, fp32)\n")
     print("| measurement | threads | memory ms | dense ms | ratio | target | |")
@@ -241,6 +258,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name, ms in breakdown:
         print(f"| {name} | {ms:.1f} |")
     print(f"\nload average {load_start:.1f} at start, {load_end:.1f} at end, on {os.cpu_count()} cores")
+    print(kernel_threads)
 
     if args.results:
         out = Path(args.results)
@@ -259,6 +277,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 "",
             ],
             "rows": table,
+            "note": kernel_threads,
         }
         parts_json = {
             **common,

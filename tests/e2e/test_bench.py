@@ -131,3 +131,4 @@ def test_bench_step_prints_the_ratios_and_parts_and_writes_results_files(tmp_pat
     assert all(row[6] in ("met", "not met") for row in step.rows)
     assert {row[0] for row in parts.rows} >= {"query network", "sub-key scores", "value read", "= memory layer fwd+bwd"}
     assert "| top-k (halves + candidates), topk_impl=" in render_table(parts)
+    assert "C++ kernels: " in out and step.note.startswith("C++ kernels: ")  # serial or split: said
