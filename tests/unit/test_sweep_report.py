@@ -212,5 +212,10 @@ def test_the_payoff_figure_gives_each_arms_bits_over_dense_at_equal_exposures_an
     assert ratios["equal exposures"]["mix_mem128"][400] == [1.2, 1.2]  # against mix_dense, not dense
     assert ratios["equal time"]["mem128"][400] == [0.8, 0.8]  # dense at 2x: the memory's time
     assert "dense_pm" not in ratios["equal time"] and "dense" not in ratios["equal exposures"]
+    assert ratios[report.TWICE] == {}  # no memory checkpoint at 2x yet
+    # mem128 run to 2x (its time 32 s) and dense run that long: the third panel, per seed
+    results += [row("mem128", 0, 16, 180.0, 32.0), row("dense", 0, 32, 160.0, 32.0),
+                row("mem128", 1, 16, 198.0, 32.0)]  # seed 1's dense did not run that long  # fmt: skip
+    assert report.payoff_ratios(results)[report.TWICE] == {"mem128": {400: [180.0 / 160.0]}}
     assert report.payoff_plot(results, tmp_path / "payoff.png") and (tmp_path / "payoff.png").stat().st_size > 0
     assert not report.payoff_plot(results[2:3], tmp_path / "none.png") and not (tmp_path / "none.png").exists()

@@ -475,15 +475,20 @@ def saturation_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+TWICE = "equal time, 2x"  # payoff_ratios' third panel: the sparse arm at twice its exposures
+
+
 def payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[float]]]]:
     """Where each arm pays off against the dense arm of its corpus (`dense`, `mix_dense`): per panel
-    (`equal exposures`, `equal time`), arm and N, one ratio per seed: the arm's bits at its equal
-    exposures over the dense arm's at its own equal exposures (every arm but the dense one), or over
-    the dense arm's at the arm's training time (`equal_time_pick`; sparse arms only)."""
+    (`equal exposures`, `equal time`, `equal time, 2x`), arm and N, one ratio per seed: the arm's
+    bits at its equal exposures over the dense arm's at its own equal exposures (every arm but the
+    dense one), or over the dense arm's at the arm's training time (`equal_time_pick`; sparse arms
+    only); and the sparse arm's bits at twice its exposures over the dense arm's at that training
+    time (`--sparse-factor 2` with the dense arm run that long: where the memory's own curve ends)."""
     by_seed = {
         (people, label, r["seed"]): r["recall/bits"] for (people, label), rows in points(results).items() for r in rows
     }
-    ratios: dict[str, dict[str, dict[int, list[float]]]] = {"equal exposures": {}, "equal time": {}}
+    ratios: dict[str, dict[str, dict[int, list[float]]]] = {"equal exposures": {}, "equal time": {}, TWICE: {}}
     for (people, label, seed), bits in sorted(by_seed.items()):
         if not label.endswith(" (equal exposures)"):
             continue
@@ -498,6 +503,10 @@ def payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[flo
         for panel, base in against.items():
             if base:
                 ratios[panel].setdefault(arm, {}).setdefault(people, []).append(bits / base)
+        two = by_seed.get((people, f"{arm} (2x exposures)", seed))
+        base = None if is_dense(arm) else by_seed.get((people, f"{dense} (equal time to {arm} at 2x)", seed))
+        if two and base:
+            ratios[TWICE].setdefault(arm, {}).setdefault(people, []).append(two / base)
     return ratios
 
 
@@ -515,7 +524,8 @@ def payoff_plot(results: list[dict], path: Path) -> bool:
 
     arms = sorted({arm for panel in ratios.values() for arm in panel})
     colours = {arm: matplotlib.colormaps["tab10"](i % 10) for i, arm in enumerate(arms)}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    titles = {TWICE: "at equal time, the arm at 2x its exposures"}
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), sharey=True)
     for ax, (panel, by_arm) in zip(axes, ratios.items()):
         if not by_arm:
             continue
@@ -532,7 +542,7 @@ def payoff_plot(results: list[dict], path: Path) -> bool:
         ax.minorticks_off()
         ax.set_xlim(min(every_n) / 1.5, max(every_n) * 1.5)
         ax.set_xlabel("people N")
-        ax.set_title(f"at {panel}")
+        ax.set_title(titles.get(panel, f"at {panel}"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("bits stored / dense's (mean, min-max)")
@@ -545,8 +555,9 @@ def payoff_plot(results: list[dict], path: Path) -> bool:
 def report(results: list[dict], out: Path, note: str) -> str:
     """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
     `out/bits_vs_people.png`, `out/bits_vs_parameters.png`, `out/bits_vs_people_mean.png` and
-    `out/payoff_vs_people.png` (each arm's bits over the dense arm's, at equal exposures and at
-    equal time) for the sweep's rows; returns the table."""
+    `out/payoff_vs_people.png` (each arm's bits over the dense arm's, at equal exposures, at equal
+    time, and at equal time with the sparse arm at 2x: `payoff_ratios`) for the sweep's rows;
+    returns the table."""
     table = mean_table(results)
     table += "".join(f"\n{line}" for line in ["Twice the exposures:", *saturation_lines(results)]) + "\n"
     table += "\nPer seed:\n\n" + summary_table(results)
