@@ -104,7 +104,10 @@ def kernels_line() -> str:
         threads = cpu_topk.parallel_threads()
     finally:
         torch.set_num_threads(before)
-    build = "OpenMP build" if cpu_topk.OPENMP else "built without OpenMP"
+    skipped = cpu_topk.openmp_skipped()
+    build = (
+        "OpenMP build" if cpu_topk.OPENMP and not skipped else f"built without OpenMP{f' ({skipped})' * bool(skipped)}"
+    )
     return f"C++ kernels: {build}, rows split over {threads} thread{'s' * (threads != 1)} at 2 threads"
 
 

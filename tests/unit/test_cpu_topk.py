@@ -59,10 +59,37 @@ def test_the_kernels_split_their_rows_over_torchs_threads():
         torch.set_num_threads(1)
         assert cpu_topk.parallel_threads() == 1
         torch.set_num_threads(2)
-        assert cpu_topk.parallel_threads() == (2 if cpu_topk.OPENMP else 1)
+        openmp = cpu_topk.OPENMP and cpu_topk.openmp_skipped() is None  # the OpenMP build loaded
+        assert cpu_topk.parallel_threads() == (2 if openmp else 1)
         assert cpu_topk.parallel_threads(rows=1) == 1  # a single row is not split
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_openmp_build_falls_back_to_the_serial_build_and_says_why():
+    """The builds are tried in turn (the OpenMP one first where torch's threads are OpenMP's): one
+    that fails hands over to the next with its reason kept; where the last fails too its error is
+    raised (load() then reports it and auto keeps torch.topk)."""
+    tried = []
+
+    def build(flags):
+        tried.append(flags)
+        if "-fopenmp" in flags[0]:
+            raise RuntimeError("Error building extension\nclang: error: unsupported option '-fopenmp'")
+
+    assert cpu_topk.build_first((cpu_topk.OPENMP_BUILD, cpu_topk.SERIAL_BUILD), build) == (
+        cpu_topk.SERIAL_BUILD,
+        "the -O3 -fopenmp build failed (RuntimeError: Error building extension)",
+    )
+    assert tried == [cpu_topk.OPENMP_BUILD, cpu_topk.SERIAL_BUILD]
+    assert cpu_topk.build_first((cpu_topk.SERIAL_BUILD,), build) == (cpu_topk.SERIAL_BUILD, None)
+
+    def no_compiler(flags):
+        raise RuntimeError(f"no compiler for {flags[0]}")
+
+    with pytest.raises(RuntimeError, match="no compiler for .'-O3',."):  # the last one's error
+        cpu_topk.build_first((cpu_topk.OPENMP_BUILD, cpu_topk.SERIAL_BUILD), no_compiler)
+    assert cpu_topk.build_dir(cpu_topk.OPENMP_BUILD) != cpu_topk.build_dir(cpu_topk.SERIAL_BUILD)  # side by side
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])

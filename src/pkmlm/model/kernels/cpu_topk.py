@@ -41,31 +41,60 @@ NAME = "pkmlm_cpu_topk"
 # flag the kernels ran on one thread at any torch.set_num_threads (issue 21: the 2-thread rows of
 # docs/benchmarks.md). The library links the libgomp.so.1 torch has already loaded (one OpenMP
 # runtime, one thread pool). Elsewhere (macOS's clang has no -fopenmp) the flag is left out: serial
-# kernels, the same results. `parallel_threads()` says which build a process got.
+# kernels, the same results; so too where the OpenMP build fails (a compiler without OpenMP, e.g. a
+# clang without libomp): `load()` then builds the serial library and `openmp_skipped()` says why.
+# `parallel_threads()` says which build a process got.
 OPENMP = sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
-FLAGS = ("-O3", "-fopenmp") if OPENMP else ("-O3",)
-LDFLAGS = ("-fopenmp",) if OPENMP else ()
+SERIAL_BUILD = (("-O3",), ())  # (compile flags, link flags)
+OPENMP_BUILD = (("-O3", "-fopenmp"), ("-fopenmp",))
+BUILDS = (OPENMP_BUILD, SERIAL_BUILD) if OPENMP else (SERIAL_BUILD,)  # tried in turn
 # The dtypes the kernel dispatches on (AT_DISPATCH_FLOATING_TYPES_AND2(BFloat16, Half)).
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Found once per process (the first `load()`); under torch.compile the traced forward only reads it.
 _loaded: Optional[bool] = None
 _reason: Optional[str] = None
+_openmp_skipped: Optional[str] = None  # why the OpenMP build was not used where it was tried first
 
 
 def load() -> bool:
     """Build (first time on this machine) or load (cached) the kernel; False where it cannot be."""
-    global _loaded, _reason
+    global _loaded, _reason, _openmp_skipped
     if _loaded is None:
         try:
-            _build()
+            _, _openmp_skipped = build_first(BUILDS, _build)
             _register_python_parts()
             _loaded, _reason = True, None
         except Exception as e:  # no compiler, no ninja, a failed build: torch.topk it is
-            _loaded = False
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            _reason = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+            _loaded, _reason = False, _one_line(e)
     return _loaded
+
+
+def _one_line(e: Exception) -> str:
+    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+
+
+def build_first(builds, build) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], Optional[str]]:
+    """`build(flags)` for each (compile flags, link flags) of `builds` in turn until one builds and
+    loads; returns those flags and why the ones before failed (one line; None where the first
+    built). Raises the last one's error where none does."""
+    skipped = None
+    for i, flags in enumerate(builds):
+        try:
+            build(flags)
+            return flags, skipped
+        except Exception as e:
+            if i == len(builds) - 1:
+                raise
+            skipped = f"the {' '.join(flags[0])} build failed ({_one_line(e)})"
+    raise ValueError("no build to try")
+
+
+def openmp_skipped() -> Optional[str]:
+    """Why the kernels were built without OpenMP although torch's threads are OpenMP's (one line),
+    or None (the OpenMP build loaded, OpenMP was not tried, or nothing was loaded yet)."""
+    return _openmp_skipped
 
 
 def unavailable_reason() -> Optional[str]:
@@ -75,11 +104,11 @@ def unavailable_reason() -> Optional[str]:
 
 def parallel_threads(rows: int = 64) -> int:
     """How many threads the built library's kernels split `rows` rows over at torch's current thread
-    count (1 where it was built without OpenMP: see FLAGS). Call after `load()` returned True."""
+    count (1 where it was built without OpenMP: see BUILDS). Call after `load()` returned True."""
     return torch.ops.pkmlm_cpu.parallel_threads(rows)
 
 
-def build_dir() -> Path:
+def build_dir(flags: Tuple[Tuple[str, ...], Tuple[str, ...]] = BUILDS[0]) -> Path:
     """Where the kernel is built: `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/pkmlm/
     <name>, the name keyed by a hash of the sources, the flags, torch and python, so that a change of
     any of them builds afresh beside the old build, and a build is never loaded by another torch."""
@@ -88,16 +117,17 @@ def build_dir() -> Path:
     )
     key = hashlib.sha256(
         b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-        + repr((FLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.platform)).encode()
+        + repr((*flags, torch.__version__, sys.version_info[:2], sys.platform)).encode()
     ).hexdigest()[:16]
     return Path(root) / "pkmlm" / f"{NAME}_{key}"
 
 
-def _build() -> None:
-    """Load the built library; build it first where it is not there (or another process is building
-    it: cpp_extension's lock file, which `load` waits on). Loading a built library takes milliseconds;
-    `cpp_extension.load` (importing it, checking the build with ninja) about a second of CPU."""
-    directory = build_dir()
+def _build(flags: Tuple[Tuple[str, ...], Tuple[str, ...]]) -> None:
+    """Load the library built with `flags` (compile, link); build it first where it is not there (or
+    another process is building it: cpp_extension's lock file, which `load` waits on). Loading a
+    built library takes milliseconds; `cpp_extension.load` (importing it, checking the build with
+    ninja) about a second of CPU."""
+    directory = build_dir(flags)
     library = directory / f"{directory.name}.so"
     if library.is_file() and not (directory / "lock").exists():
         torch.ops.load_library(str(library))
@@ -115,8 +145,8 @@ def _build() -> None:
         cpp_extension.load(
             name=directory.name,
             sources=[str(source) for source in SOURCES],
-            extra_cflags=list(FLAGS),
-            extra_ldflags=list(LDFLAGS),
+            extra_cflags=list(flags[0]),
+            extra_ldflags=list(flags[1]),
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
