@@ -52,7 +52,7 @@ def _snapshot(run_dir):
 
 
 @pytest.mark.slow
-def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path, capsys):
+def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     argv = [
         "--people", "4", "--seeds", "0", "--exposures", "1", "--arms", "dense,mem", "--dense-factor", "1",
@@ -97,7 +97,8 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     # Sitting 3: nothing left to train or evaluate; the results hold both runs' checkpoints, and
     # --results writes the README's table as a results file with the commit the runs ran at.
     mem_files = _snapshot(mem_dir)
-    sweep.main([*argv, "--results", str(tmp_path / "knowledge.json")])
+    archive = tmp_path / "archive.jsonl"  # outside the sweep directory, as a committed file is
+    sweep.main([*argv, "--results", str(tmp_path / "knowledge.json"), "--archive", str(archive)])
     assert _snapshot(dense_dir) == dense_files and _snapshot(mem_dir) == mem_files
     assert step_times.stat().st_mtime_ns == step_times_stat  # measured once per sweep directory
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -142,6 +143,54 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     alone = memory_metrics(trackers)
     assert usage[0]["usage"]["usage"] == alone["memory/layer1/usage"]
     assert usage[0]["usage"]["kl_count"] == pytest.approx(alone["memory/layer1/kl_count"], rel=1e-6)
+    # Sitting 4, on a machine that lost the sweep directory (a reset): the same command with the
+    # archive restores both finished runs instead of training them (no job is started, no step time
+    # measured) and reports the same table, the usage and the commits the runs were trained at.
+    import shutil
+
+    table_before, rows_before = (out / "table.md").read_text(), (out / "results.jsonl").read_text()
+    shutil.rmtree(out)
+    monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: pytest.fail(f"trained again: {jobs}") if jobs else [])
+    monkeypatch.setattr(sweep, "measure_step_times", lambda *a, **k: pytest.fail("step times measured again"))
+    sweep.main([*argv, "--results", str(tmp_path / "again.json"), "--archive", str(archive)])
+    err = capsys.readouterr().err
+    assert "N=4: 2 finished runs restored from" in err and "N=4: 2 runs, 0 unfinished" in err
+    assert not (dense_dir / "checkpoints").exists() and not (mem_dir / "checkpoints").exists()
+    assert (out / "results.jsonl").read_text() == rows_before and (out / "table.md").read_text() == table_before
+    again = results.load(str(tmp_path / "again.json"))
+    assert again.rows == result.rows and f"runs trained at {commit}" in again.note
+    assert results.load(str(sweep_report.attribute_results_path(tmp_path / "again.json"))).rows == list(where.values())
+    # A changed plan (here --dense-factor) is not what was archived: that run is trained again.
+    changed = [*argv, "--dense-factor", "2"]
+    shutil.rmtree(out)
+    trained_again = []
+    monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: trained_again.extend(log.name for _, log in jobs) or [])
+    sweep.main([*changed, "--archive", str(archive)])
+    assert "dense-N4-s0: the archived run differs from the planned one (max_steps" in capsys.readouterr().err
+    assert trained_again == ["dense-N4-s0.log"] and sweep.run_finished(mem_dir, max_steps["mem"])
+
+
+def test_an_edited_archive_is_refused_with_its_line_before_anything_runs(tmp_path):
+    from pkmlm.knowledge import archive
+
+    path = tmp_path / "archive.jsonl"
+    run = {"kind": "run", "run": "dense-N4-s0", "arm": "dense", "people": 4, "seed": 0, "max_steps": 8}
+    run |= {"steps_equal": 8, "recall": [{"step": 4}, {"step": 8}]}
+    path.write_text(json.dumps(run) + "\n")
+    assert list(archive.read(path).runs) == ["dense-N4-s0"]
+    assert archive.read(tmp_path / "none.jsonl").runs == {}  # no file yet: an empty archive
+    for line, problem in [
+        ("{not json", "line 2: not JSON"),
+        (json.dumps({**run, "run": "mem-N4-s0", "max_steps": 12}), "has no recall row at its final step 12"),
+        (json.dumps({**run, "people": "4"}), "without a valid 'people'"),
+        (json.dumps(run), "run dense-N4-s0 appears twice"),
+        (json.dumps({"kind": "table"}), "unknown kind 'table'"),
+        (json.dumps({"kind": "step_times", "step_times": {}}), "a step_times line without its step_ms"),
+    ]:
+        path.write_text(json.dumps(run) + "\n" + line + "\n")
+        with pytest.raises(SystemExit, match=problem) as e:
+            sweep.main(["--people", "4", "--out", str(tmp_path / "sweep"), "--archive", str(path)])
+        assert "git checkout" in str(e.value) and not (tmp_path / "sweep").exists()
 
 
 def test_reference_step_times_are_measured_once_and_a_broken_file_is_refused(tmp_path):

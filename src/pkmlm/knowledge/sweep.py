@@ -51,7 +51,10 @@ Resumable: run the same command again and the sweep continues where it stopped. 
 tokenizers are kept; a run whose final checkpoint exists is not trained again; a half-finished run
 is restarted with the same command, which resumes from its latest checkpoint (`resume=auto`); each
 checkpoint's recall is kept in `<run>/sweep_recall.jsonl` and never evaluated twice. `--max-runs K`
-trains at most K runs in this sitting and stops (the rest wait for the next sitting).
+trains at most K runs in this sitting and stops (the rest wait for the next sitting). `--archive FILE`
+keeps what every finished run left for the report (its recall rows, memory usage, commit, and the
+sweep's step times; archive.py) in FILE, a file small enough to commit, and restores finished runs
+from it into a directory that lost them (a machine reset): they are not trained again.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from pkmlm.config import config_dir
+from pkmlm.knowledge import archive as run_archive
 from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_times, with_reference_times
 from pkmlm.knowledge.sweep_report import (
     SATURATION,
@@ -367,8 +371,9 @@ def run_commands(plan: dict) -> list[list[str]]:
 
 
 def run_finished(run_dir: Path, max_steps: int) -> bool:
-    """Whether the run's final checkpoint is there, complete (its metadata written last)."""
-    return (final_checkpoint(run_dir, max_steps) / ".metadata").is_file()
+    """Whether the run's final checkpoint is there, complete (its metadata written last), or the
+    run was restored from a sweep archive (`archive.restore`)."""
+    return (final_checkpoint(run_dir, max_steps) / ".metadata").is_file() or run_archive.restored(run_dir, max_steps)
 
 
 def mixture_overrides(bios: Path, overrides: list[str], bios_weight: float | None = None) -> list[str]:
@@ -626,6 +631,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also write the mean table as a results file (docs/results/*.json: the README's table, with "
         "the commits the runs were trained at); with --max-runs 0, a report of a sweep in progress",
     )
+    p.add_argument(
+        "--archive",
+        metavar="FILE",
+        default=None,
+        help="keep every finished run's recall rows, memory usage and commit (and the step times) in FILE "
+        "(JSON lines, a few kB a run), and restore finished runs from it into a --out that lost them "
+        "instead of training them again (pkmlm.knowledge.archive)",
+    )
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return p.parse_args(argv)
 
@@ -653,6 +666,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
         )
+    archive = run_archive.read(Path(args.archive)) if args.archive else None  # refused here, before training
+    if archive is not None and run_archive.restore_step_times(archive, out):
+        print(f"step times restored from {args.archive}", file=sys.stderr, flush=True)
     t0 = time.time()
     levels = sorted((int(n) for n in args.people.split(",")), reverse=True)  # longest first: its tokenizer
     budget = args.max_runs
@@ -660,9 +676,19 @@ def main(argv: list[str] | None = None) -> None:
     step_ms = load_step_times(out).get("step_ms", {})
     stopped = False
     failed: list[Path] = []
+    all_plans: list[dict] = []
     while levels:
         people = levels.pop(0)
         plans = plan_level(args, out, people)
+        all_plans += plans
+        if archive is not None:
+            before = [p for p in plans if run_finished(p["run_dir"], p["max_steps"])]
+            notes = [note for note in (run_archive.restore(archive, p) for p in plans) if note]
+            for note in notes:
+                print(f"sweep: archive: {note}", file=sys.stderr, flush=True)
+            back = sum(run_finished(p["run_dir"], p["max_steps"]) for p in plans) - len(before)
+            if back:
+                print(f"N={people}: {back} finished runs restored from {args.archive}", file=sys.stderr, flush=True)
         unfinished = [plan for plan in plans if not run_finished(plan["run_dir"], plan["max_steps"])]
         todo = unfinished
         if budget is not None:
@@ -681,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         logs = [out / "logs" / f"{plan['run_dir'].name}.log" for plan in todo]
         failed += run_jobs([(run_commands(plan), log) for plan, log in zip(todo, logs)], args.jobs, args.threads)
         for plan in plans:
-            if (plan["run_dir"] / "checkpoints").is_dir():
+            if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan["run_dir"], plan["max_steps"]):
                 results.extend(evaluate_cached(plan, args.templates))
         if stopped:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
@@ -697,6 +723,9 @@ def main(argv: list[str] | None = None) -> None:
         f.writelines(json.dumps(r) + "\n" for r in results)
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
     _write_results(args, argv, results)
+    if archive is not None:  # after the report: the usage it measured is archived too
+        kept = run_archive.write(archive, all_plans, out)
+        print(f"archived {kept} finished runs in {args.archive}", file=sys.stderr, flush=True)
     if failed:
         raise SystemExit(
             f"sweep: {len(failed)} training run(s) failed (logs: {', '.join(str(log) for log in failed)}): "

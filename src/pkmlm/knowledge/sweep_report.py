@@ -315,19 +315,19 @@ def attribute_table(results: list[dict]) -> str:
 
 
 def run_commits(results: list[dict]) -> str:
-    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`;
-    `+dirty` for a tree with uncommitted changes), short, sorted, comma-separated; `unknown` for a
-    run whose checkpoints are not here (a merged sweep from another machine)."""
-    from pkmlm.checkpoint.store import list_checkpoints
+    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`, or
+    its archive marker's for a run restored from a sweep archive; `+dirty` for a tree with
+    uncommitted changes), short, sorted, comma-separated; `unknown` for a run whose checkpoints are
+    not here (a merged sweep from another machine)."""
+    from pkmlm.knowledge.archive import code_version_of
 
     commits = set()
     for run_dir in sorted({r.get("run_dir", "") for r in results}):
-        checkpoints = list_checkpoints(Path(run_dir) / "checkpoints") if run_dir else []
-        try:
-            version = json.loads((checkpoints[-1] / "meta.json").read_text())["code_version"]
-            commits.add(version["commit"][:7] + ("+dirty" if version.get("dirty") else ""))
-        except (IndexError, OSError, ValueError, KeyError, TypeError):
+        version = code_version_of(Path(run_dir)) if run_dir else None
+        if version is None:
             commits.add("unknown")
+        else:
+            commits.add(str(version["commit"])[:7] + ("+dirty" if version.get("dirty") else ""))
     return ", ".join(sorted(commits)) or "unknown"
 
 
