@@ -149,25 +149,37 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     import shutil
 
     table_before, rows_before = (out / "table.md").read_text(), (out / "results.jsonl").read_text()
+    step_times_before = json.loads(step_times.read_text())
     shutil.rmtree(out)
     monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: pytest.fail(f"trained again: {jobs}") if jobs else [])
     monkeypatch.setattr(sweep, "measure_step_times", lambda *a, **k: pytest.fail("step times measured again"))
+    monkeypatch.setattr(sweep.sys, "executable", "/another/checkout/.venv/bin/python")  # the same runs
     sweep.main([*argv, "--results", str(tmp_path / "again.json"), "--archive", str(archive)])
     err = capsys.readouterr().err
     assert "N=4: 2 finished runs restored from" in err and "N=4: 2 runs, 0 unfinished" in err
     assert not (dense_dir / "checkpoints").exists() and not (mem_dir / "checkpoints").exists()
-    assert (out / "results.jsonl").read_text() == rows_before and (out / "table.md").read_text() == table_before
+    assert (out / "results.jsonl").read_text() == rows_before and json.loads(
+        step_times.read_text()
+    ) == step_times_before
+
+    def without_wall_time(text):  # the table's last line: this sitting's wall time
+        return [line for line in text.splitlines() if not line.startswith("wall time of this sitting")]
+
+    assert without_wall_time((out / "table.md").read_text()) == without_wall_time(table_before)
     again = results.load(str(tmp_path / "again.json"))
     assert again.rows == result.rows and f"runs trained at {commit}" in again.note
     assert results.load(str(sweep_report.attribute_results_path(tmp_path / "again.json"))).rows == list(where.values())
-    # A changed plan (here --dense-factor) is not what was archived: that run is trained again.
+    # A changed plan (here --dense-factor) is not what was archived: that run is trained again, and
+    # what its earlier restore wrote is moved aside (kept, no longer taken for the new run's rows).
     changed = [*argv, "--dense-factor", "2"]
-    shutil.rmtree(out)
     trained_again = []
     monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: trained_again.extend(log.name for _, log in jobs) or [])
     sweep.main([*changed, "--archive", str(archive)])
-    assert "dense-N4-s0: the archived run differs from the planned one (max_steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dense-N4-s0: the archived run differs from the planned one (max_steps" in err and "moved aside" in err
     assert trained_again == ["dense-N4-s0.log"] and sweep.run_finished(mem_dir, max_steps["mem"])
+    assert not (dense_dir / "sweep_recall.jsonl").exists() and (dense_dir / "sweep_recall.jsonl.superseded").is_file()
+    assert not (dense_dir / "archived.json").exists() and not sweep.run_finished(dense_dir, max_steps["dense"])
 
 
 def test_an_edited_archive_is_refused_with_its_line_before_anything_runs(tmp_path):
@@ -175,10 +187,16 @@ def test_an_edited_archive_is_refused_with_its_line_before_anything_runs(tmp_pat
 
     path = tmp_path / "archive.jsonl"
     run = {"kind": "run", "run": "dense-N4-s0", "arm": "dense", "people": 4, "seed": 0, "max_steps": 8}
-    run |= {"steps_equal": 8, "recall": [{"step": 4}, {"step": 8}]}
+    rows = [{"step": s, "tokens": 512 * s, "recall/bits": 1.5 * s} for s in (4, 8)]
+    run |= {"steps_equal": 8, "tokens_per_bio": 50.5, "bios_share": 1.0, "recall": rows, "usage": []}
     path.write_text(json.dumps(run) + "\n")
     assert list(archive.read(path).runs) == ["dense-N4-s0"]
     assert archive.read(tmp_path / "none.jsonl").runs == {}  # no file yet: an empty archive
+    # A write keeps the file's runs, those another sitting added since this one read it too.
+    mine = archive.read(path)
+    path.write_text(json.dumps(run) + "\n" + json.dumps({**run, "run": "mem-N4-s0", "arm": "mem"}) + "\n")
+    assert archive.write(mine, [], tmp_path, lambda plan: True) == 2
+    assert sorted(archive.read(path).runs) == ["dense-N4-s0", "mem-N4-s0"]
     for line, problem in [
         ("{not json", "line 2: not JSON"),
         (json.dumps({**run, "run": "mem-N4-s0", "max_steps": 12}), "has no recall row at its final step 12"),
@@ -186,11 +204,19 @@ def test_an_edited_archive_is_refused_with_its_line_before_anything_runs(tmp_pat
         (json.dumps(run), "run dense-N4-s0 appears twice"),
         (json.dumps({"kind": "table"}), "unknown kind 'table'"),
         (json.dumps({"kind": "step_times", "step_times": {}}), "a step_times line without its step_ms"),
+        (json.dumps({**run, "run": "x", "recall": [{"step": 8, "tokens": 1}]}), "without a number 'recall/bits'"),
+        (json.dumps({**run, "run": "x", "usage": 5}), "'usage' is not a list of usage rows"),
+        (json.dumps({**run, "run": "x", "bios_share": None}), "without a valid 'bios_share'"),
     ]:
         path.write_text(json.dumps(run) + "\n" + line + "\n")
         with pytest.raises(SystemExit, match=problem) as e:
             sweep.main(["--people", "4", "--out", str(tmp_path / "sweep"), "--archive", str(path)])
         assert "git checkout" in str(e.value) and not (tmp_path / "sweep").exists()
+    path.write_bytes(b"\xff\xfe not text\n")
+    with pytest.raises(SystemExit, match="cannot be read"):
+        sweep.main(["--people", "4", "--out", str(tmp_path / "sweep"), "--archive", str(path)])
+    with pytest.raises(SystemExit, match="--archive is for a sweep that trains"):
+        sweep.main(["--merge", str(tmp_path), "--out", str(tmp_path / "m"), "--archive", str(path)])
 
 
 def test_reference_step_times_are_measured_once_and_a_broken_file_is_refused(tmp_path):

@@ -12,14 +12,19 @@ started with the same arguments on an empty or partial directory *restores* each
 it instead of training it again: its two caches are written back into its run directory with an
 `archived.json` marker, and the run counts as finished (`restored`).
 
-A run is restored only into a run directory without checkpoints of its own (a run half-trained
-here is resumed, not overwritten) and only where the archived run is the one the sweep plans: the
-same arm, N and seed, `max_steps` and equal-exposure steps (a changed `--dense-factor` or corpus
-trains it again, said so). The archive is JSON lines, one object per line: `{"kind": "step_times",
-...}` (the sweep's `step_times.json` as it was) and `{"kind": "run", ...}` per run, sorted, written
-whole to a temporary file and renamed over the old one (a sweep killed while writing leaves the
-old archive). An edited archive that no longer parses is refused, naming the line, before any
-training starts.
+A run is restored only into a run directory without checkpoints of its own (a run half-trained here
+is resumed, not overwritten) and only where the archived run is the one the sweep plans: the same
+arm, N and seed, `max_steps`, equal-exposure steps, tokens per biography and biographies' share, and
+the same training arguments once the sweep directory's path and the interpreter are set aside
+(`PLAN_KEYS`, `_portable`: a run archived from one checkout restores into another). Otherwise it is
+trained again, said so, and what an earlier restore wrote there is moved aside (`*.superseded`), so
+that the new run's rows are its own. The archive is JSON lines, one object per line: `{"kind":
+"step_times", ...}` (the sweep's `step_times.json` as it was) and `{"kind": "run", ...}` per run,
+sorted; a write re-reads the file and merges (a run archived by another sitting meanwhile is kept),
+then writes it whole to a temporary file renamed over the old one (a sweep killed while writing
+leaves the old archive). The sweep writes it after each N's evaluation and at the end of a sitting.
+An edited archive that no longer parses or lacks what a restore needs is refused, naming the line,
+before any training starts.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from pkmlm.knowledge.step_time import STEP_TIMES
 MARKER = "archived.json"  # in a restored run directory: where its rows came from, and its commit
 RECALL_CACHE, USAGE_CACHE = "sweep_recall.jsonl", "sweep_usage.jsonl"  # sweep.evaluate_cached's, question_usage's
 RUN_KEYS = {"run": str, "arm": str, "people": int, "seed": int, "max_steps": int, "steps_equal": int, "recall": list}
+# what must equal the plan's for a restore (the exposures of a row are its tokens over these two)
+PLAN_KEYS = ("arm", "people", "seed", "max_steps", "steps_equal", "tokens_per_bio", "bios_share")
+ROW_NUMBERS = ("tokens", "recall/bits")  # besides `step`: what the report reads of every row
 
 
 class Archive:
@@ -60,7 +68,13 @@ def read(path: Path) -> Archive:
         return Archive(path, runs, step_times)
     if not path.is_file():
         raise SystemExit(f"sweep: --archive {path} is not a file: pass the path of a .jsonl file")
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(
+            f"sweep: --archive {path} cannot be read ({e}): restore it from git or pass a new path"
+        ) from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -78,17 +92,55 @@ def read(path: Path) -> Archive:
             for key, kind_of in RUN_KEYS.items():
                 if not isinstance(entry.get(key), kind_of) or isinstance(entry.get(key), bool):
                     raise _refuse(path, number, f"run line without a valid {key!r}")
-            steps = [row.get("step") if isinstance(row, dict) else None for row in entry["recall"]]
-            if entry["max_steps"] not in steps or not all(isinstance(s, int) for s in steps):
+            for key in ("tokens_per_bio", "bios_share"):
+                if not _number(entry.get(key)):
+                    raise _refuse(path, number, f"run line without a valid {key!r}")
+            rows = entry["recall"]
+            if not all(isinstance(r, dict) and _integer(r.get("step")) for r in rows):
+                raise _refuse(path, number, f"run {entry['run']}: a recall row without an integer step")
+            if entry["max_steps"] not in [r["step"] for r in rows]:
                 raise _refuse(
                     path, number, f"run {entry['run']} has no recall row at its final step {entry['max_steps']}"
                 )
+            for key in ROW_NUMBERS:
+                if not all(_number(r.get(key)) for r in rows):
+                    raise _refuse(path, number, f"run {entry['run']}: a recall row without a number {key!r}")
+            usage = entry.get("usage", [])
+            if not isinstance(usage, list) or not all(
+                isinstance(u, dict) and _integer(u.get("step")) and isinstance(u.get("usage"), dict) for u in usage
+            ):
+                raise _refuse(path, number, f"run {entry['run']}: 'usage' is not a list of usage rows")
             if entry["run"] in runs:
                 raise _refuse(path, number, f"run {entry['run']} appears twice")
             runs[entry["run"]] = entry
         else:
             raise _refuse(path, number, f"unknown kind {kind!r} (expected 'run' or 'step_times')")
     return Archive(path, runs, step_times)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _portable(command: list[str], out: Path) -> list[str]:
+    """A training command with the sweep directory's path (as given, and resolved) written `{out}`:
+    the same run planned under another path or on another machine compares equal."""
+    roots = sorted({str(Path(out)), str(Path(out).resolve())}, key=len, reverse=True)
+    portable = []
+    for arg in command:
+        arg = str(arg)
+        for root in roots:
+            arg = arg.replace(root, "{out}")
+        portable.append(arg)
+    return portable
+
+
+def _sweep_dir(plan: dict) -> Path:
+    return Path(plan["run_dir"]).parent.parent  # DIR/runs/<run>
 
 
 def _lines(path: Path) -> list[dict]:
@@ -120,31 +172,32 @@ def code_version_of(run_dir: Path) -> dict | None:
     return None
 
 
-def record_of(plan: dict) -> dict[str, Any] | None:
-    """The archive line of a plan's finished, evaluated run (its final checkpoint's recall row
-    cached); None for a run not there yet."""
+def record_of(plan: dict, finished: bool) -> dict[str, Any] | None:
+    """The archive line of a plan's run where it is `finished` (the sweep's `run_finished`) and
+    evaluated (its final checkpoint's recall row cached); None otherwise."""
     run_dir = Path(plan["run_dir"])
     recall = sorted(_lines(run_dir / RECALL_CACHE), key=lambda row: row["step"])
-    if plan["max_steps"] not in {row.get("step") for row in recall}:
+    if not finished or plan["max_steps"] not in {row.get("step") for row in recall}:
         return None
     return {
         "kind": "run",
         "run": run_dir.name,
-        **{k: plan[k] for k in ("arm", "people", "seed", "max_steps", "steps_equal")},
-        "command": [str(a) for a in plan["command"]],
+        **{k: plan[k] for k in PLAN_KEYS},
+        "train_args": _portable(plan["command"][1:], _sweep_dir(plan)),  # after the interpreter: any venv
         "code_version": code_version_of(run_dir),
         "recall": recall,
         "usage": _lines(run_dir / USAGE_CACHE),
     }
 
 
-def write(archive: Archive, plans: list[dict], out: Path) -> int:
-    """Add the plans' finished runs (`record_of`) and the sweep's step times to the archive file,
-    keeping its runs that are not among them (runs of other levels, of a lost directory); written
-    whole, then renamed over the old file. Returns the number of runs in it."""
-    runs = dict(archive.runs)
+def write(archive: Archive, plans: list[dict], out: Path, finished) -> int:
+    """Add the plans' runs that are `finished(plan)` and evaluated (`record_of`) and the sweep's step
+    times to the archive file, keeping its runs that are not among them (runs of other levels, of a
+    lost directory, archived by another sitting since this one read it: the file is read again
+    here); written whole, then renamed over the old file. Returns the number of runs in it."""
+    runs = {**archive.runs, **read(archive.path).runs}
     for plan in plans:
-        record = record_of(plan)
+        record = record_of(plan, finished(plan))
         if record is not None:
             runs[record["run"]] = record
     step_times = archive.step_times
@@ -176,24 +229,35 @@ def restore(archive: Archive, plan: dict) -> str | None:
     """Restore the plan's run from the archive where it can be (see the module's docstring): writes
     its recall and usage caches and the marker into its run directory. Returns why it was not
     restored where the archive holds the run (None where restored or not archived)."""
+    from pkmlm.knowledge.sweep_report import final_checkpoint
+
     run_dir = Path(plan["run_dir"])
     record = archive.runs.get(run_dir.name)
-    if record is None or restored(run_dir, plan["max_steps"]):
+    trained_here = (final_checkpoint(run_dir, plan["max_steps"]) / ".metadata").is_file()
+    if record is None or trained_here or restored(run_dir, plan["max_steps"]):
         return None
-    planned = {k: plan[k] for k in ("arm", "people", "seed", "max_steps", "steps_equal")}
-    archived = {k: record[k] for k in planned}
-    if archived != planned:
-        changed = ", ".join(
-            f"{k} {archived[k]} (archived) vs {planned[k]}" for k in planned if archived[k] != planned[k]
-        )
-        return f"{run_dir.name}: the archived run differs from the planned one ({changed}): trained again"
+    planned = {k: plan[k] for k in PLAN_KEYS}
+    archived = {k: record[k] for k in PLAN_KEYS}
+    changed = [f"{k} {archived[k]} (archived) vs {planned[k]}" for k in PLAN_KEYS if archived[k] != planned[k]]
+    if "train_args" in record and record["train_args"] != _portable(plan["command"][1:], _sweep_dir(plan)):
+        changed.append("its training command")
+    if changed:
+        aside = _set_aside(run_dir) if (run_dir / MARKER).is_file() else []
+        moved = f"; {', '.join(aside)} of an earlier restore moved aside (*.superseded)" if aside else ""
+        differs = ", ".join(changed)
+        return f"{run_dir.name}: the archived run differs from the planned one ({differs}): trained again{moved}"
     checkpoints = run_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         return f"{run_dir.name}: has checkpoints of its own here: resumed, not restored from the archive"
     run_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside(run_dir)  # caches of a run begun here and never checkpointed: not this run's rows
     (run_dir / RECALL_CACHE).write_text("".join(json.dumps(row) + "\n" for row in record["recall"]))
-    if record.get("usage"):
-        (run_dir / USAGE_CACHE).write_text("".join(json.dumps(row) + "\n" for row in record["usage"]))
+    # usage rows name the questions file they were measured on (sweep_report.question_usage): this
+    # sweep directory's copy of the same corpus, wherever it lives now
+    qa = str(Path(plan["facts"]) / "qa.jsonl")
+    usage = [{**row, "qa": qa} for row in record.get("usage", [])]
+    if usage:
+        (run_dir / USAGE_CACHE).write_text("".join(json.dumps(row) + "\n" for row in usage))
     marker = {
         "archive": str(archive.path),
         "max_steps": record["max_steps"],
@@ -201,6 +265,18 @@ def restore(archive: Archive, plan: dict) -> str | None:
     }
     (run_dir / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     return None
+
+
+def _set_aside(run_dir: Path) -> list[str]:
+    """Rename a run directory's recall and usage caches and archive marker to `*.superseded` (an
+    earlier one of that name replaced): kept, but no longer this run's. Returns the names moved."""
+    moved = []
+    for name in (MARKER, RECALL_CACHE, USAGE_CACHE):
+        path = Path(run_dir) / name
+        if path.is_file():
+            os.replace(path, path.with_name(name + ".superseded"))
+            moved.append(name)
+    return moved
 
 
 def restore_step_times(archive: Archive, out: Path) -> bool:

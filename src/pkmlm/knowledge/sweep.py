@@ -79,6 +79,7 @@ from pkmlm.knowledge.sweep_report import (
     final_checkpoint,
     gain_at_2x,
     is_dense,
+    question_usage,
     report,
     write_results,
 )
@@ -647,6 +648,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     if args.merge:
+        if args.archive:
+            raise SystemExit("sweep: --archive is for a sweep that trains (--merge only reads results.jsonl files)")
         results = [
             json.loads(line)
             for d in args.merge
@@ -712,6 +715,11 @@ def main(argv: list[str] | None = None) -> None:
         if stopped:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
             break
+        if archive is not None:  # this N's finished runs, with their usage, before the next N trains
+            for r in results:
+                if r["people"] == people and r["step"] == r["steps_equal"] and not is_dense(r["arm"]):
+                    question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
+            run_archive.write(archive, all_plans, out, _finished)
         largest = max(r["people"] for r in results) if results else people
         if args.until_saturated and not levels and not failed:  # a failed run: no larger N on a broken level
             if dense_saturated(results, largest):
@@ -724,13 +732,17 @@ def main(argv: list[str] | None = None) -> None:
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
     _write_results(args, argv, results)
     if archive is not None:  # after the report: the usage it measured is archived too
-        kept = run_archive.write(archive, all_plans, out)
+        kept = run_archive.write(archive, all_plans, out, _finished)
         print(f"archived {kept} finished runs in {args.archive}", file=sys.stderr, flush=True)
     if failed:
         raise SystemExit(
             f"sweep: {len(failed)} training run(s) failed (logs: {', '.join(str(log) for log in failed)}): "
             "fix the cause and run the same command again (finished work is kept)"
         )
+
+
+def _finished(plan: dict) -> bool:
+    return run_finished(plan["run_dir"], plan["max_steps"])
 
 
 def _refuse_duplicate_runs(results: list[dict]) -> None:
