@@ -55,12 +55,15 @@ SHORT = [
     "logging.wandb.mode=disabled",
     "logging.progress=false",
 ]
-# Relative tolerances off the recorded platform, by kind of number: about 30x what 1 vs 2 threads and
-# ATen's DEFAULT vs AVX2 kernels moved them at step 20 (README "Reproducibility"; losses 3e-6, grad
-# norms 6e-4); the memory statistics count slots, so one top-k choice flipped by rounding moves them
-# in steps. A changed model, optimizer, schedule, data order or tokenizer moves the step-20 loss far
-# more than 1e-4.
-TOLERANCE = {"train_loss": 1e-4, "val_loss": 1e-4, "val_ppl": 1e-3, "grad_norm": 2e-2, "memory": 2e-2}
+# Relative tolerances off every recorded platform, by kind of number: 1 vs 2 threads and ATen's DEFAULT
+# vs AVX2 kernels moved them little at step 20 (losses 3e-6, grad norms 6e-4), but AVX512 vs AVX2
+# (the same code on two machines, 2 threads; tests/golden/*@AVX512-2t.json against *.json) moved
+# Memory+'s step-20 loss by 1e-4, its validation loss by 3.3e-4 (perplexity 2.5e-3), its step-20
+# grad norm by 7% and its memory statistics by up to 29% (they count slots: a top-k choice flipped
+# by rounding moves them in steps, and a flipped choice changes which rows train). The bounds are
+# about 2-3x those: on a recorded platform the check is exact, elsewhere it catches what breaks a run
+# (a loss off by 1e-3 at step 20, a table no longer read), not a changed rounding.
+TOLERANCE = {"train_loss": 1e-3, "val_loss": 1e-3, "val_ppl": 1e-2, "grad_norm": 0.2, "memory": 0.6}
 RECORD_HINT = (
     "if your change moves these numbers on purpose, re-record them with `python scripts/golden.py --record` "
     "and update README.md's default-run numbers (docs/results/) in the same commit"
@@ -111,6 +114,32 @@ def flatten(numbers: dict) -> dict:
     return out
 
 
+def record_path(name: str, here: dict) -> Path:
+    """Where this platform's record of run `name` is kept: `<name>.json` where that file is this
+    platform's (or there is none yet), else `<name>@<cpu capability>-<threads>t.json`: one record per
+    platform, each compared exactly where it was recorded."""
+    first = GOLDEN_DIR / f"{name}.json"
+    if not first.is_file() or json.loads(first.read_text())["platform"] == here:
+        return first
+    return GOLDEN_DIR / f"{name}@{here['cpu_capability']}-{here['threads']}t.json"
+
+
+def records(name: str) -> list[dict]:
+    """Every recorded platform's numbers of run `name` (`<name>.json` first)."""
+    paths = [GOLDEN_DIR / f"{name}.json", *sorted(GOLDEN_DIR.glob(f"{name}@*.json"))]
+    return [json.loads(path.read_text()) for path in paths if path.is_file()]
+
+
+def check(name: str, got: dict, here: dict) -> list[str]:
+    """`compare` against this platform's record where there is one (exact), else against every
+    recorded platform (within TOLERANCE): the differences from the closest record."""
+    recorded = records(name)
+    if not recorded:
+        return [f"{name}: no record in {GOLDEN_DIR}: record one with `python scripts/golden.py --record`"]
+    same = [r for r in recorded if r["platform"] == here]
+    return min((compare(name, got, r, here) for r in same or recorded), key=len)
+
+
 def compare(name: str, got: dict, golden: dict, here: dict) -> list[str]:
     """Differences between `got` and the recorded `golden`, exact on the recorded platform, else
     within TOLERANCE; each a line naming the number."""
@@ -141,15 +170,15 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir or tmp)
         for name in args.runs:
             got = run(name, workdir)
-            path = GOLDEN_DIR / f"{name}.json"
+            path = record_path(name, here)
             if args.record:
                 GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"platform": here, **got}, indent=1) + "\n")
                 print(f"recorded {path.relative_to(ROOT)}: val ppl {got['val_ppl']:.4f}")
                 continue
-            recorded = json.loads(path.read_text())
-            diffs = compare(name, got, recorded, here)
+            diffs = check(name, got, here)
             failures += diffs
+            recorded = next((r for r in records(name) if r["platform"] == here), records(name)[0])
             want, have = flatten(recorded), flatten(got)
             worst = max((abs(have[k] - w) / max(abs(w), 1e-12), k) for k, w in want.items() if k in have)
             print(

@@ -5,7 +5,6 @@ re-record (`python scripts/golden.py --record`) and update the README's numbers 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,9 +22,8 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(golden.RUNS))
 def test_golden_run(name, workdir):
-    recorded = json.loads((golden.GOLDEN_DIR / f"{name}.json").read_text())
     got = golden.run(name, workdir)
-    diffs = golden.compare(name, got, recorded, golden.platform())
+    diffs = golden.check(name, got, golden.platform())
     assert not diffs, "\n".join(diffs[:8]) + f"\n{golden.RECORD_HINT}"
 
 
@@ -48,3 +46,29 @@ def test_compare_is_exact_on_the_recorded_platform_and_tolerant_elsewhere():
     moved = {**numbers, "val_loss": 6.0 * (1 + 2 * golden.TOLERANCE["val_loss"])}
     assert golden.compare("x", moved, recorded, other) != []
     assert golden.compare("x", {**numbers, "overrides": ["a=2"]}, recorded, here) != []
+
+
+def test_each_recorded_platform_is_checked_exactly_and_the_closest_record_elsewhere(monkeypatch):
+    here = golden.platform()
+    numbers = {
+        "overrides": ["a=1"],
+        "train_loss": {"5": 8.0},
+        "grad_norm": {"5": 1.0},
+        "val_loss": 6.0,
+        "val_ppl": 403.4,
+        "memory": {"memory/layer2/usage": 0.3},
+    }
+    other = {**here, "cpu_capability": "another"}
+    far = {**numbers, "train_loss": {"5": 9.0}}
+    monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, {"platform": here, **numbers}])
+    assert golden.check("x", numbers, here) == []
+    nudged = {**numbers, "train_loss": {"5": 8.0 * (1 + golden.TOLERANCE["train_loss"] / 10)}}
+    assert golden.check("x", nudged, here) != []  # this platform's record: exact, not the tolerance
+    monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, {"platform": other, **numbers}])
+    assert golden.check("x", nudged, here) == []  # no record of this platform: the closest, within tolerance
+    monkeypatch.setattr(golden, "records", lambda name: [])
+    assert "record one with" in golden.check("x", numbers, here)[0]
+    assert golden.record_path("default", here).name in (
+        "default.json",
+        f"default@{here['cpu_capability']}-{here['threads']}t.json",
+    )

@@ -229,11 +229,11 @@ def restore(archive: Archive, plan: dict) -> str | None:
     """Restore the plan's run from the archive where it can be (see the module's docstring): writes
     its recall and usage caches and the marker into its run directory. Returns why it was not
     restored where the archive holds the run (None where restored or not archived)."""
-    from pkmlm.knowledge.sweep_report import final_checkpoint
+    from pkmlm.checkpoint.store import checkpoint_path
 
     run_dir = Path(plan["run_dir"])
     record = archive.runs.get(run_dir.name)
-    trained_here = (final_checkpoint(run_dir, plan["max_steps"]) / ".metadata").is_file()
+    trained_here = (checkpoint_path(run_dir / "checkpoints", plan["max_steps"]) / ".metadata").is_file()
     if record is None or trained_here or restored(run_dir, plan["max_steps"]):
         return None
     planned = {k: plan[k] for k in PLAN_KEYS}

@@ -648,19 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     if args.merge:
-        if args.archive:
-            raise SystemExit("sweep: --archive is for a sweep that trains (--merge only reads results.jsonl files)")
-        results = [
-            json.loads(line)
-            for d in args.merge
-            for line in (Path(d) / "results.jsonl").read_text().splitlines()
-            if line.strip()
-        ]
-        _refuse_duplicate_runs(results)
-        out.mkdir(parents=True, exist_ok=True)
-        print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
-        _write_results(args, argv, results)
-        return
+        return _merge(args, argv, out)
     if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
         raise SystemExit(f"sweep: --bios-share must be in (0, 1), got {args.bios_share}: e.g. 0.5 for half the tokens")
     if args.sparse_factor < 1.0:
@@ -685,13 +673,7 @@ def main(argv: list[str] | None = None) -> None:
         plans = plan_level(args, out, people)
         all_plans += plans
         if archive is not None:
-            before = [p for p in plans if run_finished(p["run_dir"], p["max_steps"])]
-            notes = [note for note in (run_archive.restore(archive, p) for p in plans) if note]
-            for note in notes:
-                print(f"sweep: archive: {note}", file=sys.stderr, flush=True)
-            back = sum(run_finished(p["run_dir"], p["max_steps"]) for p in plans) - len(before)
-            if back:
-                print(f"N={people}: {back} finished runs restored from {args.archive}", file=sys.stderr, flush=True)
+            _restore_level(archive, plans, people)
         unfinished = [plan for plan in plans if not run_finished(plan["run_dir"], plan["max_steps"])]
         todo = unfinished
         if budget is not None:
@@ -716,10 +698,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
             break
         if archive is not None:  # this N's finished runs, with their usage, before the next N trains
-            for r in results:
-                if r["people"] == people and r["step"] == r["steps_equal"] and not is_dense(r["arm"]):
-                    question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
-            run_archive.write(archive, all_plans, out, _finished)
+            _archive_level(archive, all_plans, results, people, out)
         largest = max(r["people"] for r in results) if results else people
         if args.until_saturated and not levels and not failed:  # a failed run: no larger N on a broken level
             if dense_saturated(results, largest):
@@ -741,8 +720,42 @@ def main(argv: list[str] | None = None) -> None:
         )
 
 
+def _merge(args: argparse.Namespace, argv: list[str] | None, out: Path) -> None:
+    """--merge: the table and figures of earlier sweep directories' results.jsonl together, nothing trained."""
+    if args.archive:
+        raise SystemExit("sweep: --archive is for a sweep that trains (--merge only reads results.jsonl files)")
+    results = [
+        json.loads(line)
+        for d in args.merge
+        for line in (Path(d) / "results.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    _refuse_duplicate_runs(results)
+    out.mkdir(parents=True, exist_ok=True)
+    print(report(results, out, f"merged from {', '.join(args.merge)}"), flush=True)
+    _write_results(args, argv, results)
+
+
 def _finished(plan: dict) -> bool:
     return run_finished(plan["run_dir"], plan["max_steps"])
+
+
+def _restore_level(archive: run_archive.Archive, plans: list[dict], people: int) -> None:
+    """Restore the level's finished runs from the archive (`archive.restore`), saying what it did."""
+    before = sum(map(_finished, plans))
+    for note in filter(None, (run_archive.restore(archive, p) for p in plans)):
+        print(f"sweep: archive: {note}", file=sys.stderr, flush=True)
+    back = sum(map(_finished, plans)) - before
+    if back:
+        print(f"N={people}: {back} finished runs restored from {archive.path}", file=sys.stderr, flush=True)
+
+
+def _archive_level(archive: run_archive.Archive, plans: list[dict], results: list[dict], people: int, out: Path):
+    """Archive the finished runs so far, the level's memory usage measured first (as the report does)."""
+    for r in results:
+        if r["people"] == people and r["step"] == r["steps_equal"] and not is_dense(r["arm"]):
+            question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
+    run_archive.write(archive, plans, out, _finished)
 
 
 def _refuse_duplicate_runs(results: list[dict]) -> None:
