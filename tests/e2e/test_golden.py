@@ -27,16 +27,19 @@ def test_golden_run(name, workdir):
     assert not diffs, "\n".join(diffs[:8]) + f"\n{golden.RECORD_HINT}"
 
 
+NUMBERS = {  # a golden run's numbers, made up (compare and check see only their shape and values)
+    "overrides": ["a=1"],
+    "train_loss": {"5": 8.0},
+    "grad_norm": {"5": 1.0},
+    "val_loss": 6.0,
+    "val_ppl": 403.4,
+    "memory": {"memory/layer2/usage": 0.3},
+}
+
+
 def test_compare_is_exact_on_the_recorded_platform_and_tolerant_elsewhere():
     here = golden.platform()
-    numbers = {
-        "overrides": ["a=1"],
-        "train_loss": {"5": 8.0},
-        "grad_norm": {"5": 1.0},
-        "val_loss": 6.0,
-        "val_ppl": 403.4,
-        "memory": {"memory/layer2/usage": 0.3},
-    }
+    numbers = dict(NUMBERS)
     recorded = {"platform": here, **numbers}
     nudged = {**numbers, "train_loss": {"5": 8.0 * (1 + golden.TOLERANCE["train_loss"] / 10)}}
     assert golden.compare("x", numbers, recorded, here) == []
@@ -50,14 +53,7 @@ def test_compare_is_exact_on_the_recorded_platform_and_tolerant_elsewhere():
 
 def test_each_recorded_platform_is_checked_exactly_and_the_closest_record_elsewhere(monkeypatch):
     here = golden.platform()
-    numbers = {
-        "overrides": ["a=1"],
-        "train_loss": {"5": 8.0},
-        "grad_norm": {"5": 1.0},
-        "val_loss": 6.0,
-        "val_ppl": 403.4,
-        "memory": {"memory/layer2/usage": 0.3},
-    }
+    numbers = dict(NUMBERS)
     other = {**here, "cpu_capability": "another"}
     far = {**numbers, "train_loss": {"5": 9.0}}
     monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, {"platform": here, **numbers}])
