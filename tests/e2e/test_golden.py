@@ -23,7 +23,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("name", list(golden.RUNS))
 def test_golden_run(name, workdir):
     got = golden.run(name, workdir)
-    diffs = golden.check(name, got, golden.platform())
+    _, diffs = golden.check(name, got, golden.platform())
     assert not diffs, "\n".join(diffs[:8]) + f"\n{golden.RECORD_HINT}"
 
 
@@ -56,15 +56,41 @@ def test_each_recorded_platform_is_checked_exactly_and_the_closest_record_elsewh
     numbers = dict(NUMBERS)
     other = {**here, "cpu_capability": "another"}
     far = {**numbers, "train_loss": {"5": 9.0}}
-    monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, {"platform": here, **numbers}])
-    assert golden.check("x", numbers, here) == []
+    mine = {"platform": here, **numbers}
+    monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, mine])
+    assert golden.check("x", numbers, here) == (mine, [])
     nudged = {**numbers, "train_loss": {"5": 8.0 * (1 + golden.TOLERANCE["train_loss"] / 10)}}
-    assert golden.check("x", nudged, here) != []  # this platform's record: exact, not the tolerance
-    monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, {"platform": other, **numbers}])
-    assert golden.check("x", nudged, here) == []  # no record of this platform: the closest, within tolerance
+    assert golden.check("x", nudged, here)[1] != []  # this platform's record: exact, not the tolerance
+    close = {"platform": other, **numbers}
+    monkeypatch.setattr(golden, "records", lambda name: [{"platform": other, **far}, close])
+    assert golden.check("x", nudged, here) == (close, [])  # no record of this platform: the closest, within tolerance
+    # The closest is judged by its numbers among records of the same overrides: a record of other
+    # overrides (one line of differences) does not win over one of the same overrides that is off in
+    # two numbers, and the differences reported are that record's.
+    two_off = {"platform": other, **numbers, "val_loss": 7.0, "val_ppl": 500.0}
+    overrides = {"platform": other, **numbers, "overrides": ["a=2"]}
+    monkeypatch.setattr(golden, "records", lambda name: [overrides, two_off])
+    record, diffs = golden.check("x", numbers, here)
+    assert record is two_off and len(diffs) == 2 and all("val_" in d for d in diffs)
     monkeypatch.setattr(golden, "records", lambda name: [])
-    assert "record one with" in golden.check("x", numbers, here)[0]
-    assert golden.record_path("default", here).name in (
-        "default.json",
-        f"default@{here['cpu_capability']}-{here['threads']}t.json",
-    )
+    assert golden.check("x", numbers, here)[0] is None
+    assert "record one with" in golden.check("x", numbers, here)[1][0]
+
+
+def test_each_platform_records_in_its_own_file(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(golden, "GOLDEN_DIR", tmp_path)
+    here = golden.platform()
+    assert golden.record_path("default", here) == tmp_path / "default.json"  # no record yet
+    (tmp_path / "default.json").write_text(json.dumps({"platform": here}))
+    assert golden.record_path("default", here) == tmp_path / "default.json"  # this platform's
+    other = {**here, "cpu_capability": "OTHER", "threads": 3}
+    assert golden.record_path("default", other) == tmp_path / "default@OTHER-3t.json"
+
+
+def test_golden_main_without_a_record_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(golden, "GOLDEN_DIR", tmp_path)
+    monkeypatch.setattr(golden, "run", lambda name, workdir: dict(NUMBERS))
+    assert golden.main(["--runs", "default"]) == 1
+    assert "no record in" in capsys.readouterr().out

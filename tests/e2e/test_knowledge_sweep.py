@@ -63,9 +63,10 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("N=4:"))
     assert line.startswith("N=4: 2 runs, 2 unfinished (~") and line.endswith(", 1 to train now")  # both runs' hours
     dense_dir, mem_dir = out / "runs" / "dense-N4-s0", out / "runs" / "mem-N4-s0"
-    plans = sweep.plan_level(sweep.parse_args(argv), out, 4)
+    plans = sweep.plan_level(sweep.parse_args(argv), out.resolve(), 4)
+    plan = {p["arm"]: p for p in plans}
     max_steps = {p["arm"]: p["max_steps"] for p in plans}
-    assert sweep.run_finished(dense_dir, max_steps["dense"]) and not mem_dir.exists()
+    assert sweep.run_finished(plan["dense"]) and not mem_dir.exists()
     cache = (dense_dir / "sweep_recall.jsonl").read_text().splitlines()
     assert len(cache) == sweep.CHECKPOINTS_PER_RUN
     dense_files = _snapshot(dense_dir)
@@ -73,12 +74,12 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     assert sorted(json.loads(step_times.read_text())["step_ms"]) == ["dense", "mem"]
     step_times_stat = step_times.stat().st_mtime_ns
     # The mem run is then left half-finished, as a sweep killed in the middle of it leaves it.
-    mem_plan = next(p for p in plans if p["arm"] == "mem")
+    mem_plan = plan["mem"]
     half = max_steps["mem"] // 2
     import subprocess
 
     subprocess.run([*mem_plan["command"], f"train.stop_at_step={half}"], check=True, capture_output=True)
-    assert not sweep.run_finished(mem_dir, max_steps["mem"])
+    assert not sweep.run_finished(mem_plan)
     half_ckpt = mem_dir / "checkpoints" / f"step_{half:08d}.dcp"
     half_files = {k: v for k, v in _snapshot(mem_dir).items() if k.startswith(f"checkpoints/{half_ckpt.name}")}
     assert half_files
@@ -86,7 +87,7 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     # run resumes from its checkpoint (its step-`half` checkpoint is not rewritten) and finishes.
     sweep.main(argv)
     assert _snapshot(dense_dir) == dense_files
-    assert sweep.run_finished(mem_dir, max_steps["mem"])
+    assert sweep.run_finished(mem_plan)
     assert {k: v for k, v in _snapshot(mem_dir).items() if k in half_files} == half_files
     # Each step trained once: steps 1..half before the stop, the rest after the resume, none twice.
     trained = [row["step"] for row in map(json.loads, (mem_dir / "metrics.jsonl").read_text().splitlines())]
@@ -143,9 +144,11 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     alone = memory_metrics(trackers)
     assert usage[0]["usage"]["usage"] == alone["memory/layer1/usage"]
     assert usage[0]["usage"]["kl_count"] == pytest.approx(alone["memory/layer1/kl_count"], rel=1e-6)
-    # Sitting 4, on a machine that lost the sweep directory (a reset): the same command with the
-    # archive restores both finished runs instead of training them (no job is started, no step time
-    # measured) and reports the same table, the usage and the commits the runs were trained at.
+    # Sitting 4, on a machine that lost the sweep directory (a reset), from another checkout and
+    # into a sweep directory of another name (relative, and named like the experiments' folder):
+    # the same command with the archive restores both finished runs instead of training them (no job
+    # is started, no step time measured) and reports the same table, the usage and the commits the
+    # runs were trained at.
     import shutil
 
     table_before, rows_before = (out / "table.md").read_text(), (out / "results.jsonl").read_text()
@@ -154,13 +157,20 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: pytest.fail(f"trained again: {jobs}") if jobs else [])
     monkeypatch.setattr(sweep, "measure_step_times", lambda *a, **k: pytest.fail("step times measured again"))
     monkeypatch.setattr(sweep.sys, "executable", "/another/checkout/.venv/bin/python")  # the same runs
+    monkeypatch.chdir(tmp_path)
+    argv = [*argv[: argv.index("--out")], "--out", "knowledge", *argv[argv.index("--out") + 2 :]]
+    moved, out = out, (tmp_path / "knowledge").resolve()
+    step_times = out / "step_times.json"
+    dense_dir, mem_dir = out / "runs" / "dense-N4-s0", out / "runs" / "mem-N4-s0"
     sweep.main([*argv, "--results", str(tmp_path / "again.json"), "--archive", str(archive)])
     err = capsys.readouterr().err
     assert "N=4: 2 finished runs restored from" in err and "N=4: 2 runs, 0 unfinished" in err
     assert not (dense_dir / "checkpoints").exists() and not (mem_dir / "checkpoints").exists()
-    assert (out / "results.jsonl").read_text() == rows_before and json.loads(
-        step_times.read_text()
-    ) == step_times_before
+    assert (out / "results.jsonl").read_text() == rows_before.replace(str(moved), str(out))
+    assert json.loads(step_times.read_text()) == step_times_before
+    restored = {p["arm"]: p for p in sweep.plan_level(sweep.parse_args(argv), out, 4)}["mem"]
+    assert sweep.run_finished(restored)  # restored for this plan; another plan of the run is not finished
+    assert not sweep.run_finished({**restored, "tokens_per_bio": restored["tokens_per_bio"] + 1})
 
     def without_wall_time(text):  # the table's last line: this sitting's wall time
         return [line for line in text.splitlines() if not line.startswith("wall time of this sitting")]
@@ -177,26 +187,62 @@ def test_a_sweep_stopped_part_way_resumes_without_redoing_finished_work(tmp_path
     sweep.main([*changed, "--archive", str(archive)])
     err = capsys.readouterr().err
     assert "dense-N4-s0: the archived run differs from the planned one (max_steps" in err and "moved aside" in err
-    assert trained_again == ["dense-N4-s0.log"] and sweep.run_finished(mem_dir, max_steps["mem"])
+    plan = {p["arm"]: p for p in sweep.plan_level(sweep.parse_args(changed), out, 4)}
+    assert trained_again == ["dense-N4-s0.log"] and sweep.run_finished(plan["mem"])
     assert not (dense_dir / "sweep_recall.jsonl").exists() and (dense_dir / "sweep_recall.jsonl.superseded").is_file()
-    assert not (dense_dir / "archived.json").exists() and not sweep.run_finished(dense_dir, max_steps["dense"])
+    assert not (dense_dir / "archived.json").exists() and not sweep.run_finished(plan["dense"])
 
 
-def test_an_edited_archive_is_refused_with_its_line_before_anything_runs(tmp_path):
+def test_an_archived_command_names_the_sweep_directory_only_where_a_path_starts(tmp_path):
+    from pkmlm.knowledge.archive import _portable
+
+    out = tmp_path / "knowledge"
+    command = [
+        "-m", "pkmlm.cli.train", "experiment=knowledge/dense", f"data.files=[{out}/facts/b.jsonl,{out}/x]",
+        f"hydra.run.dir={out}/runs/r", f"data.tokenizer={out}2/t.json", str(out),
+    ]  # fmt: skip
+    assert _portable(command, out) == [
+        "-m", "pkmlm.cli.train", "experiment=knowledge/dense", "data.files=[{out}/facts/b.jsonl,{out}/x]",
+        "hydra.run.dir={out}/runs/r", f"data.tokenizer={out}2/t.json", "{out}",
+    ]  # fmt: skip
+
+
+def test_run_caches_skip_torn_and_foreign_lines_and_append_after_them(tmp_path):
+    from pkmlm.knowledge.archive import append_rows, cache_rows
+
+    cache = tmp_path / "sweep_recall.jsonl"
+    assert cache_rows(cache) == []
+    cache.write_bytes(b'{"step": 1, "x": 1}\n\xff\xfe\n[1]\n{"step": "2"}\n{"step": 3, "x"')  # a torn last line
+    assert cache_rows(cache) == [{"step": 1, "x": 1}]
+    append_rows(cache, [{"step": 3, "x": 3}])
+    assert cache_rows(cache) == [{"step": 1, "x": 1}, {"step": 3, "x": 3}]
+
+
+def test_an_edited_archive_is_refused_with_its_line_before_anything_runs(tmp_path, monkeypatch):
     from pkmlm.knowledge import archive
 
     path = tmp_path / "archive.jsonl"
     run = {"kind": "run", "run": "dense-N4-s0", "arm": "dense", "people": 4, "seed": 0, "max_steps": 8}
     rows = [{"step": s, "tokens": 512 * s, "recall/bits": 1.5 * s} for s in (4, 8)]
-    run |= {"steps_equal": 8, "tokens_per_bio": 50.5, "bios_share": 1.0, "recall": rows, "usage": []}
+    run |= {"steps_equal": 8, "tokens_per_bio": 50.5, "bios_share": 1.0, "train_args": [], "recall": rows}
+    run |= {"usage": []}
     path.write_text(json.dumps(run) + "\n")
     assert list(archive.read(path).runs) == ["dense-N4-s0"]
     assert archive.read(tmp_path / "none.jsonl").runs == {}  # no file yet: an empty archive
     # A write keeps the file's runs, those another sitting added since this one read it too.
     mine = archive.read(path)
     path.write_text(json.dumps(run) + "\n" + json.dumps({**run, "run": "mem-N4-s0", "arm": "mem"}) + "\n")
-    assert archive.write(mine, [], tmp_path, lambda plan: True) == 2
+    assert archive.write(mine, [], tmp_path) == 2
     assert sorted(archive.read(path).runs) == ["dense-N4-s0", "mem-N4-s0"]
+    # ... under a lock: a writer that holds it (a sweep paused mid-write) is waited for, then named.
+    import fcntl
+
+    monkeypatch.setattr(archive, "LOCK_WAIT_S", 0.2)
+    with open(path.with_name(path.name + ".lock"), "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match=r"archive.jsonl.lock for 0.2 s: let it finish"):
+            archive.write(mine, [], tmp_path)
+    assert archive.write(mine, [], tmp_path) == 2  # released: written
     for line, problem in [
         ("{not json", "line 2: not JSON"),
         (json.dumps({**run, "run": "mem-N4-s0", "max_steps": 12}), "has no recall row at its final step 12"),

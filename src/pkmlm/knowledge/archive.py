@@ -20,28 +20,40 @@ the same training arguments once the sweep directory's path and the interpreter 
 trained again, said so, and what an earlier restore wrote there is moved aside (`*.superseded`), so
 that the new run's rows are its own. The archive is JSON lines, one object per line: `{"kind":
 "step_times", ...}` (the sweep's `step_times.json` as it was) and `{"kind": "run", ...}` per run,
-sorted; a write re-reads the file and merges (a run archived by another sitting meanwhile is kept),
-then writes it whole to a temporary file renamed over the old one (a sweep killed while writing
-leaves the old archive). The sweep writes it after each N's evaluation and at the end of a sitting.
+sorted; a write holds a lock (`FILE.lock`, `fcntl.flock`) while it re-reads the file and merges (a
+run archived by another sitting or a report meanwhile is kept), then writes it whole to a temporary
+file renamed over the old one (a sweep killed while writing leaves the old archive). The sweep
+writes it after each N's evaluation and at the end of a sitting. A restored run's marker holds the
+plan it was restored for: a later sitting that plans the run otherwise (with or without --archive)
+does not take it for finished.
 An edited archive that no longer parses or lacks what a restore needs is refused, naming the line,
 before any training starts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
-from pkmlm.knowledge.step_time import STEP_TIMES
+from pkmlm.checkpoint.files import atomic_write
+from pkmlm.knowledge.step_time import load_step_times
 
 MARKER = "archived.json"  # in a restored run directory: where its rows came from, and its commit
 RECALL_CACHE, USAGE_CACHE = "sweep_recall.jsonl", "sweep_usage.jsonl"  # sweep.evaluate_cached's, question_usage's
-RUN_KEYS = {"run": str, "arm": str, "people": int, "seed": int, "max_steps": int, "steps_equal": int, "recall": list}
+RUN_KEYS = {
+    **{"run": str, "arm": str, "people": int, "seed": int, "max_steps": int, "steps_equal": int},
+    **{"train_args": list, "recall": list},
+}
 # what must equal the plan's for a restore (the exposures of a row are its tokens over these two)
 PLAN_KEYS = ("arm", "people", "seed", "max_steps", "steps_equal", "tokens_per_bio", "bios_share")
 ROW_NUMBERS = ("tokens", "recall/bits")  # besides `step`: what the report reads of every row
+LOCK_WAIT_S = 60  # a write takes milliseconds; a lock held longer is a stopped or hung writer
 
 
 class Archive:
@@ -123,36 +135,54 @@ def _integer(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _portable(command: list[str], out: Path) -> list[str]:
-    """A training command with the sweep directory's path (as given, and resolved) written `{out}`:
-    the same run planned under another path or on another machine compares equal."""
+    """A training command with the sweep directory's path (as given, and resolved; the sweep makes
+    it absolute) written `{out}` where it starts a path (after the start, `=`, `[` or `,`, before a
+    `/`, `]`, `,` or the end): the same run planned under another path or on another machine
+    compares equal, and nothing else in the command is touched."""
     roots = sorted({str(Path(out)), str(Path(out).resolve())}, key=len, reverse=True)
-    portable = []
-    for arg in command:
-        arg = str(arg)
-        for root in roots:
-            arg = arg.replace(root, "{out}")
-        portable.append(arg)
-    return portable
+    path = re.compile(r"(?<![^=\[,])(?:" + "|".join(map(re.escape, roots)) + r")(?=[/\],]|$)")
+    return [path.sub("{out}", str(arg)) for arg in command]
+
+
+def planned(plan: dict) -> dict[str, Any]:
+    """What a restored run must share with the plan (`PLAN_KEYS` and the portable training arguments,
+    after the interpreter: any venv)."""
+    return {**{k: plan[k] for k in PLAN_KEYS}, "train_args": _portable(plan["command"][1:], _sweep_dir(plan))}
 
 
 def _sweep_dir(plan: dict) -> Path:
     return Path(plan["run_dir"]).parent.parent  # DIR/runs/<run>
 
 
-def _lines(path: Path) -> list[dict]:
-    if not path.is_file():
+def cache_rows(path: Path) -> list[dict]:
+    """The rows of a run's JSON-lines cache (`RECALL_CACHE`, `USAGE_CACHE`) that hold an integer
+    `step`, in file order; [] where there is no file. A line that does not parse (the torn last line
+    of a killed writer, an edit, bytes that are not UTF-8) is skipped: what it held is measured again."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
-            continue  # a torn last line of a killed writer: measured again where it matters
+            continue
+        if isinstance(row, dict) and _integer(row.get("step")):
+            rows.append(row)
     return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows to a run's JSON-lines cache, on a line of their own after a torn last line."""
+    path = Path(path)
+    torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write("\n" * torn + "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def code_version_of(run_dir: Path) -> dict | None:
@@ -161,7 +191,7 @@ def code_version_of(run_dir: Path) -> dict | None:
     from pkmlm.checkpoint.store import list_checkpoints
 
     run_dir = Path(run_dir)
-    checkpoints = list_checkpoints(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
     for source in ([checkpoints[-1] / "meta.json"] if checkpoints else []) + [run_dir / MARKER]:
         try:
             version = json.loads(source.read_text())["code_version"]
@@ -172,85 +202,115 @@ def code_version_of(run_dir: Path) -> dict | None:
     return None
 
 
-def record_of(plan: dict, finished: bool) -> dict[str, Any] | None:
-    """The archive line of a plan's run where it is `finished` (the sweep's `run_finished`) and
-    evaluated (its final checkpoint's recall row cached); None otherwise."""
-    run_dir = Path(plan["run_dir"])
-    recall = sorted(_lines(run_dir / RECALL_CACHE), key=lambda row: row["step"])
-    if not finished or plan["max_steps"] not in {row.get("step") for row in recall}:
+def finished(plan: dict) -> bool:
+    """Whether the plan's run is finished: trained to its `max_steps` here (that checkpoint complete),
+    or restored from an archive for this plan (`restored`)."""
+    from pkmlm.checkpoint.store import checkpoint_path
+
+    final = checkpoint_path(Path(plan["run_dir"]) / "checkpoints", plan["max_steps"])
+    return (final / ".metadata").is_file() or restored(plan)
+
+
+def record_of(plan: dict) -> dict[str, Any] | None:
+    """The archive line of a plan's run where it is `finished` and evaluated (its final
+    checkpoint's recall row cached); None otherwise. Usage rows name their questions file portably
+    (`{out}/...`)."""
+    run_dir, out = Path(plan["run_dir"]), _sweep_dir(plan)
+    recall = sorted(cache_rows(run_dir / RECALL_CACHE), key=lambda row: row["step"])
+    if plan["max_steps"] not in {row["step"] for row in recall} or not finished(plan):
         return None
+    usage = cache_rows(run_dir / USAGE_CACHE)
+    usage = [{**row, "qa": _portable([row["qa"]], out)[0]} if "qa" in row else row for row in usage]
     return {
         "kind": "run",
         "run": run_dir.name,
-        **{k: plan[k] for k in PLAN_KEYS},
-        "train_args": _portable(plan["command"][1:], _sweep_dir(plan)),  # after the interpreter: any venv
+        **planned(plan),
         "code_version": code_version_of(run_dir),
         "recall": recall,
-        "usage": _lines(run_dir / USAGE_CACHE),
+        "usage": usage,
     }
 
 
-def write(archive: Archive, plans: list[dict], out: Path, finished) -> int:
-    """Add the plans' runs that are `finished(plan)` and evaluated (`record_of`) and the sweep's step
-    times to the archive file, keeping its runs that are not among them (runs of other levels, of a
-    lost directory, archived by another sitting since this one read it: the file is read again
-    here); written whole, then renamed over the old file. Returns the number of runs in it."""
-    runs = {**archive.runs, **read(archive.path).runs}
-    for plan in plans:
-        record = record_of(plan, finished(plan))
-        if record is not None:
-            runs[record["run"]] = record
-    step_times = archive.step_times
-    path = Path(out) / STEP_TIMES
-    if path.is_file():
-        try:
-            step_times = json.loads(path.read_text())
-        except ValueError:
-            pass  # refused where the sweep reads it (step_time.load_step_times)
-    lines = [{"kind": "step_times", "step_times": step_times}] if step_times else []
-    lines += [runs[name] for name in sorted(runs)]
+def write(archive: Archive, plans: list[dict], out: Path) -> int:
+    """Add the plans' finished, evaluated runs (`record_of`) and the sweep's step times to the archive
+    file, keeping its runs that are not among them (runs of other levels, of a lost directory,
+    archived by another sitting since this one read it: the file is read again here, under the
+    lock); written whole, then renamed over the old file. Returns the number of runs in it."""
     archive.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.path.with_name(archive.path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, archive.path)
+    with _locked(archive.path):
+        on_disk = read(archive.path)
+        runs = {**archive.runs, **on_disk.runs}
+        for plan in plans:
+            record = record_of(plan)
+            if record is not None:
+                runs[record["run"]] = record
+        step_times = load_step_times(out) or on_disk.step_times or archive.step_times
+        lines = [{"kind": "step_times", "step_times": step_times}] if step_times else []
+        lines += [runs[name] for name in sorted(runs)]
+        atomic_write(archive.path, "".join(json.dumps(line) + "\n" for line in lines).encode())
     archive.runs, archive.step_times = runs, step_times
     return len(runs)
 
 
-def restored(run_dir: Path, max_steps: int) -> bool:
-    """Whether the run was restored from an archive at these `max_steps` (its marker says so)."""
+class _locked:
+    """`fcntl.flock` on `FILE.lock` beside the archive, waited for up to `LOCK_WAIT_S` (then refused,
+    naming the lock: a writer stopped while it held it, e.g. a sweep paused with SIGSTOP)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(path.name + ".lock")
+
+    def __enter__(self) -> None:
+        self.file = open(self.path, "a")
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.file.close()
+                    raise SystemExit(
+                        f"sweep: --archive {self.path.with_suffix('')}: another process has held {self.path} "
+                        f"for {LOCK_WAIT_S} s: let it finish (a paused sweep: continue it) and run again"
+                    ) from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        self.file.close()
+
+
+def restored(plan: dict) -> bool:
+    """Whether the plan's run was restored from an archive for this very plan (its marker says so)."""
     try:
-        return json.loads((Path(run_dir) / MARKER).read_text())["max_steps"] == max_steps
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = json.loads((Path(plan["run_dir"]) / MARKER).read_text())
+    except (OSError, ValueError):
         return False
+    return isinstance(marker, dict) and marker.get("plan") == planned(plan)
 
 
-def restore(archive: Archive, plan: dict) -> str | None:
+def restore(archive: Archive, plan: dict) -> tuple[bool, str | None]:
     """Restore the plan's run from the archive where it can be (see the module's docstring): writes
-    its recall and usage caches and the marker into its run directory. Returns why it was not
-    restored where the archive holds the run (None where restored or not archived)."""
-    from pkmlm.checkpoint.store import checkpoint_path
+    its recall and usage caches and the marker into its run directory. Returns whether it restored
+    the run, and a note where the archive holds the run but it was not restored (None otherwise)."""
+    from pkmlm.checkpoint.store import list_checkpoints
 
     run_dir = Path(plan["run_dir"])
     record = archive.runs.get(run_dir.name)
-    trained_here = (checkpoint_path(run_dir / "checkpoints", plan["max_steps"]) / ".metadata").is_file()
-    if record is None or trained_here or restored(run_dir, plan["max_steps"]):
-        return None
-    planned = {k: plan[k] for k in PLAN_KEYS}
-    archived = {k: record[k] for k in PLAN_KEYS}
-    changed = [f"{k} {archived[k]} (archived) vs {planned[k]}" for k in PLAN_KEYS if archived[k] != planned[k]]
-    if "train_args" in record and record["train_args"] != _portable(plan["command"][1:], _sweep_dir(plan)):
-        changed.append("its training command")
+    if record is None or finished(plan):
+        return False, None
+    if list_checkpoints(run_dir / "checkpoints"):  # begun here: this directory's own run
+        return False, f"{run_dir.name}: has checkpoints of its own here: resumed, not restored from the archive"
+    want = planned(plan)
+    changed = [f"{k} {record[k]} (archived) vs {want[k]}" for k in PLAN_KEYS if record[k] != want[k]]
+    changed += ["its training command"] * (record["train_args"] != want["train_args"])
     if changed:
         aside = _set_aside(run_dir) if (run_dir / MARKER).is_file() else []
         moved = f"; {', '.join(aside)} of an earlier restore moved aside (*.superseded)" if aside else ""
         differs = ", ".join(changed)
-        return f"{run_dir.name}: the archived run differs from the planned one ({differs}): trained again{moved}"
-    checkpoints = run_dir / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        return f"{run_dir.name}: has checkpoints of its own here: resumed, not restored from the archive"
+        return False, f"{run_dir.name}: the archived run differs from the planned one ({differs}): trained again{moved}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    _set_aside(run_dir)  # caches of a run begun here and never checkpointed: not this run's rows
+    _set_aside(run_dir)  # caches of a run begun here and never checkpointed, an earlier plan's restore
     (run_dir / RECALL_CACHE).write_text("".join(json.dumps(row) + "\n" for row in record["recall"]))
     # usage rows name the questions file they were measured on (sweep_report.question_usage): this
     # sweep directory's copy of the same corpus, wherever it lives now
@@ -258,13 +318,9 @@ def restore(archive: Archive, plan: dict) -> str | None:
     usage = [{**row, "qa": qa} for row in record.get("usage", [])]
     if usage:
         (run_dir / USAGE_CACHE).write_text("".join(json.dumps(row) + "\n" for row in usage))
-    marker = {
-        "archive": str(archive.path),
-        "max_steps": record["max_steps"],
-        "code_version": record.get("code_version"),
-    }
+    marker = {"archive": str(archive.path), "plan": want, "code_version": record.get("code_version")}
     (run_dir / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    return None
+    return True, None
 
 
 def _set_aside(run_dir: Path) -> list[str]:
@@ -282,6 +338,8 @@ def _set_aside(run_dir: Path) -> list[str]:
 def restore_step_times(archive: Archive, out: Path) -> bool:
     """Write the archived step times as the sweep directory's, where it has none (the restored
     runs' reference clock stays the one they were compared on). Returns whether it did."""
+    from pkmlm.knowledge.step_time import STEP_TIMES
+
     path = Path(out) / STEP_TIMES
     if archive.step_times is None or path.exists():
         return False

@@ -76,11 +76,11 @@ from pkmlm.knowledge.sweep_report import (
     SATURATION,
     attribute_results_path,
     dense_arm_of,
-    final_checkpoint,
     gain_at_2x,
     is_dense,
     question_usage,
     report,
+    usage_rows,
     write_results,
 )
 
@@ -371,10 +371,7 @@ def run_commands(plan: dict) -> list[list[str]]:
     return [finish, *([plan["command"]] if plan["max_steps"] > recorded else [])]
 
 
-def run_finished(run_dir: Path, max_steps: int) -> bool:
-    """Whether the run's final checkpoint is there, complete (its metadata written last), or the
-    run was restored from a sweep archive (`archive.restore`)."""
-    return (final_checkpoint(run_dir, max_steps) / ".metadata").is_file() or run_archive.restored(run_dir, max_steps)
+run_finished = run_archive.finished  # run_finished(plan): trained to its max_steps here, or restored for this plan
 
 
 def mixture_overrides(bios: Path, overrides: list[str], bios_weight: float | None = None) -> list[str]:
@@ -524,13 +521,8 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
     from pkmlm.checkpoint.store import list_checkpoints, step_of
 
     run_dir = Path(plan["run_dir"])
-    cache = run_dir / "sweep_recall.jsonl"
-    rows = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["step"]] = row
+    cache = run_dir / run_archive.RECALL_CACHE
+    rows = {row["step"]: row for row in run_archive.cache_rows(cache)}  # a torn line: evaluated again
     steps = {step_of(p) for p in list_checkpoints(run_dir / "checkpoints")}
     share = plan.get("bios_share", 1.0)
     if steps - set(rows):
@@ -543,10 +535,8 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
             skip=set(rows),
             bios_share=share,
         )
-        with open(cache, "a") as f:
-            for row in fresh:
-                rows[row["step"]] = row
-                f.write(json.dumps(row) + "\n")
+        run_archive.append_rows(cache, fresh)
+        rows.update((row["step"], row) for row in fresh)
     if rows:  # what pkmlm-compare shows of the run: its equal-exposure point, as the other arms'
         shown = json.dumps(rows.get(plan["steps_equal"], rows[max(rows)]), indent=1) + "\n"
         path = run_dir / "recall.json"
@@ -646,7 +636,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # absolute paths in every command: an archived run's `{out}` (archive.py)
     if args.merge:
         return _merge(args, argv, out)
     if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
@@ -674,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
         all_plans += plans
         if archive is not None:
             _restore_level(archive, plans, people)
-        unfinished = [plan for plan in plans if not run_finished(plan["run_dir"], plan["max_steps"])]
+        unfinished = [plan for plan in plans if not run_finished(plan)]
         todo = unfinished
         if budget is not None:
             todo, stopped = todo[:budget], stopped or len(todo) > budget
@@ -692,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         logs = [out / "logs" / f"{plan['run_dir'].name}.log" for plan in todo]
         failed += run_jobs([(run_commands(plan), log) for plan, log in zip(todo, logs)], args.jobs, args.threads)
         for plan in plans:
-            if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan["run_dir"], plan["max_steps"]):
+            if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan):
                 results.extend(evaluate_cached(plan, args.templates))
         if stopped:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
@@ -711,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     print(report(results, out, f"wall time of this sitting: {time.time() - t0:.0f} s"), flush=True)
     _write_results(args, argv, results)
     if archive is not None:  # after the report: the usage it measured is archived too
-        kept = run_archive.write(archive, all_plans, out, _finished)
+        kept = run_archive.write(archive, all_plans, out)
         print(f"archived {kept} finished runs in {args.archive}", file=sys.stderr, flush=True)
     if failed:
         raise SystemExit(
@@ -736,26 +726,24 @@ def _merge(args: argparse.Namespace, argv: list[str] | None, out: Path) -> None:
     _write_results(args, argv, results)
 
 
-def _finished(plan: dict) -> bool:
-    return run_finished(plan["run_dir"], plan["max_steps"])
-
-
 def _restore_level(archive: run_archive.Archive, plans: list[dict], people: int) -> None:
     """Restore the level's finished runs from the archive (`archive.restore`), saying what it did."""
-    before = sum(map(_finished, plans))
-    for note in filter(None, (run_archive.restore(archive, p) for p in plans)):
-        print(f"sweep: archive: {note}", file=sys.stderr, flush=True)
-    back = sum(map(_finished, plans)) - before
+    back = 0
+    for plan in plans:
+        done, note = run_archive.restore(archive, plan)
+        back += done
+        if note:
+            print(f"sweep: archive: {note}", file=sys.stderr, flush=True)
     if back:
         print(f"N={people}: {back} finished runs restored from {archive.path}", file=sys.stderr, flush=True)
 
 
 def _archive_level(archive: run_archive.Archive, plans: list[dict], results: list[dict], people: int, out: Path):
-    """Archive the finished runs so far, the level's memory usage measured first (as the report does)."""
-    for r in results:
-        if r["people"] == people and r["step"] == r["steps_equal"] and not is_dense(r["arm"]):
-            question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
-    run_archive.write(archive, plans, out, _finished)
+    """Archive the finished runs so far, the level's memory usage measured first (the rows the
+    report's attribute table reads, `usage_rows`)."""
+    for r in usage_rows([r for r in results if r["people"] == people]):
+        question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
+    run_archive.write(archive, plans, out)
 
 
 def _refuse_duplicate_runs(results: list[dict]) -> None:

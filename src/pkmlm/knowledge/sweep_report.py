@@ -218,14 +218,11 @@ def question_usage(run_dir: str | Path, step: int, qa: str | Path) -> dict[str, 
     merged sweep from another machine). A run directory that cannot be written to is measured, not cached."""
     run_dir, qa = Path(run_dir), Path(qa)
     cache = run_dir / "sweep_usage.jsonl"
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                if row["step"] == step and row["qa"] == str(qa):
-                    return dict(row["usage"])
-            except (ValueError, KeyError, TypeError):
-                continue
+    from pkmlm.knowledge.archive import append_rows, cache_rows
+
+    for row in cache_rows(cache):
+        if row["step"] == step and row.get("qa") == str(qa) and isinstance(row.get("usage"), dict):
+            return dict(row["usage"])
     checkpoint = final_checkpoint(run_dir, step)
     if not (checkpoint / ".metadata").is_file() or not qa.is_file():
         return {}
@@ -249,11 +246,21 @@ def question_usage(run_dir: str | Path, step: int, qa: str | Path) -> dict[str, 
             values = [metrics[f"memory/layer{i}/{stat}"] for i in sorted(trackers)]
             usage[stat] = sum(values) / len(values)
     try:
-        with open(cache, "a") as f:
-            f.write(json.dumps({"step": step, "qa": str(qa), "usage": usage}) + "\n")
+        append_rows(cache, [{"step": step, "qa": str(qa), "usage": usage}])
     except OSError:
         pass  # a read-only run directory (another machine's sweep): reported, measured again next time
     return usage
+
+
+def usage_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose memory usage the attribute table shows (`question_usage`): the sparse arms'
+    equal-exposure checkpoints, where the run and its questions are named (the sweep measures them
+    before it archives a level, the report reads them)."""
+    return [
+        r
+        for r in rows
+        if r["step"] == r["steps_equal"] and not is_dense(r["arm"]) and r.get("run_dir") and r.get("facts")
+    ]
 
 
 ATTRIBUTE_COLUMNS = (
@@ -294,12 +301,7 @@ def attribute_rows(results: list[dict]) -> list[list[Any]]:
                 if meta[facts] and key in r:
                     shares.append(r[key] / (people * meta[facts][a]))
             cells.append(_mean_spread(shares, ".0%"))
-        usages = [
-            question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl")
-            if label.endswith("(equal exposures)") and not is_dense(r["arm"]) and r.get("run_dir") and r.get("facts")
-            else {}
-            for r in rows
-        ]
+        usages = [question_usage(r["run_dir"], r["step"], Path(r["facts"]) / "qa.jsonl") for r in usage_rows(rows)]
         cells.append(_mean_spread([u["usage"] for u in usages if "usage" in u], ".1%"))
         cells.append(_mean_spread([u["kl_count"] for u in usages if "kl_count" in u], ".2f"))
         cells.append(_mean_spread([u["top90"] for u in usages if "top90" in u], ",.0f"))
@@ -505,7 +507,7 @@ def payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[flo
                 ratios[panel].setdefault(arm, {}).setdefault(people, []).append(bits / base)
         two = by_seed.get((people, f"{arm} (2x exposures)", seed))
         base = None if is_dense(arm) else by_seed.get((people, f"{dense} (equal time to {arm} at 2x)", seed))
-        if two and base:
+        if two is not None and base:
             ratios[TWICE].setdefault(arm, {}).setdefault(people, []).append(two / base)
     return ratios
 
@@ -525,10 +527,9 @@ def payoff_plot(results: list[dict], path: Path) -> bool:
     arms = sorted({arm for panel in ratios.values() for arm in panel})
     colours = {arm: matplotlib.colormaps["tab10"](i % 10) for i, arm in enumerate(arms)}
     titles = {TWICE: "at equal time, the arm at 2x its exposures"}
-    fig, axes = plt.subplots(1, len(ratios), figsize=(5 * len(ratios), 4), sharey=True)
-    for ax, (panel, by_arm) in zip(axes, ratios.items()):
-        if not by_arm:
-            continue
+    panels = {panel: by_arm for panel, by_arm in ratios.items() if by_arm}  # no empty panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (panel, by_arm) in zip(axes[0], panels.items()):
         for arm, by_n in sorted(by_arm.items()):
             xs = sorted(by_n)
             means = [sum(by_n[n]) / len(by_n[n]) for n in xs]
@@ -545,7 +546,7 @@ def payoff_plot(results: list[dict], path: Path) -> bool:
         ax.set_title(titles.get(panel, f"at {panel}"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("bits stored / dense's (mean, min-max)")
+    axes[0][0].set_ylabel("bits stored / dense's (mean, min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
