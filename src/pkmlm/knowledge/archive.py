@@ -32,14 +32,13 @@ before any training starts.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
 import re
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pkmlm.checkpoint.files import atomic_write
 from pkmlm.knowledge.step_time import load_step_times
@@ -252,32 +251,22 @@ def write(archive: Archive, plans: list[dict], out: Path) -> int:
     return len(runs)
 
 
-class _locked:
-    """`fcntl.flock` on `FILE.lock` beside the archive, waited for up to `LOCK_WAIT_S` (then refused,
-    naming the lock: a writer stopped while it held it, e.g. a sweep paused with SIGSTOP)."""
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """`FILE.lock` beside the archive held (filelock: `fcntl.flock`, as the run directory's lock),
+    waited for up to `LOCK_WAIT_S`, then refused naming the lock (a writer stopped while it held it,
+    e.g. a sweep paused with SIGSTOP)."""
+    from filelock import FileLock, Timeout
 
-    def __init__(self, path: Path) -> None:
-        self.path = path.with_name(path.name + ".lock")
-
-    def __enter__(self) -> None:
-        self.file = open(self.path, "a")
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    self.file.close()
-                    raise SystemExit(
-                        f"sweep: --archive {self.path.with_suffix('')}: another process has held {self.path} "
-                        f"for {LOCK_WAIT_S} s: let it finish (a paused sweep: continue it) and run again"
-                    ) from None
-                time.sleep(0.1)
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-        self.file.close()
+    lock = path.with_name(path.name + ".lock")
+    try:
+        with FileLock(lock, timeout=LOCK_WAIT_S):
+            yield
+    except Timeout:
+        raise SystemExit(
+            f"sweep: --archive {path}: another process has held {lock} for {LOCK_WAIT_S} s: "
+            "let it finish (a paused sweep: continue it) and run again"
+        ) from None
 
 
 def restored(plan: dict) -> bool:
