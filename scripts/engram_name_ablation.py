@@ -36,20 +36,28 @@ def name_token_mask(encoding, text: str, name: str) -> list[bool]:
     return [any(s < hi and lo < e for lo, hi in spans) for (s, e) in encoding.offsets]
 
 
+def name_and_other_rows(layer, tokenizer, eot_id: int, text: str, name: str, neighbours: bool) -> tuple[set, set]:
+    """The Engram table rows that `text` (read as the model reads it: end-of-text, then its tokens)
+    reads through the n-grams of `name` (made of name tokens only; with `neighbours`, every n-gram
+    with a name token), and the rows it reads through every other n-gram."""
+    enc = tokenizer.encode(text)
+    is_name = [False, *name_token_mask(enc, text, name)]
+    rows_TR = layer.rows(torch.tensor([[eot_id, *enc.ids]]))[0]  # (T, orders x heads)
+    named: set[int] = set()
+    other: set[int] = set()
+    for t in range(rows_TR.shape[0]):
+        for n in range(2, layer.max_ngram + 1):  # order n: row columns (n-2)*H .. (n-1)*H
+            span = is_name[max(0, t - n + 1) : t + 1]
+            of_name = any(span) if neighbours else (len(span) == n and all(span))
+            (named if of_name else other).update(rows_TR[t, (n - 2) * layer.heads : (n - 1) * layer.heads].tolist())
+    return named, other
+
+
 def name_rows(layer, tokenizer, eot_id: int, text: str, name: str, inside: bool) -> set[int]:
     """The table rows read by the n-grams of `text` that contain a token of `name` (with `inside`:
     only those whose tokens are all the name's), the text read as the model reads it: end-of-text,
     then its tokens."""
-    enc = tokenizer.encode(text)
-    is_name = [False, *name_token_mask(enc, text, name)]
-    rows_TR = layer.rows(torch.tensor([[eot_id, *enc.ids]]))[0]
-    found: set[int] = set()
-    for t in range(rows_TR.shape[0]):
-        for n in range(2, layer.max_ngram + 1):  # order n: row columns (n-2)*H .. (n-1)*H
-            span = is_name[max(0, t - n + 1) : t + 1]
-            if (all(span) and len(span) == n) if inside else any(span):
-                found.update(rows_TR[t, (n - 2) * layer.heads : (n - 1) * layer.heads].tolist())
-    return found
+    return name_and_other_rows(layer, tokenizer, eot_id, text, name, neighbours=not inside)[0]
 
 
 def main() -> None:

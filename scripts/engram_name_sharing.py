@@ -41,27 +41,9 @@ from statistics import StatisticsError, correlation
 from typing import Any, Sequence
 
 import torch
+from engram_name_ablation import name_and_other_rows  # this script's sibling (scripts/ is on sys.path)
 
 # --- which rows are a person's own -------------------------------------------------------------------
-
-
-def name_and_other_rows(layer, tokenizer, eot_id: int, text: str, name: str, neighbours: bool) -> tuple[set, set]:
-    """The Engram table rows that `text` (read as the model reads it: end-of-text, then its tokens)
-    reads through the n-grams of `name` (made of name tokens only; with `neighbours`, every n-gram
-    with a name token), and the rows it reads through every other n-gram."""
-    from engram_name_ablation import name_token_mask  # this script's sibling (scripts/ is on sys.path)
-
-    enc = tokenizer.encode(text)
-    is_name = [False, *name_token_mask(enc, text, name)]
-    rows_TR = layer.rows(torch.tensor([[eot_id, *enc.ids]]))[0]  # (T, orders x heads)
-    named: set[int] = set()
-    other: set[int] = set()
-    for t in range(rows_TR.shape[0]):
-        for n in range(2, layer.max_ngram + 1):  # order n: row columns (n-2)*H .. (n-1)*H
-            span = is_name[max(0, t - n + 1) : t + 1]
-            of_name = any(span) if neighbours else (len(span) == n and all(span))
-            (named if of_name else other).update(rows_TR[t, (n - 2) * layer.heads : (n - 1) * layer.heads].tolist())
-    return named, other
 
 
 def own_row_shares(
