@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from pkmlm.knowledge import sweep, sweep_report
+from pkmlm.knowledge import decay, sweep, sweep_report
 from pkmlm.model import Transformer
 
 
@@ -488,3 +492,82 @@ def test_merging_two_runs_of_one_arm_n_and_seed_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--merge: two runs of arm dense, N=50, seed 0 \(.*a/runs.* and .*b/runs"):
         sweep.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "merged")])
     assert not (tmp_path / "merged").exists()
+
+
+def _weights(checkpoint):
+    from pkmlm.run import load_run
+
+    return {k: v.clone() for k, v in load_run(checkpoint).model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_decayed_branches_train_after_their_runs_resume_without_redoing_and_restore_from_the_archive(
+    tmp_path, capsys, monkeypatch
+):
+    """--decay: each run's branch from its checkpoint at 1x (and the dense arm's wherever it meets the
+    memory's branch in time) is trained in the run's job, scored, reported and archived; a second
+    sitting trains and evaluates nothing; a directory lost to a reset is restored from the archive
+    without training; a new branch point on a restored run trains the run again to it (the same
+    weights: the run is deterministic) and its branch, the run's archived rows kept."""
+    out, archive = tmp_path / "sweep", tmp_path / "archive.jsonl"
+    argv = ["--people", "4", "--seeds", "0", "--exposures", "2", "--arms", "dense,mem", "--dense-factor", "2",
+            "--jobs", "1", "--step-time-repeats", "2", "--decay", "1", "--out", str(out), "--archive", str(archive),
+            "data.val_docs=2"]  # fmt: skip
+    sweep.main(argv)
+    err = capsys.readouterr().err
+    # both runs, their branches from 1x and the dense arm's from where it meets mem's in time (if apart)
+    assert re.search(r"N=4: 2 runs, 2 unfinished, [23] decayed branches unfinished \(~[0-9.]+ job-hours", err)
+    plans = {p["arm"]: p for p in sweep.plan_level(sweep.parse_args(argv), out.resolve(), 4)}
+    step_ms = json.loads((out / "step_times.json").read_text())["step_ms"]
+    branches = decay.plan_branches(list(plans.values()), [1.0], step_ms)
+    dense_points = [b["decay_from"] for b in branches[plans["dense"]["run_dir"]]]
+    assert plans["dense"]["steps_equal"] in dense_points
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    decayed = [r for r in rows if r.get("decay_from") is not None]
+    assert sorted((r["arm"], r["decay_from"]) for r in decayed) == sorted(
+        [("dense", s) for s in dense_points] + [("mem", plans["mem"]["steps_equal"])]
+    )
+    for r in decayed:  # a whole training: the parent's steps and exposures to the branch point, then the branch's
+        plan = plans[r["arm"]]
+        parent = next(
+            p for p in rows if p["arm"] == r["arm"] and p.get("decay_from") is None and p["step"] == r["decay_from"]
+        )
+        assert r["step"] == r["decay_from"] + decay.branch_steps(plan) and r["exposures"] > parent["exposures"]
+        assert r["exposures"] == pytest.approx(parent["exposures"] * r["step"] / r["decay_from"], rel=0.02)
+        assert r["ref_time_s"] == pytest.approx(r["step"] * step_ms[r["arm"]] / 1e3)
+        meta = json.loads(
+            (Path(r["run_dir"]) / "checkpoints" / f"step_{r['branch_step']:08d}.dcp" / "meta.json").read_text()
+        )
+        assert meta["init_from"].endswith(f"{plan['run_dir'].name}/checkpoints/step_{r['decay_from']:08d}.dcp")
+    table = (out / "table.md").read_text()
+    assert "| dense (decayed from 1x) |" in table and "| mem (decayed from 1x) |" in table
+    assert "N=4 dense, decayed branches:" not in table  # no 2x branch: no decayed saturation test
+    archived = {json.loads(line).get("run") for line in archive.read_text().splitlines()}
+    assert {Path(r["run_dir"]).name for r in decayed} <= archived
+    # Sitting 2, the same command: nothing trained, nothing evaluated again
+    snapshot = {name: _snapshot(out / "runs" / name) for name in os.listdir(out / "runs")}
+    monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: pytest.fail(f"trained again: {jobs}") if jobs else [])
+    sweep.main(argv)
+    assert {name: _snapshot(out / "runs" / name) for name in os.listdir(out / "runs")} == snapshot
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
+    # Sitting 3, the directory lost (a machine reset): runs and branches restored, nothing trained
+    dense_at_1x = _weights(plans["dense"]["run_dir"] / "checkpoints" / f"step_{plans['dense']['steps_equal']:08d}.dcp")
+    shutil.rmtree(out)
+    monkeypatch.setattr(sweep, "measure_step_times", lambda *a, **k: pytest.fail("step times measured again"))
+    sweep.main(argv)
+    assert "decayed branches restored from" in capsys.readouterr().err
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
+    # Sitting 4, --decay 1,2: the dense run (restored: no checkpoints here) is trained again to 2x for its
+    # new branch, from the same weights; its archived rows stay its rows; mem has no 2x point.
+    monkeypatch.undo()
+    sweep.main([*argv[: argv.index("--decay")], "--decay", "1,2", *argv[argv.index("--decay") + 2 :]])
+    err = capsys.readouterr().err
+    assert "dense-N4-s0: finished without its checkpoints here (restored from the archive): trained again" in err
+    dense_dir = plans["dense"]["run_dir"]
+    again = _weights(dense_dir / "checkpoints" / f"step_{plans['dense']['steps_equal']:08d}.dcp")
+    assert again.keys() == dense_at_1x.keys() and all(torch.equal(again[k], dense_at_1x[k]) for k in again)
+    new = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r for r in new if r.get("decay_from") is None] == [r for r in rows if r.get("decay_from") is None]
+    twice = [r for r in new if r.get("decay_from") == 2 * plans["dense"]["steps_equal"]]
+    assert [r["arm"] for r in twice] == ["dense"]
+    assert "N=4 dense, decayed branches:" in (out / "table.md").read_text()

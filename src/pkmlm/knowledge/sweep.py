@@ -47,6 +47,13 @@ within 5% of those at 1x; needs `--dense-factor` >= 2) or `--max-people` is pass
 (`table.md`) gives each point's mean over seeds and the spread (min-max);
 `bits_vs_people_mean.png` plots them with the spread as bars.
 
+Decayed branches (`--decay 1,2`, decay.py): the runs train at a constant LR, which holds their
+weights in a noise band below what they store once annealed; from each run's checkpoint at those
+multiples of its equal-exposure steps (and the dense arm's where its branch meets a sparse arm's
+in time), a branch with the LR decayed to 0 over a quarter of the equal-exposure steps, trained in
+the run's job right after it, scored, archived and reported beside the constant-LR points (`...
+(decayed from 1x)`; the saturation test and `--until-saturated` then read the decayed values).
+
 Resumable: run the same command again and the sweep continues where it stopped. Corpora and
 tokenizers are kept; a run whose final checkpoint exists is not trained again; a half-finished run
 is restarted with the same command, which resumes from its latest checkpoint (`resume=auto`); each
@@ -71,6 +78,7 @@ from typing import Any
 
 from pkmlm.config import config_dir
 from pkmlm.knowledge import archive as run_archive
+from pkmlm.knowledge import decay
 from pkmlm.knowledge.step_time import anchor_arm, load_step_times, measure_step_times, with_reference_times
 from pkmlm.knowledge.sweep_report import (
     SATURATION,
@@ -311,12 +319,7 @@ def remaining_hours(todo: list[dict], step_ms: dict[str, float]) -> list[float] 
 
 
 def _eta(todo: list[dict], step_ms: dict[str, float], jobs: int) -> str:
-    hours = remaining_hours(todo, step_ms) if todo else None
-    if hours is None:
-        return ""
-    # At --jobs J the sitting takes at least the total over J and at least its longest run.
-    wall = max(sum(hours) / max(1, min(jobs, len(todo))), max(hours))
-    return f" (~{sum(hours):.1f} job-hours at the reference step times: ~{wall:.1f} h or more at --jobs {jobs})"
+    return _eta_of((remaining_hours(todo, step_ms) or []) if todo else [], jobs)
 
 
 def equal_time_shortfalls(plans: list[dict], step_ms: dict[str, float], dense_factor: float) -> list[str]:
@@ -548,11 +551,12 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
     return [{**meta, **rows[step], "exposures": rows[step]["tokens"] * share / per_person} for step in sorted(rows)]
 
 
-def dense_saturated(results: list[dict], people: int) -> bool:
+def dense_saturated(results: list[dict], people: int, decayed: bool = False) -> bool:
     """Whether the dense arm at N=`people` is saturated: its mean bits over seeds at twice the
     equal-exposure steps within `SATURATION` of those at the equal-exposure steps (the seeds that
-    have both points: `sweep_report.gain_at_2x`)."""
-    gain = gain_at_2x(results, people, "dense")
+    have both points: `sweep_report.gain_at_2x`); `decayed`: its decayed branches from those points
+    (`--decay`: what the runs store once annealed, decay.py)."""
+    gain = gain_at_2x(results, people, "dense", decayed=decayed)
     return gain is not None and gain[1] <= (1 + SATURATION) * gain[0]
 
 
@@ -595,6 +599,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="mix_* arms: the biographies' share of the mixture's tokens, in (0, 1) (the bios source's "
         "document weight is set to give it); default: the presets' weights (~1/70 of the tokens)",
+    )
+    p.add_argument(
+        "--decay",
+        default="",
+        metavar="FACTORS",
+        help="comma-separated multiples of the equal-exposure steps (quarters, e.g. 1,2): from each run's "
+        "checkpoint there, a branch with the LR decayed to 0 (decay.py), trained after its run, scored and "
+        "reported beside the constant-LR points; the dense arm also branches where it meets the sparse "
+        "arms' branches in time",
     )
     p.add_argument("--max-runs", type=int, default=None, help="train at most this many runs in this sitting, then stop")
     p.add_argument(
@@ -647,6 +660,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
         )
+    factors = decay.parse_factors(args.decay)  # refused here, before training
     archive = run_archive.read(Path(args.archive)) if args.archive else None  # refused here, before training
     if archive is not None and run_archive.restore_step_times(archive, out):
         print(f"step times restored from {args.archive}", file=sys.stderr, flush=True)
@@ -665,25 +679,42 @@ def main(argv: list[str] | None = None) -> None:
         if archive is not None:
             _restore_level(archive, plans, people)
         unfinished = [plan for plan in plans if not run_finished(plan)]
-        todo = unfinished
+        branches = _level_branches(archive, plans, factors, step_ms, people)
+        work = [plan for plan in plans if plan in unfinished or _pending(branches, plan)]
+        if work and budget != 0:  # every arm's reference step time, once per sweep directory (see step_time.py)
+            known = step_ms
+            step_ms = reference_step_times(out, plans, args.threads, args.step_time_repeats).get("step_ms", {})
+            if factors and step_ms != known:  # the dense arms' equal-time branch points need them
+                branches = _level_branches(archive, plans, factors, step_ms, people)
+                work = [plan for plan in plans if plan in unfinished or _pending(branches, plan)]
+        jobs = [_job(plan, branches) for plan in work]
+        todo = work
         if budget is not None:
             todo, stopped = todo[:budget], stopped or len(todo) > budget
             budget -= len(todo)
-        if todo:  # every arm's reference step time, once per sweep directory (see step_time.py)
-            step_ms = reference_step_times(out, plans, args.threads, args.step_time_repeats).get("step_ms", {})
+        pending = sum(len(_pending(branches, p)) for p in plans)
         print(
-            f"N={people}: {len(plans)} runs, {len(unfinished)} unfinished{_eta(unfinished, step_ms, args.jobs)}, "
-            f"{len(todo)} to train now",
+            f"N={people}: {len(plans)} runs, {len(unfinished)} unfinished"
+            + (f", {pending} decayed branches unfinished" if factors else "")
+            + f"{_eta_of(_job_hours(jobs, step_ms), args.jobs)}, {len(todo)} to train now",
             file=sys.stderr,
             flush=True,
         )
         for line in equal_time_shortfalls(plans, step_ms, args.dense_factor):
             print(line, file=sys.stderr, flush=True)
+        for _, _, note in jobs[: len(todo)]:
+            if note:
+                print(note, file=sys.stderr, flush=True)
         logs = [out / "logs" / f"{plan['run_dir'].name}.log" for plan in todo]
-        failed += run_jobs([(run_commands(plan), log) for plan, log in zip(todo, logs)], args.jobs, args.threads)
+        failed += run_jobs([(commands, log) for (commands, _, _), log in zip(jobs, logs)], args.jobs, args.threads)
         for plan in plans:
             if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan):
-                results.extend(evaluate_cached(plan, args.templates))
+                rows = evaluate_cached(plan, args.templates)
+                results.extend(rows)
+                for branch in branches.get(plan["run_dir"], []):
+                    if (branch["run_dir"] / "checkpoints").is_dir() or run_archive.restored(branch):
+                        results.extend(decay.total_rows(evaluate_cached(branch, args.templates), rows))
+        all_plans += [b for bs in branches.values() for b in bs]
         if stopped:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
             break
@@ -691,7 +722,7 @@ def main(argv: list[str] | None = None) -> None:
             _archive_level(archive, all_plans, results, people, out)
         largest = max(r["people"] for r in results) if results else people
         if args.until_saturated and not levels and not failed:  # a failed run: no larger N on a broken level
-            if dense_saturated(results, largest):
+            if dense_saturated(results, largest, decayed=bool(factors)):
                 print(f"dense arm saturated at N={largest}", file=sys.stderr, flush=True)
             elif 2 * largest <= args.max_people:
                 levels.append(2 * largest)
@@ -726,7 +757,74 @@ def _merge(args: argparse.Namespace, argv: list[str] | None, out: Path) -> None:
     _write_results(args, argv, results)
 
 
-def _restore_level(archive: run_archive.Archive, plans: list[dict], people: int) -> None:
+def _level_branches(
+    archive: run_archive.Archive | None, plans: list[dict], factors: list[float], step_ms: dict[str, float], people: int
+) -> dict[Path, list[dict]]:
+    """The level's decayed branches (`decay.plan_branches`; none without `--decay`), the finished ones
+    restored from the archive where it holds them."""
+    branches = decay.plan_branches(plans, factors, step_ms) if factors else {}
+    if archive is not None and branches:
+        _restore_level(archive, [b for bs in branches.values() for b in bs], people, "decayed branches")
+    return branches
+
+
+def _pending(branches: dict[Path, list[dict]], plan: dict) -> list[dict]:
+    """The plan's decayed branches not finished yet."""
+    return [b for b in branches.get(plan["run_dir"], []) if not run_finished(b)]
+
+
+def with_max_steps(command: list[str], steps: int) -> list[str]:
+    """A training command with its `train.max_steps` set to `steps`."""
+    return [f"train.max_steps={steps}" if a.startswith("train.max_steps=") else a for a in command]
+
+
+def _job(plan: dict, branches: dict[Path, list[dict]]) -> tuple[list[list[str]], list[tuple[dict, int]], str | None]:
+    """The commands of a plan's job, what each trains (plan, steps to its end) and a note for the
+    log where the run is trained again: the run where it is
+    unfinished, then its unfinished decayed branches, each after the run's checkpoint it starts from.
+    A finished run without those checkpoints (restored from an archive) is trained again first, up
+    to its last branch point (its recall rows stay the archived ones)."""
+    commands, parts = [], []
+    if not run_finished(plan):
+        commands += run_commands(plan)
+        parts.append((plan, plan["max_steps"]))
+    pending = _pending(branches, plan)
+    again = decay.retrain_to(plan, pending) if pending and run_finished(plan) else None
+    note = None
+    if again is not None:
+        note = (
+            f"sweep: {plan['run_dir'].name}: finished without its checkpoints here (restored from the archive): "
+            f"trained again to step {again} for its decayed branches"
+        )
+        retrain = {**plan, "max_steps": again, "command": with_max_steps(plan["command"], again)}
+        commands += run_commands(retrain)
+        parts.append((retrain, again))
+    for branch in pending:
+        commands.append(branch["command"])
+        parts.append((branch, branch["max_steps"]))
+    return commands, parts, note
+
+
+def _job_hours(jobs: list[tuple], step_ms: dict[str, float]) -> list[float]:
+    """Hours each job (`_job`) still needs at the reference step times (each part's steps from its
+    latest complete checkpoint to its end); [] when an arm has no reference time."""
+    hours = []
+    for _, parts, _ in jobs:
+        if any(part["arm"] not in step_ms for part, _ in parts):
+            return []
+        hours.append(sum(max(0, end - steps_done(p["run_dir"])) * step_ms[p["arm"]] / 3.6e6 for p, end in parts))
+    return hours
+
+
+def _eta_of(hours: list[float], jobs: int) -> str:
+    if not hours:
+        return ""
+    # At --jobs J the sitting takes at least the total over J and at least its longest job.
+    wall = max(sum(hours) / max(1, min(jobs, len(hours))), max(hours))
+    return f" (~{sum(hours):.1f} job-hours at the reference step times: ~{wall:.1f} h or more at --jobs {jobs})"
+
+
+def _restore_level(archive: run_archive.Archive, plans: list[dict], people: int, what: str = "finished runs") -> None:
     """Restore the level's finished runs from the archive (`archive.restore`), saying what it did."""
     back = 0
     for plan in plans:
@@ -735,7 +833,7 @@ def _restore_level(archive: run_archive.Archive, plans: list[dict], people: int)
         if note:
             print(f"sweep: archive: {note}", file=sys.stderr, flush=True)
     if back:
-        print(f"N={people}: {back} finished runs restored from {archive.path}", file=sys.stderr, flush=True)
+        print(f"N={people}: {back} {what} restored from {archive.path}", file=sys.stderr, flush=True)
 
 
 def _archive_level(archive: run_archive.Archive, plans: list[dict], results: list[dict], people: int, out: Path):
@@ -751,7 +849,7 @@ def _refuse_duplicate_runs(results: list[dict]) -> None:
     be mixed silently, so they are refused, naming both."""
     seen: dict[tuple, str] = {}
     for r in results:
-        key, run_dir = (r["arm"], r["people"], r["seed"]), str(r.get("run_dir", ""))
+        key, run_dir = (r["arm"], r["people"], r["seed"], r.get("decay_from")), str(r.get("run_dir", ""))
         if seen.setdefault(key, run_dir) != run_dir:
             raise SystemExit(
                 f"sweep: --merge: two runs of arm {key[0]}, N={key[1]}, seed {key[2]} ({seen[key]} and {run_dir}): "

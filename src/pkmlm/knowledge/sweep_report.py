@@ -8,7 +8,9 @@ the results files (`write_results`) and the figures (`report`).
 A row is one checkpoint of one run, as `sweep.evaluate_cached` returns it: the plan's fields (`arm`,
 `people`, `seed`, `run_dir`, `facts`, `steps_equal`, ...), the checkpoint's `step`, `tokens`,
 `exposures`, `train_time_s`, the recall metrics (`recall/*`) and, once the sweep has its reference
-step times, `ref_time_s`.
+step times, `ref_time_s`. A decayed branch's row (decay.py, `--decay`) has `decay_from` (the
+parent's step it branched from) and counts the whole training (`decay.total_rows`): the constant-LR
+points and tests read the runs' own rows (`constant_rows`), the decayed points the branches'.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ def final_checkpoint(run_dir: Path, max_steps: int) -> Path:
     from pkmlm.checkpoint.store import checkpoint_path
 
     return checkpoint_path(Path(run_dir) / "checkpoints", max_steps)
+
+
+def is_branch(row: dict) -> bool:
+    """Whether the row is a decayed branch's (decay.py) rather than a checkpoint of a run at its constant LR."""
+    return row.get("decay_from") is not None
+
+
+def constant_rows(results: list[dict]) -> list[dict]:
+    """The rows of the runs themselves (constant LR), without their decayed branches'."""
+    return [r for r in results if not is_branch(r)]
+
+
+def decay_factor(row: dict) -> float:
+    """The multiple of its equal-exposure steps a branch row's parent had trained when it branched."""
+    return row["decay_from"] / row["steps_equal"]
 
 
 def time_key(rows: list[dict]) -> str | None:
@@ -95,10 +112,11 @@ def same_data(arm: str, other: str) -> bool:
 def points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
     """Per (N, label): one row per seed. Every arm at its equal-exposure step and, where it ran that
     long, at twice it; each dense arm also at the training time of each sparse arm's equal-exposure
-    point and of its 2x point (`... at 2x`; the dense checkpoint nearest that time, when it ran that long)."""
+    point and of its 2x point (`... at 2x`; the dense checkpoint nearest that time, when it ran that long).
+    Decayed branches (`decayed_points`) beside them."""
     out: dict[tuple[int, str], list[dict]] = {}
     for people, seed in sorted({(r["people"], r["seed"]) for r in results}):
-        rows = [r for r in results if r["people"] == people and r["seed"] == seed]
+        rows = [r for r in results if r["people"] == people and r["seed"] == seed and not is_branch(r)]
         equal = {r["arm"]: r for r in rows if r["step"] == r["steps_equal"]}
         for arm, r in sorted(equal.items()):
             out.setdefault((people, f"{arm} (equal exposures)"), []).append(r)
@@ -115,6 +133,30 @@ def points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
                     if pick is not None:
                         label = f"{dense_arm} (equal time to {mem_arm}{suffix})"
                         out.setdefault((people, label), []).append(pick)
+    for key, rows in decayed_points(results).items():
+        out.setdefault(key, []).extend(rows)
+    return out
+
+
+def decayed_points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
+    """Per (N, label), one row per seed: every arm's branch from each `--decay` point (`arm (decayed
+    from Fx)`), and each dense arm's branch nearest in training time to each sparse arm's (`dense
+    (decayed, equal time to ARM decayed from Fx)`: `equal_time_pick` among the dense arm's branches,
+    its steps and the branch's counted)."""
+    out: dict[tuple[int, str], list[dict]] = {}
+    for people, seed in sorted({(r["people"], r["seed"]) for r in results if is_branch(r)}):
+        rows = [r for r in results if r["people"] == people and r["seed"] == seed and is_branch(r)]
+        listed = sorted((r for r in rows if r.get("decay_listed", True)), key=lambda r: (r["arm"], r["decay_from"]))
+        for r in listed:
+            out.setdefault((people, f"{r['arm']} (decayed from {decay_factor(r):g}x)"), []).append(r)
+        for m in listed:
+            if is_dense(m["arm"]):
+                continue
+            for dense_arm in sorted({r["arm"] for r in rows if is_dense(r["arm"]) and same_data(r["arm"], m["arm"])}):
+                pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
+                if pick is not None:
+                    label = f"{dense_arm} (decayed, equal time to {m['arm']} decayed from {decay_factor(m):g}x)"
+                    out.setdefault((people, label), []).append(pick)
     return out
 
 
@@ -258,7 +300,7 @@ def usage_rows(rows: list[dict]) -> list[dict]:
     before it archives a level, the report reads them)."""
     return [
         r
-        for r in rows
+        for r in constant_rows(rows)
         if r["step"] == r["steps_equal"] and not is_dense(r["arm"]) and r.get("run_dir") and r.get("facts")
     ]
 
@@ -410,13 +452,14 @@ def mean_plot(results: list[dict], path: Path) -> None:
 SATURATION = 0.05  # the dense arm is saturated when 2x the exposures adds less than 5% bits (issue 21)
 
 
-def gain_at_2x(results: list[dict], people: int, arm: str) -> tuple[float, float, int] | None:
+def gain_at_2x(results: list[dict], people: int, arm: str, decayed: bool = False) -> tuple[float, float, int] | None:
     """The arm's mean bits over seeds at its equal-exposure step and at twice it, and the number of
     seeds, over the seeds that have both points (a seed still training is left out of both); None
-    where no seed has both."""
-    rows = [r for r in results if r["arm"] == arm and r["people"] == people]
-    one = {r["seed"]: r["recall/bits"] for r in rows if r["step"] == r["steps_equal"]}
-    two = {r["seed"]: r["recall/bits"] for r in rows if r["step"] == 2 * r["steps_equal"]}
+    where no seed has both. `decayed`: its branches from those two points instead (decay.py)."""
+    rows = [r for r in results if r["arm"] == arm and r["people"] == people and is_branch(r) == decayed]
+    at = "decay_from" if decayed else "step"
+    one = {r["seed"]: r["recall/bits"] for r in rows if r[at] == r["steps_equal"]}
+    two = {r["seed"]: r["recall/bits"] for r in rows if r[at] == 2 * r["steps_equal"]}
     seeds = sorted(set(one) & set(two))
     if not seeds:
         return None
@@ -435,7 +478,7 @@ def gain_over_last_doubling(results: list[dict], people: int, arm: str) -> tuple
     against 1x at `--exposures`) asks whether dense has stopped gaining; where 1x is still on its
     rise (N=800 at 160 exposures) it says "not yet", and only the run's later checkpoints (dense
     to 3.5x: `--dense-factor`) can say whether it stops."""
-    rows = [r for r in results if r["arm"] == arm and r["people"] == people and "max_steps" in r]
+    rows = [r for r in constant_rows(results) if r["arm"] == arm and r["people"] == people and "max_steps" in r]
     last = {r["seed"]: r for r in rows if r["step"] == r["max_steps"]}
     half = {}  # the checkpoint nearest half the last step (max_steps is rounded: 5,448 = 3.5 x 1,556 + 2)
     for seed, end in last.items():
@@ -447,6 +490,11 @@ def gain_over_last_doubling(results: list[dict], people: int, arm: str) -> tuple
         return None
     one, two = (sum(d[s]["recall/bits"] for s in seeds) / len(seeds) for d in (half, last))
     return one, two, sum(last[s]["exposures"] for s in seeds) / len(seeds), len(seeds)
+
+
+def _gain(one: float, two: float) -> str:
+    """`two` over `one` as a signed percentage; "from 0" where `one` is 0 (a run that stored nothing yet)."""
+    return f"{two / one - 1:+.1%}" if one else "from 0"
 
 
 def saturation_lines(results: list[dict]) -> list[str]:
@@ -464,14 +512,21 @@ def saturation_lines(results: list[dict]) -> list[str]:
             one, two, seeds = gain
             lines.append(
                 f"N={people} {arm}: {one:,.0f} -> {two:,.0f} bits from 1x to 2x the exposures "
-                f"({two / one - 1:+.1%}, {seeds} seed{'s' * (seeds != 1)}){verdict(one, two) if arm == 'dense' else ''}"
+                f"({_gain(one, two)}, {seeds} seed{'s' * (seeds != 1)}){verdict(one, two) if arm == 'dense' else ''}"
+            )
+        gain = gain_at_2x(results, people, arm, decayed=True)
+        if gain is not None:
+            one, two, seeds = gain
+            lines.append(
+                f"N={people} {arm}, decayed branches: {one:,.0f} -> {two:,.0f} bits from 1x to 2x the exposures "
+                f"({_gain(one, two)}, {seeds} seed{'s' * (seeds != 1)}){verdict(one, two) if arm == 'dense' else ''}"
             )
         far = gain_over_last_doubling(results, people, arm) if arm == "dense" else None
         if far is not None:
             one, two, exposures, seeds = far
             lines.append(
                 f"N={people} {arm}, its curve's last doubling: {one:,.0f} -> {two:,.0f} bits from "
-                f"{exposures / 2:.0f} to {exposures:.0f} exposures ({two / one - 1:+.1%}, "
+                f"{exposures / 2:.0f} to {exposures:.0f} exposures ({_gain(one, two)}, "
                 f"{seeds} seed{'s' * (seeds != 1)}){verdict(one, two)}"
             )
     return lines
@@ -512,11 +567,44 @@ def payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[flo
     return ratios
 
 
-def payoff_plot(results: list[dict], path: Path) -> bool:
-    """`payoff_ratios` drawn against N, one line per arm, the mean over seeds with the spread
-    (min-max) as bars and 1 (the dense arm) as a grey line; False (nothing written) when there is
-    no ratio to draw."""
-    ratios = payoff_ratios(results)
+def decayed_payoff_ratios(results: list[dict]) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """`payoff_ratios` on the decayed branches (`decayed_points`): per `--decay` point F, each arm's
+    branch from Fx over the dense arm's branch from Fx (panel `equal exposures, decayed from Fx`), and
+    each sparse arm's over the dense arm's branch nearest its training time (`equal time, decayed from
+    Fx`); panels in the order of F."""
+    by_seed = {
+        (people, label, r["seed"]): r["recall/bits"]
+        for (people, label), rows in decayed_points(results).items()
+        for r in rows
+    }
+    ratios: dict[str, dict[str, dict[int, list[float]]]] = {}
+    keys = sorted(by_seed, key=lambda k: (float(k[1].rsplit(" ", 1)[1].rstrip("x)")), k))  # by F
+    for people, label, seed in keys:
+        if " (decayed from " not in label:
+            continue
+        arm, factor = label.split(" (decayed from ")
+        factor = factor.rstrip(")")  # e.g. "2x"
+        dense = dense_arm_of(arm)
+        if arm == dense:
+            continue
+        against = {
+            f"equal exposures, decayed from {factor}": by_seed.get((people, f"{dense} (decayed from {factor})", seed)),
+            f"equal time, decayed from {factor}": None
+            if is_dense(arm)
+            else by_seed.get((people, f"{dense} (decayed, equal time to {arm} decayed from {factor})", seed)),
+        }
+        for panel, base in against.items():
+            ratios.setdefault(panel, {})
+            if base:
+                ratios[panel].setdefault(arm, {}).setdefault(people, []).append(by_seed[(people, label, seed)] / base)
+    return ratios
+
+
+def payoff_plot(results: list[dict], path: Path, decayed: bool = False) -> bool:
+    """`payoff_ratios` (`decayed`: `decayed_payoff_ratios`) drawn against N, one line per arm, the
+    mean over seeds with the spread (min-max) as bars and 1 (the dense arm) as a grey line; False
+    (nothing written) when there is no ratio to draw."""
+    ratios = decayed_payoff_ratios(results) if decayed else payoff_ratios(results)
     if not any(ratios.values()):
         return False
     import matplotlib
@@ -557,8 +645,9 @@ def report(results: list[dict], out: Path, note: str) -> str:
     """`out/table.md` (the summary table and `note`), `out/bits_vs_exposures.png`,
     `out/bits_vs_people.png`, `out/bits_vs_parameters.png`, `out/bits_vs_people_mean.png` and
     `out/payoff_vs_people.png` (each arm's bits over the dense arm's, at equal exposures, at equal
-    time, and at equal time with the sparse arm at 2x: `payoff_ratios`) for the sweep's rows;
-    returns the table."""
+    time, and at equal time with the sparse arm at 2x: `payoff_ratios`) and, where the sweep has
+    decayed branches, `out/payoff_decayed_vs_people.png` (`decayed_payoff_ratios`) for the sweep's
+    rows; returns the table."""
     table = mean_table(results)
     table += "".join(f"\n{line}" for line in ["Twice the exposures:", *saturation_lines(results)]) + "\n"
     table += "\nPer seed:\n\n" + summary_table(results)
@@ -566,6 +655,7 @@ def report(results: list[dict], out: Path, note: str) -> str:
     if results:
         mean_plot(results, out / "bits_vs_people_mean.png")
         payoff_plot(results, out / "payoff_vs_people.png")
+        payoff_plot(results, out / "payoff_decayed_vs_people.png", decayed=True)
         exposure_plot(results, out / "bits_vs_exposures.png")
         people_plot(results, out / "bits_vs_people.png", out / "bits_vs_parameters.png")
     (out / "table.md").write_text(table + f"\n{note}\n")
@@ -610,7 +700,8 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     """Bits stored vs exposures (and vs training time), one line per run: the checkpoints of each run
     (constant schedule: each checkpoint is the run of that length). One colour per arm and N, one
     line style per seed (the legend names each arm once and the styles once): with one colour per
-    line, a 10-colour cycle gave two arms one colour past 10 runs."""
+    line, a 10-colour cycle gave two arms one colour past 10 runs. Decayed branches (decay.py) are
+    stars of their run's colour at their whole training's exposures and time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -621,11 +712,18 @@ def exposure_plot(results: list[dict], path: Path) -> None:
     fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
     styles = line_styles(results)
     for key, style in styles.items():
-        rows = sorted((r for r in results if (r["arm"], r["people"], r["seed"]) == key), key=lambda r: r["step"])
+        mine = [r for r in results if (r["arm"], r["people"], r["seed"]) == key]
+        rows = sorted(constant_rows(mine), key=lambda r: r["step"])
+        branches = [r for r in mine if is_branch(r)]
         label = style.pop("label")
+        time = time_key(rows + branches) or "train_time_s"
         ax_e.plot([r["exposures"] for r in rows], [r["recall/bits"] for r in rows], label=label, **style)
-        time = time_key(rows) or "train_time_s"
         ax_t.plot([r.get(time) for r in rows], [r["recall/bits"] for r in rows], label=label, **style)
+        star = {**style, "marker": "*", "markersize": 9, "linestyle": "none"}  # decayed branches: points, no line
+        ax_e.plot([r["exposures"] for r in branches], [r["recall/bits"] for r in branches], **star)
+        ax_t.plot([r.get(time) for r in branches], [r["recall/bits"] for r in branches], **star)
+    if any(is_branch(r) for r in results):
+        ax_e.plot([], [], color="black", marker="*", markersize=9, linestyle="none", label="decayed branch")
     seeds = sorted({r["seed"] for r in results})
     if len(seeds) > 1:  # the line styles' key, once
         for seed in seeds:
@@ -655,7 +753,7 @@ def people_plot(results: list[dict], path: Path, parameters_path: Path) -> list[
             rows=[{"recall/people": r["people"], **r}],
             name=f"{r['arm']} (equal exposures)",
         )
-        for r in results
+        for r in constant_rows(results)
         if r["step"] == r["steps_equal"]
     ]
     return knowledge_plot(runs, path, parameters_path)
