@@ -541,6 +541,9 @@ def test_decayed_branches_train_after_their_runs_resume_without_redoing_and_rest
         assert meta["init_from"].endswith(f"{plan['run_dir'].name}/checkpoints/step_{r['decay_from']:08d}.dcp")
     table = (out / "table.md").read_text()
     assert "| dense (decayed from 1x) |" in table and "| mem (decayed from 1x) |" in table
+    # a dense branch planned for mem's time is the report's equal-time row (planned only where it is one)
+    timed = "| dense (decayed, equal time to mem decayed from 1x) |" in table
+    assert timed == (len(dense_points) == 2 or dense_points != [plans["dense"]["steps_equal"]])
     assert "N=4 dense, decayed branches:" not in table  # no 2x branch: no decayed saturation test
     archived = {json.loads(line).get("run") for line in archive.read_text().splitlines()}
     assert {Path(r["run_dir"]).name for r in decayed} <= archived
@@ -563,6 +566,11 @@ def test_decayed_branches_train_after_their_runs_resume_without_redoing_and_rest
     sweep.main([*argv[: argv.index("--decay")], "--decay", "1,2", *argv[argv.index("--decay") + 2 :]])
     err = capsys.readouterr().err
     assert "dense-N4-s0: finished without its checkpoints here (restored from the archive): trained again" in err
+    assert re.search(
+        r"dense-N4-s0, trained again here: [0-9.,]+ bits at step \d+ against [0-9.,]+ archived: "
+        "the archived run reproduced",
+        err,
+    )
     dense_dir = plans["dense"]["run_dir"]
     again = _weights(dense_dir / "checkpoints" / f"step_{plans['dense']['steps_equal']:08d}.dcp")
     assert again.keys() == dense_at_1x.keys() and all(torch.equal(again[k], dense_at_1x[k]) for k in again)

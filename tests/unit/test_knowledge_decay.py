@@ -48,8 +48,12 @@ def test_the_dense_arm_also_branches_where_its_branch_ends_at_a_sparse_branchs_t
     assert decay.time_matched_points(dense, [mem], [1], step_ms) == [700]
     # From 2x (800 + 100 steps: 1,440 dense steps' time), 1,340 is not a checkpoint: the nearest, 1,300
     assert decay.time_matched_points(dense, [mem], [1, 2], step_ms) == [700, 1300]
-    # A dense run too short to meet that time has no equal-time branch; nor an arm not yet timed
+    # A dense run too short to meet that time has no equal-time branch (its nearest ending before it
+    # would be no equal-time row: sweep_report.equal_time_pick); nor an arm not yet timed
     assert decay.time_matched_points(plan("dense", factor=1), [mem], [2], step_ms) == []
+    assert decay.time_matched_points(plan("dense", factor=3.25), [mem], [1, 2], step_ms) == [
+        700
+    ]  # 1,300 ends at 140 s of 144
     assert decay.time_matched_points(dense, [mem], [1], {"dense": 100.0}) == []
     branches = decay.plan_branches([dense, mem, plan("mem128", seed=1, factor=2)], [1, 2], step_ms)
     assert [b["decay_from"] for b in branches[dense["run_dir"]]] == [400, 700, 800, 1300]
@@ -60,7 +64,7 @@ def test_the_dense_arm_also_branches_where_its_branch_ends_at_a_sparse_branchs_t
 def test_a_branch_is_its_parents_run_from_a_checkpoint_with_the_lr_decayed_to_zero():
     parent = plan("dense", factor=3.5)
     branch = decay.branch_plan(parent, 800, listed=True)
-    assert branch["run_dir"] == Path("/sweep/runs/dense-N800-s0-decay800") and branch["parent"] == parent["run_dir"]
+    assert branch["run_dir"] == Path("/sweep/runs/dense-N800-s0-decay800-100") and branch["parent"] == parent["run_dir"]
     assert branch["max_steps"] == 100 and branch["steps_equal"] == 400 and branch["decay_from"] == 800
     command = branch["command"]
     assert command[:4] == parent["command"][:4] and "seed=0" in command and "checkpoint.keep_last=1000" in command
@@ -75,12 +79,14 @@ def test_a_branch_is_its_parents_run_from_a_checkpoint_with_the_lr_decayed_to_ze
 
 def test_a_branch_row_counts_the_parents_training_up_to_its_branch_point():
     parent_rows = [
-        {"step": s, "exposures": s / 10, "train_time_s": s / 2, "recall/bits": float(s)} for s in (100, 200, 300, 400)
+        {"step": s, "exposures": s / 10, "tokens": 1000 * s, "train_time_s": s / 2, "recall/bits": float(s)}
+        for s in (100, 200, 300, 400)
     ]
-    branch = {"step": 100, "exposures": 10.0, "train_time_s": 60.0, "decay_from": 400, "run_dir": Path("/b"),
-              "parent": Path("/p"), "recall/bits": 500.0}  # fmt: skip
+    branch = {"step": 100, "tokens": 100000, "exposures": 10.0, "train_time_s": 60.0, "decay_from": 400,
+              "run_dir": Path("/b"), "parent": Path("/p"), "recall/bits": 500.0}  # fmt: skip
     (row,) = decay.total_rows([branch], parent_rows)
     assert (row["step"], row["branch_step"], row["exposures"], row["train_time_s"]) == (500, 100, 50.0, 260.0)
+    assert row["tokens"] == 500_000
     assert row["run_dir"] == "/b" and row["parent"] == "/p"
     assert decay.total_rows([{**branch, "decay_from": 350}], parent_rows) == []  # no parent row there: left out
 
@@ -146,3 +152,50 @@ def test_the_report_gives_decayed_points_beside_the_constant_lr_ones_and_tests_s
     assert list(ratios)[:2] == ["equal exposures, decayed from 1x", "equal time, decayed from 1x"]
     assert report.payoff_plot(rows, tmp_path / "payoff.png", decayed=True) and (tmp_path / "payoff.png").stat().st_size
     assert not report.payoff_plot(report.constant_rows(rows), tmp_path / "none.png", decayed=True)
+
+
+def test_the_constant_lr_tests_never_read_a_branch_row():
+    # dense to 1,600 steps (4x) at a constant LR; a branch from 700 ends at 800 = half the last step:
+    # the far-end test must take the run's own checkpoint there, not the branch
+    rows = [{**run_row("dense", 0, s, float(s), 0.1 * s), "max_steps": 1600} for s in (400, 800, 1600)]
+    rows += [{**branch_row("dense", 0, 700, 999.0, 80.0), "max_steps": 100}]
+    assert report.gain_over_last_doubling(rows, 800, "dense") == (800.0, 1600.0, 640.0, 1)
+    assert report.usage_rows([{**r, "run_dir": "/r", "facts": "/f", "arm": "mem"} for r in rows]) == [
+        {**rows[0], "run_dir": "/r", "facts": "/f", "arm": "mem"}
+    ]
+    mem_rows = [{**r, "arm": "mem"} for r in rows]  # a branch from 300 ends at the equal-exposure step
+    mem_rows[-1] = {**mem_rows[-1], "decay_from": 300, "step": 400}
+    assert [r["step"] for r in report.usage_rows([{**r, "run_dir": "/r", "facts": "/f"} for r in mem_rows])] == [400]
+
+
+def test_a_run_trained_again_here_names_both_commits(tmp_path):
+    import json
+
+    run_dir = tmp_path / "dense-N800-s0"
+    (run_dir / "checkpoints" / "step_00000400.dcp").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000400.dcp" / "meta.json").write_text(
+        json.dumps({"code_version": {"commit": "bbbbbbb111", "dirty": False}})
+    )
+    (run_dir / "archived.json").write_text(json.dumps({"code_version": {"commit": "aaaaaaa000", "dirty": False}}))
+    assert report.run_commits([{"run_dir": str(run_dir)}]) == "aaaaaaa, bbbbbbb"
+    (run_dir / "archived.json").unlink()
+    assert report.run_commits([{"run_dir": str(run_dir)}]) == "bbbbbbb"
+
+
+def test_a_restored_runs_job_trains_it_again_to_its_last_branch_point_then_the_branches(tmp_path):
+    from pkmlm.knowledge import sweep
+
+    parent = plan("dense", factor=3.5, out=tmp_path)
+    Path(parent["run_dir"]).mkdir(parents=True)
+    (Path(parent["run_dir"]) / "config.yaml").write_text("train:\n  max_steps: 1400\n")  # an attempt, no checkpoint
+    (Path(parent["run_dir"]) / "archived.json").write_text("{}")
+    branches = {parent["run_dir"]: [decay.branch_plan(parent, s, listed=True) for s in (400, 800)]}
+    sweep_finished = sweep.run_finished
+    try:
+        sweep.run_finished = lambda p: p is parent  # restored; its branches not trained
+        commands, parts, note = sweep._job(parent, branches)
+    finally:
+        sweep.run_finished = sweep_finished
+    assert commands[0] == sweep.with_max_steps(parent["command"], 800)  # to 800, not the recorded 1,400
+    assert commands[1:] == [b["command"] for b in branches[parent["run_dir"]]]
+    assert [end for _, end in parts] == [800, 100, 100] and "trained again to step 800" in note

@@ -185,22 +185,29 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 def code_version_of(run_dir: Path) -> dict | None:
-    """The code version (`pkmlm.train.rundir.code_version`) the run was trained at: the archive
-    marker's for a restored run (its recall rows are the archived ones, even where it was trained
-    again here for its decayed branches, decay.py), else its last checkpoint's; None where neither
-    is readable."""
+    """The code version (`pkmlm.train.rundir.code_version`) the run was trained at: its last
+    checkpoint's, or the archive marker's for a restored run; None where neither is readable."""
+    versions = code_versions_of(run_dir)
+    return versions[0] if versions else None
+
+
+def code_versions_of(run_dir: Path) -> list[dict]:
+    """Every code version behind the run's rows: its last checkpoint's, then its archive marker's
+    where it has one (a restored run trained again here for its decayed branches, decay.py, has
+    both: its archived rows from the one, its checkpoints from the other); the readable ones."""
     from pkmlm.checkpoint.store import list_checkpoints
 
     run_dir = Path(run_dir)
     checkpoints = list_checkpoints(run_dir / "checkpoints")
-    for source in [run_dir / MARKER] + ([checkpoints[-1] / "meta.json"] if checkpoints else []):
+    versions = []
+    for source in ([checkpoints[-1] / "meta.json"] if checkpoints else []) + [run_dir / MARKER]:
         try:
             version = json.loads(source.read_text())["code_version"]
-            if isinstance(version, dict) and version.get("commit"):
-                return version
+            if isinstance(version, dict) and version.get("commit") and version not in versions:
+                versions.append(version)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return None
+    return versions
 
 
 def finished(plan: dict) -> bool:

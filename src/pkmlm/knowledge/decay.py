@@ -19,7 +19,7 @@ arm, the checkpoints whose branches end nearest the training time of each sparse
 the reference step times (`time_matched_points`): the equal-time comparison, counted with the
 branches' steps.
 
-How. A branch is a run of the sweep directory, `DIR/runs/<run>-decay<step>/`, planned like a run
+How. A branch is a run of the sweep directory, `DIR/runs/<run>-decay<step>-<steps>/`, planned like a run
 (`branch_plan`: the parent's fields, `max_steps` its own steps, `decay_from` the parent's step) so
 that it resumes, is evaluated once and is archived (archive.py) as runs are. The sweep trains a run's
 branches in the run's job, right after it: a machine reset between sittings loses checkpoints,
@@ -68,7 +68,8 @@ def branch_time(plan: dict, step: int, step_ms: float) -> float:
 def time_matched_points(dense: dict, sparse: list[dict], factors: list[float], step_ms: dict[str, float]) -> list[int]:
     """The dense plan's checkpoint steps whose branch ends nearest the time of each of the `sparse`
     plans' listed branches (`branch_time`), within sweep_report.EQUAL_TIME_TOLERANCE of it; none
-    where an arm has no reference step time."""
+    where the dense run ends before it (its last checkpoint's branch: as `sweep_report.equal_time_pick`)
+    or where an arm has no reference step time."""
     from pkmlm.knowledge.sweep_report import EQUAL_TIME_TOLERANCE
 
     if dense["arm"] not in step_ms:
@@ -82,7 +83,8 @@ def time_matched_points(dense: dict, sparse: list[dict], factors: list[float], s
         for step in listed_points(plan, factors):
             target = branch_time(plan, step, step_ms[plan["arm"]])
             off = {abs(t - target): s for s, t in times.items()}
-            if off and min(off) <= EQUAL_TIME_TOLERANCE * target:
+            # as equal_time_pick: none where the dense run's last branch would end before that time
+            if off and max(times.values()) >= target and min(off) <= EQUAL_TIME_TOLERANCE * target:
                 points.add(off[min(off)])
     return sorted(points)
 
@@ -112,7 +114,9 @@ def branch_plan(parent: dict, step: int, listed: bool) -> dict:
     else only an equal-time point of a dense arm). `max_steps` is the branch's own length (the sweep's
     finished test and the archive read it); `steps_equal` stays the parent's."""
     steps = branch_steps(parent)
-    run_dir = Path(parent["run_dir"]).with_name(f"{Path(parent['run_dir']).name}-decay{step}")
+    # its length in its name: a branch of another length (BRANCH_SHARE changed) is another run, not
+    # this one resumed under a new schedule
+    run_dir = Path(parent["run_dir"]).with_name(f"{Path(parent['run_dir']).name}-decay{step}-{steps}")
     return {
         **{k: v for k, v in parent.items() if k not in ("run_dir", "command", "max_steps")},
         "max_steps": steps,
@@ -163,7 +167,7 @@ def retrain_to(parent: dict, branches: list[dict]) -> int | None:
 
 def total_rows(branch_rows: list[dict], parent_rows: list[dict]) -> list[dict]:
     """A branch's rows (`sweep.evaluate_cached`'s, its own steps and tokens) as whole trainings: the
-    parent's exposures, steps and wall time at the branch point added (`branch_step`: the branch's own
+    parent's exposures, tokens, steps and wall time at the branch point added (`branch_step`: the branch's own
     step). Rows whose parent row is missing are left out."""
     by_step = {r["step"]: r for r in parent_rows}
     out = []
@@ -180,6 +184,7 @@ def total_rows(branch_rows: list[dict], parent_rows: list[dict]) -> list[dict]:
                 "branch_step": row["step"],
                 "step": row["decay_from"] + row["step"],
                 "exposures": parent["exposures"] + row["exposures"],
+                "tokens": parent["tokens"] + row["tokens"],
                 "train_time_s": sum(wall) if len(wall) == 2 else None,
             }
         )

@@ -540,7 +540,7 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
         )
         run_archive.append_rows(cache, fresh)
         rows.update((row["step"], row) for row in fresh)
-    if rows:  # what pkmlm-compare shows of the run: its equal-exposure point, as the other arms'
+    if rows and "decay_from" not in plan:  # what pkmlm-compare shows of the run: its equal-exposure point
         shown = json.dumps(rows.get(plan["steps_equal"], rows[max(rows)]), indent=1) + "\n"
         path = run_dir / "recall.json"
         if not path.is_file() or path.read_text() != shown:  # a finished run's files are left as they are
@@ -549,6 +549,56 @@ def evaluate_cached(plan: dict, templates: int) -> list[dict]:
     # exposures from the tokens, here: rows cached before a mixture's share was counted said 2x for 0.5
     per_person = plan["tokens_per_bio"] * plan["people"]
     return [{**meta, **rows[step], "exposures": rows[step]["tokens"] * share / per_person} for step in sorted(rows)]
+
+
+RETRAINED_CHECK = "retrained_check.json"  # in a restored run trained again here: does it reproduce?
+
+
+def check_retrained(plan: dict, templates: int) -> str | None:
+    """For a run restored from the archive and trained again here for its decayed branches (decay.py,
+    `_job`): its recall at its latest checkpoint here against the archived row of that step,
+    measured once (`<run>/retrained_check.json`); a line saying whether the two agree (the runs are
+    deterministic on one thread; another machine, torch or thread count may not reproduce them, and
+    then the branches start from other weights than those behind the run's archived rows). None for
+    any other run."""
+    from pkmlm.checkpoint.store import list_checkpoints, step_of
+
+    run_dir = Path(plan["run_dir"])
+    done = [c for c in list_checkpoints(run_dir / "checkpoints") if (c / ".metadata").is_file()]
+    if not done or not run_archive.restored(plan):
+        return None
+    step = step_of(done[-1])
+    archived = {r["step"]: r for r in run_archive.cache_rows(run_dir / run_archive.RECALL_CACHE)}.get(step)
+    if archived is None:
+        return None
+    path = run_dir / RETRAINED_CHECK
+    try:
+        check = json.loads(path.read_text())
+    except (OSError, ValueError):
+        check = None
+    if not isinstance(check, dict) or check.get("step") != step or not isinstance(check.get("bits"), (int, float)):
+        (row,) = evaluate_run(
+            run_dir,
+            Path(plan["facts"]) / "qa.jsonl",
+            plan["tokens_per_bio"],
+            plan["people"],
+            templates,
+            skip={step_of(c) for c in list_checkpoints(run_dir / "checkpoints")} - {step},  # that one only
+            bios_share=plan.get("bios_share", 1.0),
+        )
+        check = {"step": step, "bits": row["recall/bits"], "archived_bits": archived["recall/bits"]}
+        path.write_text(json.dumps(check) + "\n")
+    same = abs(check["bits"] - archived["recall/bits"]) <= 1e-6 * max(1.0, abs(archived["recall/bits"]))
+    verdict = (
+        "the archived run reproduced"
+        if same
+        else "NOT the archived run: its decayed branches start from other weights than its rows' (another "
+        "machine, torch or thread count?); retrain it from scratch in a new --out to compare like with like"
+    )
+    return (
+        f"sweep: {run_dir.name}, trained again here: {check['bits']:,.2f} bits at step {step} against "
+        f"{archived['recall/bits']:,.2f} archived: {verdict}"
+    )
 
 
 def dense_saturated(results: list[dict], people: int, decayed: bool = False) -> bool:
@@ -711,6 +761,9 @@ def main(argv: list[str] | None = None) -> None:
             if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan):
                 rows = evaluate_cached(plan, args.templates)
                 results.extend(rows)
+                note = check_retrained(plan, args.templates) if branches.get(plan["run_dir"]) else None
+                if note:
+                    print(note, file=sys.stderr, flush=True)
                 for branch in branches.get(plan["run_dir"], []):
                     if (branch["run_dir"] / "checkpoints").is_dir() or run_archive.restored(branch):
                         results.extend(decay.total_rows(evaluate_cached(branch, args.templates), rows))
@@ -722,7 +775,7 @@ def main(argv: list[str] | None = None) -> None:
             _archive_level(archive, all_plans, results, people, out)
         largest = max(r["people"] for r in results) if results else people
         if args.until_saturated and not levels and not failed:  # a failed run: no larger N on a broken level
-            if dense_saturated(results, largest, decayed=bool(factors)):
+            if dense_saturated(results, largest, decayed={1.0, 2.0} <= set(factors)):
                 print(f"dense arm saturated at N={largest}", file=sys.stderr, flush=True)
             elif 2 * largest <= args.max_people:
                 levels.append(2 * largest)
@@ -797,7 +850,8 @@ def _job(plan: dict, branches: dict[Path, list[dict]]) -> tuple[list[list[str]],
             f"trained again to step {again} for its decayed branches"
         )
         retrain = {**plan, "max_steps": again, "command": with_max_steps(plan["command"], again)}
-        commands += run_commands(retrain)
+        # nothing to resume (a config.yaml of an attempt that never checkpointed would say the full run)
+        commands += run_commands(retrain) if steps_done(plan["run_dir"]) else [retrain["command"]]
         parts.append((retrain, again))
     for branch in pending:
         commands.append(branch["command"])
@@ -852,7 +906,9 @@ def _refuse_duplicate_runs(results: list[dict]) -> None:
         key, run_dir = (r["arm"], r["people"], r["seed"], r.get("decay_from")), str(r.get("run_dir", ""))
         if seen.setdefault(key, run_dir) != run_dir:
             raise SystemExit(
-                f"sweep: --merge: two runs of arm {key[0]}, N={key[1]}, seed {key[2]} ({seen[key]} and {run_dir}): "
+                f"sweep: --merge: two runs of arm {key[0]}, N={key[1]}, seed {key[2]}"
+                + (f", decayed from step {key[3]}" if key[3] is not None else "")
+                + f" ({seen[key]} and {run_dir}): "
                 "merge sweep directories that do not overlap"
             )
 

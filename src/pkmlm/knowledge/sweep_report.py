@@ -63,13 +63,14 @@ def time_key(rows: list[dict]) -> str | None:
 EQUAL_TIME_TOLERANCE = 0.10
 
 
-def equal_time_pick(mem: dict, dense: list[dict]) -> dict | None:
+def equal_time_pick(mem: dict, dense: list[dict], reach: bool = True) -> dict | None:
     """The dense checkpoint nearest the memory row's training time; None when the dense run stopped
     before that time (its last checkpoint is then only the longest the dense arm ran, not an
-    equal-time point), when the nearest is more than `EQUAL_TIME_TOLERANCE` away from it, or when
-    the times are not known."""
+    equal-time point; `reach=False`: not asked, for decayed branches, which decay.py plans only
+    where the dense run reaches that time), when the nearest is more than `EQUAL_TIME_TOLERANCE`
+    away from it, or when the times are not known."""
     key = time_key([mem, *dense])
-    if key is None or not dense or max(r[key] for r in dense) < mem[key]:
+    if key is None or not dense or (reach and max(r[key] for r in dense) < mem[key]):
         return None
     pick = min(dense, key=lambda r: abs(r[key] - mem[key]))
     return pick if abs(pick[key] - mem[key]) <= EQUAL_TIME_TOLERANCE * mem[key] else None
@@ -153,7 +154,7 @@ def decayed_points(results: list[dict]) -> dict[tuple[int, str], list[dict]]:
             if is_dense(m["arm"]):
                 continue
             for dense_arm in sorted({r["arm"] for r in rows if is_dense(r["arm"]) and same_data(r["arm"], m["arm"])}):
-                pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm])
+                pick = equal_time_pick(m, [r for r in rows if r["arm"] == dense_arm], reach=False)
                 if pick is not None:
                     label = f"{dense_arm} (decayed, equal time to {m['arm']} decayed from {decay_factor(m):g}x)"
                     out.setdefault((people, label), []).append(pick)
@@ -359,18 +360,18 @@ def attribute_table(results: list[dict]) -> str:
 
 
 def run_commits(results: list[dict]) -> str:
-    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`, or
+    """The git commits the rows' runs were trained at (each run's last checkpoint's `code_version`, and
     its archive marker's for a run restored from a sweep archive; `+dirty` for a tree with
     uncommitted changes), short, sorted, comma-separated; `unknown` for a run whose checkpoints are
     not here (a merged sweep from another machine)."""
-    from pkmlm.knowledge.archive import code_version_of
+    from pkmlm.knowledge.archive import code_versions_of
 
     commits = set()
     for run_dir in sorted({r.get("run_dir", "") for r in results}):
-        version = code_version_of(Path(run_dir)) if run_dir else None
-        if version is None:
+        versions = code_versions_of(Path(run_dir)) if run_dir else []
+        if not versions:
             commits.add("unknown")
-        else:
+        for version in versions:
             commits.add(str(version["commit"])[:7] + ("+dirty" if version.get("dirty") else ""))
     return ", ".join(sorted(commits)) or "unknown"
 
