@@ -543,7 +543,7 @@ def test_decayed_branches_train_after_their_runs_resume_without_redoing_and_rest
     assert "| dense (decayed from 1x) |" in table and "| mem (decayed from 1x) |" in table
     # a dense branch planned for mem's time is the report's equal-time row (planned only where it is one)
     timed = "| dense (decayed, equal time to mem decayed from 1x) |" in table
-    assert timed == (len(dense_points) == 2 or dense_points != [plans["dense"]["steps_equal"]])
+    assert timed == bool(decay.time_matched_points(plans["dense"], [plans["mem"]], [1.0], step_ms))
     assert "N=4 dense, decayed branches:" not in table  # no 2x branch: no decayed saturation test
     archived = {json.loads(line).get("run") for line in archive.read_text().splitlines()}
     assert {Path(r["run_dir"]).name for r in decayed} <= archived

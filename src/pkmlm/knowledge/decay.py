@@ -47,10 +47,9 @@ def branch_steps(plan: dict) -> int:
 
 
 def quarter(plan: dict) -> int:
-    """The run's checkpoint interval (sweep.CHECKPOINTS_PER_RUN per equal-exposure steps)."""
-    from pkmlm.knowledge.sweep import CHECKPOINTS_PER_RUN
-
-    return plan["steps_equal"] // CHECKPOINTS_PER_RUN
+    """The run's checkpoint interval, as its training command sets it (sweep.py: a quarter of its
+    equal-exposure steps)."""
+    return int(next(a.split("=", 1)[1] for a in plan["command"] if a.startswith("checkpoint.interval=")))
 
 
 def listed_points(plan: dict, factors: list[float]) -> list[int]:

@@ -610,6 +610,7 @@ def dense_saturated(results: list[dict], people: int, decayed: bool = False) -> 
     return gain is not None and gain[1] <= (1 + SATURATION) * gain[0]
 
 
+# one add_argument per option with its help text: a list, not logic to split
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pkmlm.knowledge.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--people", default="50,100,200", help="comma-separated N values")
@@ -697,11 +698,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    out = Path(args.out).resolve()  # absolute paths in every command: an archived run's `{out}` (archive.py)
-    if args.merge:
-        return _merge(args, argv, out)
+def _refuse_bad_arguments(args: argparse.Namespace) -> None:
+    """One line per argument the sweep cannot run with, before anything is written or trained."""
     if args.bios_share is not None and not 0.0 < args.bios_share < 1.0:
         raise SystemExit(f"sweep: --bios-share must be in (0, 1), got {args.bios_share}: e.g. 0.5 for half the tokens")
     if args.sparse_factor < 1.0:
@@ -710,6 +708,32 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "sweep: --until-saturated needs --dense-factor >= 2 (the dense arm's bits at 2x the exposures)"
         )
+
+
+def _evaluate_level(plans: list[dict], branches: dict[Path, list[dict]], templates: int) -> list[dict]:
+    """The rows of the level's runs that are here (trained or restored) and of their decayed branches
+    (as whole trainings, `decay.total_rows`), each checkpoint evaluated once (`evaluate_cached`); a
+    restored run trained again for its branches is checked against its archived rows (`check_retrained`)."""
+    results = []
+    for plan in plans:
+        if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan):
+            rows = evaluate_cached(plan, templates)
+            results.extend(rows)
+            note = check_retrained(plan, templates) if branches.get(plan["run_dir"]) else None
+            if note:
+                print(note, file=sys.stderr, flush=True)
+            for branch in branches.get(plan["run_dir"], []):
+                if (branch["run_dir"] / "checkpoints").is_dir() or run_archive.restored(branch):
+                    results.extend(decay.total_rows(evaluate_cached(branch, templates), rows))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()  # absolute paths in every command: an archived run's `{out}` (archive.py)
+    if args.merge:
+        return _merge(args, argv, out)
+    _refuse_bad_arguments(args)
     factors = decay.parse_factors(args.decay)  # refused here, before training
     archive = run_archive.read(Path(args.archive)) if args.archive else None  # refused here, before training
     if archive is not None and run_archive.restore_step_times(archive, out):
@@ -757,16 +781,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(note, file=sys.stderr, flush=True)
         logs = [out / "logs" / f"{plan['run_dir'].name}.log" for plan in todo]
         failed += run_jobs([(commands, log) for (commands, _, _), log in zip(jobs, logs)], args.jobs, args.threads)
-        for plan in plans:
-            if (plan["run_dir"] / "checkpoints").is_dir() or run_archive.restored(plan):
-                rows = evaluate_cached(plan, args.templates)
-                results.extend(rows)
-                note = check_retrained(plan, args.templates) if branches.get(plan["run_dir"]) else None
-                if note:
-                    print(note, file=sys.stderr, flush=True)
-                for branch in branches.get(plan["run_dir"], []):
-                    if (branch["run_dir"] / "checkpoints").is_dir() or run_archive.restored(branch):
-                        results.extend(decay.total_rows(evaluate_cached(branch, args.templates), rows))
+        results += _evaluate_level(plans, branches, args.templates)
         all_plans += [b for bs in branches.values() for b in bs]
         if stopped:
             print(f"stopped after --max-runs {args.max_runs}: run the same command again to continue", file=sys.stderr)
