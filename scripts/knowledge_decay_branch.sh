@@ -7,6 +7,10 @@
 # AdamW, 20 warmup steps) and trains COOL_STEPS more steps on the same biographies with the LR
 # cosine-decayed to 0; its recall is then scored on the run's questions.
 #
+# The sweep now trains such branches of every run itself (`python -m pkmlm.knowledge.sweep ... --decay
+# 1,2`, src/pkmlm/knowledge/decay.py: the same recipe); this script is the probe that found the
+# effect (docs/results/knowledge_decay_probe.json), kept to reproduce it and to branch one checkpoint.
+#
 #   bash scripts/knowledge_decay_branch.sh RUN_DIR STEP COOL_STEPS OUT_DIR [FACTS_DIR]
 #
 # RUN_DIR: a sweep run (its .hydra/overrides.yaml gives the arm's experiment, model overrides,
