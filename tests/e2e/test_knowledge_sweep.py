@@ -579,3 +579,24 @@ def test_decayed_branches_train_after_their_runs_resume_without_redoing_and_rest
     twice = [r for r in new if r.get("decay_from") == 2 * plans["dense"]["steps_equal"]]
     assert [r["arm"] for r in twice] == ["dense"]
     assert "N=4 dense, decayed branches:" in (out / "table.md").read_text()
+
+
+def test_max_runs_0_reports_every_n_whose_runs_are_done_though_their_decayed_branches_wait(tmp_path, monkeypatch):
+    """--max-runs 0 trains nothing: a level whose runs are all finished but whose decayed branches
+    are not goes on to the next N (the report covers it); a level with an unfinished run stops there."""
+    levels = []
+    plan_level = sweep.plan_level
+    monkeypatch.setattr(
+        sweep, "plan_level", lambda args, out, people: levels.append(people) or plan_level(args, out, people)
+    )
+    monkeypatch.setattr(sweep, "run_jobs", lambda jobs, *a: pytest.fail(f"trained: {jobs}") if jobs else [])
+    monkeypatch.setattr(sweep, "evaluate_cached", lambda plan, templates: [])
+    argv = ["--people", "4,8", "--seeds", "0", "--exposures", "1", "--arms", "dense", "--decay", "1",
+            "--step-time-repeats", "0", "--max-runs", "0", "--out", str(tmp_path / "sweep")]  # fmt: skip
+    monkeypatch.setattr(sweep, "run_finished", lambda plan: "decay_from" not in plan)  # runs done, branches not
+    sweep.main(argv)
+    assert levels == [8, 4]
+    levels.clear()
+    monkeypatch.setattr(sweep, "run_finished", lambda plan: False)
+    sweep.main(argv)
+    assert levels == [8]

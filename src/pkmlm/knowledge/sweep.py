@@ -764,7 +764,10 @@ def main(argv: list[str] | None = None) -> None:
         jobs = [_job(plan, branches) for plan in work]
         todo = work
         if budget is not None:
-            todo, stopped = todo[:budget], stopped or len(todo) > budget
+            # stopped: a run of this N left untrained (a larger N waits for it); decayed branches left
+            # for a later sitting do not hold the next N back (--max-runs 0 reports every N)
+            todo = work[:budget]
+            stopped = stopped or any(plan in unfinished for plan in work[len(todo) :])
             budget -= len(todo)
         pending = sum(len(_pending(branches, p)) for p in plans)
         print(
