@@ -762,11 +762,8 @@ def main(argv: list[str] | None = None) -> None:
                 branches = _level_branches(archive, plans, factors, step_ms, people)
                 work = [plan for plan in plans if plan in unfinished or _pending(branches, plan)]
         jobs = [_job(plan, branches) for plan in work]
-        todo = work
-        if budget is not None:
-            # stopped: a run of this N left untrained (a larger N waits for it); decayed branches left
-            # for a later sitting do not hold the next N back (--max-runs 0 reports every N)
-            todo = work[:budget]
+        todo = work if budget is None else work[:budget]
+        if budget is not None:  # stopped: a run left untrained (branches left do not hold the next N back)
             stopped = stopped or any(plan in unfinished for plan in work[len(todo) :])
             budget -= len(todo)
         pending = sum(len(_pending(branches, p)) for p in plans)
